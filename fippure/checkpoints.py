@@ -1,0 +1,220 @@
+"""Model checkpoints: variables (and optional extra pytrees) in orbax, metadata in JSON.
+
+A checkpoint is a directory::
+
+    metadata.json      model name and kwargs, dataset, normalisation, attack spec,
+                       clean-set indices, git revision, ...
+    variables/         orbax StandardCheckpointer: {'params', 'batch_stats'}
+    extras/<name>/     orbax StandardCheckpointer: e.g. an attack's state pytree
+
+Loading rebuilds the model from the metadata and checks every array's shape against it, so a
+checkpoint loaded into the wrong model fails with a message naming the mismatching paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from fippure import __version__
+from fippure.errors import CheckpointError
+from fippure.models.registry import create_model, init_variables
+from fippure.provenance import git_revision
+
+METADATA = "metadata.json"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A loaded checkpoint.
+
+    Attributes:
+        model: the Flax module rebuilt from the metadata.
+        variables: ``{'params': ..., 'batch_stats': ...}``.
+        metadata: the JSON metadata (see :func:`save_checkpoint`).
+        extras: the extra pytrees saved with it, by name.
+        path: where it was loaded from.
+    """
+
+    model: nn.Module
+    variables: dict[str, Any]
+    metadata: dict[str, Any]
+    extras: dict[str, Any]
+    path: pathlib.Path
+
+
+def model_metadata(name: str, num_classes: int, **kwargs: Any) -> dict[str, Any]:
+    """The ``model`` entry of the metadata: enough to rebuild the module."""
+    return {"name": name, "num_classes": int(num_classes), "kwargs": kwargs}
+
+
+def _to_jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray | jax.Array):
+        return np.asarray(value).tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    variables: Mapping[str, Any],
+    metadata: Mapping[str, Any],
+    *,
+    extras: Mapping[str, Any] | None = None,
+    overwrite: bool = True,
+) -> pathlib.Path:
+    """Writes a checkpoint directory.
+
+    Args:
+        path: the directory (made absolute; orbax needs absolute paths).
+        variables: the model variables; only ``params`` and ``batch_stats`` are kept.
+        metadata: JSON-able facts; must contain ``model`` (see :func:`model_metadata`). The
+            fippure version, git revision and date are added.
+        extras: further pytrees to store (an attack's state, masks, shifts...).
+        overwrite: replace an existing checkpoint at ``path`` (other files in the directory,
+            such as reports or training state, are left alone).
+
+    Returns:
+        The absolute path.
+    """
+    path = pathlib.Path(path).resolve()
+    if "model" not in metadata or "name" not in metadata["model"]:
+        raise CheckpointError("checkpoint metadata needs a 'model' entry with its 'name'")
+    if (path / METADATA).exists() and not overwrite:
+        raise CheckpointError(f"{path} already holds a checkpoint")
+    for part in (METADATA, "variables", "extras"):
+        target = path / part
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    kept = {k: v for k, v in variables.items() if k in ("params", "batch_stats") and v}
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path / "variables", jax.device_get(kept))
+    for name, tree in (extras or {}).items():
+        checkpointer.save(path / "extras" / name, jax.device_get(tree))
+    checkpointer.wait_until_finished()
+    full = {
+        "format_version": FORMAT_VERSION,
+        "fippure_version": __version__,
+        "git_revision": git_revision(),
+        "created": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "extras": sorted(extras or {}),
+        **_to_jsonable(dict(metadata)),
+    }
+    (path / METADATA).write_text(json.dumps(full, indent=1))
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of the checkpoint at ``path``, with clear errors if it is not one."""
+    path = pathlib.Path(path).resolve()
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    meta_file = path / METADATA
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path} is not a fippure checkpoint (no {METADATA})")
+    try:
+        metadata = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"corrupt checkpoint {path}: {METADATA} is not JSON ({error})")
+    if not isinstance(metadata, dict) or "model" not in metadata:
+        raise CheckpointError(f"corrupt checkpoint {path}: {METADATA} has no 'model' entry")
+    return metadata
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    image_shape: tuple[int, int, int] | None = None,
+) -> Checkpoint:
+    """Loads a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+        path: the checkpoint directory.
+        model: the module to load into; by default it is rebuilt from the metadata. Passing a
+            different architecture raises a :class:`CheckpointError` naming the mismatch.
+        image_shape: input shape for building the abstract variables; by default the
+            dataset's shape from the metadata.
+
+    Raises:
+        CheckpointError: missing, corrupt, or for another model.
+    """
+    path = pathlib.Path(path).resolve()
+    metadata = read_metadata(path)
+    spec = metadata["model"]
+    if model is None:
+        model = create_model(spec["name"], spec["num_classes"], **spec.get("kwargs", {}))
+    if image_shape is None:
+        image_shape = tuple(metadata.get("image_shape") or _dataset_shape(metadata))
+    expected = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), image_shape))
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        stored = checkpointer.metadata(path / "variables").item_metadata
+    except Exception as error:  # orbax raises several types for unreadable directories
+        raise CheckpointError(f"corrupt checkpoint {path}: cannot read variables ({error})")
+    _check_shapes(path, expected, stored, spec["name"])
+    try:
+        variables = checkpointer.restore(path / "variables", expected)
+        extras = {
+            name: checkpointer.restore(path / "extras" / name)
+            for name in metadata.get("extras", [])
+        }
+    except Exception as error:
+        raise CheckpointError(f"corrupt checkpoint {path}: {type(error).__name__}: {error}")
+    return Checkpoint(model, dict(variables), metadata, extras, path)
+
+
+def _dataset_shape(metadata: Mapping[str, Any]) -> tuple[int, int, int]:
+    from fippure.data.catalog import get_spec
+
+    dataset = metadata.get("dataset")
+    if not dataset:
+        raise CheckpointError("checkpoint metadata names neither 'image_shape' nor 'dataset'")
+    return get_spec(dataset).image_shape
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in keys): tuple(leaf.shape)
+        for keys, leaf in flat
+    }
+
+
+def _check_shapes(path, expected, stored, model_name) -> None:
+    want, have = _shapes(expected), _shapes(dict(stored))
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if missing or extra or wrong:
+        parts = []
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} shape(s) differ, e.g. {k}: {have[k]} stored vs {want[k]}")
+        if missing:
+            parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+        if extra:
+            parts.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit model {model_name}: {'; '.join(parts)}"
+        )

@@ -1,0 +1,69 @@
+"""The ``fippure`` command line.
+
+Each subcommand lives in :mod:`fippure.commands` as a module with ``NAME``, ``HELP``,
+``configure(parser)`` and ``run(args)``. Errors fippure raises on purpose, and bad arguments,
+end in one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from fippure.errors import FippureError
+
+#: Subcommand modules, in the order ``fippure --help`` lists them.
+COMMANDS = ("train",)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are a single line."""
+
+    def error(self, message: str):  # noqa: D401 (argparse API)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="fippure",
+        description="Backdoor purification in JAX/Flax: train, attack, purify, analyze.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        module = importlib.import_module(f"fippure.commands.{name}")
+        command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        module.configure(command)
+        command.set_defaults(handler=module.run)
+    return parser
+
+
+def clean_size(text: str) -> int | float:
+    """Parses ``--clean``: a count (``500``, ``10``) or a fraction (``0.01``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}")
+    if value.is_integer() and value >= 1:
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"expected a count >= 1 or a fraction in (0, 1), got {text}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except FippureError as error:
+        print(f"fippure: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fippure: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``fippure`` subcommand (see :mod:`fippure.cli`)."""

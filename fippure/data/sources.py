@@ -1,0 +1,165 @@
+"""Loading datasets into uint8 NHWC numpy arrays.
+
+TFDS datasets are read with ``tfds.data_source`` (array_record files, no TensorFlow). Decoding
+50k PNGs takes seconds, so the decoded arrays are cached as ``.npy`` files keyed by dataset,
+TFDS version and split. The cache lives in ``$FIPPURE_CACHE_DIR`` (default
+``~/.cache/fippure``). TFDS looks for prepared data in ``data_dir``, then ``$TFDS_DATA_DIR``;
+when the data is not there it downloads it (if ``download`` is true and the network allows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+
+from fippure.data.catalog import DatasetSpec, get_spec
+from fippure.errors import DatasetUnavailableError, InvalidInputError
+
+SPLITS = ("train", "test")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageDataset:
+    """Images and labels of one split, held on the host.
+
+    Attributes:
+        images: uint8 array of shape ``(n, h, w, c)``.
+        labels: int32 array of shape ``(n,)``.
+        spec: the dataset's :class:`DatasetSpec`.
+        split: ``"train"`` or ``"test"`` (or a description of a derived subset).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    spec: DatasetSpec
+    split: str
+
+    def __post_init__(self):
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise InvalidInputError(
+                f"images must be uint8 NHWC, got {self.images.dtype} {self.images.shape}"
+            )
+        if self.images.shape[1:] != self.spec.image_shape:
+            raise InvalidInputError(
+                f"{self.spec.name} images must be {self.spec.image_shape}, "
+                f"got {self.images.shape[1:]}"
+            )
+        if self.labels.shape != (self.images.shape[0],):
+            raise InvalidInputError(
+                f"{len(self.images)} images but labels of shape {self.labels.shape}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    def subset(self, indices: np.ndarray, split: str | None = None) -> ImageDataset:
+        """The examples at ``indices`` (in that order)."""
+        indices = np.asarray(indices)
+        return ImageDataset(
+            self.images[indices], self.labels[indices], self.spec, split or self.split
+        )
+
+    def replace(self, **changes) -> ImageDataset:
+        return dataclasses.replace(self, **changes)
+
+
+def cache_dir() -> pathlib.Path:
+    """Where decoded arrays are cached (``$FIPPURE_CACHE_DIR`` or ``~/.cache/fippure``)."""
+    root = os.environ.get("FIPPURE_CACHE_DIR") or os.path.join("~", ".cache", "fippure")
+    return pathlib.Path(root).expanduser() / "arrays"
+
+
+def tfds_data_dir(data_dir: str | os.PathLike | None = None) -> str | None:
+    """The TFDS data directory: the argument, else ``$TFDS_DATA_DIR``, else TFDS's default."""
+    if data_dir is not None:
+        return os.fspath(data_dir)
+    return os.environ.get("TFDS_DATA_DIR") or None
+
+
+def load_dataset(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = True,
+    use_cache: bool = True,
+) -> ImageDataset:
+    """Loads one split of a dataset as uint8 NHWC arrays.
+
+    Args:
+        name: ``cifar10``, ``cifar100``, ``gtsrb`` or ``digits`` (embedded, no download).
+        split: ``train`` or ``test``.
+        data_dir: TFDS data directory; defaults to ``$TFDS_DATA_DIR``.
+        download: let TFDS download and prepare the data when it is missing.
+        use_cache: read and write the decoded ``.npy`` cache.
+
+    Returns:
+        The :class:`ImageDataset`.
+
+    Raises:
+        UnknownNameError: for an unknown dataset.
+        DatasetUnavailableError: when the data is not prepared and cannot be downloaded.
+    """
+    spec = get_spec(name)
+    if split not in SPLITS:
+        raise InvalidInputError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if spec.tfds_name is None:
+        from fippure.data.digits import load_digits
+
+        return load_digits(split)
+    source = _open_tfds_source(spec, split, tfds_data_dir(data_dir), download)
+    version = str(source.dataset_info.version)
+    cache_file = cache_dir() / f"{spec.name}-{version}-{split}.npz"
+    if use_cache and cache_file.exists():
+        try:
+            with np.load(cache_file) as arrays:
+                return ImageDataset(arrays["images"], arrays["labels"], spec, split)
+        except (OSError, ValueError, KeyError):
+            pass  # a corrupt cache entry is rebuilt below
+    images, labels = _decode_all(source)
+    if use_cache:
+        _atomic_savez(cache_file, images=images, labels=labels)
+    return ImageDataset(images, labels, spec, split)
+
+
+def _open_tfds_source(spec: DatasetSpec, split: str, data_dir: str | None, download: bool):
+    import tensorflow_datasets as tfds
+
+    if spec.name == "gtsrb":
+        from fippure.data import gtsrb  # noqa: F401  (registers the builder)
+
+    hint = (
+        f"{spec.name} is not prepared in "
+        f"{data_dir or 'the default TFDS directory'}; set TFDS_DATA_DIR to a prepared TFDS "
+        "directory, connect to the internet, or use the embedded '--dataset digits'"
+    )
+    try:
+        return tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=download)
+    except Exception as error:  # TFDS raises many types (AssertionError, OSError, HTTP errors)
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        raise DatasetUnavailableError(f"{hint} ({reason[:200]})") from error
+
+
+def _decode_all(source, chunk: int = 5000) -> tuple[np.ndarray, np.ndarray]:
+    n = len(source)
+    images, labels = [], []
+    for start in range(0, n, chunk):
+        records = source.__getitems__(list(range(start, min(n, start + chunk))))
+        images.append(np.stack([r["image"] for r in records]).astype(np.uint8))
+        labels.append(np.asarray([r["label"] for r in records], dtype=np.int32))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _atomic_savez(path: pathlib.Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
+        np.savez(handle, **arrays)
+    os.replace(handle.name, path)

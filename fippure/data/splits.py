@@ -1,0 +1,102 @@
+"""The defender's clean set D_v (SPEC section 1).
+
+D_v is drawn from the *training* split with a fixed seed, class-balanced, and held out from
+the poisoned training set, so the attacker never trained on it (choice: disjoint, as in the
+seed code). Its indices are saved next to every result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from fippure.errors import InvalidInputError
+
+
+@dataclasses.dataclass(frozen=True)
+class CleanSplit:
+    """Indices into the training split.
+
+    Attributes:
+        clean: the defender's clean set D_v, sorted.
+        rest: everything else (what the attacker trains on), sorted.
+    """
+
+    clean: np.ndarray
+    rest: np.ndarray
+
+
+def clean_set_size(size: int | float, num_train: int) -> int:
+    """Turns a count (``500``) or a fraction of the training set (``0.01``) into a count."""
+    if isinstance(size, bool):
+        raise InvalidInputError(f"clean-set size must be a count or a fraction, got {size!r}")
+    if isinstance(size, float) and not size.is_integer():
+        if not 0.0 < size < 1.0:
+            raise InvalidInputError(f"clean-set fraction must be in (0, 1), got {size}")
+        return max(1, int(round(size * num_train)))
+    count = int(size)
+    if count < 1 or count >= num_train:
+        raise InvalidInputError(f"clean-set count must be in [1, {num_train}), got {count}")
+    return count
+
+
+def split_clean_set(
+    labels: np.ndarray, size: int | float, num_classes: int, seed: int = 0
+) -> CleanSplit:
+    """Draws a class-balanced clean set and returns it with the held-out remainder.
+
+    Every class gets ``count // K`` images and the first ``count % K`` classes (in a seeded
+    order) one more, so 10 images on CIFAR-10 is one per class.
+
+    Args:
+        labels: integer labels of the training split.
+        size: number of clean images, or a fraction of the training split in (0, 1).
+        num_classes: K.
+        seed: seed of the draw (host-side numpy plan).
+
+    Returns:
+        A :class:`CleanSplit` of sorted, disjoint index arrays covering the training split.
+
+    Raises:
+        InvalidInputError: when the set would miss a class or a class has too few images.
+    """
+    labels = np.asarray(labels)
+    count = clean_set_size(size, len(labels))
+    if count < num_classes:
+        raise InvalidInputError(
+            f"a clean set of {count} images cannot hold all {num_classes} classes"
+        )
+    rng = np.random.default_rng(seed)
+    per_class = np.full(num_classes, count // num_classes)
+    per_class[rng.permutation(num_classes)[: count % num_classes]] += 1
+    chosen = []
+    for cls in range(num_classes):
+        members = np.flatnonzero(labels == cls)
+        if len(members) < per_class[cls]:
+            raise InvalidInputError(
+                f"class {cls} has {len(members)} training images, fewer than the "
+                f"{per_class[cls]} the clean set needs"
+            )
+        chosen.append(rng.choice(members, size=per_class[cls], replace=False))
+    clean = np.sort(np.concatenate(chosen))
+    rest = np.setdiff1d(np.arange(len(labels)), clean, assume_unique=True)
+    return CleanSplit(clean=clean, rest=rest)
+
+
+def check_clean_set(labels: np.ndarray, num_classes: int) -> None:
+    """Raises a clear error if a clean set misses a class or has out-of-range labels."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) == 0:
+        raise InvalidInputError(f"the clean set is empty or malformed (labels {labels.shape})")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise InvalidInputError(
+            f"clean-set labels must lie in [0, {num_classes}), got [{labels.min()}, "
+            f"{labels.max()}]"
+        )
+    missing = sorted(set(range(num_classes)) - set(np.unique(labels).tolist()))
+    if missing:
+        raise InvalidInputError(
+            f"the clean set has no example of class(es) {missing}; purification needs every "
+            "class (draw it with split_clean_set)"
+        )

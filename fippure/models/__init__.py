@@ -1,0 +1,35 @@
+"""Flax Linen models, built by name (see :mod:`fippure.models.registry`)."""
+
+from fippure.models.layers import FEATURES
+from fippure.models.preact_resnet import PreActResNet18
+from fippure.models.registry import (
+    MODELS,
+    Variables,
+    activations,
+    count_params,
+    create_model,
+    forward,
+    init_variables,
+    model_fields,
+    penultimate_features,
+)
+from fippure.models.small_cnn import SmallCNN
+from fippure.models.vgg import VGG
+from fippure.models.vit import ViT
+
+__all__ = [
+    "FEATURES",
+    "MODELS",
+    "VGG",
+    "PreActResNet18",
+    "SmallCNN",
+    "Variables",
+    "ViT",
+    "activations",
+    "count_params",
+    "create_model",
+    "forward",
+    "init_variables",
+    "model_fields",
+    "penultimate_features",
+]

@@ -1,0 +1,63 @@
+"""Pre-activation ResNet-18 (He et al., "Identity Mappings in Deep Residual Networks", 2016).
+
+The CIFAR variant used by BackdoorBench and the seed papers: a 3x3 stem, four stages of two
+pre-activation blocks, a final BN-ReLU, global average pooling and a dense ``head``.
+``width`` is the stem width (64 in the papers, 16 at fippure's CPU scale: 0.7M parameters).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from fippure.models.layers import FEATURES, BatchNorm
+
+
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus an identity or 1x1-conv shortcut."""
+
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b h w c"], train: bool = False) -> Array:
+        norm = lambda name: BatchNorm(use_running_average=not train, name=name)
+        out = nn.relu(norm("bn1")(x))
+        shortcut = x
+        if self.strides != 1 or x.shape[-1] != self.features:
+            shortcut = nn.Conv(
+                self.features, (1, 1), self.strides, use_bias=False, name="shortcut"
+            )(out)
+        out = nn.Conv(
+            self.features, (3, 3), self.strides, padding=1, use_bias=False, name="conv1"
+        )(out)
+        out = nn.relu(norm("bn2")(out))
+        out = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, name="conv2")(out)
+        return out + shortcut
+
+
+class PreActResNet18(nn.Module):
+    """PreAct-ResNet-18 for small images.
+
+    Attributes:
+        num_classes: size of the output layer.
+        width: channels of the stem and first stage (stages use 1x, 2x, 4x, 8x).
+    """
+
+    num_classes: int = 10
+    width: int = 64
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b h w c"], train: bool = False) -> Float[Array, "b k"]:
+        out = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, name="stem")(x)
+        for stage, multiple in enumerate((1, 2, 4, 8), start=1):
+            for block in (1, 2):
+                strides = 2 if stage > 1 and block == 1 else 1
+                out = PreActBlock(
+                    self.width * multiple, strides, name=f"stage{stage}_block{block}"
+                )(out, train)
+        out = nn.relu(BatchNorm(use_running_average=not train, name="bn_final")(out))
+        features = jnp.mean(out, axis=(1, 2))
+        self.sow("intermediates", FEATURES, features)
+        return nn.Dense(self.num_classes, name="head")(features)

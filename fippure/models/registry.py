@@ -1,0 +1,141 @@
+"""Models built by name, and the documented ways to apply them.
+
+Every model is a Flax Linen module called as ``model.apply(variables, x, train=...)`` with the
+collections ``params`` and (for BN models) ``batch_stats``. In train mode BatchNorm uses batch
+statistics and ``batch_stats`` must be passed as mutable; in eval mode it uses the running
+averages. Every model ends in a dense layer named ``head`` and sows its penultimate features
+under ``intermediates/features``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from fippure.errors import InvalidInputError, UnknownNameError
+from fippure.models.layers import FEATURES
+from fippure.models.preact_resnet import PreActResNet18
+from fippure.models.small_cnn import SmallCNN
+from fippure.models.vgg import VGG
+from fippure.models.vit import ViT
+
+Variables = Mapping[str, Any]
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "preact_resnet18": PreActResNet18,
+    "vgg11_bn": functools.partial(VGG, depth=11),
+    "vgg16_bn": functools.partial(VGG, depth=16),
+    "vit_small": ViT,
+    "small_cnn": SmallCNN,
+}
+
+
+def model_fields(name: str) -> set[str]:
+    """The keyword arguments that model ``name`` accepts (besides ``num_classes``)."""
+    factory = MODELS[name]
+    cls = factory.func if isinstance(factory, functools.partial) else factory
+    fixed = set(factory.keywords) if isinstance(factory, functools.partial) else set()
+    return {f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")} - fixed
+
+
+def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """Builds model ``name`` (see :data:`MODELS`) with ``num_classes`` outputs.
+
+    Args:
+        name: registry name, e.g. ``preact_resnet18``.
+        num_classes: K.
+        **kwargs: model fields such as ``width``; ``None`` values are ignored.
+
+    Raises:
+        UnknownNameError: for an unknown model name.
+        InvalidInputError: for an argument the model does not take.
+    """
+    if name not in MODELS:
+        raise UnknownNameError("model", name, MODELS)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    unknown = set(kwargs) - model_fields(name)
+    if unknown:
+        raise InvalidInputError(
+            f"model {name} takes no argument(s) {sorted(unknown)}; "
+            f"it takes {sorted(model_fields(name) - {'num_classes'})}"
+        )
+    if int(num_classes) < 2:
+        raise InvalidInputError(f"num_classes must be >= 2, got {num_classes}")
+    return MODELS[name](num_classes=int(num_classes), **kwargs)
+
+
+def init_variables(
+    model: nn.Module, key: PRNGKeyArray, image_shape: tuple[int, int, int]
+) -> dict[str, Any]:
+    """Initial ``{'params': ..., 'batch_stats': ...}`` for inputs of ``image_shape``."""
+    variables = jax.jit(model.init, static_argnames="train")(
+        key, jnp.zeros((1, *image_shape), jnp.float32), train=False
+    )
+    return {k: v for k, v in variables.items() if k != "intermediates"}
+
+
+def forward(
+    model: nn.Module, variables: Variables, inputs: Float[Array, "b h w c"], train: bool
+) -> tuple[Float[Array, "b k"], Variables]:
+    """Logits and the updated variables.
+
+    In train mode BatchNorm normalises with batch statistics and the returned variables carry
+    the updated running averages; in eval mode they are returned unchanged.
+    """
+    if train and "batch_stats" in variables:
+        logits, updates = model.apply(variables, inputs, train=True, mutable=["batch_stats"])
+        return logits, {**variables, **updates}
+    return model.apply(variables, inputs, train=train), variables
+
+
+def penultimate_features(
+    model: nn.Module, variables: Variables, inputs: Float[Array, "b h w c"], train: bool = False
+) -> Float[Array, "b d"]:
+    """The inputs of the ``head`` layer (eval mode by default)."""
+    _, state = model.apply(variables, inputs, train=train, mutable=["intermediates"])
+    return state["intermediates"][FEATURES][0]
+
+
+def activations(
+    model: nn.Module,
+    variables: Variables,
+    inputs: Float[Array, "b h w c"],
+    *,
+    train: bool = False,
+    select: Callable[[nn.Module, str], bool] | None = None,
+) -> tuple[Float[Array, "b k"], dict[str, Array]]:
+    """Logits and every submodule's output, keyed by its '/'-joined module path.
+
+    Uses Flax's ``capture_intermediates``. By default only convolutions, BatchNorms and dense
+    layers are kept; pass ``select(module, method_name) -> bool`` to choose others.
+    """
+    if select is None:
+
+        def select(module, method_name):
+            return method_name == "__call__" and isinstance(
+                module, nn.Conv | nn.BatchNorm | nn.Dense
+            )
+
+    mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
+    logits, state = model.apply(
+        variables, inputs, train=train, capture_intermediates=select, mutable=mutable
+    )
+    flat = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+    out = {}
+    for path, value in flat:
+        keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+        if keys and keys[-1] == "__call__":
+            out["/".join(keys[:-1])] = value
+    return logits, out
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a pytree."""
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))

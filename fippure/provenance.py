@@ -1,0 +1,49 @@
+"""Where a result came from: git revision, machine, date and command."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+
+
+def git_revision(short: bool = False) -> str:
+    """The current commit of the fippure checkout (``unknown`` outside git), ``+dirty`` if
+    the tree has uncommitted changes."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        args = ["git", "rev-parse", "--short", "HEAD"] if short else ["git", "rev-parse", "HEAD"]
+        rev = subprocess.run(
+            args, cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, check=True, timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+def machine() -> str:
+    """A one-line description of the machine and the JAX backend."""
+    import jax
+
+    devices = jax.devices()
+    return (
+        f"{platform.node() or 'host'}: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, jax {jax.__version__} on {devices[0].platform} "
+        f"({len(devices)} x {devices[0].device_kind})"
+    )
+
+
+def provenance() -> dict[str, str]:
+    """Command, git revision, machine and UTC date, for result files."""
+    return {
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "git_revision": git_revision(),
+        "machine": machine(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }

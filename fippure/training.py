@@ -1,0 +1,387 @@
+"""Supervised training of a classifier (clean or poisoned), resumable from orbax checkpoints.
+
+The whole training set lives on the device; each jitted step gathers its batch from a
+device-resident permutation, applies an optional in-graph ``batch_transform`` (how attacks
+poison batches on the fly), augments, normalises and takes an SGD step. The permutation of an
+epoch and the key of a step are pure functions of ``(seed, epoch)`` and ``(seed, step)``, so a
+run killed at any checkpoint resumes to the same final parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+from tqdm.auto import tqdm
+
+from fippure.data.augment import augment
+from fippure.data.catalog import DatasetSpec
+from fippure.data.pipeline import batch_from_permutation, epoch_permutation, normalize, to_unit_range
+from fippure.data.sources import ImageDataset
+from fippure.errors import CheckpointError, InvalidInputError, NonFiniteLossError
+from fippure.losses import cross_entropy
+from fippure.models.registry import Variables
+
+#: ``(key, images in [0, 1], labels, example indices) -> (images, labels)``, traced in the step.
+BatchTransform = Callable[
+    [PRNGKeyArray, Float[Array, "b h w c"], Int[Array, " b"], Int[Array, " b"]],
+    tuple[Float[Array, "b h w c"], Int[Array, " b"]],
+]
+#: ``variables -> {metric name: value}``, called every ``eval_every`` epochs and at the end.
+Evaluator = Callable[[Variables], Mapping[str, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of supervised training (SPEC section 1, CPU-scale recipe).
+
+    Attributes:
+        epochs: passes over the training set.
+        batch_size: examples per step (the last partial batch of an epoch is dropped).
+        learning_rate: peak learning rate.
+        schedule: ``onecycle`` (linear warm-up then cosine decay), ``cosine`` or ``constant``.
+        warmup_fraction: fraction of steps spent warming up (``onecycle`` only).
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum.
+        weight_decay: L2 coefficient added to the gradient of every parameter.
+        label_smoothing: label smoothing of the cross-entropy.
+        augment: random crop and (where the dataset allows) horizontal flip.
+        eval_every: evaluate every this many epochs (and after the last one).
+        checkpoint_every: save every this many steps; 0 saves at the end of every epoch.
+        log_every: refresh the progress bar's loss (a host sync) every this many steps.
+        seed: seed of initialisation, data order and augmentation.
+    """
+
+    epochs: int = 15
+    batch_size: int = 128
+    learning_rate: float = 0.1
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup_fraction: float = 0.15
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    augment: bool = True
+    eval_every: int = 5
+    checkpoint_every: int = 0
+    log_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise InvalidInputError("epochs and batch_size must be positive")
+        if self.learning_rate <= 0:
+            raise InvalidInputError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.schedule not in ("onecycle", "cosine", "constant"):
+            raise InvalidInputError(
+                f"unknown schedule {self.schedule!r}; use onecycle, cosine or constant"
+            )
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training run carries from step to step (and checkpoints)."""
+
+    step: Int[Array, ""]
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+    def variables(self) -> dict[str, Any]:
+        """The model variables (``params`` and, if any, ``batch_stats``)."""
+        out = {"params": self.params}
+        if self.batch_stats:
+            out["batch_stats"] = self.batch_stats
+        return out
+
+
+@dataclasses.dataclass
+class TrainReport:
+    """What happened during :func:`train`.
+
+    Attributes:
+        history: one dict per evaluated epoch: ``epoch``, ``loss``, ``train_accuracy`` and the
+            evaluator's metrics.
+        steps: total optimisation steps of the run.
+        epochs: epochs of the run.
+        resumed_from_step: the step the run resumed from (0 for a fresh start).
+        wall_time_s: seconds spent in this call (compilation and evaluation included).
+        train_images_per_s: training throughput of this call, compilation and evaluation
+            excluded.
+        final: the last evaluation's metrics.
+    """
+
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    steps: int = 0
+    epochs: int = 0
+    resumed_from_step: int = 0
+    wall_time_s: float = 0.0
+    train_images_per_s: float = 0.0
+    final: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
+    """The learning rate as a function of the step."""
+    if config.schedule == "constant":
+        return optax.constant_schedule(config.learning_rate)
+    if config.schedule == "cosine":
+        return optax.cosine_decay_schedule(config.learning_rate, total_steps)
+    return optax.cosine_onecycle_schedule(
+        total_steps, config.learning_rate, pct_start=config.warmup_fraction
+    )
+
+
+def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """SGD with momentum and coupled weight decay (as PyTorch's ``SGD(weight_decay=...)``)."""
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(
+            learning_rate_schedule(config, total_steps),
+            momentum=config.momentum or None,
+            nesterov=config.nesterov,
+        ),
+    )
+
+
+def create_train_state(variables: Variables, optimizer: optax.GradientTransformation) -> TrainState:
+    """A fresh :class:`TrainState` at step 0."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=optimizer.init(variables["params"]),
+    )
+
+
+def make_train_step(
+    model: nn.Module,
+    spec: DatasetSpec,
+    config: TrainConfig,
+    optimizer: optax.GradientTransformation,
+    batch_transform: BatchTransform | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
+    """The jitted step ``(state, images, labels, permutation, index, key) -> (state, metrics)``.
+
+    ``images``/``labels`` are the whole device-resident training set, ``permutation`` the
+    epoch's order and ``index`` the batch number within the epoch.
+    """
+
+    def step(state: TrainState, images, labels, permutation, index, key):
+        key = jax.random.fold_in(key, state.step)
+        transform_key, augment_key = jax.random.split(key)
+        x, y, rows = batch_from_permutation(images, labels, permutation, index, config.batch_size)
+        x = to_unit_range(x)
+        if batch_transform is not None:
+            x, y = batch_transform(transform_key, x, y, rows)
+        if config.augment:
+            x = augment(augment_key, x, spec.crop_padding, spec.flip)
+        x = normalize(x, spec)
+
+        def loss_fn(params):
+            variables = {"params": params}
+            if state.batch_stats:
+                variables["batch_stats"] = state.batch_stats
+                logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+                new_stats = updates["batch_stats"]
+            else:
+                logits, new_stats = model.apply(variables, x, train=True), state.batch_stats
+            return cross_entropy(logits, y, config.label_smoothing), (logits, new_stats)
+
+        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        state = TrainState(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            batch_stats=new_stats,
+            opt_state=opt_state,
+        )
+        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+        return state, metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def _run_fingerprint(model: nn.Module, data: ImageDataset, config: TrainConfig) -> dict:
+    return {
+        "model": repr(model),
+        "dataset": data.spec.name,
+        "num_examples": len(data),
+        "config": dataclasses.asdict(config),
+    }
+
+
+def _checkpoint_manager(workdir: str | os.PathLike) -> ocp.CheckpointManager:
+    directory = pathlib.Path(workdir).resolve() / "checkpoints"
+    return ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    )
+
+
+def train(
+    model: nn.Module,
+    data: ImageDataset,
+    config: TrainConfig,
+    *,
+    variables: Variables,
+    workdir: str | os.PathLike | None = None,
+    evaluate: Evaluator | None = None,
+    batch_transform: BatchTransform | None = None,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> tuple[dict[str, Any], TrainReport]:
+    """Trains ``model`` on ``data`` and returns the final variables and a report.
+
+    Args:
+        model: a Flax module applied as ``model.apply(variables, x, train=...)``.
+        data: the training set (uint8 images, or float images in [0, 1]).
+        config: the :class:`TrainConfig`.
+        variables: initial ``{'params', 'batch_stats'}`` (e.g. from ``init_variables``).
+        workdir: where orbax checkpoints go. If it already holds a checkpoint of the same run,
+            training resumes from the latest one; a checkpoint of another run is an error.
+        evaluate: called with the variables every ``config.eval_every`` epochs and at the end.
+        batch_transform: in-graph poisoning of each batch, before augmentation.
+        progress: show a progress bar.
+        stop_after_steps: stop (after checkpointing) once this many steps are done; for tests
+            and for splitting a long run into pieces.
+
+    Returns:
+        ``(variables, report)``.
+
+    Raises:
+        NonFiniteLossError: if the loss becomes NaN or infinite.
+        CheckpointError: if ``workdir`` holds a run with another configuration.
+    """
+    started = time.perf_counter()
+    n = len(data)
+    steps_per_epoch = n // config.batch_size
+    if steps_per_epoch == 0:
+        raise InvalidInputError(f"batch_size {config.batch_size} exceeds the {n} training images")
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = make_optimizer(config, total_steps)
+    state = create_train_state(variables, optimizer)
+    manager = None
+    report = TrainReport(steps=total_steps, epochs=config.epochs)
+    if workdir is not None:
+        state, report = _prepare_workdir(workdir, model, data, config, state, report)
+        manager = _checkpoint_manager(workdir)
+        if manager.latest_step() is not None:
+            step = manager.latest_step()
+            state = manager.restore(step, args=ocp.args.StandardRestore(state))
+            report.resumed_from_step = int(step)
+            report.history = [
+                h for h in report.history if h["epoch"] * steps_per_epoch <= int(step)
+            ]
+    train_step = make_train_step(model, data.spec, config, optimizer, batch_transform)
+    images, labels = jax.device_put(data.images), jax.device_put(data.labels.astype(np.int32))
+    base_key = jax.random.key(config.seed)
+    order_key, step_key = jax.random.split(jax.random.fold_in(base_key, 1))
+    start = int(state.step)
+    stop = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
+    checkpoint_every = config.checkpoint_every or steps_per_epoch
+    permutation = epoch_permutation(order_key, start // steps_per_epoch, n)
+    loss_sum = accuracy_sum = jnp.zeros(())
+    counted = 0
+    step_seconds, timed_steps, last_mark = 0.0, 0, start
+    bar = tqdm(
+        total=total_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
+        desc=f"train {data.spec.name}", mininterval=2.0,
+    )
+    tick = time.perf_counter()
+    for step in range(start, stop):
+        epoch, index = divmod(step, steps_per_epoch)
+        if index == 0 and step != start:
+            permutation = epoch_permutation(order_key, epoch, n)
+        state, metrics = train_step(state, images, labels, permutation, index, step_key)
+        loss_sum, accuracy_sum = loss_sum + metrics["loss"], accuracy_sum + metrics["accuracy"]
+        counted += 1
+        bar.update(1)
+        done = step + 1
+        end_of_epoch = done % steps_per_epoch == 0
+        if done % config.log_every == 0 or end_of_epoch or done == stop:
+            loss = float(metrics["loss"])  # one host sync per log interval
+            if not np.isfinite(loss):
+                bar.close()
+                raise NonFiniteLossError(
+                    f"training loss became {loss} at step {done}; lower the learning rate"
+                )
+            bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch + 1)
+            now = time.perf_counter()
+            if last_mark > start:  # the first interval includes compilation
+                step_seconds += now - tick
+                timed_steps += done - last_mark
+            tick, last_mark = now, done
+        if end_of_epoch:
+            entry = {
+                "epoch": done // steps_per_epoch,
+                "loss": float(loss_sum) / counted,
+                "train_accuracy": float(accuracy_sum) / counted,
+            }
+            loss_sum = accuracy_sum = jnp.zeros(())
+            counted = 0
+            last = done == total_steps
+            if evaluate is not None and (entry["epoch"] % config.eval_every == 0 or last):
+                entry.update({k: float(v) for k, v in evaluate(state.variables()).items()})
+                bar.write(" ".join(f"{k}={v:.4g}" for k, v in entry.items()))
+                report.final = {k: v for k, v in entry.items() if k != "epoch"}
+            report.history.append(entry)
+            tick, last_mark = time.perf_counter(), max(last_mark, done)
+        if manager is not None and (done % checkpoint_every == 0 or done == stop):
+            manager.save(done, args=ocp.args.StandardSave(state))
+            _write_history(workdir, report)
+            tick, last_mark = time.perf_counter(), max(last_mark, done)
+    bar.close()
+    if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+    report.wall_time_s = time.perf_counter() - started
+    if timed_steps:
+        report.train_images_per_s = timed_steps * config.batch_size / step_seconds
+    return state.variables(), report
+
+
+def _prepare_workdir(workdir, model, data, config, state, report):
+    directory = pathlib.Path(workdir).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    fingerprint = _run_fingerprint(model, data, config)
+    stamp = directory / "run.json"
+    if stamp.exists():
+        previous = json.loads(stamp.read_text())
+        if previous != fingerprint:
+            changed = sorted(
+                k for k in fingerprint if previous.get(k) != fingerprint[k]
+            )
+            raise CheckpointError(
+                f"{directory} holds a run with a different {', '.join(changed)}; "
+                "use another --out directory or delete it"
+            )
+        history = directory / "history.json"
+        if history.exists():
+            report.history = json.loads(history.read_text())
+    else:
+        stamp.write_text(json.dumps(fingerprint, indent=1))
+    return state, report
+
+
+def _write_history(workdir, report: TrainReport) -> None:
+    path = pathlib.Path(workdir).resolve() / "history.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report.history, indent=1))
+    os.replace(tmp, path)
