@@ -87,7 +87,8 @@ def save_checkpoint(
         variables: the model variables; only ``params`` and ``batch_stats`` are kept.
         metadata: JSON-able facts; must contain ``model`` (see :func:`model_metadata`). The
             fippure version, git revision and date are added.
-        extras: further pytrees to store (an attack's state, masks, shifts...).
+        extras: further pytrees to store (an attack's state, masks, shifts...); empty ones
+            are skipped.
         overwrite: replace an existing checkpoint at ``path`` (other files in the directory,
             such as reports or training state, are left alone).
 
@@ -109,7 +110,8 @@ def save_checkpoint(
     kept = {k: v for k, v in variables.items() if k in ("params", "batch_stats") and v}
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path / "variables", jax.device_get(kept))
-    for name, tree in (extras or {}).items():
+    extras = {k: v for k, v in (extras or {}).items() if jax.tree_util.tree_leaves(v)}
+    for name, tree in extras.items():
         checkpointer.save(path / "extras" / name, jax.device_get(tree))
     checkpointer.wait_until_finished()
     full = {
@@ -117,7 +119,7 @@ def save_checkpoint(
         "fippure_version": __version__,
         "git_revision": git_revision(),
         "created": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "extras": sorted(extras or {}),
+        "extras": sorted(extras),
         **_to_jsonable(dict(metadata)),
     }
     (path / METADATA).write_text(json.dumps(full, indent=1))
@@ -196,8 +198,7 @@ def _dataset_shape(metadata: Mapping[str, Any]) -> tuple[int, int, int]:
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {
-        "/".join(str(getattr(k, "key", k)) for k in keys): tuple(leaf.shape)
-        for keys, leaf in flat
+        "/".join(str(getattr(k, "key", k)) for k in keys): tuple(leaf.shape) for keys, leaf in flat
     }
 
 

@@ -39,7 +39,9 @@ def predict_logits(
         chunk = images[start : start + batch_size]
         short = batch_size - chunk.shape[0]
         if short:
-            chunk = jnp.concatenate([jnp.asarray(chunk), jnp.repeat(jnp.asarray(chunk[-1:]), short, 0)])
+            chunk = jnp.concatenate(
+                [jnp.asarray(chunk), jnp.repeat(jnp.asarray(chunk[-1:]), short, 0)]
+            )
         out.append(_logits(model, spec, variables, chunk)[: batch_size - short])
     return np.asarray(jnp.concatenate(out))
 

@@ -89,11 +89,18 @@ def train_classifier(
     spec = data.train.spec
 
     def evaluate(variables):
-        return {"test_accuracy": accuracy(network, variables, data.test.images, data.test.labels, spec)}
+        return {
+            "test_accuracy": accuracy(network, variables, data.test.images, data.test.labels, spec)
+        }
 
     variables, report = train(
-        network, data.train, config, variables=variables, workdir=out / "train",
-        evaluate=evaluate, progress=progress,
+        network,
+        data.train,
+        config,
+        variables=variables,
+        workdir=out / "train",
+        evaluate=evaluate,
+        progress=progress,
     )
     metadata = {
         "model": model_metadata(model, data.train.num_classes, **model_kwargs),
@@ -123,3 +130,172 @@ def train_classifier(
     }
     (out / "report.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def train_backdoored(
+    *,
+    dataset: str,
+    model: str,
+    out: str | os.PathLike,
+    config: TrainConfig,
+    attack: str,
+    attack_options: dict[str, Any] | None = None,
+    target: int = 0,
+    ratio: float = 0.1,
+    mode: str = "all_to_one",
+    attack_seed: int = 0,
+    model_kwargs: dict[str, Any] | None = None,
+    clean_size: int | float = 0.01,
+    clean_seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    reference: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Trains a backdoored classifier (SPEC sections 1 and 7) and checkpoints it in ``out``.
+
+    The checkpoint stores everything needed to re-create the triggered test set: the attack's
+    name and options, its state pytree (``extras/attack_state``), seeds, the poisoned indices
+    and the clean-set indices (both into the full training split).
+
+    Args:
+        reference: checkpoint of a clean model, for attacks that need one
+            (``attack.needs_reference``: label-consistent PGD, LF).
+
+    Returns:
+        The JSON report (also written to ``out/report.json``).
+    """
+    from fippure.attacks import (
+        AttackContext,
+        make_attack,
+        make_poison_plan,
+        triggered_test_set,
+        validate_attack_args,
+    )
+    from fippure.checkpoints import load_checkpoint
+    from fippure.errors import InvalidInputError
+    from fippure.evaluation.metrics import evaluate_backdoor
+
+    out = pathlib.Path(out).resolve()
+    threat = make_attack(attack, **(attack_options or {}))
+    model_kwargs = {k: v for k, v in (model_kwargs or {}).items() if v is not None}
+    from fippure.data.catalog import get_spec
+
+    spec = get_spec(dataset)
+    validate_attack_args(
+        ratio=ratio,
+        target=target,
+        mode=mode,
+        num_classes=spec.num_classes,
+        clean_label=threat.clean_label,
+    )
+    network = create_model(model, spec.num_classes, **model_kwargs)
+    if threat.needs_reference and reference is None:
+        raise InvalidInputError(f"attack {attack} needs a clean reference model (--reference)")
+    data = prepare_data(dataset, clean_size=clean_size, clean_seed=clean_seed, data_dir=data_dir)
+    plan = make_poison_plan(
+        data.train.labels,
+        ratio=ratio,
+        num_classes=spec.num_classes,
+        target=target,
+        mode=mode,
+        clean_label=threat.clean_label,
+        seed=attack_seed,
+    )
+    attack_key = jax.random.key(attack_seed)
+    ref = None
+    if reference is not None:
+        loaded = load_checkpoint(reference)
+        ref = (loaded.model, loaded.variables)
+    context = AttackContext(
+        train=data.train,
+        plan=plan,
+        spec=spec,
+        key=jax.random.fold_in(attack_key, 1),
+        reference=ref,
+        progress=progress,
+    )
+    state = _fitted_attack_state(threat, context, jax.random.fold_in(attack_key, 0), out)
+    variables = init_variables(network, jax.random.key(config.seed), spec.image_shape)
+
+    def evaluate(variables, state):
+        triggered = triggered_test_set(
+            threat, state, data.test, target=target, mode=mode, seed=attack_seed
+        )
+        metrics = evaluate_backdoor(network, variables, data.test, triggered)
+        return {"test_accuracy": metrics.acc, "asr": metrics.asr, "ra": metrics.ra}
+
+    variables, state, report = threat.train_backdoored(
+        state, context, network, variables, config, workdir=out / "train", evaluate=evaluate
+    )
+    final = evaluate(variables, state)
+    attack_meta = {
+        "name": attack,
+        "options": threat.options(),
+        "target": target,
+        "ratio": ratio,
+        "mode": mode,
+        "seed": attack_seed,
+        "clean_label": threat.clean_label,
+        "poisoned_indices": data.train_indices[plan.indices],
+        "num_poisoned": len(plan.indices),
+        "realised_ratio": plan.ratio,
+    }
+    metadata = {
+        "model": model_metadata(model, spec.num_classes, **model_kwargs),
+        "dataset": dataset,
+        "image_shape": list(spec.image_shape),
+        "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
+        "attack": attack_meta,
+        "clean_indices": data.clean_indices,
+        "clean_seed": clean_seed,
+        "train_config": dataclasses.asdict(config),
+    }
+    save_checkpoint(out, variables, metadata, extras={"attack_state": state})
+    result = {
+        "dataset": dataset,
+        "model": model,
+        "model_kwargs": model_kwargs,
+        "attack": {k: v for k, v in attack_meta.items() if k != "poisoned_indices"},
+        "test_accuracy": final["test_accuracy"],
+        "asr": final["asr"],
+        "ra": final["ra"],
+        "epochs": config.epochs,
+        "train_examples": len(data.train),
+        "wall_time_s": report.wall_time_s,
+        "train_images_per_s": report.train_images_per_s,
+        "resumed_from_step": report.resumed_from_step,
+        "history": report.history,
+        "train_config": dataclasses.asdict(config),
+        **provenance(),
+    }
+    (out / "report.json").write_text(json.dumps(_jsonable(result), indent=1))
+    return result
+
+
+def _fitted_attack_state(threat, context, key, out: pathlib.Path):
+    """``threat.fit(init_state)``, cached in ``out/attack_fit`` so a resumed run skips it."""
+    import orbax.checkpoint as ocp
+
+    cache = out / "attack_fit"
+    state = threat.init_state(key, context.spec)
+    checkpointer = ocp.StandardCheckpointer()
+    if cache.exists():
+        return checkpointer.restore(cache, jax.eval_shape(lambda: state))
+    state = threat.fit(state, context)
+    if jax.tree_util.tree_leaves(state):
+        out.mkdir(parents=True, exist_ok=True)
+        checkpointer.save(cache, jax.device_get(state))
+        checkpointer.wait_until_finished()
+    return state
+
+
+def _jsonable(value):
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -29,7 +29,12 @@ from tqdm.auto import tqdm
 
 from fippure.data.augment import augment
 from fippure.data.catalog import DatasetSpec
-from fippure.data.pipeline import batch_from_permutation, epoch_permutation, normalize, to_unit_range
+from fippure.data.pipeline import (
+    batch_from_permutation,
+    epoch_permutation,
+    normalize,
+    to_unit_range,
+)
 from fippure.data.sources import ImageDataset
 from fippure.errors import CheckpointError, InvalidInputError, NonFiniteLossError
 from fippure.losses import cross_entropy
@@ -203,9 +208,7 @@ def make_train_step(
                 logits, new_stats = model.apply(variables, x, train=True), state.batch_stats
             return cross_entropy(logits, y, config.label_smoothing), (logits, new_stats)
 
-        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
-        )
+        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         state = TrainState(
             step=state.step + 1,
@@ -301,8 +304,13 @@ def train(
     counted = 0
     step_seconds, timed_steps, last_mark = 0.0, 0, start
     bar = tqdm(
-        total=total_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True,
-        desc=f"train {data.spec.name}", mininterval=2.0,
+        total=total_steps,
+        initial=start,
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+        desc=f"train {data.spec.name}",
+        mininterval=2.0,
     )
     tick = time.perf_counter()
     for step in range(start, stop):
@@ -365,9 +373,7 @@ def _prepare_workdir(workdir, model, data, config, state, report):
     if stamp.exists():
         previous = json.loads(stamp.read_text())
         if previous != fingerprint:
-            changed = sorted(
-                k for k in fingerprint if previous.get(k) != fingerprint[k]
-            )
+            changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
             raise CheckpointError(
                 f"{directory} holds a run with a different {', '.join(changed)}; "
                 "use another --out directory or delete it"

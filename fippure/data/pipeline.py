@@ -68,7 +68,9 @@ def fits_on_device(dataset: ImageDataset, limit: int = DEVICE_BYTES_LIMIT) -> bo
 def to_device(dataset: ImageDataset) -> DeviceDataset:
     """Copies a dataset's arrays to the default device once."""
     return DeviceDataset(
-        jax.device_put(dataset.images), jax.device_put(dataset.labels.astype(np.int32)), dataset.spec
+        jax.device_put(dataset.images),
+        jax.device_put(dataset.labels.astype(np.int32)),
+        dataset.spec,
     )
 
 
@@ -78,7 +80,10 @@ def epoch_permutation(key: PRNGKeyArray, epoch: int | Array, n: int) -> Int[Arra
 
 
 def batch_from_permutation(
-    images: Array, labels: Array, permutation: Int[Array, " n"], index: Int[Array, ""],
+    images: Array,
+    labels: Array,
+    permutation: Int[Array, " n"],
+    index: Int[Array, ""],
     batch_size: int,
 ) -> tuple[Array, Int[Array, " b"], Int[Array, " b"]]:
     """The ``index``-th batch of an epoch, gathered on device (use inside jit).

@@ -91,8 +91,7 @@ def check_clean_set(labels: np.ndarray, num_classes: int) -> None:
         raise InvalidInputError(f"the clean set is empty or malformed (labels {labels.shape})")
     if labels.min() < 0 or labels.max() >= num_classes:
         raise InvalidInputError(
-            f"clean-set labels must lie in [0, {num_classes}), got [{labels.min()}, "
-            f"{labels.max()}]"
+            f"clean-set labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
         )
     missing = sorted(set(range(num_classes)) - set(np.unique(labels).tolist()))
     if missing:

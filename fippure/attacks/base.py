@@ -1,0 +1,173 @@
+"""The contract every backdoor attack follows.
+
+An attack is a frozen dataclass whose fields are its hyper-parameters (so it is hashable and
+can be a static argument of ``jax.jit``). It owns:
+
+- ``init_state(key, spec)``: any state the trigger needs (a pattern, a warp field, a
+  generator's parameters) as a pytree of arrays, created from a key. The state is saved with
+  the checkpoint (``extras/attack_state``), so the triggered test set can be re-created.
+- ``trigger(state, images, key)``: the pure, jit-able test-time trigger. Images are float
+  ``(b, h, w, c)`` in [0, 1], **before** normalisation; the output stays in [0, 1].
+- ``fit(state, context)``: for attacks whose trigger is computed or learned before poisoned
+  training (label-consistent PGD, LF, ISSBA's encoder). Default: nothing to fit.
+- ``training_transform(state, plan, context)``: the in-graph poisoning of training batches.
+  Default: triggered images for the planned rows, with the planned labels.
+- ``train_backdoored(...)``: the poisoned training itself. Default: fippure's supervised loop
+  with ``training_transform``; attacks trained jointly with the classifier (Input-aware,
+  LIRA) override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from fippure.attacks.poisoning import PoisonPlan
+from fippure.data.catalog import DatasetSpec
+from fippure.data.sources import ImageDataset
+from fippure.models.registry import Variables
+
+State = dict[str, Any]
+Images = Float[Array, "b h w c"]
+
+
+@dataclasses.dataclass
+class AttackContext:
+    """What an attack may use while it prepares and trains (never the test split).
+
+    Attributes:
+        train: the attacker's training set (the defender's clean set already removed).
+        plan: the poisoning plan over ``train``.
+        spec: the dataset spec.
+        key: a key reserved for the attack's own randomness.
+        reference: a clean ``(model, variables)`` pair, for attacks that need one (PGD of the
+            label-consistent attack, LF's universal pattern). ``None`` if not available.
+        progress: show progress bars.
+    """
+
+    train: ImageDataset
+    plan: PoisonPlan
+    spec: DatasetSpec
+    key: PRNGKeyArray
+    reference: tuple[nn.Module, Variables] | None = None
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Attack:
+    """Base class of the trigger families; see the module docstring for the contract."""
+
+    #: Registry name (``badnets``, ``blend``, ...).
+    name: ClassVar[str] = ""
+    #: Clean-label attacks poison target-class images only and keep their labels.
+    clean_label: ClassVar[bool] = False
+    #: Whether ``fit`` needs ``context.reference`` (a clean model).
+    needs_reference: ClassVar[bool] = False
+
+    def init_state(self, key: PRNGKeyArray, spec: DatasetSpec) -> State:
+        """The trigger's state, created from ``key``. Default: no state."""
+        del key, spec
+        return {}
+
+    def trigger(self, state: State, images: Images, key: PRNGKeyArray) -> Images:
+        """Applies the trigger to [0, 1] images (pure, jit-able)."""
+        raise NotImplementedError
+
+    def poison(self, state: State, images: Images, key: PRNGKeyArray) -> Images:
+        """What a poisoned *training* image looks like. Default: the test-time trigger."""
+        return self.trigger(state, images, key)
+
+    def fit(self, state: State, context: AttackContext) -> State:
+        """Computes or learns the trigger before poisoned training. Default: no-op."""
+        del context
+        return state
+
+    def training_transform(
+        self, state: State, plan: PoisonPlan, context: AttackContext
+    ) -> Callable[..., tuple[Images, Array]]:
+        """In-graph poisoning ``(key, images, labels, rows) -> (images, labels)``."""
+        del context
+        is_poisoned, poison_label = (jnp.asarray(a) for a in plan.dense())
+
+        def transform(key, images, labels, rows):
+            mask = is_poisoned[rows]
+            poisoned = self.poison(state, images, key)
+            images = jnp.where(mask[:, None, None, None], poisoned, images)
+            return images, jnp.where(mask, poison_label[rows], labels)
+
+        return transform
+
+    def train_backdoored(
+        self,
+        state: State,
+        context: AttackContext,
+        model: nn.Module,
+        variables: Variables,
+        config: Any,
+        *,
+        workdir: str | os.PathLike | None = None,
+        evaluate: Callable[[Variables, State], dict[str, float]] | None = None,
+    ) -> tuple[dict[str, Any], State, Any]:
+        """Trains the backdoored classifier; returns ``(variables, state, TrainReport)``.
+
+        ``config`` is a :class:`fippure.training.TrainConfig`; ``evaluate(variables, state)``
+        returns test metrics.
+        """
+        from fippure.training import train
+
+        transform = self.training_transform(state, context.plan, context)
+        variables, report = train(
+            model,
+            context.train,
+            config,
+            variables=variables,
+            workdir=workdir,
+            evaluate=None if evaluate is None else (lambda v: evaluate(v, state)),
+            batch_transform=transform,
+            progress=context.progress,
+        )
+        return variables, state, report
+
+    def options(self) -> dict[str, Any]:
+        """The attack's hyper-parameters (saved in checkpoint metadata)."""
+        return dataclasses.asdict(self)
+
+
+def apply_trigger(
+    attack: Attack,
+    state: State,
+    images: np.ndarray,
+    key: PRNGKeyArray,
+    batch_size: int = 1000,
+) -> np.ndarray:
+    """Triggers uint8 or [0, 1] float images in jitted batches; returns float32 [0, 1].
+
+    Each batch gets ``fold_in(key, batch_index)``, so the result depends on the key only.
+    """
+    from fippure.data.pipeline import to_unit_range
+
+    run = _jitted_trigger(attack)
+    out = []
+    for i, start in enumerate(range(0, len(images), batch_size)):
+        chunk = to_unit_range(jnp.asarray(images[start : start + batch_size]))
+        out.append(np.asarray(run(state, chunk, jax.random.fold_in(key, i))))
+    if not out:
+        return np.zeros((0, *images.shape[1:]), np.float32)
+    return np.clip(np.concatenate(out), 0.0, 1.0).astype(np.float32)
+
+
+_TRIGGER_CACHE: dict[Attack, Callable] = {}
+
+
+def _jitted_trigger(attack: Attack) -> Callable:
+    if attack not in _TRIGGER_CACHE:
+        _TRIGGER_CACHE[attack] = jax.jit(attack.trigger)
+    return _TRIGGER_CACHE[attack]

@@ -1,0 +1,32 @@
+"""Attacks built by name."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from fippure.attacks.badnets import BadNets
+from fippure.attacks.base import Attack
+from fippure.attacks.blend import Blend
+from fippure.errors import InvalidInputError, UnknownNameError
+
+ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, Blend)}
+
+
+def make_attack(name: str, **options: Any) -> Attack:
+    """The attack ``name`` with hyper-parameters ``options`` (defaults from SPEC section 7).
+
+    Raises:
+        UnknownNameError: for an unknown attack.
+        InvalidInputError: for an option the attack does not have.
+    """
+    if name not in ATTACKS:
+        raise UnknownNameError("attack", name, ATTACKS)
+    cls = ATTACKS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise InvalidInputError(
+            f"attack {name} has no option(s) {unknown}; it has {sorted(fields) or 'none'}"
+        )
+    return cls(**options)

@@ -1,0 +1,55 @@
+"""The triggered test set on which ASR and RA are measured (SPEC section 1).
+
+Only test images whose true label is not the target are triggered (all-to-one); for
+all-to-all attacks every test image is, with target (y + 1) mod K. The trigger's randomness
+(if any) comes from a fixed key, so the set is re-created exactly from the stored state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from fippure.attacks.base import Attack, State, apply_trigger
+from fippure.attacks.poisoning import Mode, attack_targets
+from fippure.data.sources import ImageDataset
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TriggeredSet:
+    """Triggered test images with their true and attack-target labels.
+
+    Attributes:
+        images: float32 ``(n, h, w, c)`` in [0, 1].
+        true_labels: the labels before triggering.
+        target_labels: what the attacker wants them classified as.
+        source_indices: indices of the images in the test split.
+    """
+
+    images: np.ndarray
+    true_labels: np.ndarray
+    target_labels: np.ndarray
+    source_indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.true_labels)
+
+
+def triggered_test_set(
+    attack: Attack,
+    state: State,
+    test: ImageDataset,
+    *,
+    target: int,
+    mode: Mode,
+    seed: int = 0,
+) -> TriggeredSet:
+    """Triggers the test images an attack is measured on (non-target ones for all-to-one)."""
+    labels = test.labels
+    keep = np.flatnonzero(labels != target) if mode == "all_to_one" else np.arange(len(labels))
+    key = jax.random.fold_in(jax.random.key(seed), 0x7E57)
+    images = apply_trigger(attack, state, test.images[keep], key)
+    targets = attack_targets(labels[keep], target, mode, test.num_classes).astype(np.int32)
+    return TriggeredSet(images, labels[keep].astype(np.int32), targets, keep)

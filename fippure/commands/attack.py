@@ -1,0 +1,83 @@
+"""``fippure attack``: train a backdoored model and checkpoint it with its attack state."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+NAME = "attack"
+HELP = "train a backdoored model (resumes if --out holds an interrupted run)"
+
+
+def attack_option(text: str) -> tuple[str, object]:
+    """Parses ``--option key=value`` (value as JSON when possible, else a string)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from fippure.commands.train import add_common_model_args
+
+    add_common_model_args(parser)
+    parser.add_argument("--attack", required=True, help="attack name (badnets, blend, ...)")
+    parser.add_argument("--ratio", type=float, default=0.1, help="poisoned / training set")
+    parser.add_argument("--target", type=int, default=0, help="target class (all-to-one)")
+    parser.add_argument("--mode", default="all_to_one", help="all_to_one or all_to_all")
+    parser.add_argument("--attack-seed", type=int, default=0)
+    parser.add_argument(
+        "--option",
+        type=attack_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="attack hyper-parameter, e.g. --option alpha=0.1 (repeatable)",
+    )
+    parser.add_argument(
+        "--reference", default=None, help="clean model checkpoint (needed by clb and lf)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from fippure.attacks import make_attack, validate_attack_args
+    from fippure.commands.train import train_config
+    from fippure.data.catalog import get_spec
+    from fippure.models.registry import create_model
+    from fippure.recipes import train_backdoored
+
+    spec = get_spec(args.dataset)  # fail fast, before any data is loaded
+    create_model(args.model, spec.num_classes, width=args.width)
+    options = dict(args.option)
+    threat = make_attack(args.attack, **options)
+    validate_attack_args(
+        ratio=args.ratio,
+        target=args.target,
+        mode=args.mode,
+        num_classes=spec.num_classes,
+        clean_label=threat.clean_label,
+    )
+    report = train_backdoored(
+        dataset=args.dataset,
+        model=args.model,
+        out=args.out,
+        config=train_config(args),
+        attack=args.attack,
+        attack_options=options,
+        target=args.target,
+        ratio=args.ratio,
+        mode=args.mode,
+        attack_seed=args.attack_seed,
+        model_kwargs={"width": args.width},
+        clean_size=args.clean,
+        clean_seed=args.clean_seed,
+        data_dir=args.data_dir,
+        reference=args.reference,
+        progress=not args.no_progress,
+    )
+    keys = ("test_accuracy", "asr", "ra", "epochs", "wall_time_s", "train_images_per_s")
+    print(json.dumps({k: report[k] for k in keys}))
+    return 0

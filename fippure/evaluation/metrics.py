@@ -1,0 +1,87 @@
+"""Backdoor metrics (SPEC section 1), measured on the held-out test split only.
+
+- ACC: accuracy on the whole clean test set.
+- ASR: fraction of triggered test images whose true label is not the target that are
+  predicted as the attack's target (all-to-all: (y + 1) mod K).
+- RA: fraction of those same triggered images predicted as their true label.
+- DER = (max(0, ASR_before - ASR_after) - max(0, ACC_before - ACC_after) + 1) / 2
+  (BackdoorBench has a variant that *adds* the accuracy term; that is a bug).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import numpy as np
+
+from fippure.attacks.triggered import TriggeredSet
+from fippure.data.sources import ImageDataset
+from fippure.errors import InvalidInputError
+from fippure.inference import predict
+from fippure.models.registry import Variables
+
+
+def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of ``predictions`` equal to ``labels``."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    if predictions.shape != labels.shape:
+        raise InvalidInputError(f"{predictions.shape} predictions for {labels.shape} labels")
+    return float(np.mean(predictions == labels)) if len(labels) else float("nan")
+
+
+def attack_success_rate(
+    predictions: np.ndarray, true_labels: np.ndarray, target_labels: np.ndarray
+) -> float:
+    """ASR over triggered images whose true label differs from their target label.
+
+    Images that already belong to the target class are excluded, whatever the caller passed.
+    """
+    predictions, true_labels, target_labels = map(
+        np.asarray, (predictions, true_labels, target_labels)
+    )
+    keep = true_labels != target_labels
+    return accuracy(predictions[keep], target_labels[keep])
+
+
+def robust_accuracy(
+    predictions: np.ndarray, true_labels: np.ndarray, target_labels: np.ndarray
+) -> float:
+    """RA: triggered non-target images still classified as their true label."""
+    predictions, true_labels, target_labels = map(
+        np.asarray, (predictions, true_labels, target_labels)
+    )
+    keep = true_labels != target_labels
+    return accuracy(predictions[keep], true_labels[keep])
+
+
+def defense_effectiveness_rating(
+    *, acc_before: float, asr_before: float, acc_after: float, asr_after: float
+) -> float:
+    """DER in [0, 1]: 1 when ASR falls from 1 to 0 at no accuracy cost, 0.5 for no change."""
+    return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BackdoorMetrics:
+    """ACC, ASR and RA of one model on one attack's test sets."""
+
+    acc: float
+    asr: float
+    ra: float
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def evaluate_backdoor(
+    model: nn.Module, variables: Variables, test: ImageDataset, triggered: TriggeredSet
+) -> BackdoorMetrics:
+    """ACC on ``test`` and ASR/RA on ``triggered`` (eval-mode predictions)."""
+    clean_pred = predict(model, variables, test.images, test.spec)
+    bad_pred = predict(model, variables, triggered.images, test.spec)
+    return BackdoorMetrics(
+        acc=accuracy(clean_pred, test.labels),
+        asr=attack_success_rate(bad_pred, triggered.true_labels, triggered.target_labels),
+        ra=robust_accuracy(bad_pred, triggered.true_labels, triggered.target_labels),
+    )

@@ -1,0 +1,120 @@
+"""Loading a backdoored model (a zoo entry or any ``fippure attack`` output) with its data.
+
+``load_backdoored(path)`` rebuilds the model, the attack and its state, the defender's clean
+set (from the stored indices) and the exact triggered test set, so a defense can be run and
+judged without retraining anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from fippure.attacks import Attack, TriggeredSet, make_attack, triggered_test_set
+from fippure.checkpoints import Checkpoint, load_checkpoint
+from fippure.data.sources import ImageDataset, load_dataset
+from fippure.errors import CheckpointError
+
+
+@dataclasses.dataclass
+class BackdooredModel:
+    """A model with everything needed to purify and evaluate it.
+
+    Attributes:
+        checkpoint: the loaded checkpoint (model, variables, metadata).
+        attack: the attack (``None`` for a clean model).
+        attack_state: the attack's state pytree.
+        clean: the defender's clean set D_v (from the training split).
+        test: the test split.
+        triggered: the triggered test set (``None`` for a clean model).
+        target: the attack's target class.
+        mode: ``all_to_one`` or ``all_to_all``.
+    """
+
+    checkpoint: Checkpoint
+    attack: Attack | None
+    attack_state: dict[str, Any]
+    clean: ImageDataset
+    test: ImageDataset
+    triggered: TriggeredSet | None
+    target: int | None
+    mode: str | None
+
+    @property
+    def model(self):
+        return self.checkpoint.model
+
+    @property
+    def variables(self):
+        return self.checkpoint.variables
+
+    @property
+    def spec(self):
+        return self.test.spec
+
+
+def load_backdoored(
+    path: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    clean_size: int | float | None = None,
+    clean_seed: int | None = None,
+) -> BackdooredModel:
+    """Loads a checkpoint written by ``fippure attack`` or ``fippure train``.
+
+    Args:
+        path: the checkpoint directory.
+        data_dir: TFDS data directory (default ``$TFDS_DATA_DIR``).
+        clean_size: use a different clean set of this size (a count, or a fraction of the
+            training split), drawn class-balanced from the *stored* clean set so that it stays
+            disjoint from the attacker's training data. Default: the stored clean set.
+        clean_seed: seed of that sub-draw (default: the stored clean seed).
+    """
+    from fippure.data.splits import clean_set_size, split_clean_set
+
+    checkpoint = load_checkpoint(path)
+    meta = checkpoint.metadata
+    dataset = meta.get("dataset")
+    if dataset is None or "clean_indices" not in meta:
+        raise CheckpointError(f"{path} has no dataset or clean-set indices in its metadata")
+    train = load_dataset(dataset, "train", data_dir=data_dir)
+    test = load_dataset(dataset, "test", data_dir=data_dir)
+    clean_indices = np.asarray(meta["clean_indices"], dtype=np.int64)
+    if clean_size is not None:
+        count = clean_set_size(clean_size, len(train))
+        if count > len(clean_indices):
+            raise CheckpointError(
+                f"the checkpoint holds {len(clean_indices)} clean images; cannot draw {count} "
+                "without touching the attacker's training data"
+            )
+        seed = meta.get("clean_seed", 0) if clean_seed is None else clean_seed
+        sub = split_clean_set(train.labels[clean_indices], count, train.num_classes, seed=seed)
+        clean_indices = clean_indices[sub.clean]
+    clean = train.subset(clean_indices, "clean")
+    attack_meta = meta.get("attack")
+    if not attack_meta:
+        return BackdooredModel(checkpoint, None, {}, clean, test, None, None, None)
+    attack = make_attack(attack_meta["name"], **attack_meta.get("options", {}))
+    state = jax.tree_util.tree_map(jax.numpy.asarray, checkpoint.extras.get("attack_state", {}))
+    triggered = triggered_test_set(
+        attack,
+        state,
+        test,
+        target=attack_meta["target"],
+        mode=attack_meta["mode"],
+        seed=attack_meta.get("seed", 0),
+    )
+    return BackdooredModel(
+        checkpoint,
+        attack,
+        state,
+        clean,
+        test,
+        triggered,
+        attack_meta["target"],
+        attack_meta["mode"],
+    )
