@@ -137,7 +137,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     try:
         metadata = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"corrupt checkpoint {path}: {METADATA} is not JSON ({error})")
+        raise CheckpointError(
+            f"corrupt checkpoint {path}: {METADATA} is not JSON ({error})"
+        ) from None
     if not isinstance(metadata, dict) or "model" not in metadata:
         raise CheckpointError(f"corrupt checkpoint {path}: {METADATA} has no 'model' entry")
     return metadata
@@ -173,7 +175,9 @@ def load_checkpoint(
     try:
         stored = checkpointer.metadata(path / "variables").item_metadata
     except Exception as error:  # orbax raises several types for unreadable directories
-        raise CheckpointError(f"corrupt checkpoint {path}: cannot read variables ({error})")
+        raise CheckpointError(
+            f"corrupt checkpoint {path}: cannot read variables ({error})"
+        ) from None
     _check_shapes(path, expected, stored, spec["name"])
     try:
         variables = checkpointer.restore(path / "variables", expected)
@@ -182,7 +186,9 @@ def load_checkpoint(
             for name in metadata.get("extras", [])
         }
     except Exception as error:
-        raise CheckpointError(f"corrupt checkpoint {path}: {type(error).__name__}: {error}")
+        raise CheckpointError(
+            f"corrupt checkpoint {path}: {type(error).__name__}: {error}"
+        ) from None
     return Checkpoint(model, dict(variables), metadata, extras, path)
 
 

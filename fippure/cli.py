@@ -44,7 +44,7 @@ def clean_size(text: str) -> int | float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}") from None
     if value.is_integer() and value >= 1:
         return int(value)
     if 0 < value < 1:

@@ -25,7 +25,9 @@ def add_common_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--eval-every", type=int, default=5, help="evaluate every N epochs")
     parser.add_argument(
-        "--clean", type=clean_size, default=0.01,
+        "--clean",
+        type=clean_size,
+        default=0.01,
         help="defender's clean set held out from training: count (500) or fraction (0.01)",
     )
     parser.add_argument("--clean-seed", type=int, default=0)
@@ -71,6 +73,6 @@ def run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         progress=not args.no_progress,
     )
-    summary = {k: report[k] for k in ("test_accuracy", "epochs", "wall_time_s", "train_images_per_s")}
-    print(json.dumps(summary))
+    keys = ("test_accuracy", "epochs", "wall_time_s", "train_images_per_s")
+    print(json.dumps({k: report[k] for k in keys}))
     return 0
