@@ -1,0 +1,54 @@
+"""Shared pytest setup: fast compilation, an isolated array cache, and the real-data rule.
+
+Real-data tests (``@pytest.mark.slow``) read CIFAR-10 from ``$TFDS_DATA_DIR`` through the
+``cifar10_data_dir`` fixture. Where the data is missing they *fail* in CI (``CI=true``), so a
+broken data setup cannot turn CI green by skipping, and skip elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+
+import pytest
+
+_CREATED_CACHE: list[str] = []
+
+
+def pytest_configure(config):
+    # Decoded datasets go to a temporary directory for the whole run (xdist workers inherit it)
+    # unless the developer chose one, so tests never write into ~/.cache.
+    if not os.environ.get("FIPPURE_CACHE_DIR"):
+        _CREATED_CACHE.append(tempfile.mkdtemp(prefix="fippure-test-cache-"))
+        os.environ["FIPPURE_CACHE_DIR"] = _CREATED_CACHE[0]
+
+
+def pytest_unconfigure(config):
+    for path in _CREATED_CACHE:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _prepared(data_dir: str | None, name: str) -> bool:
+    if not data_dir:
+        return False
+    return any(pathlib.Path(data_dir, name).glob("*/dataset_info.json"))
+
+
+@pytest.fixture(scope="session")
+def cifar10_data_dir() -> str:
+    """The TFDS directory holding a prepared CIFAR-10 (``$TFDS_DATA_DIR``).
+
+    Fails the test in CI when the data is missing; skips it elsewhere.
+    """
+    data_dir = os.environ.get("TFDS_DATA_DIR")
+    if _prepared(data_dir, "cifar10"):
+        return data_dir
+    message = (
+        f"CIFAR-10 is not prepared in TFDS_DATA_DIR={data_dir!r}; point TFDS_DATA_DIR at a "
+        "directory holding cifar10/<version>/"
+    )
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
