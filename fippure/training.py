@@ -124,6 +124,7 @@ class TrainReport:
         epochs: epochs of the run.
         resumed_from_step: the step the run resumed from (0 for a fresh start).
         wall_time_s: seconds spent in this call (compilation and evaluation included).
+        total_wall_time_s: seconds spent over every call of this run (resumes included).
         train_images_per_s: training throughput of this call, compilation and evaluation
             excluded.
         final: the last evaluation's metrics.
@@ -134,6 +135,7 @@ class TrainReport:
     epochs: int = 0
     resumed_from_step: int = 0
     wall_time_s: float = 0.0
+    total_wall_time_s: float = 0.0
     train_images_per_s: float = 0.0
     final: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -292,6 +294,7 @@ def train(
             report.history = [
                 h for h in report.history if h["epoch"] * steps_per_epoch <= int(step)
             ]
+    previous_elapsed = report.total_wall_time_s
     train_step = make_train_step(model, data.spec, config, optimizer, batch_transform)
     images, labels = jax.device_put(data.images), jax.device_put(data.labels.astype(np.int32))
     base_key = jax.random.key(config.seed)
@@ -353,13 +356,16 @@ def train(
             tick, last_mark = time.perf_counter(), max(last_mark, done)
         if manager is not None and (done % checkpoint_every == 0 or done == stop):
             manager.save(done, args=ocp.args.StandardSave(state))
-            _write_history(workdir, report)
+            _write_history(
+                workdir, report, previous_elapsed + time.perf_counter() - started
+            )
             tick, last_mark = time.perf_counter(), max(last_mark, done)
     bar.close()
     if manager is not None:
         manager.wait_until_finished()
         manager.close()
     report.wall_time_s = time.perf_counter() - started
+    report.total_wall_time_s = previous_elapsed + report.wall_time_s
     if timed_steps:
         report.train_images_per_s = timed_steps * config.batch_size / step_seconds
     return state.variables(), report
@@ -380,14 +386,18 @@ def _prepare_workdir(workdir, model, data, config, state, report):
             )
         history = directory / "history.json"
         if history.exists():
-            report.history = json.loads(history.read_text())
+            saved = json.loads(history.read_text())
+            if isinstance(saved, list):  # written by fippure before 0.1.0's elapsed time
+                saved = {"history": saved, "elapsed_s": 0.0}
+            report.history = saved["history"]
+            report.total_wall_time_s = saved["elapsed_s"]
     else:
         stamp.write_text(json.dumps(fingerprint, indent=1))
     return state, report
 
 
-def _write_history(workdir, report: TrainReport) -> None:
+def _write_history(workdir, report: TrainReport, elapsed_s: float) -> None:
     path = pathlib.Path(workdir).resolve() / "history.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report.history, indent=1))
+    tmp.write_text(json.dumps({"history": report.history, "elapsed_s": elapsed_s}, indent=1))
     os.replace(tmp, path)

@@ -1,0 +1,306 @@
+"""The backdoored model zoo: every attack on CIFAR-10, PreAct-ResNet-18 width 16, 15 epochs.
+
+Launch (resumable: finished entries are skipped, an interrupted one resumes)::
+
+    python experiments/attack_zoo.py                      # every entry
+    python experiments/attack_zoo.py --entries badnets,blend
+    python experiments/attack_zoo.py --report-only        # rebuild tables and figure
+
+Protocol (SPEC sections 1 and 7): 10% poison ratio (clean-label SIG and CLB: every
+target-class training image at most), target 0, the defender's 500 clean images held out,
+one-cycle SGD as the clean reference. Expected: ASR >= 0.90 and ACC >= clean ACC - 0.03 for
+every attack.
+
+Writes ``experiments/results/attacks_cifar10_w16.{json,md}``, the figure
+``experiments/results/attack_examples.png`` and the zoo checkpoints
+``zoo/cifar10/preact_resnet18_w16/<entry>/`` (variables and attack state only) with
+``zoo/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+RUNS = ROOT / "runs" / "cifar10_w16"
+ZOO = ROOT / "zoo" / "cifar10" / "preact_resnet18_w16"
+EPOCHS = 15
+
+#: Zoo entry -> settings for ``fippure.recipes.train_backdoored``.
+ENTRIES: dict[str, dict] = {
+    "badnets": {"attack": "badnets"},
+    "blend": {"attack": "blend"},
+    "trojan": {"attack": "trojan"},
+    "sig": {"attack": "sig"},
+    "clb": {"attack": "clb", "reference": True},
+    "wanet": {"attack": "wanet"},
+    "input_aware": {"attack": "input_aware"},
+    "lira": {"attack": "lira"},
+    "issba": {"attack": "issba"},
+    "bpp": {"attack": "bpp"},
+    "lf": {"attack": "lf", "reference": True},
+    "ftrojan": {"attack": "ftrojan"},
+    "trojan_all_to_all": {"attack": "trojan", "mode": "all_to_all"},
+}
+
+
+def command_for(entry: str) -> str:
+    settings = ENTRIES[entry]
+    parts = [
+        "fippure attack --dataset cifar10 --model preact_resnet18 --width 16",
+        f"--attack {settings['attack']} --ratio 0.1 --target 0 --epochs {EPOCHS}",
+    ]
+    if settings.get("mode"):
+        parts.append(f"--mode {settings['mode']}")
+    if settings.get("reference"):
+        parts.append(f"--reference {RUNS.relative_to(ROOT) / 'clean'}")
+    parts.append(f"--out {RUNS.relative_to(ROOT) / entry}")
+    return " ".join(parts)
+
+
+def train_clean() -> dict:
+    from fippure.recipes import train_classifier
+    from fippure.training import TrainConfig
+
+    out = RUNS / "clean"
+    if (out / "report.json").exists() and (out / "metadata.json").exists():
+        return json.loads((out / "report.json").read_text())
+    return train_classifier(
+        dataset="cifar10",
+        model="preact_resnet18",
+        out=out,
+        config=TrainConfig(epochs=EPOCHS),
+        model_kwargs={"width": 16},
+    )
+
+
+def train_entry(entry: str) -> dict:
+    from fippure.recipes import train_backdoored
+    from fippure.training import TrainConfig
+
+    out = RUNS / entry
+    if (out / "report.json").exists() and (out / "metadata.json").exists():
+        return json.loads((out / "report.json").read_text())
+    settings = ENTRIES[entry]
+    return train_backdoored(
+        dataset="cifar10",
+        model="preact_resnet18",
+        out=out,
+        config=TrainConfig(epochs=EPOCHS),
+        model_kwargs={"width": 16},
+        attack=settings["attack"],
+        attack_options=settings.get("options"),
+        ratio=settings.get("ratio", 0.1),
+        target=0,
+        mode=settings.get("mode", "all_to_one"),
+        reference=RUNS / "clean" if settings.get("reference") else None,
+    )
+
+
+def copy_to_zoo(entry: str) -> pathlib.Path:
+    """Copies the final checkpoint (no optimiser state) of a run into the zoo."""
+    source, target = RUNS / entry, ZOO / entry
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    shutil.copy2(source / "metadata.json", target / "metadata.json")
+    for part in ("variables", "extras"):
+        if (source / part).exists():
+            shutil.copytree(source / part, target / part)
+    shutil.copy2(source / "report.json", target / "report.json")
+    return target
+
+
+def directory_bytes(path: pathlib.Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def collect_rows(entries: list[str]) -> list[dict]:
+    rows = []
+    clean = json.loads((RUNS / "clean" / "report.json").read_text())
+    rows.append(
+        {
+            "entry": "clean",
+            "attack": None,
+            "acc": clean["test_accuracy"],
+            "asr": None,
+            "ra": None,
+            "epochs": clean["epochs"],
+            "wall_time_s": clean["wall_time_s"],
+            "command": clean["command"],
+            "zoo_bytes": directory_bytes(ZOO / "clean"),
+        }
+    )
+    for entry in entries:
+        report_file = RUNS / entry / "report.json"
+        if not report_file.exists():
+            continue
+        report = json.loads(report_file.read_text())
+        rows.append(
+            {
+                "entry": entry,
+                "attack": report["attack"],
+                "acc": report["test_accuracy"],
+                "asr": report["asr"],
+                "ra": report["ra"],
+                "epochs": report["epochs"],
+                "wall_time_s": report["wall_time_s"],
+                "command": command_for(entry),
+                "zoo_bytes": directory_bytes(ZOO / entry) if (ZOO / entry).exists() else None,
+            }
+        )
+    clean_acc = rows[0]["acc"]
+    for row in rows[1:]:
+        row["meets_asr"] = row["asr"] >= 0.90
+        row["meets_acc"] = row["acc"] >= clean_acc - 0.03
+    return rows
+
+
+def write_tables(rows: list[dict]) -> None:
+    from fippure.provenance import provenance
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = provenance()
+    payload = {"rows": rows, "protocol": __doc__, **meta}
+    (RESULTS / "attacks_cifar10_w16.json").write_text(json.dumps(payload, indent=1))
+    clean_acc = rows[0]["acc"]
+    lines = [
+        "| entry | attack (mode) | ACC | ASR | RA | target met | epochs | wall time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row["attack"] is None:
+            lines.append(
+                f"| clean | - | {row['acc']:.4f} | - | - | - | {row['epochs']} | "
+                f"{row['wall_time_s'] / 60:.1f} min |"
+            )
+            continue
+        met = (
+            "yes"
+            if row["meets_asr"] and row["meets_acc"]
+            else (
+                "no: "
+                + ", ".join(
+                    k
+                    for k, ok in (
+                        ("ASR < 0.90", row["meets_asr"]),
+                        (f"ACC < {clean_acc - 0.03:.3f}", row["meets_acc"]),
+                    )
+                    if not ok
+                )
+            )
+        )
+        attack = row["attack"]
+        lines.append(
+            f"| {row['entry']} | {attack['name']} ({attack['mode']}, "
+            f"{attack['num_poisoned']} poisoned) | {row['acc']:.4f} | {row['asr']:.4f} | "
+            f"{row['ra']:.4f} | {met} | {row['epochs']} | {row['wall_time_s'] / 60:.1f} min |"
+        )
+    table = "\n".join(lines)
+    total = sum(r["zoo_bytes"] or 0 for r in rows)
+    header = [
+        "# Attack zoo: CIFAR-10, PreAct-ResNet-18 width 16, 15 epochs",
+        "",
+        "10% poison (clean-label: every target-class training image at most), target 0, "
+        "500 clean images held out. ACC on the whole test set; ASR and RA on triggered "
+        "non-target test images.",
+        "",
+        table,
+        "",
+        "Commands: `" + "`, `".join(r["command"] for r in rows) + "`.",
+        "",
+        f"Measured by `{meta['command']}` at {meta['git_revision']} on {meta['machine']}, "
+        f"{meta['date']}. Zoo size: {total / 1e6:.1f} MB.",
+    ]
+    (RESULTS / "attacks_cifar10_w16.md").write_text("\n".join(header) + "\n")
+    zoo_readme = [
+        "# fippure model zoo",
+        "",
+        "Backdoored (and one clean) PreAct-ResNet-18 width-16 models on CIFAR-10, trained by",
+        "`experiments/attack_zoo.py`. Each entry holds variables and the attack's state only",
+        "(no optimiser state). Load one with `fippure.zoo.load_backdoored(path)` or purify it",
+        "with `fippure purify --checkpoint zoo/cifar10/preact_resnet18_w16/<entry> ...`: the",
+        "clean set and the exact triggered test set are re-created from the stored indices",
+        "and attack state.",
+        "",
+        table,
+        "",
+        f"Total size: {total / 1e6:.1f} MB.",
+    ]
+    (ROOT / "zoo" / "README.md").write_text("\n".join(zoo_readme) + "\n")
+    print("\n".join(header))
+
+
+def write_figure(entries: list[str]) -> None:
+    import jax
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from fippure.attacks import apply_trigger, make_attack
+    from fippure.checkpoints import load_checkpoint
+    from fippure.data import load_dataset
+
+    test = load_dataset("cifar10", "test")
+    index = int(np.flatnonzero(test.labels != 0)[3])
+    image = test.images[index : index + 1]
+    shown = [e for e in entries if (ZOO / e).exists()]
+    fig, axes = plt.subplots(len(shown), 3, figsize=(4.5, 1.6 * len(shown)), squeeze=False)
+    for row, entry in enumerate(shown):
+        checkpoint = load_checkpoint(ZOO / entry)
+        meta = checkpoint.metadata["attack"]
+        attack = make_attack(meta["name"], **meta["options"])
+        state = jax.tree_util.tree_map(jax.numpy.asarray, checkpoint.extras.get("attack_state", {}))
+        triggered = apply_trigger(attack, state, image, jax.random.key(0))[0]
+        clean = image[0].astype(np.float32) / 255.0
+        diff = np.abs(triggered - clean)
+        scale = 1.0 / max(diff.max(), 1e-8)
+        for col, (picture, title) in enumerate(
+            ((clean, "clean"), (triggered, entry), (diff * scale, f"|diff| x{scale:.0f}"))
+        ):
+            axes[row, col].imshow(np.clip(picture, 0, 1))
+            axes[row, col].set_title(title, fontsize=7)
+            axes[row, col].axis("off")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "attack_examples.png", dpi=150)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--entries", default=",".join(ENTRIES), help="comma-separated entries")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    entries = [e for e in args.entries.split(",") if e]
+    unknown = sorted(set(entries) - set(ENTRIES))
+    if unknown:
+        sys.exit(f"attack_zoo: unknown entries {unknown}; known: {', '.join(ENTRIES)}")
+    if not args.report_only:
+        train_clean()
+        copy_to_zoo("clean")
+        for entry in entries:
+            from fippure.attacks import ATTACKS
+
+            if ENTRIES[entry]["attack"] not in ATTACKS:
+                print(f"attack_zoo: {entry}: attack not implemented yet, skipped", flush=True)
+                continue
+            report = train_entry(entry)
+            copy_to_zoo(entry)
+            print(
+                f"attack_zoo: {entry}: ACC {report['test_accuracy']:.4f} ASR {report['asr']:.4f}",
+                flush=True,
+            )
+    rows = collect_rows(list(ENTRIES))
+    write_tables(rows)
+    write_figure(list(ENTRIES))
+
+
+if __name__ == "__main__":
+    main()
