@@ -1,0 +1,67 @@
+"""Loading TFDS datasets into uint8 arrays, and the decoded-array cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fippure.data import load_dataset, sources
+from fippure.errors import DatasetUnavailableError, InvalidInputError, UnknownNameError
+
+
+def test_unknown_dataset():
+    with pytest.raises(UnknownNameError) as error:
+        load_dataset("cifar11", "train")
+    message = str(error.value)
+    assert "unknown dataset 'cifar11'" in message and "Did you mean 'cifar10'?" in message
+    assert "\n" not in message
+
+
+def test_unknown_split():
+    with pytest.raises(InvalidInputError, match="unknown split 'validation'"):
+        load_dataset("digits", "validation")
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_missing_dataset_without_download(tmp_path, name):
+    with pytest.raises(DatasetUnavailableError) as error:
+        load_dataset(name, "test", data_dir=tmp_path, download=False)
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"{name} is not prepared in {tmp_path}" in message
+    assert "TFDS_DATA_DIR" in message
+
+
+def test_data_dir_falls_back_to_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    assert sources.tfds_data_dir() == str(tmp_path)
+    assert sources.tfds_data_dir(tmp_path / "x") == str(tmp_path / "x")
+    monkeypatch.delenv("TFDS_DATA_DIR")
+    assert sources.tfds_data_dir() is None
+
+
+def test_cache_is_written_and_reused(gtsrb_tfds_dir, tmp_path, monkeypatch):
+    first = load_dataset("gtsrb", "train", data_dir=gtsrb_tfds_dir)
+    cache_file = tmp_path / "cache" / "arrays" / "gtsrb-1.0.0-train.npz"
+    assert cache_file.is_file()
+    assert not (tmp_path / "cache" / "arrays" / "gtsrb-1.0.0-test.npz").exists()
+
+    def no_decoding(source):
+        raise AssertionError("decoded again instead of reading the cache")
+
+    monkeypatch.setattr(sources, "_decode_all", no_decoding)
+    again = load_dataset("gtsrb", "train", data_dir=gtsrb_tfds_dir)
+    np.testing.assert_array_equal(again.images, first.images)
+    np.testing.assert_array_equal(again.labels, first.labels)
+    with pytest.raises(AssertionError, match="decoded again"):
+        load_dataset("gtsrb", "train", data_dir=gtsrb_tfds_dir, use_cache=False)
+
+
+def test_corrupt_cache_is_rebuilt(gtsrb_tfds_dir, tmp_path):
+    first = load_dataset("gtsrb", "test", data_dir=gtsrb_tfds_dir)
+    cache_file = tmp_path / "cache" / "arrays" / "gtsrb-1.0.0-test.npz"
+    cache_file.write_bytes(b"not an npz file")
+    rebuilt = load_dataset("gtsrb", "test", data_dir=gtsrb_tfds_dir)
+    np.testing.assert_array_equal(rebuilt.images, first.images)
+    with np.load(cache_file) as arrays:  # the cache entry was rewritten
+        np.testing.assert_array_equal(arrays["labels"], first.labels)
