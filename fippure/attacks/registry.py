@@ -8,9 +8,17 @@ from typing import Any
 from fippure.attacks.badnets import BadNets
 from fippure.attacks.base import Attack
 from fippure.attacks.blend import Blend
+from fippure.attacks.bpp import BPP
+from fippure.attacks.ftrojan import FTrojan
+from fippure.attacks.lf import LF
+from fippure.attacks.sig import SIG
+from fippure.attacks.trojan import Trojan
+from fippure.attacks.wanet import WaNet
 from fippure.errors import InvalidInputError, UnknownNameError
 
-ATTACKS: dict[str, type[Attack]] = {cls.name: cls for cls in (BadNets, Blend)}
+ATTACKS: dict[str, type[Attack]] = {
+    cls.name: cls for cls in (BadNets, Blend, Trojan, SIG, WaNet, BPP, LF, FTrojan)
+}
 
 
 def make_attack(name: str, **options: Any) -> Attack:

@@ -1,0 +1,112 @@
+"""WaNet (Nguyen and Tran, "WaNet - Imperceptible Warping-based Backdoor Attack", ICLR 2021):
+the trigger is a small, smooth, fixed warp of the image.
+
+A random field ``P`` of ``k x k`` 2-D vectors, uniform in [-1, 1] and normalised by its mean
+absolute value, is upsampled bicubically to ``h x w``. The backdoor warp (paper, eq. 4) is
+
+    M = clip((identity + s P / h) * grid_rescale, -1, 1),    x' = grid_sample(x, M),
+
+with bilinear sampling (:func:`fippure.attacks.warping.grid_sample`). The x displacements
+are divided by the width and the y ones by the height (the paper divides both by the height
+of its square images).
+
+**Noise mode** (paper, section 3.3): while training, "cross" images are warped by ``M`` plus a
+random per-image perturbation ``U(-1, 1) / h`` and *keep* their labels, so that the network
+learns the exact warp rather than any warp. The paper draws ``cross_ratio`` times as many cross
+images as poisoned ones in every batch. Here **(choice)** each batch row that the poisoning
+plan does not poison becomes a cross image with probability
+``cross_ratio * n_poisoned / n_clean``, drawn from the step's key: the expected count matches
+the paper's, the rows differ from step to step as in the paper, and a resumed run draws the
+same rows (keys are functions of the step).
+
+The paper also trains with random crops (5 px) and rotations (10 degrees); fippure's training
+loop applies its standard random crop (4 px padding) and flip after poisoning and has no
+rotation **(choice)**. Defaults (BackdoorBench): k = 4, s = 0.5, grid_rescale = 1,
+cross_ratio = 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from fippure.attacks.base import Attack, AttackContext, Images, State
+from fippure.attacks.poisoning import PoisonPlan
+from fippure.attacks.warping import grid_sample, identity_grid, upsample_bicubic
+from fippure.errors import InvalidInputError
+
+
+@dataclasses.dataclass(frozen=True)
+class WaNet(Attack):
+    """A fixed random warp; noise-mode training with cross images.
+
+    Attributes:
+        k: side of the random control field (4).
+        s: strength of the warp (0.5).
+        grid_rescale: scale of the whole warped grid before clipping (1).
+        cross_ratio: cross (noise-warped, label-kept) images per poisoned image in training (2).
+    """
+
+    name: ClassVar[str] = "wanet"
+    k: int = 4
+    s: float = 0.5
+    grid_rescale: float = 1.0
+    cross_ratio: float = 2.0
+
+    def __post_init__(self):
+        if self.k < 2:
+            raise InvalidInputError(f"wanet needs k >= 2, got {self.k}")
+        if self.cross_ratio < 0:
+            raise InvalidInputError(f"wanet cross_ratio must be >= 0, got {self.cross_ratio}")
+
+    def init_state(self, key, spec) -> State:
+        h, w, _ = spec.image_shape
+        field = jax.random.uniform(key, (self.k, self.k, 2), jnp.float32, -1.0, 1.0)
+        field = field / jnp.mean(jnp.abs(field))
+        return {"noise_grid": upsample_bicubic(field, h, w)}
+
+    def warp_grid(self, state: State) -> Float[Array, "h w 2"]:
+        """The backdoor's sampling grid ``M`` (in [-1, 1])."""
+        noise = state["noise_grid"]
+        h, w, _ = noise.shape
+        offset = self.s * noise / jnp.asarray([w, h], noise.dtype)
+        return jnp.clip((identity_grid(h, w) + offset) * self.grid_rescale, -1.0, 1.0)
+
+    def trigger(self, state: State, images: Images, key=None) -> Images:
+        del key
+        grid = self.warp_grid(state).astype(images.dtype)
+        return jnp.clip(grid_sample(images, grid[None]), 0.0, 1.0)
+
+    def cross(self, state: State, images: Images, key) -> Images:
+        """Noise-mode images: the backdoor warp plus a random per-image perturbation."""
+        b, h, w, _ = images.shape
+        grid = self.warp_grid(state).astype(images.dtype)
+        noise = jax.random.uniform(key, (b, h, w, 2), images.dtype, -1.0, 1.0)
+        noise = noise / jnp.asarray([w, h], images.dtype)
+        return jnp.clip(grid_sample(images, jnp.clip(grid[None] + noise, -1.0, 1.0)), 0.0, 1.0)
+
+    def cross_probability(self, plan: PoisonPlan) -> float:
+        """Probability that a non-poisoned training row is a cross image in a step."""
+        clean = plan.num_examples - len(plan.indices)
+        return min(1.0, self.cross_ratio * len(plan.indices) / clean) if clean else 0.0
+
+    def training_transform(self, state: State, plan: PoisonPlan, context: AttackContext):
+        del context
+        is_poisoned, poison_label = (jnp.asarray(a) for a in plan.dense())
+        probability = self.cross_probability(plan)
+
+        def transform(key, images, labels, rows):
+            draw_key, noise_key = jax.random.split(key)
+            poisoned = is_poisoned[rows]
+            crossed = ~poisoned & jax.random.bernoulli(draw_key, probability, poisoned.shape)
+            out = jnp.where(
+                crossed[:, None, None, None], self.cross(state, images, noise_key), images
+            )
+            out = jnp.where(poisoned[:, None, None, None], self.trigger(state, images), out)
+            return out, jnp.where(poisoned, poison_label[rows], labels)
+
+        return transform
