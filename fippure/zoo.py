@@ -33,6 +33,7 @@ class BackdooredModel:
         triggered: the triggered test set (``None`` for a clean model).
         target: the attack's target class.
         mode: ``all_to_one`` or ``all_to_all``.
+        clean_indices: indices of ``clean`` in the training split.
     """
 
     checkpoint: Checkpoint
@@ -43,6 +44,7 @@ class BackdooredModel:
     triggered: TriggeredSet | None
     target: int | None
     mode: str | None
+    clean_indices: np.ndarray
 
     @property
     def model(self):
@@ -91,13 +93,14 @@ def load_backdoored(
                 f"the checkpoint holds {len(clean_indices)} clean images; cannot draw {count} "
                 "without touching the attacker's training data"
             )
-        seed = meta.get("clean_seed", 0) if clean_seed is None else clean_seed
-        sub = split_clean_set(train.labels[clean_indices], count, train.num_classes, seed=seed)
-        clean_indices = clean_indices[sub.clean]
+        if count < len(clean_indices):
+            seed = meta.get("clean_seed", 0) if clean_seed is None else clean_seed
+            sub = split_clean_set(train.labels[clean_indices], count, train.num_classes, seed)
+            clean_indices = clean_indices[sub.clean]
     clean = train.subset(clean_indices, "clean")
     attack_meta = meta.get("attack")
     if not attack_meta:
-        return BackdooredModel(checkpoint, None, {}, clean, test, None, None, None)
+        return BackdooredModel(checkpoint, None, {}, clean, test, None, None, None, clean_indices)
     attack = make_attack(attack_meta["name"], **attack_meta.get("options", {}))
     state = jax.tree_util.tree_map(jax.numpy.asarray, checkpoint.extras.get("attack_state", {}))
     triggered = triggered_test_set(
@@ -117,4 +120,5 @@ def load_backdoored(
         triggered,
         attack_meta["target"],
         attack_meta["mode"],
+        clean_indices,
     )

@@ -1,0 +1,85 @@
+"""``fippure purify``: run a defense on a backdoored checkpoint and evaluate it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+NAME = "purify"
+HELP = "purify a backdoored checkpoint with a defense and report ACC/ASR/RA/DER"
+
+
+def key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from fippure.cli import clean_size
+
+    parser.add_argument("--checkpoint", required=True, help="a fippure attack checkpoint")
+    parser.add_argument("--defense", required=True, help="defense name (fip, nft, ...)")
+    parser.add_argument(
+        "--clean",
+        type=clean_size,
+        default=None,
+        help="use a clean set of this size (count or fraction), drawn from the stored one",
+    )
+    parser.add_argument(
+        "--set",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set eta_F=0.001 (repeatable)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--data-dir", default=None, help="TFDS data directory ($TFDS_DATA_DIR)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fippure.checkpoints import read_metadata
+    from fippure.purify.registry import make_config
+    from fippure.purify.runner import run_defense
+
+    overrides = dict(args.set)
+    make_config(args.defense, overrides)  # validate before loading anything
+    read_metadata(args.checkpoint)
+    result = run_defense(
+        args.checkpoint,
+        args.defense,
+        overrides=overrides,
+        clean_size=args.clean,
+        seed=args.seed,
+        out=args.out,
+        data_dir=args.data_dir,
+        progress=not args.no_progress,
+    )
+    print(format_table(result))
+    print(json.dumps({"before": result["before"], "after": result["after"], "der": result["der"]}))
+    return 0
+
+
+def format_table(result: dict) -> str:
+    """A before/after table for the terminal."""
+
+    def cell(value):
+        return "-" if value is None else f"{value:.4f}"
+
+    rows = [
+        f"{'':8} {'ACC':>8} {'ASR':>8} {'RA':>8}",
+        *(
+            f"{name:8} {cell(m['acc']):>8} {cell(m['asr']):>8} {cell(m['ra']):>8}"
+            for name, m in (("before", result["before"]), ("after", result["after"]))
+        ),
+    ]
+    if result.get("der") is not None:
+        rows.append(
+            f"DER {result['der']:.4f}  ({result['defense']}, "
+            f"{result['report']['wall_time_s']:.1f} s)"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,10 @@
+"""Defenses: pure functions ``purify(model, variables, clean_set, config, key)``.
+
+See :mod:`fippure.purify.registry` for the list and :mod:`fippure.purify.runner` for running
+one on a checkpoint and evaluating it.
+"""
+
+from fippure.purify.common import PurifyReport
+from fippure.purify.registry import DEFENSES, Defense, get_defense, make_config
+
+__all__ = ["DEFENSES", "Defense", "PurifyReport", "get_defense", "make_config"]

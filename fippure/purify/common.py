@@ -1,0 +1,218 @@
+"""What every defense shares: the clean-batch sampler, the step loop and the report.
+
+Every defense is a pure function::
+
+    purify(model, variables, clean_set, config, key) -> (new_variables, report)
+
+It sees the model, its variables and the defender's clean set D_v, never test data. Its hot
+step is one jitted function; a Python loop drives it with a progress bar and syncs with the
+host only every ``log_every`` steps (to log the loss and stop on NaN).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+from tqdm.auto import tqdm
+
+from fippure.data.augment import augment as augment_images
+from fippure.data.catalog import DatasetSpec
+from fippure.data.pipeline import normalize, to_unit_range
+from fippure.data.sources import ImageDataset
+from fippure.data.splits import check_clean_set
+from fippure.errors import InvalidInputError, NonFiniteLossError
+from fippure.models.registry import Variables
+
+
+@dataclasses.dataclass
+class PurifyReport:
+    """What a defense did.
+
+    Attributes:
+        method: the defense's name.
+        config: its configuration (as a dict).
+        steps: optimisation steps taken.
+        wall_time_s: seconds of the whole defense (setup, compilation and steps).
+        step_time_s: median seconds per step after compilation.
+        tunable_parameters: number of scalars the defense optimises.
+        loss_curve: ``{'step': ..., 'loss': ..., <components>}`` every ``log_every`` steps.
+        clean_accuracy: eval-mode accuracy on the clean set after the defense (no test data).
+        extra: method-specific facts (thresholds chosen on D_v, Fisher statistics, ...).
+        artifacts: pytrees worth keeping with the purified checkpoint (masks, spectral
+            shifts); not part of :meth:`to_dict`.
+    """
+
+    method: str
+    config: dict[str, Any]
+    steps: int = 0
+    wall_time_s: float = 0.0
+    step_time_s: float = 0.0
+    tunable_parameters: int = 0
+    loss_curve: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    clean_accuracy: float | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    artifacts: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "artifacts"
+        }
+
+
+def validate_clean_set(clean_set: ImageDataset, model: nn.Module, variables: Variables) -> None:
+    """Clear errors for a clean set a defense cannot use (missing class, wrong image shape)."""
+    check_clean_set(clean_set.labels, clean_set.num_classes)
+    head = variables.get("params", {}).get("head", {})
+    kernel = head.get("kernel") if isinstance(head, Mapping) else None
+    if kernel is not None and kernel.shape[-1] != clean_set.num_classes:
+        raise InvalidInputError(
+            f"the model has {kernel.shape[-1]} outputs but the clean set has "
+            f"{clean_set.num_classes} classes"
+        )
+    del model
+
+
+def sample_clean_batch(
+    key: PRNGKeyArray,
+    images: Array,
+    labels: Int[Array, " n"],
+    batch_size: int,
+    spec: DatasetSpec,
+    augment: bool,
+) -> tuple[Float[Array, "b h w c"], Int[Array, " b"]]:
+    """A normalised batch drawn without replacement from the clean set (use inside jit).
+
+    Args:
+        key: randomness of the draw and the augmentation.
+        images: the whole clean set (uint8, or floats in [0, 1]) on device.
+        labels: its labels.
+        batch_size: examples per batch; at most the clean-set size.
+        spec: the dataset spec (normalisation, crop padding, flips).
+        augment: random crop and (where allowed) flip.
+    """
+    pick_key, augment_key = jax.random.split(key)
+    rows = jax.random.choice(pick_key, labels.shape[0], (batch_size,), replace=False)
+    x = to_unit_range(images[rows])
+    if augment:
+        x = augment_images(augment_key, x, spec.crop_padding, spec.flip)
+    return normalize(x, spec), labels[rows]
+
+
+def clean_batch_size(requested: int, clean_set: ImageDataset) -> int:
+    """``requested``, capped at the clean-set size (10 images give batches of 10)."""
+    if requested < 1:
+        raise InvalidInputError(f"batch_size must be positive, got {requested}")
+    return min(requested, len(clean_set))
+
+
+def run_steps(
+    step: Callable[[Any, PRNGKeyArray], tuple[Any, Mapping[str, Array]]],
+    carry: Any,
+    *,
+    steps: int,
+    key: PRNGKeyArray,
+    desc: str,
+    progress: bool = True,
+    log_every: int = 50,
+) -> tuple[Any, list[dict[str, float]], float]:
+    """Runs ``carry, metrics = step(carry, key_t)`` for ``steps`` steps.
+
+    ``metrics`` must hold a scalar ``loss``. Metrics are fetched to the host only every
+    ``log_every`` steps and at the end, where a non-finite loss raises
+    :class:`NonFiniteLossError`.
+
+    Returns:
+        ``(carry, loss_curve, median_step_seconds)``.
+    """
+    if steps < 1:
+        raise InvalidInputError(f"steps must be positive, got {steps}")
+    curve: list[dict[str, float]] = []
+    durations = []
+    bar = tqdm(
+        total=steps,
+        disable=not progress,
+        desc=desc,
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=2.0,
+    )
+    tick, mark = time.perf_counter(), 0
+    for t in range(steps):
+        carry, metrics = step(carry, jax.random.fold_in(key, t))
+        bar.update(1)
+        done = t + 1
+        if done % log_every == 0 or done == steps or t == 0:
+            values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+            if not np.isfinite(values["loss"]):
+                bar.close()
+                raise NonFiniteLossError(
+                    f"{desc}: the loss became {values['loss']} at step {done}; lower the "
+                    "learning rate or the regularisation strengths"
+                )
+            curve.append({"step": done, **values})
+            bar.set_postfix(loss=f"{values['loss']:.4f}")
+            now = time.perf_counter()
+            if t > 0:  # the first step includes compilation
+                durations.append((now - tick) / (done - mark))
+            tick, mark = now, done
+    bar.close()
+    return carry, curve, float(np.median(durations)) if durations else 0.0
+
+
+def tree_size(tree: Any) -> int:
+    """Number of scalars in a pytree."""
+    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def clean_accuracy(model: nn.Module, variables: Variables, clean_set: ImageDataset) -> float:
+    """Eval-mode accuracy on the clean set (the only accuracy a defense may look at)."""
+    from fippure.inference import accuracy
+
+    return accuracy(model, variables, clean_set.images, clean_set.labels, clean_set.spec)
+
+
+def device_clean_set(clean_set: ImageDataset) -> tuple[Array, Array]:
+    """The clean set's images and labels on device."""
+    return jax.device_put(clean_set.images), jax.device_put(clean_set.labels.astype(np.int32))
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A JSON-able dict of a config dataclass."""
+    return {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()
+    }
+
+
+def as_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
+    """``{'params': ..., 'batch_stats': ...}`` (without an empty ``batch_stats``)."""
+    out = {"params": params}
+    if batch_stats:
+        out["batch_stats"] = batch_stats
+    return out
+
+
+def apply_model(
+    model: nn.Module, params: Any, batch_stats: Any, inputs: Array, train: bool
+) -> tuple[Array, Any]:
+    """Logits and (in train mode) the re-estimated batch statistics."""
+    if train and batch_stats:
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            inputs,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return logits, updates["batch_stats"]
+    return model.apply(as_variables(params, batch_stats), inputs, train=False), batch_stats
+
+
+def zeros_like_tree(tree: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.zeros_like, tree)

@@ -1,0 +1,116 @@
+"""Defenses built by name, with configs overridden from ``key=value`` strings."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from fippure.errors import InvalidInputError, UnknownNameError
+
+
+@dataclasses.dataclass(frozen=True)
+class Defense:
+    """A registered defense.
+
+    Attributes:
+        name: registry name (``fip``, ``nft``, ...).
+        module: the module holding ``purify`` and the config class.
+        config_name: the config dataclass's name in that module.
+        summary: one line for ``--help``.
+    """
+
+    name: str
+    module: str
+    config_name: str
+    summary: str
+
+    @property
+    def purify(self) -> Callable:
+        return importlib.import_module(self.module).purify
+
+    @property
+    def config_class(self) -> type:
+        return getattr(importlib.import_module(self.module), self.config_name)
+
+
+DEFENSES: dict[str, Defense] = {
+    d.name: d
+    for d in (Defense("ft", "fippure.purify.ft", "FTConfig", "plain fine-tuning of all weights"),)
+}
+
+
+def get_defense(name: str) -> Defense:
+    if name not in DEFENSES:
+        raise UnknownNameError("defense", name, DEFENSES)
+    return DEFENSES[name]
+
+
+def make_config(name: str, overrides: Mapping[str, Any] | None = None) -> Any:
+    """The default config of defense ``name`` with ``overrides`` (strings are parsed).
+
+    Raises:
+        UnknownNameError: for an unknown defense or config key.
+        InvalidInputError: for a value of the wrong type.
+    """
+    cls = get_defense(name).config_class
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, raw in (overrides or {}).items():
+        if key not in fields:
+            raise UnknownNameError(f"{name} option", key, fields)
+        values[key] = parse_value(raw, hints[key], f"{name}.{key}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:
+        raise InvalidInputError(f"invalid {name} config: {error}") from None
+
+
+def parse_value(raw: Any, annotation: Any, where: str) -> Any:
+    """Converts ``raw`` (often a string from the command line) to ``annotation``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Literal:
+        text = raw if not isinstance(raw, str) else raw.strip()
+        if text not in args:
+            raise InvalidInputError(f"{where} must be one of {list(args)}, got {raw!r}")
+        return text
+    if origin in (typing.Union, types.UnionType):
+        if isinstance(raw, str) and raw.lower() in ("none", "null") and type(None) in args:
+            return None
+        errors = []
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return parse_value(raw, option, where)
+            except InvalidInputError as error:
+                errors.append(str(error))
+        raise InvalidInputError(errors[0] if errors else f"cannot parse {where}={raw!r}")
+    if origin is tuple:
+        items = raw.split(",") if isinstance(raw, str) else list(raw)
+        inner = args[0] if args else str
+        return tuple(parse_value(item, inner, where) for item in items)
+    if annotation is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise InvalidInputError(f"{where} must be true or false, got {raw!r}")
+    if annotation in (int, float, str):
+        try:
+            value = annotation(raw)
+        except (TypeError, ValueError):
+            kind = {int: "an integer", float: "a number", str: "a string"}[annotation]
+            raise InvalidInputError(f"{where} must be {kind}, got {raw!r}") from None
+        if annotation is int and isinstance(raw, str) and str(value) != raw.strip():
+            raise InvalidInputError(f"{where} must be an integer, got {raw!r}")
+        return value
+    return raw
