@@ -52,3 +52,9 @@ def cifar10_data_dir() -> str:
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def pytest_sessionstart(session):
+    import jax
+
+    jax.config.update("jax_disable_most_optimizations", True)

@@ -55,7 +55,7 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 
     Raises:
         UnknownNameError: for an unknown model name.
-        InvalidInputError: for an argument the model does not take.
+        InvalidInputError: for an argument the model does not take, or a non-positive size.
     """
     if name not in MODELS:
         raise UnknownNameError("model", name, MODELS)
@@ -68,6 +68,9 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         )
     if int(num_classes) < 2:
         raise InvalidInputError(f"num_classes must be >= 2, got {num_classes}")
+    for key, value in kwargs.items():  # every size-like field (width, depth, heads...) is >= 1
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise InvalidInputError(f"model {name}: {key} must be >= 1, got {value}")
     return MODELS[name](num_classes=int(num_classes), **kwargs)
 
 

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from fippure.errors import InvalidInputError
 from fippure.models.layers import FEATURES
 
 
@@ -48,6 +49,13 @@ class ViT(nn.Module):
     num_heads: int = 3
     patch_size: int = 4
     mlp_ratio: int = 2
+
+    def __post_init__(self):
+        if self.width % self.num_heads:
+            raise InvalidInputError(
+                f"vit width {self.width} is not divisible by num_heads {self.num_heads}"
+            )
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"], train: bool = False) -> Float[Array, "b k"]:
