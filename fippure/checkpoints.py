@@ -140,8 +140,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"corrupt checkpoint {path}: {METADATA} is not JSON ({error})"
         ) from None
-    if not isinstance(metadata, dict) or "model" not in metadata:
-        raise CheckpointError(f"corrupt checkpoint {path}: {METADATA} has no 'model' entry")
+    model = metadata.get("model") if isinstance(metadata, dict) else None
+    if not isinstance(model, dict) or not {"name", "num_classes"} <= set(model):
+        raise CheckpointError(
+            f"corrupt checkpoint {path}: {METADATA} has no 'model' entry with name and num_classes"
+        )
     return metadata
 
 
@@ -171,14 +174,18 @@ def load_checkpoint(
     if image_shape is None:
         image_shape = tuple(metadata.get("image_shape") or _dataset_shape(metadata))
     expected = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), image_shape))
+    if not (path / "variables").is_dir():
+        raise CheckpointError(f"corrupt checkpoint {path}: its variables/ directory is missing")
     checkpointer = ocp.StandardCheckpointer()
     try:
         stored = checkpointer.metadata(path / "variables").item_metadata
     except Exception as error:  # orbax raises several types for unreadable directories
         raise CheckpointError(
-            f"corrupt checkpoint {path}: cannot read variables ({error})"
+            f"corrupt checkpoint {path}: cannot read variables/ ({_first_line(error)})"
         ) from None
-    _check_shapes(path, expected, stored, spec["name"])
+    if stored is None:  # orbax returns no tree metadata when it cannot parse the directory
+        raise CheckpointError(f"corrupt checkpoint {path}: cannot read the metadata of variables/")
+    _check_shapes(path, expected, stored, spec["name"], type(model).__name__)
     try:
         variables = checkpointer.restore(path / "variables", expected)
         extras = {
@@ -186,10 +193,14 @@ def load_checkpoint(
             for name in metadata.get("extras", [])
         }
     except Exception as error:
-        raise CheckpointError(
-            f"corrupt checkpoint {path}: {type(error).__name__}: {error}"
-        ) from None
+        raise CheckpointError(f"corrupt checkpoint {path}: {_first_line(error)}") from None
     return Checkpoint(model, dict(variables), metadata, extras, path)
+
+
+def _first_line(error: Exception) -> str:
+    """``Type: first line of the message``, so that fippure's errors stay one line."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def _dataset_shape(metadata: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -208,7 +219,7 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _check_shapes(path, expected, stored, model_name) -> None:
+def _check_shapes(path, expected, stored, stored_name, model_class) -> None:
     want, have = _shapes(expected), _shapes(dict(stored))
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
@@ -223,5 +234,6 @@ def _check_shapes(path, expected, stored, model_name) -> None:
         if extra:
             parts.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
         raise CheckpointError(
-            f"checkpoint {path} does not fit model {model_name}: {'; '.join(parts)}"
+            f"checkpoint {path} (a {stored_name}) does not fit the {model_class} it is loaded "
+            f"into: {'; '.join(parts)}"
         )

@@ -1,0 +1,185 @@
+"""Checkpoint round trip, and clear errors for wrong, missing or corrupt checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from fippure.checkpoints import load_checkpoint, model_metadata, read_metadata, save_checkpoint
+from fippure.errors import CheckpointError
+from fippure.models import create_model, init_variables
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = create_model("small_cnn", 10, width=4)
+    variables = init_variables(model, jax.random.key(0), (8, 8, 1))
+    # Non-trivial batch statistics, so that a mix-up of collections would show.
+    variables["batch_stats"] = jax.tree_util.tree_map(
+        lambda x: x + np.arange(x.size, dtype=x.dtype).reshape(x.shape) / 7,
+        variables["batch_stats"],
+    )
+    return model, variables
+
+
+@pytest.fixture
+def saved(tmp_path, small):
+    _, variables = small
+    metadata = {
+        "model": model_metadata("small_cnn", 10, width=4),
+        "dataset": "digits",
+        "normalization": {"mean": [0.3053], "std": [0.376]},
+        "attack": {"name": "badnets", "target": 0},
+        "clean_indices": np.array([3, 17, 256]),
+    }
+    extras = {"trigger": {"pattern": np.arange(12.0).reshape(3, 4), "alpha": np.float32(0.2)}}
+    return save_checkpoint(tmp_path / "ckpt", variables, metadata, extras=extras)
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_round_trip(saved, small):
+    model, variables = small
+    loaded = load_checkpoint(saved)
+    _assert_trees_equal(loaded.variables, variables)
+    assert loaded.model == model  # rebuilt from the metadata: same class and fields
+    meta = loaded.metadata
+    assert meta["model"] == {"name": "small_cnn", "num_classes": 10, "kwargs": {"width": 4}}
+    assert meta["dataset"] == "digits" and meta["attack"] == {"name": "badnets", "target": 0}
+    assert meta["clean_indices"] == [3, 17, 256]
+    assert meta["extras"] == ["trigger"]
+    assert {"fippure_version", "git_revision", "created", "format_version"} <= set(meta)
+    _assert_trees_equal(
+        loaded.extras["trigger"],
+        {"pattern": np.arange(12.0).reshape(3, 4), "alpha": np.float32(0.2)},
+    )
+    assert loaded.path == saved and saved.is_absolute()
+    assert read_metadata(saved) == meta
+
+
+def test_relative_path_and_overwrite(tmp_path, small, monkeypatch):
+    _, variables = small
+    monkeypatch.chdir(tmp_path)
+    meta = {"model": model_metadata("small_cnn", 10, width=4), "dataset": "digits"}
+    path = save_checkpoint("relative", variables, meta)
+    assert path == (tmp_path / "relative").resolve()
+    (tmp_path / "relative" / "report.json").write_text("{}")
+    doubled = jax.tree_util.tree_map(lambda x: 2 * x, variables)
+    save_checkpoint("relative", doubled, meta)  # overwrites the checkpoint, keeps other files
+    _assert_trees_equal(load_checkpoint("relative").variables, doubled)
+    assert (tmp_path / "relative" / "report.json").exists()
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        save_checkpoint("relative", variables, meta, overwrite=False)
+    with pytest.raises(CheckpointError, match="needs a 'model' entry"):
+        save_checkpoint("other", variables, {"dataset": "digits"})
+
+
+@pytest.mark.parametrize(
+    ("other", "match"),
+    [
+        (
+            ("small_cnn", {"width": 8}),
+            r"\(a small_cnn\) does not fit the SmallCNN it is loaded into: 16 shape\(s\) "
+            r"differ, e\.g\. batch_stats/bn1/mean: \(4,\) stored vs \(8,\)",
+        ),
+        (
+            ("vgg11_bn", {"width": 8}),
+            r"does not fit the VGG it is loaded into: .*; 25 missing, e\.g\. ",
+        ),
+    ],
+)
+def test_wrong_model(saved, other, match):
+    name, kwargs = other
+    with pytest.raises(CheckpointError, match=match) as error:
+        load_checkpoint(saved, model=create_model(name, 10, **kwargs))
+    assert "\n" not in str(error.value)
+
+
+def test_wrong_number_of_classes(saved):
+    with pytest.raises(CheckpointError, match=r"params/head/bias: \(10,\) stored vs \(43,\)"):
+        load_checkpoint(saved, model=create_model("small_cnn", 43, width=4))
+
+
+def _corrupt_metadata(path):
+    (path / "metadata.json").write_text('{"model": {"name": "small_')
+
+
+def _metadata_without_model(path):
+    meta = json.loads((path / "metadata.json").read_text())
+    del meta["model"]
+    (path / "metadata.json").write_text(json.dumps(meta))
+
+
+def _no_metadata(path):
+    (path / "metadata.json").unlink()
+
+
+def _no_variables(path):
+    shutil.rmtree(path / "variables")
+
+
+def _empty_variables(path):
+    shutil.rmtree(path / "variables")
+    (path / "variables").mkdir()
+
+
+def _garbled_variables(path):
+    for item in (path / "variables").rglob("*"):
+        if item.is_file():
+            item.write_bytes(b"\x00garbage")
+
+
+def _truncated_arrays(path):
+    # The tree metadata survives but the array store is gone.
+    for item in (path / "variables").iterdir():
+        if item.name not in ("_METADATA", "_CHECKPOINT_METADATA"):
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+
+
+def _missing_extras(path):
+    shutil.rmtree(path / "extras")
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (_corrupt_metadata, "metadata.json is not JSON"),
+        (_metadata_without_model, "has no 'model' entry"),
+        (_no_metadata, "is not a fippure checkpoint"),
+        (_no_variables, "variables/ directory is missing"),
+        (_empty_variables, "cannot read"),
+        (_garbled_variables, "cannot read"),
+        (_truncated_arrays, "corrupt checkpoint"),
+        (_missing_extras, "corrupt checkpoint .*extras/trigger"),
+    ],
+)
+def test_corrupt_checkpoint(saved, damage, match):
+    damage(saved)
+    with pytest.raises(CheckpointError, match=match) as error:
+        load_checkpoint(saved)
+    message = str(error.value)
+    assert "\n" not in message and str(saved) in message
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match=f"no checkpoint at {tmp_path / 'absent'}"):
+        load_checkpoint(tmp_path / "absent")
+
+
+def test_round_trip_without_batch_stats(tmp_path):
+    model = create_model("vit_small", 10, width=8, depth=1, num_heads=2)
+    variables = init_variables(model, jax.random.key(1), (8, 8, 1))
+    assert set(variables) == {"params"}
+    meta = {
+        "model": model_metadata("vit_small", 10, width=8, depth=1, num_heads=2),
+        "image_shape": [8, 8, 1],
+    }
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "vit", variables, meta))
+    _assert_trees_equal(loaded.variables, variables)
