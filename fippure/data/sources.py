@@ -130,6 +130,21 @@ def load_dataset(
     return ImageDataset(images, labels, spec, split)
 
 
+#: Hosts TFDS downloads from, probed before a download is attempted.
+DOWNLOAD_HOSTS = {"cifar10": "www.cs.toronto.edu", "cifar100": "www.cs.toronto.edu"}
+
+
+def network_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host`` opens within ``timeout`` seconds."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _open_tfds_source(spec: DatasetSpec, split: str, data_dir: str | None, download: bool):
     import tensorflow_datasets as tfds
 
@@ -142,10 +157,22 @@ def _open_tfds_source(spec: DatasetSpec, split: str, data_dir: str | None, downl
         "directory, connect to the internet, or use the embedded '--dataset digits'"
     )
     try:
-        return tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=download)
-    except Exception as error:  # TFDS raises many types (AssertionError, OSError, HTTP errors)
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        raise DatasetUnavailableError(f"{hint} ({reason[:200]})") from error
+        return tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
+    except Exception as error:  # TFDS raises several types for a missing dataset
+        if not download:
+            raise DatasetUnavailableError(f"{hint} ({_reason(error)})") from error
+    host = DOWNLOAD_HOSTS.get(spec.name)
+    if host is not None and not network_reachable(host):
+        raise DatasetUnavailableError(f"{hint} (no network: cannot reach {host})")
+    try:
+        return tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=True)
+    except Exception as error:  # download or preparation failed
+        raise DatasetUnavailableError(f"{hint} ({_reason(error)})") from error
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}"[:200]
 
 
 def _decode_all(source, chunk: int = 5000) -> tuple[np.ndarray, np.ndarray]:
