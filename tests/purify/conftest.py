@@ -1,0 +1,33 @@
+"""A small backdoored model shared by the defense tests: BadNets on the embedded digits."""
+
+from __future__ import annotations
+
+import pytest
+
+from fippure.recipes import train_backdoored
+from fippure.training import TrainConfig
+from fippure.zoo import load_backdoored
+
+
+@pytest.fixture(scope="session")
+def digits_badnets_path(tmp_path_factory):
+    """Checkpoint of a small CNN backdoored with BadNets on digits (144 clean images)."""
+    out = tmp_path_factory.mktemp("digits_badnets")
+    report = train_backdoored(
+        dataset="digits",
+        model="small_cnn",
+        out=out,
+        config=TrainConfig(epochs=12, batch_size=64, learning_rate=0.05, eval_every=12),
+        attack="badnets",
+        ratio=0.1,
+        clean_size=0.1,
+        progress=False,
+    )
+    assert report["asr"] > 0.95 and report["test_accuracy"] > 0.9, report
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_badnets(digits_badnets_path):
+    """The loaded :class:`fippure.zoo.BackdooredModel`."""
+    return load_backdoored(digits_badnets_path)

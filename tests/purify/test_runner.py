@@ -1,0 +1,58 @@
+"""The runner judges a defense on test data only after it has returned, and saves the result."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fippure.checkpoints import load_checkpoint
+from fippure.errors import InvalidInputError, NonFiniteLossError
+from fippure.evaluation import defense_effectiveness_rating
+from fippure.purify.ft import FTConfig, purify
+from fippure.purify.runner import run_defense
+
+
+def test_run_defense_reports_before_after_and_der(digits_badnets, tmp_path):
+    result = run_defense(
+        digits_badnets,
+        "ft",
+        overrides={"steps": "20", "batch_size": "32"},
+        out=tmp_path,
+        progress=False,
+    )
+    before, after = result["before"], result["after"]
+    assert before["asr"] > 0.95
+    assert result["der"] == pytest.approx(
+        defense_effectiveness_rating(
+            acc_before=before["acc"],
+            asr_before=before["asr"],
+            acc_after=after["acc"],
+            asr_after=after["asr"],
+        )
+    )
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["report"]["steps"] == 20 and saved["defense"] == "ft"
+    purified = load_checkpoint(tmp_path)
+    assert purified.metadata["defense"]["name"] == "ft"
+    assert purified.metadata["attack"]["name"] == "badnets"
+    np.testing.assert_array_equal(purified.metadata["clean_indices"], digits_badnets.clean_indices)
+
+
+def test_a_clean_set_missing_a_class_is_refused(digits_badnets):
+    clean = digits_badnets.clean
+    without_seven = clean.subset(np.flatnonzero(clean.labels != 7))
+    with pytest.raises(InvalidInputError, match=r"no example of class\(es\) \[7\]"):
+        purify(digits_badnets.model, digits_badnets.variables, without_seven, FTConfig(steps=1))
+
+
+def test_a_diverging_defense_stops_with_a_clear_error(digits_badnets):
+    with pytest.raises(NonFiniteLossError, match="lower the learning rate"):
+        purify(
+            digits_badnets.model,
+            digits_badnets.variables,
+            digits_badnets.clean,
+            FTConfig(steps=60, learning_rate=1e12, log_every=20),
+            progress=False,
+        )
