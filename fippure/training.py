@@ -167,12 +167,17 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
 
 
 def create_train_state(variables: Variables, optimizer: optax.GradientTransformation) -> TrainState:
-    """A fresh :class:`TrainState` at step 0."""
+    """A fresh :class:`TrainState` at step 0.
+
+    The arrays are copied: the train step donates its state, and donating the caller's
+    ``variables`` would delete them.
+    """
+    params = jax.tree_util.tree_map(jnp.array, variables["params"])
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        params=variables["params"],
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=optimizer.init(variables["params"]),
+        params=params,
+        batch_stats=jax.tree_util.tree_map(jnp.array, variables.get("batch_stats", {})),
+        opt_state=optimizer.init(params),
     )
 
 

@@ -1,0 +1,237 @@
+"""Supervised training: learning, divergence detection, schedules, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fippure.checkpoints import load_checkpoint
+from fippure.data import load_dataset
+from fippure.errors import CheckpointError, InvalidInputError, NonFiniteLossError
+from fippure.inference import accuracy
+from fippure.models import create_model, init_variables
+from fippure.training import TrainConfig, learning_rate_schedule, train
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", "train"), load_dataset("digits", "test")
+
+
+@pytest.fixture(scope="module")
+def small_cnn():
+    model = create_model("small_cnn", 10, width=8)
+    return model, init_variables(model, jax.random.key(0), (8, 8, 1))
+
+
+def _config(**changes) -> TrainConfig:
+    base = dict(epochs=3, batch_size=64, learning_rate=0.2, schedule="cosine", eval_every=1)
+    return TrainConfig(**{**base, **changes})
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_training_reduces_the_loss(digits, small_cnn):
+    (train_set, test_set), (model, variables) = digits, small_cnn
+    before = accuracy(model, variables, test_set.images, test_set.labels, train_set.spec)
+
+    def evaluate(v):
+        return {
+            "test_accuracy": accuracy(model, v, test_set.images, test_set.labels, test_set.spec)
+        }
+
+    final, report = train(
+        model, train_set, _config(), variables=variables, evaluate=evaluate, progress=False
+    )
+    losses = [entry["loss"] for entry in report.history]
+    assert len(losses) == 3 and report.steps == 3 * (1437 // 64)
+    assert losses[0] > losses[1] > losses[2]
+    assert losses[-1] < 0.5 * losses[0]
+    assert report.final["test_accuracy"] > max(0.7, before + 0.4)
+    assert report.history[-1]["train_accuracy"] > 0.7
+    # BatchNorm running statistics were updated along the way.
+    assert not np.allclose(final["batch_stats"]["bn1"]["mean"], 0.0)
+
+
+@pytest.mark.parametrize("cause", ["nan_parameter", "huge_learning_rate"])
+def test_non_finite_loss_is_an_error(digits, small_cnn, cause):
+    (train_set, _), (model, variables) = digits, small_cnn
+    if cause == "nan_parameter":
+        # (NaN *images* would not do: under XLA:CPU the ReLUs map NaN activations to 0.)
+        head = {
+            **variables["params"]["head"],
+            "bias": variables["params"]["head"]["bias"].at[3].set(jnp.nan),
+        }
+        variables = {**variables, "params": {**variables["params"], "head": head}}
+        config = _config(epochs=1, log_every=5)
+    else:
+        config = _config(epochs=2, learning_rate=1e6, schedule="constant", log_every=5)
+    with pytest.raises(NonFiniteLossError, match=r"training loss became (nan|inf) at step \d+"):
+        train(model, train_set, config, variables=variables, progress=False)
+
+
+def test_schedules():
+    config = TrainConfig(epochs=1, learning_rate=0.1, warmup_fraction=0.2)
+    onecycle = learning_rate_schedule(config, 100)
+    values = np.array([float(onecycle(s)) for s in range(101)])
+    assert np.argmax(values) == 20 and values.max() == pytest.approx(0.1)
+    assert values[0] < 0.01 and values[100] < 1e-4
+    cosine = learning_rate_schedule(TrainConfig(schedule="cosine", learning_rate=0.2), 100)
+    assert float(cosine(0)) == pytest.approx(0.2) and float(cosine(50)) == pytest.approx(0.1)
+    assert float(cosine(100)) == pytest.approx(0.0, abs=1e-7)
+    constant = learning_rate_schedule(TrainConfig(schedule="constant", learning_rate=0.3), 100)
+    assert float(constant(0)) == float(constant(99)) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"epochs": 0}, "epochs and batch_size must be positive"),
+        ({"batch_size": 0}, "epochs and batch_size must be positive"),
+        ({"learning_rate": 0.0}, "learning_rate must be positive"),
+        ({"schedule": "step"}, "unknown schedule 'step'"),
+    ],
+)
+def test_config_errors(changes, match):
+    with pytest.raises(InvalidInputError, match=match):
+        TrainConfig(**changes)
+
+
+def test_batch_larger_than_dataset(digits, small_cnn):
+    (train_set, _), (model, variables) = digits, small_cnn
+    with pytest.raises(InvalidInputError, match="batch_size 2000 exceeds the 1437"):
+        train(model, train_set, _config(batch_size=2000), variables=variables, progress=False)
+
+
+def test_resume_from_a_stopped_run_in_process(digits, small_cnn, tmp_path):
+    """Stopping at a step that is not an epoch boundary, then resuming, changes nothing."""
+    (train_set, _), (model, variables) = digits, small_cnn
+    config = _config(epochs=2, checkpoint_every=7)
+    whole, _ = train(model, train_set, config, variables=variables, progress=False)
+    partial, report = train(
+        model,
+        train_set,
+        config,
+        variables=variables,
+        workdir=tmp_path,
+        progress=False,
+        stop_after_steps=30,
+    )
+    assert report.resumed_from_step == 0
+    resumed, report = train(
+        model, train_set, config, variables=variables, workdir=tmp_path, progress=False
+    )
+    assert report.resumed_from_step == 30
+    assert [entry["epoch"] for entry in report.history] == [1, 2]
+    _assert_trees_equal(resumed, whole)
+    assert not jnp.array_equal(
+        partial["params"]["head"]["kernel"], whole["params"]["head"]["kernel"]
+    )
+
+
+def test_workdir_of_another_run_is_an_error(digits, small_cnn, tmp_path):
+    (train_set, _), (model, variables) = digits, small_cnn
+    train(
+        model,
+        train_set,
+        _config(epochs=1),
+        variables=variables,
+        workdir=tmp_path,
+        progress=False,
+        stop_after_steps=2,
+    )
+    with pytest.raises(CheckpointError, match="holds a run with a different config"):
+        train(
+            model,
+            train_set,
+            _config(epochs=1, learning_rate=0.01),
+            variables=variables,
+            workdir=tmp_path,
+            progress=False,
+        )
+    other_model = create_model("small_cnn", 10, width=4)
+    with pytest.raises(CheckpointError, match="different model"):
+        train(
+            other_model,
+            train_set,
+            _config(epochs=1),
+            variables=init_variables(other_model, jax.random.key(0), (8, 8, 1)),
+            workdir=tmp_path,
+            progress=False,
+        )
+
+
+# --- resume after a real kill -------------------------------------------------------------
+
+EPOCHS, BATCH = 20, 32
+STEPS_PER_EPOCH = (1437 - 14) // BATCH  # the 1% clean set (14 images) is held out
+
+
+def _command(out: pathlib.Path) -> list[str]:
+    return [
+        sys.executable, "-m", "fippure.cli", "train", "--dataset", "digits",
+        "--model", "small_cnn", "--width", "8", "--epochs", str(EPOCHS),
+        "--batch-size", str(BATCH), "--lr", "0.05", "--eval-every", "1000", "--no-progress",
+        "--out", str(out),
+    ]  # fmt: skip
+
+
+def _environment() -> dict[str, str]:
+    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def _checkpoint_steps(out: pathlib.Path) -> list[int]:
+    directory = out / "train" / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    env = _environment()
+    uninterrupted = subprocess.Popen(
+        _command(reference), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    victim = subprocess.Popen(
+        _command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 240
+    while not any(step >= 3 * STEPS_PER_EPOCH for step in _checkpoint_steps(killed)):
+        assert victim.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint after three epochs in time"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    last = max(_checkpoint_steps(killed))
+    assert 3 * STEPS_PER_EPOCH <= last < EPOCHS * STEPS_PER_EPOCH
+    assert not (killed / "metadata.json").exists()  # killed before the final checkpoint
+
+    resumed = subprocess.run(_command(killed), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    output = uninterrupted.communicate(timeout=300)[0].decode()
+    assert uninterrupted.returncode == 0, output[-2000:]
+
+    report = json.loads((killed / "report.json").read_text())
+    assert report["resumed_from_step"] >= last  # it resumed instead of starting over
+    assert [entry["epoch"] for entry in report["history"]] == list(range(1, EPOCHS + 1))
+    assert json.loads((reference / "report.json").read_text())["resumed_from_step"] == 0
+    a, b = load_checkpoint(killed), load_checkpoint(reference)
+    _assert_trees_equal(a.variables, b.variables)
+    assert a.metadata["clean_indices"] == b.metadata["clean_indices"]
+    assert report["test_accuracy"] > 0.9
