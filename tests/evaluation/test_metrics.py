@@ -1,0 +1,78 @@
+"""ACC, ASR, RA and DER (SPEC section 1) on hand-built predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fippure.errors import InvalidInputError
+from fippure.evaluation.metrics import (
+    accuracy,
+    attack_success_rate,
+    defense_effectiveness_rating,
+    robust_accuracy,
+)
+
+
+def test_accuracy_counts_matches():
+    assert accuracy([1, 2, 3, 0], [1, 2, 0, 0]) == pytest.approx(0.75)
+
+
+def test_accuracy_rejects_mismatched_shapes():
+    with pytest.raises(InvalidInputError, match="predictions"):
+        accuracy([1, 2, 3], [1, 2])
+
+
+def test_asr_ignores_target_class_images():
+    # target 0; the last two images already belong to the target class and are predicted 0.
+    true = np.array([1, 2, 3, 4, 0, 0])
+    target = np.zeros(6, int)
+    pred = np.array([0, 0, 3, 4, 0, 0])
+    # Counting the target-class images would give 4/6; only the 4 others count: 2/4.
+    assert attack_success_rate(pred, true, target) == pytest.approx(0.5)
+    assert np.mean(pred == target) == pytest.approx(4 / 6)
+
+
+def test_asr_and_ra_all_to_all():
+    true = np.array([0, 1, 2, 3])
+    target = (true + 1) % 4
+    pred = np.array([1, 1, 3, 2])  # hit, true, hit, neither
+    assert attack_success_rate(pred, true, target) == pytest.approx(0.5)
+    assert robust_accuracy(pred, true, target) == pytest.approx(0.25)
+
+
+def test_ra_counts_true_labels_on_non_target_images():
+    true = np.array([1, 2, 3, 4, 0])
+    target = np.zeros(5, int)
+    pred = np.array([1, 2, 0, 0, 0])
+    assert robust_accuracy(pred, true, target) == pytest.approx(0.5)
+    # ASR and RA partition the non-target images when every miss is either label.
+    assert attack_success_rate(pred, true, target) + robust_accuracy(
+        pred, true, target
+    ) == pytest.approx(1.0)
+
+
+def test_der_formula():
+    der = defense_effectiveness_rating(
+        acc_before=0.9, asr_before=1.0, acc_after=0.85, asr_after=0.02
+    )
+    assert der == pytest.approx((0.98 - 0.05 + 1.0) / 2.0)
+    # BackdoorBench's buggy variant adds the accuracy drop; it would report a better defense.
+    buggy = (0.98 + 0.05 + 1.0) / 2.0
+    assert abs(der - buggy) > 0.04
+
+
+@pytest.mark.parametrize(
+    ("acc_before", "asr_before", "acc_after", "asr_after", "expected"),
+    [
+        (0.9, 1.0, 0.9, 1.0, 0.5),  # nothing changed
+        (0.9, 1.0, 0.9, 0.0, 1.0),  # perfect defense
+        (0.9, 0.1, 0.95, 0.5, 0.5),  # gains are clipped at zero on both terms
+        (0.9, 1.0, 0.1, 1.0, 0.1),  # only accuracy lost
+    ],
+)
+def test_der_edge_cases(acc_before, asr_before, acc_after, asr_after, expected):
+    der = defense_effectiveness_rating(
+        acc_before=acc_before, asr_before=asr_before, acc_after=acc_after, asr_after=asr_after
+    )
+    assert der == pytest.approx(expected)
