@@ -1,0 +1,94 @@
+"""The ``fippure`` command line: help, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fippure import cli
+
+
+def _one_line_error(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{text}"
+    assert "Traceback" not in text
+    assert lines[0].startswith("fippure")
+    return lines[0]
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "train" in cli.COMMANDS
+    for name in cli.COMMANDS:
+        assert f"\n    {name} " in out, name
+
+
+def test_train_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--dataset", "--model", "--width", "--epochs", "--clean", "--out"):
+        assert option in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["fly"], "invalid choice: 'fly'"),
+        (["train", "--out", "x", "--epochs", "abc"], "argument --epochs: invalid int value: 'abc'"),
+        (["train", "--out", "x", "--clean", "0"], "argument --clean: expected a count >= 1"),
+        (["train", "--out", "x", "--clean", "-0.5"], "argument --clean: expected a count >= 1"),
+        (["train", "--out", "x", "--clean", "ten"], "expected a count or a fraction, got 'ten'"),
+        (["train", "--out", "x", "--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+        (["train", "--out", "x", "--schedule", "step"], "argument --schedule: invalid choice"),
+        (["train", "--dataset", "digits"], "the following arguments are required: --out"),
+        (["train", "--out", "x", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_bad_arguments(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert message in line
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--dataset", "cifar11"], "unknown dataset 'cifar11'; known: cifar10, cifar100, "),
+        (["--dataset", "digits", "--model", "resnet"], "unknown model 'resnet'; known: "),
+        (["--dataset", "digits", "--model", "small_cnn", "--width", "0"], "width must be >= 1"),
+        (["--dataset", "digits", "--model", "small_cnn", "--epochs", "0"], "epochs and batch"),
+        (["--dataset", "digits", "--model", "small_cnn", "--lr", "-1"], "learning_rate must be"),
+    ],
+)
+def test_bad_values(capsys, tmp_path, extra, message):
+    code = cli.main(["train", "--out", str(tmp_path / "run"), *extra])
+    assert code == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert line.startswith("fippure: error: ") and message in line
+    assert not (tmp_path / "run").exists()  # failed before doing any work
+
+
+def test_unknown_model_suggests_the_close_name(capsys, tmp_path):
+    cli.main(["train", "--out", str(tmp_path), "--dataset", "digits", "--model", "small-cnn"])
+    assert "Did you mean 'small_cnn'?" in capsys.readouterr().err
+
+
+def test_installed_entry_point_in_a_subprocess(tmp_path):
+    run = lambda *args: subprocess.run(
+        [sys.executable, "-m", "fippure.cli", *args], capture_output=True, text=True, timeout=120
+    )
+    shown = run("--help")
+    assert shown.returncode == 0 and "train" in shown.stdout
+    failed = run("train", "--dataset", "imagenet", "--out", str(tmp_path / "x"))
+    assert failed.returncode == 2
+    assert "unknown dataset 'imagenet'" in _one_line_error(failed.stderr)
