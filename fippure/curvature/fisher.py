@@ -1,0 +1,172 @@
+"""Fisher traces (differentiable, for FIP's smoothness penalty) and the exact Fisher diagonal.
+
+SPEC section 2 (FIP, Karim et al., "Fisher Information guided Purification against Backdoor
+Attacks", CCS 2024): the loss is ``CE + eta_F * Tr F + (eta_r / 2) sum_j Fbar_j (theta_j -
+theta0_j)^2``.
+
+- :func:`empirical_fisher_trace` is the ``Tr F`` term: ``Tr F = mean_i ||grad l_i||^2`` for the
+  per-example log-likelihoods ``l_i``. With Rademacher probes ``v_k`` and ``u_k = J v_k`` (one
+  ``jax.jvp`` of the *vector* of per-example losses, so no per-example gradient is formed),
+  ``TrF_hat = mean_k mean_i u_ki^2`` is unbiased, because ``E[u_ki^2] = ||grad l_i||^2``. It is
+  a smooth function of the parameters, so ``jax.grad`` differentiates it (reverse over
+  forward).
+- :func:`true_fisher_trace` is the variant with labels sampled from the model's own softmax
+  (``y ~ p(.|x)``, drawn under ``stop_gradient``): an estimate of the true Fisher's trace.
+- :func:`empirical_fisher_diagonal` is ``Fbar``: the exact diagonal ``mean_i (grad l_i)^2``
+  from per-example gradients, vmapped over chunks of examples.
+
+Apply BatchNorm in eval mode inside these functions (SPEC section 2, **choice**): in train mode
+the examples of a batch couple through the batch statistics and "per-example" gradients lose
+their meaning.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from fippure.curvature.probes import rademacher_like
+from fippure.curvature.products import LogitsFn, PerExampleLossFn
+from fippure.errors import InvalidInputError
+
+PyTree = Any
+
+
+def _probe_batch(key: PRNGKeyArray, like: PyTree, num_probes: int) -> PyTree:
+    """``num_probes`` Rademacher probes stacked on a leading axis."""
+    return jax.vmap(lambda k: rademacher_like(k, like))(jax.random.split(key, num_probes))
+
+
+def empirical_fisher_trace(
+    per_example_loss_fn: PerExampleLossFn,
+    params: PyTree,
+    batch: Any,
+    key: PRNGKeyArray,
+    num_probes: int = 1,
+) -> Float[Array, ""]:
+    """The differentiable estimate ``TrF_hat = mean_k mean_i (J v_k)_i^2`` of ``Tr F_emp``.
+
+    SPEC section 2's penalty: ``J`` is the Jacobian of the per-example losses, ``v_k`` are
+    Rademacher probes, and each ``J v_k`` is one ``jax.jvp`` (the primal pass is shared by all
+    probes). ``jax.grad`` of this function gives an unbiased estimate of ``grad Tr F_emp``.
+
+    Args:
+        per_example_loss_fn: ``(params, batch) -> (n,)`` per-example negative log-likelihoods
+            (their sign does not matter here).
+        params: the parameters (the differentiation variable).
+        batch: the data the function reads (labels included).
+        key: random key for the probes; use a fresh one every step.
+        num_probes: K.
+
+    Returns:
+        The scalar estimate.
+    """
+    probes = _probe_batch(key, params, num_probes)
+    tangents = jax.vmap(
+        lambda v: jax.jvp(lambda p: per_example_loss_fn(p, batch), (params,), (v,))[1]
+    )(probes)
+    return jnp.mean(tangents**2)
+
+
+def true_fisher_trace(
+    logits_fn: LogitsFn,
+    params: PyTree,
+    batch: Any,
+    key: PRNGKeyArray,
+    num_probes: int = 1,
+) -> Float[Array, ""]:
+    """``TrF_hat`` with labels sampled from the model: an estimate of the true Fisher's trace.
+
+    For each probe ``v_k``, labels ``y_ki ~ softmax(stop_gradient(logits_i))`` are drawn and
+    ``u_ki = <grad log p(y_ki | x_i), v_k> = U_i[y_ki] - <p_i, U_i>`` with ``U = J_logits v_k``
+    from one jvp; the estimate is ``mean_k mean_i u_ki^2``. Its expectation over labels and
+    probes is ``Tr G`` (:func:`fippure.curvature.trace.ggn_trace` estimates the same trace
+    without sampling labels). Differentiable with ``jax.grad`` (labels held fixed).
+
+    Args:
+        logits_fn: ``(params, batch) -> (n, K)``.
+        params: the parameters.
+        batch: the data ``logits_fn`` reads (labels are not used).
+        key: random key for the probes and the sampled labels.
+        num_probes: K.
+
+    Returns:
+        The scalar estimate.
+    """
+    probe_key, label_key = jax.random.split(key)
+    probes = _probe_batch(probe_key, params, num_probes)
+    logits, tangents = jax.vmap(
+        lambda v: jax.jvp(lambda p: logits_fn(p, batch), (params,), (v,)), out_axes=(None, 0)
+    )(probes)
+    labels = jax.random.categorical(
+        label_key, jax.lax.stop_gradient(logits), shape=(num_probes, *logits.shape[:-1])
+    )
+    probs = jax.nn.softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(tangents, labels[..., None], axis=-1)[..., 0]
+    u = picked - jnp.sum(probs * tangents, axis=-1)
+    return jnp.mean(u**2)
+
+
+def _leading_size(batch: Any) -> int:
+    sizes = {leaf.shape[0] for leaf in jax.tree_util.tree_leaves(batch)}
+    if len(sizes) != 1:
+        raise InvalidInputError(f"batch leaves must share one leading size, got {sorted(sizes)}")
+    return sizes.pop()
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _chunk_squared_gradients(per_example_loss_fn, params, batch, rows, valid):
+    chunk = jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=0), batch)
+
+    def single(p, example):
+        one = jax.tree_util.tree_map(lambda x: x[None], example)
+        return per_example_loss_fn(p, one)[0]
+
+    grads = jax.vmap(jax.grad(single), in_axes=(None, 0))(params, chunk)
+    weights = valid.astype(jnp.result_type(*jax.tree_util.tree_leaves(params)))
+    return jax.tree_util.tree_map(
+        lambda g: jnp.tensordot(weights, (g * g).reshape(g.shape[0], -1), axes=1).reshape(
+            g.shape[1:]
+        ),
+        grads,
+    )
+
+
+def empirical_fisher_diagonal(
+    per_example_loss_fn: PerExampleLossFn,
+    params: PyTree,
+    batch: Any,
+    *,
+    chunk_size: int = 64,
+) -> PyTree:
+    """The exact diagonal empirical Fisher ``Fbar = mean_i (grad l_i)^2`` (SPEC section 2).
+
+    Per-example gradients are computed with ``jax.vmap`` over chunks of ``chunk_size`` examples
+    (the last chunk is padded and masked, so every chunk reuses one compiled function), squared
+    and summed, so memory holds one chunk of gradients at a time.
+
+    Args:
+        per_example_loss_fn: ``(params, batch) -> (n,)``. It is called on batches of one
+            example, so it must treat examples independently (BatchNorm in eval mode).
+        params: where the Fisher is taken.
+        batch: a pytree whose leaves share a leading example axis ``n``.
+        chunk_size: examples per vmapped chunk.
+
+    Returns:
+        A pytree shaped like ``params``.
+    """
+    n = _leading_size(batch)
+    if chunk_size < 1:
+        raise InvalidInputError(f"chunk_size must be positive, got {chunk_size}")
+    chunk_size = min(chunk_size, n)
+    total = None
+    for start in range(0, n, chunk_size):
+        index = start + jnp.arange(chunk_size)
+        rows = jnp.minimum(index, n - 1)
+        part = _chunk_squared_gradients(per_example_loss_fn, params, batch, rows, index < n)
+        total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
+    return jax.tree_util.tree_map(lambda x: x / n, total)

@@ -1,0 +1,47 @@
+"""Random probe vectors and inner products on parameter pytrees.
+
+Hutchinson's estimator and stochastic Lanczos quadrature draw probes ``v`` with
+``E[v v^T] = I``. Rademacher entries (+1 or -1 with equal probability) give the smallest
+variance of ``v^T A v`` among i.i.d. probes (Hutchinson 1989).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+PyTree = Any
+
+
+def rademacher_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
+    """A pytree shaped like ``tree`` with i.i.d. +-1 entries (in each leaf's dtype).
+
+    Args:
+        key: a JAX random key.
+        tree: a pytree of arrays (or ``jax.ShapeDtypeStruct``).
+
+    Returns:
+        The probe, with the structure, shapes and dtypes of ``tree``.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    probes = [
+        jax.random.rademacher(k, leaf.shape, dtype=leaf.dtype)
+        for k, leaf in zip(keys, leaves, strict=False)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, probes)
+
+
+def tree_dot(a: PyTree, b: PyTree) -> Float[Array, ""]:
+    """``<a, b>``: the sum over all leaves of the elementwise products."""
+    products = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x, y: jnp.sum(x * y), a, b))
+    return functools.reduce(jnp.add, products) if products else jnp.zeros(())
+
+
+def tree_norm(a: PyTree) -> Float[Array, ""]:
+    """The Euclidean norm of a pytree seen as one vector."""
+    return jnp.sqrt(tree_dot(a, a))

@@ -1,0 +1,136 @@
+"""Hutchinson estimators of the trace and the diagonal of a curvature matrix.
+
+Hutchinson (1989): for probes ``v`` with ``E[v v^T] = I``, ``Tr(A) = E[v^T A v]``. Bekas,
+Kokiopoulou and Saad (2007): ``diag(A) = E[v * (A v)]`` for Rademacher probes. Both only need
+the products of :mod:`fippure.curvature.products`.
+
+For the GGN there is a cheaper form that needs forward-mode products only:
+``v^T G v = (1/n) sum_i u_i^T H_z,i u_i`` with ``u = J v`` (one jvp through the logits) and
+``H_z = diag(p) - p p^T``, so ``u^T H_z u = sum_k p_k u_k^2 - (sum_k p_k u_k)^2`` (this is
+``||H_z^{1/2} J v||^2`` without a square root). The empirical-Fisher analogue is
+:func:`fippure.curvature.fisher.empirical_fisher_trace`.
+
+All functions vectorise over probes with ``jax.vmap`` (memory grows with ``num_probes``; for
+many probes on a large network, call them several times with different keys and average).
+They are jit-able; operators from ``make_*_operator`` are pytrees and can be passed into a
+jitted caller as ordinary arguments, e.g.
+``jax.jit(hutchinson_trace, static_argnames="num_probes")(op, params, key, num_probes=8)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from fippure.curvature.probes import rademacher_like, tree_dot
+from fippure.curvature.products import LogitsFn, Operator
+
+PyTree = Any
+
+
+def hutchinson_samples(
+    matvec: Operator, like: PyTree, key: PRNGKeyArray, num_probes: int = 1
+) -> Float[Array, " num_probes"]:
+    """The per-probe values ``v_k^T A v_k`` of Hutchinson's estimator (Rademacher ``v_k``).
+
+    Their mean estimates ``Tr(A)``; their standard deviation over ``sqrt(num_probes)`` is the
+    estimate's standard error.
+
+    Args:
+        matvec: ``v -> A v`` on pytrees shaped like ``like``.
+        like: a pytree with the parameters' structure, shapes and dtypes.
+        key: random key for the probes.
+        num_probes: number of probes K.
+
+    Returns:
+        ``(K,)`` array.
+    """
+
+    def one(probe_key):
+        probe = rademacher_like(probe_key, like)
+        return tree_dot(probe, matvec(probe))
+
+    return jax.vmap(one)(jax.random.split(key, num_probes))
+
+
+def hutchinson_trace(
+    matvec: Operator, like: PyTree, key: PRNGKeyArray, num_probes: int = 1
+) -> Float[Array, ""]:
+    """Hutchinson's estimate of ``Tr(A)`` from ``num_probes`` Rademacher probes.
+
+    Args:
+        matvec: ``v -> A v`` (e.g. from :func:`~fippure.curvature.products.make_hvp_operator`).
+        like: a pytree shaped like the parameters.
+        key: random key for the probes.
+        num_probes: number of probes.
+
+    Returns:
+        The unbiased estimate (a scalar).
+    """
+    return jnp.mean(hutchinson_samples(matvec, like, key, num_probes))
+
+
+def hutchinson_diagonal(
+    matvec: Operator, like: PyTree, key: PRNGKeyArray, num_probes: int = 1
+) -> PyTree:
+    """Estimate of ``diag(A)`` as ``mean_k v_k * (A v_k)`` (Bekas et al. 2007).
+
+    Args:
+        matvec: ``v -> A v``.
+        like: a pytree shaped like the parameters.
+        key: random key for the probes.
+        num_probes: number of Rademacher probes.
+
+    Returns:
+        A pytree shaped like ``like``: the unbiased diagonal estimate.
+    """
+
+    def one(probe_key):
+        probe = rademacher_like(probe_key, like)
+        return jax.tree_util.tree_map(jnp.multiply, probe, matvec(probe))
+
+    samples = jax.vmap(one)(jax.random.split(key, num_probes))
+    return jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), samples)
+
+
+def ggn_trace_samples(
+    logits_fn: LogitsFn, params: PyTree, batch: Any, key: PRNGKeyArray, num_probes: int = 1
+) -> Float[Array, " num_probes"]:
+    """Per-probe values ``v^T G v`` of the GGN (true Fisher), computed with jvps only.
+
+    ``v^T G v = (1/n) sum_i [sum_k p_ik u_ik^2 - (sum_k p_ik u_ik)^2]`` with ``u = J v`` from one
+    ``jax.jvp`` through the logits (the primal forward pass is shared by all probes).
+    Differentiable with ``jax.grad``.
+
+    Args:
+        logits_fn: ``(params, batch) -> (n, K)``.
+        params: where the GGN is taken.
+        batch: the data ``logits_fn`` reads.
+        key: random key for the Rademacher probes.
+        num_probes: number of probes.
+
+    Returns:
+        ``(num_probes,)`` array.
+    """
+
+    def tangents(probe):
+        return jax.jvp(lambda p: logits_fn(p, batch), (params,), (probe,))
+
+    probes = jax.vmap(lambda k: rademacher_like(k, params))(jax.random.split(key, num_probes))
+    logits, u = jax.vmap(tangents, out_axes=(None, 0))(probes)
+    probs = jax.nn.softmax(logits, axis=-1)
+    quad = jnp.sum(probs * u**2, axis=-1) - jnp.sum(probs * u, axis=-1) ** 2
+    return jnp.mean(quad.reshape(num_probes, -1), axis=-1)
+
+
+def ggn_trace(
+    logits_fn: LogitsFn, params: PyTree, batch: Any, key: PRNGKeyArray, num_probes: int = 1
+) -> Float[Array, ""]:
+    """Hutchinson's estimate of ``Tr(G)`` (GGN = true Fisher) from jvps only.
+
+    See :func:`ggn_trace_samples`.
+    """
+    return jnp.mean(ggn_trace_samples(logits_fn, params, batch, key, num_probes))
