@@ -8,8 +8,8 @@ of :mod:`fippure.curvature`):
   mean softmax cross-entropy over the ``n`` rows, so the GGN is
   ``G = (1/n) sum_i J_i^T (diag(p_i) - p_i p_i^T) J_i`` with ``J_i = d logits_i / d params``
   (Schraudolph 2002; Martens, "New insights and perspectives on the natural gradient method",
-  JMLR 2020, where the GGN/Fisher equivalence is shown). For softmax cross-entropy the logit-space Hessian does not depend on
-  the label, so the GGN *equals* the true Fisher ``E_{y ~ p}[g g^T]``.
+  JMLR 2020). For softmax cross-entropy the logit-space Hessian does not depend on the label,
+  so the GGN *equals* the true Fisher ``E_{y ~ p}[g g^T]``.
 - ``per_example_loss_fn(params, batch) -> (n,)``: per-example negative log-likelihoods. The
   empirical Fisher is ``F_emp = (1/n) J^T J`` with ``J = d losses / d params`` (``n x P``);
   it is the matrix behind SPEC section 2's ``Tr F`` and ``Fbar``.

@@ -93,5 +93,7 @@ def test_softmax_hessian_vp_matches_dense(x64):
     logits = jax.random.normal(jax.random.key(0), (4, 5), np.float64)
     u = jax.random.normal(jax.random.key(1), (4, 5), np.float64)
     p = np.asarray(jax.nn.softmax(logits))
-    expected = np.stack([(np.diag(q) - np.outer(q, q)) @ x for q, x in zip(p, np.asarray(u))])
+    expected = np.stack(
+        [(np.diag(q) - np.outer(q, q)) @ x for q, x in zip(p, np.asarray(u), strict=True)]
+    )
     assert_close(products.softmax_hessian_vp(logits, u), expected)
