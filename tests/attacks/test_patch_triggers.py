@@ -1,0 +1,145 @@
+"""Pixel-space triggers: BadNets, Blend, Trojan and SIG change exactly what they should."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fippure.attacks import AttackContext, make_attack, make_poison_plan
+from fippure.data.catalog import get_spec
+from fippure.data.sources import ImageDataset
+from fippure.errors import InvalidInputError
+
+CIFAR = get_spec("cifar10")
+
+
+def _images(n=4, shape=(32, 32, 3), seed=0):
+    return jax.random.uniform(jax.random.key(seed), (n, *shape), jnp.float32, 0.1, 0.9)
+
+
+def _changed(a, b):
+    """Pixels (h, w) where any channel of any image differs."""
+    return np.any(np.asarray(a) != np.asarray(b), axis=(0, 3))
+
+
+def test_badnets_changes_only_the_bottom_right_3x3_corner():
+    images = _images()
+    out = make_attack("badnets").trigger({}, images, None)
+    expected = np.zeros((32, 32), bool)
+    expected[-3:, -3:] = True
+    np.testing.assert_array_equal(_changed(out, images), expected)
+    np.testing.assert_array_equal(np.asarray(out[:, -3:, -3:]), 1.0)
+
+
+def test_blend_is_exact_convex_combination():
+    attack = make_attack("blend", alpha=0.2)
+    state = attack.init_state(jax.random.key(5), CIFAR)
+    images = _images()
+    out = attack.trigger(state, images, None)
+    np.testing.assert_allclose(
+        np.asarray(out), 0.8 * np.asarray(images) + 0.2 * np.asarray(state["pattern"]), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("corner", "rows", "cols"),
+    [
+        ("bottom_right", slice(26, 31), slice(26, 31)),
+        ("bottom_left", slice(26, 31), slice(1, 6)),
+        ("top_right", slice(1, 6), slice(26, 31)),
+        ("top_left", slice(1, 6), slice(1, 6)),
+    ],
+)
+def test_trojan_changes_only_its_patch(corner, rows, cols):
+    attack = make_attack("trojan", corner=corner)  # 5x5, 1 pixel from the border
+    state = attack.init_state(jax.random.key(0), CIFAR)
+    images = _images()
+    out = attack.trigger(state, images, None)
+    expected = np.zeros((32, 32), bool)
+    expected[rows, cols] = True
+    np.testing.assert_array_equal(_changed(out, images), expected)
+    patch = np.asarray(out[:, rows, cols])
+    np.testing.assert_array_equal(patch, np.broadcast_to(state["pattern"], patch.shape))
+
+
+def test_trojan_pattern_is_a_seeded_black_and_white_square():
+    attack = make_attack("trojan")
+    a = np.asarray(attack.init_state(jax.random.key(0), CIFAR)["pattern"])
+    b = np.asarray(attack.init_state(jax.random.key(1), CIFAR)["pattern"])
+    assert a.shape == (5, 5, 3)
+    assert set(np.unique(a)) == {0.0, 1.0}
+    assert not np.array_equal(a, b)
+
+
+def test_trojan_alpha_blends_the_patch():
+    attack = make_attack("trojan", alpha=0.5, margin=0)
+    state = attack.init_state(jax.random.key(0), CIFAR)
+    images = _images()
+    out = attack.trigger(state, images, None)
+    np.testing.assert_allclose(
+        np.asarray(out[:, -5:, -5:]),
+        0.5 * np.asarray(images[:, -5:, -5:]) + 0.5 * np.asarray(state["pattern"]),
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"size": 0}, "size >= 1"),
+        ({"corner": "middle"}, "unknown trojan corner"),
+        ({"alpha": 0.0}, r"alpha must be in \(0, 1\]"),
+    ],
+)
+def test_trojan_bad_options(options, message):
+    with pytest.raises(InvalidInputError, match=message):
+        make_attack("trojan", **options)
+
+
+def test_trojan_too_large_for_the_image():
+    with pytest.raises(InvalidInputError, match="does not fit 8x8"):
+        make_attack("trojan", size=8).init_state(jax.random.key(0), get_spec("digits"))
+
+
+def test_sig_signal_has_amplitude_delta_before_clipping():
+    attack = make_attack("sig")
+    assert attack.clean_label
+    signal = np.asarray(attack.signal(32))
+    assert np.abs(signal).max() == pytest.approx(40 / 255, rel=1e-6)
+    np.testing.assert_allclose(
+        signal, 40 / 255 * np.sin(2 * np.pi * 6 * np.arange(32) / 32), atol=1e-6
+    )
+    grey = jnp.full((1, 32, 32, 3), 0.5)
+    out = np.asarray(attack.trigger({}, grey, None))
+    # every row and channel carries the same signal
+    np.testing.assert_allclose(
+        out - 0.5, np.broadcast_to(signal[None, None, :, None], out.shape), atol=1e-6
+    )
+    # clipping keeps the result in [0, 1]
+    white = attack.trigger({}, jnp.ones((1, 32, 32, 3)), None)
+    assert float(white.max()) == 1.0 and float(white.min()) == pytest.approx(1 - 40 / 255)
+
+
+def test_sig_poisons_only_target_class_training_images():
+    n, target = 200, 3
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    images = rng.integers(30, 220, (n, 32, 32, 3)).astype(np.uint8)
+    attack = make_attack("sig")
+    plan = make_poison_plan(
+        labels, ratio=0.05, num_classes=10, target=target, clean_label=attack.clean_label
+    )
+    data = ImageDataset(images, labels, CIFAR, "train")
+    context = AttackContext(data, plan, CIFAR, jax.random.key(0))
+    transform = attack.training_transform({}, plan, context)
+    x = jnp.asarray(images, jnp.float32) / 255.0
+    out, out_labels = transform(jax.random.key(1), x, jnp.asarray(labels), jnp.arange(n))
+    changed = np.flatnonzero(np.any(np.asarray(out) != np.asarray(x), axis=(1, 2, 3)))
+    np.testing.assert_array_equal(changed, plan.indices)
+    assert np.all(labels[changed] == target)
+    np.testing.assert_array_equal(np.asarray(out_labels), labels)  # labels are kept
+    np.testing.assert_allclose(
+        np.asarray(out[changed]), np.asarray(attack.trigger({}, x[changed], None)), atol=1e-6
+    )
