@@ -1,0 +1,91 @@
+"""Fisher-weighted anchor to reference parameters (EWC-style), as an optax transformation.
+
+FIP (SPEC section 2) and NGF (SPEC section 5) regularise towards the original weights
+``theta0`` with ``(eta_r / 2) sum_j Fbar_j (theta_j - theta0_j)^2``, where ``Fbar`` is the
+diagonal empirical Fisher of ``theta0`` on the clean set (Kirkpatrick et al., "Overcoming
+catastrophic forgetting in neural networks", PNAS 2017, eq. 3). Its gradient,
+``eta_r * Fbar * (theta - theta0)``, is what :func:`fisher_anchor` adds to the updates, so the
+anchor composes with any optimiser: ``optax.chain(fisher_anchor(F, theta0, eta_r),
+optax.sgd(lr, momentum))``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Int
+
+from fippure.errors import InvalidInputError
+
+PyTree = Any
+
+
+def is_masked(x: Any) -> bool:
+    """Whether ``x`` is the placeholder ``optax.masked`` puts in place of a frozen leaf."""
+    return isinstance(x, optax.MaskedNode)
+
+
+class FisherAnchorState(NamedTuple):
+    """State of :func:`fisher_anchor`.
+
+    The Fisher diagonal and the anchor live in the state (not in a closure) so that a jitted
+    step receives them as arguments instead of compiling them in as constants, and so that a
+    checkpointed optimiser state resumes without recomputing them.
+
+    Attributes:
+        count: number of updates so far (drives a ``strength`` schedule).
+        fisher_diag: ``Fbar``, shaped like the parameters.
+        anchor_params: ``theta0``, shaped like the parameters.
+    """
+
+    count: Int[Array, ""]
+    fisher_diag: PyTree
+    anchor_params: PyTree
+
+
+def fisher_anchor(
+    fisher_diag: PyTree, anchor_params: PyTree, strength: optax.ScalarOrSchedule
+) -> optax.GradientTransformation:
+    """Adds ``strength * fisher_diag * (params - anchor_params)`` to the updates.
+
+    This is the gradient of ``(strength / 2) sum_j F_j (theta_j - theta0_j)^2``. Place it
+    before the optimiser's scaling, on gradients. It needs ``params`` in ``update``.
+
+    Works inside ``optax.masked``: leaves that the mask freezes (``optax.MaskedNode``) are
+    passed through, and ``fisher_diag``/``anchor_params`` may cover the full parameter tree.
+
+    Args:
+        fisher_diag: the diagonal Fisher ``F``, a pytree shaped like the parameters (e.g.
+            :func:`fippure.curvature.empirical_fisher_diagonal` of the original model).
+        anchor_params: the anchor ``theta0``, shaped like the parameters.
+        strength: ``eta_r`` (a float or an ``optax`` schedule of the step count).
+
+    Returns:
+        An ``optax.GradientTransformation`` with a :class:`FisherAnchorState`.
+    """
+    schedule = strength if callable(strength) else (lambda _: strength)
+
+    def init_fn(params):
+        del params
+        return FisherAnchorState(jnp.zeros((), jnp.int32), fisher_diag, anchor_params)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise InvalidInputError("fisher_anchor needs params: call update(g, state, params)")
+        scale = schedule(state.count)
+
+        def add(update, param, fisher, anchor):
+            if is_masked(update):
+                return update
+            term = scale * fisher * (param - anchor)
+            return (update + term).astype(update.dtype)
+
+        updates = jax.tree_util.tree_map(
+            add, updates, params, state.fisher_diag, state.anchor_params, is_leaf=is_masked
+        )
+        return updates, state._replace(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,118 @@
+"""Per-channel BatchNorm masks for NFT, their application, and the layer-wise floor ``mu(l)``.
+
+SPEC section 4 (NFT, Karim et al., "Augmented Neural Fine-Tuning for Efficient Backdoor
+Purification", ECCV 2024): one mask ``m`` per BatchNorm channel inside the residual blocks,
+initialised to 1, scales the normalised output, ``y = m * (x_hat * gamma) + beta``, i.e. it
+multiplies ``gamma`` (Flax's ``scale``). Masks are clipped to ``[mu(l), 1]`` with
+``mu(l) = a * exp(-b * l)`` and ``l = 1, 2, ...`` the masked layers in network order.
+
+Masks are a nested dict keyed like the params' BatchNorm modules, e.g.
+``masks['stage1_block1']['bn1']`` of shape ``(C,)``. Which BatchNorms are masked is a regular
+expression on the '/'-joined module path (:data:`RESIDUAL_BN_PATTERN` by default: the ``bn1``/
+``bn2`` of every ``stageS_blockB`` of :class:`fippure.models.PreActResNet18`, so the stem conv
+and the final ``bn_final`` before the head are not masked). Pass another pattern for other
+models (e.g. ``r"^bn\\d+$"`` for the VGGs).
+
+Network order is the natural sort of the module paths (digits compared as numbers), which is
+the order in which fippure's models define their blocks; it does not depend on dict order, so it
+survives a checkpoint round trip.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Literal
+
+import flax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from fippure.errors import InvalidInputError
+
+PyTree = Any
+Schedule = Literal["exponential", "linear", "constant"]
+
+#: BatchNorms inside residual blocks (``stage1_block1/bn1`` ...), not ``bn_final``.
+RESIDUAL_BN_PATTERN = r"(^|/)stage\d+_block\d+/(.*/)?bn[^/]*$"
+
+
+def _natural_key(path: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+def masked_modules(params: PyTree, pattern: str = RESIDUAL_BN_PATTERN) -> list[tuple[str, ...]]:
+    """Paths of the BatchNorm modules (dicts with ``scale`` and ``bias``) matching ``pattern``,
+    in network order."""
+    regex = re.compile(pattern)
+    flat = traverse_util.flatten_dict(flax.core.unfreeze(params))
+    modules = {
+        path[:-1]
+        for path in flat
+        if path[-1] == "scale"
+        and path[:-1] + ("bias",) in flat
+        and regex.search("/".join(path[:-1]))
+    }
+    return sorted(modules, key=lambda p: _natural_key("/".join(p)))
+
+
+def init_masks(params: PyTree, pattern: str = RESIDUAL_BN_PATTERN) -> dict[str, Any]:
+    """Masks of ones, one ``(C,)`` array per matched BatchNorm (dtype of its ``scale``).
+
+    Raises:
+        InvalidInputError: when no BatchNorm matches ``pattern``.
+    """
+    flat = traverse_util.flatten_dict(flax.core.unfreeze(params))
+    modules = masked_modules(params, pattern)
+    if not modules:
+        raise InvalidInputError(f"no BatchNorm module matches the mask pattern {pattern!r}")
+    return traverse_util.unflatten_dict({m: jnp.ones_like(flat[m + ("scale",)]) for m in modules})
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> dict[str, Any]:
+    """``params`` with each masked BatchNorm's ``scale`` multiplied by its mask (jit-able and
+    differentiable in ``masks``)."""
+    flat = traverse_util.flatten_dict(flax.core.unfreeze(params))
+    for module, mask in traverse_util.flatten_dict(masks).items():
+        key = module + ("scale",)
+        if key not in flat:
+            raise InvalidInputError(f"mask {'/'.join(module)} has no BatchNorm scale in params")
+        flat[key] = flat[key] * mask.astype(flat[key].dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def mask_layer_indices(masks: PyTree) -> dict[str, Any]:
+    """The network-order index ``l = 1, 2, ...`` of every mask, nested like ``masks``."""
+    modules = sorted(traverse_util.flatten_dict(masks), key=lambda p: _natural_key("/".join(p)))
+    return traverse_util.unflatten_dict({m: i for i, m in enumerate(modules, start=1)})
+
+
+def mask_floor(
+    layer: int, schedule: Schedule = "exponential", a: float = 0.8, b: float = 0.5
+) -> float:
+    """NFT's lower bound ``mu(l)`` for the ``l``-th masked layer.
+
+    - ``exponential`` (SPEC default): ``a * exp(-b * l)``;
+    - ``linear`` **(choice)**: ``max(a - b * l, 0)``;
+    - ``constant``: ``a``.
+    """
+    if schedule == "exponential":
+        return a * math.exp(-b * layer)
+    if schedule == "linear":
+        return max(a - b * layer, 0.0)
+    if schedule == "constant":
+        return a
+    raise InvalidInputError(
+        f"unknown mask floor schedule {schedule!r}; use exponential, linear or constant"
+    )
+
+
+def layer_floors(
+    masks: PyTree, schedule: Schedule = "exponential", a: float = 0.8, b: float = 0.5
+) -> dict[str, Any]:
+    """``mu(l)`` as a float per mask, nested like ``masks``: the ``lower`` bound to give
+    :func:`fippure.optim.project_box`."""
+    indices = traverse_util.flatten_dict(mask_layer_indices(masks))
+    return traverse_util.unflatten_dict(
+        {path: mask_floor(index, schedule, a, b) for path, index in indices.items()}
+    )

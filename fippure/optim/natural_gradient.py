@@ -1,0 +1,217 @@
+"""Natural-gradient preconditioning ``(F + damping I)^-1 g`` as an optax transformation.
+
+Amari, "Natural gradient works efficiently in learning" (Neural Computation 1998); NGF (SPEC
+section 5) applies ``theta <- theta - alpha (F + lambda I)^-1 grad`` to one layer. Two modes:
+
+- ``"cg"``: matrix-free. The update receives a Fisher-vector product as the keyword extra
+  ``fvp_fn`` (``v -> F v`` on pytrees shaped like the updates, e.g. an operator from
+  :func:`fippure.curvature.make_ggn_operator` built inside the jitted step) and solves
+  ``(F + damping I) x = g`` by conjugate gradient (``jax.scipy.sparse.linalg.cg``).
+- ``"dense"``: an exact Cholesky solve for a dense softmax head (SPEC section 5), where the true
+  Fisher is known in closed form from the head's input features ``h_i`` and its logits:
+
+      F = mean_i (h~_i h~_i^T) kron (diag(p_i) - p_i p_i^T),   h~_i = [h_i; 1].
+
+  **Ordering.** Flax stores a Dense layer as ``kernel`` ``(d, K)`` and ``bias`` ``(K,)``. Stacking
+  the bias as an extra row gives ``Theta = [kernel; bias]`` of shape ``(d + 1, K)`` with
+  ``logits_i = h~_i^T Theta``; its row-major flattening (index ``j * K + k``) is the order in
+  which the Fisher above is written. SPEC writes ``(diag(p) - p p^T) kron (h h^T)``: the same
+  matrix for the class-major order (``Theta^T`` flattened), i.e. a permutation of ours.
+  The update is mapped to and from this order internally; callers pass and receive the
+  ``{'kernel', 'bias'}`` pytree (a head without bias, ``{'kernel'}`` only, uses ``h~ = h``).
+  The factor ``chol(F + damping I)`` lives in the state and is refreshed every
+  ``refresh_every`` steps (``lax.cond``: no work on the other steps); the extras
+  ``features`` ``(n, d)`` and ``logits`` ``(n, K)`` must be passed on every step.
+
+Keep this transformation outside ``optax.masked``/``optax.partition`` (their ``MaskedNode``
+placeholders would reach ``fvp_fn``): compute gradients of the trained subset only and chain
+``natural_gradient`` on them, e.g.
+``optax.chain(optax.clip_by_global_norm(1.0), natural_gradient(1e-3), optax.scale(-lr))``
+called as ``tx.update(grads, state, params, fvp_fn=op)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import jax.scipy as jsp
+import optax
+from jaxtyping import Array, Float, Int
+
+from fippure.errors import InvalidInputError
+
+PyTree = Any
+Mode = Literal["cg", "dense"]
+
+
+class NaturalGradientState(NamedTuple):
+    """State of :func:`natural_gradient`.
+
+    Attributes:
+        count: number of updates so far.
+        factor: ``"dense"`` mode: the lower Cholesky factor of ``F + damping I``, ``(P, P)``
+            in the ``[kernel; bias]`` row-major order (see the module docstring), last
+            refreshed at a step that is a multiple of ``refresh_every``. ``"cg"`` mode: an
+            empty ``(0, 0)`` array.
+    """
+
+    count: Int[Array, ""]
+    factor: Float[Array, "p p"]
+
+
+def head_fisher(
+    features: Float[Array, "n d"], logits: Float[Array, "n k"], use_bias: bool = True
+) -> Float[Array, "p p"]:
+    """The exact true Fisher of mean softmax cross-entropy w.r.t. a dense head.
+
+    ``F = mean_i (h~_i h~_i^T) kron (diag(p_i) - p_i p_i^T)`` in the ``[kernel; bias]`` row-major
+    order (index ``j * K + k``; see the module docstring).
+
+    Args:
+        features: the head's inputs ``h_i``.
+        logits: the head's outputs.
+        use_bias: append the constant 1 to the features (a head with a bias).
+
+    Returns:
+        ``(P, P)`` with ``P = (d + use_bias) * K``.
+    """
+    if use_bias:
+        features = jnp.concatenate([features, jnp.ones_like(features[:, :1])], axis=1)
+    probs = jax.nn.softmax(logits, axis=-1)
+    n, d = features.shape
+    k = probs.shape[-1]
+    # F[j, a, l, b] = sum_i h_ij h_il (p_ia delta_ab - p_ia p_ib), no per-example Hessians.
+    diagonal = jnp.einsum("ij,il,ia->jal", features, features, probs)  # (d, K, d)
+    scaled = features[:, :, None] * probs[:, None, :]  # (n, d, K): h_ij p_ia
+    outer = jnp.einsum("ija,ilb->jalb", scaled, scaled)
+    eye = jnp.eye(k, dtype=probs.dtype)
+    fisher = diagonal[:, :, :, None] * eye[None, :, None, :] - outer
+    return fisher.reshape(d * k, d * k) / n
+
+
+def _head_to_vector(tree: PyTree) -> Array:
+    kernel = tree["kernel"]
+    if "bias" in tree:
+        kernel = jnp.concatenate([kernel, tree["bias"][None]], axis=0)
+    return kernel.reshape(-1)
+
+
+def _vector_to_head(vector: Array, like: PyTree) -> PyTree:
+    d, k = like["kernel"].shape
+    rows = vector.reshape(-1, k)
+    out = {"kernel": rows[:d].astype(like["kernel"].dtype)}
+    if "bias" in like:
+        out["bias"] = rows[d].astype(like["bias"].dtype)
+    return out
+
+
+def _check_head(tree: PyTree) -> None:
+    if not isinstance(tree, dict) or "kernel" not in tree or set(tree) - {"kernel", "bias"}:
+        raise InvalidInputError(
+            "natural_gradient(mode='dense') preconditions one dense head: updates must be "
+            "{'kernel': (d, K), 'bias': (K,)}; use mode='cg' for other parameter sets"
+        )
+    if jnp.ndim(tree["kernel"]) != 2:
+        raise InvalidInputError(f"dense head kernel must be (d, K), got {tree['kernel'].shape}")
+
+
+def _has_masked_nodes(tree: PyTree) -> bool:
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    return any(isinstance(x, optax.MaskedNode) for x in leaves)
+
+
+def natural_gradient(
+    damping: float,
+    mode: Mode = "cg",
+    *,
+    cg_maxiter: int = 50,
+    cg_tol: float = 1e-5,
+    refresh_every: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+    """Preconditions the updates with ``(F + damping I)^-1``.
+
+    Args:
+        damping: ``lambda > 0``.
+        mode: ``"cg"`` (matrix-free; needs the extra ``fvp_fn``) or ``"dense"`` (Cholesky for
+            a dense softmax head; needs the extras ``features`` and ``logits``).
+        cg_maxiter: conjugate-gradient iterations (``"cg"``).
+        cg_tol: relative residual tolerance of conjugate gradient (``"cg"``).
+        refresh_every: recompute the Cholesky factor every this many steps (``"dense"``).
+
+    Returns:
+        An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the keyword-only
+        extras ``fvp_fn: Callable[[PyTree], PyTree]`` (``"cg"``) or ``features: (n, d)`` and
+        ``logits: (n, K)`` (``"dense"``); other extras (forwarded by ``optax.chain``) are
+        ignored. State: :class:`NaturalGradientState`.
+    """
+    if damping <= 0:
+        raise InvalidInputError(f"damping must be positive, got {damping}")
+    if mode not in ("cg", "dense"):
+        raise InvalidInputError(f"unknown natural_gradient mode {mode!r}; use 'cg' or 'dense'")
+    if refresh_every < 1:
+        raise InvalidInputError(f"refresh_every must be >= 1, got {refresh_every}")
+
+    def init_fn(params):
+        if mode == "cg":
+            factor = jnp.zeros((0, 0), jnp.float32)
+        else:
+            _check_head(params)
+            size = _head_to_vector(params).shape[0]
+            dtype = params["kernel"].dtype
+            factor = jnp.sqrt(jnp.asarray(damping, dtype)) * jnp.eye(size, dtype=dtype)
+        return NaturalGradientState(jnp.zeros((), jnp.int32), factor)
+
+    def cg_update(updates, state, fvp_fn):
+        if fvp_fn is None:
+            raise InvalidInputError("natural_gradient(mode='cg') needs the extra fvp_fn=")
+        if _has_masked_nodes(updates):
+            raise InvalidInputError(
+                "natural_gradient cannot run inside optax.masked; chain it on the trained subset"
+            )
+
+        def damped(v):
+            fv = fvp_fn(v)
+            return jax.tree_util.tree_map(lambda a, b: a + damping * b, fv, v)
+
+        solution, _ = jsp.sparse.linalg.cg(damped, updates, tol=cg_tol, maxiter=cg_maxiter)
+        solution = jax.tree_util.tree_map(lambda s, u: s.astype(u.dtype), solution, updates)
+        return solution, state._replace(count=optax.safe_increment(state.count))
+
+    def dense_update(updates, state, features, logits):
+        _check_head(updates)
+        if features is None or logits is None:
+            raise InvalidInputError(
+                "natural_gradient(mode='dense') needs the extras features= and logits="
+            )
+        use_bias = "bias" in updates
+        dtype = state.factor.dtype
+
+        def refresh():
+            fisher = head_fisher(features.astype(dtype), logits.astype(dtype), use_bias)
+            return jnp.linalg.cholesky(fisher + damping * jnp.eye(fisher.shape[0], dtype=dtype))
+
+        factor = jax.lax.cond(state.count % refresh_every == 0, refresh, lambda: state.factor)
+        gradient = _head_to_vector(updates).astype(dtype)
+        solution = jsp.linalg.cho_solve((factor, True), gradient)
+        new_state = NaturalGradientState(optax.safe_increment(state.count), factor)
+        return _vector_to_head(solution, updates), new_state
+
+    def update_fn(
+        updates,
+        state,
+        params=None,
+        *,
+        fvp_fn: Callable[[PyTree], PyTree] | None = None,
+        features: Float[Array, "n d"] | None = None,
+        logits: Float[Array, "n k"] | None = None,
+        **extra_args,
+    ):
+        del params, extra_args
+        if mode == "cg":
+            return cg_update(updates, state, fvp_fn)
+        return dense_update(updates, state, features, logits)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

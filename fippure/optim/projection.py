@@ -1,0 +1,89 @@
+"""Projection onto a box ``lower <= theta <= upper`` after each update, as an optax transformation.
+
+Optax transformations return *updates*, not parameters, so a projection is expressed as the
+update that lands on the projected point: ``u' = clip(theta + u, lower, upper) - theta``. Put
+:func:`project_box` last in a chain (after ``scale(-lr)``), so ``optax.apply_updates`` gives
+``theta + u' = clip(theta + u)`` (up to one rounding of the addition; :func:`clip_to_box` clips
+exactly). NFT (SPEC section 4) uses it for its mask floor: ``mu(l) <= m <= 1`` with a per-layer
+``mu(l)`` (see :func:`fippure.optim.masks.layer_floors`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fippure.errors import InvalidInputError
+from fippure.optim.anchor import is_masked
+
+PyTree = Any
+Bound = float | PyTree
+
+
+class ProjectBoxState(NamedTuple):
+    """State of :func:`project_box`: the bounds, one array per parameter leaf.
+
+    Attributes:
+        lower: lower bounds, shaped like the parameters (each leaf broadcasts against its
+            parameter: a scalar per layer or a full array).
+        upper: upper bounds, likewise.
+    """
+
+    lower: PyTree
+    upper: PyTree
+
+
+def _per_leaf(bound: Bound, params: PyTree) -> PyTree:
+    """A bound given as one scalar or as a pytree matching ``params``, as arrays per leaf."""
+    if isinstance(bound, int | float) or getattr(bound, "ndim", None) == 0:
+        return jax.tree_util.tree_map(
+            lambda p: p if is_masked(p) else jnp.asarray(bound, p.dtype), params, is_leaf=is_masked
+        )
+    return jax.tree_util.tree_map(
+        lambda p, b: p if is_masked(p) else jnp.asarray(b, p.dtype),
+        params,
+        bound,
+        is_leaf=is_masked,
+    )
+
+
+def project_box(lower: Bound, upper: Bound) -> optax.GradientTransformation:
+    """Keeps ``params + updates`` inside ``[lower, upper]`` (per leaf).
+
+    Args:
+        lower: a scalar for every leaf, or a pytree with the parameters' structure whose
+            leaves broadcast against the parameters (e.g. NFT's ``mu(l)`` per mask layer).
+        upper: likewise.
+
+    Returns:
+        An ``optax.GradientTransformation`` (needs ``params`` in ``update``) with a
+        :class:`ProjectBoxState`. Works inside ``optax.masked`` (frozen leaves pass through).
+    """
+
+    def init_fn(params):
+        return ProjectBoxState(_per_leaf(lower, params), _per_leaf(upper, params))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise InvalidInputError("project_box needs params: call update(u, state, params)")
+
+        def project(update, param, low, high):
+            if is_masked(update):
+                return update
+            return (jnp.clip(param + update, low, high) - param).astype(update.dtype)
+
+        updates = jax.tree_util.tree_map(
+            project, updates, params, state.lower, state.upper, is_leaf=is_masked
+        )
+        return updates, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_to_box(params: PyTree, lower: Bound, upper: Bound) -> PyTree:
+    """``clip(params, lower, upper)`` leaf by leaf, with bounds as in :func:`project_box`."""
+    low, high = _per_leaf(lower, params), _per_leaf(upper, params)
+    return jax.tree_util.tree_map(jnp.clip, params, low, high)

@@ -1,0 +1,146 @@
+"""Sharpness-aware minimisation (SAM) and its adaptive variant (ASAM) for FT-SAM.
+
+Foret et al., "Sharpness-Aware Minimization for Efficiently Improving Generalization" (ICLR
+2021): step with the gradient taken at the worst nearby point ``theta + eps``,
+``eps = rho g / ||g||``. Kwon et al., "ASAM: Adaptive Sharpness-Aware Minimization for Scale-
+Invariant Learning of Deep Neural Networks" (ICML 2021), make the neighbourhood scale-invariant
+with the normalisation operator ``T = diag(|theta| + eta)``:
+
+    eps = rho T^2 g / ||T g||.
+
+FT-SAM (SPEC section 6) is ASAM fine-tuning with ``rho = 2.0`` (and ``eta = 0.01``).
+
+``optax.contrib.sam`` runs an outer optimiser and an "adversarial" inner optimiser whose
+updates are the perturbation; ASAM only changes how the inner optimiser normalises the
+gradient, and that normalisation needs the parameters, which optax passes to the inner
+optimiser. So :func:`adaptive_sam` is ``optax.contrib.sam`` with
+``chain(normalize_adaptive(eta), sgd(rho))`` as the adversary. For training loops that prefer a
+plain function, :func:`asam_gradient` computes the ASAM gradient of a loss directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fippure.errors import InvalidInputError
+
+PyTree = Any
+
+
+def _normaliser(params: PyTree, eta: float, adaptive: bool) -> PyTree:
+    if not adaptive:
+        return jax.tree_util.tree_map(jnp.ones_like, params)
+    return jax.tree_util.tree_map(lambda p: jnp.abs(p) + eta, params)
+
+
+def asam_perturbation(
+    grads: PyTree, params: PyTree, rho: float, eta: float = 0.01, adaptive: bool = True
+) -> PyTree:
+    """``eps = rho T^2 g / ||T g||`` with ``T = |theta| + eta`` (``T = 1`` if not adaptive).
+
+    Args:
+        grads: ``g`` at ``params``.
+        params: ``theta``.
+        rho: neighbourhood radius.
+        eta: keeps ``T`` positive at zero weights (ASAM's ``eta``).
+        adaptive: ASAM (True) or plain SAM (False).
+
+    Returns:
+        ``eps``, shaped like ``params``.
+    """
+    scale = _normaliser(params, eta, adaptive)
+    scaled = jax.tree_util.tree_map(jnp.multiply, scale, grads)
+    norm = optax.tree.norm(scaled)
+    norm = jnp.where(norm > 0, norm, 1.0)
+    return jax.tree_util.tree_map(lambda t, tg: rho * t * tg / norm, scale, scaled)
+
+
+def normalize_adaptive(eta: float = 0.01, adaptive: bool = True) -> optax.GradientTransformation:
+    """Maps ``g`` to ``T^2 g / ||T g||`` (ASAM's ascent direction; ``optax.contrib.normalize``
+    when ``adaptive`` is False). Needs ``params`` in ``update``."""
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise InvalidInputError("normalize_adaptive needs params")
+        return asam_perturbation(updates, params, 1.0, eta, adaptive), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adaptive_sam(
+    optimizer: optax.GradientTransformation,
+    rho: float = 2.0,
+    eta: float = 0.01,
+    *,
+    adaptive: bool = True,
+    opaque_mode: bool = True,
+    reset_state: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """ASAM (or SAM) around ``optimizer``, built on ``optax.contrib.sam``.
+
+    In the default ``opaque_mode`` every ``update`` is one full ASAM step and needs the extra
+    ``grad_fn(params, i) -> grads`` (called once, at the perturbed point):
+    ``tx.update(grads, state, params, grad_fn=lambda p, _: jax.grad(loss)(p, batch))``. With
+    ``opaque_mode=False`` the perturbation and the real step alternate over two ``update``
+    calls (see ``optax.contrib.sam``).
+
+    Args:
+        optimizer: the outer optimiser (e.g. SGD with momentum and weight decay).
+        rho: neighbourhood radius (FT-SAM: 2.0).
+        eta: ASAM's ``eta``.
+        adaptive: ASAM (True) or plain SAM (False).
+        opaque_mode: see above.
+        reset_state: reset the adversary's state after each step (it is stateless here).
+
+    Returns:
+        An ``optax.GradientTransformationExtraArgs`` (state: ``optax.contrib.SAMState``).
+    """
+    adversary = optax.chain(normalize_adaptive(eta, adaptive), optax.sgd(rho))
+    return optax.contrib.sam(
+        optimizer, adversary, sync_period=2, reset_state=reset_state, opaque_mode=opaque_mode
+    )
+
+
+def asam_gradient(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    *args: Any,
+    rho: float = 2.0,
+    eta: float = 0.01,
+    adaptive: bool = True,
+    has_aux: bool = False,
+) -> tuple[Any, PyTree]:
+    """The (A)SAM gradient ``grad L(theta + eps)`` and the value at ``theta``.
+
+    Two backward passes: ``g = grad L(theta)``, ``eps`` by :func:`asam_perturbation`, then
+    ``grad L(theta + eps)``.
+
+    Args:
+        loss_fn: ``loss_fn(params, *args)`` returning a scalar, or ``(scalar, aux)`` if
+            ``has_aux``.
+        params: ``theta``.
+        *args: further arguments of ``loss_fn`` (the batch...).
+        rho: neighbourhood radius.
+        eta: ASAM's ``eta``.
+        adaptive: ASAM (True) or plain SAM (False).
+        has_aux: as in ``jax.value_and_grad``.
+
+    Returns:
+        ``(value, grads)`` like ``jax.value_and_grad``: ``value`` (with its aux, e.g. updated
+        BatchNorm statistics) from the unperturbed point and ``grads`` from the perturbed one.
+    """
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
+    value, grads = value_and_grad(params, *args)
+    eps = asam_perturbation(grads, params, rho, eta, adaptive)
+    perturbed = jax.tree_util.tree_map(jnp.add, params, eps)
+    _, sharp_grads = value_and_grad(perturbed, *args)
+    return value, sharp_grads
