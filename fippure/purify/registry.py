@@ -39,7 +39,16 @@ class Defense:
 
 DEFENSES: dict[str, Defense] = {
     d.name: d
-    for d in (Defense("ft", "fippure.purify.ft", "FTConfig", "plain fine-tuning of all weights"),)
+    for d in (
+        Defense("fip", "fippure.purify.fip", "FIPConfig", "Fisher-information-guided purification"),
+        Defense(
+            "fast_fip",
+            "fippure.purify.fast_fip",
+            "FastFIPConfig",
+            "FIP over one shift per singular value of every kernel",
+        ),
+        Defense("ft", "fippure.purify.ft", "FTConfig", "plain fine-tuning of all weights"),
+    )
 }
 
 

@@ -1,0 +1,72 @@
+"""Fast FIP: FIP's objective over singular-value shifts (Karim et al., "Fisher Information
+guided Purification against Backdoor Attacks", ACM CCS 2024), SPEC section 3.
+
+Every conv/dense kernel, reshaped to ``(H*W*I, O)``, is factored once as
+``W = U diag(s) V^T``; only one shift per singular value is trained,
+``W(d) = U diag(relu(s + d)) V^T`` with ``d = 0`` initially (:mod:`fippure.optim.spectral`).
+``U, s, V`` stay frozen in a pytree of their own and the kernels are rebuilt inside the jitted
+step. The loss is FIP's, with the Fisher trace and the Fisher anchor taken with respect to
+``d``. BatchNorm affine parameters and biases are frozen; BatchNorm statistics re-estimate on
+D_v (**choice**). PreAct-ResNet-18 has about 4.3k shifts at width 64 (1.1k at width 16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+from jaxtyping import PRNGKeyArray
+
+from fippure.data.sources import ImageDataset
+from fippure.models.registry import Variables
+from fippure.optim.spectral import KERNEL_PATTERN, decompose, init_shifts, rebuild_params
+from fippure.purify.common import PurifyReport, as_variables
+from fippure.purify.fip import FIPConfig, fisher_guided_purify
+
+
+@dataclasses.dataclass(frozen=True)
+class FastFIPConfig(FIPConfig):
+    """FIP's settings plus the kernel selection.
+
+    Attributes:
+        kernel_pattern: regular expression over parameter paths choosing the kernels to
+            reparameterise (default: every conv and dense kernel).
+    """
+
+    kernel_pattern: str = KERNEL_PATTERN
+
+
+def purify(
+    model: nn.Module,
+    variables: Variables,
+    clean_set: ImageDataset,
+    config: FastFIPConfig = FastFIPConfig(),
+    key: PRNGKeyArray | None = None,
+    *,
+    progress: bool = True,
+) -> tuple[dict, PurifyReport]:
+    """Fast FIP; returns ``(variables with rebuilt kernels, report)``.
+
+    The trained shifts are in ``report.artifacts['spectral_shifts']``.
+    """
+    key = jax.random.key(0) if key is None else key
+    params = variables["params"]
+    factors = decompose(params, config.kernel_pattern)
+
+    def to_params(shifts):
+        return rebuild_params(params, factors, shifts)
+
+    shifts, stats, report = fisher_guided_purify(
+        model,
+        variables,
+        clean_set,
+        config,
+        key,
+        tunable=init_shifts(factors),
+        to_params=to_params,
+        method="fast_fip",
+        progress=progress,
+    )
+    report.artifacts["spectral_shifts"] = shifts
+    return as_variables(to_params(shifts), stats), report
