@@ -130,8 +130,9 @@ def natural_gradient(
     cg_maxiter: int = 50,
     cg_tol: float = 1e-5,
     refresh_every: int = 1,
+    diagonal: PyTree | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Preconditions the updates with ``(F + damping I)^-1``.
+    """Preconditions the updates with ``(F + diag(diagonal) + damping I)^-1``.
 
     Args:
         damping: ``lambda > 0``.
@@ -140,6 +141,10 @@ def natural_gradient(
         cg_maxiter: conjugate-gradient iterations (``"cg"``).
         cg_tol: relative residual tolerance of conjugate gradient (``"cg"``).
         refresh_every: recompute the Cholesky factor every this many steps (``"dense"``).
+        diagonal: an optional non-negative pytree shaped like the parameters added to the
+            curvature, e.g. the Hessian ``eta_r * Fbar`` of a Fisher anchor chained before this
+            transformation, so that the anchor's own step stays bounded by the learning rate
+            (NGF, :mod:`fippure.purify.ngf`).
 
     Returns:
         An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the keyword-only
@@ -174,6 +179,8 @@ def natural_gradient(
 
         def damped(v):
             fv = fvp_fn(v)
+            if diagonal is not None:
+                fv = jax.tree_util.tree_map(lambda a, d, b: a + d * b, fv, diagonal, v)
             return jax.tree_util.tree_map(lambda a, b: a + damping * b, fv, v)
 
         solution, _ = jsp.sparse.linalg.cg(damped, updates, tol=cg_tol, maxiter=cg_maxiter)
@@ -191,7 +198,10 @@ def natural_gradient(
 
         def refresh():
             fisher = head_fisher(features.astype(dtype), logits.astype(dtype), use_bias)
-            return jnp.linalg.cholesky(fisher + damping * jnp.eye(fisher.shape[0], dtype=dtype))
+            shift = damping * jnp.ones(fisher.shape[0], dtype)
+            if diagonal is not None:
+                shift = shift + _head_to_vector(diagonal).astype(dtype)
+            return jnp.linalg.cholesky(fisher + jnp.diag(shift))
 
         factor = jax.lax.cond(state.count % refresh_every == 0, refresh, lambda: state.factor)
         gradient = _head_to_vector(updates).astype(dtype)

@@ -47,7 +47,12 @@ DEFENSES: dict[str, Defense] = {
             "FastFIPConfig",
             "FIP over one shift per singular value of every kernel",
         ),
+        Defense("nft", "fippure.purify.nft", "NFTConfig", "BN-channel mask fine-tuning with MixUp"),
+        Defense(
+            "ngf", "fippure.purify.ngf", "NGFConfig", "natural-gradient fine-tuning of one layer"
+        ),
         Defense("ft", "fippure.purify.ft", "FTConfig", "plain fine-tuning of all weights"),
+        Defense("ft_sam", "fippure.purify.ft", "FTSAMConfig", "fine-tuning with adaptive SAM"),
     )
 }
 
