@@ -154,8 +154,9 @@ def train_backdoored(
     """Trains a backdoored classifier (SPEC sections 1 and 7) and checkpoints it in ``out``.
 
     The checkpoint stores everything needed to re-create the triggered test set: the attack's
-    name and options, its state pytree (``extras/attack_state``), seeds, the poisoned indices
-    and the clean-set indices (both into the full training split).
+    name and options, its state pytree (``extras/attack_state``, as ``attack.saved_state``
+    keeps it), seeds, the poisoned indices and the clean-set indices (both into the full
+    training split).
 
     Args:
         reference: checkpoint of a clean model, for attacks that need one
@@ -227,6 +228,7 @@ def train_backdoored(
     variables, state, report = threat.train_backdoored(
         state, context, network, variables, config, workdir=out / "train", evaluate=evaluate
     )
+    state = threat.saved_state(state)  # what the checkpoint keeps; evaluated as reloaded
     final = evaluate(variables, state)
     attack_meta = {
         "name": attack,
@@ -280,7 +282,9 @@ def _fitted_attack_state(threat, context, key, out: pathlib.Path):
     state = threat.init_state(key, context.spec)
     checkpointer = ocp.StandardCheckpointer()
     if cache.exists():
-        return checkpointer.restore(cache, jax.eval_shape(lambda: state))
+        # The stored structure, not init_state's: fit may add training-only entries that
+        # init_state cannot size (label-consistent's adversarial images).
+        return jax.tree_util.tree_map(jax.numpy.asarray, checkpointer.restore(cache))
     state = threat.fit(state, context)
     if jax.tree_util.tree_leaves(state):
         out.mkdir(parents=True, exist_ok=True)

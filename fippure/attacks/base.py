@@ -15,6 +15,10 @@ can be a static argument of ``jax.jit``). It owns:
 - ``train_backdoored(...)``: the poisoned training itself. Default: fippure's supervised loop
   with ``training_transform``; attacks trained jointly with the classifier (Input-aware,
   LIRA) override it.
+- ``saved_state(state)``: the part of the state the model checkpoint keeps, i.e. what
+  ``trigger`` needs. Default: all of it. Attacks whose ``fit`` produces training-only data
+  (label-consistent's adversarial images, ISSBA's decoder) drop it here, so checkpoints stay
+  small; ``trigger`` must work on the saved state alone.
 """
 
 from __future__ import annotations
@@ -135,6 +139,10 @@ class Attack:
             progress=context.progress,
         )
         return variables, state, report
+
+    def saved_state(self, state: State) -> State:
+        """What the checkpoint keeps of ``state`` (enough for ``trigger``). Default: all of it."""
+        return state
 
     def options(self) -> dict[str, Any]:
         """The attack's hyper-parameters (saved in checkpoint metadata)."""

@@ -10,14 +10,17 @@ from fippure.attacks.base import Attack
 from fippure.attacks.blend import Blend
 from fippure.attacks.bpp import BPP
 from fippure.attacks.ftrojan import FTrojan
+from fippure.attacks.input_aware import InputAware
 from fippure.attacks.lf import LF
+from fippure.attacks.lira import LIRA
 from fippure.attacks.sig import SIG
 from fippure.attacks.trojan import Trojan
 from fippure.attacks.wanet import WaNet
 from fippure.errors import InvalidInputError, UnknownNameError
 
 ATTACKS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (BadNets, Blend, Trojan, SIG, WaNet, BPP, LF, FTrojan)
+    cls.name: cls
+    for cls in (BadNets, Blend, Trojan, SIG, WaNet, BPP, LF, FTrojan, InputAware, LIRA)
 }
 
 

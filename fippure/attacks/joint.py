@@ -1,0 +1,309 @@
+"""The training loop of attacks that learn their trigger together with the classifier.
+
+Input-aware and LIRA train a generator and the classifier in the same run, in phases
+(Input-aware: the mask generator alone, then generator and classifier jointly; LIRA: jointly,
+then the classifier alone). :func:`run_phases` runs such a sequence the way
+:func:`fippure.training.train` runs plain training: the whole training set on the device, one
+jitted step per batch gathered from the epoch's permutation, a progress bar, evaluation every
+``eval_every`` classifier epochs, and orbax checkpoints of the whole carry (classifier,
+generators, optimiser states) in ``workdir`` so an interrupted run resumes where it stopped.
+The epoch order and every step's key are pure functions of the seed and the global step, so a
+resumed run ends with the same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jaxtyping import Array, Float, Int
+from tqdm.auto import tqdm
+
+from fippure.data.pipeline import batch_from_permutation, epoch_permutation, to_unit_range
+from fippure.data.sources import ImageDataset
+from fippure.errors import CheckpointError, InvalidInputError, NonFiniteLossError
+from fippure.losses import cross_entropy
+from fippure.training import TrainReport, TrainState
+
+#: ``(carry, images, labels, permutation, index, key) -> (carry, metrics)``; ``images`` and
+#: ``labels`` are the whole device-resident training set, ``index`` the batch of the epoch.
+PhaseStep = Callable[..., tuple[Any, Mapping[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One stage of a joint run.
+
+    Attributes:
+        name: shown in the progress bar and the history.
+        epochs: passes over the training set (0 skips the phase).
+        step: the jitted step; its metrics must include ``loss``.
+        trains_classifier: whether these epochs train the classifier (they are counted as
+            classifier epochs and evaluated).
+    """
+
+    name: str
+    epochs: int
+    step: PhaseStep
+    trains_classifier: bool = True
+
+
+def run_phases(
+    phases: Sequence[Phase],
+    carry: Any,
+    data: ImageDataset,
+    *,
+    batch_size: int,
+    seed: int,
+    fingerprint: Mapping[str, Any],
+    workdir: str | os.PathLike | None = None,
+    evaluate: Callable[[Any], Mapping[str, float]] | None = None,
+    eval_every: int = 5,
+    log_every: int = 50,
+    progress: bool = True,
+    desc: str = "train",
+    stop_after_steps: int | None = None,
+) -> tuple[Any, TrainReport]:
+    """Runs ``phases`` one after the other on ``data`` and returns ``(carry, report)``.
+
+    Args:
+        phases: the stages, in order.
+        carry: the initial pytree threaded through every step (and checkpointed).
+        data: the training set (uint8 images).
+        batch_size: examples per step (the last partial batch of an epoch is dropped).
+        seed: seed of the epoch order and of the step keys.
+        fingerprint: JSON-able description of the run; a ``workdir`` holding a run with
+            another fingerprint is an error rather than silently resumed.
+        workdir: where orbax checkpoints go (resumes from the latest one).
+        evaluate: ``carry -> metrics``, after every ``eval_every`` classifier epochs and the
+            last one.
+        eval_every: evaluation interval in classifier epochs.
+        log_every: host-sync interval (loss check, progress bar) in steps.
+        progress: show a progress bar.
+        desc: progress bar label.
+        stop_after_steps: stop (after checkpointing) once this many steps are done.
+
+    Raises:
+        NonFiniteLossError: if a loss becomes NaN or infinite.
+        CheckpointError: if ``workdir`` holds a run with another fingerprint.
+    """
+    started = time.perf_counter()
+    n = len(data)
+    steps_per_epoch = n // batch_size
+    if steps_per_epoch == 0:
+        raise InvalidInputError(f"batch_size {batch_size} exceeds the {n} training images")
+    bounds = np.cumsum([0] + [p.epochs * steps_per_epoch for p in phases])
+    total_steps = int(bounds[-1])
+    classifier_epochs = sum(p.epochs for p in phases if p.trains_classifier)
+    report = TrainReport(steps=total_steps, epochs=classifier_epochs)
+    manager = None
+    if workdir is not None:
+        workdir = pathlib.Path(workdir).resolve()
+        report.history, report.total_wall_time_s = _prepare_workdir(workdir, dict(fingerprint))
+        manager = ocp.CheckpointManager(
+            workdir / "checkpoints",
+            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+        )
+        latest = manager.latest_step()
+        if latest is not None:
+            carry = manager.restore(latest, args=ocp.args.StandardRestore(carry))
+            report.resumed_from_step = int(latest)
+            report.history = [
+                h for h in report.history if h["epoch"] * steps_per_epoch <= int(latest)
+            ]
+    previous_elapsed = report.total_wall_time_s
+    images, labels = jax.device_put(data.images), jax.device_put(data.labels.astype(np.int32))
+    order_key, step_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1))
+    start = report.resumed_from_step
+    stop = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
+    bar = tqdm(
+        total=total_steps,
+        initial=start,
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+        desc=desc,
+        mininterval=2.0,
+    )
+    sums: dict[str, jax.Array] = {}
+    counted = 0
+    step_seconds, timed_steps, last_mark = 0.0, 0, start
+    tick = time.perf_counter()
+    permutation = None
+    for step in range(start, stop):
+        phase_index = int(np.searchsorted(bounds, step, side="right")) - 1
+        phase = phases[phase_index]
+        epoch, index = divmod(step, steps_per_epoch)
+        if index == 0 or permutation is None:
+            permutation = epoch_permutation(order_key, epoch, n)
+        key = jax.random.fold_in(step_key, step)
+        carry, metrics = phase.step(carry, images, labels, permutation, index, key)
+        sums = {k: sums.get(k, 0.0) + v for k, v in metrics.items()}
+        counted += 1
+        bar.update(1)
+        done = step + 1
+        end_of_epoch = done % steps_per_epoch == 0
+        if done % log_every == 0 or end_of_epoch or done == stop:
+            loss = float(metrics["loss"])  # one host sync per log interval
+            if not np.isfinite(loss):
+                bar.close()
+                raise NonFiniteLossError(
+                    f"{phase.name} loss became {loss} at step {done}; lower the learning rate"
+                )
+            bar.set_postfix(phase=phase.name, loss=f"{loss:.3f}", epoch=epoch + 1)
+            now = time.perf_counter()
+            if last_mark > start:  # the first interval includes compilation
+                step_seconds += now - tick
+                timed_steps += done - last_mark
+            tick, last_mark = now, done
+        if end_of_epoch:
+            entry: dict[str, Any] = {"epoch": done // steps_per_epoch, "phase": phase.name}
+            entry.update({k: float(v) / counted for k, v in sums.items()})
+            sums, counted = {}, 0
+            if phase.trains_classifier:
+                previous = sum(p.epochs for p in phases[:phase_index] if p.trains_classifier)
+                classifier_epoch = previous + (done - int(bounds[phase_index])) // steps_per_epoch
+                entry["classifier_epoch"] = classifier_epoch
+                last = classifier_epoch == classifier_epochs
+                if evaluate is not None and (classifier_epoch % eval_every == 0 or last):
+                    entry.update({k: float(v) for k, v in evaluate(carry).items()})
+                    report.final = {k: v for k, v in entry.items() if k not in ("epoch", "phase")}
+            bar.write(" ".join(_fmt(k, v) for k, v in entry.items()))
+            report.history.append(entry)
+            tick, last_mark = time.perf_counter(), max(last_mark, done)
+        if manager is not None and (end_of_epoch or done == stop):
+            manager.save(done, args=ocp.args.StandardSave(carry))
+            _write_history(
+                workdir, report.history, previous_elapsed + time.perf_counter() - started
+            )
+            tick, last_mark = time.perf_counter(), max(last_mark, done)
+    bar.close()
+    if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+    report.wall_time_s = time.perf_counter() - started
+    report.total_wall_time_s = previous_elapsed + report.wall_time_s
+    if timed_steps:
+        report.train_images_per_s = timed_steps * batch_size / step_seconds
+    return carry, report
+
+
+def adam(learning_rate: float) -> optax.GradientTransformation:
+    """Adam with the betas (0.5, 0.9) that generator training in these papers uses."""
+    return optax.adam(learning_rate, b1=0.5, b2=0.9)
+
+
+def unit_batch(
+    images: Array, labels: Array, permutation: Array, index: Array, batch_size: int
+) -> tuple[Float[Array, "b h w c"], Int[Array, " b"], Int[Array, " b"]]:
+    """The ``index``-th batch of an epoch as [0, 1] floats: ``(images, labels, rows)``."""
+    x, y, rows = batch_from_permutation(images, labels, permutation, index, batch_size)
+    return to_unit_range(x), y, rows
+
+
+def classifier_loss(
+    model: nn.Module,
+    params: Any,
+    batch_stats: Any,
+    inputs: Float[Array, "b h w c"],
+    labels: Int[Array, " b"],
+    label_smoothing: float = 0.0,
+    weights: Float[Array, " b"] | None = None,
+) -> tuple[Array, tuple[Array, Any]]:
+    """Train-mode cross-entropy of normalised ``inputs``: ``(loss, (logits, new_batch_stats))``.
+
+    The loss is the batch mean, or ``sum(weights * per-example loss)`` when ``weights`` is
+    given.
+    """
+    if batch_stats:
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            inputs,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        batch_stats = updates["batch_stats"]
+    else:
+        logits = model.apply({"params": params}, inputs, train=True)
+    if weights is None:
+        return cross_entropy(logits, labels, label_smoothing), (logits, batch_stats)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    per_example = optax.softmax_cross_entropy(logits, targets)
+    return jnp.sum(weights * per_example), (logits, batch_stats)
+
+
+def apply_classifier_update(
+    state: TrainState,
+    optimizer: optax.GradientTransformation,
+    grads: Any,
+    batch_stats: Any,
+) -> TrainState:
+    """One optimiser step of the classifier's :class:`~fippure.training.TrainState`."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return TrainState(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+
+
+def run_fingerprint(
+    attack: Any, model: nn.Module, data: ImageDataset, config: Any, num_poisoned: int
+) -> dict[str, Any]:
+    """What must match for a workdir to be resumed."""
+    return {
+        "attack": attack.name,
+        "attack_options": attack.options(),
+        "model": repr(model),
+        "dataset": data.spec.name,
+        "num_examples": len(data),
+        "num_poisoned": int(num_poisoned),
+        "config": dataclasses.asdict(config),
+    }
+
+
+def _fmt(key: str, value: Any) -> str:
+    return f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+
+
+def _prepare_workdir(workdir: pathlib.Path, fingerprint: dict) -> tuple[list[dict], float]:
+    """Checks or writes ``run.json``; returns the stored history and elapsed seconds."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    stamp = workdir / "run.json"
+    fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as stored
+    if stamp.exists():
+        previous = json.loads(stamp.read_text())
+        if previous != fingerprint:
+            changed = sorted(
+                k for k in set(fingerprint) | set(previous) if previous.get(k) != fingerprint.get(k)
+            )
+            raise CheckpointError(
+                f"{workdir} holds a run with a different {', '.join(changed)}; "
+                "use another --out directory or delete it"
+            )
+        history = workdir / "history.json"
+        if history.exists():
+            saved = json.loads(history.read_text())
+            return saved["history"], saved["elapsed_s"]
+        return [], 0.0
+    stamp.write_text(json.dumps(fingerprint, indent=1))
+    return [], 0.0
+
+
+def _write_history(workdir: pathlib.Path, history: list[dict], elapsed_s: float) -> None:
+    path = workdir / "history.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"history": history, "elapsed_s": elapsed_s}, indent=1))
+    os.replace(tmp, path)

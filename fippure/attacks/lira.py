@@ -1,0 +1,228 @@
+"""LIRA (Doan et al., "LIRA: Learnable, Imperceptible and Robust Backdoor Attacks", ICCV 2021):
+an input-conditioned perturbation generator learnt together with the classifier.
+
+The trigger is T(x) = clip(x + eps * tanh(g(x)), 0, 1) with a small conv autoencoder g, so
+||T(x) - x||_inf <= eps. LIRA solves (paper eq. 3-4)
+
+    min_f  L(f(x), y) + L(f(T(x)), eta(y))     and     min_g  L(f*(T(x)), eta(y)),
+
+where eta is the attack's target map, in two stages (paper section 3.3):
+
+1. *Joint stage* (``epochs - finetune_epochs`` epochs): each step first updates the
+   classifier on the batch in which the poisoned rows of the plan are replaced by T(x) with the
+   attack label, then updates g (Adam) so that the *updated* classifier sends T(x) of every
+   row of the batch to eta(y) (eval-mode BatchNorm, as at test time). This is a first-order
+   version of the paper's look-ahead, which differentiates through the classifier's update
+   **(choice: it costs one extra forward/backward instead of a second-order one)**.
+2. *Fine-tuning stage* (``finetune_epochs``): g is frozen and the classifier keeps training on
+   the poisoned batches.
+
+The learning-rate schedule of the classifier spans both stages. ``eps`` defaults to 0.01 in
+[0, 1] pixel units (BackdoorBench's CIFAR-10 config; about 2.5 grey levels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fippure.attacks.base import Attack, AttackContext, Images, State
+from fippure.attacks.joint import (
+    Phase,
+    adam,
+    apply_classifier_update,
+    classifier_loss,
+    run_fingerprint,
+    run_phases,
+    unit_batch,
+)
+from fippure.attacks.poisoning import attack_targets
+from fippure.data.augment import augment
+from fippure.data.pipeline import normalize
+from fippure.errors import InvalidInputError
+from fippure.losses import cross_entropy
+from fippure.models.generators import ConvAutoencoder
+from fippure.models.registry import Variables
+from fippure.training import create_train_state, make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class LIRA(Attack):
+    """LIRA; see the module docstring.
+
+    Attributes:
+        eps: L-inf bound of the perturbation in [0, 1] pixel units.
+        alpha: weight of the poisoned copies in the classifier's loss (the clean batch gets
+            ``1 - alpha``; 0.5 in the paper).
+        finetune_epochs: classifier epochs with the generator frozen, at the end of the run
+            (the joint stage gets the rest of ``TrainConfig.epochs``).
+        generator_lr: Adam learning rate of the generator.
+        generator_width: channels of the generator's first level (then 2x, 4x).
+    """
+
+    name: ClassVar[str] = "lira"
+    eps: float = 0.01
+    alpha: float = 0.5
+    finetune_epochs: int = 5
+    generator_lr: float = 1e-3
+    generator_width: int = 16
+
+    def __post_init__(self):
+        if not 0.0 < self.eps <= 1.0:
+            raise InvalidInputError(f"eps must be in (0, 1], got {self.eps}")
+        if not 0.0 <= self.alpha < 1.0:
+            raise InvalidInputError(f"alpha must be in [0, 1), got {self.alpha}")
+        if self.finetune_epochs < 0:
+            raise InvalidInputError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
+
+    def _generator(self, channels: int) -> nn.Module:
+        w = self.generator_width
+        return ConvAutoencoder(channels, (w, 2 * w, 4 * w))
+
+    def init_state(self, key, spec) -> State:
+        dummy = jnp.zeros((1, *spec.image_shape), jnp.float32)
+        return {"generator": self._generator(spec.image_shape[-1]).init(key, dummy)["params"]}
+
+    def trigger(self, state: State, images: Images, key=None) -> Images:
+        del key
+        raw = self._generator(images.shape[-1]).apply({"params": state["generator"]}, images)
+        return jnp.clip(images + self.eps * jnp.tanh(raw), 0.0, 1.0)
+
+    def train_backdoored(
+        self,
+        state: State,
+        context: AttackContext,
+        model: nn.Module,
+        variables: Variables,
+        config: Any,
+        *,
+        workdir: str | os.PathLike | None = None,
+        evaluate: Callable[[Variables, State], dict[str, float]] | None = None,
+    ):
+        """Joint stage, then fine-tuning (see the module docstring); resumable."""
+        data, plan, spec = context.train, context.plan, context.spec
+        joint_epochs = config.epochs - self.finetune_epochs
+        if joint_epochs < 1:
+            raise InvalidInputError(
+                f"lira needs more epochs ({config.epochs}) than finetune_epochs "
+                f"({self.finetune_epochs})"
+            )
+        steps_per_epoch = len(data) // config.batch_size
+        optimizer = make_optimizer(config, max(1, steps_per_epoch * config.epochs))
+        generator_opt = adam(self.generator_lr)
+        copy = functools.partial(jax.tree_util.tree_map, jnp.array)  # the steps donate buffers
+        carry = {
+            "classifier": create_train_state(copy(dict(variables)), optimizer),
+            "generator": copy(state["generator"]),
+            "generator_opt": generator_opt.init(state["generator"]),
+        }
+        is_poisoned, poison_label = (jnp.asarray(a) for a in plan.dense())
+        batch = functools.partial(unit_batch, batch_size=config.batch_size)
+        copies = triggered_copies(plan.ratio, config.batch_size)
+
+        def classifier_step(carry, x, y, rows, key):
+            # The poisoned rows of the batch (at most ``copies``, moved to the front) also
+            # enter as triggered copies with the attack label, next to their clean version.
+            poisoned = is_poisoned[rows]
+            front = jnp.argsort(~poisoned, stable=True)[:copies]
+            copied = poisoned[front]
+            triggered = jax.lax.stop_gradient(self.trigger(carry, x[front]))
+            inputs = jnp.concatenate([x, triggered])
+            if config.augment:
+                inputs = augment(key, inputs, spec.crop_padding, spec.flip)
+            labels = jnp.concatenate([y, jnp.where(copied, poison_label[rows][front], 0)])
+            weights = jnp.concatenate(
+                [
+                    jnp.full(y.shape, (1.0 - self.alpha) / y.shape[0]),
+                    copied * self.alpha / jnp.maximum(jnp.sum(copied), 1),
+                ]
+            )
+            classifier = carry["classifier"]
+            grad_fn = jax.value_and_grad(classifier_loss, argnums=1, has_aux=True)
+            (loss, (logits, stats)), grads = grad_fn(
+                model,
+                classifier.params,
+                classifier.batch_stats,
+                normalize(inputs, spec),
+                labels,
+                config.label_smoothing,
+                weights,
+            )
+            carry = {
+                **carry,
+                "classifier": apply_classifier_update(classifier, optimizer, grads, stats),
+            }
+            correct = jnp.argmax(logits, -1) == labels
+            metrics = {
+                "loss": loss,
+                "accuracy": jnp.mean(correct[: y.shape[0]]),
+                "backdoor_accuracy": jnp.sum(correct[y.shape[0] :] & copied)
+                / jnp.maximum(jnp.sum(copied), 1),
+            }
+            return carry, metrics
+
+        def joint_step(carry, images, labels, permutation, index, key):
+            classifier_key, generator_key = jax.random.split(key)
+            x, y, rows = batch(images, labels, permutation, index)
+            carry, metrics = classifier_step(carry, x, y, rows, classifier_key)
+            targets = attack_targets(y, plan.target, plan.mode, spec.num_classes)
+            fixed = carry["classifier"].variables()
+
+            def generator_loss(generator):
+                inputs = self.trigger({"generator": generator}, x)
+                if config.augment:
+                    inputs = augment(generator_key, inputs, spec.crop_padding, spec.flip)
+                logits = model.apply(fixed, normalize(inputs, spec), train=False)
+                return cross_entropy(logits, targets)
+
+            loss, grads = jax.value_and_grad(generator_loss)(carry["generator"])
+            updates, opt_state = generator_opt.update(
+                grads, carry["generator_opt"], carry["generator"]
+            )
+            carry = {
+                **carry,
+                "generator": jax.tree_util.tree_map(jnp.add, carry["generator"], updates),
+                "generator_opt": opt_state,
+            }
+            return carry, {**metrics, "generator_loss": loss}
+
+        def finetune_step(carry, images, labels, permutation, index, key):
+            x, y, rows = batch(images, labels, permutation, index)
+            return classifier_step(carry, x, y, rows, key)
+
+        phases = [
+            Phase("joint", joint_epochs, jax.jit(joint_step, donate_argnums=0)),
+            Phase("finetune", self.finetune_epochs, jax.jit(finetune_step, donate_argnums=0)),
+        ]
+        carry, report = run_phases(
+            phases,
+            carry,
+            data,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            fingerprint=run_fingerprint(self, model, data, config, len(plan.indices)),
+            workdir=workdir,
+            evaluate=None
+            if evaluate is None
+            else lambda c: evaluate(c["classifier"].variables(), {"generator": c["generator"]}),
+            eval_every=config.eval_every,
+            log_every=config.log_every,
+            progress=context.progress,
+            desc=f"{self.name} {spec.name}",
+        )
+        return carry["classifier"].variables(), {"generator": carry["generator"]}, report
+
+
+def triggered_copies(ratio: float, batch_size: int) -> int:
+    """How many triggered copies a step makes room for: the batch's expected poisoned count
+    plus four standard deviations (a static shape; rarer excess rows go uncopied that step)."""
+    expected = ratio * batch_size
+    return int(min(batch_size, math.ceil(expected + 4.0 * math.sqrt(expected) + 1.0)))
