@@ -1,0 +1,279 @@
+"""Each defense's update, checked against a hand-written or dense computation on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from fippure.data import get_spec, normalize, to_unit_range
+from fippure.data.sources import ImageDataset
+from fippure.models import create_model, init_variables, penultimate_features
+from fippure.optim.masks import layer_floors
+from fippure.optim.spectral import decompose, init_shifts, num_shifts, rebuild_params
+from fippure.purify import fast_fip, fip, nft, ngf
+from fippure.purify.fip import trace_term
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A width-4 digits CNN and a 40-image clean set (4 per class)."""
+    spec = get_spec("digits")
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 4).astype(np.int32)
+    images = rng.integers(0, 256, size=(40, 8, 8, 1), dtype=np.uint8)
+    clean = ImageDataset(images, labels, spec, "clean")
+    model = create_model("small_cnn", 10, width=4)
+    variables = init_variables(model, jax.random.key(1), spec.image_shape)
+    inputs = normalize(to_unit_range(jnp.asarray(images)), spec)
+    return model, variables, clean, inputs, jnp.asarray(labels)
+
+
+def _per_example_loss(model, variables):
+    def loss(params, batch):
+        x, y = batch
+        logits = model.apply({**variables, "params": params}, x, train=False)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+    return loss
+
+
+def test_fip_steps_are_sgd_on_cross_entropy_plus_the_fisher_anchor(tiny):
+    model, variables, clean, inputs, labels = tiny
+    lr, eta_r = 0.05, 7.0
+    config = fip.FIPConfig(
+        steps=2,
+        batch_size=len(clean),
+        learning_rate=lr,
+        momentum=0.0,
+        eta_F=0.0,
+        eta_r=eta_r,
+        augment=False,
+        bn_train=False,
+        log_every=1,
+    )
+    out, report = fip.purify(model, variables, clean, config, jax.random.key(0), progress=False)
+
+    per_example = _per_example_loss(model, variables)
+    theta0 = variables["params"]
+    grads = jax.vmap(
+        lambda x, y: jax.grad(lambda p: per_example(p, (x[None], y[None]))[0])(theta0)
+    )(inputs, labels)
+    fisher = jax.tree_util.tree_map(lambda g: jnp.mean(g**2, axis=0), grads)
+
+    def ce_grad(p):
+        return jax.grad(lambda q: jnp.mean(per_example(q, (inputs, labels))))(p)
+
+    theta1 = jax.tree_util.tree_map(lambda p, g: p - lr * g, theta0, ce_grad(theta0))
+    theta2 = jax.tree_util.tree_map(
+        lambda p, g, f, p0: p - lr * (g + eta_r * f * (p - p0)),
+        theta1,
+        ce_grad(theta1),
+        fisher,
+        theta0,
+    )
+    got, want = ravel_pytree(out["params"])[0], ravel_pytree(theta2)[0]
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6)
+    assert report.tunable_parameters == want.size
+
+
+@pytest.fixture
+def float64():
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)
+
+
+def _mlp(params, x):
+    hidden = jnp.tanh(x @ params["w1"] + params["b1"])
+    return hidden @ params["w2"] + params["b2"]
+
+
+def _mlp_problem():
+    key = jax.random.split(jax.random.key(3), 6)
+    params = {
+        "w1": jax.random.normal(key[0], (5, 6)),
+        "b1": jax.random.normal(key[1], (6,)),
+        "w2": jax.random.normal(key[2], (6, 3)),
+        "b2": jax.random.normal(key[3], (3,)),
+    }
+    x = jax.random.normal(key[4], (12, 5))
+    y = jax.random.randint(key[5], (12,), 0, 3)
+    return params, x, y
+
+
+def test_trace_variants_have_the_expectations_the_spec_gives(float64):
+    params, x, y = _mlp_problem()
+
+    def per_example(p, batch):
+        xb, yb = batch
+        return optax.softmax_cross_entropy_with_integer_labels(_mlp(p, xb), yb)
+
+    grads = jax.vmap(
+        lambda xi, yi: ravel_pytree(
+            jax.grad(lambda p: per_example(p, (xi[None], yi[None]))[0])(params)
+        )[0]
+    )(x, y)
+    exact_empirical = float(jnp.mean(jnp.sum(grads**2, axis=1)))
+    # True Fisher trace: E_{y ~ p} ||grad log p(y|x)||^2, exactly over the K classes.
+    probs = jax.nn.softmax(_mlp(params, x))
+    per_class = jax.vmap(
+        lambda c: jax.vmap(
+            lambda xi: ravel_pytree(
+                jax.grad(lambda p: per_example(p, (xi[None], c[None]))[0])(params)
+            )[0]
+        )(x)
+    )(jnp.arange(3))
+    exact_true = float(jnp.mean(jnp.sum(probs.T[..., None] * per_class**2, axis=(0, 2))))
+
+    keys = jax.random.split(jax.random.key(0), 4000)
+
+    def mean_of(variant, batch):
+        values = jax.vmap(lambda k: trace_term(variant, per_example, _mlp, params, batch, k, 1))(
+            keys
+        )
+        return float(jnp.mean(values)), float(jnp.std(values) / math.sqrt(len(keys)))
+
+    mean, stderr = mean_of("empirical", (x, y))
+    assert abs(mean - exact_empirical) < 5 * stderr
+    mean, stderr = mean_of("true", x)
+    assert abs(mean - exact_true) < 5 * stderr
+    mean, stderr = mean_of("seed_code", (x, y))  # <grad CE, v>: zero in expectation
+    assert abs(mean) < 5 * stderr and stderr > 0
+
+
+def test_fast_fip_with_zero_shifts_reproduces_the_original_logits(tiny):
+    model = create_model("preact_resnet18", 10, width=8)
+    variables = init_variables(model, jax.random.key(0), (32, 32, 3))
+    factors = decompose(variables["params"])
+    rebuilt = rebuild_params(variables["params"], factors, init_shifts(factors))
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    np.testing.assert_allclose(
+        model.apply({**variables, "params": rebuilt}, x),
+        model.apply(variables, x),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    kernels = [k for k in jax.tree_util.tree_leaves(variables["params"]) if k.ndim >= 2]
+    assert num_shifts(factors) == sum(min(math.prod(k.shape[:-1]), k.shape[-1]) for k in kernels)
+
+
+def test_fast_fip_only_moves_singular_values(tiny):
+    model, variables, clean, _, _ = tiny
+    config = fast_fip.FastFIPConfig(steps=5, batch_size=20, learning_rate=0.05, log_every=5)
+    out, report = fast_fip.purify(model, variables, clean, config, progress=False)
+    shifts = report.artifacts["spectral_shifts"]
+    assert report.tunable_parameters == num_shifts(decompose(variables["params"]))
+    for (path, kernel), (_, new) in zip(
+        jax.tree_util.tree_flatten_with_path(variables["params"])[0],
+        jax.tree_util.tree_flatten_with_path(out["params"])[0],
+        strict=True,
+    ):
+        name = jax.tree_util.keystr(path)
+        if kernel.ndim < 2:  # biases and BatchNorm affine parameters are frozen
+            np.testing.assert_array_equal(new, kernel, err_msg=name)
+            continue
+        u, s, vt = np.linalg.svd(np.asarray(kernel).reshape(-1, kernel.shape[-1]), False)
+        # the new kernel keeps the singular vectors: U^T W' V is diagonal
+        projected = u.T @ np.asarray(new).reshape(-1, kernel.shape[-1]) @ vt.T
+        np.testing.assert_allclose(projected - np.diag(np.diag(projected)), 0, atol=1e-4)
+    assert any(np.abs(np.asarray(leaf)).max() > 0 for leaf in jax.tree_util.tree_leaves(shifts))
+
+
+def test_nft_masks_stay_between_their_floor_and_one(tiny):
+    model, variables, clean, _, _ = tiny
+    config = nft.NFTConfig(
+        steps=40, batch_size=20, learning_rate=5.0, mask_pattern=r"^bn\d+$", log_every=10
+    )
+    out, report = nft.purify(model, variables, clean, config, progress=False)
+    masks = report.artifacts["masks"]
+    floors = layer_floors(masks, "exponential", 0.8, 0.5)
+    assert [floors[f"bn{i}"] for i in (1, 2, 3)] == pytest.approx(
+        [0.8 * math.exp(-0.5 * i) for i in (1, 2, 3)]
+    )
+    hit_floor = False
+    for name, mask in masks.items():
+        mask = np.asarray(mask)
+        assert mask.min() >= floors[name] - 1e-6 and mask.max() <= 1.0 + 1e-6
+        hit_floor |= bool(np.isclose(mask, floors[name], atol=1e-6).any())
+        np.testing.assert_allclose(
+            out["params"][name]["scale"], variables["params"][name]["scale"] * mask, rtol=1e-6
+        )
+    assert hit_floor  # the large learning rate pushes some masks onto their floor
+    for name in ("conv1", "conv2", "conv3", "head"):  # weights are frozen
+        np.testing.assert_array_equal(
+            out["params"][name]["kernel"], variables["params"][name]["kernel"]
+        )
+
+
+def test_nft_learning_rate_follows_five_floored_cosine_blocks():
+    schedule = nft.learning_rate_schedule(nft.NFTConfig(steps=1000))
+    values = [float(schedule(step)) for step in (0, 199, 200, 400, 600, 800, 999)]
+    expected_blocks = [max(0.02, 0.05 * 0.5 * (1 + math.cos(math.pi * b / 5))) for b in range(5)]
+    assert values == pytest.approx(
+        [expected_blocks[0], expected_blocks[0], *expected_blocks[1:], expected_blocks[4]], rel=1e-5
+    )
+
+
+def test_ngf_step_on_the_head_is_the_damped_newton_step(tiny):
+    model, variables, clean, inputs, labels = tiny
+    alpha, damping = 0.3, 1e-2
+    config = ngf.NGFConfig(
+        steps=1,
+        batch_size=len(clean),
+        learning_rate=alpha,
+        damping=damping,
+        eta_r=0.0,
+        kl_clip=None,
+        refresh_every=1,
+        log_every=1,
+    )
+    out, report = ngf.purify(model, variables, clean, config, progress=False)
+    features = penultimate_features(model, variables, inputs)
+    head0 = variables["params"]["head"]
+    flat, unravel = ravel_pytree(head0)
+
+    def loss(vector):
+        head = unravel(vector)
+        logits = features @ head["kernel"] + head["bias"]
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+    hessian = jax.hessian(loss)(flat)  # = the Fisher of a linear softmax layer
+    newton = jnp.linalg.solve(hessian + damping * jnp.eye(flat.size), jax.grad(loss)(flat))
+    np.testing.assert_allclose(
+        ravel_pytree(out["params"]["head"])[0], flat - alpha * newton, rtol=1e-3, atol=1e-5
+    )
+    assert report.tunable_parameters == flat.size and report.extra["solver"] == "dense"
+
+
+def test_ngf_kl_trust_region_bounds_each_step(tiny):
+    model, variables, clean, _, _ = tiny
+    config = ngf.NGFConfig(
+        steps=20, batch_size=20, learning_rate=1.0, damping=1e-4, kl_clip=1e-3, log_every=1
+    )
+    _, report = ngf.purify(model, variables, clean, config, progress=False)
+    for entry in report.loss_curve:
+        assert entry["kl"] * entry["trust_scale"] ** 2 <= 1e-3 * (1 + 1e-3)
+
+
+def test_ngf_trains_any_layer_by_conjugate_gradient(tiny):
+    model, variables, clean, _, _ = tiny
+    config = ngf.NGFConfig(steps=3, batch_size=20, layer="conv3", log_every=1)
+    out, report = ngf.purify(model, variables, clean, config, progress=False)
+    assert report.extra == {"solver": "cg", "layer": "conv3"}
+    assert not np.allclose(out["params"]["conv3"]["kernel"], variables["params"]["conv3"]["kernel"])
+    np.testing.assert_array_equal(
+        out["params"]["head"]["kernel"], variables["params"]["head"]["kernel"]
+    )
+
+
+def test_ngf_names_the_layers_when_the_layer_is_unknown(tiny):
+    model, variables, clean, _, _ = tiny
+    with pytest.raises(Exception, match="no layer 'conv9'.*conv3"):
+        ngf.purify(model, variables, clean, ngf.NGFConfig(steps=1, layer="conv9"), progress=False)
