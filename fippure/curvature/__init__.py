@@ -5,7 +5,7 @@
 - :mod:`~fippure.curvature.trace`: Hutchinson trace and diagonal estimates.
 - :mod:`~fippure.curvature.fisher`: FIP's differentiable Fisher-trace penalty (empirical and
   true Fisher) and the exact diagonal empirical Fisher.
-- :mod:`~fippure.curvature.lanczos`: Lanczos with full reorthogonalisation, top eigenvalues,
+- :mod:`~fippure.curvature.eigenvalues`: Lanczos with full reorthogonalisation, top eigenvalues,
   power iteration.
 - :mod:`~fippure.curvature.density`: spectral density by stochastic Lanczos quadrature.
 - :mod:`~fippure.curvature.analysis`: the report behind ``fippure analyze``.
@@ -17,17 +17,17 @@ from fippure.curvature.density import (
     slq_quadrature,
     spectral_density,
 )
-from fippure.curvature.fisher import (
-    empirical_fisher_diagonal,
-    empirical_fisher_trace,
-    true_fisher_trace,
-)
-from fippure.curvature.lanczos import (
+from fippure.curvature.eigenvalues import (
     PowerIterationResult,
     Tridiagonal,
     lanczos,
     power_iteration,
     top_eigenvalues,
+)
+from fippure.curvature.fisher import (
+    empirical_fisher_diagonal,
+    empirical_fisher_trace,
+    true_fisher_trace,
 )
 from fippure.curvature.probes import rademacher_like, tree_dot, tree_norm
 from fippure.curvature.products import (

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from fippure.curvature.lanczos import Loop, lanczos
+from fippure.curvature.eigenvalues import Loop, lanczos
 from fippure.curvature.products import Operator
 from fippure.errors import InvalidInputError
 
@@ -70,7 +70,7 @@ def slq_quadrature(
         key: random key.
         num_iters: Lanczos steps per probe (``m``).
         num_probes: independent probes.
-        loop: see :func:`fippure.curvature.lanczos.lanczos`.
+        loop: see :func:`fippure.curvature.eigenvalues.lanczos`.
 
     Returns:
         ``(nodes, weights)``, each ``(num_probes, m)``.
@@ -123,7 +123,7 @@ def spectral_density(
         relative_sigma: see ``sigma``.
         margin: the grid spans the nodes plus ``margin * sigma`` on each side, so that the
             density integrates to 1 on it.
-        loop: see :func:`fippure.curvature.lanczos.lanczos`.
+        loop: see :func:`fippure.curvature.eigenvalues.lanczos`.
 
     Returns:
         A :class:`SpectralDensity`. The grid is chosen from the nodes on the host, so this

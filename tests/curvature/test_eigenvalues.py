@@ -1,0 +1,126 @@
+"""Lanczos, power iteration and stochastic Lanczos quadrature against dense eigensolvers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+from jax.tree_util import Partial
+
+from fippure.curvature import density, eigenvalues, products
+
+pytestmark = pytest.mark.usefixtures("x64")
+
+
+def operator(problem, kind):
+    if kind == "hessian":
+        return jax.jit(products.make_hvp_operator, static_argnums=0)(
+            problem.loss_fn, problem.params, problem.batch
+        )
+    return jax.jit(products.make_ggn_operator, static_argnums=0)(
+        problem.logits_fn, problem.params, problem.batch
+    )
+
+
+def _apply_matrix(matrix, unravel, v):
+    return unravel(matrix @ ravel_pytree(v)[0])
+
+
+def matrix_operator(matrix, like):
+    """``v -> A v`` on pytrees shaped like ``like`` for a dense ``A`` (a pytree operator)."""
+    return Partial(_apply_matrix, jnp.asarray(matrix), ravel_pytree(like)[1])
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+@pytest.mark.parametrize("loop", ["python", "fori"])
+def test_full_lanczos_top_eigenvalues_equal_eigvalsh(problem, dense, kind, loop):
+    matrix = getattr(dense, kind)
+    size = matrix.shape[0]
+    # The GGN has rank <= n (K - 1) < P, so full Lanczos exhausts the Krylov space and must
+    # restart (beta = 0) to stay accurate.
+    top = eigenvalues.top_eigenvalues(
+        operator(problem, kind), problem.params, jax.random.key(0), k=5, num_iters=size, loop=loop
+    )
+    expected = np.linalg.eigvalsh(matrix)[::-1][:5]
+    np.testing.assert_allclose(top, expected, rtol=1e-8, atol=1e-10 * abs(expected[0]))
+
+
+def test_python_and_fori_loops_agree(problem):
+    op = operator(problem, "hessian")
+    runs = [
+        eigenvalues.lanczos(op, problem.params, jax.random.key(1), 8, loop=loop)
+        for loop in ("python", "fori")
+    ]
+    np.testing.assert_allclose(runs[0].alphas, runs[1].alphas, rtol=1e-10)
+    np.testing.assert_allclose(runs[0].betas, runs[1].betas, rtol=1e-10)
+
+
+def test_lanczos_is_jittable_with_python_loop(problem, dense):
+    op = operator(problem, "ggn")
+    tri = jax.jit(
+        lambda o, p, k: eigenvalues.lanczos(o, p, k, 6, loop="python"), static_argnums=()
+    )(op, problem.params, jax.random.key(2))
+    eager = eigenvalues.lanczos(op, problem.params, jax.random.key(2), 6)
+    np.testing.assert_allclose(tri.alphas, eager.alphas, rtol=1e-10)
+
+
+def test_few_lanczos_steps_find_a_separated_top_eigenvalue(x64):
+    rng = np.random.default_rng(0)
+    size = 200
+    q, _ = np.linalg.qr(rng.normal(size=(size, size)))
+    eigenvalues = np.concatenate([[50.0, 20.0], rng.uniform(-1, 1, size - 2)])
+    like = {"a": jnp.zeros((10, 10)), "b": jnp.zeros(100)}
+    op = matrix_operator(q @ np.diag(eigenvalues) @ q.T, like)
+    top = eigenvalues.top_eigenvalues(op, like, jax.random.key(0), k=2, num_iters=20)
+    np.testing.assert_allclose(top, [50.0, 20.0], rtol=1e-8)
+    result = eigenvalues.power_iteration(op, like, jax.random.key(0), num_iters=500, tol=1e-13)
+    np.testing.assert_allclose(result.eigenvalue, 50.0, rtol=1e-9)
+    assert int(result.num_iters) < 500  # stopped on the tolerance
+    vector = ravel_pytree(result.eigenvector)[0]
+    np.testing.assert_allclose(abs(float(vector @ q[:, 0])), 1.0, rtol=1e-6)
+    fori = eigenvalues.power_iteration(op, like, jax.random.key(0), 500, 1e-13, loop="fori")
+    np.testing.assert_allclose(fori.eigenvalue, 50.0, rtol=1e-9)
+
+
+def test_power_iteration_on_a_network_ggn(problem, dense):
+    result = eigenvalues.power_iteration(
+        operator(problem, "ggn"), problem.params, jax.random.key(3), num_iters=3000, tol=1e-12
+    )
+    expected = np.linalg.eigvalsh(dense.ggn)[-1]
+    np.testing.assert_allclose(result.eigenvalue, expected, rtol=1e-6)
+
+
+def test_slq_density_integrates_to_one_and_has_mean_trace_over_p(problem, dense):
+    matrix = dense.ggn
+    size = matrix.shape[0]
+    num_probes = 300
+    result = density.spectral_density(
+        operator(problem, "ggn"),
+        problem.params,
+        jax.random.key(5),
+        num_iters=4,
+        num_probes=num_probes,
+    )
+    grid, values = np.asarray(result.grid), np.asarray(result.density)
+    np.testing.assert_allclose(np.trapezoid(values, grid), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.sum(result.weights, axis=-1), 1.0, rtol=1e-10)
+    # Smoothing keeps the mean: the density's first moment equals the quadrature's.
+    np.testing.assert_allclose(np.trapezoid(grid * values, grid), result.mean(), rtol=1e-5)
+    # The quadrature mean is the mean of q^T A q over unit Rademacher probes: Tr(A) / P.
+    off = matrix - np.diag(np.diag(matrix))
+    error = np.sqrt(2 * np.sum(off**2) / num_probes) / size
+    assert abs(float(result.mean()) - np.trace(matrix) / size) <= 4 * error
+    assert error < 0.2 * abs(np.trace(matrix) / size)
+
+
+def test_full_slq_nodes_are_eigenvalues(problem, dense):
+    matrix = dense.ggn
+    eigenvalues = np.linalg.eigvalsh(matrix)
+    nodes, weights = density.slq_quadrature(
+        operator(problem, "ggn"), problem.params, jax.random.key(6), matrix.shape[0], 2
+    )
+    heavy = np.asarray(nodes)[np.asarray(weights) > 1e-6]
+    gaps = np.min(np.abs(heavy[:, None] - eigenvalues[None]), axis=1)
+    np.testing.assert_array_less(gaps, 1e-8 * np.abs(eigenvalues).max())

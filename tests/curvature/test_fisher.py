@@ -1,0 +1,69 @@
+"""Exact Fisher diagonal and the differentiable Fisher-trace penalties (float64)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from fippure.curvature import fisher, trace
+from fippure.errors import InvalidInputError
+
+pytestmark = pytest.mark.usefixtures("x64")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+def test_exact_fisher_diagonal_equals_dense_diagonal(problem, dense, chunk_size):
+    # n = 5 or 6 examples: chunk 4 pads the last chunk, 64 covers everything in one.
+    diagonal = fisher.empirical_fisher_diagonal(
+        problem.per_example_loss_fn, problem.params, problem.batch, chunk_size=chunk_size
+    )
+    assert jax.tree_util.tree_structure(diagonal) == jax.tree_util.tree_structure(problem.params)
+    np.testing.assert_allclose(
+        dense.flatten(diagonal), np.diag(dense.empirical_fisher), rtol=1e-9, atol=1e-14
+    )
+
+
+def test_fisher_diagonal_rejects_ragged_batches(problem):
+    inputs, labels = problem.batch
+    with pytest.raises(InvalidInputError, match="leading size"):
+        fisher.empirical_fisher_diagonal(
+            problem.per_example_loss_fn, problem.params, (inputs, labels[:-1])
+        )
+
+
+@pytest.mark.parametrize("estimator", ["empirical", "true", "ggn"])
+def test_trace_penalty_gradient_matches_finite_differences(problem, estimator):
+    key = jax.random.key(4)
+    fn = {
+        "empirical": lambda p: fisher.empirical_fisher_trace(
+            problem.per_example_loss_fn, p, problem.batch, key, 2
+        ),
+        "true": lambda p: fisher.true_fisher_trace(problem.logits_fn, p, problem.batch, key, 2),
+        "ggn": lambda p: trace.ggn_trace(problem.logits_fn, p, problem.batch, key, 2),
+    }[estimator]
+    check_grads(jax.jit(fn), (problem.params,), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+
+
+def test_trace_penalty_gradient_is_unbiased(problem, dense):
+    # Averaged over many probes, grad TrF_hat -> grad Tr F_emp = grad mean_i ||grad l_i||^2.
+    exact = jax.jit(
+        jax.grad(
+            lambda p: sum(
+                leaf.sum()
+                for leaf in jax.tree_util.tree_leaves(
+                    fisher.empirical_fisher_diagonal(problem.per_example_loss_fn, p, problem.batch)
+                )
+            )
+        )
+    )(problem.params)
+    estimate = jax.jit(
+        jax.grad(
+            lambda p: fisher.empirical_fisher_trace(
+                problem.per_example_loss_fn, p, problem.batch, jax.random.key(9), 3000
+            )
+        )
+    )(problem.params)
+    exact, estimate = dense.flatten(exact), dense.flatten(estimate)
+    assert np.linalg.norm(estimate - exact) < 0.1 * np.linalg.norm(exact)
