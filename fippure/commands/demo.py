@@ -20,7 +20,14 @@ REPO_ZOO = pathlib.Path(__file__).resolve().parents[2] / "zoo" / "cifar10" / "pr
 CIFAR_FIP = {"steps": "300"}
 #: Digits: a small CNN on 143 clean images.
 DIGITS_ATTACK = {"epochs": 12, "batch_size": 64, "learning_rate": 0.05}
-DIGITS_FIP = {"steps": "300", "batch_size": "64", "learning_rate": "0.01"}
+DIGITS_FIP = {
+    "steps": "300",
+    "batch_size": "64",
+    "learning_rate": "0.01",
+    "eta_F": "1",
+    "eta_r": "1",
+    "max_grad_norm": "10",
+}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -84,6 +84,8 @@ class FIPConfig:
         trace_probes: Rademacher probes K per estimate.
         trace_every: add the trace term every this many steps (5 in the seed code).
         eta_r: strength of the Fisher-weighted anchor to theta0 (choice: 5; sweep 0.1, 1, 5).
+        max_grad_norm: clip the global norm of the objective's gradient (before the anchor
+            and momentum); ``None`` disables it.
         calibration_probes: probes for TrF0 (averaged over the whole clean set).
         fisher_chunk: examples per vmapped chunk when computing Fbar.
         augment: random crop + flip of clean batches.
@@ -102,6 +104,7 @@ class FIPConfig:
     trace_probes: int = 1
     trace_every: int = 1
     eta_r: float = 5.0
+    max_grad_norm: float | None = None
     calibration_probes: int = 8
     fisher_chunk: int = 50
     augment: bool = True
@@ -182,6 +185,7 @@ def fisher_guided_purify(
     strength = config.eta_F * scale
 
     tx = optax.chain(
+        *([optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm else []),
         fisher_anchor(fisher_diag, tunable0, config.eta_r),
         *([optax.add_decayed_weights(config.weight_decay)] if config.weight_decay else []),
         optax.sgd(config.learning_rate, momentum=config.momentum or None),
