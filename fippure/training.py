@@ -361,9 +361,7 @@ def train(
             tick, last_mark = time.perf_counter(), max(last_mark, done)
         if manager is not None and (done % checkpoint_every == 0 or done == stop):
             manager.save(done, args=ocp.args.StandardSave(state))
-            _write_history(
-                workdir, report, previous_elapsed + time.perf_counter() - started
-            )
+            _write_history(workdir, report, previous_elapsed + time.perf_counter() - started)
             tick, last_mark = time.perf_counter(), max(last_mark, done)
     bar.close()
     if manager is not None:

@@ -29,9 +29,9 @@ class PreActBlock(nn.Module):
             shortcut = nn.Conv(
                 self.features, (1, 1), self.strides, use_bias=False, name="shortcut"
             )(out)
-        out = nn.Conv(
-            self.features, (3, 3), self.strides, padding=1, use_bias=False, name="conv1"
-        )(out)
+        out = nn.Conv(self.features, (3, 3), self.strides, padding=1, use_bias=False, name="conv1")(
+            out
+        )
         out = nn.relu(norm("bn2")(out))
         out = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, name="conv2")(out)
         return out + shortcut

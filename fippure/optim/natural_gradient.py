@@ -54,12 +54,12 @@ class NaturalGradientState(NamedTuple):
         count: number of updates so far.
         factor: ``"dense"`` mode: the lower Cholesky factor of ``F + damping I``, ``(P, P)``
             in the ``[kernel; bias]`` row-major order (see the module docstring), last
-            refreshed at a step that is a multiple of ``refresh_every``. ``"cg"`` mode: an
-            empty ``(0, 0)`` array.
+            refreshed at a step that is a multiple of ``refresh_every``. ``"cg"`` mode:
+            ``None``.
     """
 
     count: Int[Array, ""]
-    factor: Float[Array, "p p"]
+    factor: Float[Array, "p p"] | None
 
 
 def head_fisher(
@@ -161,7 +161,7 @@ def natural_gradient(
 
     def init_fn(params):
         if mode == "cg":
-            factor = jnp.zeros((0, 0), jnp.float32)
+            factor = None
         else:
             _check_head(params)
             size = _head_to_vector(params).shape[0]
