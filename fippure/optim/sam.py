@@ -102,12 +102,20 @@ def adaptive_sam(
         reset_state: reset the adversary's state after each step (it is stateless here).
 
     Returns:
-        An ``optax.GradientTransformationExtraArgs`` (state: ``optax.contrib.SAMState``).
+        An ``optax.GradientTransformationExtraArgs`` (state: ``optax.contrib.SAMState``) whose
+        ``update`` takes ``grad_fn`` and ignores other extras, so it can share an
+        ``optax.chain`` with transforms that need other extras.
     """
     adversary = optax.chain(normalize_adaptive(eta, adaptive), optax.sgd(rho))
-    return optax.contrib.sam(
+    inner = optax.contrib.sam(
         optimizer, adversary, sync_period=2, reset_state=reset_state, opaque_mode=opaque_mode
     )
+
+    def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+        del extra_args  # optax.contrib.sam takes only grad_fn; drop what a chain forwards
+        return inner.update(updates, state, params, grad_fn=grad_fn)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
 def asam_gradient(

@@ -1,0 +1,70 @@
+"""fisher_anchor adds exactly strength * F * (theta - theta0)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fippure.errors import InvalidInputError
+from fippure.optim import fisher_anchor
+
+pytestmark = pytest.mark.usefixtures("x64")
+
+
+def trees(seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    shape = {"dense": {"kernel": (3, 2), "bias": (2,)}, "scale": (4,)}
+    leaves, treedef = jax.tree_util.tree_flatten(shape, is_leaf=lambda x: isinstance(x, tuple))
+
+    def draw(key, positive=False):
+        ks = jax.random.split(key, len(leaves))
+        out = [jax.random.normal(k, s, jnp.float64) for k, s in zip(ks, leaves, strict=True)]
+        out = [jnp.abs(x) if positive else x for x in out]
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return draw(keys[0]), draw(keys[1]), draw(keys[2], positive=True), draw(keys[3])
+
+
+def test_adds_exactly_the_anchor_term():
+    grads, params, fisher, anchor = trees()
+    tx = fisher_anchor(fisher, anchor, 0.7)
+    updates, state = tx.update(grads, tx.init(params), params)
+    expected = jax.tree_util.tree_map(
+        lambda g, p, f, a: g + 0.7 * f * (p - a), grads, params, fisher, anchor
+    )
+    jax.tree_util.tree_map(np.testing.assert_array_equal, updates, expected)
+    assert int(state.count) == 1
+
+
+def test_schedule_strength_and_zero_at_the_anchor():
+    grads, params, fisher, _ = trees(1)
+    tx = fisher_anchor(fisher, params, lambda count: 2.0 * (count + 1))
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params)  # params == anchor: nothing added
+    jax.tree_util.tree_map(np.testing.assert_array_equal, updates, grads)
+    moved = jax.tree_util.tree_map(lambda p: p + 1.0, params)
+    updates, state = tx.update(grads, state, moved)  # strength 4.0 at count 1
+    expected = jax.tree_util.tree_map(lambda g, f: g + 4.0 * f, grads, fisher)
+    jax.tree_util.tree_map(np.testing.assert_allclose, updates, expected)
+
+
+def test_inside_optax_masked_frozen_leaves_pass_through():
+    grads, params, fisher, anchor = trees(2)
+    mask = {"dense": {"kernel": True, "bias": False}, "scale": True}
+    tx = optax.masked(fisher_anchor(fisher, anchor, 1.0), mask)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(updates["dense"]["bias"], grads["dense"]["bias"])
+    np.testing.assert_allclose(
+        updates["scale"],
+        grads["scale"] + fisher["scale"] * (params["scale"] - anchor["scale"]),
+    )
+
+
+def test_needs_params():
+    grads, params, fisher, anchor = trees(3)
+    tx = fisher_anchor(fisher, anchor, 1.0)
+    with pytest.raises(InvalidInputError, match="needs params"):
+        tx.update(grads, tx.init(params))

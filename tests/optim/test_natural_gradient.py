@@ -1,0 +1,137 @@
+"""natural_gradient against the dense damped Newton step on a logistic regression."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from fippure.curvature import make_ggn_operator
+from fippure.errors import InvalidInputError
+from fippure.optim import head_fisher, natural_gradient
+
+pytestmark = pytest.mark.usefixtures("x64")
+
+DAMPING = 1e-2
+
+
+def problem(seed=0, n=20, d=4, k=3, bias=True):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    features = jax.random.normal(keys[0], (n, d), jnp.float64)
+    labels = jax.random.randint(keys[1], (n,), 0, k)
+    params = {"kernel": jax.random.normal(keys[2], (d, k), jnp.float64)}
+    if bias:
+        params["bias"] = 0.1 * jax.random.normal(keys[3], (k,), jnp.float64)
+    return params, features, labels
+
+
+def logits_fn(params, features):
+    return features @ params["kernel"] + params.get("bias", 0.0)
+
+
+def loss_fn(params, features, labels):
+    logits = logits_fn(params, features)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def damped_newton(params, features, labels):
+    """(H + damping I)^-1 g from the dense Hessian: for softmax regression H = F exactly."""
+    flat, unravel = ravel_pytree(params)
+    objective = lambda f: loss_fn(unravel(f), features, labels)
+    hessian = jax.hessian(objective)(flat)
+    gradient = jax.grad(objective)(flat)
+    return unravel(jnp.linalg.solve(hessian + DAMPING * jnp.eye(flat.size), gradient))
+
+
+def test_head_fisher_is_the_hessian_in_kernel_bias_row_order():
+    params, features, labels = problem()
+    d, k = params["kernel"].shape
+
+    def from_theta(theta):  # Theta = [kernel; bias], row-major: index j * K + k
+        rows = theta.reshape(d + 1, k)
+        return loss_fn({"kernel": rows[:d], "bias": rows[d]}, features, labels)
+
+    theta = jnp.concatenate([params["kernel"], params["bias"][None]]).reshape(-1)
+    hessian = jax.hessian(from_theta)(theta)
+    fisher = head_fisher(features, logits_fn(params, features))
+    np.testing.assert_allclose(fisher, hessian, rtol=1e-10, atol=1e-13)
+    # SPEC's (diag(p) - pp^T) kron (h h^T) is the same matrix in class-major order.
+    probs = jax.nn.softmax(logits_fn(params, features))
+    h = jnp.concatenate([features, jnp.ones((features.shape[0], 1))], axis=1)
+    spec_order = jnp.mean(
+        jax.vmap(lambda p, x: jnp.kron(jnp.diag(p) - jnp.outer(p, p), jnp.outer(x, x)))(probs, h),
+        axis=0,
+    )
+    perm = np.arange((d + 1) * k).reshape(d + 1, k).T.reshape(-1)  # class-major -> ours
+    np.testing.assert_allclose(
+        fisher, spec_order[np.ix_(np.argsort(perm), np.argsort(perm))], rtol=1e-10, atol=1e-13
+    )
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_mode_equals_damped_newton_step(bias):
+    params, features, labels = problem(1, bias=bias)
+    grads = jax.grad(loss_fn)(params, features, labels)
+    tx = natural_gradient(DAMPING, "dense")
+    step, _ = tx.update(
+        grads, tx.init(params), params, features=features, logits=logits_fn(params, features)
+    )
+    expected = damped_newton(params, features, labels)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12), step, expected
+    )
+
+
+def test_cg_mode_agrees_with_dense_mode():
+    params, features, labels = problem(2)
+    grads = jax.grad(loss_fn)(params, features, labels)
+    dense_tx = natural_gradient(DAMPING, "dense")
+    dense_step, _ = dense_tx.update(
+        grads, dense_tx.init(params), params, features=features, logits=logits_fn(params, features)
+    )
+    cg_tx = natural_gradient(DAMPING, "cg", cg_maxiter=200, cg_tol=1e-12)
+    cg_step, _ = jax.jit(
+        lambda g, s, p: cg_tx.update(g, s, p, fvp_fn=make_ggn_operator(logits_fn, p, features))
+    )(grads, cg_tx.init(params), params)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10), cg_step, dense_step
+    )
+
+
+def test_dense_factor_refreshes_every_k_steps():
+    params, features, labels = problem(3)
+    other = features[::-1] * 2.0
+    tx = natural_gradient(DAMPING, "dense", refresh_every=2)
+    grads = jax.grad(loss_fn)(params, features, labels)
+    update = jax.jit(
+        lambda s, x: tx.update(grads, s, params, features=x, logits=logits_fn(params, x))
+    )
+    _, state0 = update(tx.init(params), features)
+    _, state1 = update(state0, other)  # step 1: factor kept
+    np.testing.assert_array_equal(state1.factor, state0.factor)
+    _, state2 = update(state1, other)  # step 2: refreshed from the new features
+    assert not np.allclose(state2.factor, state1.factor)
+    expected = jnp.linalg.cholesky(
+        head_fisher(other, logits_fn(params, other)) + DAMPING * jnp.eye(state2.factor.shape[0])
+    )
+    np.testing.assert_allclose(state2.factor, expected, rtol=1e-10)
+
+
+def test_missing_extras_and_masked_use_are_errors():
+    params, features, _ = problem(4)
+    with pytest.raises(InvalidInputError, match="fvp_fn"):
+        tx = natural_gradient(DAMPING)
+        tx.update(params, tx.init(params), params)
+    with pytest.raises(InvalidInputError, match="features"):
+        tx = natural_gradient(DAMPING, "dense")
+        tx.update(params, tx.init(params), params)
+    with pytest.raises(InvalidInputError, match="dense head"):
+        natural_gradient(DAMPING, "dense").init({"w": params["kernel"]})
+    masked = optax.masked(natural_gradient(DAMPING), {"kernel": True, "bias": False})
+    with pytest.raises(InvalidInputError, match="masked"):
+        masked.update(params, masked.init(params), params, fvp_fn=lambda v: v)
+    with pytest.raises(InvalidInputError, match="damping"):
+        natural_gradient(0.0)

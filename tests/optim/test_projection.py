@@ -1,0 +1,60 @@
+"""project_box keeps params + updates inside per-leaf bounds."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fippure.optim import clip_to_box, project_box
+
+pytestmark = pytest.mark.usefixtures("x64")
+
+
+def tree(seed):
+    keys = jax.random.split(jax.random.key(seed), 2)
+    return {
+        "a": {"m": jax.random.normal(keys[0], (5,), jnp.float64)},
+        "b": jax.random.normal(keys[1], (2, 3), jnp.float64),
+    }
+
+
+def test_scalar_bounds_clip_the_next_params():
+    params = jax.tree_util.tree_map(lambda x: jnp.clip(x, -0.5, 0.5), tree(0))
+    updates = jax.tree_util.tree_map(lambda x: 3.0 * x, tree(1))
+    tx = project_box(-0.5, 0.5)
+    projected, _ = tx.update(updates, tx.init(params), params)
+    new = optax.apply_updates(params, projected)
+    expected = jax.tree_util.tree_map(lambda p, u: np.clip(p + u, -0.5, 0.5), params, updates)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-15), new, expected)
+    # Updates that stay inside the box are left alone.
+    small = jax.tree_util.tree_map(lambda x: 0.0 * x, updates)
+    same, _ = tx.update(small, tx.init(params), params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, same, small)
+
+
+def test_per_leaf_bounds_and_chain_under_jit():
+    params = jax.tree_util.tree_map(jnp.ones_like, tree(2))
+    lower = {"a": {"m": 0.25}, "b": jnp.full((2, 3), -1.0).at[0].set(0.9)}
+    tx = optax.chain(optax.sgd(1.0), project_box(lower, 1.0))
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+    for seed in range(4):
+        updates, state = step(params, state, tree(10 + seed))
+        params = optax.apply_updates(params, updates)
+    assert np.all(params["a"]["m"] >= 0.25 - 1e-12) and np.all(params["a"]["m"] <= 1 + 1e-12)
+    assert np.all(params["b"][0] >= 0.9 - 1e-12) and np.all(params["b"][1] >= -1 - 1e-12)
+    assert np.all(params["b"] <= 1 + 1e-12)
+    clipped = clip_to_box(tree(5), lower, 1.0)
+    assert np.all(clipped["b"][0] >= 0.9) and np.all(clipped["a"]["m"] >= 0.25)
+
+
+def test_inside_optax_masked_frozen_leaves_pass_through():
+    params = tree(3)
+    updates = jax.tree_util.tree_map(lambda x: 10.0 * x, tree(4))
+    tx = optax.masked(project_box(-1.0, 1.0), {"a": {"m": True}, "b": False})
+    projected, _ = tx.update(updates, tx.init(params), params)
+    np.testing.assert_array_equal(projected["b"], updates["b"])
+    assert np.all(np.abs(params["a"]["m"] + projected["a"]["m"]) <= 1 + 1e-12)
