@@ -1,0 +1,130 @@
+"""``fippure analyze``: Hessian and Fisher curvature of a checkpoint on clean training images.
+
+Loads the checkpoint and its dataset's training split, takes ``--num-images`` clean images (the
+checkpoint's stored clean set D_v when it has one, else a seeded sample of the training split),
+normalises them with the checkpoint's normalisation, and reports lambda_max, Tr(H), Tr(F) and
+the top eigenvalues of the eval-mode cross-entropy (SPEC section 8). Writes
+``curvature.json`` and ``spectral_density.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+
+NAME = "analyze"
+HELP = "curvature of a checkpoint: lambda_max, Tr(H), Tr(F), top eigenvalues, spectral density"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint directory (from fippure train/attack)")
+    parser.add_argument(
+        "--out", default=None, help="output directory (default CHECKPOINT/analysis)"
+    )
+    parser.add_argument("--num-images", type=int, default=200, help="clean training images")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the image sample and probes")
+    parser.add_argument("--probes", type=int, default=20, help="Hutchinson probes for Tr(H)")
+    parser.add_argument("--power-iters", type=int, default=50, help="power-iteration steps")
+    parser.add_argument("--lanczos-iters", type=int, default=40, help="Lanczos steps per probe")
+    parser.add_argument("--slq-probes", type=int, default=2, help="probes of the density")
+    parser.add_argument("--top-k", type=int, default=5, help="top eigenvalues to report")
+    parser.add_argument("--data-dir", default=None, help="TFDS data directory ($TFDS_DATA_DIR)")
+
+
+def select_images(metadata: dict, train_labels, num_images: int, seed: int):
+    """Indices into the training split: the stored clean set if any, else a seeded sample.
+
+    Returns:
+        ``(indices, source)`` with ``source`` ``"clean_indices"`` or ``"seeded_train_sample"``.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    stored = metadata.get("clean_indices")
+    if stored:
+        pool, source = np.asarray(stored, dtype=np.int64), "clean_indices"
+    else:
+        pool, source = np.arange(len(train_labels)), "seeded_train_sample"
+    chosen = rng.permutation(pool)[: min(num_images, len(pool))]
+    return np.sort(chosen), source
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
+    from fippure.checkpoints import load_checkpoint
+    from fippure.curvature.analysis import AnalysisConfig, analyze_curvature, plot_density
+    from fippure.data.catalog import get_spec
+    from fippure.data.pipeline import normalize, to_unit_range
+    from fippure.data.sources import load_dataset
+    from fippure.errors import InvalidInputError
+    from fippure.provenance import provenance
+
+    if args.num_images < 1:
+        raise InvalidInputError(f"--num-images must be positive, got {args.num_images}")
+    config = AnalysisConfig(
+        hutchinson_probes=args.probes,
+        power_iters=args.power_iters,
+        lanczos_iters=args.lanczos_iters,
+        slq_probes=args.slq_probes,
+        top_k=args.top_k,
+    )
+    checkpoint = load_checkpoint(args.checkpoint)
+    metadata = checkpoint.metadata
+    dataset = metadata.get("dataset")
+    if not dataset:
+        raise InvalidInputError(f"checkpoint {checkpoint.path} names no dataset in its metadata")
+    spec = get_spec(dataset)
+    stored_norm = metadata.get("normalization") or {}
+    if stored_norm.get("mean") and stored_norm.get("std"):
+        spec = dataclasses.replace(
+            spec, mean=tuple(stored_norm["mean"]), std=tuple(stored_norm["std"])
+        )
+    train = load_dataset(dataset, "train", data_dir=args.data_dir)
+    indices, source = select_images(metadata, train.labels, args.num_images, args.seed)
+    inputs = normalize(to_unit_range(jax.numpy.asarray(train.images[indices])), spec)
+    labels = np.asarray(train.labels[indices], np.int32)
+
+    report, density = analyze_curvature(
+        checkpoint.model,
+        checkpoint.variables,
+        inputs,
+        labels,
+        jax.random.key(args.seed),
+        config,
+    )
+    out = pathlib.Path(args.out) if args.out else checkpoint.path / "analysis"
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    attack = metadata.get("attack")
+    if isinstance(attack, dict):  # the poisoned indices are long and not needed here
+        attack = {k: v for k, v in attack.items() if k != "poisoned_indices"}
+    report = {
+        "checkpoint": str(checkpoint.path),
+        "dataset": dataset,
+        "model": metadata["model"],
+        "attack": attack,
+        "image_source": source,
+        "image_indices": indices.tolist(),
+        **report,
+        **provenance(),
+    }
+    (out / "curvature.json").write_text(json.dumps(report, indent=1))
+    name = attack.get("name") if isinstance(attack, dict) else (attack or "clean")
+    plot_density(
+        density,
+        out / "spectral_density.png",
+        title=(
+            f"{metadata['model']['name']} on {dataset} ({name}): "
+            f"lambda_max {report['lambda_max']:.3g}, Tr(H) {report['trace_hessian']:.4g}"
+        ),
+    )
+    summary = {
+        k: report[k]
+        for k in ("lambda_max", "trace_hessian", "trace_empirical_fisher", "top_eigenvalues")
+    }
+    print(json.dumps({**summary, "out": str(out)}))
+    return 0

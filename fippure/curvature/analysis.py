@@ -1,0 +1,227 @@
+"""The curvature report of a trained classifier (what ``fippure analyze`` prints and saves).
+
+SPEC section 8 (and FIP's Table 6): on one batch of clean training images, with the model in
+eval mode and the loss the mean cross-entropy of that batch, report
+
+- ``lambda_max``: the largest Hessian eigenvalue, by power iteration (cross-checked by the
+  top Lanczos Ritz value);
+- ``Tr(H)``: Hutchinson's estimate with Rademacher probes (and its standard error);
+- ``Tr(F)``: the trace of the empirical Fisher, exactly, as the sum of the per-example squared
+  gradients (``Tr(G)``, the true Fisher's, is added by Hutchinson from jvps);
+- the top-k eigenvalues (Lanczos Ritz values of the first SLQ probe);
+- the spectral density by stochastic Lanczos quadrature (Ghorbani et al., 2019).
+
+All Hessian products reuse one linearisation of the gradient
+(:func:`~fippure.curvature.products.make_hvp_operator`), built once under ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from fippure.curvature.density import SpectralDensity, spectral_density
+from fippure.curvature.eigenvalues import power_iteration
+from fippure.curvature.fisher import empirical_fisher_diagonal
+from fippure.curvature.products import make_hvp_operator
+from fippure.curvature.trace import ggn_trace_samples, hutchinson_samples
+from fippure.errors import InvalidInputError
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisConfig:
+    """How hard :func:`analyze_curvature` works.
+
+    Attributes:
+        hutchinson_probes: Rademacher probes for ``Tr(H)`` and ``Tr(G)``.
+        probe_chunk: probes vectorised together (memory grows with it).
+        power_iters: maximum power-iteration steps for ``lambda_max``.
+        power_tol: relative tolerance that stops power iteration.
+        lanczos_iters: Lanczos steps per SLQ probe (also gives the top-k eigenvalues).
+        slq_probes: SLQ probes for the spectral density.
+        top_k: number of top eigenvalues reported.
+        fisher_chunk: examples per vmapped chunk for the exact Fisher trace.
+    """
+
+    hutchinson_probes: int = 20
+    probe_chunk: int = 2
+    power_iters: int = 50
+    power_tol: float = 1e-3
+    lanczos_iters: int = 40
+    slq_probes: int = 2
+    top_k: int = 5
+    fisher_chunk: int = 50
+
+    def __post_init__(self):
+        for name in ("hutchinson_probes", "probe_chunk", "power_iters", "lanczos_iters",
+                     "slq_probes", "top_k", "fisher_chunk"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.top_k > self.lanczos_iters:
+            raise InvalidInputError("top_k must not exceed lanczos_iters")
+
+
+def _chunked_samples(sample_fn, key: PRNGKeyArray, total: int, chunk: int) -> np.ndarray:
+    """Per-probe samples from ``sample_fn(key, num_probes)`` in chunks of ``chunk`` probes."""
+    out, start = [], 0
+    while start < total:
+        size = min(chunk, total - start)
+        out.append(np.asarray(sample_fn(jax.random.fold_in(key, start), size)))
+        start += size
+    return np.concatenate(out)
+
+
+def analyze_curvature(
+    model: nn.Module,
+    variables: PyTree,
+    inputs: Float[Array, "n h w c"],
+    labels: Int[Array, " n"],
+    key: PRNGKeyArray,
+    config: AnalysisConfig = AnalysisConfig(),
+) -> tuple[dict[str, Any], SpectralDensity]:
+    """Curvature of the mean cross-entropy on ``(inputs, labels)`` at ``variables``.
+
+    Args:
+        model: the Flax classifier (applied with ``train=False``).
+        variables: ``{'params', 'batch_stats'}``; curvature is w.r.t. ``params``.
+        inputs: normalised model inputs.
+        labels: their labels.
+        key: random key for all probes.
+        config: see :class:`AnalysisConfig`.
+
+    Returns:
+        ``(report, density)``: a JSON-able dict and the :class:`SpectralDensity`.
+    """
+    params = variables["params"]
+    others = {k: v for k, v in variables.items() if k != "params"}
+    inputs, labels = jnp.asarray(inputs), jnp.asarray(labels)
+    batch = (inputs, labels)
+
+    def logits_fn(p, batch):
+        return model.apply({**others, "params": p}, batch[0], train=False)
+
+    def per_example_loss_fn(p, batch):
+        return optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, batch), batch[1])
+
+    def loss_fn(p, batch):
+        return jnp.mean(per_example_loss_fn(p, batch))
+
+    timings = {}
+    keys = dict(zip(("power", "trace", "ggn", "slq"), jax.random.split(key, 4), strict=True))
+    start = time.perf_counter()
+    logits = jax.jit(logits_fn)(params, batch)
+    loss = float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)))
+    accuracy = float(jnp.mean(jnp.argmax(logits, -1) == labels))
+    operator = jax.jit(make_hvp_operator, static_argnums=0)(loss_fn, params, batch)
+    timings["linearize_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    power = power_iteration(operator, params, keys["power"], config.power_iters, config.power_tol)
+    timings["power_iteration_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    hessian_samples = jax.jit(hutchinson_samples, static_argnums=3)
+    trace_samples = _chunked_samples(
+        lambda k, size: hessian_samples(operator, params, k, size),
+        keys["trace"],
+        config.hutchinson_probes,
+        config.probe_chunk,
+    )
+    timings["hutchinson_hessian_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    ggn_samples_fn = jax.jit(
+        lambda p, k, size: ggn_trace_samples(logits_fn, p, batch, k, size), static_argnums=2
+    )
+    ggn_samples = _chunked_samples(
+        lambda k, size: ggn_samples_fn(params, k, size),
+        keys["ggn"],
+        config.hutchinson_probes,
+        config.probe_chunk,
+    )
+    timings["hutchinson_ggn_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    fisher_diag = empirical_fisher_diagonal(
+        per_example_loss_fn, params, batch, chunk_size=config.fisher_chunk
+    )
+    trace_fisher = float(sum(jnp.sum(x) for x in jax.tree_util.tree_leaves(fisher_diag)))
+    timings["exact_fisher_trace_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    density = spectral_density(
+        operator,
+        params,
+        keys["slq"],
+        num_iters=config.lanczos_iters,
+        num_probes=config.slq_probes,
+    )
+    timings["slq_s"] = time.perf_counter() - start
+    ritz = np.sort(np.asarray(density.nodes[0]))[::-1]
+
+    num_params = int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+    report = {
+        "num_images": int(labels.shape[0]),
+        "num_params": num_params,
+        "loss": loss,
+        "batch_accuracy": accuracy,
+        "lambda_max": float(power.eigenvalue),
+        "lambda_max_power_iters": int(power.num_iters),
+        "lambda_max_relative_change": float(power.relative_change),
+        "lambda_max_lanczos": float(ritz[0]),
+        "trace_hessian": float(np.mean(trace_samples)),
+        "trace_hessian_stderr": float(np.std(trace_samples, ddof=1) / np.sqrt(len(trace_samples)))
+        if len(trace_samples) > 1
+        else float("nan"),
+        "trace_empirical_fisher": trace_fisher,
+        "trace_ggn": float(np.mean(ggn_samples)),
+        "trace_ggn_stderr": float(np.std(ggn_samples, ddof=1) / np.sqrt(len(ggn_samples)))
+        if len(ggn_samples) > 1
+        else float("nan"),
+        "top_eigenvalues": [float(x) for x in ritz[: config.top_k]],
+        "density": {
+            "sigma": float(density.sigma),
+            "nodes": np.asarray(density.nodes).tolist(),
+            "weights": np.asarray(density.weights).tolist(),
+            "mean": float(density.mean()),
+            "trace_over_p": float(np.mean(trace_samples)) / num_params,
+        },
+        "config": dataclasses.asdict(config),
+        "timings_s": timings,
+    }
+    return report, density
+
+
+def plot_density(
+    density: SpectralDensity, path: str | os.PathLike, title: str | None = None
+) -> None:
+    """Saves the spectral density as a PNG (log-scale density, as in Ghorbani et al.)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid, values = np.asarray(density.grid), np.asarray(density.density)
+    floor = max(values.max() * 1e-12, np.finfo(np.float64).tiny)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.semilogy(grid, np.maximum(values, floor), lw=1.2)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (Gaussian-smoothed SLQ)")
+    ax.set_ylim(bottom=max(floor, values.max() * 1e-8))
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,60 @@
+"""``fippure analyze`` on a tiny digits checkpoint writes a JSON report and a PNG."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fippure import cli
+from fippure.recipes import train_classifier
+from fippure.training import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits_ckpt").resolve()
+    train_classifier(
+        dataset="digits",
+        model="small_cnn",
+        out=out,
+        config=TrainConfig(epochs=2, batch_size=64, learning_rate=0.05, eval_every=2),
+        model_kwargs={"width": 4},
+        clean_size=30,
+        progress=False,
+    )
+    return out
+
+
+def test_analyze_writes_json_and_png(digits_checkpoint, tmp_path, capsys):
+    out = tmp_path / "analysis"
+    options = "--num-images 20 --probes 4 --power-iters 30 --lanczos-iters 12 --slq-probes 2"
+    argv = ["analyze", str(digits_checkpoint), "--out", str(out), *options.split()]
+    assert cli.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = json.loads((out / "curvature.json").read_text())
+    assert printed["lambda_max"] == report["lambda_max"]
+    assert report["image_source"] == "clean_indices"
+    assert report["num_images"] == 20
+    stored = json.loads((digits_checkpoint / "metadata.json").read_text())["clean_indices"]
+    assert set(report["image_indices"]) <= set(stored)
+    for key in ("lambda_max", "trace_hessian", "trace_empirical_fisher", "trace_ggn"):
+        assert np.isfinite(report[key]), key
+    assert report["trace_empirical_fisher"] > 0 and report["trace_ggn"] > 0
+    top = report["top_eigenvalues"]
+    assert len(top) == 5 and top == sorted(top, reverse=True)
+    # Power iteration and Lanczos agree on the top of the spectrum.
+    assert report["lambda_max"] == pytest.approx(top[0], rel=0.05)
+    assert all(abs(sum(w) - 1) < 1e-4 for w in report["density"]["weights"])
+    for key in ("git_revision", "machine", "date", "command"):
+        assert key in report
+    with Image.open(out / "spectral_density.png") as image:
+        assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_analyze_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
+    assert cli.main(["analyze", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fippure: error:") and "\n" not in err
