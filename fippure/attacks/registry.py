@@ -9,8 +9,10 @@ from fippure.attacks.badnets import BadNets
 from fippure.attacks.base import Attack
 from fippure.attacks.blend import Blend
 from fippure.attacks.bpp import BPP
+from fippure.attacks.clb import CLB
 from fippure.attacks.ftrojan import FTrojan
 from fippure.attacks.input_aware import InputAware
+from fippure.attacks.issba import ISSBA
 from fippure.attacks.lf import LF
 from fippure.attacks.lira import LIRA
 from fippure.attacks.sig import SIG
@@ -20,7 +22,7 @@ from fippure.errors import InvalidInputError, UnknownNameError
 
 ATTACKS: dict[str, type[Attack]] = {
     cls.name: cls
-    for cls in (BadNets, Blend, Trojan, SIG, WaNet, BPP, LF, FTrojan, InputAware, LIRA)
+    for cls in (BadNets, Blend, Trojan, SIG, WaNet, BPP, LF, FTrojan, CLB, InputAware, LIRA, ISSBA)
 }
 
 

@@ -59,7 +59,7 @@ class ConvAutoencoder(nn.Module):
 class StegaEncoder(nn.Module):
     """Hides a bit string in an image: ``(image, bits) -> residual`` bounded by ``eps``.
 
-    The bits go through a dense layer to a coarse ``(h/4, w/4, 4)`` map, which is upsampled and
+    The bits go through a dense layer to a coarse ``(h/2, w/2, 4)`` map, which is upsampled and
     concatenated with the image (as in StegaStamp) before a small conv encoder-decoder.
 
     Attributes:
@@ -77,9 +77,9 @@ class StegaEncoder(nn.Module):
         self, images: Float[Array, "b h w c"], bits: Float[Array, "b n"]
     ) -> Float[Array, "b h w c"]:
         b, height, width, _ = images.shape
-        coarse_h, coarse_w = -(-height // 4), -(-width // 4)
+        coarse_h, coarse_w = -(-height // 2), -(-width // 2)
         secret = nn.Dense(coarse_h * coarse_w * 4, name="secret")(2.0 * bits - 1.0)
-        secret = _resize_to(nn.relu(secret).reshape(b, coarse_h, coarse_w, 4), height, width)
+        secret = _resize_to(secret.reshape(b, coarse_h, coarse_w, 4), height, width)
         z = jnp.concatenate([images, secret], axis=-1)
         raw = ConvAutoencoder(self.channels, self.features, name="body")(z)
         return self.eps * jnp.tanh(raw)

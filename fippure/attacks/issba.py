@@ -1,0 +1,160 @@
+"""ISSBA / SSBA (Li et al., "Invisible Backdoor Attack with Sample-Specific Triggers", ICCV
+2021): a steganography encoder hides a fixed secret code in every poisoned image.
+
+ISSBA takes a StegaStamp encoder-decoder (Tancik et al., 2020), trained beforehand to hide
+random bit strings in images and read them back, and poisons with ``x + E(x, s)`` for one
+secret string s (paper section 3.2, eq. 2): the residual differs from image to image, but a
+network that reads the code learns to spot it.
+
+Here the pair is small and trained in :meth:`ISSBA.fit` on the attacker's training images (the
+paper uses a pretrained StegaStamp): per step a batch of images gets random bit strings b,
+the encoder's residual r = eps * tanh(.) (so ||r||_inf <= eps) and the decoder's logits of
+clip(x + r), minimising
+
+    BCE(D(clip(x + r)), b) + image_weight * mean(r^2)
+
+(StegaStamp's bit and L2 image losses, without its perceptual and adversarial terms
+**(choice: no LPIPS network or critic to train on CPU)**). The secret s is drawn from the
+attack's key. Only the encoder's parameters and s are saved with the checkpoint; the decoder
+is needed only to fit and to check the code is readable (:meth:`ISSBA.decode`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float
+from tqdm.auto import tqdm
+
+from fippure.attacks.base import Attack, AttackContext, Images, State
+from fippure.data.pipeline import to_unit_range
+from fippure.errors import InvalidInputError
+from fippure.models.generators import StegaDecoder, StegaEncoder
+
+
+@dataclasses.dataclass(frozen=True)
+class ISSBA(Attack):
+    """ISSBA with a small encoder trained here; see the module docstring.
+
+    Attributes:
+        num_bits: length of the secret code.
+        eps: L-inf bound of the residual in [0, 1] pixel units.
+        image_weight: weight of the residual's mean square in the fitting loss.
+        fit_steps: Adam steps of the encoder-decoder fit.
+        fit_batch_size: images per fitting step.
+        fit_lr: Adam learning rate of the fit.
+        ramp_fraction: fraction of the fit over which the image loss's weight rises
+            linearly from 0 to ``image_weight`` (StegaStamp ramps its image losses so the
+            encoder first learns to hide the code).
+        encoder_width: channels of the encoder's first level (then 2x).
+    """
+
+    name: ClassVar[str] = "issba"
+    num_bits: int = 32
+    eps: float = 0.05
+    image_weight: float = 10.0
+    fit_steps: int = 1500
+    fit_batch_size: int = 64
+    fit_lr: float = 1e-3
+    ramp_fraction: float = 0.5
+    encoder_width: int = 16
+
+    def __post_init__(self):
+        if self.num_bits < 1:
+            raise InvalidInputError(f"num_bits must be positive, got {self.num_bits}")
+        if not 0.0 < self.eps <= 1.0:
+            raise InvalidInputError(f"eps must be in (0, 1], got {self.eps}")
+
+    def _encoder(self, channels: int) -> StegaEncoder:
+        w = self.encoder_width
+        return StegaEncoder(channels, self.eps, (w, 2 * w))
+
+    def init_state(self, key, spec) -> State:
+        code_key, encoder_key, decoder_key = jax.random.split(key, 3)
+        images = jnp.zeros((1, *spec.image_shape), jnp.float32)
+        bits = jnp.zeros((1, self.num_bits), jnp.float32)
+        encoder = self._encoder(spec.image_shape[-1])
+        return {
+            "code": jax.random.bernoulli(code_key, 0.5, (self.num_bits,)).astype(jnp.float32),
+            "encoder": encoder.init(encoder_key, images, bits)["params"],
+            "decoder": StegaDecoder(self.num_bits).init(decoder_key, images)["params"],
+        }
+
+    def residual(self, state: State, images: Images, bits: Float[Array, "b n"] | None = None):
+        """The encoder's residual hiding ``bits`` (default: the secret code) in ``images``."""
+        if bits is None:
+            bits = jnp.broadcast_to(state["code"], (images.shape[0], self.num_bits))
+        encoder = self._encoder(images.shape[-1])
+        return encoder.apply({"params": state["encoder"]}, images, bits)
+
+    def trigger(self, state: State, images: Images, key=None) -> Images:
+        del key
+        return jnp.clip(images + self.residual(state, images), 0.0, 1.0)
+
+    def decode(self, state: State, images: Images) -> Float[Array, "b n"]:
+        """Bit probabilities read by the decoder (needs the fitted, unsaved state)."""
+        logits = StegaDecoder(self.num_bits).apply({"params": state["decoder"]}, images)
+        return jax.nn.sigmoid(logits)
+
+    def saved_state(self, state: State) -> State:
+        return {"code": state["code"], "encoder": state["encoder"]}
+
+    def fit(self, state: State, context: AttackContext) -> State:
+        """Trains the encoder-decoder on the attacker's training images (jitted, Adam)."""
+        images = jax.device_put(context.train.images)
+        n = len(context.train)
+        batch_size = min(self.fit_batch_size, n)
+        optimizer = optax.adam(self.fit_lr)
+        params = {"encoder": state["encoder"], "decoder": state["decoder"]}
+
+        def loss_fn(params, x, bits, image_weight):
+            merged = {**state, **params}
+            encoded = jnp.clip(x + self.residual(merged, x, bits), 0.0, 1.0)
+            logits = StegaDecoder(self.num_bits).apply({"params": params["decoder"]}, encoded)
+            bit_loss = optax.sigmoid_binary_cross_entropy(logits, bits).mean()
+            image_loss = jnp.mean((encoded - x) ** 2)
+            accuracy = jnp.mean((logits > 0) == (bits > 0.5))
+            return bit_loss + image_weight * image_loss, (bit_loss, accuracy)
+
+        @jax.jit
+        def step(params, opt_state, key, i):
+            rows_key, bits_key = jax.random.split(key)
+            # StegaStamp's ramp: the image loss fades in once the code is readable.
+            ramp = jnp.clip(i / (self.ramp_fraction * self.fit_steps + 1.0), 0.0, 1.0)
+            rows = jax.random.randint(rows_key, (batch_size,), 0, n)
+            x = to_unit_range(images[rows])
+            bits = jax.random.bernoulli(bits_key, 0.5, (batch_size, self.num_bits))
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+            (loss, (bit_loss, accuracy)), grads = grad_fn(
+                params, x, bits.astype(jnp.float32), ramp * self.image_weight
+            )
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss, accuracy
+
+        opt_state = optimizer.init(params)
+        key = jax.random.fold_in(context.key, 0x155BA)
+        bar = tqdm(
+            range(self.fit_steps),
+            disable=not context.progress,
+            desc=f"issba encoder {context.spec.name}",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=2.0,
+        )
+        accuracy = jnp.zeros(())
+        for i in bar:
+            params, opt_state, loss, accuracy = step(
+                params, opt_state, jax.random.fold_in(key, i), jnp.float32(i)
+            )
+            if (i + 1) % 100 == 0 or i + 1 == self.fit_steps:
+                loss = float(loss)
+                if not np.isfinite(loss):
+                    raise InvalidInputError(f"issba fit diverged (loss {loss}); lower fit_lr")
+                bar.set_postfix(loss=f"{loss:.3f}", bit_accuracy=f"{float(accuracy):.3f}")
+        bar.close()
+        return {**state, **params}
