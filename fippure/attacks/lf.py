@@ -70,7 +70,7 @@ class LF(Attack):
         factor: the pattern has ``ceil(h / factor) x ceil(w / factor)`` degrees of freedom per
             channel (8 x 8 on 32 x 32 images).
         steps: optimisation steps.
-        batch_size: images per step.
+        batch_size: images per step (drawn uniformly, with replacement).
         learning_rate: Adam step size, as a fraction of ``eps``.
     """
 
@@ -128,7 +128,6 @@ class LF(Attack):
         optimizer = optax.adam(self.learning_rate * self.eps)
         coarse = jnp.zeros(self.coarse_shape(spec.image_shape), jnp.float32)
         opt_state = optimizer.init(coarse)
-        batch = min(self.batch_size, len(keep))
 
         def loss_fn(coarse, x, y):
             x = jnp.clip(to_unit_range(x) + self.expand(coarse, h, w), 0.0, 1.0)
@@ -137,7 +136,7 @@ class LF(Attack):
 
         @jax.jit
         def step(coarse, opt_state, key):
-            rows = jax.random.choice(key, images.shape[0], (batch,), replace=False)
+            rows = jax.random.randint(key, (self.batch_size,), 0, images.shape[0])
             grads, hit = jax.grad(loss_fn, has_aux=True)(coarse, images[rows], targets[rows])
             updates, opt_state = optimizer.update(grads, opt_state, coarse)
             coarse = jnp.clip(optax.apply_updates(coarse, updates), -self.eps, self.eps)
