@@ -1,0 +1,105 @@
+"""The phased training loop of jointly trained attacks: order, evaluation, exact resume."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fippure.attacks.joint import Phase, run_phases, unit_batch
+from fippure.data.sources import load_dataset
+from fippure.errors import CheckpointError
+
+BATCH = 128
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", "train")
+
+
+def _phases(epochs=(1, 2)):
+    """Two toy phases whose carry depends on every batch, key and phase."""
+
+    def make_step(scale):
+        @jax.jit
+        def step(carry, images, labels, permutation, index, key):
+            x, y, _ = unit_batch(images, labels, permutation, index, BATCH)
+            noise = jax.random.normal(key, ())
+            value = scale * jnp.mean(x) + 0.01 * noise + 0.001 * jnp.sum(y)
+            carry = {"w": 0.9 * carry["w"] + value, "steps": carry["steps"] + 1}
+            return carry, {"loss": value}
+
+        return step
+
+    return [
+        Phase("first", epochs[0], make_step(1.0), trains_classifier=False),
+        Phase("second", epochs[1], make_step(-2.0)),
+    ]
+
+
+def _carry():
+    return {"w": jnp.zeros(()), "steps": jnp.zeros((), jnp.int32)}
+
+
+def _run(digits, workdir=None, **kw):
+    return run_phases(
+        _phases(),
+        _carry(),
+        digits,
+        batch_size=BATCH,
+        seed=3,
+        fingerprint={"test": 1},
+        workdir=workdir,
+        evaluate=lambda carry: {"w": float(carry["w"])},
+        eval_every=1,
+        progress=False,
+        **kw,
+    )
+
+
+def test_phases_run_in_order_and_evaluate_classifier_epochs(digits):
+    carry, report = _run(digits)
+    steps_per_epoch = len(digits) // BATCH
+    assert int(carry["steps"]) == 3 * steps_per_epoch == report.steps
+    assert report.epochs == 2  # only the second phase trains the classifier
+    assert [h["phase"] for h in report.history] == ["first", "second", "second"]
+    assert [h.get("classifier_epoch") for h in report.history] == [None, 1, 2]
+    assert "w" not in report.history[0] and "w" in report.history[2]
+    assert report.final["w"] == pytest.approx(float(carry["w"]))
+
+
+@pytest.mark.parametrize("stop", [5, 11, 22])  # inside phase 1, at its end, inside phase 2
+def test_interrupted_run_resumes_to_the_same_result(digits, tmp_path, stop):
+    reference, _ = _run(digits)
+    partial, report = _run(digits, tmp_path, stop_after_steps=stop)
+    assert int(partial["steps"]) == stop
+    resumed, report = _run(digits, tmp_path)
+    assert report.resumed_from_step == stop
+    assert int(resumed["steps"]) == int(reference["steps"])
+    np.testing.assert_allclose(float(resumed["w"]), float(reference["w"]), rtol=1e-6)
+    assert [h["epoch"] for h in report.history] == [1, 2, 3]
+    assert report.total_wall_time_s >= report.wall_time_s
+
+
+def test_a_finished_run_is_not_repeated(digits, tmp_path):
+    first, _ = _run(digits, tmp_path)
+    again, report = _run(digits, tmp_path)
+    assert report.resumed_from_step == report.steps
+    assert float(again["w"]) == float(first["w"])
+
+
+def test_another_run_in_the_same_workdir_is_refused(digits, tmp_path):
+    _run(digits, tmp_path, stop_after_steps=2)
+    with pytest.raises(CheckpointError, match="different test"):
+        run_phases(
+            _phases(),
+            _carry(),
+            digits,
+            batch_size=BATCH,
+            seed=3,
+            fingerprint={"test": 2},
+            workdir=tmp_path,
+            progress=False,
+        )
