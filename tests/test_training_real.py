@@ -28,7 +28,7 @@ def cifar10(cifar10_data_dir):
 @pytest.fixture
 def optimized_compilation():
     """Full XLA optimisation for a compute-bound test (conftest turns most of it off)."""
-    previous = jax.config.jax_disable_most_optimizations
+    previous = jax.config.values["jax_disable_most_optimizations"]
     jax.config.update("jax_disable_most_optimizations", False)
     yield
     jax.config.update("jax_disable_most_optimizations", previous)
