@@ -123,7 +123,7 @@ class CLB(Attack):
         variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
         spec = context.spec
         pgd = jax.jit(self._pgd_fn(model, spec))
-        indices, labels = context.plan.indices, context.train.labels[context.plan.indices]
+        indices = context.plan.indices
         out = []
         bar = tqdm(
             total=len(indices),
@@ -135,8 +135,8 @@ class CLB(Attack):
         )
         for start in range(0, len(indices), self.pgd_batch_size):
             rows = indices[start : start + self.pgd_batch_size]
-            images = context.train.images[rows]
-            adversarial = pgd(variables, jnp.asarray(images), jnp.asarray(labels[rows]))
+            images, labels = context.train.images[rows], context.train.labels[rows]
+            adversarial = pgd(variables, jnp.asarray(images), jnp.asarray(labels))
             out.append(self._quantise(images, np.asarray(adversarial)))
             bar.update(len(rows))
         bar.close()
