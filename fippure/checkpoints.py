@@ -108,12 +108,12 @@ def save_checkpoint(
             target.unlink()
     path.mkdir(parents=True, exist_ok=True)
     kept = {k: v for k, v in variables.items() if k in ("params", "batch_stats") and v}
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path / "variables", jax.device_get(kept))
     extras = {k: v for k, v in (extras or {}).items() if jax.tree_util.tree_leaves(v)}
-    for name, tree in extras.items():
-        checkpointer.save(path / "extras" / name, jax.device_get(tree))
-    checkpointer.wait_until_finished()
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path / "variables", jax.device_get(kept))
+        for name, tree in extras.items():
+            checkpointer.save(path / "extras" / name, jax.device_get(tree))
+        checkpointer.wait_until_finished()
     full = {
         "format_version": FORMAT_VERSION,
         "fippure_version": __version__,
@@ -176,24 +176,26 @@ def load_checkpoint(
     expected = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), image_shape))
     if not (path / "variables").is_dir():
         raise CheckpointError(f"corrupt checkpoint {path}: its variables/ directory is missing")
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        stored = checkpointer.metadata(path / "variables").item_metadata
-    except Exception as error:  # orbax raises several types for unreadable directories
-        raise CheckpointError(
-            f"corrupt checkpoint {path}: cannot read variables/ ({_first_line(error)})"
-        ) from None
-    if stored is None:  # orbax returns no tree metadata when it cannot parse the directory
-        raise CheckpointError(f"corrupt checkpoint {path}: cannot read the metadata of variables/")
-    _check_shapes(path, expected, stored, spec["name"], type(model).__name__)
-    try:
-        variables = checkpointer.restore(path / "variables", expected)
-        extras = {
-            name: checkpointer.restore(path / "extras" / name)
-            for name in metadata.get("extras", [])
-        }
-    except Exception as error:
-        raise CheckpointError(f"corrupt checkpoint {path}: {_first_line(error)}") from None
+    with ocp.StandardCheckpointer() as checkpointer:  # closing it stops its event loop cleanly
+        try:
+            stored = checkpointer.metadata(path / "variables").item_metadata
+        except Exception as error:  # orbax raises several types for unreadable directories
+            raise CheckpointError(
+                f"corrupt checkpoint {path}: cannot read variables/ ({_first_line(error)})"
+            ) from None
+        if stored is None:  # orbax returns no tree metadata when it cannot parse the directory
+            raise CheckpointError(
+                f"corrupt checkpoint {path}: cannot read the metadata of variables/"
+            )
+        _check_shapes(path, expected, stored, spec["name"], type(model).__name__)
+        try:
+            variables = checkpointer.restore(path / "variables", expected)
+            extras = {
+                name: checkpointer.restore(path / "extras" / name)
+                for name in metadata.get("extras", [])
+            }
+        except Exception as error:
+            raise CheckpointError(f"corrupt checkpoint {path}: {_first_line(error)}") from None
     return Checkpoint(model, dict(variables), metadata, extras, path)
 
 
