@@ -52,6 +52,14 @@ def clean_size(text: str) -> int | float:
     raise argparse.ArgumentTypeError(f"expected a count >= 1 or a fraction in (0, 1), got {text}")
 
 
+def key_value(text: str) -> tuple[str, str]:
+    """Parses ``KEY=VALUE`` options (``--set``, ``--option``)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -11,9 +11,9 @@ HELP = "train a backdoored model (resumes if --out holds an interrupted run)"
 
 def attack_option(text: str) -> tuple[str, object]:
     """Parses ``--option key=value`` (value as JSON when possible, else a string)."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    key, value = text.split("=", 1)
+    from fippure.cli import key_value
+
+    key, value = key_value(text)
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:

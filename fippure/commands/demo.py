@@ -31,6 +31,8 @@ DIGITS_FIP = {
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from fippure.cli import key_value
+
     parser.add_argument("--dataset", default="cifar10", choices=("cifar10", "digits"))
     parser.add_argument(
         "--checkpoint",
@@ -49,12 +51,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None, help="TFDS data directory ($TFDS_DATA_DIR)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
-
-
-def _key_value(text: str) -> tuple[str, str]:
-    from fippure.commands.purify import key_value
-
-    return key_value(text)
 
 
 def run(args: argparse.Namespace) -> int:

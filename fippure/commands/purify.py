@@ -9,15 +9,8 @@ NAME = "purify"
 HELP = "purify a backdoored checkpoint with a defense and report ACC/ASR/RA/DER"
 
 
-def key_value(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), value.strip()
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
-    from fippure.cli import clean_size
+    from fippure.cli import clean_size, key_value
 
     parser.add_argument("--checkpoint", required=True, help="a fippure attack checkpoint")
     parser.add_argument("--defense", required=True, help="defense name (fip, nft, ...)")
