@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fippure.attacks import AttackContext, make_attack, make_poison_plan
+from fippure.attacks import AttackContext, make_attack, make_poison_plan, triggered_test_set
 from fippure.data.catalog import get_spec
 from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError
@@ -20,8 +20,8 @@ def _images(n=4, shape=(32, 32, 3), seed=0):
 
 
 def _changed(a, b):
-    """Pixels (h, w) where any channel of any image differs."""
-    return np.any(np.asarray(a) != np.asarray(b), axis=(0, 3))
+    """Pixels (h, w) where any channel of any image differs (beyond float rounding)."""
+    return np.any(np.abs(np.asarray(a) - np.asarray(b)) > 1e-6, axis=(0, 3))
 
 
 def test_badnets_changes_only_the_bottom_right_3x3_corner():
@@ -143,3 +143,25 @@ def test_sig_poisons_only_target_class_training_images():
     np.testing.assert_allclose(
         np.asarray(out[changed]), np.asarray(attack.trigger({}, x[changed], None)), atol=1e-6
     )
+
+
+@pytest.mark.parametrize("mode", ["all_to_one", "all_to_all"])
+def test_trojan_triggered_test_set(mode):
+    rng = np.random.default_rng(0)
+    labels = np.arange(30, dtype=np.int32) % 10
+    images = rng.integers(0, 256, (30, 32, 32, 3)).astype(np.uint8)
+    test = ImageDataset(images, labels, CIFAR, "test")
+    attack = make_attack("trojan")
+    state = attack.init_state(jax.random.key(0), CIFAR)
+    triggered = triggered_test_set(attack, state, test, target=2, mode=mode)
+    if mode == "all_to_one":  # target-class images are left out
+        np.testing.assert_array_equal(triggered.source_indices, np.flatnonzero(labels != 2))
+        np.testing.assert_array_equal(triggered.target_labels, 2)
+    else:  # every image, each to the next class
+        np.testing.assert_array_equal(triggered.source_indices, np.arange(30))
+        np.testing.assert_array_equal(triggered.target_labels, (labels + 1) % 10)
+    np.testing.assert_array_equal(triggered.true_labels, labels[triggered.source_indices])
+    clean = images[triggered.source_indices].astype(np.float32) / 255.0
+    expected = np.zeros((32, 32), bool)
+    expected[26:31, 26:31] = True
+    np.testing.assert_array_equal(_changed(triggered.images, clean), expected)
