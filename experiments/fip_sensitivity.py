@@ -20,7 +20,7 @@ from purify_benchmark import RESULTS, load_attack, run_one
 
 RUNS = RESULTS / "fip_sensitivity_runs"
 
-#: name -> FIP overrides (besides steps).
+#: name -> FIP overrides (besides steps); names starting with ``fast_`` run Fast FIP.
 GRID = {
     "ft_lr0.005": {"learning_rate": "0.005", "eta_F": "0", "eta_r": "0"},
     "fip_lr0.005_eta0.1": {"learning_rate": "0.005", "eta_F": "0.1"},
@@ -29,6 +29,9 @@ GRID = {
     "ft_lr0.001": {"learning_rate": "0.001", "eta_F": "0", "eta_r": "0"},
     "fip_lr0.001_eta1": {"learning_rate": "0.001", "eta_F": "1"},
     "fip_lr0.001_eta3": {"learning_rate": "0.001", "eta_F": "3"},
+    "fip_lr0.005_eta1_frozenbn": {"learning_rate": "0.005", "eta_F": "1", "bn_train": "false"},
+    "fast_fip_lr0.05_eta1": {"learning_rate": "0.05", "eta_F": "1"},
+    "fast_fip_lr0.5_eta1": {"learning_rate": "0.5", "eta_F": "1"},
 }
 
 
