@@ -17,7 +17,10 @@ Measures, in one run, on ``preact_resnet18`` width 16 with a batch of 128 CIFAR-
   (eval mode, SPEC section 2's choice; 1 Rademacher probe), differentiated and applied;
   ``trace_step_shared`` evaluates both terms on one eval-mode pass (the CE is the mean of the
   per-example losses that the jvp's primal already holds);
-- the Lanczos loop drivers (``"python"`` vs ``"fori"``) on the HVP operator.
+  ``trace_step_half`` takes the penalty on half of the batch (an unbiased, noisier estimate);
+- the Lanczos loop drivers (``"python"`` vs ``"fori"``) on the HVP operator;
+- the gradient of the trace penalty with 1 and 4 probes, looped (the library default) vs
+  ``jax.vmap``-ed: compile and run time.
 
 Each function is compiled first, then the functions are timed round-robin (one call of each
 per round, so contention from other jobs hits them alike) and the median over rounds is kept;
@@ -104,6 +107,19 @@ def make_functions(model, variables, eta: float = 1e-3):
         return optax.apply_updates(params, updates), new_stats, opt_state, loss
 
     @jax.jit
+    def trace_step_half(params, batch_stats, opt_state, x, y, key):
+        half = x.shape[0] // 2
+
+        def loss_fn(p):
+            ce, new_stats = train_ce(p, batch_stats, x, y)
+            penalty = empirical_fisher_trace(per_example, p, (x[:half], y[:half]), key, 1)
+            return ce + eta * penalty, new_stats
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
+    @jax.jit
     def trace_step_shared(params, batch_stats, opt_state, x, y, key):
         def loss_fn(p):
             v = rademacher_like(key, p)
@@ -140,6 +156,8 @@ def make_functions(model, variables, eta: float = 1e-3):
         "grad_step": grad_step,
         "trace_step": trace_step,
         "trace_step_shared": trace_step_shared,
+        "trace_step_half": trace_step_half,
+        "per_example": per_example,
         "fvp": fvp,
         "fvp_jvp_vjp": fvp_jvp_vjp,
         "hvp": hvp_one,
@@ -176,6 +194,7 @@ def measure_products(model, variables, images, labels, key, repeats: int) -> dic
         "hvp_reused": lambda: fns["apply_operator"](hvp_op, vector),
         "trace_step": lambda: fns["trace_step"](*step_args),
         "trace_step_shared": lambda: fns["trace_step_shared"](*step_args),
+        "trace_step_half": lambda: fns["trace_step_half"](*step_args),
     }
     compile_s = {}
     for name, call in calls.items():
@@ -223,6 +242,33 @@ def measure_lanczos(model, variables, images, labels, key, steps: int, repeats: 
     return out
 
 
+def measure_probes(model, variables, images, labels, key, repeats: int) -> dict:
+    """Gradient of the trace penalty with K probes: looped (default) vs ``jax.vmap``-ed."""
+    per_example = make_functions(model, variables)["per_example"]
+    params = variables["params"]
+    out = {}
+    for num_probes in (1, 4):
+        for vmap in (False, True):
+            fn = jax.jit(
+                jax.grad(
+                    lambda p, k, n=num_probes, v=vmap: empirical_fisher_trace(
+                        per_example, p, (images, labels), k, n, vmap_probes=v
+                    )
+                )
+            )
+            start = time.perf_counter()
+            compiled = fn.lower(params, key).compile()
+            compile_s = time.perf_counter() - start
+            timed(compiled, params, key)
+            times = [timed(compiled, params, key) for _ in range(repeats)]
+            out[f"{num_probes}_probes_{'vmap' if vmap else 'loop'}"] = {
+                "compile_s": compile_s,
+                "median_ms": 1e3 * statistics.median(times),
+                "times_ms": [round(1e3 * t, 1) for t in times],
+            }
+    return out
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -241,6 +287,7 @@ def write_markdown(result: dict, path: pathlib.Path) -> None:
         ("Hessian-vector product from a linearised operator", "hvp_reused"),
         ("trace-penalty step, CE train mode + TrF eval mode (SPEC)", "trace_step"),
         ("trace-penalty step, one shared eval-mode pass", "trace_step_shared"),
+        ("trace-penalty step, TrF on half the batch", "trace_step_half"),
     ]
     lines = [
         "# Curvature cost relative to a plain gradient step",
@@ -260,6 +307,16 @@ def write_markdown(result: dict, path: pathlib.Path) -> None:
         lines.append(
             f"| {label} | {p[name]['median_ms']:.1f} | {p[name]['median_of_round_ratios']:.2f} |"
         )
+    lines += [
+        "",
+        "Trace-penalty step every 5th step (SPEC section 2's option), amortised: "
+        f"{result['trace_step_every_5_amortised']:.2f}x a gradient step.",
+        "",
+        "Gradient of the trace penalty, looped vs vmapped probes (compile s / run ms):",
+        "",
+    ]
+    for name, row in result["probes"].items():
+        lines.append(f"- {name}: {row['compile_s']:.1f} s / {row['median_ms']:.0f} ms")
     lz = result["lanczos_loop"]
     lines += [
         "",
@@ -278,8 +335,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--lanczos-steps", type=int, default=10)
-    parser.add_argument("--lanczos-repeats", type=int, default=3)
+    parser.add_argument("--lanczos-steps", type=int, default=4)
+    parser.add_argument("--lanczos-repeats", type=int, default=1)
+    parser.add_argument("--probe-repeats", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS / "curvature_cost.json"))
     args = parser.parse_args()
 
@@ -289,13 +347,17 @@ def main() -> None:
     lanczos_loop = measure_lanczos(
         model, variables, images, labels, key, args.lanczos_steps, args.lanczos_repeats
     )
+    probes = measure_probes(model, variables, images, labels, key, args.probe_repeats)
     after = load_average()
+    trace_ratio = products["trace_step"]["median_of_round_ratios"]
     result = {
         "width": args.width,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "products": products,
+        "trace_step_every_5_amortised": (4 + trace_ratio) / 5,
         "lanczos_loop": lanczos_loop,
+        "probes": probes,
         "load_average_before": before,
         "load_average_after": after,
         "aims": {"ggn_vp": 1.5, "trace_step": 2.5},

@@ -29,16 +29,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from fippure.curvature.probes import rademacher_like
+from fippure.curvature.probes import map_probes, rademacher_like
 from fippure.curvature.products import LogitsFn, PerExampleLossFn
 from fippure.errors import InvalidInputError
 
 PyTree = Any
-
-
-def _probe_batch(key: PRNGKeyArray, like: PyTree, num_probes: int) -> PyTree:
-    """``num_probes`` Rademacher probes stacked on a leading axis."""
-    return jax.vmap(lambda k: rademacher_like(k, like))(jax.random.split(key, num_probes))
 
 
 def empirical_fisher_trace(
@@ -47,12 +42,15 @@ def empirical_fisher_trace(
     batch: Any,
     key: PRNGKeyArray,
     num_probes: int = 1,
+    *,
+    vmap_probes: bool = False,
 ) -> Float[Array, ""]:
     """The differentiable estimate ``TrF_hat = mean_k mean_i (J v_k)_i^2`` of ``Tr F_emp``.
 
     SPEC section 2's penalty: ``J`` is the Jacobian of the per-example losses, ``v_k`` are
-    Rademacher probes, and each ``J v_k`` is one ``jax.jvp`` (the primal pass is shared by all
-    probes). ``jax.grad`` of this function gives an unbiased estimate of ``grad Tr F_emp``.
+    Rademacher probes, and each ``J v_k`` is a forward-mode product (the per-example losses are
+    linearised once and the linearisation is shared by all probes). ``jax.grad`` of this
+    function gives an unbiased estimate of ``grad Tr F_emp``.
 
     Args:
         per_example_loss_fn: ``(params, batch) -> (n,)`` per-example negative log-likelihoods
@@ -61,15 +59,18 @@ def empirical_fisher_trace(
         batch: the data the function reads (labels included).
         key: random key for the probes; use a fresh one every step.
         num_probes: K.
+        vmap_probes: vectorise the probes with ``jax.vmap`` (tiny models, many probes); the
+            default loop compiles and runs faster for convnets on XLA:CPU.
 
     Returns:
         The scalar estimate.
     """
-    probes = _probe_batch(key, params, num_probes)
-    tangents = jax.vmap(
-        lambda v: jax.jvp(lambda p: per_example_loss_fn(p, batch), (params,), (v,))[1]
-    )(probes)
-    return jnp.mean(tangents**2)
+    _, jvp_fn = jax.linearize(lambda p: per_example_loss_fn(p, batch), params)
+
+    def one(probe_key):
+        return jnp.mean(jvp_fn(rademacher_like(probe_key, params)) ** 2)
+
+    return jnp.mean(map_probes(one, key, num_probes, vmap_probes))
 
 
 def true_fisher_trace(
@@ -78,14 +79,17 @@ def true_fisher_trace(
     batch: Any,
     key: PRNGKeyArray,
     num_probes: int = 1,
+    *,
+    vmap_probes: bool = False,
 ) -> Float[Array, ""]:
     """``TrF_hat`` with labels sampled from the model: an estimate of the true Fisher's trace.
 
     For each probe ``v_k``, labels ``y_ki ~ softmax(stop_gradient(logits_i))`` are drawn and
     ``u_ki = <grad log p(y_ki | x_i), v_k> = U_i[y_ki] - <p_i, U_i>`` with ``U = J_logits v_k``
-    from one jvp; the estimate is ``mean_k mean_i u_ki^2``. Its expectation over labels and
-    probes is ``Tr G`` (:func:`fippure.curvature.trace.ggn_trace` estimates the same trace
-    without sampling labels). Differentiable with ``jax.grad`` (labels held fixed).
+    (forward mode, one shared linearisation); the estimate is ``mean_k mean_i u_ki^2``. Its
+    expectation over labels and probes is ``Tr G`` (:func:`fippure.curvature.trace.ggn_trace`
+    estimates the same trace without sampling labels). Differentiable with ``jax.grad``
+    (labels held fixed).
 
     Args:
         logits_fn: ``(params, batch) -> (n, K)``.
@@ -93,22 +97,23 @@ def true_fisher_trace(
         batch: the data ``logits_fn`` reads (labels are not used).
         key: random key for the probes and the sampled labels.
         num_probes: K.
+        vmap_probes: vectorise the probes with ``jax.vmap``.
 
     Returns:
         The scalar estimate.
     """
-    probe_key, label_key = jax.random.split(key)
-    probes = _probe_batch(probe_key, params, num_probes)
-    logits, tangents = jax.vmap(
-        lambda v: jax.jvp(lambda p: logits_fn(p, batch), (params,), (v,)), out_axes=(None, 0)
-    )(probes)
-    labels = jax.random.categorical(
-        label_key, jax.lax.stop_gradient(logits), shape=(num_probes, *logits.shape[:-1])
-    )
+    logits, jvp_fn = jax.linearize(lambda p: logits_fn(p, batch), params)
     probs = jax.nn.softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(tangents, labels[..., None], axis=-1)[..., 0]
-    u = picked - jnp.sum(probs * tangents, axis=-1)
-    return jnp.mean(u**2)
+    frozen = jax.lax.stop_gradient(logits)
+
+    def one(probe_key):
+        direction_key, label_key = jax.random.split(probe_key)
+        tangents = jvp_fn(rademacher_like(direction_key, params))
+        labels = jax.random.categorical(label_key, frozen)
+        picked = jnp.take_along_axis(tangents, labels[..., None], axis=-1)[..., 0]
+        return jnp.mean((picked - jnp.sum(probs * tangents, axis=-1)) ** 2)
+
+    return jnp.mean(map_probes(one, key, num_probes, vmap_probes))
 
 
 def _leading_size(batch: Any) -> int:

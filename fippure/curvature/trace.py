@@ -10,9 +10,10 @@ For the GGN there is a cheaper form that needs forward-mode products only:
 ``||H_z^{1/2} J v||^2`` without a square root). The empirical-Fisher analogue is
 :func:`fippure.curvature.fisher.empirical_fisher_trace`.
 
-All functions vectorise over probes with ``jax.vmap`` (memory grows with ``num_probes``; for
-many probes on a large network, call them several times with different keys and average).
-They are jit-able; operators from ``make_*_operator`` are pytrees and can be passed into a
+Probes run one after the other by default (:func:`~fippure.curvature.probes.map_probes`; the
+network is linearised once and shared); ``vmap_probes=True`` vectorises them, which is faster for
+tiny models and many probes but compiles badly for convnets on XLA:CPU. All functions are
+jit-able; operators from ``make_*_operator`` are pytrees and can be passed into a
 jitted caller as ordinary arguments, e.g.
 ``jax.jit(hutchinson_trace, static_argnames="num_probes")(op, params, key, num_probes=8)``.
 """
@@ -25,14 +26,19 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from fippure.curvature.probes import rademacher_like, tree_dot
+from fippure.curvature.probes import map_probes, rademacher_like, tree_dot
 from fippure.curvature.products import LogitsFn, Operator
 
 PyTree = Any
 
 
 def hutchinson_samples(
-    matvec: Operator, like: PyTree, key: PRNGKeyArray, num_probes: int = 1
+    matvec: Operator,
+    like: PyTree,
+    key: PRNGKeyArray,
+    num_probes: int = 1,
+    *,
+    vmap_probes: bool = False,
 ) -> Float[Array, " num_probes"]:
     """The per-probe values ``v_k^T A v_k`` of Hutchinson's estimator (Rademacher ``v_k``).
 
@@ -44,6 +50,7 @@ def hutchinson_samples(
         like: a pytree with the parameters' structure, shapes and dtypes.
         key: random key for the probes.
         num_probes: number of probes K.
+        vmap_probes: vectorise the probes with ``jax.vmap`` (see the module docstring).
 
     Returns:
         ``(K,)`` array.
@@ -53,11 +60,16 @@ def hutchinson_samples(
         probe = rademacher_like(probe_key, like)
         return tree_dot(probe, matvec(probe))
 
-    return jax.vmap(one)(jax.random.split(key, num_probes))
+    return map_probes(one, key, num_probes, vmap_probes)
 
 
 def hutchinson_trace(
-    matvec: Operator, like: PyTree, key: PRNGKeyArray, num_probes: int = 1
+    matvec: Operator,
+    like: PyTree,
+    key: PRNGKeyArray,
+    num_probes: int = 1,
+    *,
+    vmap_probes: bool = False,
 ) -> Float[Array, ""]:
     """Hutchinson's estimate of ``Tr(A)`` from ``num_probes`` Rademacher probes.
 
@@ -66,15 +78,21 @@ def hutchinson_trace(
         like: a pytree shaped like the parameters.
         key: random key for the probes.
         num_probes: number of probes.
+        vmap_probes: vectorise the probes with ``jax.vmap``.
 
     Returns:
         The unbiased estimate (a scalar).
     """
-    return jnp.mean(hutchinson_samples(matvec, like, key, num_probes))
+    return jnp.mean(hutchinson_samples(matvec, like, key, num_probes, vmap_probes=vmap_probes))
 
 
 def hutchinson_diagonal(
-    matvec: Operator, like: PyTree, key: PRNGKeyArray, num_probes: int = 1
+    matvec: Operator,
+    like: PyTree,
+    key: PRNGKeyArray,
+    num_probes: int = 1,
+    *,
+    vmap_probes: bool = False,
 ) -> PyTree:
     """Estimate of ``diag(A)`` as ``mean_k v_k * (A v_k)`` (Bekas et al. 2007).
 
@@ -83,6 +101,7 @@ def hutchinson_diagonal(
         like: a pytree shaped like the parameters.
         key: random key for the probes.
         num_probes: number of Rademacher probes.
+        vmap_probes: vectorise the probes with ``jax.vmap``.
 
     Returns:
         A pytree shaped like ``like``: the unbiased diagonal estimate.
@@ -92,17 +111,23 @@ def hutchinson_diagonal(
         probe = rademacher_like(probe_key, like)
         return jax.tree_util.tree_map(jnp.multiply, probe, matvec(probe))
 
-    samples = jax.vmap(one)(jax.random.split(key, num_probes))
+    samples = map_probes(one, key, num_probes, vmap_probes)
     return jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), samples)
 
 
 def ggn_trace_samples(
-    logits_fn: LogitsFn, params: PyTree, batch: Any, key: PRNGKeyArray, num_probes: int = 1
+    logits_fn: LogitsFn,
+    params: PyTree,
+    batch: Any,
+    key: PRNGKeyArray,
+    num_probes: int = 1,
+    *,
+    vmap_probes: bool = False,
 ) -> Float[Array, " num_probes"]:
     """Per-probe values ``v^T G v`` of the GGN (true Fisher), computed with jvps only.
 
-    ``v^T G v = (1/n) sum_i [sum_k p_ik u_ik^2 - (sum_k p_ik u_ik)^2]`` with ``u = J v`` from one
-    ``jax.jvp`` through the logits (the primal forward pass is shared by all probes).
+    ``v^T G v = (1/n) sum_i [sum_k p_ik u_ik^2 - (sum_k p_ik u_ik)^2]`` with ``u = J v`` from the
+    forward linearisation of the logits (one primal pass shared by all probes).
     Differentiable with ``jax.grad``.
 
     Args:
@@ -111,26 +136,34 @@ def ggn_trace_samples(
         batch: the data ``logits_fn`` reads.
         key: random key for the Rademacher probes.
         num_probes: number of probes.
+        vmap_probes: vectorise the probes with ``jax.vmap``.
 
     Returns:
         ``(num_probes,)`` array.
     """
-
-    def tangents(probe):
-        return jax.jvp(lambda p: logits_fn(p, batch), (params,), (probe,))
-
-    probes = jax.vmap(lambda k: rademacher_like(k, params))(jax.random.split(key, num_probes))
-    logits, u = jax.vmap(tangents, out_axes=(None, 0))(probes)
+    logits, jvp_fn = jax.linearize(lambda p: logits_fn(p, batch), params)
     probs = jax.nn.softmax(logits, axis=-1)
-    quad = jnp.sum(probs * u**2, axis=-1) - jnp.sum(probs * u, axis=-1) ** 2
-    return jnp.mean(quad.reshape(num_probes, -1), axis=-1)
+
+    def one(probe_key):
+        u = jvp_fn(rademacher_like(probe_key, params))
+        quad = jnp.sum(probs * u**2, axis=-1) - jnp.sum(probs * u, axis=-1) ** 2
+        return jnp.mean(quad)
+
+    return map_probes(one, key, num_probes, vmap_probes)
 
 
 def ggn_trace(
-    logits_fn: LogitsFn, params: PyTree, batch: Any, key: PRNGKeyArray, num_probes: int = 1
+    logits_fn: LogitsFn,
+    params: PyTree,
+    batch: Any,
+    key: PRNGKeyArray,
+    num_probes: int = 1,
+    *,
+    vmap_probes: bool = False,
 ) -> Float[Array, ""]:
     """Hutchinson's estimate of ``Tr(G)`` (GGN = true Fisher) from jvps only.
 
     See :func:`ggn_trace_samples`.
     """
-    return jnp.mean(ggn_trace_samples(logits_fn, params, batch, key, num_probes))
+    samples = ggn_trace_samples(logits_fn, params, batch, key, num_probes, vmap_probes=vmap_probes)
+    return jnp.mean(samples)

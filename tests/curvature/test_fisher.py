@@ -61,7 +61,7 @@ def test_trace_penalty_gradient_is_unbiased(problem, dense):
     estimate = jax.jit(
         jax.grad(
             lambda p: fisher.empirical_fisher_trace(
-                problem.per_example_loss_fn, p, problem.batch, jax.random.key(9), 3000
+                problem.per_example_loss_fn, p, problem.batch, jax.random.key(9), 3000, vmap_probes=True
             )
         )
     )(problem.params)

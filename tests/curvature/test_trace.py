@@ -44,7 +44,9 @@ def test_hutchinson_samples_are_exact_quadratic_forms(problem, dense, kind):
 def test_hutchinson_trace_converges_to_dense_trace(problem, dense, kind):
     num_probes = 2000
     estimate = jax.jit(
-        lambda p, k: trace.hutchinson_trace(operators(problem)[kind], p, k, num_probes)
+        lambda p, k: trace.hutchinson_trace(
+            operators(problem)[kind], p, k, num_probes, vmap_probes=True
+        )
     )(problem.params, jax.random.key(0))
     matrix = getattr(dense, kind)
     error = hutchinson_standard_error(matrix, num_probes)
@@ -56,7 +58,9 @@ def test_hutchinson_diagonal_converges(problem, dense):
     num_probes = 4000
     matrix = dense.ggn
     estimate = jax.jit(
-        lambda p, k: trace.hutchinson_diagonal(operators(problem)["ggn"], p, k, num_probes)
+        lambda p, k: trace.hutchinson_diagonal(
+            operators(problem)["ggn"], p, k, num_probes, vmap_probes=True
+        )
     )(problem.params, jax.random.key(1))
     assert jax.tree_util.tree_structure(estimate) == jax.tree_util.tree_structure(problem.params)
     # Var of v_i (A v)_i is sum_{j != i} A_ij^2.
@@ -76,7 +80,9 @@ def test_ggn_trace_needs_only_jvps_and_matches_the_operator(problem, dense):
         lambda p, k: trace.hutchinson_samples(operators(problem)["ggn"], p, k, 5)
     )(problem.params, key)
     np.testing.assert_allclose(jvp_only, with_operator, rtol=1e-9)
-    estimate = jax.jit(lambda p, k: trace.ggn_trace(problem.logits_fn, p, problem.batch, k, 2000))(
+    estimate = jax.jit(lambda p, k: trace.ggn_trace(
+            problem.logits_fn, p, problem.batch, k, 2000, vmap_probes=True
+        ))(
         problem.params, jax.random.key(8)
     )
     assert abs(float(estimate) - np.trace(dense.ggn)) <= 4 * hutchinson_standard_error(
@@ -106,7 +112,9 @@ def test_empirical_fisher_trace_per_probe_is_exact(problem, dense):
 def test_true_fisher_trace_is_unbiased_for_the_ggn_trace(problem, dense):
     num_probes = 4000
     estimate = jax.jit(
-        lambda p, k: fisher.true_fisher_trace(problem.logits_fn, p, problem.batch, k, num_probes)
+        lambda p, k: fisher.true_fisher_trace(
+            problem.logits_fn, p, problem.batch, k, num_probes, vmap_probes=True
+        )
     )(problem.params, jax.random.key(5))
     # Sampling labels adds variance on top of the probes; bound it empirically from the
     # per-probe values of the same estimator.
@@ -120,3 +128,23 @@ def test_true_fisher_trace_is_unbiased_for_the_ggn_trace(problem, dense):
     error = np.std(per_probe) / np.sqrt(num_probes)
     assert abs(float(estimate) - np.trace(dense.ggn)) <= 5 * error
     assert error < 0.1 * np.trace(dense.ggn)
+
+
+def test_looped_and_vmapped_probes_agree(problem):
+    key = jax.random.key(12)
+    for fn in (
+        lambda p, v: fisher.empirical_fisher_trace(
+            problem.per_example_loss_fn, p, problem.batch, key, 3, vmap_probes=v
+        ),
+        lambda p, v: fisher.true_fisher_trace(
+            problem.logits_fn, p, problem.batch, key, 3, vmap_probes=v
+        ),
+        lambda p, v: trace.ggn_trace_samples(
+            problem.logits_fn, p, problem.batch, key, 3, vmap_probes=v
+        ),
+        lambda p, v: trace.hutchinson_samples(operators(problem)["hessian"], p, key, 3,
+                                              vmap_probes=v),
+    ):
+        looped = jax.jit(lambda p, fn=fn: fn(p, False))(problem.params)
+        vmapped = jax.jit(lambda p, fn=fn: fn(p, True))(problem.params)
+        np.testing.assert_allclose(looped, vmapped, rtol=1e-10)
