@@ -26,8 +26,13 @@ Each function is compiled first, then the functions are timed round-robin (one c
 per round, so contention from other jobs hits them alike) and the median over rounds is kept;
 ratios are also taken within each round and their median reported. Inputs are random (timings
 do not depend on the values). Writes ``experiments/results/curvature_cost.json`` and ``.md``.
-Expected: FVP around 1.5x a gradient step, HVP 2-3x, the SPEC-default trace step about 3-4x
-and the shared-pass trace step about 2-2.5x (see the result files for what was measured).
+Result (experiments/results/curvature_cost.md, 2 contended CPU cores): GGN-vector product
+1.2x a gradient step (aim <= 1.5x: met); HVP 2.0x; the SPEC-default trace-penalty step 3.3x
+(aim <= 2.5x: missed, because CE in train mode and the penalty in eval mode are two separate
+network passes and the penalty's reverse-over-forward gradient alone costs about 2x); the
+shared eval-mode pass 2.1x, the penalty on half the batch 2.2x, and the penalty every 5th
+step 1.5x amortised all meet it. Lanczos: ``lax.fori_loop`` about 50x slower than the
+Python-driven loop.
 """
 
 from __future__ import annotations

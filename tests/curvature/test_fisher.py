@@ -43,7 +43,7 @@ def test_trace_penalty_gradient_matches_finite_differences(problem, estimator):
         "true": lambda p: fisher.true_fisher_trace(problem.logits_fn, p, problem.batch, key, 2),
         "ggn": lambda p: trace.ggn_trace(problem.logits_fn, p, problem.batch, key, 2),
     }[estimator]
-    check_grads(jax.jit(fn), (problem.params,), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+    check_grads(jax.jit(fn), (problem.params,), order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
 
 
 def test_trace_penalty_gradient_is_unbiased(problem, dense):
@@ -61,7 +61,12 @@ def test_trace_penalty_gradient_is_unbiased(problem, dense):
     estimate = jax.jit(
         jax.grad(
             lambda p: fisher.empirical_fisher_trace(
-                problem.per_example_loss_fn, p, problem.batch, jax.random.key(9), 3000, vmap_probes=True
+                problem.per_example_loss_fn,
+                p,
+                problem.batch,
+                jax.random.key(9),
+                3000,
+                vmap_probes=True,
             )
         )
     )(problem.params)

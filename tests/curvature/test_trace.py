@@ -80,11 +80,9 @@ def test_ggn_trace_needs_only_jvps_and_matches_the_operator(problem, dense):
         lambda p, k: trace.hutchinson_samples(operators(problem)["ggn"], p, k, 5)
     )(problem.params, key)
     np.testing.assert_allclose(jvp_only, with_operator, rtol=1e-9)
-    estimate = jax.jit(lambda p, k: trace.ggn_trace(
-            problem.logits_fn, p, problem.batch, k, 2000, vmap_probes=True
-        ))(
-        problem.params, jax.random.key(8)
-    )
+    estimate = jax.jit(
+        lambda p, k: trace.ggn_trace(problem.logits_fn, p, problem.batch, k, 2000, vmap_probes=True)
+    )(problem.params, jax.random.key(8))
     assert abs(float(estimate) - np.trace(dense.ggn)) <= 4 * hutchinson_standard_error(
         dense.ggn, 2000
     )
@@ -142,8 +140,9 @@ def test_looped_and_vmapped_probes_agree(problem):
         lambda p, v: trace.ggn_trace_samples(
             problem.logits_fn, p, problem.batch, key, 3, vmap_probes=v
         ),
-        lambda p, v: trace.hutchinson_samples(operators(problem)["hessian"], p, key, 3,
-                                              vmap_probes=v),
+        lambda p, v: trace.hutchinson_samples(
+            operators(problem)["hessian"], p, key, 3, vmap_probes=v
+        ),
     ):
         looped = jax.jit(lambda p, fn=fn: fn(p, False))(problem.params)
         vmapped = jax.jit(lambda p, fn=fn: fn(p, True))(problem.params)
