@@ -36,9 +36,10 @@ ZOO = ROOT / "zoo" / "cifar10" / "preact_resnet18_w16"
 CORE_ATTACKS = ("badnets", "blend", "trojan", "sig", "wanet", "input_aware")
 OTHER_ATTACKS = ("clb", "lira", "issba", "bpp", "lf", "ftrojan", "trojan_all_to_all")
 
-#: Reduced budgets on 2 CPU cores (SPEC: FIP 2000 steps, NFT 1000, NGF 2000).
-STEPS = {"fip": 300, "fast_fip": 300, "ft": 300, "ft_sam": 300, "nft": 300, "ngf": 2000}
-FULL_STEPS = {"fip": 2000, "fast_fip": 2000, "nft": 1000}
+#: Budgets on 2 CPU cores: NFT and NGF run SPEC's full budgets (1000 and 2000 steps; they are
+#: cheap), the whole-network methods a reduced one (SPEC: FIP 2000 steps).
+STEPS = {"fip": 300, "fast_fip": 300, "ft": 300, "ft_sam": 300, "nft": 1000, "ngf": 2000}
+FULL_STEPS = {"fip": 2000, "fast_fip": 2000}
 
 #: One configuration per method, at its default and at a gentle learning rate. FT and FT-SAM
 #: use FIP's optimiser (constant lr, momentum 0.95, no weight decay) at FIP's two rates.
@@ -92,9 +93,12 @@ def run_one(
     from fippure.purify.runner import run_defense
 
     path = runs / f"{run_key(attack, method, setting, seed, tag)}.json"
-    if path.exists():
-        return json.loads(path.read_text())
     overrides = overrides if overrides is not None else overrides_for(method, setting, steps)
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("overrides") == overrides:
+            return cached
+        print(f"{path.name}: configuration changed; running again", flush=True)
     result = run_defense(
         backdoored,
         method,
