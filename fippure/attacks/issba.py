@@ -60,7 +60,7 @@ class ISSBA(Attack):
     image_weight: float = 10.0
     fit_steps: int = 1500
     fit_batch_size: int = 64
-    fit_lr: float = 1e-3
+    fit_lr: float = 2e-3
     ramp_fraction: float = 0.5
     encoder_width: int = 16
 
