@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 from jaxtyping import Array, Float
 
 from fippure.attacks.base import Attack, AttackContext, Images, State
@@ -72,7 +73,9 @@ def diversity_loss(
     inputs and masks as they are, in [0, 1].
     """
     dx = jnp.sqrt(jnp.mean((inputs - others) ** 2, axis=(1, 2, 3)))
-    dg = jnp.sqrt(jnp.mean((outputs - other_outputs) ** 2, axis=(1, 2, 3)))
+    # Under the square root, _EPS**2 keeps the gradient finite when two outputs coincide
+    # (d sqrt(u)/du is infinite at u = 0, which turned a collapsed generator into NaNs).
+    dg = jnp.sqrt(jnp.mean((outputs - other_outputs) ** 2, axis=(1, 2, 3)) + _EPS**2)
     return jnp.mean(dx / (dg + _EPS))
 
 
@@ -87,7 +90,12 @@ class InputAware(Attack):
         lambda_norm: weight of the mask-sparsity loss.
         mask_density: mask level above which the sparsity loss penalises.
         mask_epochs: epochs of the mask phase, before the classifier's epochs.
-        generator_lr: Adam learning rate of G.
+        generator_lr: peak Adam learning rate of G.
+        generator_schedule: ``"cosine"`` decays G's learning rate to zero over the joint
+            phase, as the classifier's does, so that G settles while the classifier
+            converges (the authors decay it too, in steps); ``"constant"`` keeps it. With a
+            constant rate G keeps moving after the classifier has stopped learning (20
+            digits epochs: ASR 0.46 constant, 0.68 cosine) **(choice: cosine)**.
         mask_lr: Adam learning rate of M.
         generator_width: channels of G's first level (then 2x, 4x).
         mask_width: channels of M's first level (then 2x, 4x).
@@ -102,6 +110,7 @@ class InputAware(Attack):
     mask_density: float = 0.032
     mask_epochs: int = 5
     generator_lr: float = 0.01
+    generator_schedule: str = "cosine"
     mask_lr: float = 0.01
     generator_width: int = 16
     mask_width: int = 8
@@ -112,6 +121,11 @@ class InputAware(Attack):
             raise InvalidInputError(f"p_cross must be in [0, 1), got {self.p_cross}")
         if self.mask_epochs < 0:
             raise InvalidInputError(f"mask_epochs must be >= 0, got {self.mask_epochs}")
+        if self.generator_schedule not in ("cosine", "constant"):
+            raise InvalidInputError(
+                f"generator_schedule must be 'cosine' or 'constant', "
+                f"got {self.generator_schedule!r}"
+            )
 
     def _generators(self, channels: int) -> tuple[nn.Module, nn.Module]:
         w, m = self.generator_width, self.mask_width
@@ -160,8 +174,14 @@ class InputAware(Attack):
         """Mask phase, then the joint phase (see the module docstring); resumable."""
         data, plan, spec = context.train, context.plan, context.spec
         steps_per_epoch = len(data) // config.batch_size
-        optimizer = make_optimizer(config, max(1, steps_per_epoch * config.epochs))
-        pattern_opt, mask_opt = adam(self.generator_lr), adam(self.mask_lr)
+        joint_steps = max(1, steps_per_epoch * config.epochs)
+        optimizer = make_optimizer(config, joint_steps)
+        generator_lr = (
+            optax.cosine_decay_schedule(self.generator_lr, joint_steps)
+            if self.generator_schedule == "cosine"
+            else self.generator_lr
+        )
+        pattern_opt, mask_opt = adam(generator_lr), adam(self.mask_lr)
         copy = functools.partial(jax.tree_util.tree_map, jnp.array)  # the steps donate buffers
         carry = {
             "classifier": create_train_state(copy(dict(variables)), optimizer),

@@ -199,7 +199,7 @@ def run_phases(
     return carry, report
 
 
-def adam(learning_rate: float) -> optax.GradientTransformation:
+def adam(learning_rate: float | optax.Schedule) -> optax.GradientTransformation:
     """Adam with the betas (0.5, 0.9) that generator training in these papers uses."""
     return optax.adam(learning_rate, b1=0.5, b2=0.9)
 
