@@ -4,21 +4,27 @@ an input-conditioned perturbation generator learnt together with the classifier.
 The trigger is T(x) = clip(x + eps * tanh(g(x)), 0, 1) with a small conv autoencoder g, so
 ||T(x) - x||_inf <= eps. LIRA solves (paper eq. 3-4)
 
-    min_f  L(f(x), y) + L(f(T(x)), eta(y))     and     min_g  L(f*(T(x)), eta(y)),
+    min_f  (1 - alpha) L(f(x), y) + alpha L(f(T(x)), eta(y))   and   min_g  L(f*(T(x)), eta(y)),
 
 where eta is the attack's target map, in two stages (paper section 3.3):
 
-1. *Joint stage* (``epochs - finetune_epochs`` epochs): each step first updates the
-   classifier on the batch in which the poisoned rows of the plan are replaced by T(x) with the
-   attack label, then updates g (Adam) so that the *updated* classifier sends T(x) of every
-   row of the batch to eta(y) (eval-mode BatchNorm, as at test time). This is a first-order
-   version of the paper's look-ahead, which differentiates through the classifier's update
-   **(choice: it costs one extra forward/backward instead of a second-order one)**.
-2. *Fine-tuning stage* (``finetune_epochs``): g is frozen and the classifier keeps training on
-   the poisoned batches.
+1. *Joint stage* (``epochs - finetune_epochs`` epochs). Each step first updates the
+   classifier on the clean batch plus a triggered copy T(x) (label eta(y)) of each of its
+   poisoned rows, the clean batch weighted ``1 - alpha`` and the copies ``alpha`` (means over
+   each part). Seeing the same image with and without T is what lets an eps of a few grey
+   levels be learnt; the paper pairs every image, here the plan's ``ratio`` of them are
+   **(choice: the protocol's poison ratio; about 1.2x the classifier's cost instead of 2x)**.
+   Then g (Adam) is updated so that the *updated* classifier sends T(x) of every row to
+   eta(y) (eval-mode BatchNorm, as at test time): a first-order version of the paper's
+   look-ahead, which differentiates through the classifier's update **(choice: one extra
+   forward/backward instead of a second-order one)**.
+2. *Fine-tuning stage* (``finetune_epochs``): g is frozen and the classifier keeps training
+   on the same clean-plus-copies batches.
 
 The learning-rate schedule of the classifier spans both stages. ``eps`` defaults to 0.01 in
-[0, 1] pixel units (BackdoorBench's CIFAR-10 config; about 2.5 grey levels).
+[0, 1] pixel units (the value of BackdoorBench's CIFAR-10 config, whose images are
+normalised, so ours is about 4x larger there; 2.5 grey levels) and ``alpha`` to the paper's
+0.5.
 """
 
 from __future__ import annotations

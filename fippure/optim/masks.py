@@ -34,7 +34,7 @@ PyTree = Any
 Schedule = Literal["exponential", "linear", "constant"]
 
 #: BatchNorms inside residual blocks (``stage1_block1/bn1`` ...), not ``bn_final``.
-RESIDUAL_BN_PATTERN = r"(^|/)stage\d+_block\d+/(.*/)?bn[^/]*$"
+RESIDUAL_BN_PATTERN = r"(^|/)stage\d+_block\d+/(.*/)?[^/]*bn[^/]*$"
 
 
 def _natural_key(path: str) -> list[Any]:
