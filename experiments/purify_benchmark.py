@@ -146,17 +146,26 @@ def run_grid(attacks, methods, settings, seeds) -> None:
                     run_one(backdoored, attack, method, setting, seed, before)
 
 
-def run_extras() -> None:
-    """10-image NFT (BadNets, Blend), the full budget on BadNets, lambda_max around FIP."""
-    for attack in ("badnets", "blend"):
-        if (ZOO / attack / "metadata.json").exists():
-            backdoored, before = load_attack(attack, clean_size=10)
-            run_one(backdoored, attack, "nft", "default", 0, before, tag="clean10")
+EXTRAS = ("clean10", "full", "lambda_max")
+
+
+def run_extras(which=EXTRAS) -> None:
+    """10-image NFT on BadNets and Blend (``clean10``), FIP and Fast FIP at the full budget on
+    BadNets (``full``), lambda_max around FIP on BadNets (``lambda_max``)."""
+    if "clean10" in which:
+        for attack in ("badnets", "blend"):
+            if (ZOO / attack / "metadata.json").exists():
+                backdoored, before = load_attack(attack, clean_size=10)
+                run_one(backdoored, attack, "nft", "default", 0, before, tag="clean10")
     if (ZOO / "badnets" / "metadata.json").exists():
         backdoored, before = load_attack("badnets")
-        for method, steps in FULL_STEPS.items():
-            run_one(backdoored, "badnets", method, "default", 0, before, steps=steps, tag="full")
-        lambda_max_around_fip(backdoored)
+        if "full" in which:
+            for method, steps in FULL_STEPS.items():
+                run_one(
+                    backdoored, "badnets", method, "default", 0, before, steps=steps, tag="full"
+                )
+        if "lambda_max" in which:
+            lambda_max_around_fip(backdoored)
 
 
 def lambda_max_around_fip(backdoored) -> None:
@@ -340,7 +349,13 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--settings", default="default,gentle")
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--extras", action="store_true")
+    parser.add_argument(
+        "--extras",
+        nargs="?",
+        const=",".join(EXTRAS),
+        default=None,
+        help=f"run the extra measurements instead of the grid (comma list of {', '.join(EXTRAS)})",
+    )
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
@@ -349,7 +364,11 @@ def main() -> None:
         sys.exit(f"purify_benchmark: unknown methods {unknown}; known: {', '.join(METHODS)}")
     if not args.report_only:
         if args.extras:
-            run_extras()
+            which = [e for e in args.extras.split(",") if e]
+            unknown = sorted(set(which) - set(EXTRAS))
+            if unknown:
+                sys.exit(f"purify_benchmark: unknown extras {unknown}; known: {', '.join(EXTRAS)}")
+            run_extras(which)
         else:
             run_grid(
                 [a for a in args.attacks.split(",") if a],
