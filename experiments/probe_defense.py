@@ -1,0 +1,50 @@
+"""One defense on one zoo model with overrides: a single measurement outside the benchmark grid.
+
+    python experiments/probe_defense.py badnets nft bn_train=false
+
+writes ``experiments/results/probes/<attack>__<defense>__<overrides>.json`` with the command,
+git revision, machine and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+from fippure.cli import key_value
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ZOO = ROOT / "zoo" / "cifar10" / "preact_resnet18_w16"
+OUT = ROOT / "experiments" / "results" / "probes"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("attack", help="zoo entry, e.g. badnets")
+    parser.add_argument("defense", help="fip, fast_fip, nft, ngf, ft or ft_sam")
+    parser.add_argument(
+        "overrides", nargs="*", type=key_value, help="key=value configuration overrides"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from fippure.provenance import provenance
+    from fippure.purify.runner import run_defense
+
+    overrides = dict(args.overrides)
+    result = run_defense(
+        ZOO / args.attack, args.defense, overrides=overrides, seed=args.seed, progress=True
+    )
+    result["report"].pop("loss_curve_full", None)
+    result["overrides"] = overrides
+    result["provenance"] = provenance()
+    tag = "_".join(f"{k}{v}" for k, v in overrides.items()) or "default"
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"{args.attack}__{args.defense}__{tag}__s{args.seed}.json"
+    path.write_text(json.dumps(result, indent=1, default=str))
+    print(f"{path.name}: before {result['before']} after {result['after']}")
+
+
+if __name__ == "__main__":
+    main()
