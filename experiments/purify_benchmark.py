@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import statistics
 import sys
 
@@ -99,14 +100,31 @@ def run_one(
         if cached.get("overrides") == overrides:
             return cached
         print(f"{path.name}: configuration changed; running again", flush=True)
-    result = run_defense(
-        backdoored,
-        method,
-        overrides=overrides,
-        seed=seed,
-        before=before,
-        progress=True,
-    )
+    from fippure.errors import NonFiniteLossError
+
+    try:
+        result = run_defense(
+            backdoored,
+            method,
+            overrides=overrides,
+            seed=seed,
+            before=before,
+            progress=True,
+        )
+    except NonFiniteLossError as error:  # a diverged run is a result, recorded as such
+        result = {
+            "attack": attack,
+            "defense": method,
+            "seed": seed,
+            "before": before,
+            "after": None,
+            "diverged": str(error),
+        }
+        print(f"{attack:12} {method:9} {setting:8} seed {seed}: diverged: {error}", flush=True)
+        result["setting"], result["overrides"], result["tag"] = setting, overrides, tag
+        runs.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        return result
     result["setting"], result["overrides"], result["tag"] = setting, overrides, tag
     result["report"].pop("loss_curve_full", None)
     runs.mkdir(parents=True, exist_ok=True)
@@ -211,6 +229,15 @@ def summarise(runs: list[dict]) -> dict:
         groups.setdefault(key, []).append(run)
     cells = {}
     for key, group in groups.items():
+        diverged = [r["diverged"] for r in group if r.get("diverged")]
+        if diverged:  # any diverged seed makes the cell a divergence
+            cells[key] = {
+                "diverged": diverged[0],
+                "seeds": len(group),
+                "acc_before": group[0]["before"]["acc"],
+                "asr_before": group[0]["before"]["asr"],
+            }
+            continue
         cells[key] = {
             "acc": statistics.mean(r["after"]["acc"] for r in group),
             "asr": statistics.mean(r["after"]["asr"] for r in group),
@@ -228,7 +255,19 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def success(cell: dict) -> bool:
+    if cell.get("diverged"):
+        return False
     return cell["asr"] <= 0.05 and cell["acc_before"] - cell["acc"] <= 0.03
+
+
+def cell_text(cell: dict | None) -> str:
+    if cell is None:
+        return "-"
+    if cell.get("diverged"):
+        step = re.search(r"at step (\d+)", cell["diverged"])
+        return f"diverged (NaN{' at step ' + step.group(1) if step else ''})"
+    mark = "*" if success(cell) else ""
+    return f"{cell['acc']:.3f} / {cell['asr']:.3f}{mark} (n={cell['seeds']})"
 
 
 def write_report() -> None:
@@ -258,12 +297,13 @@ def write_report() -> None:
     for method, settings in METHODS.items():
         for setting, values in settings.items():
             row = [cells.get((a, method, setting, "")) for a in attacks]
-            if not any(row):
+            finished = [c for c in row if c and not c.get("diverged")]
+            if not finished:
                 continue
-            wall = statistics.mean(c["wall_time_s"] for c in row if c)
-            step = statistics.mean(c["step_time_s"] for c in row if c)
-            tunable = next(c["tunable_parameters"] for c in row if c)
-            steps = next(c["steps"] for c in row if c)
+            wall = statistics.mean(c["wall_time_s"] for c in finished)
+            step = statistics.mean(c["step_time_s"] for c in finished)
+            tunable = finished[0]["tunable_parameters"]
+            steps = finished[0]["steps"]
             wins = sum(
                 success(c) for a, c in zip(attacks, row, strict=True) if c and a in CORE_ATTACKS
             )
@@ -279,15 +319,9 @@ def write_report() -> None:
                     "core_successes": wins,
                 }
             )
-            cell_text = [
-                "-"
-                if c is None
-                else f"{c['acc']:.3f} / {c['asr']:.3f}{'*' if success(c) else ''} (n={c['seeds']})"
-                for c in row
-            ]
             lines.append(
                 f"| {method} {setting} (lr {values['learning_rate']}, {steps} steps) | | "
-                + " | ".join(cell_text)
+                + " | ".join(cell_text(c) for c in row)
                 + " |"
             )
     lines += [
@@ -308,6 +342,9 @@ def write_report() -> None:
     if extras:
         lines += ["", "Extras:", ""]
         for (attack, method, setting, tag), c in sorted(extras.items()):
+            if c.get("diverged"):
+                lines.append(f"- {attack}, {method} {setting} [{tag}]: {cell_text(c)}")
+                continue
             lines.append(
                 f"- {attack}, {method} {setting} [{tag}, {c['steps']} steps]: ACC {c['acc']:.4f}, "
                 f"ASR {c['asr']:.4f}, {c['wall_time_s']:.0f} s"
