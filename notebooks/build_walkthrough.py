@@ -15,39 +15,57 @@ from nbconvert.preprocessors import ExecutePreprocessor
 HERE = pathlib.Path(__file__).resolve().parent
 
 CELLS = [
-    ("md", """# fippure walkthrough: attack, purify, analyse
+    (
+        "md",
+        """# fippure walkthrough: attack, purify, analyse
 
 This notebook runs the whole fippure pipeline on scikit-learn's embedded handwritten digits
 (8x8, no download): a BadNets backdoor on a small CNN, four defenses (FIP, NFT, NGF and plain
 fine-tuning), and the curvature of the model before and after. Every defense is a pure
 function `purify(model, variables, clean_set, config, key) -> (variables, report)` that sees
-only the defender's clean set; the test split is used afterwards, to judge."""),
-    ("code", """import jax, numpy as np
+only the defender's clean set; the test split is used afterwards, to judge.""",
+    ),
+    (
+        "code",
+        """import jax
+
+from fippure.evaluation import defense_effectiveness_rating, evaluate_backdoor
 from fippure.recipes import train_backdoored
 from fippure.training import TrainConfig
-from fippure.zoo import load_backdoored
-from fippure.evaluation import evaluate_backdoor, defense_effectiveness_rating"""),
-    ("md", """## 1. A backdoored model
+from fippure.zoo import load_backdoored""",
+    ),
+    (
+        "md",
+        """## 1. A backdoored model
 
 BadNets stamps a 3x3 white square in the bottom-right corner of 10% of the training images and
 relabels them to class 0. The defender's clean set (10% of the training split here, 144
-images) is held out from the attacker's training data."""),
-    ("code", """report = train_backdoored(
+images) is held out from the attacker's training data.""",
+    ),
+    (
+        "code",
+        """report = train_backdoored(
     dataset="digits", model="small_cnn", out="runs/notebook/badnets",
     config=TrainConfig(epochs=12, batch_size=64, learning_rate=0.05, eval_every=12),
     attack="badnets", ratio=0.1, clean_size=0.1, progress=False,
 )
 bd = load_backdoored("runs/notebook/badnets")
 before = evaluate_backdoor(bd.model, bd.variables, bd.test, bd.triggered)
-print(f"clean set: {len(bd.clean)} images; before: {before}")"""),
-    ("md", """## 2. Purification
+print(f"clean set: {len(bd.clean)} images; before: {before}")""",
+    ),
+    (
+        "md",
+        """## 2. Purification
 
 Each defense gets the model, its variables and the clean set. FIP penalises the trace of the
 empirical Fisher (relative to its value at the start) and anchors the weights with the
 original model's Fisher diagonal; the trace term is stiff, so the gradient norm is clipped
 on this tiny model. NFT learns one mask per BatchNorm channel with MixUp; NGF takes natural-
-gradient steps on the head only; FT is plain fine-tuning at FIP's optimiser settings."""),
-    ("code", """from fippure.purify import make_config, get_defense
+gradient steps on the head only; FT is plain fine-tuning at FIP's optimiser settings.""",
+    ),
+    (
+        "code",
+        """from fippure.purify import get_defense, make_config
 
 settings = {
     "fip": {"steps": 300, "batch_size": 64, "learning_rate": 0.01, "eta_F": 1.0, "eta_r": 1.0,
@@ -67,8 +85,11 @@ for name, overrides in settings.items():
                                        acc_after=after.acc, asr_after=after.asr)
     purified[name] = variables
     print(f"{name:4} ACC {after.acc:.3f}  ASR {after.asr:.3f}  RA {after.ra:.3f}  DER {der:.3f}  "
-          f"({rep.tunable_parameters} tunable, {rep.wall_time_s:.1f} s)")"""),
-    ("md", """On this toy problem (a 3x3 trigger covers 14% of an 8x8 image) the mask and head-only
+          f"({rep.tunable_parameters} tunable, {rep.wall_time_s:.1f} s)")""",
+    ),
+    (
+        "md",
+        """On this toy problem (a 3x3 trigger covers 14% of an 8x8 image) the mask and head-only
 methods barely move the backdoor; the whole-network methods lower it (FIP the most, at a cost
 in accuracy) without removing it. The CIFAR-10 benchmark
 in `experiments/results/purify_cifar10_w16.md` is where the methods are compared.
@@ -77,8 +98,12 @@ in `experiments/results/purify_cifar10_w16.md` is where the methods are compared
 
 `fippure.curvature` gives matrix-free Hessian, GGN and Fisher products, Hutchinson traces,
 Lanczos and stochastic Lanczos quadrature. Here: the largest Hessian eigenvalue and the trace
-of the Hessian on 100 clean images, before and after FIP."""),
-    ("code", """import jax.numpy as jnp
+of the Hessian on 100 clean images, before and after FIP.""",
+    ),
+    (
+        "code",
+        """import jax.numpy as jnp
+
 from fippure.curvature.analysis import AnalysisConfig, analyze_curvature
 from fippure.data import normalize, to_unit_range
 
@@ -88,12 +113,19 @@ config = AnalysisConfig(hutchinson_probes=10, lanczos_iters=20)
 for name, variables in (("backdoored", bd.variables), ("after FIP", purified["fip"])):
     rep, density = analyze_curvature(bd.model, variables, x, y, jax.random.key(0), config)
     print(f"{name:10} lambda_max {rep['lambda_max']:8.2f}  Tr(H) {rep['trace_hessian']:8.1f}  "
-          f"Tr(F) {rep['trace_empirical_fisher']:8.1f}")"""),
-    ("md", """## 4. Composing the optax transforms yourself
+          f"Tr(F) {rep['trace_empirical_fisher']:8.1f}")""",
+    ),
+    (
+        "md",
+        """## 4. Composing the optax transforms yourself
 
 The update rules are optax transformations, so they compose with your own code: here a
-natural-gradient step on a linear softmax head, with a Fisher anchor, inside `optax.chain`."""),
-    ("code", """import optax
+natural-gradient step on a linear softmax head, with a Fisher anchor, inside `optax.chain`.""",
+    ),
+    (
+        "code",
+        """import optax
+
 from fippure.models import penultimate_features
 from fippure.optim import fisher_anchor, natural_gradient
 
@@ -116,7 +148,8 @@ def step(p, state):
 
 for _ in range(5):
     head, state = step(head, state)
-print("loss after 5 natural-gradient steps:", float(loss(head)))"""),
+print("loss after 5 natural-gradient steps:", float(loss(head)))""",
+    ),
 ]
 
 
@@ -125,8 +158,11 @@ def main() -> None:
     for kind, source in CELLS:
         make = nbformat.v4.new_markdown_cell if kind == "md" else nbformat.v4.new_code_cell
         notebook.cells.append(make(source))
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                       "language": "python"}
+    notebook.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     ExecutePreprocessor(timeout=1200, kernel_name="python3").preprocess(
         notebook, {"metadata": {"path": str(HERE.parent)}}
     )
