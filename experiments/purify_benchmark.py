@@ -344,6 +344,25 @@ def write_report() -> None:
             f"{r['wall_time_s']:.0f} s | {r['step_time_s'] * 1000:.0f} ms | "
             f"{r['tunable_parameters']:,} | {r['core_successes']} |"
         )
+    lines += ["", "Targets (issue 5):", ""]
+    for method in ("fip", "nft"):
+        best = max((r["core_successes"] for r in rows if r["method"] == method), default=0)
+        verdict = "met" if best >= 5 else "**missed**"
+        lines.append(
+            f"- {method}: ASR <= 0.05 with ACC drop <= 0.03 on >= 5 of the 6 core attacks: "
+            f"best setting {best} of 6 ({verdict})"
+        )
+    step_times = {
+        (r["method"], r["setting"]): r["step_time_s"] for r in rows if r["setting"] == "default"
+    }
+    fip_steps = [r["step_time_s"] for r in rows if r["method"] == "fip"]
+    if fip_steps and ("fast_fip", "default") in step_times:
+        speedup = min(fip_steps) / step_times[("fast_fip", "default")]
+        verdict = "met" if speedup >= 3 else "**missed**"
+        lines.append(
+            f"- Fast FIP >= 3x faster than FIP at equal steps: {speedup:.2f}x per step against "
+            f"FIP's fastest setting ({verdict})"
+        )
     extras = {k: c for k, c in cells.items() if k[3]}
     if extras:
         lines += ["", "Extras:", ""]
