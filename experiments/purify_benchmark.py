@@ -126,20 +126,17 @@ def run_one(
             "after": None,
             "diverged": str(error),
         }
-        print(f"{attack:12} {method:9} {setting:8} seed {seed}: diverged: {error}", flush=True)
-        result["setting"], result["overrides"], result["tag"] = setting, overrides, tag
-        runs.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-        return result
+        outcome = f"diverged: {error}"
+    else:
+        result["report"].pop("loss_curve_full", None)
+        outcome = (
+            f"ACC {result['after']['acc']:.4f} ASR {result['after']['asr']:.4f} "
+            f"({result['report']['wall_time_s']:.0f} s)"
+        )
     result["setting"], result["overrides"], result["tag"] = setting, overrides, tag
-    result["report"].pop("loss_curve_full", None)
     runs.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
-    print(
-        f"{attack:12} {method:9} {setting:8} seed {seed}: ACC {result['after']['acc']:.4f} "
-        f"ASR {result['after']['asr']:.4f} ({result['report']['wall_time_s']:.0f} s)",
-        flush=True,
-    )
+    print(f"{attack:12} {method:9} {setting:8} seed {seed}: {outcome}", flush=True)
     return result
 
 
@@ -352,12 +349,10 @@ def write_report() -> None:
             f"- {method}: ASR <= 0.05 with ACC drop <= 0.03 on >= 5 of the 6 core attacks: "
             f"best setting {best} of 6 ({verdict})"
         )
-    step_times = {
-        (r["method"], r["setting"]): r["step_time_s"] for r in rows if r["setting"] == "default"
-    }
     fip_steps = [r["step_time_s"] for r in rows if r["method"] == "fip"]
-    if fip_steps and ("fast_fip", "default") in step_times:
-        speedup = min(fip_steps) / step_times[("fast_fip", "default")]
+    fast_steps = [r["step_time_s"] for r in rows if r["method"] == "fast_fip"]
+    if fip_steps and fast_steps:
+        speedup = min(fip_steps) / min(fast_steps)
         verdict = "met" if speedup >= 3 else "**missed**"
         lines.append(
             f"- Fast FIP >= 3x faster than FIP at equal steps: {speedup:.2f}x per step against "
