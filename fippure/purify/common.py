@@ -122,15 +122,22 @@ def run_steps(
     desc: str,
     progress: bool = True,
     log_every: int = 50,
-) -> tuple[Any, list[dict[str, float]], float]:
+    observe: Callable[[int, Any], None] | None = None,
+    observe_every: int = 0,
+) -> tuple[Any, list[dict[str, float]], float, float]:
     """Runs ``carry, metrics = step(carry, key_t)`` for ``steps`` steps.
 
     ``metrics`` must hold a scalar ``loss``. Metrics are fetched to the host only every
     ``log_every`` steps and at the end, where a non-finite loss raises
     :class:`NonFiniteLossError`.
 
+    ``observe(steps_done, carry)``, if given, is called every ``observe_every`` steps and after
+    the last one. Its return value is discarded, so nothing it computes can steer the run; it is
+    how a benchmark watches a defense (see :data:`Observer`). Its time is excluded from the step
+    times and returned separately.
+
     Returns:
-        ``(carry, loss_curve, median_step_seconds)``.
+        ``(carry, loss_curve, median_step_seconds, observe_seconds)``.
     """
     if steps < 1:
         raise InvalidInputError(f"steps must be positive, got {steps}")
@@ -145,6 +152,7 @@ def run_steps(
         mininterval=2.0,
     )
     tick, mark = time.perf_counter(), 0
+    observe_seconds = 0.0
     for t in range(steps):
         carry, metrics = step(carry, jax.random.fold_in(key, t))
         bar.update(1)
@@ -163,8 +171,22 @@ def run_steps(
             if t > 0:  # the first step includes compilation
                 durations.append((now - tick) / (done - mark))
             tick, mark = now, done
+        observing = observe is not None and observe_every > 0
+        if observing and (done % observe_every == 0 or done == steps):
+            begin = time.perf_counter()
+            observe(done, carry)
+            spent = time.perf_counter() - begin
+            observe_seconds += spent
+            tick += spent
     bar.close()
-    return carry, curve, float(np.median(durations)) if durations else 0.0
+    median = float(np.median(durations)) if durations else 0.0
+    return carry, curve, median, observe_seconds
+
+
+#: ``observer(steps_done, variables)``: called by a defense every ``observe_every`` steps with
+#: the model's current variables. For benchmarks that chart test metrics along a run; a defense
+#: ignores whatever it returns.
+Observer = Callable[[int, Variables], None]
 
 
 def tree_size(tree: Any) -> int:

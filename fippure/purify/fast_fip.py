@@ -21,7 +21,7 @@ from jaxtyping import PRNGKeyArray
 from fippure.data.sources import ImageDataset
 from fippure.models.registry import Variables
 from fippure.optim.spectral import KERNEL_PATTERN, decompose, init_shifts, rebuild_params
-from fippure.purify.common import PurifyReport, as_variables
+from fippure.purify.common import Observer, PurifyReport, as_variables
 from fippure.purify.fip import FIPConfig, fisher_guided_purify
 
 
@@ -45,6 +45,8 @@ def purify(
     key: PRNGKeyArray | None = None,
     *,
     progress: bool = True,
+    observer: Observer | None = None,
+    observe_every: int = 0,
 ) -> tuple[dict, PurifyReport]:
     """Fast FIP; returns ``(variables with rebuilt kernels, report)``.
 
@@ -67,6 +69,8 @@ def purify(
         to_params=to_params,
         method="fast_fip",
         progress=progress,
+        observer=observer,
+        observe_every=observe_every,
     )
     report.artifacts["spectral_shifts"] = shifts
     return as_variables(to_params(shifts), stats), report

@@ -53,6 +53,7 @@ from fippure.losses import cross_entropy
 from fippure.models.registry import Variables
 from fippure.optim.anchor import fisher_anchor
 from fippure.purify.common import (
+    Observer,
     PurifyReport,
     apply_model,
     as_variables,
@@ -153,6 +154,8 @@ def fisher_guided_purify(
     to_params: Callable[[Any], Any],
     method: str,
     progress: bool = True,
+    observer: Observer | None = None,
+    observe_every: int = 0,
 ) -> tuple[Any, Any, PurifyReport]:
     """Minimises FIP's objective over ``tunable`` with ``params = to_params(tunable)``.
 
@@ -253,7 +256,7 @@ def fisher_guided_purify(
         return (*new, t_index + 1), metrics
 
     carry = (tunable0, stats0, tx.init(tunable0), 0)
-    carry, curve, step_time = run_steps(
+    carry, curve, step_time, observe_time = run_steps(
         step,
         carry,
         steps=config.steps,
@@ -261,13 +264,15 @@ def fisher_guided_purify(
         desc=method.upper().replace("_", " "),
         progress=progress,
         log_every=config.log_every,
+        observe=observer and (lambda done, c: observer(done, as_variables(to_params(c[0]), c[1]))),
+        observe_every=observe_every,
     )
     tunable, stats = carry[0], carry[1]
     report = PurifyReport(
         method=method,
         config=config_dict(config),
         steps=config.steps,
-        wall_time_s=time.perf_counter() - started,
+        wall_time_s=time.perf_counter() - started - observe_time,
         step_time_s=step_time,
         tunable_parameters=tree_size(tunable0),
         loss_curve=curve,
@@ -310,6 +315,8 @@ def purify(
     key: PRNGKeyArray | None = None,
     *,
     progress: bool = True,
+    observer: Observer | None = None,
+    observe_every: int = 0,
 ) -> tuple[dict, PurifyReport]:
     """FIP over every parameter; returns ``(variables, report)``."""
     key = jax.random.key(0) if key is None else key
@@ -323,5 +330,7 @@ def purify(
         to_params=lambda t: t,
         method="fip",
         progress=progress,
+        observer=observer,
+        observe_every=observe_every,
     )
     return as_variables(params, stats), report

@@ -26,6 +26,7 @@ from fippure.losses import cross_entropy
 from fippure.models.registry import Variables
 from fippure.optim.sam import asam_gradient
 from fippure.purify.common import (
+    Observer,
     PurifyReport,
     apply_model,
     as_variables,
@@ -108,6 +109,8 @@ def purify(
     key: PRNGKeyArray | None = None,
     *,
     progress: bool = True,
+    observer: Observer | None = None,
+    observe_every: int = 0,
 ) -> tuple[dict, PurifyReport]:
     """Fine-tunes every weight on the clean set; returns ``(variables, report)``.
 
@@ -149,7 +152,7 @@ def purify(
 
     params, stats = variables["params"], variables.get("batch_stats", {})
     carry = (params, stats, tx.init(params))
-    carry, curve, step_time = run_steps(
+    carry, curve, step_time, observe_time = run_steps(
         lambda c, k: step(c, k, images, labels),
         carry,
         steps=config.steps,
@@ -157,13 +160,15 @@ def purify(
         desc=method.upper().replace("_", "-"),
         progress=progress,
         log_every=config.log_every,
+        observe=observer and (lambda done, c: observer(done, as_variables(c[0], c[1]))),
+        observe_every=observe_every,
     )
     out = as_variables(carry[0], carry[1])
     report = PurifyReport(
         method=method,
         config=config_dict(config),
         steps=config.steps,
-        wall_time_s=time.perf_counter() - started,
+        wall_time_s=time.perf_counter() - started - observe_time,
         step_time_s=step_time,
         tunable_parameters=tree_size(params),
         loss_curve=curve,

@@ -40,6 +40,7 @@ from fippure.models.registry import Variables
 from fippure.optim.masks import RESIDUAL_BN_PATTERN, apply_masks, init_masks, layer_floors
 from fippure.optim.projection import project_box
 from fippure.purify.common import (
+    Observer,
     PurifyReport,
     apply_model,
     as_variables,
@@ -125,6 +126,8 @@ def purify(
     key: PRNGKeyArray | None = None,
     *,
     progress: bool = True,
+    observer: Observer | None = None,
+    observe_every: int = 0,
 ) -> tuple[dict, PurifyReport]:
     """NFT; returns ``(variables with masks folded into gamma, report)``."""
     started = time.perf_counter()
@@ -169,7 +172,7 @@ def purify(
         return (masks, new_stats, opt_state), {"loss": loss, "mixup_ce": mixup, "l1": l1}
 
     carry = (masks, stats0, tx.init(masks))
-    carry, curve, step_time = run_steps(
+    carry, curve, step_time, observe_time = run_steps(
         lambda c, k: step(c, k, images, labels),
         carry,
         steps=config.steps,
@@ -177,6 +180,9 @@ def purify(
         desc="NFT",
         progress=progress,
         log_every=config.log_every,
+        observe=observer
+        and (lambda done, c: observer(done, as_variables(apply_masks(params, c[0]), c[1]))),
+        observe_every=observe_every,
     )
     masks, stats = carry[0], carry[1]
     out = as_variables(apply_masks(params, masks), stats)
@@ -185,7 +191,7 @@ def purify(
         method="nft",
         config=config_dict(config),
         steps=config.steps,
-        wall_time_s=time.perf_counter() - started,
+        wall_time_s=time.perf_counter() - started - observe_time,
         step_time_s=step_time,
         tunable_parameters=tree_size(masks),
         loss_curve=curve,

@@ -61,6 +61,7 @@ from fippure.models.registry import Variables
 from fippure.optim.anchor import fisher_anchor
 from fippure.optim.natural_gradient import natural_gradient
 from fippure.purify.common import (
+    Observer,
     PurifyReport,
     clean_accuracy,
     clean_batch_size,
@@ -146,6 +147,8 @@ def purify(
     key: PRNGKeyArray | None = None,
     *,
     progress: bool = True,
+    observer: Observer | None = None,
+    observe_every: int = 0,
 ) -> tuple[dict, PurifyReport]:
     """NGF; returns ``(variables with the tuned layer, report)``."""
     started = time.perf_counter()
@@ -223,7 +226,7 @@ def purify(
         return (optax.apply_updates(layer, updates), opt_state), metrics
 
     carry = (layer0, tx.init(layer0))
-    carry, curve, step_time = run_steps(
+    carry, curve, step_time, observe_time = run_steps(
         lambda c, k: step(c, k, data, labels),
         carry,
         steps=config.steps,
@@ -231,13 +234,16 @@ def purify(
         desc="NGF",
         progress=progress,
         log_every=config.log_every,
+        observe=observer
+        and (lambda done, c: observer(done, {**variables, "params": _set(params, path, c[0])})),
+        observe_every=observe_every,
     )
     out = {**variables, "params": _set(params, path, carry[0])}
     report = PurifyReport(
         method="ngf",
         config=config_dict(config),
         steps=config.steps,
-        wall_time_s=time.perf_counter() - started,
+        wall_time_s=time.perf_counter() - started - observe_time,
         step_time_s=step_time,
         tunable_parameters=tree_size(layer0),
         loss_curve=curve,

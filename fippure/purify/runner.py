@@ -47,6 +47,7 @@ def run_defense(
     data_dir: str | os.PathLike | None = None,
     progress: bool = True,
     before: Mapping[str, float] | None = None,
+    observe_every: int = 0,
 ) -> dict[str, Any]:
     """Purifies a checkpoint with ``defense`` and evaluates before and after.
 
@@ -60,6 +61,10 @@ def run_defense(
         data_dir: TFDS data directory.
         progress: show a progress bar.
         before: metrics of the undefended model, if already known (saves an evaluation).
+        observe_every: if positive, also evaluate on the test split every this many steps and
+            return the curve as ``trajectory``. This is for benchmarks that chart a run; the
+            defense never sees these numbers (its observer's return value is discarded), and
+            its reported wall time excludes them.
 
     Returns:
         The report: ``before``/``after`` metrics, ``der``, the defense's report, provenance.
@@ -72,6 +77,11 @@ def run_defense(
         else load_backdoored(checkpoint, data_dir=data_dir, clean_size=clean_size)
     )
     before = dict(before) if before is not None else evaluate(backdoored, backdoored.variables)
+    trajectory: list[dict[str, Any]] = []
+
+    def observer(step: int, variables) -> None:
+        trajectory.append({"step": step, **evaluate(backdoored, variables)})
+
     variables, report = spec.purify(
         backdoored.model,
         backdoored.variables,
@@ -79,6 +89,7 @@ def run_defense(
         config,
         jax.random.key(seed),
         progress=progress,
+        **({"observer": observer, "observe_every": observe_every} if observe_every > 0 else {}),
     )
     after = evaluate(backdoored, variables)
     der = None
@@ -100,6 +111,7 @@ def run_defense(
         "after": after,
         "der": der,
         "report": report.to_dict(),
+        **({"trajectory": trajectory} if trajectory else {}),
         **provenance(),
     }
     if out is not None:

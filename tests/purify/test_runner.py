@@ -56,3 +56,21 @@ def test_a_diverging_defense_stops_with_a_clear_error(digits_badnets):
             FTConfig(steps=60, learning_rate=1e12, log_every=20),
             progress=False,
         )
+
+
+@pytest.mark.parametrize("defense", ["fip", "fast_fip", "nft", "ngf", "ft", "ft_sam"])
+def test_observing_a_defense_charts_test_metrics_without_changing_it(digits_badnets, defense):
+    overrides = {"steps": "6", "batch_size": "32", "log_every": "3"}
+    if defense in ("fip", "fast_fip"):
+        overrides["eta_F"] = "0.05"  # the demo's strength on digits (1 diverges there)
+    if defense == "nft":
+        overrides["mask_pattern"] = "bn[23]$"  # the small CNN has no residual blocks
+    watched = run_defense(
+        digits_badnets, defense, overrides=overrides, progress=False, observe_every=4
+    )
+    plain = run_defense(digits_badnets, defense, overrides=overrides, progress=False)
+    assert [point["step"] for point in watched["trajectory"]] == [4, 6]
+    assert watched["trajectory"][-1]["acc"] == watched["after"]["acc"]
+    assert watched["trajectory"][-1]["asr"] == watched["after"]["asr"]
+    assert watched["after"] == plain["after"]
+    assert "trajectory" not in plain
