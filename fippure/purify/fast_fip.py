@@ -8,6 +8,13 @@ Every conv/dense kernel, reshaped to ``(H*W*I, O)``, is factored once as
 step. The loss is FIP's, with the Fisher trace and the Fisher anchor taken with respect to
 ``d``. BatchNorm affine parameters and biases are frozen; BatchNorm statistics re-estimate on
 D_v (**choice**). PreAct-ResNet-18 has about 4.3k shifts at width 64 (1.1k at width 16).
+
+Cost per step: the paper reports Fast FIP about 5x faster than FIP. Here a step costs about
+what a FIP step costs (measured 0.67 s against 0.66 s on 2 CPU cores, width 16), because FIP's
+trace is already a Hutchinson ``jvp`` whose cost does not grow with the number of tuned
+parameters, and a shift's tangent ``U diag(v) V^T`` is a dense kernel tangent. Both steps pay
+the same forward, tangent and backward passes through the network; what Fast FIP saves is
+optimiser state and the kernel-sized anchor, which are small next to the convolutions.
 """
 
 from __future__ import annotations
