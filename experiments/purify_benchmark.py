@@ -300,12 +300,12 @@ def write_report() -> None:
         "Each cell: ACC / ASR after the defense (mean over seeds; n = seeds). Success = ASR <= "
         "0.05 and ACC drop <= 0.03. FT and FT-SAM use FIP's optimiser and learning rates.",
         "",
-        "| attack | undefended | " + " | ".join(attacks) + " |",
-        "|---|---|" + "---|" * len(attacks),
+        "| method | " + " | ".join(attacks) + " |",
+        "|---|" + "---|" * len(attacks),
     ]
     before = {a: next(c for k, c in cells.items() if k[0] == a) for a in attacks}
     lines.append(
-        "| (before) | | "
+        "| (undefended) | "
         + " | ".join(
             f"{before[a]['acc_before']:.3f} / {before[a]['asr_before']:.3f}" for a in attacks
         )
@@ -338,7 +338,7 @@ def write_report() -> None:
                 }
             )
             lines.append(
-                f"| {method} {setting} (lr {values['learning_rate']}, {steps} steps) | | "
+                f"| {method} {setting} (lr {values['learning_rate']}, {steps} steps) | "
                 + " | ".join(cell_text(c) for c in row)
                 + " |"
             )
