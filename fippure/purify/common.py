@@ -113,6 +113,12 @@ def clean_batch_size(requested: int, clean_set: ImageDataset) -> int:
     return min(requested, len(clean_set))
 
 
+#: ``observer(steps_done, variables)``: called by a defense every ``observe_every`` steps (before
+#: the last, whose variables the defense returns) with the model's current variables. For
+#: benchmarks that chart test metrics along a run; a defense ignores whatever it returns.
+Observer = Callable[[int, Variables], None]
+
+
 def run_steps(
     step: Callable[[Any, PRNGKeyArray], tuple[Any, Mapping[str, Array]]],
     carry: Any,
@@ -122,8 +128,9 @@ def run_steps(
     desc: str,
     progress: bool = True,
     log_every: int = 50,
-    observe: Callable[[int, Any], None] | None = None,
+    observer: Observer | None = None,
     observe_every: int = 0,
+    to_variables: Callable[[Any], Variables] | None = None,
 ) -> tuple[Any, list[dict[str, float]], float, float]:
     """Runs ``carry, metrics = step(carry, key_t)`` for ``steps`` steps.
 
@@ -131,8 +138,9 @@ def run_steps(
     ``log_every`` steps and at the end, where a non-finite loss raises
     :class:`NonFiniteLossError`.
 
-    ``observe(steps_done, carry)``, if given, is called every ``observe_every`` steps and after
-    the last one. Its return value is discarded, so nothing it computes can steer the run; it is
+    ``observer(steps_done, to_variables(carry))``, if given, is called after every
+    ``observe_every``-th step before the last (the last step's variables are what the defense
+    returns). Its return value is discarded, so nothing it computes can steer the run; it is
     how a benchmark watches a defense (see :data:`Observer`). Its time is excluded from the step
     times and returned separately.
 
@@ -153,6 +161,9 @@ def run_steps(
     )
     tick, mark = time.perf_counter(), 0
     observe_seconds = 0.0
+    observing = observer is not None and observe_every > 0
+    if observing and to_variables is None:
+        raise InvalidInputError("an observer needs to_variables to turn the carry into variables")
     for t in range(steps):
         carry, metrics = step(carry, jax.random.fold_in(key, t))
         bar.update(1)
@@ -171,22 +182,15 @@ def run_steps(
             if t > 0:  # the first step includes compilation
                 durations.append((now - tick) / (done - mark))
             tick, mark = now, done
-        observing = observe is not None and observe_every > 0
-        if observing and (done % observe_every == 0 or done == steps):
+        if observing and done % observe_every == 0 and done < steps:
             begin = time.perf_counter()
-            observe(done, carry)
+            observer(done, to_variables(carry))
             spent = time.perf_counter() - begin
             observe_seconds += spent
             tick += spent
     bar.close()
     median = float(np.median(durations)) if durations else 0.0
     return carry, curve, median, observe_seconds
-
-
-#: ``observer(steps_done, variables)``: called by a defense every ``observe_every`` steps with
-#: the model's current variables. For benchmarks that chart test metrics along a run; a defense
-#: ignores whatever it returns.
-Observer = Callable[[int, Variables], None]
 
 
 def tree_size(tree: Any) -> int:

@@ -255,6 +255,9 @@ def fisher_guided_purify(
         new, metrics = fn(carry[:3], key, images, labels)
         return (*new, t_index + 1), metrics
 
+    def to_variables(carry):
+        return as_variables(to_params(carry[0]), carry[1])
+
     carry = (tunable0, stats0, tx.init(tunable0), 0)
     carry, curve, step_time, observe_time = run_steps(
         step,
@@ -264,8 +267,9 @@ def fisher_guided_purify(
         desc=method.upper().replace("_", " "),
         progress=progress,
         log_every=config.log_every,
-        observe=observer and (lambda done, c: observer(done, as_variables(to_params(c[0]), c[1]))),
+        observer=observer,
         observe_every=observe_every,
+        to_variables=to_variables,
     )
     tunable, stats = carry[0], carry[1]
     report = PurifyReport(

@@ -151,6 +151,10 @@ def purify(
         return (optax.apply_updates(params, updates), new_stats, opt_state), {"loss": loss}
 
     params, stats = variables["params"], variables.get("batch_stats", {})
+
+    def to_variables(carry):
+        return as_variables(carry[0], carry[1])
+
     carry = (params, stats, tx.init(params))
     carry, curve, step_time, observe_time = run_steps(
         lambda c, k: step(c, k, images, labels),
@@ -160,10 +164,11 @@ def purify(
         desc=method.upper().replace("_", "-"),
         progress=progress,
         log_every=config.log_every,
-        observe=observer and (lambda done, c: observer(done, as_variables(c[0], c[1]))),
+        observer=observer,
         observe_every=observe_every,
+        to_variables=to_variables,
     )
-    out = as_variables(carry[0], carry[1])
+    out = to_variables(carry)
     report = PurifyReport(
         method=method,
         config=config_dict(config),

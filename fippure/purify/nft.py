@@ -171,6 +171,9 @@ def purify(
         masks = optax.apply_updates(masks, updates)
         return (masks, new_stats, opt_state), {"loss": loss, "mixup_ce": mixup, "l1": l1}
 
+    def to_variables(carry):
+        return as_variables(apply_masks(params, carry[0]), carry[1])
+
     carry = (masks, stats0, tx.init(masks))
     carry, curve, step_time, observe_time = run_steps(
         lambda c, k: step(c, k, images, labels),
@@ -180,12 +183,12 @@ def purify(
         desc="NFT",
         progress=progress,
         log_every=config.log_every,
-        observe=observer
-        and (lambda done, c: observer(done, as_variables(apply_masks(params, c[0]), c[1]))),
+        observer=observer,
         observe_every=observe_every,
+        to_variables=to_variables,
     )
-    masks, stats = carry[0], carry[1]
-    out = as_variables(apply_masks(params, masks), stats)
+    masks = carry[0]
+    out = to_variables(carry)
     leaves = np.concatenate([np.asarray(m).ravel() for m in jax.tree_util.tree_leaves(masks)])
     report = PurifyReport(
         method="nft",

@@ -225,6 +225,9 @@ def purify(
             metrics["kl"], metrics["trust_scale"] = kl, scale
         return (optax.apply_updates(layer, updates), opt_state), metrics
 
+    def to_variables(carry):
+        return {**variables, "params": _set(params, path, carry[0])}
+
     carry = (layer0, tx.init(layer0))
     carry, curve, step_time, observe_time = run_steps(
         lambda c, k: step(c, k, data, labels),
@@ -234,11 +237,11 @@ def purify(
         desc="NGF",
         progress=progress,
         log_every=config.log_every,
-        observe=observer
-        and (lambda done, c: observer(done, {**variables, "params": _set(params, path, c[0])})),
+        observer=observer,
         observe_every=observe_every,
+        to_variables=to_variables,
     )
-    out = {**variables, "params": _set(params, path, carry[0])}
+    out = to_variables(carry)
     report = PurifyReport(
         method="ngf",
         config=config_dict(config),

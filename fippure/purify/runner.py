@@ -62,9 +62,9 @@ def run_defense(
         progress: show a progress bar.
         before: metrics of the undefended model, if already known (saves an evaluation).
         observe_every: if positive, also evaluate on the test split every this many steps and
-            return the curve as ``trajectory``. This is for benchmarks that chart a run; the
-            defense never sees these numbers (its observer's return value is discarded), and
-            its reported wall time excludes them.
+            return the curve as ``trajectory`` (its last point is the final evaluation). This
+            is for benchmarks that chart a run; the defense never sees these numbers (its
+            observer's return value is discarded), and its reported wall time excludes them.
 
     Returns:
         The report: ``before``/``after`` metrics, ``der``, the defense's report, provenance.
@@ -89,9 +89,12 @@ def run_defense(
         config,
         jax.random.key(seed),
         progress=progress,
-        **({"observer": observer, "observe_every": observe_every} if observe_every > 0 else {}),
+        observer=observer if observe_every > 0 else None,
+        observe_every=observe_every,
     )
     after = evaluate(backdoored, variables)
+    if observe_every > 0:  # the final point is the evaluation just made
+        trajectory.append({"step": report.steps, **after})
     der = None
     if before.get("asr") is not None:
         der = defense_effectiveness_rating(
