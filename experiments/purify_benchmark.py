@@ -259,6 +259,8 @@ def summarise(runs: list[dict]) -> dict:
             "acc": statistics.mean(r["after"]["acc"] for r in group),
             "asr": statistics.mean(r["after"]["asr"] for r in group),
             "ra": statistics.mean(r["after"]["ra"] for r in group),
+            "acc_std": spread(r["after"]["acc"] for r in group),
+            "asr_std": spread(r["after"]["asr"] for r in group),
             "acc_before": group[0]["before"]["acc"],
             "asr_before": group[0]["before"]["asr"],
             "der": statistics.mean(r["der"] for r in group),
@@ -270,6 +272,12 @@ def summarise(runs: list[dict]) -> dict:
             **({"trajectory": group[0]["trajectory"]} if group[0].get("trajectory") else {}),
         }
     return cells
+
+
+def spread(values) -> float:
+    """Sample standard deviation over seeds (0 for a single seed)."""
+    values = list(values)
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def success(cell: dict) -> bool:
@@ -285,7 +293,11 @@ def cell_text(cell: dict | None) -> str:
         step = re.search(r"at step (\d+)", cell["diverged"])
         return f"diverged (NaN{' at step ' + step.group(1) if step else ''})"
     mark = "*" if success(cell) else ""
-    return f"{cell['acc']:.3f} / {cell['asr']:.3f}{mark} (n={cell['seeds']})"
+    if cell["seeds"] > 1:
+        spread_text = f"sd {cell['acc_std']:.3f} / {cell['asr_std']:.3f}, "
+    else:
+        spread_text = ""
+    return f"{cell['acc']:.3f} / {cell['asr']:.3f}{mark} ({spread_text}n={cell['seeds']})"
 
 
 def write_report() -> None:
@@ -297,7 +309,8 @@ def write_report() -> None:
     lines = [
         "# Purification on CIFAR-10 (PreAct-ResNet-18 width 16, 500 clean images)",
         "",
-        "Each cell: ACC / ASR after the defense (mean over seeds; n = seeds). Success = ASR <= "
+        "Each cell: ACC / ASR after the defense (mean over seeds, then their sample standard "
+        "deviation where n > 1; n = seeds). Success = ASR <= "
         "0.05 and ACC drop <= 0.03. FT and FT-SAM use FIP's optimiser and learning rates.",
         "",
         "| method | " + " | ".join(attacks) + " |",
