@@ -57,7 +57,12 @@ METHODS: dict[str, dict[str, dict[str, str]]] = {
         "clipped": {"learning_rate": "0.005", "max_grad_norm": "10"},
     },
     "fast_fip": {"default": {"learning_rate": "0.005"}, "gentle": {"learning_rate": "0.001"}},
-    "nft": {"default": {"learning_rate": "0.05"}, "gentle": {"learning_rate": "0.01"}},
+    "nft": {
+        "default": {"learning_rate": "0.05"},
+        "gentle": {"learning_rate": "0.01"},
+        # BatchNorm statistics re-estimated on clean batches (no MixUp) after the last step.
+        "clean_stats": {"learning_rate": "0.05", "recompute_batch_stats": "true"},
+    },
     "ngf": {"default": {"learning_rate": "0.1"}, "gentle": {"learning_rate": "0.01"}},
     "ft": {
         "default": {"learning_rate": "0.005", **FIP_OPTIMISER},

@@ -1,10 +1,19 @@
 """Defenses: pure functions ``purify(model, variables, clean_set, config, key)``.
 
 See :mod:`fippure.purify.registry` for the list and :mod:`fippure.purify.runner` for running
-one on a checkpoint and evaluating it.
+one on a checkpoint and evaluating it. :func:`recompute_batch_stats` re-estimates a purified
+model's BatchNorm statistics on the clean set (NFT's ``recompute_batch_stats`` option).
 """
 
+from fippure.purify.batch_stats import recompute_batch_stats
 from fippure.purify.common import PurifyReport
 from fippure.purify.registry import DEFENSES, Defense, get_defense, make_config
 
-__all__ = ["DEFENSES", "Defense", "PurifyReport", "get_defense", "make_config"]
+__all__ = [
+    "DEFENSES",
+    "Defense",
+    "PurifyReport",
+    "get_defense",
+    "make_config",
+    "recompute_batch_stats",
+]

@@ -39,6 +39,7 @@ from fippure.losses import soft_cross_entropy
 from fippure.models.registry import Variables
 from fippure.optim.masks import RESIDUAL_BN_PATTERN, apply_masks, init_masks, layer_floors
 from fippure.optim.projection import project_box
+from fippure.purify.batch_stats import recompute_batch_stats
 from fippure.purify.common import (
     Observer,
     PurifyReport,
@@ -76,6 +77,12 @@ class NFTConfig:
         mask_pattern: regular expression choosing the masked BatchNorms by module path.
         augment: random crop + flip before MixUp.
         bn_train: BatchNorm in train mode (statistics re-estimated on D_v).
+        recompute_batch_stats: after the last step, replace the running statistics (an
+            average over the last MixUp batches) by the mean statistics of ``stats_batches``
+            augmented clean batches without MixUp
+            (:func:`fippure.purify.batch_stats.recompute_batch_stats`). Off by default, as in
+            the seed code (**choice**).
+        stats_batches: clean batches averaged by ``recompute_batch_stats``.
         log_every: host sync interval of the loss log.
     """
 
@@ -94,6 +101,8 @@ class NFTConfig:
     mask_pattern: str = RESIDUAL_BN_PATTERN
     augment: bool = True
     bn_train: bool = True
+    recompute_batch_stats: bool = False
+    stats_batches: int = 20
     log_every: int = 50
 
 
@@ -189,6 +198,16 @@ def purify(
     )
     masks = carry[0]
     out = to_variables(carry)
+    if config.recompute_batch_stats:
+        out = recompute_batch_stats(
+            model,
+            out,
+            clean_set,
+            jax.random.fold_in(key, config.steps),
+            batches=config.stats_batches,
+            batch_size=config.batch_size,
+            augment=config.augment,
+        )
     leaves = np.concatenate([np.asarray(m).ravel() for m in jax.tree_util.tree_leaves(masks)])
     report = PurifyReport(
         method="nft",
