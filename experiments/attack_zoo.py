@@ -53,7 +53,8 @@ def command_for(entry: str) -> str:
     settings = ENTRIES[entry]
     parts = [
         "fippure attack --dataset cifar10 --model preact_resnet18 --width 16",
-        f"--attack {settings['attack']} --ratio 0.1 --target 0 --epochs {EPOCHS}",
+        f"--attack {settings['attack']} --ratio {settings.get('ratio', 0.1)} --target 0 "
+        f"--epochs {EPOCHS}",
     ]
     if settings.get("mode"):
         parts.append(f"--mode {settings['mode']}")

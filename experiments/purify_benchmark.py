@@ -188,7 +188,8 @@ def run_extras(which=EXTRAS) -> None:
         for attack in ("badnets", "blend"):
             if (ZOO / attack / "metadata.json").exists():
                 backdoored, before = load_attack(attack, clean_size=10)
-                run_one(backdoored, attack, "nft", "default", 0, before, tag="clean10")
+                for setting in ("default", "clean_stats"):
+                    run_one(backdoored, attack, "nft", setting, 0, before, tag="clean10")
     if (ZOO / "badnets" / "metadata.json").exists():
         backdoored, before = load_attack("badnets")
         if "full" in which:
