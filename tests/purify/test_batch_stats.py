@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from clean_sets import random_digits_clean_set
 
-from fippure.data import get_spec, normalize, to_unit_range
-from fippure.data.sources import ImageDataset
+from fippure.data import normalize, to_unit_range
 from fippure.errors import InvalidInputError
 from fippure.purify import nft
 from fippure.purify.batch_stats import recompute_batch_stats
@@ -29,11 +29,7 @@ class NormalisedLinear(nn.Module):
 
 @pytest.fixture(scope="module")
 def clean_set():
-    spec = get_spec("digits")
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(10), 3).astype(np.int32)
-    images = rng.integers(0, 256, size=(30, 8, 8, 1), dtype=np.uint8)
-    return ImageDataset(images, labels, spec, "clean")
+    return random_digits_clean_set(per_class=3)
 
 
 @pytest.mark.parametrize("momentum", [0.9, 0.7, 0.99])

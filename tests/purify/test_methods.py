@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from clean_sets import random_digits_clean_set
 from jax.flatten_util import ravel_pytree
 
-from fippure.data import get_spec, normalize, to_unit_range
-from fippure.data.sources import ImageDataset
+from fippure.data import normalize, to_unit_range
 from fippure.models import create_model, init_variables, penultimate_features
 from fippure.optim.masks import layer_floors
 from fippure.optim.spectral import decompose, init_shifts, num_shifts, rebuild_params
@@ -23,15 +23,12 @@ from fippure.purify.fip import trace_term
 @pytest.fixture(scope="module")
 def tiny():
     """A width-4 digits CNN and a 40-image clean set (4 per class)."""
-    spec = get_spec("digits")
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(10), 4).astype(np.int32)
-    images = rng.integers(0, 256, size=(40, 8, 8, 1), dtype=np.uint8)
-    clean = ImageDataset(images, labels, spec, "clean")
+    clean = random_digits_clean_set(per_class=4)
+    spec = clean.spec
     model = create_model("small_cnn", 10, width=4)
     variables = init_variables(model, jax.random.key(1), spec.image_shape)
-    inputs = normalize(to_unit_range(jnp.asarray(images)), spec)
-    return model, variables, clean, inputs, jnp.asarray(labels)
+    inputs = normalize(to_unit_range(jnp.asarray(clean.images)), spec)
+    return model, variables, clean, inputs, jnp.asarray(clean.labels)
 
 
 def _per_example_loss(model, variables):
