@@ -26,7 +26,12 @@ from jaxtyping import PRNGKeyArray
 from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError
 from fippure.models.registry import Variables
-from fippure.purify.common import clean_batch_size, device_clean_set, sample_clean_batch
+from fippure.purify.common import (
+    apply_model,
+    clean_batch_size,
+    device_clean_set,
+    sample_clean_batch,
+)
 
 
 def recompute_batch_stats(
@@ -64,13 +69,7 @@ def recompute_batch_stats(
     params = variables["params"]
 
     def updated(running, x):
-        _, new = model.apply(
-            {**variables, "params": params, "batch_stats": running},
-            x,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        return new["batch_stats"]
+        return apply_model(model, params, running, x, train=True)[1]
 
     @jax.jit
     def estimate(key):
