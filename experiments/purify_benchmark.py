@@ -40,7 +40,7 @@ OTHER_ATTACKS = ("clb", "lira", "issba", "bpp", "lf", "ftrojan", "trojan_all_to_
 #: Budgets on 2 CPU cores: NFT and NGF run SPEC's full budgets (1000 and 2000 steps; they are
 #: cheap), the whole-network methods a reduced one (SPEC: FIP 2000 steps).
 STEPS = {"fip": 300, "fast_fip": 300, "ft": 300, "ft_sam": 300, "nft": 1000, "ngf": 2000}
-FULL_STEPS = {"fip": 2000, "ft": 2000}
+FULL_STEPS = {"fip": 2000, "ft": 2000, "fast_fip": 2000, "ft_sam": 2000}
 #: The full-budget runs chart test ACC/ASR every this many steps (after the fact: the defense
 #: never sees them), which also shows what the reduced budget gave up.
 FULL_OBSERVE_EVERY = 250
