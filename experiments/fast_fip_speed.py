@@ -1,0 +1,149 @@
+"""Fast FIP against FIP at equal steps: time per step (issue 5, "Fast FIP is at least 3x
+faster than FIP"; SPEC section 3: "claimed ~5x faster than FIP: measure it").
+
+Launch (from the repository root; about 5 minutes on 2 CPU cores)::
+
+    python experiments/fast_fip_speed.py [--entry badnets] [--steps 30] [--rounds 3]
+
+Both defenses run with their default configuration (trace penalty every step, one probe,
+batch 128) on the same zoo model and clean set, at a reduced number of steps. The runs
+alternate (FIP, Fast FIP, FIP, ...) so that contention from other jobs hits both alike. Per
+run it records the median step time after compilation (from the defense's own report), the
+set-up time (the SVD, the diagonal Fisher Fbar and the calibration of TrF0, all before the
+first step) and the tunable-parameter count; the speed-up is FIP's step time over Fast FIP's,
+the median of the per-round ratios. The whole-defense ratio at the benchmark's budget
+(300 steps) and at SPEC's (2000 steps) is derived from the same numbers.
+
+Writes ``experiments/results/fast_fip_speed.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+ZOO = ROOT / "zoo" / "cifar10" / "preact_resnet18_w16"
+METHODS = ("fip", "fast_fip")
+
+
+def time_run(backdoored, method: str, steps: int, seed: int) -> dict:
+    import jax
+
+    from fippure.purify.registry import get_defense, make_config
+
+    config = make_config(method, {"steps": str(steps), "log_every": "5"})
+    _, report = get_defense(method).purify(
+        backdoored.model,
+        backdoored.variables,
+        backdoored.clean,
+        config,
+        jax.random.key(seed),
+        progress=False,
+    )
+    return {
+        "method": method,
+        "steps": steps,
+        "step_time_s": report.step_time_s,
+        "wall_time_s": report.wall_time_s,
+        # Everything that is not a step; the first step (compilation) counts as set-up.
+        "setup_time_s": report.wall_time_s - report.step_time_s * (steps - 1),
+        "tunable_parameters": report.tunable_parameters,
+    }
+
+
+def summarise(runs: list[dict], rounds: int) -> dict:
+    by = {m: [r for r in runs if r["method"] == m] for m in METHODS}
+    ratios = [by["fip"][i]["step_time_s"] / by["fast_fip"][i]["step_time_s"] for i in range(rounds)]
+    out = {"speedup_per_step": statistics.median(ratios), "speedup_per_step_rounds": ratios}
+    for m in METHODS:
+        out[m] = {
+            "step_time_s": statistics.median(r["step_time_s"] for r in by[m]),
+            "setup_time_s": statistics.median(r["setup_time_s"] for r in by[m]),
+            "tunable_parameters": by[m][0]["tunable_parameters"],
+        }
+    for budget in (300, 2000):
+        fip, fast = out["fip"], out["fast_fip"]
+        out[f"speedup_defense_{budget}_steps"] = (
+            fip["setup_time_s"] + budget * fip["step_time_s"]
+        ) / (fast["setup_time_s"] + budget * fast["step_time_s"])
+    return out
+
+
+def write(summary: dict, runs: list[dict], args) -> None:
+    from fippure.provenance import provenance
+
+    meta = provenance()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"summary": summary, "runs": runs, "entry": args.entry, **meta}
+    (RESULTS / "fast_fip_speed.json").write_text(json.dumps(payload, indent=1))
+    verdict = "met" if summary["speedup_per_step"] >= 3 else "**missed**"
+    lines = [
+        "# Fast FIP against FIP at equal steps (CIFAR-10, PreAct-ResNet-18 w16)",
+        "",
+        f"Zoo entry `{args.entry}`, 500 clean images, default configurations (trace penalty "
+        f"every step, 1 probe, batch 128), {args.steps} steps per run, {args.rounds} "
+        "alternating rounds; medians.",
+        "",
+        "| method | tunable parameters | time / step | set-up (SVD, Fbar, TrF0, compile) |",
+        "|---|---|---|---|",
+    ]
+    for m in METHODS:
+        s = summary[m]
+        lines.append(
+            f"| {m} | {s['tunable_parameters']:,} | {s['step_time_s'] * 1000:.0f} ms | "
+            f"{s['setup_time_s']:.1f} s |"
+        )
+    rounds = ", ".join(f"{r:.2f}" for r in summary["speedup_per_step_rounds"])
+    lines += [
+        "",
+        f"- Speed-up per step (FIP / Fast FIP): **{summary['speedup_per_step']:.2f}x** "
+        f"(rounds: {rounds}); target >= 3x: {verdict}.",
+        f"- Whole defense, set-up included: {summary['speedup_defense_300_steps']:.2f}x at "
+        f"300 steps, {summary['speedup_defense_2000_steps']:.2f}x at 2000 steps.",
+    ]
+    if summary["speedup_per_step"] < 3:
+        lines += [
+            "",
+            "Why the steps cost about the same: both objectives pay the same network passes. "
+            "FIP's trace is a Hutchinson `jax.jvp` whose cost does not grow with the number "
+            "of tuned parameters, and a spectral shift's tangent `U diag(v) V^T` is a dense "
+            "kernel tangent, so the forward, tangent and reverse passes through every "
+            "convolution are the same; what Fast FIP saves (optimiser state, the anchor over "
+            "1k instead of 700k scalars) is small next to the convolutions.",
+        ]
+    lines += [
+        "",
+        f"Measured by `{meta['command']}` at {meta['git_revision']} on {meta['machine']}, "
+        f"{meta['date']}.",
+    ]
+    (RESULTS / "fast_fip_speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--entry", default="badnets")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if args.steps < 11 or args.rounds < 1:
+        parser.error("--steps must be at least 11 (two timed intervals) and --rounds positive")
+
+    from fippure.zoo import load_backdoored
+
+    backdoored = load_backdoored(ZOO / args.entry)
+    runs = []
+    for i in range(args.rounds):
+        for method in METHODS:
+            run = time_run(backdoored, method, args.steps, seed=i)
+            print(f"round {i} {method}: {run['step_time_s'] * 1000:.0f} ms / step", flush=True)
+            runs.append({"round": i, **run})
+    write(summarise(runs, args.rounds), runs, args)
+
+
+if __name__ == "__main__":
+    main()
