@@ -253,14 +253,19 @@ def lambda_max_around_fip(backdoored) -> None:
 
 
 def collect() -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*__s*.json"))]
+    """Every stored run, with ``entry``: the zoo entry it ran on, from its file name (a run's
+    ``attack`` is the attack's name, which entries that differ in ratio share)."""
+    return [
+        {**json.loads(p.read_text()), "entry": p.name.split("__")[0]}
+        for p in sorted(RUNS.glob("*__s*.json"))
+    ]
 
 
 def summarise(runs: list[dict]) -> dict:
     """Mean over seeds per (attack, method, setting, tag)."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        key = (run["attack"], run["defense"], run["setting"], run.get("tag", ""))
+        key = (run["entry"], run["defense"], run["setting"], run.get("tag", ""))
         groups.setdefault(key, []).append(run)
     cells = {}
     for key, group in groups.items():
@@ -375,7 +380,9 @@ def write_report() -> None:
             )
     lines += [
         "",
-        "`*` marks a success. Per method (mean over attacks):",
+        "`*` marks a success. Per method (mean over attacks; the runs shared the 2 CPU cores "
+        "with other jobs, such as zoo training, so wall times vary by up to 2x from run to run; "
+        "`fast_fip_speed.md` times FIP against Fast FIP in alternation):",
         "",
         "| method | lr | steps | wall time / defense | time / step | tunable parameters | "
         "core successes (of 6) |",
