@@ -10,7 +10,8 @@ step. The loss is FIP's, with the Fisher trace and the Fisher anchor taken with 
 D_v (**choice**). PreAct-ResNet-18 has about 4.3k shifts at width 64 (1.1k at width 16).
 
 Cost per step: the paper reports Fast FIP about 5x faster than FIP. Here a step costs about
-what a FIP step costs (measured 0.67 s against 0.66 s on 2 CPU cores, width 16), because FIP's
+what a FIP step costs (``experiments/fast_fip_speed.py``, results in
+``experiments/results/fast_fip_speed.md``; 2 CPU cores, width 16), because FIP's
 trace is already a Hutchinson ``jvp`` whose cost does not grow with the number of tuned
 parameters, and a shift's tangent ``U diag(v) V^T`` is a dense kernel tangent. Both steps pay
 the same forward, tangent and backward passes through the network; what Fast FIP saves is
