@@ -262,7 +262,7 @@ def collect() -> list[dict]:
 
 
 def summarise(runs: list[dict]) -> dict:
-    """Mean over seeds per (attack, method, setting, tag)."""
+    """Mean over seeds per (zoo entry, method, setting, tag)."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         key = (run["entry"], run["defense"], run["setting"], run.get("tag", ""))
