@@ -9,12 +9,16 @@ network that reads the code learns to spot it.
 Here the pair is small and trained in :meth:`ISSBA.fit` on the attacker's training images (the
 paper uses a pretrained StegaStamp): per step a batch of images gets random bit strings b,
 the encoder's residual r = eps * tanh(.) (so ||r||_inf <= eps) and the decoder's logits of
-clip(x + r), minimising
+clip(x + r) + n, with Gaussian noise n of std ``fit_noise``, minimising
 
     BCE(D(clip(x + r)), b) + image_weight * mean(r^2)
 
 (StegaStamp's bit and L2 image losses, without its perceptual and adversarial terms
-**(choice: no LPIPS network or critic to train on CPU)**). The secret s is drawn from the
+**(choice: no LPIPS network or critic to train on CPU)**). StegaStamp puts image corruptions
+between encoder and decoder so that the code survives them; here the noise n plays that role.
+Without it the encoder settles on the faintest residual the decoder can read (RMS about 3/255 at
+eps 0.05), and a CIFAR-10 classifier trained on 10% poison did not pick it up (ASR 0.06 after 5
+epochs); the noise makes the residual strong enough to be a trigger. The secret s is drawn from the
 attack's key. Only the encoder's parameters and s are saved with the checkpoint; the decoder
 is needed only to fit and to check the code is readable (:meth:`ISSBA.decode`).
 """
@@ -44,6 +48,8 @@ class ISSBA(Attack):
     Attributes:
         num_bits: length of the secret code.
         eps: L-inf bound of the residual in [0, 1] pixel units.
+        fit_noise: std of the Gaussian noise added to encoded images before the decoder
+            during the fit (StegaStamp's corruption layer); 0 disables it.
         image_weight: weight of the residual's mean square in the fitting loss.
         fit_steps: Adam steps of the encoder-decoder fit.
         fit_batch_size: images per fitting step.
@@ -56,7 +62,8 @@ class ISSBA(Attack):
 
     name: ClassVar[str] = "issba"
     num_bits: int = 32
-    eps: float = 0.05
+    eps: float = 0.1
+    fit_noise: float = 0.05
     image_weight: float = 10.0
     fit_steps: int = 1500
     fit_batch_size: int = 64
@@ -69,6 +76,8 @@ class ISSBA(Attack):
             raise InvalidInputError(f"num_bits must be positive, got {self.num_bits}")
         if not 0.0 < self.eps <= 1.0:
             raise InvalidInputError(f"eps must be in (0, 1], got {self.eps}")
+        if self.fit_noise < 0.0:
+            raise InvalidInputError(f"fit_noise must be non-negative, got {self.fit_noise}")
 
     def _encoder(self, channels: int) -> StegaEncoder:
         w = self.encoder_width
@@ -112,10 +121,12 @@ class ISSBA(Attack):
         optimizer = optax.adam(self.fit_lr)
         params = {"encoder": state["encoder"], "decoder": state["decoder"]}
 
-        def loss_fn(params, x, bits, image_weight):
+        def loss_fn(params, x, bits, noise, image_weight):
             merged = {**state, **params}
             encoded = jnp.clip(x + self.residual(merged, x, bits), 0.0, 1.0)
-            logits = StegaDecoder(self.num_bits).apply({"params": params["decoder"]}, encoded)
+            logits = StegaDecoder(self.num_bits).apply(
+                {"params": params["decoder"]}, encoded + self.fit_noise * noise
+            )
             bit_loss = optax.sigmoid_binary_cross_entropy(logits, bits).mean()
             image_loss = jnp.mean((encoded - x) ** 2)
             accuracy = jnp.mean((logits > 0) == (bits > 0.5))
@@ -123,15 +134,16 @@ class ISSBA(Attack):
 
         @jax.jit
         def step(params, opt_state, key, i):
-            rows_key, bits_key = jax.random.split(key)
+            rows_key, bits_key, noise_key = jax.random.split(key, 3)
             # StegaStamp's ramp: the image loss fades in once the code is readable.
             ramp = jnp.clip(i / (self.ramp_fraction * self.fit_steps + 1.0), 0.0, 1.0)
             rows = jax.random.randint(rows_key, (batch_size,), 0, n)
             x = to_unit_range(images[rows])
             bits = jax.random.bernoulli(bits_key, 0.5, (batch_size, self.num_bits))
+            noise = jax.random.normal(noise_key, x.shape, x.dtype)
             grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
             (loss, (bit_loss, accuracy)), grads = grad_fn(
-                params, x, bits.astype(jnp.float32), ramp * self.image_weight
+                params, x, bits.astype(jnp.float32), noise, ramp * self.image_weight
             )
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, loss, accuracy

@@ -10,6 +10,7 @@ import pytest
 from fippure.attacks import AttackContext, make_attack, make_poison_plan
 from fippure.data.catalog import get_spec
 from fippure.data.sources import load_dataset
+from fippure.errors import InvalidInputError
 from fippure.models.registry import count_params
 from fippure.recipes import train_backdoored
 from fippure.training import TrainConfig
@@ -90,3 +91,9 @@ def test_digits_backdoor_is_learnt(tmp_path):
     assert report["test_accuracy"] >= 0.9, report
     loaded = load_backdoored(tmp_path / "issba")
     assert set(loaded.attack_state) == {"code", "encoder"}  # the decoder is not saved
+
+
+@pytest.mark.parametrize("options", [{"eps": 0.0}, {"num_bits": 0}, {"fit_noise": -0.1}])
+def test_bad_options_are_rejected_in_one_line(options):
+    with pytest.raises(InvalidInputError, match="must be"):
+        make_attack("issba", **options)
