@@ -112,3 +112,15 @@ def test_rerun_resumes_from_the_checkpoint(tmp_path):
     assert 0 < resumed["resumed_from_step"] < again["resumed_from_step"]
     assert resumed["asr"] == first["asr"]
     assert resumed["test_accuracy"] == first["test_accuracy"]
+
+
+def test_copies_and_clean_images_are_weighted_per_image():
+    from fippure.attacks.lira import row_weights
+
+    copied = jnp.array([True, True, False])  # two real copies, one padding row
+    weights = np.asarray(row_weights(8, copied, alpha=0.5))
+    np.testing.assert_allclose(weights.sum(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(weights[:8], 1.0 / 10)  # 8 clean + 2 copies, equal weight
+    np.testing.assert_allclose(weights[8:], [0.1, 0.1, 0.0])
+    skewed = np.asarray(row_weights(8, copied, alpha=0.8))
+    np.testing.assert_allclose(skewed[8] / skewed[0], 4.0, rtol=1e-6)
