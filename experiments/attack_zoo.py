@@ -42,7 +42,10 @@ ENTRIES: dict[str, dict] = {
     "clb_ratio0.05": {"attack": "clb", "ratio": 0.05, "reference": True},
     "wanet": {"attack": "wanet"},
     "input_aware": {"attack": "input_aware"},
-    "input_aware_density0.1": {"attack": "input_aware", "options": {"mask_density": 0.1}},
+    "input_aware_density0.1_lr0.001": {
+        "attack": "input_aware",
+        "options": {"mask_density": 0.1, "generator_lr": 0.001},
+    },
     "lira": {"attack": "lira"},
     "issba": {"attack": "issba"},
     "bpp": {"attack": "bpp"},
@@ -62,6 +65,12 @@ NOTES: dict[str, str] = {
     "the target class instead.",
     "input_aware": "ASR was still rising at epoch 15 (the generator is learnt with the "
     "classifier).",
+    "issba": "The encoder is fitted with Gaussian noise (std 0.05) between encoder and decoder, "
+    "StegaStamp's corruption layer, and eps 0.1: its residual has RMS 0.030 (7.7 grey levels) "
+    "and the decoder reads the secret code from test images at 100%. Fitted without the noise "
+    "(eps 0.05), the encoder settled on a residual of RMS 0.012 and the classifier's ASR was "
+    "0.06 after 5 epochs. The residuals differ from image to image, but little: their mean "
+    "pairwise cosine similarity is 0.98.",
     "trojan_all_to_all": "All-to-all ASR is capped by clean accuracy: a triggered image of class y "
     "counts only if the model recognises y and answers y + 1. The model does that: on triggered "
     "test images it answers (its clean prediction + 1) mod 10 for 94.4%, and its ASR is 0.967 on "
