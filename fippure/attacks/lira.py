@@ -14,10 +14,12 @@ where eta is the attack's target map, in two stages (paper section 3.3):
    weighted mean over the rows). Seeing the same image with and without T is what lets an
    eps of a few grey levels be learnt; the paper pairs every image, here the plan's ``ratio``
    of them are **(choice: the protocol's poison ratio; about 1.2x the classifier's cost
-   instead of 2x)**. The weights are per image, as in the paper's loss over pairs: an
-   earlier version gave the copies half of the whole loss (about 10x a clean image's weight
-   at ratio 0.1), and the CIFAR-10 zoo model never fitted its clean data (clean training
-   accuracy 0.68 and test ACC 0.680 after 15 epochs, ASR 0.816).
+   instead of 2x)**. The weights are per image, as in the paper's loss over pairs.
+   On the CIFAR-10 zoo setting (width 16, 15 epochs, ratio 0.1) neither extreme gives a
+   working backdoor yet: giving the copies half of the whole loss (about 10x a clean image's
+   weight; ``alpha`` about 0.91 here) never fitted the clean data (test ACC 0.680, ASR
+   0.816), and per-image weights at ``alpha`` 0.5 never learnt the trigger (epoch 10: ACC
+   0.792, ASR 0.089). An ``alpha`` in between, or a larger ``eps``, is the next thing to try.
    Then g (Adam) is updated so that the *updated* classifier sends T(x) of every row to
    eta(y) (eval-mode BatchNorm, as at test time): a first-order version of the paper's
    look-ahead, which differentiates through the classifier's update **(choice: one extra
