@@ -11,7 +11,7 @@ paper uses a pretrained StegaStamp): per step a batch of images gets random bit 
 the encoder's residual r = eps * tanh(.) (so ||r||_inf <= eps) and the decoder's logits of
 clip(x + r) + n, with Gaussian noise n of std ``fit_noise``, minimising
 
-    BCE(D(clip(x + r)), b) + image_weight * mean(r^2)
+    BCE(D(clip(x + r) + n), b) + image_weight * mean(r^2)
 
 (StegaStamp's bit and L2 image losses, without its perceptual and adversarial terms
 **(choice: no LPIPS network or critic to train on CPU)**). StegaStamp puts image corruptions
