@@ -15,17 +15,18 @@ where eta is the attack's target map, in two stages (paper section 3.3):
    eps of a few grey levels be learnt; the paper pairs every image, here the plan's ``ratio``
    of them are **(choice: the protocol's poison ratio; about 1.2x the classifier's cost
    instead of 2x)**. The weights are per image, as in the paper's loss over pairs.
-   On the CIFAR-10 zoo setting (width 16, 15 epochs, ratio 0.1) neither extreme gives a
-   working backdoor yet: giving the copies half of the whole loss (about 10x a clean image's
-   weight; ``alpha`` about 0.91 here) never fitted the clean data (test ACC 0.680, ASR
-   0.816), and per-image weights at ``alpha`` 0.5 never learnt the trigger (epoch 10: ACC
-   0.792, ASR 0.089). An ``alpha`` in between, or a larger ``eps``, is the next thing to try.
    Then g (Adam) is updated so that the *updated* classifier sends T(x) of every row to
    eta(y) (eval-mode BatchNorm, as at test time): a first-order version of the paper's
    look-ahead, which differentiates through the classifier's update **(choice: one extra
    forward/backward instead of a second-order one)**.
 2. *Fine-tuning stage* (``finetune_epochs``): g is frozen and the classifier keeps training
    on the same clean-plus-copies batches.
+
+On the CIFAR-10 zoo setting (width 16, 15 epochs, ratio 0.1) neither extreme gives a working
+backdoor yet: giving the copies half of the whole loss (about 10x a clean image's weight;
+``alpha`` about 0.91 here) never fitted the clean data (test ACC 0.680, ASR 0.816), and
+per-image weights at ``alpha`` 0.5 never learnt the trigger (epoch 10: ACC 0.792, ASR 0.089).
+An ``alpha`` in between, or a larger ``eps``, is the next thing to try.
 
 The learning-rate schedule of the classifier spans both stages. ``eps`` defaults to 0.01 in
 [0, 1] pixel units (the value of BackdoorBench's CIFAR-10 config, whose images are

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fippure.attacks import AttackContext, make_attack, make_poison_plan
-from fippure.attacks.lira import triggered_copies
+from fippure.attacks.lira import row_weights, triggered_copies
 from fippure.data.catalog import get_spec
 from fippure.data.sources import load_dataset
 from fippure.errors import InvalidInputError
@@ -115,8 +115,6 @@ def test_rerun_resumes_from_the_checkpoint(tmp_path):
 
 
 def test_copies_and_clean_images_are_weighted_per_image():
-    from fippure.attacks.lira import row_weights
-
     copied = jnp.array([True, True, False])  # two real copies, one padding row
     weights = np.asarray(row_weights(8, copied, alpha=0.5))
     np.testing.assert_allclose(weights.sum(), 1.0, rtol=1e-6)
