@@ -89,7 +89,11 @@ NOTES: dict[str, str] = {
     "lira_eps0.03_alpha0.75": "eps 0.03 as above, with alpha 0.75 (each triggered copy weighs "
     "3x a clean image instead of 1x). Test ACC/ASR at epochs 5/10 of the joint stage: "
     "0.596/0.908, 0.770/0.929; after the fine-tuning stage 0.853/0.913. It meets both targets, "
-    "ACC by a margin of 0.004, with 3x the eps the issue names.",
+    "ACC by a margin of 0.004, with 3x the eps the issue names. Caveat: in both eps-0.03 entries "
+    "the generator's tanh saturated, so the trigger is nearly one global colour shift (red and "
+    "blue -eps, green +eps): on 256 test images 98% of the perturbation's values lie beyond "
+    "0.9 eps, and the perturbations of different images have mean cosine similarity 0.99. The "
+    "paper's LIRA triggers are input-specific.",
     "issba": "The encoder is fitted with Gaussian noise (std 0.05) between encoder and decoder, "
     "StegaStamp's corruption layer, and eps 0.1: its residual has RMS 0.030 (7.7 grey levels) "
     "and the decoder reads the secret code from test images at 100%. Fitted without the noise "
