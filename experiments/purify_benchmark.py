@@ -42,6 +42,8 @@ OTHER_ATTACKS = (
     "clb",
     "clb_ratio0.05",
     "lira",
+    "lira_eps0.03_alpha0.75",
+    "input_aware_density0.15_lr0.001",
     "issba",
     "bpp",
     "lf",
