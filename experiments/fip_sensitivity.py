@@ -29,6 +29,11 @@ GRID = {
     "ft_lr0.001": {"learning_rate": "0.001", "eta_F": "0", "eta_r": "0"},
     "fip_lr0.001_eta1": {"learning_rate": "0.001", "eta_F": "1"},
     "fip_lr0.001_eta3": {"learning_rate": "0.001", "eta_F": "3"},
+    # The anchor strength eta_r (SPEC: 5, sweep {0.1, 1, 5}) at the setting that removes
+    # BadNets, and one far stronger anchor to see whether it buys back accuracy.
+    "fip_lr0.001_eta3_anchor0.1": {"learning_rate": "0.001", "eta_F": "3", "eta_r": "0.1"},
+    "fip_lr0.001_eta3_anchor1": {"learning_rate": "0.001", "eta_F": "3", "eta_r": "1"},
+    "fip_lr0.001_eta3_anchor100": {"learning_rate": "0.001", "eta_F": "3", "eta_r": "100"},
     "fip_lr0.005_eta1_frozenbn": {"learning_rate": "0.005", "eta_F": "1", "bn_train": "false"},
     "fast_fip_lr0.05_eta1": {"learning_rate": "0.05", "eta_F": "1"},
     "fast_fip_lr0.5_eta1": {"learning_rate": "0.5", "eta_F": "1"},

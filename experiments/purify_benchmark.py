@@ -33,15 +33,25 @@ RESULTS = ROOT / "experiments" / "results"
 RUNS = RESULTS / "purify_runs"
 ZOO = ROOT / "zoo" / "cifar10" / "preact_resnet18_w16"
 
-#: The six attacks the targets are judged on, then any other zoo attack. SIG is the zoo entry
-#: that poisons half the target class: the one that poisons all of it never predicts the
-#: target class on clean images (see zoo/README.md), so its "ACC drop" is not comparable.
-CORE_ATTACKS = ("badnets", "blend", "trojan", "sig_ratio0.05", "wanet", "input_aware")
+#: The six attacks the targets are judged on, then any other zoo attack. Each core column is
+#: the zoo entry of that attack that meets the zoo's targets (ASR >= 0.90, ACC within 0.03 of
+#: clean), so defenses are judged on working backdoors. SIG is the entry that poisons half the
+#: target class: the one that poisons all of it never predicts the target class on clean
+#: images (see zoo/README.md), so its "ACC drop" is not comparable. Input-aware is the entry
+#: with mask density 0.15: the default one's attack reaches only ASR 0.837.
+CORE_ATTACKS = (
+    "badnets",
+    "blend",
+    "trojan",
+    "sig_ratio0.05",
+    "wanet",
+    "input_aware_density0.15_lr0.001",
+)
 OTHER_ATTACKS = (
     "sig",
     "clb",
     "clb_ratio0.05",
-    "input_aware_density0.15_lr0.001",
+    "input_aware",
     "lira",
     "lira_eps0.03_alpha0.75",
     "issba",
@@ -337,6 +347,10 @@ def write_report() -> None:
         "Each cell: ACC / ASR after the defense (mean over seeds, then their sample standard "
         "deviation where n > 1; n = seeds). Success = ASR <= "
         "0.05 and ACC drop <= 0.03. FT and FT-SAM use FIP's optimiser and learning rates.",
+        "",
+        f"The targets are judged on the first six columns ({', '.join(CORE_ATTACKS)}): for "
+        "each attack, the zoo entry that meets the zoo's targets. The others are further zoo "
+        "entries.",
         "",
         "| method | " + " | ".join(attacks) + " |",
         "|---|" + "---|" * len(attacks),
