@@ -79,6 +79,10 @@ METHODS: dict[str, dict[str, dict[str, str]]] = {
         # The default diverged (NaN by step 50) on Trojan and SIG; the same run with the
         # gradient norm clipped at 10, for every attack.
         "clipped": {"learning_rate": "0.005", "max_grad_norm": "10"},
+        # "gentle" with the trace term's BatchNorm in train mode (SPEC section 2's choice, the
+        # other way): on Blend it removed the backdoor where eval mode did not
+        # (fip_sensitivity.md, prototype_*_bntrain).
+        "gentle_bntrain": {"learning_rate": "0.001", "trace_bn_train": "true"},
     },
     "fast_fip": {"default": {"learning_rate": "0.005"}, "gentle": {"learning_rate": "0.001"}},
     "nft": {

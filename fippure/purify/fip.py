@@ -10,7 +10,8 @@ On clean mini-batches B from D_v it minimises
 - TrF is the trace of the empirical Fisher, mean_i ||grad log p(y_i | x_i)||^2, estimated
   with Rademacher probes and one ``jax.jvp`` of the per-example log-likelihood vector
   (:func:`fippure.curvature.empirical_fisher_trace`), differentiated with ``jax.grad``; BN in
-  eval mode for this term so examples do not couple (**choice**). Variants: the true Fisher
+  eval mode for this term so examples do not couple (**choice**; ``trace_bn_train`` runs it in
+  train mode instead). Variants: the true Fisher
   (labels sampled from the model), and ``seed_code``, which reproduces the released code's
   term that is *linear* in the gradient (zero in expectation: curvature-shaped noise), as an
   ablation only.
@@ -84,6 +85,10 @@ class FIPConfig:
             model) or ``seed_code`` (the released code's zero-mean linear term; ablation).
         trace_probes: Rademacher probes K per estimate.
         trace_every: add the trace term every this many steps (5 in the seed code).
+        trace_bn_train: BatchNorm mode of the trace term. ``False`` (eval mode with the current
+            running statistics, **choice**) keeps examples independent, so the term is the
+            per-example Fisher trace; ``True`` normalises with the batch's own statistics, so
+            each example's log-likelihood also depends on the rest of the batch.
         eta_r: strength of the Fisher-weighted anchor to theta0 (choice: 5; sweep 0.1, 1, 5).
         max_grad_norm: clip the global norm of the objective's gradient (before the anchor
             and momentum); ``None`` disables it.
@@ -104,6 +109,7 @@ class FIPConfig:
     trace_variant: Literal["empirical", "true", "seed_code"] = "empirical"
     trace_probes: int = 1
     trace_every: int = 1
+    trace_bn_train: bool = False
     eta_r: float = 5.0
     max_grad_norm: float | None = None
     calibration_probes: int = 8
@@ -172,6 +178,9 @@ def fisher_guided_purify(
     def logits_eval(t, stats, x):
         return model.apply(as_variables(to_params(t), stats), x, train=False)
 
+    def logits_trace(t, stats, x):
+        return apply_model(model, to_params(t), stats, x, config.trace_bn_train)[0]
+
     # Fbar and TrF0: the original model on the un-augmented clean set, BN in eval mode.
     inputs = normalize(to_unit_range(images), spec)
     tunable0 = tunable
@@ -211,13 +220,13 @@ def fisher_guided_purify(
                     def per_example(t_, batch):
                         xb, yb = batch
                         return optax.softmax_cross_entropy_with_integer_labels(
-                            logits_eval(t_, stats, xb), yb
+                            logits_trace(t_, stats, xb), yb
                         )
 
                     trace = trace_term(
                         config.trace_variant,
                         per_example,
-                        lambda t_, xb: logits_eval(t_, stats, xb),
+                        lambda t_, xb: logits_trace(t_, stats, xb),
                         t,
                         (x, y) if config.trace_variant != "true" else x,
                         trace_key,

@@ -79,6 +79,45 @@ def test_fip_steps_are_sgd_on_cross_entropy_plus_the_fisher_anchor(tiny):
     assert report.tunable_parameters == want.size
 
 
+@pytest.mark.parametrize("trace_bn_train", [False, True])
+def test_fip_trace_term_uses_the_configured_batchnorm_mode(tiny, monkeypatch, trace_bn_train):
+    """SPEC section 2 (choice): the trace term's per-example losses come from eval-mode BN
+    (running statistics) by default, or from train-mode BN (the batch's own statistics)."""
+    model, variables, clean, inputs, labels = tiny
+    seen = []
+
+    def spy(variant, per_example_loss, logits_fn, tunable, batch, key, num_probes):
+        record = lambda *values: seen.append([np.asarray(v) for v in values])  # noqa: E731
+        jax.debug.callback(record, per_example_loss(tunable, batch), *batch)
+        return trace_term(variant, per_example_loss, logits_fn, tunable, batch, key, num_probes)
+
+    monkeypatch.setattr(fip, "trace_term", spy)
+    config = fip.FIPConfig(
+        steps=1,
+        batch_size=len(clean),
+        eta_F=1.0,
+        augment=False,
+        bn_train=False,
+        trace_bn_train=trace_bn_train,
+        calibration_probes=1,
+    )
+    fip.purify(model, variables, clean, config, jax.random.key(0), progress=False)
+    ((got, x, y),) = seen  # one step, at theta0
+
+    def losses(train):
+        logits = model.apply(
+            variables,
+            x,
+            train=train,
+            mutable=["batch_stats"] if train else False,
+        )
+        logits = logits[0] if train else logits
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+    np.testing.assert_allclose(got, losses(trace_bn_train), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, losses(not trace_bn_train), rtol=1e-3)
+
+
 @pytest.fixture
 def float64():
     previous = jax.config.jax_enable_x64
