@@ -83,6 +83,9 @@ METHODS: dict[str, dict[str, dict[str, str]]] = {
         # other way): on Blend it removed the backdoor where eval mode did not
         # (fip_sensitivity.md, prototype_*_bntrain).
         "gentle_bntrain": {"learning_rate": "0.001", "trace_bn_train": "true"},
+        # The same with a stronger trace penalty, near the prototype's absolute 1e-3 (Tr F at
+        # theta0 is 1200-1800 on the zoo models).
+        "strong_bntrain": {"learning_rate": "0.001", "eta_F": "2", "trace_bn_train": "true"},
     },
     "fast_fip": {"default": {"learning_rate": "0.005"}, "gentle": {"learning_rate": "0.001"}},
     "nft": {
@@ -414,6 +417,22 @@ def write_report() -> None:
             f"{r['wall_time_s']:.0f} s | {r['step_time_s'] * 1000:.0f} ms | "
             f"{r['tunable_parameters']:,} | {r['core_successes']} |"
         )
+    lines += [
+        "",
+        "Settings beyond the learning rate (the method's defaults otherwise; FIP: eta_F 1 "
+        "relative to Tr F at theta0, eta_r 5, trace term with BN in eval mode):",
+        "",
+    ]
+    for method, settings in METHODS.items():
+        for setting, values in settings.items():
+            extra = {
+                k: v
+                for k, v in values.items()
+                if k != "learning_rate" and FIP_OPTIMISER.get(k) != v
+            }
+            if extra:
+                text = ", ".join(f"{k} = {v}" for k, v in sorted(extra.items()))
+                lines.append(f"- {method} {setting}: {text}")
     lines += ["", "Targets (issue 5):", ""]
     for method in ("fip", "nft"):
         best = max((r["core_successes"] for r in rows if r["method"] == method), default=0)
