@@ -21,6 +21,9 @@ from purify_benchmark import RESULTS, load_attack, run_one
 RUNS = RESULTS / "fip_sensitivity_runs"
 
 #: name -> FIP overrides (besides steps); names starting with ``fast_`` run Fast FIP.
+#: SPEC section 2's prototype: the absolute trace penalty eta_F = 1e-3 at lr 0.001, 200 steps.
+PROTOTYPE = {"learning_rate": "0.001", "trace_scale": "absolute", "eta_F": "0.001", "steps": "200"}
+
 GRID = {
     "ft_lr0.005": {"learning_rate": "0.005", "eta_F": "0", "eta_r": "0"},
     "fip_lr0.005_eta0.1": {"learning_rate": "0.005", "eta_F": "0.1"},
@@ -35,40 +38,13 @@ GRID = {
     "fip_lr0.001_eta3_anchor1": {"learning_rate": "0.001", "eta_F": "3", "eta_r": "1"},
     "fip_lr0.001_eta3_anchor100": {"learning_rate": "0.001", "eta_F": "3", "eta_r": "100"},
     "fip_lr0.005_eta1_frozenbn": {"learning_rate": "0.005", "eta_F": "1", "bn_train": "false"},
-    # SPEC section 2's prototype on Blend: the absolute trace penalty eta_F = 1e-3 at lr 0.001
-    # for 200 steps, without and with the anchor (it measured ASR 0.029 / ACC 0.769 and
-    # ASR 0.009 / ACC 0.804).
-    "prototype_trace_only": {
-        "learning_rate": "0.001",
-        "trace_scale": "absolute",
-        "eta_F": "0.001",
-        "eta_r": "0",
-        "steps": "200",
-    },
-    "prototype_full": {
-        "learning_rate": "0.001",
-        "trace_scale": "absolute",
-        "eta_F": "0.001",
-        "eta_r": "5",
-        "steps": "200",
-    },
+    # SPEC section 2's prototype on Blend, without and with the anchor (it measured
+    # ASR 0.029 / ACC 0.769 and ASR 0.009 / ACC 0.804).
+    "prototype_trace_only": {**PROTOTYPE, "eta_r": "0"},
+    "prototype_full": {**PROTOTYPE, "eta_r": "5"},
     # The same two runs with the trace term's BatchNorm in train mode (batch statistics).
-    "prototype_trace_only_bntrain": {
-        "learning_rate": "0.001",
-        "trace_scale": "absolute",
-        "eta_F": "0.001",
-        "eta_r": "0",
-        "steps": "200",
-        "trace_bn_train": "true",
-    },
-    "prototype_full_bntrain": {
-        "learning_rate": "0.001",
-        "trace_scale": "absolute",
-        "eta_F": "0.001",
-        "eta_r": "5",
-        "steps": "200",
-        "trace_bn_train": "true",
-    },
+    "prototype_trace_only_bntrain": {**PROTOTYPE, "eta_r": "0", "trace_bn_train": "true"},
+    "prototype_full_bntrain": {**PROTOTYPE, "eta_r": "5", "trace_bn_train": "true"},
     "fast_fip_lr0.05_eta1": {"learning_rate": "0.05", "eta_F": "1"},
     "fast_fip_lr0.5_eta1": {"learning_rate": "0.5", "eta_F": "1"},
 }

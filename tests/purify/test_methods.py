@@ -17,6 +17,7 @@ from fippure.models import create_model, init_variables, penultimate_features
 from fippure.optim.masks import layer_floors
 from fippure.optim.spectral import decompose, init_shifts, num_shifts, rebuild_params
 from fippure.purify import fast_fip, fip, nft, ngf
+from fippure.purify.common import apply_model
 from fippure.purify.fip import trace_term
 
 
@@ -105,13 +106,7 @@ def test_fip_trace_term_uses_the_configured_batchnorm_mode(tiny, monkeypatch, tr
     ((got, x, y),) = seen  # one step, at theta0
 
     def losses(train):
-        logits = model.apply(
-            variables,
-            x,
-            train=train,
-            mutable=["batch_stats"] if train else False,
-        )
-        logits = logits[0] if train else logits
+        logits, _ = apply_model(model, variables["params"], variables["batch_stats"], x, train)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
     np.testing.assert_allclose(got, losses(trace_bn_train), rtol=1e-5, atol=1e-6)
