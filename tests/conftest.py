@@ -54,6 +54,12 @@ def cifar10_data_dir() -> str:
     pytest.skip(message)
 
 
+def pytest_collection_modifyitems(config, items):
+    # Real-data tests run first (a stable sort keeps the rest in file order): each takes minutes,
+    # and under ``-n 2`` one that started last would leave the other worker idle at the end.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_sessionstart(session):
     import jax
 

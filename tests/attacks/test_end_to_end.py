@@ -66,7 +66,10 @@ def test_digits_backdoor_is_learnt(name, tmp_path, digits_reference, fast_compil
 
 @pytest.mark.slow
 def test_badnets_on_a_cifar10_subset(cifar10_data_dir):
-    """BadNets is learnt from 10k CIFAR-10 images in 624 steps of a width-8 PreAct-ResNet-18.
+    """BadNets is learnt from 10k CIFAR-10 images in 624 steps of a width-4 PreAct-ResNet-18.
+
+    Width 4 learns it as well as width 8 (ASR 0.970 / ACC 0.550 against 0.955 / 0.574) in 60%
+    of the time; 312 steps are too few at either width (ASR 0.16 at width 8).
 
     Without augmentation: random crops move the 3x3 corner patch by up to 4 pixels or cut it
     off, which delays the backdoor by a few epochs (the zoo's BadNets reached ASR 0.84 only
@@ -80,7 +83,7 @@ def test_badnets_on_a_cifar10_subset(cifar10_data_dir):
     plan = make_poison_plan(train.labels, ratio=0.1, num_classes=10, target=0, seed=0)
     context = AttackContext(train, plan, train.spec, jax.random.key(1), progress=False)
     state = attack.init_state(jax.random.key(0), train.spec)
-    model = create_model("preact_resnet18", 10, width=8)
+    model = create_model("preact_resnet18", 10, width=4)
     variables = init_variables(model, jax.random.key(0), train.spec.image_shape)
     config = TrainConfig(
         epochs=8, batch_size=128, learning_rate=0.05, augment=False, eval_every=100
