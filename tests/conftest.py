@@ -54,6 +54,17 @@ def cifar10_data_dir() -> str:
     pytest.skip(message)
 
 
+@pytest.fixture
+def optimized_compilation():
+    """Full XLA optimisation for a compute-bound test (conftest turns most of it off)."""
+    import jax
+
+    previous = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
 def pytest_collection_modifyitems(config, items):
     # Real-data tests run first (a stable sort keeps the rest in file order): each takes minutes,
     # and under ``-n 2`` one that started last would leave the other worker idle at the end.

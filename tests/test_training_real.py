@@ -25,15 +25,6 @@ def cifar10(cifar10_data_dir):
     return train_set, test_set
 
 
-@pytest.fixture
-def optimized_compilation():
-    """Full XLA optimisation for a compute-bound test (conftest turns most of it off)."""
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", False)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def test_cifar10_arrays(cifar10):
     train_set, test_set = cifar10
     assert train_set.images.shape == (50000, 32, 32, 3) and train_set.images.dtype == np.uint8

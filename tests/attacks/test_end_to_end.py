@@ -65,7 +65,7 @@ def test_digits_backdoor_is_learnt(name, tmp_path, digits_reference, fast_compil
 
 
 @pytest.mark.slow
-def test_badnets_on_a_cifar10_subset(cifar10_data_dir):
+def test_badnets_on_a_cifar10_subset(cifar10_data_dir, optimized_compilation):
     """BadNets is learnt from 10k CIFAR-10 images in 624 steps of a width-4 PreAct-ResNet-18.
 
     Width 4 learns it as well as width 8 (ASR 0.970 / ACC 0.550 against 0.955 / 0.574) in 60%

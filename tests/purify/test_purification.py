@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pathlib
 
+import jax
+import numpy as np
 import pytest
 
+from fippure.attacks.triggered import TriggeredSet
+from fippure.evaluation.metrics import evaluate_backdoor
+from fippure.purify.registry import get_defense, make_config
 from fippure.purify.runner import run_defense
+from fippure.zoo import load_backdoored
 
 ZOO = pathlib.Path(__file__).resolve().parents[2] / "zoo" / "cifar10" / "preact_resnet18_w16"
 
@@ -35,7 +41,9 @@ def test_fine_tuning_alone_leaves_that_backdoor_in_place(digits_badnets):
 
 
 @pytest.mark.slow
-def test_ngf_purifies_the_zoo_badnets_model_with_its_defaults(cifar10_data_dir):
+def test_ngf_purifies_the_zoo_badnets_model_with_its_defaults(
+    cifar10_data_dir, optimized_compilation
+):
     """SPEC section 5 defaults (2000 natural-gradient steps on the head, 1% clean)."""
     checkpoint = ZOO / "badnets"
     assert (checkpoint / "metadata.json").exists(), f"the zoo entry {checkpoint} is missing"
@@ -44,3 +52,40 @@ def test_ngf_purifies_the_zoo_badnets_model_with_its_defaults(cifar10_data_dir):
     assert before["asr"] > 0.9
     assert after["asr"] < 0.05, after
     assert after["acc"] > before["acc"] - 0.03, after
+
+
+@pytest.mark.slow
+def test_nft_weakens_the_zoo_badnets_backdoor_on_a_reduced_budget(
+    cifar10_data_dir, optimized_compilation
+):
+    """NFT (SPEC section 4) with 300 of its 1000 steps, BatchNorm statistics re-estimated on D_v.
+
+    Measured on the whole test split: ACC / ASR 0.872 / 0.963 -> 0.855 / 0.406 (the full budget
+    gives 0.827 / 0.187, ``experiments/results/purify_cifar10_w16.md``). Judged here on the
+    first 3,000 test images and their triggered copies.
+    """
+    backdoored = load_backdoored(ZOO / "badnets", data_dir=cifar10_data_dir)
+    test = backdoored.test.subset(np.arange(3000))
+    triggered = backdoored.triggered
+    kept = triggered.source_indices < len(test)
+    triggered = TriggeredSet(
+        triggered.images[kept],
+        triggered.true_labels[kept],
+        triggered.target_labels[kept],
+        triggered.source_indices[kept],
+    )
+    config = make_config("nft", {"steps": "300", "recompute_batch_stats": "true"})
+    variables, report = get_defense("nft").purify(
+        backdoored.model,
+        backdoored.variables,
+        backdoored.clean,
+        config,
+        jax.random.key(0),
+        progress=False,
+    )
+    assert report.steps == 300 and report.tunable_parameters < 1000  # BN-channel masks only
+    before = evaluate_backdoor(backdoored.model, backdoored.variables, test, triggered)
+    after = evaluate_backdoor(backdoored.model, variables, test, triggered)
+    assert before.asr > 0.9, before
+    assert after.asr < 0.6 * before.asr, after
+    assert after.acc > before.acc - 0.03, after
