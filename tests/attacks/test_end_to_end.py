@@ -66,14 +66,12 @@ def test_digits_backdoor_is_learnt(name, tmp_path, digits_reference, fast_compil
 
 @pytest.mark.slow
 def test_badnets_on_a_cifar10_subset(cifar10_data_dir, optimized_compilation):
-    """BadNets is learnt from 10k CIFAR-10 images in 624 steps of a width-4 PreAct-ResNet-18.
-
-    Width 4 learns it as well as width 8 (ASR 0.970 / ACC 0.550 against 0.955 / 0.574) in 60%
-    of the time; 312 steps are too few at either width (ASR 0.16 at width 8).
+    """BadNets is learnt from 10k CIFAR-10 images in 780 steps of a width-4 PreAct-ResNet-18.
 
     Without augmentation: random crops move the 3x3 corner patch by up to 4 pixels or cut it
     off, which delays the backdoor by a few epochs (the zoo's BadNets reached ASR 0.84 only
-    after 5 augmented epochs; 312 augmented steps here gave 0.16).
+    after 5 augmented epochs; 312 augmented steps at width 8 gave 0.16). Measured: ASR 0.968,
+    ACC 0.530 (624 steps of 64 gave ASR 0.933; 624 steps of 128 gave 0.970 in twice the time).
     """
     train = load_dataset("cifar10", "train", data_dir=cifar10_data_dir)
     test = load_dataset("cifar10", "test", data_dir=cifar10_data_dir)
@@ -85,12 +83,10 @@ def test_badnets_on_a_cifar10_subset(cifar10_data_dir, optimized_compilation):
     state = attack.init_state(jax.random.key(0), train.spec)
     model = create_model("preact_resnet18", 10, width=4)
     variables = init_variables(model, jax.random.key(0), train.spec.image_shape)
-    config = TrainConfig(
-        epochs=8, batch_size=128, learning_rate=0.05, augment=False, eval_every=100
-    )
+    config = TrainConfig(epochs=5, batch_size=64, learning_rate=0.05, augment=False, eval_every=100)
     variables, state, report = attack.train_backdoored(state, context, model, variables, config)
-    assert report.steps == 8 * (10_000 // 128)
+    assert report.steps == 5 * (10_000 // 64)
     triggered = triggered_test_set(attack, state, test, target=0, mode="all_to_one")
     metrics = evaluate_backdoor(model, variables, test, triggered)
     assert metrics.asr >= 0.9, metrics
-    assert metrics.acc >= 0.45, metrics  # far above chance after 624 steps
+    assert metrics.acc >= 0.45, metrics  # far above chance after 780 steps
