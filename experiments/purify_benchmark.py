@@ -247,7 +247,7 @@ LAMBDA_MAX_SETTINGS = ("default", "strong_bntrain")
 
 
 def lambda_max_path(setting: str) -> pathlib.Path:
-    # The default's file predates the other settings; no name may match collect()'s "*__s*.json".
+    # The default's file predates the other settings and keeps its name.
     suffix = "" if setting == "default" else f"_{setting}"
     return RUNS / f"badnets__fip__lambda_max{suffix}.json"
 
@@ -290,8 +290,13 @@ def collect() -> list[dict]:
     ``attack`` is the attack's name, which entries that differ in ratio share)."""
     return [
         {**json.loads(p.read_text()), "entry": p.name.split("__")[0]}
-        for p in sorted(RUNS.glob("*__s*.json"))
+        for p in sorted(RUNS.glob("*.json"))
+        if RUN_FILE.fullmatch(p.name)
     ]
+
+
+#: The file name :func:`run_key` gives a run: ``attack__method__setting__s<seed>[__tag].json``.
+RUN_FILE = re.compile(r"[\w.]+__\w+__\w+__s\d+(?:__\w+)?\.json")
 
 
 def summarise(runs: list[dict]) -> dict:
