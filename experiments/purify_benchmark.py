@@ -112,6 +112,10 @@ def run_key(attack: str, method: str, setting: str, seed: int, tag: str = "") ->
     return f"{attack}__{method}__{setting}__s{seed}{('__' + tag) if tag else ''}"
 
 
+#: The file name :func:`run_key` gives a run: ``attack__method__setting__s<seed>[__tag].json``.
+RUN_FILE = re.compile(r"[\w.]+__\w+__\w+__s\d+(?:__\w+)?\.json")
+
+
 def overrides_for(method: str, setting: str, steps: int | None = None) -> dict[str, str]:
     values = {**COMMON.get(method, {}), **METHODS[method][setting]}
     values["steps"] = str(steps or STEPS[method])
@@ -293,10 +297,6 @@ def collect() -> list[dict]:
         for p in sorted(RUNS.glob("*.json"))
         if RUN_FILE.fullmatch(p.name)
     ]
-
-
-#: The file name :func:`run_key` gives a run: ``attack__method__setting__s<seed>[__tag].json``.
-RUN_FILE = re.compile(r"[\w.]+__\w+__\w+__s\d+(?:__\w+)?\.json")
 
 
 def summarise(runs: list[dict]) -> dict:
