@@ -361,6 +361,111 @@ def cell_text(cell: dict | None) -> str:
     return f"{cell['acc']:.3f} / {cell['asr']:.3f}{mark} ({spread_text}n={cell['seeds']})"
 
 
+def pareto_front(points: dict[str, dict]) -> list[str]:
+    """The labels whose (ACC, ASR) no other point beats: ACC at least as high and ASR at least
+    as low, one of them strictly. This is "ACC retention at equal ASR" in one list."""
+
+    def beats(a: dict, b: dict) -> bool:
+        return (
+            a["acc"] >= b["acc"]
+            and a["asr"] <= b["asr"]
+            and (a["acc"] > b["acc"] or a["asr"] < b["asr"])
+        )
+
+    return [
+        label
+        for label, p in points.items()
+        if not any(beats(q, p) for other, q in points.items() if other != label)
+    ]
+
+
+def finished_core_points(cells: dict) -> dict[str, dict[str, dict]]:
+    """Per core attack, each grid setting's mean cell (not diverged), labelled "method setting"."""
+    return {
+        attack: {
+            f"{method} {setting}": c
+            for method, settings in METHODS.items()
+            for setting in settings
+            if (c := cells.get((attack, method, setting, ""))) and not c.get("diverged")
+        }
+        for attack in CORE_ATTACKS
+    }
+
+
+#: The trade-off figure's ACC-drop axis ends here (points); worse settings sit on its edge.
+XLIM_DROP = 16.0
+
+
+def write_tradeoff_figure(points: dict[str, dict[str, dict]]) -> pathlib.Path:
+    """ASR against ACC drop for every setting on each core attack (means, seed sd as bars), the
+    target region shaded: the picture of "ACC retention at equal ASR"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = dict(zip(METHODS, plt.get_cmap("tab10").colors, strict=False))
+    markers = "osD^vP*X"
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5), sharey=True)
+    for ax, attack in zip(axes.flat, CORE_ATTACKS, strict=True):
+        ax.fill_between([-1, 3], 0, 0.05, color="tab:green", alpha=0.15, zorder=0)
+        for label, c in points[attack].items():
+            method, setting = label.split(" ")
+            index = list(METHODS[method]).index(setting)
+            drop = 100 * (c["acc_before"] - c["acc"])
+            if drop > XLIM_DROP:  # off the scale: drawn at the edge, labelled with its drop
+                ax.annotate(
+                    f"{drop:.0f}",
+                    (XLIM_DROP, c["asr"]),
+                    textcoords="offset points",
+                    xytext=(-14, 5),
+                    fontsize=7,
+                    color=colours[method],
+                )
+            ax.errorbar(
+                min(drop, XLIM_DROP),
+                c["asr"],
+                xerr=100 * c["acc_std"],
+                yerr=c["asr_std"],
+                fmt=markers[index % len(markers)],
+                color=colours[method],
+                label=label,
+                capsize=2,
+                markersize=6,
+            )
+        ax.set_title(attack)
+        ax.set_xlim(-1, XLIM_DROP + 0.5)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("ACC drop (points)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("ASR after the defense")
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(
+        handles.values(),
+        handles.keys(),
+        loc="center right",
+        fontsize=8,
+        frameon=False,
+        markerscale=1.2,
+    )
+    fig.suptitle(
+        "Purification on CIFAR-10 (PreAct-ResNet-18 w16, 500 clean images); green: the target "
+        "(ASR <= 0.05, ACC drop <= 3 points)",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0, 0.86, 0.96))
+    path = RESULTS / "purify_cifar10_w16_tradeoff.png"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
 def write_report() -> None:
     from fippure.provenance import provenance
 
@@ -469,6 +574,21 @@ def write_report() -> None:
             f"- Fast FIP >= 3x faster than FIP at equal steps: {speedup:.2f}x per step against "
             f"FIP's fastest setting ({verdict})"
         )
+    points = finished_core_points(cells)
+    figure = write_tradeoff_figure(points)
+    lines += [
+        "",
+        "ACC retention at equal ASR: per core attack, the settings that no other setting beats "
+        "on both counts (ACC at least as high and ASR at least as low), by ACC. "
+        f"`{figure.name}` plots ASR against ACC drop for every setting.",
+        "",
+    ]
+    for attack in CORE_ATTACKS:
+        front = sorted(pareto_front(points[attack]), key=lambda k: -points[attack][k]["acc"])
+        text = ", ".join(
+            f"{k} {points[attack][k]['acc']:.3f} / {points[attack][k]['asr']:.3f}" for k in front
+        )
+        lines.append(f"- {attack}: {text}")
     extras = {k: c for k, c in cells.items() if k[3]}
     if extras:
         lines += ["", "Extras:", ""]
