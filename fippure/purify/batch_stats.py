@@ -6,6 +6,9 @@ the statistics are off at test time: NFT's MixUp blends have a smaller spread th
 (SPEC section 4), so its running variances shrink. The remedy is standard (Wu and Johnson,
 "Rethinking 'Batch' in BatchNorm", 2021, section 3): with the weights fixed, average the batch
 statistics of many clean batches, drawn and augmented as in training, and use that average.
+:func:`transfer_batch_stats` instead keeps the original model's statistics and moves them by
+the change the defense made, as measured on the clean set; :func:`finalise_batch_stats` picks
+one of these for a defense's ``final_batch_stats`` option.
 
 :func:`recompute_batch_stats` does so for any Flax model whose normalisation layers write a
 ``batch_stats`` collection of the form ``running = m * running + (1 - m) * batch``: it reads each
@@ -21,6 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jaxtyping import PRNGKeyArray
 
 from fippure.data.sources import ImageDataset
@@ -96,3 +100,122 @@ def recompute_batch_stats(
         )
 
     return {**variables, "batch_stats": estimate(key)}
+
+
+def transfer_batch_stats(
+    model: nn.Module,
+    original: Variables,
+    purified: Variables,
+    clean_set: ImageDataset,
+    key: PRNGKeyArray,
+    *,
+    batches: int = 20,
+    batch_size: int = 128,
+    augment: bool = True,
+) -> dict[str, Any]:
+    """``purified`` with the original running statistics moved by the change the defense made.
+
+    The original model's running statistics were estimated during training, on tens of
+    thousands of images; a defense has only the clean set D_v. Rather than replace them by a
+    D_v estimate (:func:`recompute_batch_stats`), this keeps them and applies only the change
+    that the new weights cause, measured on D_v. Per BatchNorm channel, with ``m_v``/``v_v``
+    the mean/variance estimated on D_v under the original (0) and purified weights:
+
+        mean = mean0 + m_v(purified) - m_v(original),   var = var0 * v_v(purified) / v_v(original)
+
+    Both D_v estimates use the same batches and augmentations (the same ``key``), so their
+    sampling errors largely cancel (a control variate). With unchanged weights it returns the
+    original statistics. This is a fippure option, not part of any of the papers' methods;
+    ``experiments/results/purify_cifar10_w16.md`` measures it on the zoo.
+
+    Args:
+        model: the Flax module.
+        original: the variables before the defense (their ``batch_stats`` are kept as base).
+        purified: the variables after it; their ``params`` are returned unchanged.
+        clean_set: the defender's clean set.
+        key: draws the batches and their augmentation (shared by both estimates).
+        batches: clean batches averaged per estimate.
+        batch_size: images per batch (capped at the clean-set size).
+        augment: random crop + flip, as the model was trained with.
+
+    Returns:
+        New variables; a model without ``batch_stats`` is returned unchanged.
+    """
+    stats0 = original.get("batch_stats")
+    if not stats0:
+        return dict(purified)
+    flat0 = flatten_dict(stats0)
+    if set(flat0) != set(flatten_dict(purified.get("batch_stats") or {})):
+        raise InvalidInputError(
+            "the purified variables' batch_stats do not match the original model's; pass the "
+            "variables of the same model before and after the defense"
+        )
+    unknown = sorted("/".join(path) for path in flat0 if path[-1] not in ("mean", "var"))
+    if unknown:
+        raise InvalidInputError(
+            f"transfer_batch_stats knows BatchNorm 'mean' and 'var' statistics, not {unknown}"
+        )
+    options = dict(batches=batches, batch_size=batch_size, augment=augment)
+    before = flatten_dict(
+        recompute_batch_stats(model, original, clean_set, key, **options)["batch_stats"]
+    )
+    after = flatten_dict(
+        recompute_batch_stats(model, purified, clean_set, key, **options)["batch_stats"]
+    )
+    moved = {
+        path: (
+            value + after[path] - before[path]
+            if path[-1] == "mean"
+            else value * _variance_ratio(after[path], before[path])
+        )
+        for path, value in flat0.items()
+    }
+    return {**purified, "batch_stats": unflatten_dict(moved)}
+
+
+def _variance_ratio(after: jax.Array, before: jax.Array) -> jax.Array:
+    """after / before per channel; 1 where the channel is (numerically) constant on D_v under
+    the original weights, so that its original variance is kept."""
+    safe = before > 1e-12
+    return jnp.where(safe, after / jnp.where(safe, before, 1.0), 1.0)
+
+
+#: What a defense does with the BatchNorm running statistics after its last step.
+FINAL_BATCH_STATS = ("running", "recompute", "transfer")
+
+
+def check_final_batch_stats(mode: str, batches: int) -> None:
+    """The config check behind a defense's ``final_batch_stats`` and ``stats_batches``."""
+    if mode not in FINAL_BATCH_STATS:
+        raise InvalidInputError(
+            f"unknown final_batch_stats {mode!r}; use one of {', '.join(FINAL_BATCH_STATS)}"
+        )
+    if batches < 1:
+        raise InvalidInputError(f"stats_batches must be >= 1, got {batches}")
+
+
+def finalise_batch_stats(
+    mode: str,
+    model: nn.Module,
+    original: Variables,
+    purified: Variables,
+    clean_set: ImageDataset,
+    key: PRNGKeyArray,
+    **options: Any,
+) -> dict[str, Any]:
+    """Applies a defense's ``final_batch_stats`` option to its result.
+
+    ``running`` keeps the running statistics the defense's train-mode steps left (an average
+    over its last few clean batches), ``recompute`` replaces them by a D_v estimate
+    (:func:`recompute_batch_stats`), ``transfer`` moves the original ones by the change
+    measured on D_v (:func:`transfer_batch_stats`).
+    """
+    if mode == "running":
+        return dict(purified)
+    if mode == "recompute":
+        return recompute_batch_stats(model, purified, clean_set, key, **options)
+    if mode == "transfer":
+        return transfer_batch_stats(model, original, purified, clean_set, key, **options)
+    raise InvalidInputError(
+        f"unknown final_batch_stats {mode!r}; use one of {', '.join(FINAL_BATCH_STATS)}"
+    )

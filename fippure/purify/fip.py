@@ -53,6 +53,7 @@ from fippure.errors import InvalidInputError
 from fippure.losses import cross_entropy
 from fippure.models.registry import Variables
 from fippure.optim.anchor import fisher_anchor
+from fippure.purify.batch_stats import check_final_batch_stats, finalise_batch_stats
 from fippure.purify.common import (
     Observer,
     PurifyReport,
@@ -99,6 +100,11 @@ class FIPConfig:
         fisher_chunk: examples per vmapped chunk when computing Fbar.
         augment: random crop + flip of clean batches.
         bn_train: BatchNorm in train mode for the CE term.
+        final_batch_stats: the BatchNorm running statistics returned: ``running`` (those the
+            train-mode steps left, the paper's), ``recompute`` (re-estimated on D_v) or
+            ``transfer`` (the original ones moved by the change measured on D_v; a fippure
+            option, :func:`fippure.purify.batch_stats.transfer_batch_stats`).
+        stats_batches: clean batches per estimate for ``recompute`` and ``transfer``.
         log_every: host sync interval of the loss log.
     """
 
@@ -119,9 +125,12 @@ class FIPConfig:
     fisher_chunk: int = 50
     augment: bool = True
     bn_train: bool = True
+    final_batch_stats: Literal["running", "recompute", "transfer"] = "running"
+    stats_batches: int = 20
     log_every: int = 50
 
     def __post_init__(self):
+        check_final_batch_stats(self.final_batch_stats, self.stats_batches)
         if self.trace_probes < 1 or self.trace_every < 1 or self.calibration_probes < 1:
             raise InvalidInputError("trace_probes, trace_every and calibration_probes must be >= 1")
         if self.eta_F < 0 or self.eta_r < 0:
@@ -284,6 +293,17 @@ def fisher_guided_purify(
         to_variables=to_variables,
     )
     tunable, stats = carry[0], carry[1]
+    stats = finalise_batch_stats(
+        config.final_batch_stats,
+        model,
+        variables,
+        as_variables(to_params(tunable), stats),
+        clean_set,
+        jax.random.fold_in(key, config.steps),
+        batches=config.stats_batches,
+        batch_size=config.batch_size,
+        augment=config.augment,
+    ).get("batch_stats", stats)
     report = PurifyReport(
         method=method,
         config=config_dict(config),

@@ -25,6 +25,7 @@ from fippure.errors import InvalidInputError
 from fippure.losses import cross_entropy
 from fippure.models.registry import Variables
 from fippure.optim.sam import asam_gradient
+from fippure.purify.batch_stats import check_final_batch_stats, finalise_batch_stats
 from fippure.purify.common import (
     Observer,
     PurifyReport,
@@ -55,6 +56,11 @@ class FTConfig:
         label_smoothing: of the cross-entropy (FT-SAM uses 0.1).
         augment: random crop + flip of clean batches.
         bn_train: BatchNorm in train mode (statistics re-estimated on D_v).
+        final_batch_stats: the BatchNorm running statistics returned: ``running`` (those the
+            train-mode steps left), ``recompute`` (re-estimated on D_v) or ``transfer`` (the
+            original ones moved by the change measured on D_v,
+            :func:`fippure.purify.batch_stats.transfer_batch_stats`).
+        stats_batches: clean batches per estimate for ``recompute`` and ``transfer``.
         log_every: host sync interval of the loss log.
     """
 
@@ -67,7 +73,12 @@ class FTConfig:
     label_smoothing: float = 0.0
     augment: bool = True
     bn_train: bool = True
+    final_batch_stats: Literal["running", "recompute", "transfer"] = "running"
+    stats_batches: int = 20
     log_every: int = 50
+
+    def __post_init__(self):
+        check_final_batch_stats(self.final_batch_stats, self.stats_batches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +179,17 @@ def purify(
         observe_every=observe_every,
         to_variables=to_variables,
     )
-    out = to_variables(carry)
+    out = finalise_batch_stats(
+        config.final_batch_stats,
+        model,
+        variables,
+        to_variables(carry),
+        clean_set,
+        jax.random.fold_in(key, config.steps),
+        batches=config.stats_batches,
+        batch_size=batch_size,
+        augment=config.augment,
+    )
     report = PurifyReport(
         method=method,
         config=config_dict(config),

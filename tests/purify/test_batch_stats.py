@@ -11,8 +11,12 @@ from clean_sets import random_digits_clean_set
 
 from fippure.data import normalize, to_unit_range
 from fippure.errors import InvalidInputError
-from fippure.purify import nft
-from fippure.purify.batch_stats import recompute_batch_stats
+from fippure.purify import fip, ft, nft
+from fippure.purify.batch_stats import (
+    finalise_batch_stats,
+    recompute_batch_stats,
+    transfer_batch_stats,
+)
 
 
 class NormalisedLinear(nn.Module):
@@ -94,3 +98,121 @@ def test_nft_can_replace_its_mixup_statistics_by_clean_ones(digits_badnets):
         np.testing.assert_allclose, expected["batch_stats"], recomputed["batch_stats"]
     )
     assert report.config["recompute_batch_stats"] is True
+
+
+class DenseThenNorm(nn.Module):
+    """Dense, BatchNorm, dense head: the statistics depend on the first layer's weights."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(6)(x.reshape((x.shape[0], -1)))
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(10)(x)
+
+
+def _before_and_after(seed: int = 0):
+    """A DenseThenNorm with arbitrary stored statistics, and a copy whose first layer moved."""
+    model = DenseThenNorm()
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, 8, 8, 1)))
+    k1, k2, k3 = jax.random.split(jax.random.key(seed + 1), 3)
+    stored = {"BatchNorm_0": {"mean": jax.random.normal(k1, (6,)), "var": 0.5 + jnp.arange(6.0)}}
+    original = {**variables, "batch_stats": stored}
+    params = jax.tree_util.tree_map(lambda p: p, variables["params"])
+    params["Dense_0"] = {
+        "kernel": params["Dense_0"]["kernel"] + 0.1 * jax.random.normal(k2, (64, 6)),
+        "bias": params["Dense_0"]["bias"] + jax.random.normal(k3, (6,)),
+    }
+    return model, original, {**original, "params": params}
+
+
+def test_transfer_keeps_the_original_statistics_when_the_weights_did_not_move(clean_set):
+    model, original, _ = _before_and_after()
+    out = transfer_batch_stats(model, original, original, clean_set, jax.random.key(4), batches=3)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        out["batch_stats"],
+        original["batch_stats"],
+    )
+
+
+def test_transfer_moves_the_stored_statistics_by_the_change_on_the_clean_set(clean_set):
+    """Full batches, no augmentation: mean0 + m(after) - m(before), var0 * v(after)/v(before),
+    with m and v the clean set's pre-BN mean and variance under each set of weights."""
+    model, original, purified = _before_and_after()
+    out = transfer_batch_stats(
+        model,
+        original,
+        purified,
+        clean_set,
+        jax.random.key(5),
+        batches=2,
+        batch_size=30,
+        augment=False,
+    )
+    x = normalize(to_unit_range(jnp.asarray(clean_set.images)), clean_set.spec).reshape(30, -1)
+
+    def pre_bn(params):
+        h = x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+        return h.mean(0), h.var(0)
+
+    (m0, v0), (m1, v1) = pre_bn(original["params"]), pre_bn(purified["params"])
+    stored = original["batch_stats"]["BatchNorm_0"]
+    stats = out["batch_stats"]["BatchNorm_0"]
+    np.testing.assert_allclose(stats["mean"], stored["mean"] + m1 - m0, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stats["var"], stored["var"] * v1 / v0, rtol=1e-4)
+    assert out["params"] is purified["params"]
+
+
+def test_transfer_rejects_statistics_it_does_not_know(clean_set):
+    model, original, purified = _before_and_after()
+    other = {**purified, "batch_stats": {"BatchNorm_1": original["batch_stats"]["BatchNorm_0"]}}
+    with pytest.raises(InvalidInputError, match="do not match"):
+        transfer_batch_stats(model, original, other, clean_set, jax.random.key(0))
+    odd = {"BatchNorm_0": {"mean": jnp.zeros(6), "count": jnp.zeros(())}}
+    with pytest.raises(InvalidInputError, match="count"):
+        transfer_batch_stats(
+            model,
+            {**original, "batch_stats": odd},
+            {**purified, "batch_stats": odd},
+            clean_set,
+            jax.random.key(0),
+        )
+    with pytest.raises(InvalidInputError, match="final_batch_stats"):
+        finalise_batch_stats("precise", model, original, purified, clean_set, jax.random.key(0))
+
+
+@pytest.mark.parametrize("mode", ["recompute", "transfer"])
+def test_ft_and_fip_can_finish_with_recomputed_or_transferred_statistics(digits_badnets, mode):
+    """The weights are those of the plain run; only the running statistics differ, and they
+    are exactly what the batch-statistics functions give on the plain result."""
+    bd = digits_badnets
+    key = jax.random.key(0)
+    for module, config_type, extra in (
+        (ft, ft.FTConfig, {}),
+        (fip, fip.FIPConfig, {"fisher_chunk": 32}),
+    ):
+        base = dict(steps=6, batch_size=64, log_every=3, **extra)
+        plain, _ = module.purify(
+            bd.model, bd.variables, bd.clean, config_type(**base), key, progress=False
+        )
+        config = config_type(**base, final_batch_stats=mode, stats_batches=3)
+        out, report = module.purify(bd.model, bd.variables, bd.clean, config, key, progress=False)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, plain["params"], out["params"])
+        expected = finalise_batch_stats(
+            mode,
+            bd.model,
+            bd.variables,
+            plain,
+            bd.clean,
+            jax.random.fold_in(key, 6),
+            batches=3,
+            batch_size=64,
+        )
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+            expected["batch_stats"],
+            out["batch_stats"],
+        )
+        assert report.config["final_batch_stats"] == mode
+    with pytest.raises(InvalidInputError, match="stats_batches"):
+        fip.FIPConfig(final_batch_stats=mode, stats_batches=0)
