@@ -16,7 +16,8 @@ the only difference. Reduced step budgets on this CPU (stated in the table); ``-
 on BadNets what the full budget gives. Nothing here looks at test data before a defense has
 returned: the runner evaluates afterwards.
 
-Writes ``experiments/results/purify_cifar10_w16.{json,md}``.
+Writes ``experiments/results/purify_cifar10_w16.{json,md}`` and
+``purify_cifar10_w16_tradeoff.png`` (ASR against ACC drop per core attack).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ METHODS: dict[str, dict[str, dict[str, str]]] = {
         # strong_bntrain stopped at 100 steps, with the original BatchNorm statistics moved by
         # the change measured on D_v (fippure's transfer_batch_stats; not the paper's method).
         # On BadNets (seed 0) 100 steps kept more ACC than 300 and the transfer cut ASR from
-        # 0.09 to 0.02 (experiments/results/probes/bn_transfer.md).
+        # 0.09 to 0.02 (experiments/results/probes/bn_statistics.md).
         "short_transfer": {
             "learning_rate": "0.001",
             "eta_F": "2",
