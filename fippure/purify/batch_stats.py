@@ -134,12 +134,10 @@ def transfer_batch_stats(
         purified: the variables after it; their ``params`` are returned unchanged.
         clean_set: the defender's clean set.
         key: draws the batches and their augmentation (shared by both estimates).
-        batches: clean batches averaged per estimate.
-        batch_size: images per batch (capped at the clean-set size).
-        augment: random crop + flip, as the model was trained with.
+        batches, batch_size, augment: of each estimate, as in :func:`recompute_batch_stats`.
 
     Returns:
-        New variables; a model without ``batch_stats`` is returned unchanged.
+        New variables; ``purified`` unchanged for a model without ``batch_stats``.
     """
     stats0 = original.get("batch_stats")
     if not stats0:
