@@ -19,7 +19,7 @@ the clean set; the test split is not involved.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import flax.linen as nn
 import jax
@@ -178,8 +178,10 @@ def _variance_ratio(after: jax.Array, before: jax.Array) -> jax.Array:
     return jnp.where(safe, after / jnp.where(safe, before, 1.0), 1.0)
 
 
-#: What a defense does with the BatchNorm running statistics after its last step.
-FINAL_BATCH_STATS = ("running", "recompute", "transfer")
+#: What a defense does with the BatchNorm running statistics after its last step (the type of
+#: the ``final_batch_stats`` config fields, and the tuple of its values).
+FinalBatchStats = Literal["running", "recompute", "transfer"]
+FINAL_BATCH_STATS = get_args(FinalBatchStats)
 
 
 def check_final_batch_stats(mode: str, batches: int) -> None:
@@ -208,12 +210,9 @@ def finalise_batch_stats(
     (:func:`recompute_batch_stats`), ``transfer`` moves the original ones by the change
     measured on D_v (:func:`transfer_batch_stats`).
     """
-    if mode == "running":
-        return dict(purified)
+    check_final_batch_stats(mode, options.get("batches", 1))
     if mode == "recompute":
         return recompute_batch_stats(model, purified, clean_set, key, **options)
     if mode == "transfer":
         return transfer_batch_stats(model, original, purified, clean_set, key, **options)
-    raise InvalidInputError(
-        f"unknown final_batch_stats {mode!r}; use one of {', '.join(FINAL_BATCH_STATS)}"
-    )
+    return dict(purified)

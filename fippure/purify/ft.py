@@ -25,7 +25,11 @@ from fippure.errors import InvalidInputError
 from fippure.losses import cross_entropy
 from fippure.models.registry import Variables
 from fippure.optim.sam import asam_gradient
-from fippure.purify.batch_stats import check_final_batch_stats, finalise_batch_stats
+from fippure.purify.batch_stats import (
+    FinalBatchStats,
+    check_final_batch_stats,
+    finalise_batch_stats,
+)
 from fippure.purify.common import (
     Observer,
     PurifyReport,
@@ -73,7 +77,7 @@ class FTConfig:
     label_smoothing: float = 0.0
     augment: bool = True
     bn_train: bool = True
-    final_batch_stats: Literal["running", "recompute", "transfer"] = "running"
+    final_batch_stats: FinalBatchStats = "running"
     stats_batches: int = 20
     log_every: int = 50
 
