@@ -15,9 +15,9 @@ flipped) batch, and ``N_c`` the clean images per class. SGD (lr 0.05, momentum 0
 steps with the learning rate in five constant blocks that follow a cosine from 0.05, floored
 at 0.02; the masks are projected onto ``[mu(l), 1]`` after every step
 (:func:`fippure.optim.project_box`). BatchNorm statistics re-estimate on D_v (**choice**,
-``bn_train``); as they then average MixUp blends, ``recompute_batch_stats`` replaces them by
-clean-batch statistics after the last step (off by default, as in the seed code; on the CIFAR-10
-zoo it raised ACC by 1-7 points and never raised ASR). The result folds the masks into
+``bn_train``); as they then average MixUp blends, ``final_batch_stats="recompute"`` replaces
+them by clean-batch statistics after the last step (``running``, the seed code's, by default; on
+the CIFAR-10 zoo recomputing raised ACC by 1-7 points and never raised ASR). The result folds the masks into
 ``gamma``; the masks themselves are in ``report.artifacts['masks']``.
 """
 
@@ -41,7 +41,11 @@ from fippure.losses import soft_cross_entropy
 from fippure.models.registry import Variables
 from fippure.optim.masks import RESIDUAL_BN_PATTERN, apply_masks, init_masks, layer_floors
 from fippure.optim.projection import project_box
-from fippure.purify.batch_stats import recompute_batch_stats
+from fippure.purify.batch_stats import (
+    FinalBatchStats,
+    check_final_batch_stats,
+    finalise_batch_stats,
+)
 from fippure.purify.common import (
     Observer,
     PurifyReport,
@@ -79,12 +83,12 @@ class NFTConfig:
         mask_pattern: regular expression choosing the masked BatchNorms by module path.
         augment: random crop + flip before MixUp.
         bn_train: BatchNorm in train mode (statistics re-estimated on D_v).
-        recompute_batch_stats: after the last step, replace the running statistics (an
-            average over the last MixUp batches) by the mean statistics of ``stats_batches``
-            augmented clean batches without MixUp
-            (:func:`fippure.purify.batch_stats.recompute_batch_stats`). Off by default, as in
-            the seed code (**choice**).
-        stats_batches: clean batches averaged by ``recompute_batch_stats``.
+        final_batch_stats: the BatchNorm running statistics returned: ``running`` (an average
+            over the last MixUp batches, the seed code's; **choice**), ``recompute`` (the mean
+            statistics of ``stats_batches`` augmented clean batches without MixUp) or
+            ``transfer`` (the original ones moved by the change measured on D_v; fippure's
+            option, :func:`fippure.purify.batch_stats.transfer_batch_stats`).
+        stats_batches: clean batches per estimate for ``recompute`` and ``transfer``.
         log_every: host sync interval of the loss log.
     """
 
@@ -103,9 +107,12 @@ class NFTConfig:
     mask_pattern: str = RESIDUAL_BN_PATTERN
     augment: bool = True
     bn_train: bool = True
-    recompute_batch_stats: bool = False
+    final_batch_stats: FinalBatchStats = "running"
     stats_batches: int = 20
     log_every: int = 50
+
+    def __post_init__(self):
+        check_final_batch_stats(self.final_batch_stats, self.stats_batches)
 
 
 def learning_rate_schedule(config: NFTConfig) -> optax.Schedule:
@@ -199,17 +206,17 @@ def purify(
         to_variables=to_variables,
     )
     masks = carry[0]
-    out = to_variables(carry)
-    if config.recompute_batch_stats:
-        out = recompute_batch_stats(
-            model,
-            out,
-            clean_set,
-            jax.random.fold_in(key, config.steps),
-            batches=config.stats_batches,
-            batch_size=config.batch_size,
-            augment=config.augment,
-        )
+    out = finalise_batch_stats(
+        config.final_batch_stats,
+        model,
+        variables,
+        to_variables(carry),
+        clean_set,
+        jax.random.fold_in(key, config.steps),
+        batches=config.stats_batches,
+        batch_size=config.batch_size,
+        augment=config.augment,
+    )
     leaves = np.concatenate([np.asarray(m).ravel() for m in jax.tree_util.tree_leaves(masks)])
     report = PurifyReport(
         method="nft",

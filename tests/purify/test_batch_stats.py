@@ -79,27 +79,6 @@ def test_same_key_same_statistics_and_no_batch_stats_is_a_no_op(clean_set):
         recompute_batch_stats(model, variables, clean_set, jax.random.key(3), batches=0)
 
 
-def test_nft_can_replace_its_mixup_statistics_by_clean_ones(digits_badnets):
-    """NFT's running statistics average MixUp batches; with recompute_batch_stats they are the
-    clean batches' mean statistics under the final masks, and the masks are unchanged."""
-    bd = digits_badnets
-    base = dict(steps=20, batch_size=64, log_every=10, mask_pattern="bn[23]$")
-    key = jax.random.key(0)
-    plain, _ = nft.purify(
-        bd.model, bd.variables, bd.clean, nft.NFTConfig(**base), key, progress=False
-    )
-    config = nft.NFTConfig(**base, recompute_batch_stats=True, stats_batches=5)
-    recomputed, report = nft.purify(bd.model, bd.variables, bd.clean, config, key, progress=False)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, plain["params"], recomputed["params"])
-    expected = recompute_batch_stats(
-        bd.model, plain, bd.clean, jax.random.fold_in(key, 20), batches=5, batch_size=64
-    )
-    jax.tree_util.tree_map(
-        np.testing.assert_allclose, expected["batch_stats"], recomputed["batch_stats"]
-    )
-    assert report.config["recompute_batch_stats"] is True
-
-
 class DenseThenNorm(nn.Module):
     """Dense, BatchNorm, dense head: the statistics depend on the first layer's weights."""
 
@@ -182,14 +161,16 @@ def test_transfer_rejects_statistics_it_does_not_know(clean_set):
 
 
 @pytest.mark.parametrize("mode", ["recompute", "transfer"])
-def test_ft_and_fip_can_finish_with_recomputed_or_transferred_statistics(digits_badnets, mode):
-    """The weights are those of the plain run; only the running statistics differ, and they
-    are exactly what the batch-statistics functions give on the plain result."""
+def test_defenses_can_finish_with_recomputed_or_transferred_statistics(digits_badnets, mode):
+    """FT, FIP and NFT (whose running statistics average MixUp batches): the weights are those
+    of the plain run; only the running statistics differ, and they are exactly what the
+    batch-statistics functions give on the plain result."""
     bd = digits_badnets
     key = jax.random.key(0)
     for module, config_type, extra in (
         (ft, ft.FTConfig, {}),
         (fip, fip.FIPConfig, {"fisher_chunk": 32}),
+        (nft, nft.NFTConfig, {"mask_pattern": "bn[23]$"}),
     ):
         base = dict(steps=6, batch_size=64, log_every=3, **extra)
         plain, _ = module.purify(
@@ -216,3 +197,5 @@ def test_ft_and_fip_can_finish_with_recomputed_or_transferred_statistics(digits_
         assert report.config["final_batch_stats"] == mode
     with pytest.raises(InvalidInputError, match="stats_batches"):
         fip.FIPConfig(final_batch_stats=mode, stats_batches=0)
+    with pytest.raises(InvalidInputError, match="final_batch_stats"):
+        nft.NFTConfig(final_batch_stats="clean")

@@ -74,7 +74,7 @@ def test_nft_weakens_the_zoo_badnets_backdoor_on_a_reduced_budget(
         triggered.target_labels[kept],
         triggered.source_indices[kept],
     )
-    config = make_config("nft", {"steps": "300", "recompute_batch_stats": "true"})
+    config = make_config("nft", {"steps": "300", "final_batch_stats": "recompute"})
     variables, report = get_defense("nft").purify(
         backdoored.model,
         backdoored.variables,
