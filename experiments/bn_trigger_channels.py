@@ -70,9 +70,7 @@ def channel_moments(model, variables, images, spec, chunk: int = 500) -> dict[st
             acc[0] = acc[0] + np.asarray(s1, np.float64)
             acc[1] = acc[1] + np.asarray(s2, np.float64)
             acc[2] += int(n)
-    return {
-        name: (s1 / n, s2 / n - (s1 / n) ** 2) for name, (s1, s2, n) in sorted(totals.items())
-    }
+    return {name: (s1 / n, s2 / n - (s1 / n) ** 2) for name, (s1, s2, n) in sorted(totals.items())}
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -115,7 +113,10 @@ def analyse(attack: str) -> dict:
             "spearman_ratio_abs_shift": spearman(r, np.abs(d)),
         }
     ratio, shift = np.concatenate(ratio), np.abs(np.concatenate(shift))
-    stored_response, clean_response = np.concatenate(stored_response), np.concatenate(clean_response)
+    stored_response, clean_response = (
+        np.concatenate(stored_response),
+        np.concatenate(clean_response),
+    )
     top = shift >= np.quantile(shift, 1 - TOP_FRACTION)
     return {
         "attack": attack,

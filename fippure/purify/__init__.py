@@ -2,7 +2,8 @@
 
 See :mod:`fippure.purify.registry` for the list and :mod:`fippure.purify.runner` for running
 one on a checkpoint and evaluating it. :func:`recompute_batch_stats` re-estimates a purified
-model's BatchNorm statistics on the clean set (what a defense's ``final_batch_stats="recompute"`` does).
+model's BatchNorm statistics on the clean set (what ``final_batch_stats="recompute"`` does in a
+defense's config).
 """
 
 from fippure.purify.batch_stats import recompute_batch_stats

@@ -16,9 +16,9 @@ steps with the learning rate in five constant blocks that follow a cosine from 0
 at 0.02; the masks are projected onto ``[mu(l), 1]`` after every step
 (:func:`fippure.optim.project_box`). BatchNorm statistics re-estimate on D_v (**choice**,
 ``bn_train``); as they then average MixUp blends, ``final_batch_stats="recompute"`` replaces
-them by clean-batch statistics after the last step (``running``, the seed code's, by default; on
-the CIFAR-10 zoo recomputing raised ACC by 1-7 points and never raised ASR). The result folds the masks into
-``gamma``; the masks themselves are in ``report.artifacts['masks']``.
+them by clean-batch statistics after the last step (``running``, the seed code's, by default;
+on the CIFAR-10 zoo recomputing raised ACC by 1-7 points and never raised ASR). The result folds
+the masks into ``gamma``; the masks themselves are in ``report.artifacts['masks']``.
 """
 
 from __future__ import annotations
