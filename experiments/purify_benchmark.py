@@ -667,6 +667,21 @@ def write_report() -> None:
             f"{before['trace_hessian']:.0f}; after: {after['lambda_max']:.1f} / "
             f"{after['trace_hessian']:.0f}{result} (paper: ~570 -> ~3)"
         )
+    reruns = sorted((RESULTS / "reruns").glob("*.json"))
+    if reruns:
+        lines += [
+            "",
+            "Stored runs repeated later by `rerun_check.py` (`reruns.md`; stored -> rerun, "
+            "ACC / ASR):",
+            "",
+        ]
+        for path in reruns:
+            r = json.loads(path.read_text())
+            old, new = r["stored"]["after"], r["rerun"]["after"]
+            lines.append(
+                f"- {r['name']}: {old['acc']:.4f} / {old['asr']:.4f} -> "
+                f"{new['acc']:.4f} / {new['asr']:.4f}"
+            )
     meta = provenance()
     lines += [
         "",
