@@ -28,10 +28,16 @@ machine and date.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from fippure.data import normalize, to_unit_range
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ZOO = ROOT / "zoo" / "cifar10" / "preact_resnet18_w16"
@@ -39,33 +45,32 @@ OUT = ROOT / "experiments" / "results" / "probes"
 TOP_FRACTION = 0.05
 
 
+@functools.partial(jax.jit, static_argnames=("model", "spec"))
+def _bn_input_sums(model, spec, variables, batch) -> dict:
+    """Per BatchNorm (by module path): the sum and sum of squares of its input over ``batch``
+    (eval mode), and the number of rows summed. Module level, so that it compiles once per
+    model and batch shape."""
+    captured = {}
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if isinstance(module, nn.BatchNorm) and context.method_name == "__call__":
+            x = args[0].reshape(-1, args[0].shape[-1])
+            captured["/".join(module.path)] = (x.sum(0), (x**2).sum(0), x.shape[0])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        model.apply(variables, normalize(to_unit_range(batch), spec), train=False)
+    return captured
+
+
 def channel_moments(model, variables, images, spec, chunk: int = 500) -> dict[str, np.ndarray]:
     """Per BatchNorm (by module path): the mean and variance of its input over ``images``
     ([0, 1] or uint8, eval mode), each ``(channels,)``."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from fippure.data import normalize, to_unit_range
-
-    @jax.jit
-    def sums(batch):
-        captured = {}
-
-        def record(next_fun, args, kwargs, context):
-            module = context.module
-            if isinstance(module, nn.BatchNorm) and context.method_name == "__call__":
-                x = args[0].reshape(-1, args[0].shape[-1])
-                captured["/".join(module.path)] = (x.sum(0), (x**2).sum(0), x.shape[0])
-            return next_fun(*args, **kwargs)
-
-        with nn.intercept_methods(record):
-            model.apply(variables, normalize(to_unit_range(batch), spec), train=False)
-        return captured
-
     totals: dict[str, list] = {}
     for start in range(0, len(images), chunk):
-        for name, (s1, s2, n) in sums(jnp.asarray(images[start : start + chunk])).items():
+        batch = jnp.asarray(images[start : start + chunk])
+        for name, (s1, s2, n) in _bn_input_sums(model, spec, variables, batch).items():
             acc = totals.setdefault(name, [0.0, 0.0, 0])
             acc[0] = acc[0] + np.asarray(s1, np.float64)
             acc[1] = acc[1] + np.asarray(s2, np.float64)

@@ -216,3 +216,30 @@ def finalise_batch_stats(
     if mode == "transfer":
         return transfer_batch_stats(model, original, purified, clean_set, key, **options)
     return dict(purified)
+
+
+def finalise_from_config(
+    config: Any,
+    model: nn.Module,
+    original: Variables,
+    purified: Variables,
+    clean_set: ImageDataset,
+    key: PRNGKeyArray,
+) -> dict[str, Any]:
+    """:func:`finalise_batch_stats` with a defense config's own options.
+
+    Reads ``final_batch_stats``, ``stats_batches``, ``batch_size`` and ``augment`` off
+    ``config``; the batches are drawn from ``fold_in(key, config.steps)``, a stream that the
+    defense's training steps never use.
+    """
+    return finalise_batch_stats(
+        config.final_batch_stats,
+        model,
+        original,
+        purified,
+        clean_set,
+        jax.random.fold_in(key, config.steps),
+        batches=config.stats_batches,
+        batch_size=config.batch_size,
+        augment=config.augment,
+    )

@@ -56,7 +56,7 @@ from fippure.optim.anchor import fisher_anchor
 from fippure.purify.batch_stats import (
     FinalBatchStats,
     check_final_batch_stats,
-    finalise_batch_stats,
+    finalise_from_config,
 )
 from fippure.purify.common import (
     Observer,
@@ -297,16 +297,8 @@ def fisher_guided_purify(
         to_variables=to_variables,
     )
     tunable, stats = carry[0], carry[1]
-    stats = finalise_batch_stats(
-        config.final_batch_stats,
-        model,
-        variables,
-        as_variables(to_params(tunable), stats),
-        clean_set,
-        jax.random.fold_in(key, config.steps),
-        batches=config.stats_batches,
-        batch_size=config.batch_size,
-        augment=config.augment,
+    stats = finalise_from_config(
+        config, model, variables, as_variables(to_params(tunable), stats), clean_set, key
     ).get("batch_stats", stats)
     report = PurifyReport(
         method=method,

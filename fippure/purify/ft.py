@@ -28,7 +28,7 @@ from fippure.optim.sam import asam_gradient
 from fippure.purify.batch_stats import (
     FinalBatchStats,
     check_final_batch_stats,
-    finalise_batch_stats,
+    finalise_from_config,
 )
 from fippure.purify.common import (
     Observer,
@@ -183,17 +183,7 @@ def purify(
         observe_every=observe_every,
         to_variables=to_variables,
     )
-    out = finalise_batch_stats(
-        config.final_batch_stats,
-        model,
-        variables,
-        to_variables(carry),
-        clean_set,
-        jax.random.fold_in(key, config.steps),
-        batches=config.stats_batches,
-        batch_size=batch_size,
-        augment=config.augment,
-    )
+    out = finalise_from_config(config, model, variables, to_variables(carry), clean_set, key)
     report = PurifyReport(
         method=method,
         config=config_dict(config),

@@ -44,7 +44,7 @@ from fippure.optim.projection import project_box
 from fippure.purify.batch_stats import (
     FinalBatchStats,
     check_final_batch_stats,
-    finalise_batch_stats,
+    finalise_from_config,
 )
 from fippure.purify.common import (
     Observer,
@@ -206,17 +206,7 @@ def purify(
         to_variables=to_variables,
     )
     masks = carry[0]
-    out = finalise_batch_stats(
-        config.final_batch_stats,
-        model,
-        variables,
-        to_variables(carry),
-        clean_set,
-        jax.random.fold_in(key, config.steps),
-        batches=config.stats_batches,
-        batch_size=config.batch_size,
-        augment=config.augment,
-    )
+    out = finalise_from_config(config, model, variables, to_variables(carry), clean_set, key)
     leaves = np.concatenate([np.asarray(m).ravel() for m in jax.tree_util.tree_leaves(masks)])
     report = PurifyReport(
         method="nft",
