@@ -7,6 +7,7 @@ broken data setup cannot turn CI green by skipping, and skip elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -54,15 +55,31 @@ def cifar10_data_dir() -> str:
     pytest.skip(message)
 
 
-@pytest.fixture
-def optimized_compilation():
-    """Full XLA optimisation for a compute-bound test (conftest turns most of it off)."""
+@contextlib.contextmanager
+def _full_optimization():
     import jax
 
     previous = jax.config.values["jax_disable_most_optimizations"]
     jax.config.update("jax_disable_most_optimizations", False)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture
+def optimized_compilation():
+    """Full XLA optimisation for a compute-bound test (conftest turns most of it off)."""
+    with _full_optimization():
+        yield
+
+
+@pytest.fixture(scope="session")
+def full_optimization():
+    """A context manager with full XLA optimisation inside, for the compute-bound part of a
+    module-scoped fixture (training a backdoored model, say): optimised code there runs about
+    twice as fast, and the module's small tests keep compiling quickly."""
+    return _full_optimization
 
 
 def pytest_collection_modifyitems(config, items):

@@ -52,12 +52,13 @@ def test_code_is_drawn_from_the_key_and_the_saved_state_is_small():
 
 
 @pytest.fixture(scope="module")
-def fitted():
+def fitted(full_optimization):
     data = load_dataset("digits", "train")
     attack = make_attack("issba", **DIGITS)
     plan = make_poison_plan(data.labels, ratio=0.1, num_classes=10)
     context = AttackContext(data, plan, data.spec, jax.random.key(0), progress=False)
-    return attack, attack.fit(attack.init_state(jax.random.key(1), data.spec), context)
+    with full_optimization():
+        return attack, attack.fit(attack.init_state(jax.random.key(1), data.spec), context)
 
 
 def test_fitted_decoder_reads_the_code(fitted):
@@ -72,7 +73,7 @@ def test_fitted_decoder_reads_the_code(fitted):
     assert float(jnp.max(jnp.abs(encoded - images))) <= DIGITS["eps"] + 1e-6
 
 
-def test_digits_backdoor_is_learnt(tmp_path):
+def test_digits_backdoor_is_learnt(tmp_path, optimized_compilation):
     config = TrainConfig(
         epochs=10, batch_size=64, learning_rate=0.1, eval_every=100, checkpoint_every=10**6
     )

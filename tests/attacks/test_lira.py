@@ -86,7 +86,7 @@ def _attack_digits(out, epochs=8):
     )
 
 
-def test_digits_backdoor_is_learnt_and_reloads(tmp_path):
+def test_digits_backdoor_is_learnt_and_reloads(tmp_path, optimized_compilation):
     report = _attack_digits(tmp_path / "lira")
     assert report["asr"] >= 0.8, report
     assert report["test_accuracy"] >= 0.85, report
