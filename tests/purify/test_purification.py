@@ -62,14 +62,15 @@ def test_ngf_purifies_the_zoo_badnets_model_with_its_defaults(
 
 
 @pytest.mark.slow
-def test_nft_weakens_the_zoo_badnets_backdoor_on_a_reduced_budget(
+def test_nft_removes_the_zoo_badnets_backdoor_on_a_reduced_budget(
     cifar10_data_dir, optimized_compilation
 ):
-    """NFT (SPEC section 4) with 300 of its 1000 steps, BatchNorm statistics re-estimated on D_v.
+    """NFT (SPEC section 4) with 150 of its 1000 steps, the original BatchNorm statistics moved
+    by the change measured on D_v (``final_batch_stats="transfer"``).
 
-    Measured on the whole test split: ACC / ASR 0.872 / 0.963 -> 0.855 / 0.406 (the full budget
-    gives 0.827 / 0.187, ``experiments/results/purify_cifar10_w16.md``). Judged here on the
-    first 3,000 test images and their triggered copies.
+    Measured on the first 3,000 test images and their triggered copies, where this test judges
+    it: ACC / ASR 0.874 / 0.962 -> 0.866 / 0.040 (300 steps with recomputed statistics gave
+    0.852 / 0.426; the whole test split is in ``experiments/results/purify_cifar10_w16.md``).
     """
     backdoored = load_backdoored(ZOO / "badnets", data_dir=cifar10_data_dir)
     test = backdoored.test.subset(np.arange(3000))
@@ -81,7 +82,7 @@ def test_nft_weakens_the_zoo_badnets_backdoor_on_a_reduced_budget(
         triggered.target_labels[kept],
         triggered.source_indices[kept],
     )
-    config = make_config("nft", {"steps": "300", "final_batch_stats": "recompute"})
+    config = make_config("nft", {"steps": "150", "final_batch_stats": "transfer"})
     variables, report = get_defense("nft").purify(
         backdoored.model,
         backdoored.variables,
@@ -90,9 +91,9 @@ def test_nft_weakens_the_zoo_badnets_backdoor_on_a_reduced_budget(
         jax.random.key(0),
         progress=False,
     )
-    assert report.steps == 300 and report.tunable_parameters < 1000  # BN-channel masks only
+    assert report.steps == 150 and report.tunable_parameters < 1000  # BN-channel masks only
     before = evaluate_backdoor(backdoored.model, backdoored.variables, test, triggered)
     after = evaluate_backdoor(backdoored.model, variables, test, triggered)
     assert before.asr > 0.9, before
-    assert after.asr < 0.6 * before.asr, after
+    assert after.asr < 0.2, after
     assert after.acc > before.acc - 0.03, after
