@@ -181,6 +181,13 @@ def overrides_for(method: str, setting: str, steps: int | None = None) -> dict[s
     return values
 
 
+def effective_learning_rate(method: str, setting: str) -> str:
+    """The setting's learning rate, the method's default where the setting leaves it."""
+    from fippure.purify.registry import make_config
+
+    return str(make_config(method, overrides_for(method, setting)).learning_rate)
+
+
 def run_one(
     backdoored,
     attack,
@@ -572,7 +579,7 @@ def write_report() -> None:
                 {
                     "method": method,
                     "setting": setting,
-                    "learning_rate": values["learning_rate"],
+                    "learning_rate": effective_learning_rate(method, setting),
                     "steps": steps,
                     "wall_time_s": wall,
                     "step_time_s": step,
@@ -581,7 +588,7 @@ def write_report() -> None:
                 }
             )
             lines.append(
-                f"| {method} {setting} (lr {values['learning_rate']}, {steps} steps) | "
+                f"| {method} {setting} (lr {effective_learning_rate(method, setting)}, {steps} steps) | "
                 + " | ".join(cell_text(c) for c in row)
                 + " |"
             )
