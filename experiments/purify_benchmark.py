@@ -563,7 +563,7 @@ def write_report() -> None:
     )
     rows = []
     for method, settings in METHODS.items():
-        for setting, values in settings.items():
+        for setting in settings:
             row = [cells.get((a, method, setting, "")) for a in attacks]
             finished = [c for c in row if c and not c.get("diverged")]
             if not finished:
@@ -572,6 +572,7 @@ def write_report() -> None:
             step = statistics.mean(c["step_time_s"] for c in finished)
             tunable = finished[0]["tunable_parameters"]
             steps = finished[0]["steps"]
+            learning_rate = effective_learning_rate(method, setting)
             wins = sum(
                 success(c) for a, c in zip(attacks, row, strict=True) if c and a in CORE_ATTACKS
             )
@@ -579,7 +580,7 @@ def write_report() -> None:
                 {
                     "method": method,
                     "setting": setting,
-                    "learning_rate": effective_learning_rate(method, setting),
+                    "learning_rate": learning_rate,
                     "steps": steps,
                     "wall_time_s": wall,
                     "step_time_s": step,
@@ -588,7 +589,7 @@ def write_report() -> None:
                 }
             )
             lines.append(
-                f"| {method} {setting} (lr {effective_learning_rate(method, setting)}, {steps} steps) | "
+                f"| {method} {setting} (lr {learning_rate}, {steps} steps) | "
                 + " | ".join(cell_text(c) for c in row)
                 + " |"
             )
