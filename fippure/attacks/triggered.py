@@ -36,6 +36,20 @@ class TriggeredSet:
     def __len__(self) -> int:
         return len(self.true_labels)
 
+    def of_test_images(self, test_indices: np.ndarray) -> TriggeredSet:
+        """The triggered copies of the test images at ``test_indices`` only.
+
+        For judging a model on part of the test split: pair ``test.subset(test_indices)`` with
+        ``triggered.of_test_images(test_indices)``. Order and ``source_indices`` are kept.
+        """
+        keep = np.isin(self.source_indices, np.asarray(test_indices))
+        return TriggeredSet(
+            self.images[keep],
+            self.true_labels[keep],
+            self.target_labels[keep],
+            self.source_indices[keep],
+        )
+
 
 def triggered_test_set(
     attack: Attack,

@@ -165,3 +165,16 @@ def test_trojan_triggered_test_set(mode):
     expected = np.zeros((32, 32), bool)
     expected[26:31, 26:31] = True
     np.testing.assert_array_equal(_changed(triggered.images, clean), expected)
+
+
+def test_a_triggered_set_restricted_to_part_of_the_test_split():
+    labels = np.arange(30, dtype=np.int32) % 10
+    images = np.zeros((30, 32, 32, 3), np.uint8)
+    test = ImageDataset(images, labels, CIFAR, "test")
+    attack = make_attack("badnets")
+    triggered = triggered_test_set(attack, {}, test, target=0, mode="all_to_one")
+    part = triggered.of_test_images(np.arange(12))
+    np.testing.assert_array_equal(part.source_indices, [1, 2, 3, 4, 5, 6, 7, 8, 9, 11])
+    np.testing.assert_array_equal(part.true_labels, labels[part.source_indices])
+    np.testing.assert_array_equal(part.target_labels, 0)
+    np.testing.assert_array_equal(part.images, triggered.images[:10])

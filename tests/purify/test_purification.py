@@ -9,7 +9,6 @@ import jax
 import numpy as np
 import pytest
 
-from fippure.attacks.triggered import TriggeredSet
 from fippure.evaluation.metrics import evaluate_backdoor
 from fippure.purify.registry import get_defense, make_config
 from fippure.purify.runner import run_defense
@@ -73,15 +72,9 @@ def test_nft_removes_the_zoo_badnets_backdoor_on_a_reduced_budget(
     0.852 / 0.426; the whole test split is in ``experiments/results/purify_cifar10_w16.md``).
     """
     backdoored = load_backdoored(ZOO / "badnets", data_dir=cifar10_data_dir)
-    test = backdoored.test.subset(np.arange(3000))
-    triggered = backdoored.triggered
-    kept = triggered.source_indices < len(test)
-    triggered = TriggeredSet(
-        triggered.images[kept],
-        triggered.true_labels[kept],
-        triggered.target_labels[kept],
-        triggered.source_indices[kept],
-    )
+    judged = np.arange(3000)
+    test = backdoored.test.subset(judged)
+    triggered = backdoored.triggered.of_test_images(judged)
     config = make_config("nft", {"steps": "150", "final_batch_stats": "transfer"})
     variables, report = get_defense("nft").purify(
         backdoored.model,
