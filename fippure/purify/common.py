@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal, get_args
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from tqdm.auto import tqdm
 
@@ -30,6 +31,9 @@ from fippure.data.sources import ImageDataset
 from fippure.data.splits import check_clean_set
 from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.models.registry import Variables
+
+#: Learning-rate schedules of the SGD-based defenses.
+Schedule = Literal["cosine", "constant"]
 
 
 @dataclasses.dataclass
@@ -242,3 +246,24 @@ def apply_model(
 
 def zeros_like_tree(tree: Any) -> Any:
     return jax.tree_util.tree_map(jnp.zeros_like, tree)
+
+
+def check_schedule(schedule: str) -> None:
+    """A clear error for a learning-rate schedule other than cosine or constant."""
+    if schedule not in get_args(Schedule):
+        raise InvalidInputError(f"unknown schedule {schedule!r}; use cosine or constant")
+
+
+def scheduled_sgd(
+    learning_rate: float, steps: int, schedule: str, momentum: float, weight_decay: float
+) -> optax.GradientTransformation:
+    """SGD with momentum, coupled weight decay and a ``cosine`` (to 0 over ``steps``) or
+    ``constant`` learning-rate schedule."""
+    check_schedule(schedule)
+    lr = (
+        optax.cosine_decay_schedule(learning_rate, steps)
+        if schedule == "cosine"
+        else optax.constant_schedule(learning_rate)
+    )
+    parts = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+    return optax.chain(*parts, optax.sgd(lr, momentum=momentum or None))

@@ -61,14 +61,17 @@ from fippure.purify.batch_stats import (
 from fippure.purify.common import (
     Observer,
     PurifyReport,
+    Schedule,
     apply_model,
     as_variables,
+    check_schedule,
     clean_accuracy,
     clean_batch_size,
     config_dict,
     device_clean_set,
     run_steps,
     sample_clean_batch,
+    scheduled_sgd,
     tree_size,
     validate_clean_set,
 )
@@ -81,7 +84,8 @@ class FIPConfig:
     Attributes:
         steps: SGD steps (2000 in the seed code).
         batch_size: clean images per step (capped at the clean-set size).
-        learning_rate: constant SGD learning rate.
+        learning_rate: SGD learning rate.
+        schedule: ``constant`` (SPEC section 2) or ``cosine`` (decay to 0 over ``steps``).
         momentum: SGD momentum.
         weight_decay: coupled weight decay (none in FIP).
         eta_F: strength of the Fisher-trace penalty (relative to TrF0 by default).
@@ -115,6 +119,7 @@ class FIPConfig:
     steps: int = 2000
     batch_size: int = 128
     learning_rate: float = 0.005
+    schedule: Schedule = "constant"
     momentum: float = 0.95
     weight_decay: float = 0.0
     eta_F: float = 1.0
@@ -135,6 +140,7 @@ class FIPConfig:
 
     def __post_init__(self):
         check_final_batch_stats(self.final_batch_stats, self.stats_batches)
+        check_schedule(self.schedule)
         if self.trace_probes < 1 or self.trace_every < 1 or self.calibration_probes < 1:
             raise InvalidInputError("trace_probes, trace_every and calibration_probes must be >= 1")
         if self.eta_F < 0 or self.eta_r < 0:
@@ -215,8 +221,13 @@ def fisher_guided_purify(
     tx = optax.chain(
         *([optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm else []),
         fisher_anchor(fisher_diag, tunable0, config.eta_r),
-        *([optax.add_decayed_weights(config.weight_decay)] if config.weight_decay else []),
-        optax.sgd(config.learning_rate, momentum=config.momentum or None),
+        scheduled_sgd(
+            config.learning_rate,
+            config.steps,
+            config.schedule,
+            config.momentum,
+            config.weight_decay,
+        ),
     )
 
     def make_step(with_trace: bool):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -21,7 +20,6 @@ import optax
 from jaxtyping import PRNGKeyArray
 
 from fippure.data.sources import ImageDataset
-from fippure.errors import InvalidInputError
 from fippure.losses import cross_entropy
 from fippure.models.registry import Variables
 from fippure.optim.sam import asam_gradient
@@ -33,14 +31,17 @@ from fippure.purify.batch_stats import (
 from fippure.purify.common import (
     Observer,
     PurifyReport,
+    Schedule,
     apply_model,
     as_variables,
+    check_schedule,
     clean_accuracy,
     clean_batch_size,
     config_dict,
     device_clean_set,
     run_steps,
     sample_clean_batch,
+    scheduled_sgd,
     tree_size,
     validate_clean_set,
 )
@@ -71,7 +72,7 @@ class FTConfig:
     steps: int = 2000
     batch_size: int = 128
     learning_rate: float = 0.01
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Schedule = "cosine"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
@@ -83,6 +84,7 @@ class FTConfig:
 
     def __post_init__(self):
         check_final_batch_stats(self.final_batch_stats, self.stats_batches)
+        check_schedule(self.schedule)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,21 +101,6 @@ class FTSAMConfig(FTConfig):
     rho: float = 2.0
     eta: float = 0.01
     adaptive: bool = True
-
-
-def sgd(
-    learning_rate: float, steps: int, schedule: str, momentum: float, weight_decay: float
-) -> optax.GradientTransformation:
-    """SGD with momentum, coupled weight decay and a cosine or constant schedule."""
-    if schedule not in ("cosine", "constant"):
-        raise InvalidInputError(f"unknown schedule {schedule!r}; use cosine or constant")
-    lr = (
-        optax.cosine_decay_schedule(learning_rate, steps)
-        if schedule == "cosine"
-        else optax.constant_schedule(learning_rate)
-    )
-    parts = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
-    return optax.chain(*parts, optax.sgd(lr, momentum=momentum or None))
 
 
 def purify(
@@ -136,7 +123,7 @@ def purify(
     key = jax.random.key(0) if key is None else key
     method = "ft_sam" if isinstance(config, FTSAMConfig) else "ft"
     batch_size = clean_batch_size(config.batch_size, clean_set)
-    tx = sgd(
+    tx = scheduled_sgd(
         config.learning_rate, config.steps, config.schedule, config.momentum, config.weight_decay
     )
     images, labels = device_clean_set(clean_set)

@@ -41,11 +41,15 @@ def _per_example_loss(model, variables):
     return loss
 
 
-def test_fip_steps_are_sgd_on_cross_entropy_plus_the_fisher_anchor(tiny):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_fip_steps_are_sgd_on_cross_entropy_plus_the_fisher_anchor(tiny, schedule):
+    """Two steps; the cosine schedule halves the second step's learning rate (of 2 steps)."""
     model, variables, clean, inputs, labels = tiny
     lr, eta_r = 0.05, 7.0
+    lr2 = lr if schedule == "constant" else lr / 2
     config = fip.FIPConfig(
         steps=2,
+        schedule=schedule,
         batch_size=len(clean),
         learning_rate=lr,
         momentum=0.0,
@@ -69,7 +73,7 @@ def test_fip_steps_are_sgd_on_cross_entropy_plus_the_fisher_anchor(tiny):
 
     theta1 = jax.tree_util.tree_map(lambda p, g: p - lr * g, theta0, ce_grad(theta0))
     theta2 = jax.tree_util.tree_map(
-        lambda p, g, f, p0: p - lr * (g + eta_r * f * (p - p0)),
+        lambda p, g, f, p0: p - lr2 * (g + eta_r * f * (p - p0)),
         theta1,
         ce_grad(theta1),
         fisher,
