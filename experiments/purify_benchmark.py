@@ -120,9 +120,10 @@ METHODS: dict[str, dict[str, dict[str, str]]] = {
             "final_batch_stats": "transfer",
         },
         # anchored_transfer with the trace averaged over 4 Rademacher probes instead of 1
-        # (SPEC section 2: "average several probes"), at 2.5x the time per step. Chosen after
-        # seed-0 probes on Trojan and Blend (experiments/results/probes/*trace_probes4*;
-        # test-set measurements): ACC 0.852 / 0.850 against 0.845 / 0.847, ASR 0.031 / 0.012.
+        # (SPEC section 2: "average several probes"), at 2.3x the time per step (3.0 s
+        # against 1.3 s). Chosen after seed-0 probes on Trojan and Blend
+        # (experiments/results/probes/*trace_probes4*; test-set measurements):
+        # ACC 0.852 / 0.850 against 0.845 / 0.847, ASR 0.031 / 0.012.
         "averaged_transfer": {
             "learning_rate": "0.001",
             "eta_F": "2",

@@ -251,7 +251,8 @@ def zeros_like_tree(tree: Any) -> Any:
 def check_schedule(schedule: str) -> None:
     """A clear error for a learning-rate schedule other than cosine or constant."""
     if schedule not in get_args(Schedule):
-        raise InvalidInputError(f"unknown schedule {schedule!r}; use cosine or constant")
+        choices = " or ".join(get_args(Schedule))
+        raise InvalidInputError(f"unknown schedule {schedule!r}; use {choices}")
 
 
 def scheduled_sgd(
