@@ -89,7 +89,8 @@ class FIPConfig:
         momentum: SGD momentum.
         weight_decay: coupled weight decay (none in FIP).
         eta_F: strength of the Fisher-trace penalty (relative to TrF0 by default).
-        trace_scale: ``relative`` (penalty eta_F * TrF / TrF0, **choice**) or ``absolute``.
+        trace_scale: ``relative`` (penalty eta_F * TrF / TrF0, **choice**; TrF0 is the same
+            variant's trace at theta0, the empirical one for ``seed_code``) or ``absolute``.
         trace_variant: ``empirical`` (labels from D_v), ``true`` (labels sampled from the
             model) or ``seed_code`` (the released code's zero-mean linear term; ablation).
         trace_probes: Rademacher probes K per estimate.
@@ -113,6 +114,10 @@ class FIPConfig:
             ``transfer`` (the original ones moved by the change measured on D_v; a fippure
             option, :func:`fippure.purify.batch_stats.transfer_batch_stats`).
         stats_batches: clean batches per estimate for ``recompute`` and ``transfer``.
+        average_last: return the mean of the tunable parameters over the last this many steps
+            (Polyak tail averaging; a fippure option, not the paper's) instead of the last
+            iterate; 0 or 1 returns the last iterate. The BatchNorm statistics of
+            ``recompute`` and ``transfer`` are then measured for the averaged parameters.
         log_every: host sync interval of the loss log.
     """
 
@@ -136,6 +141,7 @@ class FIPConfig:
     bn_train: bool = True
     final_batch_stats: FinalBatchStats = "running"
     stats_batches: int = 20
+    average_last: int = 0
     log_every: int = 50
 
     def __post_init__(self):
@@ -145,6 +151,10 @@ class FIPConfig:
             raise InvalidInputError("trace_probes, trace_every and calibration_probes must be >= 1")
         if self.eta_F < 0 or self.eta_r < 0:
             raise InvalidInputError("eta_F and eta_r must be non-negative")
+        if not 0 <= self.average_last <= self.steps:
+            raise InvalidInputError(
+                f"average_last must lie in [0, steps={self.steps}], got {self.average_last}"
+            )
 
 
 def trace_term(
@@ -214,7 +224,16 @@ def fisher_guided_purify(
     fisher_diag = empirical_fisher_diagonal(
         per_example_loss0, tunable0, (inputs, labels), chunk_size=config.fisher_chunk
     )
-    trace0 = _calibrate_trace(per_example_loss0, tunable0, inputs, labels, batch_size, config, key)
+    trace0 = _calibrate_trace(
+        per_example_loss0,
+        lambda t, x: logits_eval(t, stats0, x),
+        tunable0,
+        inputs,
+        labels,
+        batch_size,
+        config,
+        key,
+    )
     scale = 1.0 / trace0 if config.trace_scale == "relative" else 1.0
     strength = config.eta_F * scale
 
@@ -285,16 +304,23 @@ def fisher_guided_purify(
 
     with_trace, without_trace = make_step(True), make_step(False)
 
+    averaging = config.average_last > 1
+    window_start = config.steps - config.average_last
+
     def step(carry, key):
         t_index = carry[3]  # a host-side step counter: the trace term runs every k-th step
         fn = with_trace if t_index % config.trace_every == 0 else without_trace
         new, metrics = fn(carry[:3], key, images, labels)
-        return (*new, t_index + 1), metrics
+        average = carry[4]
+        if averaging and t_index >= window_start:
+            count = jnp.asarray(t_index - window_start + 1, jnp.float32)
+            average = _running_mean(average, new[0], count)
+        return (*new, t_index + 1, average), metrics
 
     def to_variables(carry):
         return as_variables(to_params(carry[0]), carry[1])
 
-    carry = (tunable0, stats0, tx.init(tunable0), 0)
+    carry = (tunable0, stats0, tx.init(tunable0), 0, tunable0)
     carry, curve, step_time, observe_time = run_steps(
         step,
         carry,
@@ -307,7 +333,7 @@ def fisher_guided_purify(
         observe_every=observe_every,
         to_variables=to_variables,
     )
-    tunable, stats = carry[0], carry[1]
+    tunable, stats = (carry[4] if averaging else carry[0]), carry[1]
     stats = finalise_from_config(
         config, model, variables, as_variables(to_params(tunable), stats), clean_set, key
     ).get("batch_stats", stats)
@@ -331,13 +357,31 @@ def fisher_guided_purify(
     return tunable, stats, report
 
 
-def _calibrate_trace(per_example_loss, tunable, inputs, labels, batch_size, config, key) -> float:
-    """TrF at theta0 averaged over the clean set in batches, with many probes."""
-    estimate = jax.jit(
-        lambda t, batch, k: empirical_fisher_trace(
-            per_example_loss, t, batch, k, config.calibration_probes
+@jax.jit
+def _running_mean(average: Any, value: Any, count: jax.Array) -> Any:
+    """The mean of ``count`` trees given that of the first ``count - 1`` and the last one."""
+    return jax.tree_util.tree_map(lambda a, v: a + (v - a) / count, average, value)
+
+
+def _calibrate_trace(
+    per_example_loss, logits_fn, tunable, inputs, labels, batch_size, config, key
+) -> float:
+    """TrF0: the penalised trace at theta0 averaged over the clean set in batches, with many
+    probes. The ``true`` variant is calibrated with the true Fisher's trace (labels sampled
+    from the model), which on a confident model is several times smaller than the empirical
+    one; ``seed_code``'s term is zero in expectation, so it borrows the empirical trace."""
+    if config.trace_variant == "true":
+        estimate = jax.jit(
+            lambda t, batch, k: true_fisher_trace(
+                logits_fn, t, batch[0], k, config.calibration_probes
+            )
         )
-    )
+    else:
+        estimate = jax.jit(
+            lambda t, batch, k: empirical_fisher_trace(
+                per_example_loss, t, batch, k, config.calibration_probes
+            )
+        )
     n = inputs.shape[0]
     values, weights = [], []
     for i, start in enumerate(range(0, n - batch_size + 1, batch_size)):

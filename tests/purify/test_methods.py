@@ -13,6 +13,7 @@ from clean_sets import random_digits_clean_set
 from jax.flatten_util import ravel_pytree
 
 from fippure.data import normalize, to_unit_range
+from fippure.errors import InvalidInputError
 from fippure.models import create_model, init_variables, penultimate_features
 from fippure.optim.masks import layer_floors
 from fippure.optim.spectral import decompose, init_shifts, num_shifts, rebuild_params
@@ -82,6 +83,54 @@ def test_fip_steps_are_sgd_on_cross_entropy_plus_the_fisher_anchor(tiny, schedul
     got, want = ravel_pytree(out["params"])[0], ravel_pytree(theta2)[0]
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6)
     assert report.tunable_parameters == want.size
+
+
+def test_fip_tail_averaging_returns_the_mean_of_the_last_iterates(tiny):
+    """``average_last=k`` returns the mean of the last k iterates of the unchanged trajectory
+    (the observer sees every iterate but the last, which ``average_last=0`` returns)."""
+    model, variables, clean, _, _ = tiny
+    base = dict(steps=5, batch_size=16, learning_rate=0.05, eta_F=0.5, calibration_probes=1)
+    seen = []
+    _, _ = fip.purify(
+        model,
+        variables,
+        clean,
+        fip.FIPConfig(**base),
+        jax.random.key(3),
+        progress=False,
+        observer=lambda step, v: seen.append(ravel_pytree(v["params"])[0]),
+        observe_every=1,
+    )
+    last, _ = fip.purify(
+        model, variables, clean, fip.FIPConfig(**base), jax.random.key(3), progress=False
+    )
+    averaged, _ = fip.purify(
+        model,
+        variables,
+        clean,
+        fip.FIPConfig(**base, average_last=3),
+        jax.random.key(3),
+        progress=False,
+    )
+    iterates = [*seen, ravel_pytree(last["params"])[0]]
+    assert len(iterates) == 5
+    want = np.mean(np.stack(iterates[-3:]), axis=0)
+    np.testing.assert_allclose(ravel_pytree(averaged["params"])[0], want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(want, iterates[-1], rtol=1e-4)
+    with pytest.raises(InvalidInputError, match="average_last"):
+        fip.FIPConfig(steps=5, average_last=6)
+
+
+@pytest.mark.parametrize("variant", ["empirical", "true"])
+def test_fip_relative_scale_is_the_same_variants_trace_at_theta0(tiny, monkeypatch, variant):
+    """eta_F is relative to TrF0 of the penalised variant: the true-Fisher penalty is divided
+    by the true-Fisher trace at theta0, not by the empirical one."""
+    model, variables, clean, _, _ = tiny
+    monkeypatch.setattr(fip, "true_fisher_trace", lambda *args, **kwargs: jnp.float32(123.0))
+    config = fip.FIPConfig(steps=1, batch_size=16, trace_variant=variant, calibration_probes=2)
+    _, report = fip.purify(model, variables, clean, config, jax.random.key(0), progress=False)
+    assert (report.extra["trace0"] == pytest.approx(123.0)) == (variant == "true")
+    assert report.extra["penalty_strength"] == pytest.approx(config.eta_F / report.extra["trace0"])
 
 
 @pytest.mark.parametrize("trace_bn_train", [False, True])
