@@ -85,7 +85,7 @@ def test_unknown_model_suggests_the_close_name(capsys, tmp_path):
 
 def test_installed_entry_point_in_a_subprocess(tmp_path):
     run = lambda *args: subprocess.run(
-        [sys.executable, "-m", "fippure.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "fippure", *args], capture_output=True, text=True, timeout=120
     )
     shown = run("--help")
     assert shown.returncode == 0 and "train" in shown.stdout
