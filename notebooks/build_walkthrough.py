@@ -90,8 +90,8 @@ for name, overrides in settings.items():
     (
         "md",
         """On this toy problem (a 3x3 trigger covers 14% of an 8x8 image) the mask and head-only
-methods barely move the backdoor; the whole-network methods lower it (FIP the most, at a cost
-in accuracy) without removing it. The CIFAR-10 benchmark
+methods barely move the backdoor. Plain fine-tuning lowers it without removing it. FIP removes
+it at a cost of about two points of accuracy. The CIFAR-10 benchmark
 in `experiments/results/purify_cifar10_w16.md` is where the methods are compared.
 
 ## 3. Curvature
