@@ -91,7 +91,7 @@ def test_fip_tail_averaging_returns_the_mean_of_the_last_iterates(tiny):
     model, variables, clean, _, _ = tiny
     base = dict(steps=5, batch_size=16, learning_rate=0.05, eta_F=0.5, calibration_probes=1)
     seen = []
-    _, _ = fip.purify(
+    last, _ = fip.purify(
         model,
         variables,
         clean,
@@ -100,9 +100,6 @@ def test_fip_tail_averaging_returns_the_mean_of_the_last_iterates(tiny):
         progress=False,
         observer=lambda step, v: seen.append(ravel_pytree(v["params"])[0]),
         observe_every=1,
-    )
-    last, _ = fip.purify(
-        model, variables, clean, fip.FIPConfig(**base), jax.random.key(3), progress=False
     )
     averaged, _ = fip.purify(
         model,
