@@ -168,11 +168,12 @@ def trace_term(
     key: PRNGKeyArray,
     num_probes: int,
 ) -> jax.Array:
-    """The (unscaled) Fisher-trace term of one batch, differentiable in ``tunable``."""
+    """The (unscaled) Fisher-trace term of one labelled batch ``(x, y)``, differentiable in
+    ``tunable`` (the ``true`` variant samples its labels and reads only ``x``)."""
     if variant == "empirical":
         return empirical_fisher_trace(per_example_loss, tunable, batch, key, num_probes)
     if variant == "true":
-        return true_fisher_trace(logits_fn, tunable, batch, key, num_probes)
+        return true_fisher_trace(logits_fn, tunable, batch[0], key, num_probes)
     if variant == "seed_code":
         # <grad CE, v>: linear in the gradient, zero in expectation over v.
         def directional(k):
@@ -276,7 +277,7 @@ def fisher_guided_purify(
                         per_example,
                         lambda t_, xb: logits_trace(t_, stats, xb),
                         t,
-                        (x, y) if config.trace_variant != "true" else x,
+                        (x, y),
                         trace_key,
                         config.trace_probes,
                     )
@@ -373,18 +374,12 @@ def _calibrate_trace(
     from the model), which is smaller than the empirical one on a trained model (1168 against
     1590 on the zoo's WaNet model); ``seed_code``'s term is zero in expectation, so it borrows
     the empirical trace."""
-    if config.trace_variant == "true":
-        estimate = jax.jit(
-            lambda t, batch, k: true_fisher_trace(
-                logits_fn, t, batch[0], k, config.calibration_probes
-            )
+    variant = "true" if config.trace_variant == "true" else "empirical"
+    estimate = jax.jit(
+        lambda t, batch, k: trace_term(
+            variant, per_example_loss, logits_fn, t, batch, k, config.calibration_probes
         )
-    else:
-        estimate = jax.jit(
-            lambda t, batch, k: empirical_fisher_trace(
-                per_example_loss, t, batch, k, config.calibration_probes
-            )
-        )
+    )
     n = inputs.shape[0]
     values, weights = [], []
     for i, start in enumerate(range(0, n - batch_size + 1, batch_size)):

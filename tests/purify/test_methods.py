@@ -153,7 +153,7 @@ def test_fip_trace_term_uses_the_configured_batchnorm_mode(tiny, monkeypatch, tr
         calibration_probes=1,
     )
     fip.purify(model, variables, clean, config, jax.random.key(0), progress=False)
-    ((got, x, y),) = seen  # one step, at theta0
+    _calibration, (got, x, y) = seen  # TrF0's one calibration batch, then one step at theta0
 
     def losses(train):
         logits, _ = apply_model(model, variables["params"], variables["batch_stats"], x, train)
@@ -223,7 +223,7 @@ def test_trace_variants_have_the_expectations_the_spec_gives(float64):
 
     mean, stderr = mean_of("empirical", (x, y))
     assert abs(mean - exact_empirical) < 5 * stderr
-    mean, stderr = mean_of("true", x)
+    mean, stderr = mean_of("true", (x, y))  # labels sampled; y is not read
     assert abs(mean - exact_true) < 5 * stderr
     mean, stderr = mean_of("seed_code", (x, y))  # <grad CE, v>: zero in expectation
     assert abs(mean) < 5 * stderr and stderr > 0
