@@ -27,6 +27,13 @@ import orbax.checkpoint as ocp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from tqdm.auto import tqdm
 
+from fippure.config_checks import (
+    AT_LEAST_ONE,
+    BELOW_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    check_config,
+)
 from fippure.data.augment import augment
 from fippure.data.catalog import DatasetSpec
 from fippure.data.pipeline import (
@@ -86,14 +93,21 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1:
-            raise InvalidInputError("epochs and batch_size must be positive")
-        if self.learning_rate <= 0:
-            raise InvalidInputError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.schedule not in ("onecycle", "cosine", "constant"):
-            raise InvalidInputError(
-                f"unknown schedule {self.schedule!r}; use onecycle, cosine or constant"
-            )
+        check_config(
+            self,
+            {
+                "epochs": AT_LEAST_ONE,
+                "batch_size": AT_LEAST_ONE,
+                "learning_rate": POSITIVE,
+                "warmup_fraction": BELOW_ONE,
+                "momentum": BELOW_ONE,
+                "weight_decay": NON_NEGATIVE,
+                "label_smoothing": BELOW_ONE,
+                "eval_every": AT_LEAST_ONE,
+                "checkpoint_every": NON_NEGATIVE,
+                "log_every": AT_LEAST_ONE,
+            },
+        )
 
 
 @flax.struct.dataclass

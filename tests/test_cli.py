@@ -66,7 +66,7 @@ def test_bad_arguments(capsys, argv, message):
         (["--dataset", "cifar11"], "unknown dataset 'cifar11'; known: cifar10, cifar100, "),
         (["--dataset", "digits", "--model", "resnet"], "unknown model 'resnet'; known: "),
         (["--dataset", "digits", "--model", "small_cnn", "--width", "0"], "width must be >= 1"),
-        (["--dataset", "digits", "--model", "small_cnn", "--epochs", "0"], "epochs and batch"),
+        (["--dataset", "digits", "--model", "small_cnn", "--epochs", "0"], "epochs must be >= 1"),
         (["--dataset", "digits", "--model", "small_cnn", "--lr", "-1"], "learning_rate must be"),
     ],
 )

@@ -99,10 +99,12 @@ def test_schedules():
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"epochs": 0}, "epochs and batch_size must be positive"),
-        ({"batch_size": 0}, "epochs and batch_size must be positive"),
-        ({"learning_rate": 0.0}, "learning_rate must be positive"),
-        ({"schedule": "step"}, "unknown schedule 'step'"),
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"learning_rate": 0.0}, "learning_rate must be > 0"),
+        ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+        ({"log_every": 0}, "log_every must be >= 1"),
+        ({"schedule": "step"}, "schedule must be one of"),
     ],
 )
 def test_config_errors(changes, match):

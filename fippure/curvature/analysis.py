@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from fippure.config_checks import AT_LEAST_ONE, POSITIVE, check_config
 from fippure.curvature.density import SpectralDensity, spectral_density
 from fippure.curvature.eigenvalues import power_iteration
 from fippure.curvature.fisher import empirical_fisher_diagonal
@@ -64,10 +65,9 @@ class AnalysisConfig:
     fisher_chunk: int = 50
 
     def __post_init__(self):
-        for name in ("hutchinson_probes", "probe_chunk", "power_iters", "lanczos_iters",
-                     "slq_probes", "top_k", "fisher_chunk"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise InvalidInputError(f"{name} must be positive, got {getattr(self, name)}")
+        counts = ("hutchinson_probes", "probe_chunk", "power_iters", "lanczos_iters",
+                  "slq_probes", "top_k", "fisher_chunk")  # fmt: skip
+        check_config(self, dict.fromkeys(counts, AT_LEAST_ONE) | {"power_tol": POSITIVE})
         if self.top_k > self.lanczos_iters:
             raise InvalidInputError("top_k must not exceed lanczos_iters")
 

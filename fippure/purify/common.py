@@ -24,6 +24,7 @@ import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from tqdm.auto import tqdm
 
+from fippure.config_checks import AT_LEAST_ONE, BELOW_ONE, NON_NEGATIVE, POSITIVE, Rule
 from fippure.data.augment import augment as augment_images
 from fippure.data.catalog import DatasetSpec
 from fippure.data.pipeline import normalize, to_unit_range
@@ -34,6 +35,20 @@ from fippure.models.registry import Variables
 
 #: Learning-rate schedules of the SGD-based defenses.
 Schedule = Literal["cosine", "constant"]
+
+#: Ranges of the hyper-parameters that several defenses share, for
+#: :func:`fippure.config_checks.check_config` (a config's own fields add to it).
+SHARED_RULES: dict[str, Rule] = {
+    "steps": AT_LEAST_ONE,
+    "batch_size": AT_LEAST_ONE,
+    "learning_rate": POSITIVE,
+    "momentum": BELOW_ONE,
+    "weight_decay": NON_NEGATIVE,
+    "label_smoothing": BELOW_ONE,
+    "eta_r": NON_NEGATIVE,
+    "stats_batches": AT_LEAST_ONE,
+    "log_every": AT_LEAST_ONE,
+}
 
 
 @dataclasses.dataclass
@@ -153,6 +168,8 @@ def run_steps(
     """
     if steps < 1:
         raise InvalidInputError(f"steps must be positive, got {steps}")
+    if log_every < 1:
+        raise InvalidInputError(f"log_every must be positive, got {log_every}")
     curve: list[dict[str, float]] = []
     durations = []
     bar = tqdm(

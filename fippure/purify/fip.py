@@ -41,6 +41,7 @@ import numpy as np
 import optax
 from jaxtyping import PRNGKeyArray
 
+from fippure.config_checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, check_config
 from fippure.curvature.fisher import (
     empirical_fisher_diagonal,
     empirical_fisher_trace,
@@ -55,16 +56,15 @@ from fippure.models.registry import Variables
 from fippure.optim.anchor import fisher_anchor
 from fippure.purify.batch_stats import (
     FinalBatchStats,
-    check_final_batch_stats,
     finalise_from_config,
 )
 from fippure.purify.common import (
+    SHARED_RULES,
     Observer,
     PurifyReport,
     Schedule,
     apply_model,
     as_variables,
-    check_schedule,
     clean_accuracy,
     clean_batch_size,
     config_dict,
@@ -75,6 +75,17 @@ from fippure.purify.common import (
     tree_size,
     validate_clean_set,
 )
+
+#: Ranges of FIP's (and Fast FIP's) hyper-parameters.
+FIP_RULES = SHARED_RULES | {
+    "eta_F": NON_NEGATIVE,
+    "trace_probes": AT_LEAST_ONE,
+    "trace_every": AT_LEAST_ONE,
+    "calibration_probes": AT_LEAST_ONE,
+    "fisher_chunk": AT_LEAST_ONE,
+    "max_grad_norm": POSITIVE,
+    "average_last": NON_NEGATIVE,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,13 +158,8 @@ class FIPConfig:
     log_every: int = 50
 
     def __post_init__(self):
-        check_final_batch_stats(self.final_batch_stats, self.stats_batches)
-        check_schedule(self.schedule)
-        if self.trace_probes < 1 or self.trace_every < 1 or self.calibration_probes < 1:
-            raise InvalidInputError("trace_probes, trace_every and calibration_probes must be >= 1")
-        if self.eta_F < 0 or self.eta_r < 0:
-            raise InvalidInputError("eta_F and eta_r must be non-negative")
-        if not 0 <= self.average_last <= self.steps:
+        check_config(self, FIP_RULES)
+        if self.average_last > self.steps:
             raise InvalidInputError(
                 f"average_last must lie in [0, steps={self.steps}], got {self.average_last}"
             )

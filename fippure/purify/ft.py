@@ -19,22 +19,22 @@ import jax
 import optax
 from jaxtyping import PRNGKeyArray
 
+from fippure.config_checks import NON_NEGATIVE, check_config
 from fippure.data.sources import ImageDataset
 from fippure.losses import cross_entropy
 from fippure.models.registry import Variables
 from fippure.optim.sam import asam_gradient
 from fippure.purify.batch_stats import (
     FinalBatchStats,
-    check_final_batch_stats,
     finalise_from_config,
 )
 from fippure.purify.common import (
+    SHARED_RULES,
     Observer,
     PurifyReport,
     Schedule,
     apply_model,
     as_variables,
-    check_schedule,
     clean_accuracy,
     clean_batch_size,
     config_dict,
@@ -45,6 +45,9 @@ from fippure.purify.common import (
     tree_size,
     validate_clean_set,
 )
+
+#: Ranges of FT's and FT-SAM's hyper-parameters.
+FT_RULES = SHARED_RULES | {"rho": NON_NEGATIVE, "eta": NON_NEGATIVE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +86,7 @@ class FTConfig:
     log_every: int = 50
 
     def __post_init__(self):
-        check_final_batch_stats(self.final_batch_stats, self.stats_batches)
-        check_schedule(self.schedule)
+        check_config(self, FT_RULES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,7 @@ import numpy as np
 import optax
 from jaxtyping import PRNGKeyArray
 
+from fippure.config_checks import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, check_config
 from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError
 from fippure.losses import soft_cross_entropy
@@ -43,10 +44,10 @@ from fippure.optim.masks import RESIDUAL_BN_PATTERN, apply_masks, init_masks, la
 from fippure.optim.projection import project_box
 from fippure.purify.batch_stats import (
     FinalBatchStats,
-    check_final_batch_stats,
     finalise_from_config,
 )
 from fippure.purify.common import (
+    SHARED_RULES,
     Observer,
     PurifyReport,
     apply_model,
@@ -60,6 +61,16 @@ from fippure.purify.common import (
     tree_size,
     validate_clean_set,
 )
+
+#: Ranges of NFT's hyper-parameters (the mask floor ``mu(l)`` lies in [0, 1]).
+NFT_RULES = SHARED_RULES | {
+    "lr_floor": NON_NEGATIVE,
+    "lr_blocks": AT_LEAST_ONE,
+    "eta": NON_NEGATIVE,
+    "floor_a": FRACTION,
+    "floor_b": NON_NEGATIVE,
+    "mixup_alpha": POSITIVE,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +123,7 @@ class NFTConfig:
     log_every: int = 50
 
     def __post_init__(self):
-        check_final_batch_stats(self.final_batch_stats, self.stats_batches)
+        check_config(self, NFT_RULES)
 
 
 def learning_rate_schedule(config: NFTConfig) -> optax.Schedule:

@@ -49,6 +49,7 @@ import optax
 from flax import traverse_util
 from jaxtyping import PRNGKeyArray
 
+from fippure.config_checks import AT_LEAST_ONE, NON_NEGATIVE, check_config
 from fippure.curvature.fisher import empirical_fisher_diagonal
 from fippure.curvature.probes import tree_dot
 from fippure.curvature.products import make_ggn_operator
@@ -61,6 +62,7 @@ from fippure.models.registry import Variables
 from fippure.optim.anchor import fisher_anchor
 from fippure.optim.natural_gradient import natural_gradient
 from fippure.purify.common import (
+    SHARED_RULES,
     Observer,
     PurifyReport,
     clean_accuracy,
@@ -72,6 +74,14 @@ from fippure.purify.common import (
     tree_size,
     validate_clean_set,
 )
+
+#: Ranges of NGF's hyper-parameters.
+NGF_RULES = SHARED_RULES | {
+    "damping": NON_NEGATIVE,
+    "refresh_every": AT_LEAST_ONE,
+    "cg_maxiter": AT_LEAST_ONE,
+    "kl_clip": NON_NEGATIVE,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +118,9 @@ class NGFConfig:
     kl_clip: float | None = 1e-3
     augment: bool = True
     log_every: int = 100
+
+    def __post_init__(self):
+        check_config(self, NGF_RULES)
 
 
 def _layer_path(params, layer: str) -> tuple[str, ...]:
