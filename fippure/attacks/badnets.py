@@ -9,6 +9,7 @@ from typing import ClassVar
 import jax.numpy as jnp
 
 from fippure.attacks.base import Attack, Images, State
+from fippure.config_checks import AT_LEAST_ONE, FRACTION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +24,7 @@ class BadNets(Attack):
     name: ClassVar[str] = "badnets"
     size: int = 3
     value: float = 1.0
+    rules: ClassVar = {"size": AT_LEAST_ONE, "value": FRACTION}
 
     def trigger(self, state: State, images: Images, key=None) -> Images:
         del state, key

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -35,6 +35,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from fippure.attacks.poisoning import PoisonPlan
+from fippure.config_checks import Rule, check_config
 from fippure.data.catalog import DatasetSpec
 from fippure.data.sources import ImageDataset
 from fippure.models.registry import Variables
@@ -75,6 +76,12 @@ class Attack:
     clean_label: ClassVar[bool] = False
     #: Whether ``fit`` needs ``context.reference`` (a clean model).
     needs_reference: ClassVar[bool] = False
+    #: Ranges of the hyper-parameters by field name; their types come from the annotations
+    #: (:func:`fippure.config_checks.check_config`, run when the attack is built).
+    rules: ClassVar[Mapping[str, Rule]] = {}
+
+    def __post_init__(self):
+        check_config(self, self.rules)
 
     def init_state(self, key: PRNGKeyArray, spec: DatasetSpec) -> State:
         """The trigger's state, created from ``key``. Default: no state."""

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from fippure.attacks.base import Attack, Images, State
+from fippure.config_checks import FRACTION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Blend(Attack):
 
     name: ClassVar[str] = "blend"
     alpha: float = 0.2
+    rules: ClassVar = {"alpha": FRACTION}
 
     def init_state(self, key, spec) -> State:
         return {"pattern": jax.random.uniform(key, spec.image_shape, jnp.float32)}

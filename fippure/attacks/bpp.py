@@ -89,6 +89,7 @@ class BPP(Attack):
     neg_ratio: float = 0.1
 
     def __post_init__(self):
+        super().__post_init__()
         if not 2 <= self.squeeze_num <= 256:
             raise InvalidInputError(f"bpp squeeze_num must be in [2, 256], got {self.squeeze_num}")
         if not 0.0 <= self.neg_ratio < 1.0:

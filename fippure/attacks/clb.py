@@ -96,6 +96,7 @@ class CLB(Attack):
     pgd_batch_size: int = 256
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0.0 <= self.eps < 0.5:
             raise InvalidInputError(f"eps must be in [0, 0.5), got {self.eps}")
         if not 0.0 < self.amplitude <= 1.0:

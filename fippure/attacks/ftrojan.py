@@ -51,6 +51,7 @@ class FTrojan(Attack):
     channels: tuple[int, ...] = (1, 2)
 
     def __post_init__(self):
+        super().__post_init__()
         # options may arrive as JSON lists; keep the dataclass hashable
         object.__setattr__(self, "frequencies", tuple(tuple(map(int, f)) for f in self.frequencies))
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))

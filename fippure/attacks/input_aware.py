@@ -117,6 +117,7 @@ class InputAware(Attack):
     mask_steepness: float = 20.0
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0.0 <= self.p_cross < 1.0:
             raise InvalidInputError(f"p_cross must be in [0, 1), got {self.p_cross}")
         if self.mask_epochs < 0:

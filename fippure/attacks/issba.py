@@ -72,6 +72,7 @@ class ISSBA(Attack):
     encoder_width: int = 16
 
     def __post_init__(self):
+        super().__post_init__()
         if self.num_bits < 1:
             raise InvalidInputError(f"num_bits must be positive, got {self.num_bits}")
         if not 0.0 < self.eps <= 1.0:

@@ -83,6 +83,7 @@ class LF(Attack):
     learning_rate: float = 0.1
 
     def __post_init__(self):
+        super().__post_init__()
         if self.eps <= 0 or self.factor < 1 or self.steps < 0 or self.batch_size < 1:
             raise InvalidInputError("lf needs eps > 0, factor >= 1, steps >= 0 and batch_size >= 1")
 

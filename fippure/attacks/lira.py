@@ -103,6 +103,7 @@ class LIRA(Attack):
     generator_width: int = 16
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0.0 < self.eps <= 1.0:
             raise InvalidInputError(f"eps must be in (0, 1], got {self.eps}")
         if not 0.0 <= self.alpha < 1.0:

@@ -40,6 +40,7 @@ class Trojan(Attack):
     alpha: float = 1.0
 
     def __post_init__(self):
+        super().__post_init__()
         if self.size < 1 or self.margin < 0:
             raise InvalidInputError(
                 f"trojan needs size >= 1 and margin >= 0, got {self.size}, {self.margin}"

@@ -58,6 +58,7 @@ class WaNet(Attack):
     cross_ratio: float = 2.0
 
     def __post_init__(self):
+        super().__post_init__()
         if self.k < 2:
             raise InvalidInputError(f"wanet needs k >= 2, got {self.k}")
         if self.cross_ratio < 0:

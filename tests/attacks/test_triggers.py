@@ -45,6 +45,22 @@ def test_unknown_attack_and_option_are_one_line_errors():
         make_attack("sig", alpha=0.1)
 
 
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("blend", {"alpha": 1.5}, r"Blend.alpha must be in \[0, 1\], got 1.5"),
+        ("badnets", {"size": 0}, "BadNets.size must be >= 1, got 0"),
+        ("badnets", {"size": 2.5}, "BadNets.size must be an integer, got 2.5"),
+        ("sig", {"frequency": 0}, "SIG.frequency must be > 0, got 0"),
+        ("wanet", {"k": 3.5}, "WaNet.k must be an integer, got 3.5"),
+        ("wanet", {"k": 1}, "wanet needs k >= 2"),
+    ],
+)
+def test_out_of_range_or_mistyped_options_are_one_line_errors(name, options, message):
+    with pytest.raises(InvalidInputError, match=message):
+        make_attack(name, **options)
+
+
 @pytest.mark.parametrize("dataset", DATASETS)
 @pytest.mark.parametrize("name", NAMES)
 def test_trigger_keeps_shape_range_and_is_deterministic_and_jittable(name, dataset):
