@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, get_args
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -87,16 +88,27 @@ class PurifyReport:
 
 
 def validate_clean_set(clean_set: ImageDataset, model: nn.Module, variables: Variables) -> None:
-    """Clear errors for a clean set a defense cannot use (missing class, wrong image shape)."""
+    """Clear errors for a clean set a defense cannot use: a missing class, images the model's
+    variables do not fit, or a class count other than the model's outputs.
+
+    The model is applied abstractly (:func:`jax.eval_shape`), so the check computes nothing.
+    """
     check_clean_set(clean_set.labels, clean_set.num_classes)
-    head = variables.get("params", {}).get("head", {})
-    kernel = head.get("kernel") if isinstance(head, Mapping) else None
-    if kernel is not None and kernel.shape[-1] != clean_set.num_classes:
+    shape = clean_set.spec.image_shape
+    probe = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    try:
+        logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, probe)
+    except (flax.errors.FlaxError, TypeError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise InvalidInputError(
-            f"the model has {kernel.shape[-1]} outputs but the clean set has "
+            f"the model's variables do not fit the clean set's {clean_set.spec.name} images of "
+            f"shape {shape}: {reason}"
+        ) from None
+    if logits.shape[-1] != clean_set.num_classes:
+        raise InvalidInputError(
+            f"the model has {logits.shape[-1]} outputs but the clean set has "
             f"{clean_set.num_classes} classes"
         )
-    del model
 
 
 def sample_clean_batch(

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from fippure.checkpoints import load_checkpoint
 from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.evaluation import defense_effectiveness_rating
+from fippure.models.registry import create_model, init_variables
+from fippure.purify import DEFENSES, make_config
 from fippure.purify.ft import FTConfig, purify
 from fippure.purify.runner import run_defense
 
@@ -45,6 +48,23 @@ def test_a_clean_set_missing_a_class_is_refused(digits_badnets):
     without_seven = clean.subset(np.flatnonzero(clean.labels != 7))
     with pytest.raises(InvalidInputError, match=r"no example of class\(es\) \[7\]"):
         purify(digits_badnets.model, digits_badnets.variables, without_seven, FTConfig(steps=1))
+
+
+@pytest.mark.parametrize("defense", ["fip", "nft", "ngf", "ft"])
+def test_a_model_that_cannot_take_the_clean_images_is_refused(defense, digits_badnets):
+    """Variables built for 32x32x3 inputs, or for 7 classes, against the 8x8 digits clean set:
+    one line naming the mismatch, before any step (not Flax's shape error from inside jit)."""
+    model = create_model("small_cnn", 10, width=4)
+    cifar_variables = init_variables(model, jax.random.key(0), (32, 32, 3))
+    seven = create_model("small_cnn", 7, width=4)
+    seven_variables = init_variables(seven, jax.random.key(0), (8, 8, 1))
+    config = make_config(defense, {"steps": "1"})
+    purify_fn = DEFENSES[defense].purify
+    clean = digits_badnets.clean
+    with pytest.raises(InvalidInputError, match=r"do not fit the clean set's digits images"):
+        purify_fn(model, cifar_variables, clean, config, jax.random.key(1), progress=False)
+    with pytest.raises(InvalidInputError, match="7 outputs but the clean set has 10 classes"):
+        purify_fn(seven, seven_variables, clean, config, jax.random.key(1), progress=False)
 
 
 def test_a_diverging_defense_stops_with_a_clear_error(digits_badnets):
