@@ -29,7 +29,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="override a config value, e.g. --set eta_F=0.001 (repeatable)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output directory (the run saves its progress there and, killed, resumes from it)",
+    )
     parser.add_argument("--data-dir", default=None, help="TFDS data directory ($TFDS_DATA_DIR)")
     parser.add_argument("--no-progress", action="store_true")
 

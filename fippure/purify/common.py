@@ -6,7 +6,8 @@ Every defense is a pure function::
 
 It sees the model, its variables and the defender's clean set D_v, never test data. Its hot
 step is one jitted function; a Python loop drives it with a progress bar and syncs with the
-host only every ``log_every`` steps (to log the loss and stop on NaN).
+host only every ``log_every`` steps (to log the loss and stop on NaN). Given a
+:class:`fippure.purify.resume.Checkpointing`, the loop saves its carry and resumes after a kill.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from fippure.data.catalog import DatasetSpec
 from fippure.data.pipeline import normalize, to_unit_range
 from fippure.data.sources import ImageDataset
 from fippure.data.splits import check_clean_set
-from fippure.errors import InvalidInputError, NonFiniteLossError
+from fippure.errors import CheckpointError, InvalidInputError, NonFiniteLossError
 from fippure.models.registry import Variables
+from fippure.purify.resume import Checkpointing, ProgressStore
 
 #: Learning-rate schedules of the SGD-based defenses.
 Schedule = Literal["cosine", "constant"]
@@ -62,6 +64,8 @@ class PurifyReport:
         steps: optimisation steps taken.
         wall_time_s: seconds of the whole defense (setup, compilation and steps).
         step_time_s: median seconds per step after compilation.
+        resumed_from_step: the step a checkpointed run resumed from (0 for a fresh start);
+            ``wall_time_s`` and ``step_time_s`` then cover this call only.
         tunable_parameters: number of scalars the defense optimises.
         loss_curve: ``{'step': ..., 'loss': ..., <components>}`` every ``log_every`` steps.
         clean_accuracy: eval-mode accuracy on the clean set after the defense (no test data).
@@ -75,6 +79,7 @@ class PurifyReport:
     steps: int = 0
     wall_time_s: float = 0.0
     step_time_s: float = 0.0
+    resumed_from_step: int = 0
     tunable_parameters: int = 0
     loss_curve: list[dict[str, float]] = dataclasses.field(default_factory=list)
     clean_accuracy: float | None = None
@@ -162,7 +167,9 @@ def run_steps(
     observer: Observer | None = None,
     observe_every: int = 0,
     to_variables: Callable[[Any], Variables] | None = None,
-) -> tuple[Any, list[dict[str, float]], float, float]:
+    checkpointing: Checkpointing | None = None,
+    fingerprint: Mapping[str, Any] | None = None,
+) -> tuple[Any, list[dict[str, float]], float, float, int]:
     """Runs ``carry, metrics = step(carry, key_t)`` for ``steps`` steps.
 
     ``metrics`` must hold a scalar ``loss``. Metrics are fetched to the host only every
@@ -175,8 +182,14 @@ def run_steps(
     how a benchmark watches a defense (see :data:`Observer`). Its time is excluded from the step
     times and returned separately.
 
+    With ``checkpointing``, the carry and the loss log are saved every ``checkpointing.every``
+    steps and after the last, and a directory that holds progress of the same run
+    (``fingerprint``, :func:`fippure.purify.resume.run_fingerprint`) is resumed from: the
+    loop continues at the saved step, and since step ``t`` always uses ``fold_in(key, t)`` it
+    ends where an uninterrupted run would. The observer is not called for steps done before.
+
     Returns:
-        ``(carry, loss_curve, median_step_seconds, observe_seconds)``.
+        ``(carry, loss_curve, median_step_seconds, observe_seconds, resumed_from_step)``.
     """
     if steps < 1:
         raise InvalidInputError(f"steps must be positive, got {steps}")
@@ -197,33 +210,49 @@ def run_steps(
     observing = observer is not None and observe_every > 0
     if observing and to_variables is None:
         raise InvalidInputError("an observer needs to_variables to turn the carry into variables")
-    for t in range(steps):
-        carry, metrics = step(carry, jax.random.fold_in(key, t))
-        bar.update(1)
-        done = t + 1
-        if done % log_every == 0 or done == steps or t == 0:
-            values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
-            if not np.isfinite(values["loss"]):
-                bar.close()
-                raise NonFiniteLossError(
-                    f"{desc}: the loss became {values['loss']} at step {done}; lower the "
-                    "learning rate or the regularisation strengths"
-                )
-            curve.append({"step": done, **values})
-            bar.set_postfix(loss=f"{values['loss']:.4f}")
-            now = time.perf_counter()
-            if t > 0:  # the first step includes compilation
-                durations.append((now - tick) / (done - mark))
-            tick, mark = now, done
-        if observing and done % observe_every == 0 and done < steps:
-            begin = time.perf_counter()
-            observer(done, to_variables(carry))
-            spent = time.perf_counter() - begin
-            observe_seconds += spent
-            tick += spent
-    bar.close()
+    store, start = None, 0
+    if checkpointing is not None:
+        store = ProgressStore(checkpointing, fingerprint or {})
+        start, carry, curve = store.restore(carry)
+        if start > steps:
+            raise CheckpointError(f"{checkpointing.directory} holds {start} of {steps} steps")
+        bar.update(start)
+    try:
+        for t in range(start, steps):
+            carry, metrics = step(carry, jax.random.fold_in(key, t))
+            bar.update(1)
+            done = t + 1
+            if done % log_every == 0 or done == steps or t == start:
+                values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+                if not np.isfinite(values["loss"]):
+                    raise NonFiniteLossError(
+                        f"{desc}: the loss became {values['loss']} at step {done}; lower the "
+                        "learning rate or the regularisation strengths"
+                    )
+                if t == 0 or done % log_every == 0 or done == steps:  # not a resume's first
+                    curve.append({"step": done, **values})
+                bar.set_postfix(loss=f"{values['loss']:.4f}")
+                now = time.perf_counter()
+                if t > start:  # the first step includes compilation
+                    durations.append((now - tick) / (done - mark))
+                tick, mark = now, done
+            if observing and done % observe_every == 0 and done < steps:
+                begin = time.perf_counter()
+                observer(done, to_variables(carry))
+                spent = time.perf_counter() - begin
+                observe_seconds += spent
+                tick += spent
+            # after the observer, so a resumed run has observed every step up to its save
+            if store is not None and (done % store.every == 0 or done == steps):
+                begin = time.perf_counter()
+                store.save(done, carry, curve)
+                tick += time.perf_counter() - begin
+    finally:
+        bar.close()
+        if store is not None:
+            store.close()
     median = float(np.median(durations)) if durations else 0.0
-    return carry, curve, median, observe_seconds
+    return carry, curve, median, observe_seconds, start
 
 
 def tree_size(tree: Any) -> int:

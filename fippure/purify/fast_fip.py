@@ -31,6 +31,7 @@ from fippure.models.registry import Variables
 from fippure.optim.spectral import KERNEL_PATTERN, decompose, init_shifts, rebuild_params
 from fippure.purify.common import Observer, PurifyReport, as_variables
 from fippure.purify.fip import FIPConfig, fisher_guided_purify
+from fippure.purify.resume import Checkpointing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,7 @@ def purify(
     progress: bool = True,
     observer: Observer | None = None,
     observe_every: int = 0,
+    checkpointing: Checkpointing | None = None,
 ) -> tuple[dict, PurifyReport]:
     """Fast FIP; returns ``(variables with rebuilt kernels, report)``.
 
@@ -79,6 +81,7 @@ def purify(
         progress=progress,
         observer=observer,
         observe_every=observe_every,
+        checkpointing=checkpointing,
     )
     report.artifacts["spectral_shifts"] = shifts
     return as_variables(to_params(shifts), stats), report

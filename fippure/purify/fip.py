@@ -75,6 +75,7 @@ from fippure.purify.common import (
     tree_size,
     validate_clean_set,
 )
+from fippure.purify.resume import Checkpointing, run_fingerprint
 
 #: Ranges of FIP's (and Fast FIP's) hyper-parameters.
 FIP_RULES = SHARED_RULES | {
@@ -203,6 +204,7 @@ def fisher_guided_purify(
     progress: bool = True,
     observer: Observer | None = None,
     observe_every: int = 0,
+    checkpointing: Checkpointing | None = None,
 ) -> tuple[Any, Any, PurifyReport]:
     """Minimises FIP's objective over ``tunable`` with ``params = to_params(tunable)``.
 
@@ -330,7 +332,7 @@ def fisher_guided_purify(
         return as_variables(to_params(carry[0]), carry[1])
 
     carry = (tunable0, stats0, tx.init(tunable0), 0, tunable0)
-    carry, curve, step_time, observe_time = run_steps(
+    carry, curve, step_time, observe_time, resumed = run_steps(
         step,
         carry,
         steps=config.steps,
@@ -341,6 +343,8 @@ def fisher_guided_purify(
         observer=observer,
         observe_every=observe_every,
         to_variables=to_variables,
+        checkpointing=checkpointing,
+        fingerprint=run_fingerprint(method, config, variables, images, labels, key),
     )
     tunable, stats = (carry[4] if averaging else carry[0]), carry[1]
     stats = finalise_from_config(
@@ -352,6 +356,7 @@ def fisher_guided_purify(
         steps=config.steps,
         wall_time_s=time.perf_counter() - started - observe_time,
         step_time_s=step_time,
+        resumed_from_step=resumed,
         tunable_parameters=tree_size(tunable0),
         loss_curve=curve,
         clean_accuracy=clean_accuracy(model, as_variables(to_params(tunable), stats), clean_set),
@@ -408,6 +413,7 @@ def purify(
     progress: bool = True,
     observer: Observer | None = None,
     observe_every: int = 0,
+    checkpointing: Checkpointing | None = None,
 ) -> tuple[dict, PurifyReport]:
     """FIP over every parameter; returns ``(variables, report)``."""
     key = jax.random.key(0) if key is None else key
@@ -423,5 +429,6 @@ def purify(
         progress=progress,
         observer=observer,
         observe_every=observe_every,
+        checkpointing=checkpointing,
     )
     return as_variables(params, stats), report

@@ -45,6 +45,7 @@ from fippure.purify.common import (
     tree_size,
     validate_clean_set,
 )
+from fippure.purify.resume import Checkpointing, run_fingerprint
 
 #: Ranges of FT's and FT-SAM's hyper-parameters.
 FT_RULES = SHARED_RULES | {"rho": NON_NEGATIVE, "eta": NON_NEGATIVE}
@@ -115,6 +116,7 @@ def purify(
     progress: bool = True,
     observer: Observer | None = None,
     observe_every: int = 0,
+    checkpointing: Checkpointing | None = None,
 ) -> tuple[dict, PurifyReport]:
     """Fine-tunes every weight on the clean set; returns ``(variables, report)``.
 
@@ -160,7 +162,7 @@ def purify(
         return as_variables(carry[0], carry[1])
 
     carry = (params, stats, tx.init(params))
-    carry, curve, step_time, observe_time = run_steps(
+    carry, curve, step_time, observe_time, resumed = run_steps(
         lambda c, k: step(c, k, images, labels),
         carry,
         steps=config.steps,
@@ -171,6 +173,8 @@ def purify(
         observer=observer,
         observe_every=observe_every,
         to_variables=to_variables,
+        checkpointing=checkpointing,
+        fingerprint=run_fingerprint(method, config, variables, images, labels, key),
     )
     out = finalise_from_config(config, model, variables, to_variables(carry), clean_set, key)
     report = PurifyReport(
@@ -179,6 +183,7 @@ def purify(
         steps=config.steps,
         wall_time_s=time.perf_counter() - started - observe_time,
         step_time_s=step_time,
+        resumed_from_step=resumed,
         tunable_parameters=tree_size(params),
         loss_curve=curve,
         clean_accuracy=clean_accuracy(model, out, clean_set),

@@ -61,6 +61,7 @@ from fippure.purify.common import (
     tree_size,
     validate_clean_set,
 )
+from fippure.purify.resume import Checkpointing, run_fingerprint
 
 #: Ranges of NFT's hyper-parameters (the mask floor ``mu(l)`` lies in [0, 1]).
 NFT_RULES = SHARED_RULES | {
@@ -157,6 +158,7 @@ def purify(
     progress: bool = True,
     observer: Observer | None = None,
     observe_every: int = 0,
+    checkpointing: Checkpointing | None = None,
 ) -> tuple[dict, PurifyReport]:
     """NFT; returns ``(variables with masks folded into gamma, report)``."""
     started = time.perf_counter()
@@ -204,7 +206,7 @@ def purify(
         return as_variables(apply_masks(params, carry[0]), carry[1])
 
     carry = (masks, stats0, tx.init(masks))
-    carry, curve, step_time, observe_time = run_steps(
+    carry, curve, step_time, observe_time, resumed = run_steps(
         lambda c, k: step(c, k, images, labels),
         carry,
         steps=config.steps,
@@ -215,6 +217,8 @@ def purify(
         observer=observer,
         observe_every=observe_every,
         to_variables=to_variables,
+        checkpointing=checkpointing,
+        fingerprint=run_fingerprint("nft", config, variables, images, labels, key),
     )
     masks = carry[0]
     out = finalise_from_config(config, model, variables, to_variables(carry), clean_set, key)
@@ -225,6 +229,7 @@ def purify(
         steps=config.steps,
         wall_time_s=time.perf_counter() - started - observe_time,
         step_time_s=step_time,
+        resumed_from_step=resumed,
         tunable_parameters=tree_size(masks),
         loss_curve=curve,
         clean_accuracy=clean_accuracy(model, out, clean_set),

@@ -74,6 +74,7 @@ from fippure.purify.common import (
     tree_size,
     validate_clean_set,
 )
+from fippure.purify.resume import Checkpointing, run_fingerprint
 
 #: Ranges of NGF's hyper-parameters.
 NGF_RULES = SHARED_RULES | {
@@ -162,6 +163,7 @@ def purify(
     progress: bool = True,
     observer: Observer | None = None,
     observe_every: int = 0,
+    checkpointing: Checkpointing | None = None,
 ) -> tuple[dict, PurifyReport]:
     """NGF; returns ``(variables with the tuned layer, report)``."""
     started = time.perf_counter()
@@ -242,7 +244,7 @@ def purify(
         return {**variables, "params": _set(params, path, carry[0])}
 
     carry = (layer0, tx.init(layer0))
-    carry, curve, step_time, observe_time = run_steps(
+    carry, curve, step_time, observe_time, resumed = run_steps(
         lambda c, k: step(c, k, data, labels),
         carry,
         steps=config.steps,
@@ -253,6 +255,8 @@ def purify(
         observer=observer,
         observe_every=observe_every,
         to_variables=to_variables,
+        checkpointing=checkpointing,
+        fingerprint=run_fingerprint("ngf", config, variables, images, labels, key),
     )
     out = to_variables(carry)
     report = PurifyReport(
@@ -261,6 +265,7 @@ def purify(
         steps=config.steps,
         wall_time_s=time.perf_counter() - started - observe_time,
         step_time_s=step_time,
+        resumed_from_step=resumed,
         tunable_parameters=tree_size(layer0),
         loss_curve=curve,
         clean_accuracy=clean_accuracy(model, out, clean_set),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +24,13 @@ from fippure.evaluation.metrics import (
 from fippure.inference import predict
 from fippure.provenance import provenance
 from fippure.purify.registry import get_defense, make_config
+from fippure.purify.resume import Checkpointing
 from fippure.zoo import BackdooredModel, load_backdoored
+
+#: ``out``'s subdirectory where a defense's progress is saved while it runs.
+PROGRESS = "progress"
+#: The observed test metrics of a run in progress (so a resumed run's trajectory is whole).
+TRAJECTORY = "trajectory.json"
 
 
 def evaluate(backdoored: BackdooredModel, variables) -> dict[str, float | None]:
@@ -48,6 +55,7 @@ def run_defense(
     progress: bool = True,
     before: Mapping[str, float] | None = None,
     observe_every: int = 0,
+    checkpoint_every: int = 50,
 ) -> dict[str, Any]:
     """Purifies a checkpoint with ``defense`` and evaluates before and after.
 
@@ -65,6 +73,10 @@ def run_defense(
             return the curve as ``trajectory`` (its last point is the final evaluation). This
             is for benchmarks that chart a run; the defense never sees these numbers (its
             observer's return value is discarded), and its reported wall time excludes them.
+        checkpoint_every: with ``out``, the defense saves its progress in ``out/progress``
+            every this many steps, and a killed run given the same arguments resumes from
+            there (:mod:`fippure.purify.resume`) with the same result. The directory is
+            removed once the purified checkpoint and report are written.
 
     Returns:
         The report: ``before``/``after`` metrics, ``der``, the defense's report, provenance.
@@ -77,10 +89,20 @@ def run_defense(
         else load_backdoored(checkpoint, data_dir=data_dir, clean_size=clean_size)
     )
     before = dict(before) if before is not None else evaluate(backdoored, backdoored.variables)
-    trajectory: list[dict[str, Any]] = []
+    progress_dir = pathlib.Path(out).resolve() / PROGRESS if out is not None else None
+    saved_trajectory = progress_dir / TRAJECTORY if progress_dir is not None else None
+    trajectory: list[dict[str, Any]] = (
+        json.loads(saved_trajectory.read_text())
+        if saved_trajectory is not None and saved_trajectory.exists()
+        else []
+    )
 
     def observer(step: int, variables) -> None:
+        # a resumed run observes again the steps after its last save
+        trajectory[:] = [point for point in trajectory if point["step"] < step]
         trajectory.append({"step": step, **evaluate(backdoored, variables)})
+        if saved_trajectory is not None:
+            saved_trajectory.write_text(json.dumps(trajectory))
 
     variables, report = spec.purify(
         backdoored.model,
@@ -91,6 +113,9 @@ def run_defense(
         progress=progress,
         observer=observer if observe_every > 0 else None,
         observe_every=observe_every,
+        checkpointing=(
+            Checkpointing(progress_dir, every=checkpoint_every) if progress_dir else None
+        ),
     )
     after = evaluate(backdoored, variables)
     if observe_every > 0:  # the final point is the evaluation just made
@@ -131,4 +156,5 @@ def run_defense(
         extras = {"attack_state": backdoored.attack_state, **report.artifacts}
         save_checkpoint(out, variables, metadata, extras=extras)
         (out / "report.json").write_text(json.dumps(result, indent=1))
+        shutil.rmtree(progress_dir, ignore_errors=True)
     return result

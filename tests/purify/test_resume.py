@@ -1,0 +1,125 @@
+"""A defense killed mid-run resumes from its saved progress and ends where an uninterrupted
+run ends; progress of another run is refused."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from clean_sets import random_digits_clean_set
+
+from fippure.errors import CheckpointError
+from fippure.models import create_model, init_variables
+from fippure.purify import DEFENSES, make_config
+from fippure.purify.resume import Checkpointing
+from fippure.purify.runner import PROGRESS, run_defense
+
+STEPS = 6
+#: A few steps of each step loop on a width-4 digits CNN (NFT masks its two BatchNorms).
+#: Fast FIP runs FIP's loop over other tunables, and FT-SAM FT's, so they are not repeated.
+OVERRIDES = {
+    "fip": {"average_last": "3"},
+    "nft": {"mask_pattern": r"^bn\d+$"},
+    "ngf": {"refresh_every": "4"},
+    "ft": {},
+}
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    clean = random_digits_clean_set(per_class=4)
+    model = create_model("small_cnn", 10, width=4)
+    return model, init_variables(model, jax.random.key(1), clean.spec.image_shape), clean
+
+
+def _config(defense, **extra):
+    values = {"steps": str(STEPS), "batch_size": "16", "log_every": "2"}
+    return make_config(defense, {**values, **OVERRIDES[defense], **extra})
+
+
+def _kill_after(step):
+    def observer(done, variables):
+        del variables
+        if done == step:
+            raise _Killed
+
+    return observer
+
+
+@pytest.mark.parametrize("defense", sorted(OVERRIDES))
+def test_a_killed_run_resumes_to_the_uninterrupted_result(defense, tiny, tmp_path):
+    model, variables, clean = tiny
+    purify, config, key = DEFENSES[defense].purify, _config(defense), jax.random.key(5)
+    want, want_report = purify(model, variables, clean, config, key, progress=False)
+
+    saving = Checkpointing(tmp_path / "progress", every=2)
+    with pytest.raises(_Killed):  # dies after step 3; the last save holds step 2
+        purify(
+            model,
+            variables,
+            clean,
+            config,
+            key,
+            progress=False,
+            observer=_kill_after(3),
+            observe_every=1,
+            checkpointing=saving,
+        )
+    got, report = purify(model, variables, clean, config, key, progress=False, checkpointing=saving)
+
+    assert report.resumed_from_step == 2 and want_report.resumed_from_step == 0
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want
+    )
+    assert [p["step"] for p in report.loss_curve] == [p["step"] for p in want_report.loss_curve]
+    np.testing.assert_allclose(
+        [p["loss"] for p in report.loss_curve], [p["loss"] for p in want_report.loss_curve]
+    )
+
+
+def test_progress_of_another_run_is_refused(tiny, tmp_path):
+    model, variables, clean = tiny
+    purify, saving = DEFENSES["ft"].purify, Checkpointing(tmp_path, every=2)
+    purify(model, variables, clean, _config("ft"), jax.random.key(0), checkpointing=saving)
+    for config, key in [
+        (_config("ft", learning_rate="0.5"), jax.random.key(0)),
+        (_config("ft"), jax.random.key(1)),
+    ]:
+        with pytest.raises(CheckpointError, match="holds the progress of another run"):
+            purify(model, variables, clean, config, key, progress=False, checkpointing=saving)
+
+
+def test_the_runner_resumes_with_a_whole_trajectory_and_then_tidies_up(
+    digits_badnets, tmp_path, monkeypatch
+):
+    from fippure.purify import runner
+
+    options = dict(overrides={"steps": "6", "batch_size": "32"}, observe_every=2, progress=False)
+    want = run_defense(digits_badnets, "ft", **options)
+
+    evaluate = runner.evaluate
+    calls = []
+
+    def dying_evaluate(backdoored, variables):
+        calls.append(1)
+        if len(calls) == 3:  # before, step 2, then dies while evaluating step 4
+            raise _Killed
+        return evaluate(backdoored, variables)
+
+    monkeypatch.setattr(runner, "evaluate", dying_evaluate)
+    with pytest.raises(_Killed):
+        run_defense(digits_badnets, "ft", out=tmp_path, checkpoint_every=2, **options)
+    assert (tmp_path / PROGRESS).is_dir()
+    monkeypatch.setattr(runner, "evaluate", evaluate)
+    got = run_defense(digits_badnets, "ft", out=tmp_path, checkpoint_every=2, **options)
+
+    assert got["report"]["resumed_from_step"] == 2  # step 4 died before its save
+    assert [p["step"] for p in got["trajectory"]] == [2, 4, 6]
+    for mine, theirs in zip(got["trajectory"], want["trajectory"], strict=True):
+        assert mine == pytest.approx(theirs, abs=1e-6)
+    assert got["after"] == pytest.approx(want["after"], abs=1e-6)
+    assert not (tmp_path / PROGRESS).exists() and (tmp_path / "report.json").exists()
