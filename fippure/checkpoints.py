@@ -126,6 +126,37 @@ def save_checkpoint(
     return path
 
 
+#: The fingerprint file of a run's working directory (see :func:`claim_run_directory`).
+RUN_STAMP = "run.json"
+
+
+def claim_run_directory(directory: str | os.PathLike, fingerprint: Mapping[str, Any]) -> bool:
+    """Makes ``directory`` a run's working directory: stamps it with the run's ``fingerprint``
+    (JSON), or checks that the stamp already there is the same run.
+
+    Returns:
+        Whether the directory already held this run (so it may be resumed).
+
+    Raises:
+        CheckpointError: the directory holds another run; the message names what differs.
+    """
+    directory = pathlib.Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = directory / RUN_STAMP
+    fingerprint = json.loads(json.dumps(_to_jsonable(dict(fingerprint))))  # as JSON reads it
+    if not stamp.exists():
+        stamp.write_text(json.dumps(fingerprint, indent=1))
+        return False
+    previous = json.loads(stamp.read_text())
+    if previous != fingerprint:
+        changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
+        raise CheckpointError(
+            f"{directory} holds a run with a different {', '.join(changed) or 'fingerprint'}; "
+            "use another --out directory or delete it"
+        )
+    return True
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of the checkpoint at ``path``, with clear errors if it is not one."""
     path = pathlib.Path(path).resolve()

@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from tqdm.auto import tqdm
 
+from fippure.checkpoints import claim_run_directory
 from fippure.config_checks import (
     AT_LEAST_ONE,
     BELOW_ONE,
@@ -43,7 +44,7 @@ from fippure.data.pipeline import (
     to_unit_range,
 )
 from fippure.data.sources import ImageDataset
-from fippure.errors import CheckpointError, InvalidInputError, NonFiniteLossError
+from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.losses import cross_entropy
 from fippure.models.registry import Variables
 
@@ -390,17 +391,7 @@ def train(
 
 def _prepare_workdir(workdir, model, data, config, state, report):
     directory = pathlib.Path(workdir).resolve()
-    directory.mkdir(parents=True, exist_ok=True)
-    fingerprint = _run_fingerprint(model, data, config)
-    stamp = directory / "run.json"
-    if stamp.exists():
-        previous = json.loads(stamp.read_text())
-        if previous != fingerprint:
-            changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
-            raise CheckpointError(
-                f"{directory} holds a run with a different {', '.join(changed)}; "
-                "use another --out directory or delete it"
-            )
+    if claim_run_directory(directory, _run_fingerprint(model, data, config)):
         history = directory / "history.json"
         if history.exists():
             saved = json.loads(history.read_text())
@@ -408,8 +399,6 @@ def _prepare_workdir(workdir, model, data, config, state, report):
                 saved = {"history": saved, "elapsed_s": 0.0}
             report.history = saved["history"]
             report.total_wall_time_s = saved["elapsed_s"]
-    else:
-        stamp.write_text(json.dumps(fingerprint, indent=1))
     return state, report
 
 

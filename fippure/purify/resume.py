@@ -7,15 +7,15 @@ save and reach the same result as an uninterrupted run. The set-up before the lo
 diagonal, TrF0, ...) is deterministic and is recomputed.
 
 The directory holds orbax steps (the carry and the loss log, saved together) and ``run.json``,
-a fingerprint of the run (defense, config, key, clean set, starting variables). Progress from
-another run is refused with :class:`fippure.errors.CheckpointError`, not silently mixed in.
+a fingerprint of the run (defense, config, key, clean set, starting variables; see
+:func:`fippure.checkpoints.claim_run_directory`). Progress of another run is refused with
+:class:`fippure.errors.CheckpointError`, not silently mixed in.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import pathlib
 from collections.abc import Mapping
@@ -26,10 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fippure.checkpoints import claim_run_directory
 from fippure.config_checks import AT_LEAST_ONE, check_config
 from fippure.errors import CheckpointError
-
-FINGERPRINT = "run.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,19 +81,7 @@ class ProgressStore:
     def __init__(self, checkpointing: Checkpointing, fingerprint: Mapping[str, Any]):
         self.directory = pathlib.Path(checkpointing.directory).resolve()
         self.every = checkpointing.every
-        self.directory.mkdir(parents=True, exist_ok=True)
-        stamp = self.directory / FINGERPRINT
-        fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back from JSON
-        if stamp.exists():
-            previous = json.loads(stamp.read_text())
-            if previous != fingerprint:
-                changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
-                raise CheckpointError(
-                    f"{self.directory} holds the progress of another run (different "
-                    f"{', '.join(changed) or 'fingerprint'}); delete it or use another directory"
-                )
-        else:
-            stamp.write_text(json.dumps(fingerprint, indent=1))
+        claim_run_directory(self.directory, fingerprint)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
