@@ -344,7 +344,11 @@ def fisher_guided_purify(
         observe_every=observe_every,
         to_variables=to_variables,
         checkpointing=checkpointing,
-        fingerprint=run_fingerprint(method, config, variables, images, labels, key),
+        fingerprint=(
+            run_fingerprint(method, config, variables, images, labels, key)
+            if checkpointing
+            else None
+        ),
     )
     tunable, stats = (carry[4] if averaging else carry[0]), carry[1]
     stats = finalise_from_config(

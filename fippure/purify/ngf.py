@@ -256,7 +256,11 @@ def purify(
         observe_every=observe_every,
         to_variables=to_variables,
         checkpointing=checkpointing,
-        fingerprint=run_fingerprint("ngf", config, variables, images, labels, key),
+        fingerprint=(
+            run_fingerprint("ngf", config, variables, images, labels, key)
+            if checkpointing
+            else None
+        ),
     )
     out = to_variables(carry)
     report = PurifyReport(
