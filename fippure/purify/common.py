@@ -216,7 +216,9 @@ def run_steps(
         start, carry, curve = store.restore(carry)
         if start > steps:
             raise CheckpointError(f"{checkpointing.directory} holds {start} of {steps} steps")
-        bar.update(start)
+        if start:
+            bar.update(start)
+            bar.write(f"{desc}: resumed at step {start} of {steps} from {checkpointing.directory}")
     try:
         for t in range(start, steps):
             carry, metrics = step(carry, jax.random.fold_in(key, t))
