@@ -16,7 +16,8 @@ from fippure.zoo import load_backdoored
 
 ZOO = pathlib.Path(__file__).resolve().parents[2] / "zoo" / "cifar10" / "preact_resnet18_w16"
 
-#: FIP on the digits CNN (the demo's settings): 300 steps of 64 clean images.
+#: FIP on the digits CNN: the demo's budget (300 steps of 64 clean images) with a weaker trace
+#: penalty and no gradient clipping (the demo clips at norm 10 and uses eta_F 1).
 DIGITS_FIP = {
     "steps": "300",
     "batch_size": "64",

@@ -82,7 +82,7 @@ def test_a_diverging_defense_stops_with_a_clear_error(digits_badnets):
 def test_observing_a_defense_charts_test_metrics_without_changing_it(digits_badnets, defense):
     overrides = {"steps": "6", "batch_size": "32", "log_every": "3"}
     if defense in ("fip", "fast_fip"):
-        overrides["eta_F"] = "0.05"  # the demo's strength on digits (1 diverges there)
+        overrides["eta_F"] = "0.05"  # unclipped, eta_F 1 diverges on digits
     if defense == "nft":
         overrides["mask_pattern"] = "bn[23]$"  # the small CNN has no residual blocks
     watched = run_defense(
