@@ -168,7 +168,7 @@ def run_steps(
     observe_every: int = 0,
     to_variables: Callable[[Any], Variables] | None = None,
     checkpointing: Checkpointing | None = None,
-    fingerprint: Mapping[str, Any] | None = None,
+    fingerprint: Callable[[], Mapping[str, Any]] | None = None,
 ) -> tuple[Any, list[dict[str, float]], float, float, int]:
     """Runs ``carry, metrics = step(carry, key_t)`` for ``steps`` steps.
 
@@ -184,7 +184,8 @@ def run_steps(
 
     With ``checkpointing``, the carry and the loss log are saved every ``checkpointing.every``
     steps and after the last, and a directory that holds progress of the same run
-    (``fingerprint``, :func:`fippure.purify.resume.run_fingerprint`) is resumed from: the
+    (``fingerprint()``, called only then: :func:`fippure.purify.resume.run_fingerprint`) is
+    resumed from: the
     loop continues at the saved step, and since step ``t`` always uses ``fold_in(key, t)`` it
     ends where an uninterrupted run would. The observer is not called for steps done before.
 
@@ -212,7 +213,7 @@ def run_steps(
         raise InvalidInputError("an observer needs to_variables to turn the carry into variables")
     store, start = None, 0
     if checkpointing is not None:
-        store = ProgressStore(checkpointing, fingerprint or {})
+        store = ProgressStore(checkpointing, fingerprint or dict)
         start, carry, curve = store.restore(carry)
         if start > steps:
             raise CheckpointError(f"{checkpointing.directory} holds {start} of {steps} steps")
@@ -224,14 +225,16 @@ def run_steps(
             carry, metrics = step(carry, jax.random.fold_in(key, t))
             bar.update(1)
             done = t + 1
-            if done % log_every == 0 or done == steps or t == start:
+            logged = t == 0 or done % log_every == 0 or done == steps
+            # a resumed run also syncs after its first step, to time the steps after compilation
+            if logged or t == start:
                 values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
                 if not np.isfinite(values["loss"]):
                     raise NonFiniteLossError(
                         f"{desc}: the loss became {values['loss']} at step {done}; lower the "
                         "learning rate or the regularisation strengths"
                     )
-                if t == 0 or done % log_every == 0 or done == steps:  # not a resume's first
+                if logged:
                     curve.append({"step": done, **values})
                 bar.set_postfix(loss=f"{values['loss']:.4f}")
                 now = time.perf_counter()

@@ -344,11 +344,7 @@ def fisher_guided_purify(
         observe_every=observe_every,
         to_variables=to_variables,
         checkpointing=checkpointing,
-        fingerprint=(
-            run_fingerprint(method, config, variables, images, labels, key)
-            if checkpointing
-            else None
-        ),
+        fingerprint=lambda: run_fingerprint(method, config, variables, images, labels, key),
     )
     tunable, stats = (carry[4] if averaging else carry[0]), carry[1]
     stats = finalise_from_config(

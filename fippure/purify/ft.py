@@ -174,11 +174,7 @@ def purify(
         observe_every=observe_every,
         to_variables=to_variables,
         checkpointing=checkpointing,
-        fingerprint=(
-            run_fingerprint(method, config, variables, images, labels, key)
-            if checkpointing
-            else None
-        ),
+        fingerprint=lambda: run_fingerprint(method, config, variables, images, labels, key),
     )
     out = finalise_from_config(config, model, variables, to_variables(carry), clean_set, key)
     report = PurifyReport(

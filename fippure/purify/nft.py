@@ -218,11 +218,7 @@ def purify(
         observe_every=observe_every,
         to_variables=to_variables,
         checkpointing=checkpointing,
-        fingerprint=(
-            run_fingerprint("nft", config, variables, images, labels, key)
-            if checkpointing
-            else None
-        ),
+        fingerprint=lambda: run_fingerprint("nft", config, variables, images, labels, key),
     )
     masks = carry[0]
     out = finalise_from_config(config, model, variables, to_variables(carry), clean_set, key)

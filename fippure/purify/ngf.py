@@ -256,11 +256,7 @@ def purify(
         observe_every=observe_every,
         to_variables=to_variables,
         checkpointing=checkpointing,
-        fingerprint=(
-            run_fingerprint("ngf", config, variables, images, labels, key)
-            if checkpointing
-            else None
-        ),
+        fingerprint=lambda: run_fingerprint("ngf", config, variables, images, labels, key),
     )
     out = to_variables(carry)
     report = PurifyReport(

@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -52,14 +52,12 @@ def run_fingerprint(
     method: str, config: Any, variables: Any, images: Any, labels: Any, key: jax.Array
 ) -> dict[str, Any]:
     """What identifies a defense run: its name, config, key, clean set and starting variables
-    (the arrays as SHA-1 digests)."""
+    (the arrays as SHA-1 digests). :func:`fippure.checkpoints.claim_run_directory` writes it as
+    JSON."""
     return {
         "method": method,
-        "config": {
-            k: (list(v) if isinstance(v, tuple) else v)
-            for k, v in dataclasses.asdict(config).items()
-        },
-        "key": np.asarray(jax.random.key_data(key)).tolist(),
+        "config": dataclasses.asdict(config),
+        "key": jax.random.key_data(key),
         "clean_set": _digest([images, labels]),
         "variables": _digest(jax.tree_util.tree_leaves(variables)),
     }
@@ -76,12 +74,12 @@ def _digest(arrays) -> str:
 
 class ProgressStore:
     """The progress directory of one run: :meth:`restore` once, then :meth:`save`, then
-    :meth:`close`."""
+    :meth:`close`. ``fingerprint`` is called once, to stamp or check the directory."""
 
-    def __init__(self, checkpointing: Checkpointing, fingerprint: Mapping[str, Any]):
+    def __init__(self, checkpointing: Checkpointing, fingerprint: Callable[[], Mapping[str, Any]]):
         self.directory = pathlib.Path(checkpointing.directory).resolve()
         self.every = checkpointing.every
-        claim_run_directory(self.directory, fingerprint)
+        claim_run_directory(self.directory, fingerprint())
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
