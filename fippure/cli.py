@@ -52,6 +52,18 @@ def clean_size(text: str) -> int | float:
     raise argparse.ArgumentTypeError(f"expected a count >= 1 or a fraction in (0, 1), got {text}")
 
 
+def positive_int(text: str) -> int:
+    """Parses a count flag (``--probes 20``): an integer >= 1, so a bad one is refused under its
+    flag's name rather than under a config field's."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def key_value(text: str) -> tuple[str, str]:
     """Parses ``KEY=VALUE`` options (``--set``, ``--option``)."""
     if "=" not in text:

@@ -24,13 +24,33 @@ from fippure.errors import InvalidInputError
 #: completes "must be ..." in the error.
 Rule = tuple[Callable[[Any], bool], str]
 
-AT_LEAST_ONE: Rule = (lambda v: v >= 1, ">= 1")
+
+def at_least(low: float) -> Rule:
+    """``value >= low``."""
+    return (lambda v: v >= low, f">= {low}")
+
+
+def interval(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Rule:
+    """``value`` in the interval from ``low`` to ``high``, each end closed unless ``*_open``."""
+
+    def test(v: Any) -> bool:
+        above = v > low if low_open else v >= low
+        below = v < high if high_open else v <= high
+        return above and below
+
+    brackets = ("(" if low_open else "[", ")" if high_open else "]")
+    return (test, f"in {brackets[0]}{low}, {high}{brackets[1]}")
+
+
+AT_LEAST_ONE: Rule = at_least(1)
 POSITIVE: Rule = (lambda v: v > 0, "> 0")
-NON_NEGATIVE: Rule = (lambda v: v >= 0, ">= 0")
+NON_NEGATIVE: Rule = at_least(0)
 #: ``[0, 1)``: momentum, label smoothing.
-BELOW_ONE: Rule = (lambda v: 0 <= v < 1, "in [0, 1)")
+BELOW_ONE: Rule = interval(0, 1, high_open=True)
 #: ``[0, 1]``: fractions.
-FRACTION: Rule = (lambda v: 0 <= v <= 1, "in [0, 1]")
+FRACTION: Rule = interval(0, 1)
+#: ``(0, 1]``: bounds and opacities that must not vanish.
+UNIT_POSITIVE: Rule = interval(0, 1, low_open=True)
 
 
 def check_config(config: Any, rules: Mapping[str, Rule] | None = None) -> None:

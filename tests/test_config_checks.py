@@ -9,7 +9,14 @@ from typing import Literal
 import numpy as np
 import pytest
 
-from fippure.config_checks import AT_LEAST_ONE, BELOW_ONE, POSITIVE, check_config
+from fippure.config_checks import (
+    AT_LEAST_ONE,
+    BELOW_ONE,
+    POSITIVE,
+    at_least,
+    check_config,
+    interval,
+)
 from fippure.curvature.analysis import AnalysisConfig
 from fippure.errors import InvalidInputError
 from fippure.purify import DEFENSES, make_config
@@ -51,6 +58,23 @@ def test_a_bad_field_is_named_with_its_requirement(changes, message):
     with pytest.raises(InvalidInputError) as info:
         _Example(**changes)
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("rule", "accepted", "rejected", "requirement"),
+    [
+        (interval(0, 1), [0, 0.5, 1], [-0.1, 1.1], "in [0, 1]"),
+        (interval(0, 1, low_open=True), [0.01, 1], [0, 1.5], "in (0, 1]"),
+        (interval(0, 0.5, high_open=True), [0, 0.49], [0.5, -1], "in [0, 0.5)"),
+        (interval(2, 256), [2, 8, 256], [1, 257], "in [2, 256]"),
+        (at_least(2), [2, 3.5], [1.99], ">= 2"),
+    ],
+)
+def test_interval_rules_test_their_ends_and_say_so(rule, accepted, rejected, requirement):
+    test, said = rule
+    assert said == requirement
+    assert all(test(v) for v in accepted)
+    assert not any(test(v) for v in rejected)
 
 
 def test_good_values_pass_including_numpy_scalars_and_none():

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from fippure.attacks.base import Attack, AttackContext, Images, State
 from fippure.attacks.poisoning import PoisonPlan
-from fippure.errors import InvalidInputError
+from fippure.config_checks import BELOW_ONE, interval
 
 # Floyd-Steinberg weights: right, below-left, below, below-right.
 _RIGHT, _BELOW_LEFT, _BELOW, _BELOW_RIGHT = 7 / 16, 3 / 16, 5 / 16, 1 / 16
@@ -87,13 +87,7 @@ class BPP(Attack):
     squeeze_num: int = 8
     dithering: bool = False
     neg_ratio: float = 0.1
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 2 <= self.squeeze_num <= 256:
-            raise InvalidInputError(f"bpp squeeze_num must be in [2, 256], got {self.squeeze_num}")
-        if not 0.0 <= self.neg_ratio < 1.0:
-            raise InvalidInputError(f"bpp neg_ratio must be in [0, 1), got {self.neg_ratio}")
+    rules: ClassVar = {"squeeze_num": interval(2, 256), "neg_ratio": BELOW_ONE}
 
     def trigger(self, state: State, images: Images, key=None) -> Images:
         del state, key

@@ -38,6 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fippure.attacks.base import Attack, AttackContext, Images, State
+from fippure.config_checks import AT_LEAST_ONE, NON_NEGATIVE, UNIT_POSITIVE, interval
 from fippure.data.pipeline import normalize, to_unit_range
 from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError
@@ -94,13 +95,14 @@ class CLB(Attack):
     size: int = 3
     amplitude: float = 1.0
     pgd_batch_size: int = 256
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 <= self.eps < 0.5:
-            raise InvalidInputError(f"eps must be in [0, 0.5), got {self.eps}")
-        if not 0.0 < self.amplitude <= 1.0:
-            raise InvalidInputError(f"amplitude must be in (0, 1], got {self.amplitude}")
+    rules: ClassVar = {
+        "eps": interval(0, 0.5, high_open=True),
+        "step_size": NON_NEGATIVE,
+        "steps": NON_NEGATIVE,
+        "size": AT_LEAST_ONE,
+        "amplitude": UNIT_POSITIVE,
+        "pgd_batch_size": AT_LEAST_ONE,
+    }
 
     def trigger(self, state: State, images: Images, key=None) -> Images:
         del state, key

@@ -29,6 +29,7 @@ import numpy as np
 
 from fippure.attacks.base import Attack, Images, State
 from fippure.attacks.frequency import block_dct, block_idct, rgb_to_ycrcb, ycrcb_to_rgb
+from fippure.config_checks import AT_LEAST_ONE, FRACTION
 from fippure.errors import InvalidInputError
 
 
@@ -49,14 +50,13 @@ class FTrojan(Attack):
     window: int = 32
     frequencies: tuple[tuple[int, int], ...] = ((15, 15), (31, 31))
     channels: tuple[int, ...] = (1, 2)
+    rules: ClassVar = {"magnitude": FRACTION, "window": AT_LEAST_ONE}
 
     def __post_init__(self):
         super().__post_init__()
         # options may arrive as JSON lists; keep the dataclass hashable
         object.__setattr__(self, "frequencies", tuple(tuple(map(int, f)) for f in self.frequencies))
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-        if self.window < 1:
-            raise InvalidInputError(f"ftrojan window must be positive, got {self.window}")
         for f in self.frequencies:
             if len(f) != 2 or not all(0 <= v < self.window for v in f):
                 raise InvalidInputError(

@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import flax.linen as nn
 import jax
@@ -51,9 +51,9 @@ from fippure.attacks.joint import (
     run_phases,
     unit_batch,
 )
+from fippure.config_checks import AT_LEAST_ONE, BELOW_ONE, FRACTION, NON_NEGATIVE, POSITIVE
 from fippure.data.augment import augment
 from fippure.data.pipeline import normalize
-from fippure.errors import InvalidInputError
 from fippure.models.generators import ConvAutoencoder
 from fippure.models.registry import Variables
 from fippure.training import create_train_state, make_optimizer
@@ -110,23 +110,23 @@ class InputAware(Attack):
     mask_density: float = 0.032
     mask_epochs: int = 5
     generator_lr: float = 0.01
-    generator_schedule: str = "cosine"
+    generator_schedule: Literal["cosine", "constant"] = "cosine"
     mask_lr: float = 0.01
     generator_width: int = 16
     mask_width: int = 8
     mask_steepness: float = 20.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 <= self.p_cross < 1.0:
-            raise InvalidInputError(f"p_cross must be in [0, 1), got {self.p_cross}")
-        if self.mask_epochs < 0:
-            raise InvalidInputError(f"mask_epochs must be >= 0, got {self.mask_epochs}")
-        if self.generator_schedule not in ("cosine", "constant"):
-            raise InvalidInputError(
-                f"generator_schedule must be 'cosine' or 'constant', "
-                f"got {self.generator_schedule!r}"
-            )
+    rules: ClassVar = {
+        "p_cross": BELOW_ONE,
+        "lambda_div": NON_NEGATIVE,
+        "lambda_norm": NON_NEGATIVE,
+        "mask_density": FRACTION,
+        "mask_epochs": NON_NEGATIVE,
+        "generator_lr": POSITIVE,
+        "mask_lr": POSITIVE,
+        "generator_width": AT_LEAST_ONE,
+        "mask_width": AT_LEAST_ONE,
+        "mask_steepness": POSITIVE,
+    }
 
     def _generators(self, channels: int) -> tuple[nn.Module, nn.Module]:
         w, m = self.generator_width, self.mask_width

@@ -36,6 +36,7 @@ from jaxtyping import Array, Float
 from tqdm.auto import tqdm
 
 from fippure.attacks.base import Attack, AttackContext, Images, State
+from fippure.config_checks import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, UNIT_POSITIVE
 from fippure.data.pipeline import to_unit_range
 from fippure.errors import InvalidInputError
 from fippure.models.generators import StegaDecoder, StegaEncoder
@@ -70,15 +71,17 @@ class ISSBA(Attack):
     fit_lr: float = 2e-3
     ramp_fraction: float = 0.5
     encoder_width: int = 16
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.num_bits < 1:
-            raise InvalidInputError(f"num_bits must be positive, got {self.num_bits}")
-        if not 0.0 < self.eps <= 1.0:
-            raise InvalidInputError(f"eps must be in (0, 1], got {self.eps}")
-        if self.fit_noise < 0.0:
-            raise InvalidInputError(f"fit_noise must be non-negative, got {self.fit_noise}")
+    rules: ClassVar = {
+        "num_bits": AT_LEAST_ONE,
+        "eps": UNIT_POSITIVE,
+        "fit_noise": NON_NEGATIVE,
+        "image_weight": NON_NEGATIVE,
+        "fit_steps": NON_NEGATIVE,
+        "fit_batch_size": AT_LEAST_ONE,
+        "fit_lr": POSITIVE,
+        "ramp_fraction": FRACTION,
+        "encoder_width": AT_LEAST_ONE,
+    }
 
     def _encoder(self, channels: int) -> StegaEncoder:
         w = self.encoder_width

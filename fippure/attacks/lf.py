@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from fippure.attacks.base import Attack, AttackContext, Images, State
 from fippure.attacks.poisoning import attack_targets
+from fippure.config_checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT_POSITIVE
 from fippure.data.pipeline import normalize, to_unit_range
 from fippure.errors import InvalidInputError
 from fippure.losses import cross_entropy
@@ -81,11 +82,13 @@ class LF(Attack):
     steps: int = 300
     batch_size: int = 128
     learning_rate: float = 0.1
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.eps <= 0 or self.factor < 1 or self.steps < 0 or self.batch_size < 1:
-            raise InvalidInputError("lf needs eps > 0, factor >= 1, steps >= 0 and batch_size >= 1")
+    rules: ClassVar = {
+        "eps": UNIT_POSITIVE,
+        "factor": AT_LEAST_ONE,
+        "steps": NON_NEGATIVE,
+        "batch_size": AT_LEAST_ONE,
+        "learning_rate": POSITIVE,
+    }
 
     def coarse_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
         """Shape of the coarse grid ``z``."""

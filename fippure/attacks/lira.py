@@ -64,6 +64,7 @@ from fippure.attacks.joint import (
     unit_batch,
 )
 from fippure.attacks.poisoning import attack_targets
+from fippure.config_checks import AT_LEAST_ONE, BELOW_ONE, NON_NEGATIVE, POSITIVE, UNIT_POSITIVE
 from fippure.data.augment import augment
 from fippure.data.pipeline import normalize
 from fippure.errors import InvalidInputError
@@ -101,15 +102,13 @@ class LIRA(Attack):
     finetune_epochs: int = 5
     generator_lr: float = 1e-3
     generator_width: int = 16
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0.0 < self.eps <= 1.0:
-            raise InvalidInputError(f"eps must be in (0, 1], got {self.eps}")
-        if not 0.0 <= self.alpha < 1.0:
-            raise InvalidInputError(f"alpha must be in [0, 1), got {self.alpha}")
-        if self.finetune_epochs < 0:
-            raise InvalidInputError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
+    rules: ClassVar = {
+        "eps": UNIT_POSITIVE,
+        "alpha": BELOW_ONE,
+        "finetune_epochs": NON_NEGATIVE,
+        "generator_lr": POSITIVE,
+        "generator_width": AT_LEAST_ONE,
+    }
 
     def _generator(self, channels: int) -> nn.Module:
         w = self.generator_width

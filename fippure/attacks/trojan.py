@@ -11,15 +11,16 @@ variants come from the poisoning plan (``--mode``).
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 
 from fippure.attacks.base import Attack, Images, State
+from fippure.config_checks import AT_LEAST_ONE, NON_NEGATIVE, UNIT_POSITIVE
 from fippure.errors import InvalidInputError
 
-CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
+Corner = Literal["bottom_right", "bottom_left", "top_right", "top_left"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,21 +37,9 @@ class Trojan(Attack):
     name: ClassVar[str] = "trojan"
     size: int = 5
     margin: int = 1
-    corner: str = "bottom_right"
+    corner: Corner = "bottom_right"
     alpha: float = 1.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.size < 1 or self.margin < 0:
-            raise InvalidInputError(
-                f"trojan needs size >= 1 and margin >= 0, got {self.size}, {self.margin}"
-            )
-        if self.corner not in CORNERS:
-            raise InvalidInputError(
-                f"unknown trojan corner {self.corner!r}; use one of {', '.join(CORNERS)}"
-            )
-        if not 0.0 < self.alpha <= 1.0:
-            raise InvalidInputError(f"trojan alpha must be in (0, 1], got {self.alpha}")
+    rules: ClassVar = {"size": AT_LEAST_ONE, "margin": NON_NEGATIVE, "alpha": UNIT_POSITIVE}
 
     def init_state(self, key, spec) -> State:
         h, w, c = spec.image_shape

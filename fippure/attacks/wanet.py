@@ -37,7 +37,7 @@ from jaxtyping import Array, Float
 from fippure.attacks.base import Attack, AttackContext, Images, State
 from fippure.attacks.poisoning import PoisonPlan
 from fippure.attacks.warping import grid_sample, identity_grid, upsample_bicubic
-from fippure.errors import InvalidInputError
+from fippure.config_checks import NON_NEGATIVE, POSITIVE, at_least
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +56,12 @@ class WaNet(Attack):
     s: float = 0.5
     grid_rescale: float = 1.0
     cross_ratio: float = 2.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.k < 2:
-            raise InvalidInputError(f"wanet needs k >= 2, got {self.k}")
-        if self.cross_ratio < 0:
-            raise InvalidInputError(f"wanet cross_ratio must be >= 0, got {self.cross_ratio}")
+    rules: ClassVar = {
+        "k": at_least(2),
+        "s": NON_NEGATIVE,
+        "grid_rescale": POSITIVE,
+        "cross_ratio": NON_NEGATIVE,
+    }
 
     def init_state(self, key, spec) -> State:
         h, w, _ = spec.image_shape

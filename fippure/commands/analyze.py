@@ -19,17 +19,27 @@ HELP = "curvature of a checkpoint: lambda_max, Tr(H), Tr(F), top eigenvalues, sp
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from fippure.cli import positive_int
+
     parser.add_argument("checkpoint", help="checkpoint directory (from fippure train/attack)")
     parser.add_argument(
         "--out", default=None, help="output directory (default CHECKPOINT/analysis)"
     )
-    parser.add_argument("--num-images", type=int, default=200, help="clean training images")
+    parser.add_argument(
+        "--num-images", type=positive_int, default=200, help="clean training images"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the image sample and probes")
-    parser.add_argument("--probes", type=int, default=20, help="Hutchinson probes for Tr(H)")
-    parser.add_argument("--power-iters", type=int, default=50, help="power-iteration steps")
-    parser.add_argument("--lanczos-iters", type=int, default=40, help="Lanczos steps per probe")
-    parser.add_argument("--slq-probes", type=int, default=2, help="probes of the density")
-    parser.add_argument("--top-k", type=int, default=5, help="top eigenvalues to report")
+    parser.add_argument(
+        "--probes", type=positive_int, default=20, help="Hutchinson probes for Tr(H)"
+    )
+    parser.add_argument(
+        "--power-iters", type=positive_int, default=50, help="power-iteration steps"
+    )
+    parser.add_argument(
+        "--lanczos-iters", type=positive_int, default=40, help="Lanczos steps per probe"
+    )
+    parser.add_argument("--slq-probes", type=positive_int, default=2, help="probes of the density")
+    parser.add_argument("--top-k", type=positive_int, default=5, help="top eigenvalues to report")
     parser.add_argument("--data-dir", default=None, help="TFDS data directory ($TFDS_DATA_DIR)")
 
 
@@ -63,8 +73,6 @@ def run(args: argparse.Namespace) -> int:
     from fippure.errors import InvalidInputError
     from fippure.provenance import provenance
 
-    if args.num_images < 1:
-        raise InvalidInputError(f"--num-images must be positive, got {args.num_images}")
     config = AnalysisConfig(
         hutchinson_probes=args.probes,
         power_iters=args.power_iters,

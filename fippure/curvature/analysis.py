@@ -69,7 +69,10 @@ class AnalysisConfig:
                   "slq_probes", "top_k", "fisher_chunk")  # fmt: skip
         check_config(self, dict.fromkeys(counts, AT_LEAST_ONE) | {"power_tol": POSITIVE})
         if self.top_k > self.lanczos_iters:
-            raise InvalidInputError("top_k must not exceed lanczos_iters")
+            raise InvalidInputError(
+                f"AnalysisConfig.top_k ({self.top_k}) must not exceed lanczos_iters "
+                f"({self.lanczos_iters}): Lanczos finds at most that many eigenvalues"
+            )
 
 
 def _chunked_samples(sample_fn, key: PRNGKeyArray, total: int, chunk: int) -> np.ndarray:

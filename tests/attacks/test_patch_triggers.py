@@ -88,9 +88,9 @@ def test_trojan_alpha_blends_the_patch():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"size": 0}, "size >= 1"),
-        ({"corner": "middle"}, "unknown trojan corner"),
-        ({"alpha": 0.0}, r"alpha must be in \(0, 1\]"),
+        ({"size": 0}, "Trojan.size must be >= 1, got 0"),
+        ({"corner": "middle"}, r"Trojan.corner must be one of \['bottom_right', .*got 'middle'"),
+        ({"alpha": 0.0}, r"Trojan.alpha must be in \(0, 1\], got 0.0"),
     ],
 )
 def test_trojan_bad_options(options, message):

@@ -58,3 +58,18 @@ def test_analyze_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
     assert cli.main(["analyze", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fippure: error:") and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--probes", "0"], "argument --probes: must be >= 1, got 0"),
+        (["--num-images", "-5"], "argument --num-images: must be >= 1, got -5"),
+        (["--top-k", "two"], "argument --top-k: expected an integer, got 'two'"),
+    ],
+)
+def test_analyze_refuses_a_bad_count_under_its_flag(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["analyze", str(tmp_path), *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
