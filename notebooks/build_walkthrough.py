@@ -45,9 +45,14 @@ images) is held out from the attacker's training data.""",
     (
         "code",
         """report = train_backdoored(
-    dataset="digits", model="small_cnn", out="runs/notebook/badnets",
+    dataset="digits",
+    model="small_cnn",
+    out="runs/notebook/badnets",
     config=TrainConfig(epochs=12, batch_size=64, learning_rate=0.05, eval_every=12),
-    attack="badnets", ratio=0.1, clean_size=0.1, progress=False,
+    attack="badnets",
+    ratio=0.1,
+    clean_size=0.1,
+    progress=False,
 )
 bd = load_backdoored("runs/notebook/badnets")
 before = evaluate_backdoor(bd.model, bd.variables, bd.test, bd.triggered)
@@ -68,24 +73,40 @@ gradient steps on the head only; FT is plain fine-tuning at FIP's optimiser sett
         """from fippure.purify import get_defense, make_config
 
 settings = {
-    "fip": {"steps": 300, "batch_size": 64, "learning_rate": 0.01, "eta_F": 1.0, "eta_r": 1.0,
-            "max_grad_norm": 10.0},
+    "fip": {
+        "steps": 300,
+        "batch_size": 64,
+        "learning_rate": 0.01,
+        "eta_F": 1.0,
+        "eta_r": 1.0,
+        "max_grad_norm": 10.0,
+    },
     "nft": {"steps": 300, "batch_size": 64, "mask_pattern": r"^bn\\d+$"},
     "ngf": {"steps": 1000, "batch_size": 64},
-    "ft": {"steps": 300, "batch_size": 64, "learning_rate": 0.01, "momentum": 0.95,
-           "schedule": "constant", "weight_decay": 0.0},
+    "ft": {
+        "steps": 300,
+        "batch_size": 64,
+        "learning_rate": 0.01,
+        "momentum": 0.95,
+        "schedule": "constant",
+        "weight_decay": 0.0,
+    },
 }
 purified = {}
 for name, overrides in settings.items():
     config = make_config(name, overrides)
-    variables, rep = get_defense(name).purify(bd.model, bd.variables, bd.clean, config,
-                                              jax.random.key(0), progress=False)
+    variables, rep = get_defense(name).purify(
+        bd.model, bd.variables, bd.clean, config, jax.random.key(0), progress=False
+    )
     after = evaluate_backdoor(bd.model, variables, bd.test, bd.triggered)
-    der = defense_effectiveness_rating(acc_before=before.acc, asr_before=before.asr,
-                                       acc_after=after.acc, asr_after=after.asr)
+    der = defense_effectiveness_rating(
+        acc_before=before.acc, asr_before=before.asr, acc_after=after.acc, asr_after=after.asr
+    )
     purified[name] = variables
-    print(f"{name:4} ACC {after.acc:.3f}  ASR {after.asr:.3f}  RA {after.ra:.3f}  DER {der:.3f}  "
-          f"({rep.tunable_parameters} tunable, {rep.wall_time_s:.1f} s)")""",
+    print(
+        f"{name:4} ACC {after.acc:.3f}  ASR {after.asr:.3f}  RA {after.ra:.3f}  DER {der:.3f}  "
+        f"({rep.tunable_parameters} tunable, {rep.wall_time_s:.1f} s)"
+    )""",
     ),
     (
         "md",
@@ -112,8 +133,10 @@ y = jnp.asarray(bd.clean.labels[:100])
 config = AnalysisConfig(hutchinson_probes=10, lanczos_iters=20)
 for name, variables in (("backdoored", bd.variables), ("after FIP", purified["fip"])):
     rep, density = analyze_curvature(bd.model, variables, x, y, jax.random.key(0), config)
-    print(f"{name:10} lambda_max {rep['lambda_max']:8.2f}  Tr(H) {rep['trace_hessian']:8.1f}  "
-          f"Tr(F) {rep['trace_empirical_fisher']:8.1f}")""",
+    print(
+        f"{name:10} lambda_max {rep['lambda_max']:8.2f}  Tr(H) {rep['trace_hessian']:8.1f}  "
+        f"Tr(F) {rep['trace_empirical_fisher']:8.1f}"
+    )""",
     ),
     (
         "md",
@@ -132,19 +155,23 @@ from fippure.optim import fisher_anchor, natural_gradient
 h = penultimate_features(bd.model, bd.variables, x)
 head = bd.variables["params"]["head"]
 fisher_diag = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 1e-2), head)
-tx = optax.chain(fisher_anchor(fisher_diag, head, 1.0),
-                 natural_gradient(1e-3, "dense"), optax.scale(-0.1))
+tx = optax.chain(
+    fisher_anchor(fisher_diag, head, 1.0), natural_gradient(1e-3, "dense"), optax.scale(-0.1)
+)
 state = tx.init(head)
+
 
 def loss(p):
     logits = h @ p["kernel"] + p["bias"]
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
 
 @jax.jit
 def step(p, state):
     grads = jax.grad(loss)(p)
     updates, state = tx.update(grads, state, p, features=h, logits=h @ p["kernel"] + p["bias"])
     return optax.apply_updates(p, updates), state
+
 
 for _ in range(5):
     head, state = step(head, state)

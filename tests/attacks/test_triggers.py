@@ -56,7 +56,7 @@ def test_unknown_attack_and_option_are_one_line_errors():
         ("wanet", {"k": 1}, "WaNet.k must be >= 2, got 1"),
         ("bpp", {"squeeze_num": 300}, r"BPP.squeeze_num must be in \[2, 256\], got 300"),
         ("clb", {"eps": 0.5}, r"CLB.eps must be in \[0, 0.5\), got 0.5"),
-        ("input_aware", {"generator_schedule": "step"}, "InputAware.generator_schedule must be one"),
+        ("input_aware", {"generator_schedule": "step"}, "InputAware.generator_schedule must be"),
         ("lira", {"generator_lr": 0.0}, "LIRA.generator_lr must be > 0, got 0.0"),
         ("issba", {"ramp_fraction": 2.0}, r"ISSBA.ramp_fraction must be in \[0, 1\], got 2.0"),
         ("lf", {"factor": 0}, "LF.factor must be >= 1, got 0"),
