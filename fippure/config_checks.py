@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -51,6 +52,26 @@ BELOW_ONE: Rule = interval(0, 1, high_open=True)
 FRACTION: Rule = interval(0, 1)
 #: ``(0, 1]``: bounds and opacities that must not vanish.
 UNIT_POSITIVE: Rule = interval(0, 1, low_open=True)
+
+
+def compile_pattern(pattern: str) -> re.Pattern:
+    """``re.compile(pattern)``, with a one-line error for an invalid expression."""
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as error:
+        raise InvalidInputError(f"invalid regular expression {pattern!r}: {error}") from None
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        compile_pattern(pattern)
+    except InvalidInputError:
+        return False
+    return True
+
+
+#: A pattern for :func:`re.search` (module or parameter paths).
+REGEX: Rule = (_compiles, "a valid regular expression")
 
 
 def check_config(config: Any, rules: Mapping[str, Rule] | None = None) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 
 from fippure.data.catalog import DatasetSpec
 from fippure.data.pipeline import normalize, to_unit_range
+from fippure.errors import InvalidInputError
 from fippure.models.registry import Variables
 
 
@@ -30,7 +31,12 @@ def predict_logits(
 
     Returns:
         float32 ``(n, K)`` numpy array.
+
+    Raises:
+        InvalidInputError: images not of ``spec``'s shape, or float images far outside [0, 1]
+            (pixel values 0-255 as floats, which would be read as saturated).
     """
+    check_images(images, spec)
     n = int(images.shape[0])
     batch_size = max(1, min(batch_size, n))
     variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
@@ -44,6 +50,24 @@ def predict_logits(
             )
         out.append(_logits(model, spec, variables, chunk)[: batch_size - short])
     return np.asarray(jnp.concatenate(out))
+
+
+def check_images(images: np.ndarray | jax.Array, spec: DatasetSpec) -> None:
+    """One-line errors for images that ``spec``'s models cannot take (see
+    :func:`predict_logits`)."""
+    expected = (spec.image_shape[0], spec.image_shape[1], spec.image_shape[2])
+    if np.ndim(images) != 4 or tuple(images.shape[1:]) != expected:
+        raise InvalidInputError(
+            f"expected {spec.name} images of shape (n, {', '.join(map(str, expected))}), got "
+            f"{tuple(np.shape(images))}"
+        )
+    if jnp.issubdtype(images.dtype, jnp.floating) and images.shape[0]:
+        top = float(jnp.max(images))
+        if top > 1.5:
+            raise InvalidInputError(
+                f"float images are read as [0, 1] but these reach {top:g}; pass uint8 images "
+                "or divide by 255"
+            )
 
 
 def predict(
@@ -65,7 +89,10 @@ def accuracy(
     spec: DatasetSpec,
     batch_size: int = 1000,
 ) -> float:
-    """Fraction of ``images`` predicted as ``labels``."""
+    """Fraction of ``images`` predicted as ``labels`` (NaN for no images)."""
+    labels = np.asarray(labels)
+    if labels.shape != (int(np.shape(images)[0]),):
+        raise InvalidInputError(f"{labels.shape} labels for {np.shape(images)[0]} images")
     if len(labels) == 0:
         return float("nan")
-    return float(np.mean(predict(model, variables, images, spec, batch_size) == np.asarray(labels)))
+    return float(np.mean(predict(model, variables, images, spec, batch_size) == labels))

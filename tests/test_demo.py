@@ -31,3 +31,9 @@ def test_demo_without_cifar10_says_so_in_one_line(tmp_path, monkeypatch, capsys)
     assert len(lines) == 1, lines
     assert "cifar10 is not prepared" in lines[0] and "--dataset digits" in lines[0]
     assert "TFDS_DATA_DIR" in lines[0]
+
+
+def test_digits_demo_refuses_a_checkpoint_it_would_ignore(tmp_path, capsys):
+    argv = ["demo", "--dataset", "digits", "--checkpoint", "zoo/x", "--out", str(tmp_path)]
+    assert cli.main(argv) == 2
+    assert "--checkpoint is for --dataset cifar10" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from fippure.attacks.base import Attack, Images, State
 from fippure.config_checks import AT_LEAST_ONE, FRACTION
+from fippure.errors import InvalidInputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,16 @@ class BadNets(Attack):
     size: int = 3
     value: float = 1.0
     rules: ClassVar = {"size": AT_LEAST_ONE, "value": FRACTION}
+
+    def init_state(self, key, spec) -> State:
+        del key
+        h, w, _ = spec.image_shape
+        if self.size >= min(h, w):
+            raise InvalidInputError(
+                f"a {self.size}x{self.size} badnets patch would cover the whole {h}x{w} image; "
+                f"use size < {min(h, w)}"
+            )
+        return {}
 
     def trigger(self, state: State, images: Images, key=None) -> Images:
         del state, key

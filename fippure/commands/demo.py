@@ -48,8 +48,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="cifar10", choices=("cifar10", "digits"))
     parser.add_argument(
         "--checkpoint",
-        default=str(REPO_ZOO / "badnets"),
-        help="backdoored checkpoint to purify (cifar10; default: the zoo's BadNets model)",
+        default=None,
+        help="backdoored CIFAR-10 checkpoint to purify (default: the zoo's BadNets model)",
     )
     parser.add_argument("--out", default="runs/demo", help="output directory")
     parser.add_argument(
@@ -69,18 +69,23 @@ def run(args: argparse.Namespace) -> int:
     from fippure.checkpoints import read_metadata
     from fippure.commands.purify import format_table
     from fippure.data.sources import load_dataset
+    from fippure.errors import InvalidInputError
     from fippure.purify.registry import make_config
     from fippure.purify.runner import run_defense
 
     out = pathlib.Path(args.out).resolve()
     progress = not args.no_progress
     if args.dataset == "digits":
+        if args.checkpoint is not None:
+            raise InvalidInputError(
+                "--checkpoint is for --dataset cifar10; the digits demo attacks its own model"
+            )
         checkpoint = _digits_backdoor(out / "badnets_digits", args.seed, progress)
         overrides = {**DIGITS_FIP, **dict(args.set)}
     else:
         load_dataset("cifar10", "test", data_dir=args.data_dir)  # one-line error if unavailable
-        read_metadata(args.checkpoint)
-        checkpoint = args.checkpoint
+        checkpoint = args.checkpoint or str(REPO_ZOO / "badnets")
+        read_metadata(checkpoint)
         overrides = {**CIFAR_FIP, **dict(args.set)}
     make_config("fip", overrides)
     result = run_defense(
@@ -89,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         overrides=overrides,
         seed=args.seed,
         out=out / "fip",
+        replace=True,  # a demo's output is its own: another setting replaces it
         data_dir=args.data_dir,
         progress=progress,
     )

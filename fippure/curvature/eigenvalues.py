@@ -22,7 +22,9 @@ Python-driven loop against 41 s per step inside ``lax.fori_loop``, **57x slower*
 - ``"fori"``: the whole process in one ``lax.fori_loop`` (kept for accelerators and tests).
 
 Inside an outer ``jax.jit``, ``"python"`` simply unrolls the ``m`` steps into the traced graph
-(fine for small ``m``; compile time grows with ``m``), so every function here is jit-able.
+(fine for small ``m``; compile time grows with ``m``), so every function here is jit-able. The
+step updates the basis in place (buffer donation) only when nothing is traced, so both Lanczos
+loops also work under ``jax.grad`` and ``jax.vmap``.
 
 :func:`power_iteration` finds the eigenvalue of largest magnitude (for a Hessian at a
 minimum, ``lambda_max``), as PyHessian-style analyses do (Yao et al., 2020).
@@ -31,6 +33,7 @@ minimum, ``lambda_max``), as PyHessian-style analyses do (Yao et al., 2020).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -41,7 +44,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from fippure.curvature.probes import rademacher_like, tree_dot, tree_norm
 from fippure.curvature.products import Operator
-from fippure.errors import InvalidInputError
+from fippure.errors import InvalidInputError, require
 
 PyTree = Any
 Loop = Literal["python", "fori"]
@@ -110,9 +113,31 @@ def _lanczos_step(matvec, unravel, key, state: _LanczosState, i) -> _LanczosStat
     )
 
 
-@functools.partial(jax.jit, static_argnames=("unravel",), donate_argnames=("state",))
-def _lanczos_step_jit(matvec, key, state, i, *, unravel):
+def _lanczos_step_call(matvec, key, state, i, *, unravel):
     return _lanczos_step(matvec, unravel, key, state, i)
+
+
+_lanczos_step_jit = jax.jit(_lanczos_step_call, static_argnames=("unravel",))
+# Donating the state updates the (m, P) basis in place instead of copying it every step. Only
+# for concrete arrays: autodiff keeps the inputs as residuals, and vmap changes their shapes.
+_lanczos_step_donating = jax.jit(
+    _lanczos_step_call, static_argnames=("unravel",), donate_argnames=("state",)
+)
+
+
+def _is_concrete(tree: PyTree) -> bool:
+    """No leaf of ``tree`` is a tracer (nothing is being jitted, differentiated or vmapped)."""
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _materialise(like: PyTree) -> PyTree:
+    """``like`` with every ``jax.ShapeDtypeStruct`` leaf replaced by zeros of its shape."""
+    return jax.tree_util.tree_map(
+        lambda leaf: (
+            jnp.zeros(leaf.shape, leaf.dtype) if isinstance(leaf, jax.ShapeDtypeStruct) else leaf
+        ),
+        like,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("unravel",))
@@ -136,19 +161,19 @@ def lanczos(
         matvec: symmetric ``v -> A v`` on pytrees shaped like ``like`` (an operator from
             ``make_*_operator`` is passed into the jitted steps as an argument; a plain
             closure works too but its captured arrays are compiled in as constants).
-        like: a pytree with the parameters' structure, shapes and dtypes.
+        like: a pytree with the parameters' structure, shapes and dtypes (arrays or
+            ``jax.ShapeDtypeStruct``).
         key: random key (start vector and restarts).
         num_iters: ``m``; capped at the dimension ``P``.
         loop: ``"python"`` (one jitted step per iteration; the default, see the module
-            docstring) or ``"fori"`` (one ``lax.fori_loop``).
+            docstring) or ``"fori"`` (one ``lax.fori_loop``). Both are differentiable.
 
     Returns:
         The :class:`Tridiagonal` ``T`` (``m x m``); its eigenvalues are the Ritz values.
     """
-    flat_like, unravel = ravel_pytree(like)
+    require(num_iters >= 1, f"num_iters must be positive, got {num_iters}")
+    flat_like, unravel = ravel_pytree(_materialise(like))
     dim = flat_like.shape[0]
-    if num_iters < 1:
-        raise InvalidInputError(f"num_iters must be positive, got {num_iters}")
     num_iters = min(num_iters, dim)
     dtype = flat_like.dtype
     start_key, restart_key = jax.random.split(key)
@@ -163,8 +188,10 @@ def lanczos(
     if loop == "fori":
         state = _lanczos_fori(operator, restart_key, state, unravel=unravel)
     elif loop == "python":
+        concrete = _is_concrete((operator, restart_key, state))
+        step = _lanczos_step_donating if concrete else _lanczos_step_jit
         for i in range(num_iters):
-            state = _lanczos_step_jit(operator, restart_key, state, i, unravel=unravel)
+            state = step(operator, restart_key, state, i, unravel=unravel)
     else:
         raise InvalidInputError(f"unknown loop {loop!r}; use 'python' or 'fori'")
     return Tridiagonal(state.alphas, state.betas[:-1])
@@ -188,14 +215,18 @@ def top_eigenvalues(
         matvec: symmetric ``v -> A v``.
         like: a pytree shaped like the parameters.
         key: random key.
-        k: number of eigenvalues.
-        num_iters: Lanczos steps (default ``max(4 k, 20)``).
+        k: number of eigenvalues, at most the dimension ``P``.
+        num_iters: Lanczos steps, at least ``k`` (default ``max(4 k, 20)``).
         loop: see :func:`lanczos`.
 
     Returns:
         ``(k,)`` descending.
     """
-    num_iters = num_iters or max(4 * k, 20)
+    require(k >= 1, f"k must be positive, got {k}")
+    num_iters = max(4 * k, 20) if num_iters is None else num_iters
+    require(num_iters >= k, f"num_iters must be at least k = {k}, got {num_iters}")
+    dim = sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree_util.tree_leaves(like))
+    require(k <= dim, f"k must be at most the number of parameters {dim}, got {k}")
     ritz, _ = lanczos(matvec, like, key, num_iters, loop=loop).eigh()
     return ritz[::-1][:k]
 
@@ -247,13 +278,16 @@ def power_iteration(
         key: random key for the start vector.
         num_iters: maximum number of products.
         tol: relative tolerance on the eigenvalue.
-        loop: ``"python"`` (jitted step, host-side stopping test; under an outer ``jax.jit`` it
-            unrolls ``num_iters`` steps without the test) or ``"fori"`` (one
-            ``lax.while_loop`` with the test).
+        loop: ``"python"`` (jitted step, host-side stopping test; under an outer ``jax.jit``,
+            ``jax.grad`` or ``jax.vmap`` it runs ``num_iters`` steps without the test) or
+            ``"fori"`` (one ``lax.while_loop`` with the test). Only ``"python"`` can be
+            reverse-differentiated (``jax.grad``): JAX cannot transpose a ``while_loop``, whose
+            trip count depends on the data; ``"fori"`` supports forward mode (``jax.jvp``).
 
     Returns:
         A :class:`PowerIterationResult`.
     """
+    require(num_iters >= 1, f"num_iters must be positive, got {num_iters}")
     start = rademacher_like(key, like)
     start = jax.tree_util.tree_map(lambda x: x / tree_norm(start), start)
     operator = _as_operator(matvec)

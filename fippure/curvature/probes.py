@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from fippure.errors import require
+
 PyTree = Any
 
 
@@ -64,12 +66,13 @@ def map_probes(
     Args:
         fn: ``key -> pytree`` for one probe.
         key: random key.
-        num_probes: how many probes.
+        num_probes: how many probes (positive).
         vmap: vectorise with ``jax.vmap`` instead of looping.
 
     Returns:
         ``fn``'s outputs stacked along a new leading axis.
     """
+    require(num_probes >= 1, f"num_probes must be positive, got {num_probes}")
     keys = jax.random.split(key, num_probes)
     if vmap:
         return jax.vmap(fn)(keys)

@@ -28,6 +28,7 @@ import flax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from fippure.config_checks import compile_pattern
 from fippure.errors import InvalidInputError
 
 PyTree = Any
@@ -44,15 +45,14 @@ def _natural_key(path: str) -> list[Any]:
 def masked_modules(params: PyTree, pattern: str = RESIDUAL_BN_PATTERN) -> list[tuple[str, ...]]:
     """Paths of the BatchNorm modules (dicts with ``scale`` and ``bias``) matching ``pattern``,
     in network order."""
-    regex = re.compile(pattern)
+    regex = compile_pattern(pattern)
+    return [m for m in batch_norm_modules(params) if regex.search("/".join(m))]
+
+
+def batch_norm_modules(params: PyTree) -> list[tuple[str, ...]]:
+    """Paths of every BatchNorm module (a dict with ``scale`` and ``bias``), in network order."""
     flat = traverse_util.flatten_dict(flax.core.unfreeze(params))
-    modules = {
-        path[:-1]
-        for path in flat
-        if path[-1] == "scale"
-        and path[:-1] + ("bias",) in flat
-        and regex.search("/".join(path[:-1]))
-    }
+    modules = {path[:-1] for path in flat if path[-1] == "scale" and path[:-1] + ("bias",) in flat}
     return sorted(modules, key=lambda p: _natural_key("/".join(p)))
 
 
@@ -65,7 +65,12 @@ def init_masks(params: PyTree, pattern: str = RESIDUAL_BN_PATTERN) -> dict[str, 
     flat = traverse_util.flatten_dict(flax.core.unfreeze(params))
     modules = masked_modules(params, pattern)
     if not modules:
-        raise InvalidInputError(f"no BatchNorm module matches the mask pattern {pattern!r}")
+        found = ", ".join("/".join(m) for m in batch_norm_modules(params)) or "none"
+        raise InvalidInputError(
+            f"no BatchNorm module matches the mask pattern {pattern!r} (NFT's mask_pattern; "
+            f"the default masks PreAct-ResNet's residual blocks). The model's BatchNorms: "
+            f"{found}; choose some with mask_pattern, e.g. --set 'mask_pattern=^bn\\d+$'"
+        )
     return traverse_util.unflatten_dict({m: jnp.ones_like(flat[m + ("scale",)]) for m in modules})
 
 

@@ -22,7 +22,6 @@ params (e.g. ``shifts['stage1_block1']['conv1']['kernel']``), so they save with 
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import flax
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 from jaxtyping import Array, Float
 
+from fippure.config_checks import compile_pattern
 from fippure.errors import InvalidInputError
 
 PyTree = Any
@@ -85,14 +85,17 @@ def decompose(params: PyTree, pattern: str = KERNEL_PATTERN) -> dict[str, Any]:
     Raises:
         InvalidInputError: when nothing matches.
     """
-    regex = re.compile(pattern)
+    regex = compile_pattern(pattern)
     factors = {}
     for path, leaf in _flat_params(params).items():
         if jnp.ndim(leaf) >= 2 and regex.search(_path_string(path)):
             u, s, vt = jnp.linalg.svd(as_matrix(leaf), full_matrices=False)
             factors[path] = SpectralFactor(u, s, vt, tuple(leaf.shape))
     if not factors:
-        raise InvalidInputError(f"no kernel matches the pattern {pattern!r}")
+        raise InvalidInputError(
+            f"no kernel matches the pattern {pattern!r} (Fast FIP's kernel_pattern), searched in "
+            "paths such as stage1_block1/conv1/kernel"
+        )
     return traverse_util.unflatten_dict(factors)
 
 

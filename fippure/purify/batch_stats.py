@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,7 @@ def recompute_batch_stats(
     stats0 = variables.get("batch_stats")
     if not stats0:
         return dict(variables)
+    stats0 = flax.core.unfreeze(stats0)  # as apply returns them (a FrozenDict would not match)
     if batches < 1:
         raise InvalidInputError(f"batches must be >= 1, got {batches}")
     size = clean_batch_size(batch_size, clean_set)

@@ -92,6 +92,32 @@ class PurifyReport:
         }
 
 
+def defense_arguments(method: str, config: Any, config_class: type, key: Any) -> PRNGKeyArray:
+    """Checks the config's type and returns the defense's key, with one-line errors.
+
+    ``key`` may be a typed key (:func:`jax.random.key`), a legacy ``uint32[2]`` key
+    (:func:`jax.random.PRNGKey`, wrapped), an integer seed or ``None`` (seed 0).
+    """
+    if not isinstance(config, config_class):
+        raise InvalidInputError(
+            f"{method} takes a {config_class.__name__}, got {type(config).__name__}; "
+            f"make_config({method!r}, overrides) builds one"
+        )
+    if key is None:
+        return jax.random.key(0)
+    if isinstance(key, int | np.integer) and not isinstance(key, bool):
+        return jax.random.key(int(key))
+    if isinstance(key, jax.Array | np.ndarray):
+        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
+            return key
+        if key.dtype == np.uint32 and key.shape == (2,):
+            return jax.random.wrap_key_data(key)
+    raise InvalidInputError(
+        f"{method}'s key must be one jax.random.key or an integer seed, got "
+        f"{getattr(key, 'shape', type(key).__name__)!r}"
+    )
+
+
 def validate_clean_set(clean_set: ImageDataset, model: nn.Module, variables: Variables) -> None:
     """Clear errors for a clean set a defense cannot use: a missing class, images the model's
     variables do not fit, or a class count other than the model's outputs.

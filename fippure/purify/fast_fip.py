@@ -23,13 +23,12 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 from jaxtyping import PRNGKeyArray
 
 from fippure.data.sources import ImageDataset
 from fippure.models.registry import Variables
 from fippure.optim.spectral import KERNEL_PATTERN, decompose, init_shifts, rebuild_params
-from fippure.purify.common import Observer, PurifyReport, as_variables
+from fippure.purify.common import Observer, PurifyReport, as_variables, defense_arguments
 from fippure.purify.fip import FIPConfig, fisher_guided_purify
 from fippure.purify.resume import Checkpointing
 
@@ -62,7 +61,7 @@ def purify(
 
     The trained shifts are in ``report.artifacts['spectral_shifts']``.
     """
-    key = jax.random.key(0) if key is None else key
+    key = defense_arguments("fast_fip", config, FastFIPConfig, key)
     params = variables["params"]
     factors = decompose(params, config.kernel_pattern)
 

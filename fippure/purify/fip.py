@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from jaxtyping import PRNGKeyArray
 
-from fippure.config_checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, check_config
+from fippure.config_checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, REGEX, check_config
 from fippure.curvature.fisher import (
     empirical_fisher_diagonal,
     empirical_fisher_trace,
@@ -68,6 +68,7 @@ from fippure.purify.common import (
     clean_accuracy,
     clean_batch_size,
     config_dict,
+    defense_arguments,
     device_clean_set,
     run_steps,
     sample_clean_batch,
@@ -86,6 +87,7 @@ FIP_RULES = SHARED_RULES | {
     "fisher_chunk": AT_LEAST_ONE,
     "max_grad_norm": POSITIVE,
     "average_last": NON_NEGATIVE,
+    "kernel_pattern": REGEX,  # Fast FIP's
 }
 
 
@@ -116,7 +118,10 @@ class FIPConfig:
             (``experiments/results/fip_sensitivity.md`` and ``purify_cifar10_w16.md``).
         eta_r: strength of the Fisher-weighted anchor to theta0 (choice: 5; sweep 0.1, 1, 5).
         max_grad_norm: clip the global norm of the objective's gradient (before the anchor
-            and momentum); ``None`` disables it.
+            and momentum); ``None`` (SPEC's default) disables it. The trace term's gradient
+            can be an order of magnitude larger than the cross-entropy's; at lr 0.005 that
+            wrecked the digits CNN and the zoo's Trojan and SIG models, and a clip at 10 kept
+            them (``fippure demo --dataset digits``, the benchmark's ``clipped`` setting).
         calibration_probes: probes for TrF0 (averaged over the whole clean set).
         fisher_chunk: examples per vmapped chunk when computing Fbar.
         augment: random crop + flip of clean batches.
@@ -416,7 +421,7 @@ def purify(
     checkpointing: Checkpointing | None = None,
 ) -> tuple[dict, PurifyReport]:
     """FIP over every parameter; returns ``(variables, report)``."""
-    key = jax.random.key(0) if key is None else key
+    key = defense_arguments("fip", config, FIPConfig, key)
     params, stats, report = fisher_guided_purify(
         model,
         variables,

@@ -38,6 +38,7 @@ from fippure.purify.common import (
     clean_accuracy,
     clean_batch_size,
     config_dict,
+    defense_arguments,
     device_clean_set,
     run_steps,
     sample_clean_batch,
@@ -124,7 +125,7 @@ def purify(
     """
     started = time.perf_counter()
     validate_clean_set(clean_set, model, variables)
-    key = jax.random.key(0) if key is None else key
+    key = defense_arguments("ft", config, FTConfig, key)
     method = "ft_sam" if isinstance(config, FTSAMConfig) else "ft"
     batch_size = clean_batch_size(config.batch_size, clean_set)
     tx = scheduled_sgd(

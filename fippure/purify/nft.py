@@ -35,7 +35,14 @@ import numpy as np
 import optax
 from jaxtyping import PRNGKeyArray
 
-from fippure.config_checks import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, check_config
+from fippure.config_checks import (
+    AT_LEAST_ONE,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    REGEX,
+    check_config,
+)
 from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError
 from fippure.losses import soft_cross_entropy
@@ -55,6 +62,7 @@ from fippure.purify.common import (
     clean_accuracy,
     clean_batch_size,
     config_dict,
+    defense_arguments,
     device_clean_set,
     run_steps,
     sample_clean_batch,
@@ -71,6 +79,7 @@ NFT_RULES = SHARED_RULES | {
     "floor_a": FRACTION,
     "floor_b": NON_NEGATIVE,
     "mixup_alpha": POSITIVE,
+    "mask_pattern": REGEX,
 }
 
 
@@ -163,7 +172,7 @@ def purify(
     """NFT; returns ``(variables with masks folded into gamma, report)``."""
     started = time.perf_counter()
     validate_clean_set(clean_set, model, variables)
-    key = jax.random.key(0) if key is None else key
+    key = defense_arguments("nft", config, NFTConfig, key)
     params, stats0 = variables["params"], variables.get("batch_stats", {})
     masks = init_masks(params, config.mask_pattern)
     floors = layer_floors(masks, config.floor_schedule, config.floor_a, config.floor_b)

@@ -68,6 +68,7 @@ from fippure.purify.common import (
     clean_accuracy,
     clean_batch_size,
     config_dict,
+    defense_arguments,
     device_clean_set,
     run_steps,
     sample_clean_batch,
@@ -168,7 +169,7 @@ def purify(
     """NGF; returns ``(variables with the tuned layer, report)``."""
     started = time.perf_counter()
     validate_clean_set(clean_set, model, variables)
-    key = jax.random.key(0) if key is None else key
+    key = defense_arguments("ngf", config, NGFConfig, key)
     params = flax.core.unfreeze(variables["params"])
     path = _layer_path(params, config.layer)
     layer0 = _get(params, path)

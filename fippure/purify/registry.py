@@ -94,8 +94,9 @@ def parse_value(raw: Any, annotation: Any, where: str) -> Any:
             raise InvalidInputError(f"{where} must be one of {list(args)}, got {raw!r}")
         return text
     if origin in (typing.Union, types.UnionType):
-        if isinstance(raw, str) and raw.lower() in ("none", "null") and type(None) in args:
-            return None
+        if raw is None or isinstance(raw, str) and raw.lower() in ("none", "null"):
+            if type(None) in args:
+                return None
         errors = []
         for option in args:
             if option is type(None):
@@ -119,12 +120,14 @@ def parse_value(raw: Any, annotation: Any, where: str) -> Any:
             return False
         raise InvalidInputError(f"{where} must be true or false, got {raw!r}")
     if annotation in (int, float, str):
+        if not isinstance(raw, str):
+            return raw  # a Python value: the config's own checks judge it (3.7 is no int)
         try:
             value = annotation(raw)
         except (TypeError, ValueError):
             kind = {int: "an integer", float: "a number", str: "a string"}[annotation]
             raise InvalidInputError(f"{where} must be {kind}, got {raw!r}") from None
-        if annotation is int and isinstance(raw, str) and str(value) != raw.strip():
+        if annotation is int and str(value) != raw.strip():
             raise InvalidInputError(f"{where} must be an integer, got {raw!r}")
         return value
     return raw

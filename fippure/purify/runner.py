@@ -15,7 +15,8 @@ from typing import Any
 
 import jax
 
-from fippure.checkpoints import save_checkpoint
+from fippure.checkpoints import METADATA, RUN_STAMP, claim_run_directory, save_checkpoint
+from fippure.errors import CheckpointError
 from fippure.evaluation.metrics import (
     accuracy,
     defense_effectiveness_rating,
@@ -23,6 +24,7 @@ from fippure.evaluation.metrics import (
 )
 from fippure.inference import predict
 from fippure.provenance import provenance
+from fippure.purify.common import config_dict
 from fippure.purify.registry import get_defense, make_config
 from fippure.purify.resume import Checkpointing
 from fippure.zoo import BackdooredModel, load_backdoored
@@ -51,6 +53,7 @@ def run_defense(
     clean_size: int | float | None = None,
     seed: int = 0,
     out: str | os.PathLike | None = None,
+    replace: bool = False,
     data_dir: str | os.PathLike | None = None,
     progress: bool = True,
     before: Mapping[str, float] | None = None,
@@ -65,7 +68,11 @@ def run_defense(
         overrides: config values (strings are parsed and validated).
         clean_size: use a smaller clean set drawn from the stored one.
         seed: seed of the defense's randomness.
-        out: if given, the purified checkpoint and ``report.json`` are written there.
+        out: if given, the purified checkpoint and ``report.json`` are written there. A
+            directory that holds another checkpoint (the source itself, say) or another run's
+            output is refused (unless ``replace``); the same run may be repeated into it.
+        replace: remove another defense run's output found in ``out`` (never a checkpoint
+            that no defense run wrote).
         data_dir: TFDS data directory.
         progress: show a progress bar.
         before: metrics of the undefended model, if already known (saves an evaluation).
@@ -88,6 +95,18 @@ def run_defense(
         if isinstance(checkpoint, BackdooredModel)
         else load_backdoored(checkpoint, data_dir=data_dir, clean_size=clean_size)
     )
+    if out is not None:
+        claim_output_directory(
+            out,
+            {
+                "source": str(backdoored.checkpoint.path),
+                "defense": defense,
+                "config": config_dict(config),
+                "seed": seed,
+                "clean_indices": backdoored.clean_indices,
+            },
+            replace=replace,
+        )
     before = dict(before) if before is not None else evaluate(backdoored, backdoored.variables)
     progress_dir = pathlib.Path(out).resolve() / PROGRESS if out is not None else None
     saved_trajectory = progress_dir / TRAJECTORY if progress_dir is not None else None
@@ -158,3 +177,34 @@ def run_defense(
         (out / "report.json").write_text(json.dumps(result, indent=1))
         shutil.rmtree(progress_dir, ignore_errors=True)
     return result
+
+
+def claim_output_directory(
+    out: str | os.PathLike, fingerprint: Mapping[str, Any], *, replace: bool = False
+) -> None:
+    """Stamps ``out`` as this defense run's output directory, or checks the stamp there.
+
+    Args:
+        out: the output directory.
+        fingerprint: what identifies the run (JSON-able).
+        replace: remove another defense run's output (a stamped directory) instead of refusing.
+
+    Raises:
+        CheckpointError: ``out`` holds a checkpoint that no defense run stamped (the source
+            checkpoint, a trained model) or, without ``replace``, the output of another run
+            (another defense, config, seed, source or clean set), which writing there would
+            destroy.
+    """
+    out = pathlib.Path(out).resolve()
+    if (out / METADATA).exists() and not (out / RUN_STAMP).exists():
+        raise CheckpointError(
+            f"{out} already holds a checkpoint that is not a defense's output (the source "
+            "checkpoint or a trained model); use another --out directory"
+        )
+    try:
+        claim_run_directory(out, fingerprint)
+    except CheckpointError:
+        if not replace:
+            raise
+        shutil.rmtree(out)
+        claim_run_directory(out, fingerprint)

@@ -103,6 +103,12 @@ def test_trojan_too_large_for_the_image():
         make_attack("trojan", size=8).init_state(jax.random.key(0), get_spec("digits"))
 
 
+def test_badnets_patch_must_leave_part_of_the_image():
+    with pytest.raises(InvalidInputError, match="would cover the whole 8x8 image; use size < 8"):
+        make_attack("badnets", size=8).init_state(jax.random.key(0), get_spec("digits"))
+    assert make_attack("badnets", size=7).init_state(jax.random.key(0), get_spec("digits")) == {}
+
+
 def test_sig_signal_has_amplitude_delta_before_clipping():
     attack = make_attack("sig")
     assert attack.clean_label

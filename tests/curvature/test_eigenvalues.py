@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
+from jax.test_util import check_grads
 from jax.tree_util import Partial
 
 from fippure.curvature import density, eigenvalues, products
+from fippure.errors import InvalidInputError
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -65,6 +69,66 @@ def test_lanczos_is_jittable_with_python_loop(problem, dense):
     )(op, problem.params, jax.random.key(2))
     eager = eigenvalues.lanczos(op, problem.params, jax.random.key(2), 6)
     np.testing.assert_allclose(tri.alphas, eager.alphas, rtol=1e-10)
+
+
+@pytest.mark.parametrize("loop", ["python", "fori"])
+def test_gradient_of_the_lanczos_top_eigenvalue_is_the_dense_one(problem, loop):
+    flat, unravel = ravel_pytree(problem.params)
+
+    def dense_top(params):
+        hessian = jax.hessian(lambda f: problem.loss_fn(unravel(f), problem.batch))(
+            ravel_pytree(params)[0]
+        )
+        return jnp.linalg.eigvalsh(hessian)[-1]
+
+    def lanczos_top(params, loop):
+        op = products.make_hvp_operator(problem.loss_fn, params, problem.batch)
+        top = eigenvalues.top_eigenvalues(op, params, jax.random.key(0), 1, flat.size, loop=loop)
+        return top[0]
+
+    expected = ravel_pytree(jax.grad(dense_top)(problem.params))[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "donated buffers were not usable"
+        gradient = ravel_pytree(jax.grad(lanczos_top)(problem.params, loop))[0]
+    np.testing.assert_allclose(gradient, expected, rtol=1e-8, atol=1e-10 * abs(expected).max())
+
+
+@pytest.mark.parametrize("loop", ["python", "fori"])
+def test_slq_quadrature_gradient_matches_finite_differences(problem, loop):
+    def second_moment(params):
+        op = products.make_hvp_operator(problem.loss_fn, params, problem.batch)
+        nodes, weights = density.slq_quadrature(op, params, jax.random.key(7), 4, 2, loop=loop)
+        return jnp.sum(weights * nodes**2)  # = sum over probes of ||H q||^2
+
+    check_grads(second_moment, (problem.params,), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+
+
+def test_python_loop_lanczos_vmaps_like_a_loop_over_parameters(problem):
+    points = [problem.params, jax.tree_util.tree_map(lambda x: 1.1 * x, problem.params)]
+    key = jax.random.key(3)
+
+    def run(params):
+        op = products.make_hvp_operator(problem.loss_fn, params, problem.batch)
+        return eigenvalues.lanczos(op, params, key, 5)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "donated buffers were not usable"
+        batched = jax.vmap(run)(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *points))
+    for i, params in enumerate(points):
+        single = run(params)
+        np.testing.assert_allclose(batched.alphas[i], single.alphas, rtol=1e-10)
+        np.testing.assert_allclose(batched.betas[i], single.betas, rtol=1e-10)
+
+
+def test_lanczos_takes_shape_dtype_structs_as_like(problem):
+    op = operator(problem, "hessian")
+    shapes = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), problem.params
+    )
+    from_shapes = eigenvalues.lanczos(op, shapes, jax.random.key(4), 5)
+    from_params = eigenvalues.lanczos(op, problem.params, jax.random.key(4), 5)
+    np.testing.assert_array_equal(from_shapes.alphas, from_params.alphas)
+    np.testing.assert_array_equal(from_shapes.betas, from_params.betas)
 
 
 def test_few_lanczos_steps_find_a_separated_top_eigenvalue(x64):
@@ -125,3 +189,53 @@ def test_full_slq_nodes_are_eigenvalues(problem, dense):
     heavy = np.asarray(nodes)[np.asarray(weights) > 1e-6]
     gaps = np.min(np.abs(heavy[:, None] - eigenvalues[None]), axis=1)
     np.testing.assert_array_less(gaps, 1e-8 * np.abs(eigenvalues).max())
+
+
+def test_power_iteration_gradient_python_loop_and_forward_mode_fori(x64):
+    # d lambda_max(B + s C) / ds = v^T C v for the top eigenvector v of B (a simple eigenvalue).
+    rng = np.random.default_rng(1)
+    size = 30
+    q, _ = np.linalg.qr(rng.normal(size=(size, size)))
+    base = q @ np.diag(np.concatenate([[10.0, 2.0], rng.uniform(-1, 1, size - 2)])) @ q.T
+    direction = rng.normal(size=(size, size))
+    direction = (direction + direction.T) / 2
+    like = {"a": jnp.zeros((5, 4)), "b": jnp.zeros(10)}
+
+    def top(scale, loop):
+        op = matrix_operator(base + scale * direction)
+        return eigenvalues.power_iteration(op, like, jax.random.key(0), 60, 0.0, loop=loop)[0]
+
+    expected = q[:, 0] @ direction @ q[:, 0]
+    np.testing.assert_allclose(jax.grad(top)(0.0, "python"), expected, rtol=1e-9)
+    _, forward = jax.jvp(lambda s: top(s, "fori"), (0.0,), (1.0,))
+    np.testing.assert_allclose(forward, expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda op, p, key: eigenvalues.lanczos(op, p, key, 0), "num_iters must be positive"),
+        (lambda op, p, key: eigenvalues.top_eigenvalues(op, p, key, k=0), "k must be positive"),
+        (
+            lambda op, p, key: eigenvalues.top_eigenvalues(op, p, key, k=5, num_iters=3),
+            "num_iters must be at least k = 5, got 3",
+        ),
+        (
+            lambda op, p, key: eigenvalues.top_eigenvalues(op, p, key, k=1000, num_iters=1000),
+            "k must be at most the number of parameters",
+        ),
+        (
+            lambda op, p, key: eigenvalues.power_iteration(op, p, key, num_iters=0),
+            "num_iters must be positive",
+        ),
+        (
+            lambda op, p, key: density.slq_quadrature(op, p, key, num_probes=0),
+            "num_probes must be positive",
+        ),
+    ],
+    ids=["lanczos", "top_k", "top_k_iters", "top_k_dim", "power", "slq"],
+)
+def test_bad_counts_raise_one_line_errors(problem, call, message):
+    with pytest.raises(InvalidInputError, match=message) as error:
+        call(operator(problem, "hessian"), problem.params, jax.random.key(0))
+    assert "\n" not in str(error.value)

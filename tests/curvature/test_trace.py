@@ -8,6 +8,7 @@ import pytest
 
 from fippure.curvature import fisher, products, trace
 from fippure.curvature.probes import rademacher_like
+from fippure.errors import InvalidInputError
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -147,3 +148,44 @@ def test_looped_and_vmapped_probes_agree(problem):
         looped = jax.jit(lambda p, fn=fn: fn(p, False))(problem.params)
         vmapped = jax.jit(lambda p, fn=fn: fn(p, True))(problem.params)
         np.testing.assert_allclose(looped, vmapped, rtol=1e-10)
+
+
+ESTIMATORS = {
+    "hutchinson_trace": lambda pr, n, v: trace.hutchinson_trace(
+        operators(pr)["hessian"], pr.params, jax.random.key(0), n, vmap_probes=v
+    ),
+    "hutchinson_samples": lambda pr, n, v: trace.hutchinson_samples(
+        operators(pr)["hessian"], pr.params, jax.random.key(0), n, vmap_probes=v
+    ),
+    "hutchinson_diagonal": lambda pr, n, v: trace.hutchinson_diagonal(
+        operators(pr)["hessian"], pr.params, jax.random.key(0), n, vmap_probes=v
+    ),
+    "ggn_trace": lambda pr, n, v: trace.ggn_trace(
+        pr.logits_fn, pr.params, pr.batch, jax.random.key(0), n, vmap_probes=v
+    ),
+    "empirical_fisher_trace": lambda pr, n, v: fisher.empirical_fisher_trace(
+        pr.per_example_loss_fn, pr.params, pr.batch, jax.random.key(0), n, vmap_probes=v
+    ),
+    "true_fisher_trace": lambda pr, n, v: fisher.true_fisher_trace(
+        pr.logits_fn, pr.params, pr.batch, jax.random.key(0), n, vmap_probes=v
+    ),
+}
+
+
+@pytest.mark.parametrize("vmap_probes", [False, True])
+@pytest.mark.parametrize("num_probes", [0, -1])
+@pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
+def test_non_positive_num_probes_is_a_one_line_error(problem, estimator, num_probes, vmap_probes):
+    with pytest.raises(InvalidInputError, match=f"num_probes must be positive, got {num_probes}"):
+        ESTIMATORS[estimator](problem, num_probes, vmap_probes)
+
+
+def test_hutchinson_takes_shape_dtype_structs_as_like(problem):
+    shapes = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), problem.params
+    )
+    op = operators(problem)["hessian"]
+    np.testing.assert_array_equal(
+        trace.hutchinson_samples(op, shapes, jax.random.key(2), 3),
+        trace.hutchinson_samples(op, problem.params, jax.random.key(2), 3),
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -112,6 +113,26 @@ def test_transfer_keeps_the_original_statistics_when_the_weights_did_not_move(cl
         out["batch_stats"],
         original["batch_stats"],
     )
+
+
+def test_frozen_variables_are_accepted_and_give_the_same_statistics(clean_set):
+    model, original, purified = _before_and_after()
+    key = jax.random.key(4)
+    frozen_original, frozen_purified = flax.core.freeze(original), flax.core.freeze(purified)
+    pairs = [
+        (
+            recompute_batch_stats(model, frozen_purified, clean_set, key, batches=2),
+            recompute_batch_stats(model, purified, clean_set, key, batches=2),
+        ),
+        (
+            transfer_batch_stats(model, frozen_original, frozen_purified, clean_set, key),
+            transfer_batch_stats(model, original, purified, clean_set, key),
+        ),
+    ]
+    for from_frozen, from_plain in pairs:
+        jax.tree_util.tree_map(
+            np.testing.assert_array_equal, flax.core.unfreeze(from_frozen), from_plain
+        )
 
 
 def test_transfer_moves_the_stored_statistics_by_the_change_on_the_clean_set(clean_set):

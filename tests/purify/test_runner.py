@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fippure.checkpoints import load_checkpoint
-from fippure.errors import InvalidInputError, NonFiniteLossError
+from fippure.errors import CheckpointError, InvalidInputError, NonFiniteLossError
 from fippure.evaluation import defense_effectiveness_rating
 from fippure.models.registry import create_model, init_variables
 from fippure.purify import DEFENSES, make_config
@@ -41,6 +41,54 @@ def test_run_defense_reports_before_after_and_der(digits_badnets, tmp_path):
     assert purified.metadata["defense"]["name"] == "ft"
     assert purified.metadata["attack"]["name"] == "badnets"
     np.testing.assert_array_equal(purified.metadata["clean_indices"], digits_badnets.clean_indices)
+
+
+def test_an_output_directory_holding_another_checkpoint_or_run_is_refused(
+    digits_badnets, digits_badnets_path, tmp_path
+):
+    # Writing into the source checkpoint would replace the backdoored model with its output.
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        run_defense(digits_badnets, "ft", overrides={"steps": "2"}, out=digits_badnets_path)
+    assert load_checkpoint(digits_badnets_path).metadata.get("defense") is None
+    fast = {"steps": "2", "batch_size": "16"}
+    run_defense(digits_badnets, "ft", overrides=fast, out=tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="holds a run with a different config, defense"):
+        run_defense(digits_badnets, "fip", overrides=fast, out=tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="different seed"):
+        run_defense(digits_badnets, "ft", overrides=fast, seed=1, out=tmp_path, progress=False)
+    # the same run may be repeated into its own output
+    again = run_defense(digits_badnets, "ft", overrides=fast, out=tmp_path, progress=False)
+    assert again["after"] == json.loads((tmp_path / "report.json").read_text())["after"]
+    assert load_checkpoint(tmp_path).metadata["defense"]["name"] == "ft"
+    # replace=True (the demo's) swaps another run's output for this one, never a checkpoint
+    run_defense(digits_badnets, "fip", overrides=fast, out=tmp_path, replace=True, progress=False)
+    assert load_checkpoint(tmp_path).metadata["defense"]["name"] == "fip"
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        run_defense(digits_badnets, "ft", overrides=fast, out=digits_badnets_path, replace=True)
+
+
+@pytest.mark.parametrize(
+    ("defense", "wrong"), [("ft", "fip"), ("fip", "ft"), ("nft", "ngf"), ("ngf", "nft")]
+)
+def test_another_defenses_config_is_refused_in_one_line(digits_badnets, defense, wrong):
+    bd = digits_badnets
+    with pytest.raises(InvalidInputError, match=f"{defense} takes a .*Config, got .*Config"):
+        DEFENSES[defense].purify(bd.model, bd.variables, bd.clean, make_config(wrong))
+
+
+def test_the_key_may_be_a_seed_or_a_legacy_key_and_nothing_else(digits_badnets):
+    bd = digits_badnets
+    config = FTConfig(steps=2, batch_size=16)
+
+    def run(key):
+        return purify(bd.model, bd.variables, bd.clean, config, key, progress=False)[0]
+
+    expected = run(jax.random.key(3))
+    for same in (3, np.int64(3), jax.random.PRNGKey(3)):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, run(same), expected)
+    for bad in ("3", 2.5, jax.random.split(jax.random.key(0), 2)):
+        with pytest.raises(InvalidInputError, match="key must be one jax.random.key"):
+            run(bad)
 
 
 def test_a_clean_set_missing_a_class_is_refused(digits_badnets):

@@ -1,0 +1,61 @@
+"""Batched prediction: padded batches give the unbatched logits, and images the model cannot
+take are refused in one line."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from fippure.data.catalog import get_spec
+from fippure.errors import InvalidInputError
+from fippure.inference import accuracy, predict, predict_logits
+from fippure.models.registry import create_model, init_variables
+
+SPEC = get_spec("digits")
+
+
+@pytest.fixture(scope="module")
+def network():
+    model = create_model("small_cnn", num_classes=10, width=4)
+    return model, init_variables(model, jax.random.key(0), SPEC.image_shape)
+
+
+def _images(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, *SPEC.image_shape), dtype=np.uint8)
+
+
+def test_padded_batches_give_the_logits_of_one_batch(network):
+    model, variables = network
+    images = _images(7)
+    whole = predict_logits(model, variables, images, SPEC, batch_size=7)
+    np.testing.assert_allclose(
+        predict_logits(model, variables, images, SPEC, batch_size=3), whole, rtol=1e-5, atol=1e-6
+    )
+    # uint8 and the same images as floats in [0, 1] are the same input
+    np.testing.assert_allclose(
+        predict_logits(model, variables, images / 255.0, SPEC), whole, rtol=1e-5, atol=1e-5
+    )
+    labels = predict(model, variables, images, SPEC)
+    assert accuracy(model, variables, images, labels, SPEC) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (np.zeros((4, 32, 32, 3), np.uint8), r"expected digits images of shape \(n, 8, 8, 1\)"),
+        (np.zeros((8, 8, 1), np.uint8), r"got \(8, 8, 1\)"),
+        (np.full((2, 8, 8, 1), 255.0, np.float32), "float images are read as \\[0, 1\\]"),
+    ],
+)
+def test_images_the_model_cannot_take_are_refused(network, images, message):
+    model, variables = network
+    with pytest.raises(InvalidInputError, match=message):
+        predict(model, variables, images, SPEC)
+
+
+def test_accuracy_needs_one_label_per_image(network):
+    model, variables = network
+    with pytest.raises(InvalidInputError, match=r"\(3,\) labels for 5 images"):
+        accuracy(model, variables, _images(5), np.zeros(3, np.int32), SPEC)
+    assert np.isnan(accuracy(model, variables, _images(0), np.zeros(0, np.int32), SPEC))
