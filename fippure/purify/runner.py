@@ -193,7 +193,8 @@ def claim_output_directory(
         CheckpointError: ``out`` holds a checkpoint that no defense run stamped (the source
             checkpoint, a trained model) or, without ``replace``, the output of another run
             (another defense, config, seed, source or clean set), which writing there would
-            destroy.
+            destroy. A run that stopped before it saved any progress holds nothing, and
+            another run may take its directory.
     """
     out = pathlib.Path(out).resolve()
     if (out / METADATA).exists() and not (out / RUN_STAMP).exists():
@@ -201,6 +202,12 @@ def claim_output_directory(
             f"{out} already holds a checkpoint that is not a defense's output (the source "
             "checkpoint or a trained model); use another --out directory"
         )
+    progress = out / PROGRESS
+    saved = progress.is_dir() and any(entry.name.isdigit() for entry in progress.iterdir())
+    if (out / RUN_STAMP).exists() and not (out / METADATA).exists() and not saved:
+        # a run that stopped before saving anything (a bad option, say) left nothing to keep
+        shutil.rmtree(progress, ignore_errors=True)
+        (out / RUN_STAMP).unlink()
     try:
         claim_run_directory(out, fingerprint)
     except CheckpointError:

@@ -60,6 +60,14 @@ def test_an_output_directory_holding_another_checkpoint_or_run_is_refused(
     again = run_defense(digits_badnets, "ft", overrides=fast, out=tmp_path, progress=False)
     assert again["after"] == json.loads((tmp_path / "report.json").read_text())["after"]
     assert load_checkpoint(tmp_path).metadata["defense"]["name"] == "ft"
+    # a run that failed before saving anything (here: a mask pattern that matches nothing)
+    # leaves its directory to the next run
+    failed = tmp_path / "failed"
+    with pytest.raises(InvalidInputError, match="no BatchNorm module matches"):
+        run_defense(digits_badnets, "nft", overrides={"mask_pattern": "nothing"}, out=failed)
+    fixed = {"mask_pattern": "bn[23]$", **fast}
+    run_defense(digits_badnets, "nft", overrides=fixed, out=failed, progress=False)
+    assert load_checkpoint(failed).metadata["defense"]["name"] == "nft"
     # replace=True (the demo's) swaps another run's output for this one, never a checkpoint
     run_defense(digits_badnets, "fip", overrides=fast, out=tmp_path, replace=True, progress=False)
     assert load_checkpoint(tmp_path).metadata["defense"]["name"] == "fip"
