@@ -138,7 +138,8 @@ def claim_run_directory(directory: str | os.PathLike, fingerprint: Mapping[str, 
         Whether the directory already held this run (so it may be resumed).
 
     Raises:
-        CheckpointError: the directory holds another run; the message names what differs.
+        CheckpointError: the directory holds another run (its stamp and anything it saved);
+            the message names what differs. A stamp with nothing beside it is replaced.
     """
     directory = pathlib.Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
@@ -148,6 +149,10 @@ def claim_run_directory(directory: str | os.PathLike, fingerprint: Mapping[str, 
         stamp.write_text(json.dumps(fingerprint, indent=1))
         return False
     previous = json.loads(stamp.read_text())
+    if previous != fingerprint and all(entry == stamp for entry in directory.iterdir()):
+        # the other run stopped before it saved anything (a bad option, missing data)
+        stamp.write_text(json.dumps(fingerprint, indent=1))
+        return False
     if previous != fingerprint:
         changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
         raise CheckpointError(

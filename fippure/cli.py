@@ -45,11 +45,14 @@ def clean_size(text: str) -> int | float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}") from None
-    if value.is_integer() and value >= 1:
+    written_as_count = text.strip().lstrip("+").isdigit()  # "1.0" is a fraction, not 1 image
+    if written_as_count and value >= 1:
         return int(value)
-    if 0 < value < 1:
+    if not written_as_count and 0 < value < 1:
         return value
-    raise argparse.ArgumentTypeError(f"expected a count >= 1 or a fraction in (0, 1), got {text}")
+    raise argparse.ArgumentTypeError(
+        f"expected a count >= 1 (an integer) or a fraction in (0, 1), got {text}"
+    )
 
 
 def positive_int(text: str) -> int:

@@ -15,9 +15,16 @@ from typing import Any
 
 import jax
 
-from fippure.checkpoints import model_metadata, save_checkpoint
+from fippure.checkpoints import (
+    METADATA,
+    RUN_STAMP,
+    claim_run_directory,
+    model_metadata,
+    save_checkpoint,
+)
 from fippure.data.sources import ImageDataset, load_dataset
 from fippure.data.splits import split_clean_set
+from fippure.errors import CheckpointError
 from fippure.inference import accuracy
 from fippure.models.registry import create_model, init_variables
 from fippure.provenance import provenance
@@ -78,13 +85,27 @@ def train_classifier(
 ) -> dict[str, Any]:
     """Trains a clean classifier, checkpoints it in ``out`` and returns the JSON report.
 
-    ``out`` receives the final checkpoint (``metadata.json``, ``variables/``), ``report.json``
-    and ``train/`` (orbax checkpoints of the run; re-running the same command resumes).
+    ``out`` receives the final checkpoint (``metadata.json``, ``variables/``), ``report.json``,
+    ``run.json`` (what the run is) and ``train/`` (orbax checkpoints of the run; re-running the
+    same command resumes). A directory that holds another run is refused
+    (:class:`~fippure.errors.CheckpointError`).
     """
     out = pathlib.Path(out).resolve()
-    data = prepare_data(dataset, clean_size=clean_size, clean_seed=clean_seed, data_dir=data_dir)
     model_kwargs = {k: v for k, v in (model_kwargs or {}).items() if v is not None}
+    data = prepare_data(dataset, clean_size=clean_size, clean_seed=clean_seed, data_dir=data_dir)
     network = create_model(model, data.train.num_classes, **model_kwargs)
+    _claim_output(
+        out,
+        {
+            "command": "train",
+            "dataset": dataset,
+            "model": model,
+            "model_kwargs": model_kwargs,
+            "clean_size": clean_size,
+            "clean_seed": clean_seed,
+            "train_config": dataclasses.asdict(config),
+        },
+    )
     variables = init_variables(network, jax.random.key(config.seed), data.train.spec.image_shape)
     spec = data.train.spec
 
@@ -113,11 +134,12 @@ def train_classifier(
         "train_config": dataclasses.asdict(config),
     }
     save_checkpoint(out, variables, metadata)
+    final = report.final or evaluate(variables)  # a finished run resumed has no last evaluation
     result = {
         "dataset": dataset,
         "model": model,
         "model_kwargs": model_kwargs,
-        "test_accuracy": report.final.get("test_accuracy"),
+        "test_accuracy": final.get("test_accuracy"),
         "epochs": config.epochs,
         "train_examples": len(data.train),
         "clean_examples": len(data.clean),
@@ -156,7 +178,8 @@ def train_backdoored(
     The checkpoint stores everything needed to re-create the triggered test set: the attack's
     name and options, its state pytree (``extras/attack_state``, as ``attack.saved_state``
     keeps it), seeds, the poisoned indices and the clean-set indices (both into the full
-    training split).
+    training split). Like :func:`train_classifier`, it stamps ``out`` with what the run is
+    (``run.json``) and refuses a directory that holds another run.
 
     Args:
         reference: checkpoint of a clean model, for attacks that need one
@@ -192,6 +215,27 @@ def train_backdoored(
     network = create_model(model, spec.num_classes, **model_kwargs)
     if threat.needs_reference and reference is None:
         raise InvalidInputError(f"attack {attack} needs a clean reference model (--reference)")
+    # Everything that shapes the weights: resuming (or reusing attack_fit/) under another
+    # attack, target or clean split would relabel a model trained for the old one.
+    _claim_output(
+        out,
+        {
+            "command": "attack",
+            "dataset": dataset,
+            "model": model,
+            "model_kwargs": model_kwargs,
+            "attack": attack,
+            "attack_options": threat.options(),
+            "target": target,
+            "ratio": ratio,
+            "mode": mode,
+            "attack_seed": attack_seed,
+            "clean_size": clean_size,
+            "clean_seed": clean_seed,
+            "reference": str(pathlib.Path(reference).resolve()) if reference else None,
+            "train_config": dataclasses.asdict(config),
+        },
+    )
     data = prepare_data(dataset, clean_size=clean_size, clean_seed=clean_seed, data_dir=data_dir)
     plan = make_poison_plan(
         data.train.labels,
@@ -272,6 +316,16 @@ def train_backdoored(
     }
     (out / "report.json").write_text(json.dumps(_jsonable(result), indent=1))
     return result
+
+
+def _claim_output(out: pathlib.Path, fingerprint: dict[str, Any]) -> None:
+    """Stamps ``out`` with the run (:func:`~fippure.checkpoints.claim_run_directory`); a
+    checkpoint there without a stamp (the zoo's, an older fippure's) is refused too."""
+    if (out / METADATA).exists() and not (out / RUN_STAMP).exists():
+        raise CheckpointError(
+            f"{out} already holds a checkpoint of an unknown run; use another --out directory"
+        )
+    claim_run_directory(out, fingerprint)
 
 
 def _fitted_attack_state(threat, context, key, out: pathlib.Path):

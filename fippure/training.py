@@ -141,7 +141,8 @@ class TrainReport:
         wall_time_s: seconds spent in this call (compilation and evaluation included).
         total_wall_time_s: seconds spent over every call of this run (resumes included).
         train_images_per_s: training throughput of this call, compilation and evaluation
-            excluded.
+            excluded; ``None`` when nothing could be timed (a one-epoch run, whose first
+            interval is compilation, or a resumed run with no steps left).
         final: the last evaluation's metrics.
     """
 
@@ -151,7 +152,7 @@ class TrainReport:
     resumed_from_step: int = 0
     wall_time_s: float = 0.0
     total_wall_time_s: float = 0.0
-    train_images_per_s: float = 0.0
+    train_images_per_s: float | None = None
     final: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

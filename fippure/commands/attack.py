@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 NAME = "attack"
 HELP = "train a backdoored model (resumes if --out holds an interrupted run)"
@@ -79,5 +80,13 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     keys = ("test_accuracy", "asr", "ra", "epochs", "wall_time_s", "train_images_per_s")
-    print(json.dumps({k: report[k] for k in keys}))
+    realised = report["attack"]["realised_ratio"]
+    if realised < args.ratio - 1e-9:  # a clean-label attack ran out of target-class images
+        print(
+            f"fippure: note: {args.attack} poisons target-class images only; it poisoned "
+            f"{report['attack']['num_poisoned']} ({realised:.4f} of the training set), not "
+            f"{args.ratio}",
+            file=sys.stderr,
+        )
+    print(json.dumps({**{k: report[k] for k in keys}, "realised_ratio": realised}))
     return 0

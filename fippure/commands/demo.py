@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInputError(
                 "--checkpoint is for --dataset cifar10; the digits demo attacks its own model"
             )
-        checkpoint = _digits_backdoor(out / "badnets_digits", args.seed, progress)
+        checkpoint = _digits_backdoor(out / f"badnets_digits_seed{args.seed}", args.seed, progress)
         overrides = {**DIGITS_FIP, **dict(args.set)}
     else:
         load_dataset("cifar10", "test", data_dir=args.data_dir)  # one-line error if unavailable
@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _digits_backdoor(out: pathlib.Path, seed: int, progress: bool) -> pathlib.Path:
-    """A BadNets small CNN on digits (reused if ``out`` already holds one)."""
+    """A BadNets small CNN on digits, trained with ``seed`` (reused if ``out`` already holds
+    one; the directory name carries the seed)."""
     from fippure.recipes import train_backdoored
     from fippure.training import TrainConfig
 

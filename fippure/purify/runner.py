@@ -197,21 +197,22 @@ def claim_output_directory(
             another run may take its directory.
     """
     out = pathlib.Path(out).resolve()
-    if (out / METADATA).exists() and not (out / RUN_STAMP).exists():
+    progress, stamp = out / PROGRESS, out / RUN_STAMP
+    ours = stamp.exists() and "defense" in json.loads(stamp.read_text())
+    if (out / METADATA).exists() and not ours:
         raise CheckpointError(
             f"{out} already holds a checkpoint that is not a defense's output (the source "
             "checkpoint or a trained model); use another --out directory"
         )
-    progress = out / PROGRESS
     saved = progress.is_dir() and any(entry.name.isdigit() for entry in progress.iterdir())
-    if (out / RUN_STAMP).exists() and not (out / METADATA).exists() and not saved:
+    if ours and not (out / METADATA).exists() and not saved:
         # a run that stopped before saving anything (a bad option, say) left nothing to keep
         shutil.rmtree(progress, ignore_errors=True)
-        (out / RUN_STAMP).unlink()
+        stamp.unlink()
     try:
         claim_run_directory(out, fingerprint)
     except CheckpointError:
-        if not replace:
+        if not (replace and ours):  # never remove what another command wrote
             raise
         shutil.rmtree(out)
         claim_run_directory(out, fingerprint)

@@ -1,0 +1,69 @@
+"""``fippure train`` / ``fippure attack`` output directories: a run is stamped with everything
+that shapes its weights, so a re-run resumes only the same run, and a finished run re-run
+reports what it reported the first time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fippure.checkpoints import claim_run_directory
+from fippure.errors import CheckpointError
+from fippure.recipes import train_backdoored, train_classifier
+from fippure.training import TrainConfig
+
+CONFIG = TrainConfig(epochs=1, batch_size=64, learning_rate=0.05, eval_every=1)
+TINY = dict(dataset="digits", model="small_cnn", model_kwargs={"width": 4}, progress=False)
+
+
+@pytest.fixture(scope="module")
+def badnets_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("badnets")
+    report = train_backdoored(out=out, config=CONFIG, attack="badnets", **TINY)
+    return out, report
+
+
+@pytest.mark.parametrize(
+    ("changes", "differs"),
+    [
+        ({"attack": "blend"}, "attack"),
+        ({"target": 3}, "target"),
+        ({"clean_seed": 5}, "clean_seed"),
+        ({"attack_options": {"size": 2}}, "attack_options"),
+    ],
+)
+def test_another_attack_into_the_same_output_is_refused(badnets_run, changes, differs):
+    out, _ = badnets_run
+    options = {"attack": "badnets", **changes}
+    with pytest.raises(CheckpointError, match=f"holds a run with a different .*{differs}"):
+        train_backdoored(out=out, config=CONFIG, **options, **TINY)
+
+
+def test_a_clean_training_cannot_relabel_a_backdoored_output(badnets_run):
+    out, _ = badnets_run
+    with pytest.raises(CheckpointError, match="holds a run with a different"):
+        train_classifier(out=out, config=CONFIG, **TINY)
+    assert json.loads((out / "metadata.json").read_text())["attack"]["name"] == "badnets"
+
+
+def test_rerunning_a_finished_run_reports_the_same_result(badnets_run, tmp_path):
+    out, first = badnets_run
+    again = train_backdoored(out=out, config=CONFIG, attack="badnets", **TINY)
+    assert again["resumed_from_step"] > 0  # it found the finished run and trained nothing
+    assert (again["test_accuracy"], again["asr"]) == (first["test_accuracy"], first["asr"])
+    clean = train_classifier(out=tmp_path, config=CONFIG, **TINY)
+    rerun = train_classifier(out=tmp_path, config=CONFIG, **TINY)
+    assert rerun["test_accuracy"] == clean["test_accuracy"] is not None
+    # nothing was timed in a one-epoch run (its first interval is compilation)
+    assert rerun["train_images_per_s"] is None
+
+
+def test_a_stamp_with_nothing_beside_it_is_free(tmp_path):
+    assert claim_run_directory(tmp_path, {"run": 1}) is False
+    # a run that stopped before saving anything (a bad option) does not lock the directory
+    assert claim_run_directory(tmp_path, {"run": 2}) is False
+    (tmp_path / "saved").mkdir()
+    with pytest.raises(CheckpointError, match="different run"):
+        claim_run_directory(tmp_path, {"run": 3})
+    assert claim_run_directory(tmp_path, {"run": 2}) is True
