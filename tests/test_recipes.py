@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from fippure import cli
 from fippure.checkpoints import claim_run_directory
 from fippure.errors import CheckpointError
 from fippure.recipes import train_backdoored, train_classifier
@@ -67,3 +68,13 @@ def test_a_stamp_with_nothing_beside_it_is_free(tmp_path):
     with pytest.raises(CheckpointError, match="different run"):
         claim_run_directory(tmp_path, {"run": 3})
     assert claim_run_directory(tmp_path, {"run": 2}) is True
+
+
+def test_attack_says_when_a_clean_label_attack_poisons_less_than_asked(tmp_path, capsys):
+    argv = ["attack", "--dataset", "digits", "--model", "small_cnn", "--width", "4"]
+    argv += ["--epochs", "1", "--attack", "sig", "--ratio", "0.5", "--out", str(tmp_path)]
+    assert cli.main([*argv, "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "fippure: note: sig poisons target-class images only" in captured.err
+    printed = json.loads(captured.out.strip().splitlines()[-1])
+    assert 0 < printed["realised_ratio"] < 0.2  # about a tenth of digits is one class

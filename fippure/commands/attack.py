@@ -80,12 +80,12 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     keys = ("test_accuracy", "asr", "ra", "epochs", "wall_time_s", "train_images_per_s")
-    realised = report["attack"]["realised_ratio"]
-    if realised < args.ratio - 1e-9:  # a clean-label attack ran out of target-class images
+    realised, poisoned = report["attack"]["realised_ratio"], report["attack"]["num_poisoned"]
+    # short by more than rounding: a clean-label attack ran out of target-class images
+    if poisoned + 1 < args.ratio * report["train_examples"]:
         print(
             f"fippure: note: {args.attack} poisons target-class images only; it poisoned "
-            f"{report['attack']['num_poisoned']} ({realised:.4f} of the training set), not "
-            f"{args.ratio}",
+            f"{poisoned} ({realised:.4f} of the training set), not {args.ratio}",
             file=sys.stderr,
         )
     print(json.dumps({**{k: report[k] for k in keys}, "realised_ratio": realised}))
