@@ -139,13 +139,19 @@ def claim_run_directory(directory: str | os.PathLike, fingerprint: Mapping[str, 
 
     Raises:
         CheckpointError: the directory holds another run (its stamp and anything it saved);
-            the message names what differs. A stamp with nothing beside it is replaced.
+            the message names what differs. A stamp with nothing beside it is replaced. A
+            checkpoint without a stamp (the zoo's, an older fippure's) is refused too.
     """
     directory = pathlib.Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     stamp = directory / RUN_STAMP
     fingerprint = json.loads(json.dumps(_to_jsonable(dict(fingerprint))))  # as JSON reads it
     if not stamp.exists():
+        if (directory / METADATA).exists():
+            raise CheckpointError(
+                f"{directory} already holds a checkpoint of an unknown run; use another --out "
+                "directory"
+            )
         stamp.write_text(json.dumps(fingerprint, indent=1))
         return False
     previous = json.loads(stamp.read_text())

@@ -15,16 +15,9 @@ from typing import Any
 
 import jax
 
-from fippure.checkpoints import (
-    METADATA,
-    RUN_STAMP,
-    claim_run_directory,
-    model_metadata,
-    save_checkpoint,
-)
+from fippure.checkpoints import claim_run_directory, model_metadata, save_checkpoint
 from fippure.data.sources import ImageDataset, load_dataset
 from fippure.data.splits import split_clean_set
-from fippure.errors import CheckpointError
 from fippure.inference import accuracy
 from fippure.models.registry import create_model, init_variables
 from fippure.provenance import provenance
@@ -94,7 +87,7 @@ def train_classifier(
     model_kwargs = {k: v for k, v in (model_kwargs or {}).items() if v is not None}
     data = prepare_data(dataset, clean_size=clean_size, clean_seed=clean_seed, data_dir=data_dir)
     network = create_model(model, data.train.num_classes, **model_kwargs)
-    _claim_output(
+    claim_run_directory(
         out,
         {
             "command": "train",
@@ -217,7 +210,7 @@ def train_backdoored(
         raise InvalidInputError(f"attack {attack} needs a clean reference model (--reference)")
     # Everything that shapes the weights: resuming (or reusing attack_fit/) under another
     # attack, target or clean split would relabel a model trained for the old one.
-    _claim_output(
+    claim_run_directory(
         out,
         {
             "command": "attack",
@@ -316,16 +309,6 @@ def train_backdoored(
     }
     (out / "report.json").write_text(json.dumps(_jsonable(result), indent=1))
     return result
-
-
-def _claim_output(out: pathlib.Path, fingerprint: dict[str, Any]) -> None:
-    """Stamps ``out`` with the run (:func:`~fippure.checkpoints.claim_run_directory`); a
-    checkpoint there without a stamp (the zoo's, an older fippure's) is refused too."""
-    if (out / METADATA).exists() and not (out / RUN_STAMP).exists():
-        raise CheckpointError(
-            f"{out} already holds a checkpoint of an unknown run; use another --out directory"
-        )
-    claim_run_directory(out, fingerprint)
 
 
 def _fitted_attack_state(threat, context, key, out: pathlib.Path):
