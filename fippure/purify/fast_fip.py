@@ -9,40 +9,63 @@ step. The loss is FIP's, with the Fisher trace and the Fisher anchor taken with 
 ``d``. BatchNorm affine parameters and biases are frozen; BatchNorm statistics re-estimate on
 D_v (**choice**). PreAct-ResNet-18 has about 4.3k shifts at width 64 (1.1k at width 16).
 
-Cost per step: the paper reports Fast FIP about 5x faster than FIP. Here a step costs about
-what a FIP step costs (``experiments/fast_fip_speed.py``, results in
-``experiments/results/fast_fip_speed.md``; 2 CPU cores, width 16), because FIP's
-trace is already a Hutchinson ``jvp`` whose cost does not grow with the number of tuned
-parameters, and a shift's tangent ``U diag(v) V^T`` is a dense kernel tangent. Both steps pay
-the same forward, tangent and backward passes through the network; what Fast FIP saves is
-optimiser state and the kernel-sized anchor, which are small next to the convolutions.
+Cost per step: the paper reports Fast FIP about 5x faster than FIP
+(``experiments/fast_fip_speed.py`` measures it; results in
+``experiments/results/fast_fip_speed.md``). The saving does not come from the number of tuned
+scalars: FIP's trace is already a Hutchinson ``jvp`` whose cost does not grow with it. It comes
+from the layer form (``kernel_form``, **choice**):
+
+- ``factored`` (default): each conv/dense layer runs as ``((x * U) * relu(s + d)) V^T``
+  (:func:`fippure.optim.spectral.factored`), so the kernels are constants of the step. The
+  reverse pass computes input gradients only, where FIP also computes a kernel gradient per
+  convolution, and a tangent in ``d`` costs one convolution per layer, where FIP's costs two.
+- ``rebuilt``: ``W(d)`` is formed every step and the network runs as usual. It is the
+  reference form, and on 2 CPU cores a step costs what a FIP step costs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import flax.linen as nn
 from jaxtyping import PRNGKeyArray
 
 from fippure.data.sources import ImageDataset
 from fippure.models.registry import Variables
-from fippure.optim.spectral import KERNEL_PATTERN, decompose, init_shifts, rebuild_params
-from fippure.purify.common import Observer, PurifyReport, as_variables, defense_arguments
+from fippure.optim.spectral import (
+    KERNEL_PATTERN,
+    decompose,
+    factored,
+    init_shifts,
+    rebuild_params,
+)
+from fippure.purify.common import (
+    Observer,
+    PurifyReport,
+    apply_model,
+    as_variables,
+    defense_arguments,
+)
 from fippure.purify.fip import FIPConfig, fisher_guided_purify
 from fippure.purify.resume import Checkpointing
 
 
 @dataclasses.dataclass(frozen=True)
 class FastFIPConfig(FIPConfig):
-    """FIP's settings plus the kernel selection.
+    """FIP's settings plus the kernel selection and the layer form.
 
     Attributes:
         kernel_pattern: regular expression over parameter paths choosing the kernels to
             reparameterise (default: every conv and dense kernel).
+        kernel_form: how a reparameterised layer runs inside the steps: ``factored``
+            (a convolution with the frozen ``U``, a channel scale ``relu(s + d)`` and a matmul
+            with the frozen ``V^T``; **choice**, about twice as fast) or ``rebuilt``
+            (``W(d)`` formed every step). Both compute the same function up to rounding.
     """
 
     kernel_pattern: str = KERNEL_PATTERN
+    kernel_form: Literal["factored", "rebuilt"] = "factored"
 
 
 def purify(
@@ -68,6 +91,11 @@ def purify(
     def to_params(shifts):
         return rebuild_params(params, factors, shifts)
 
+    def apply_factored(shifts, stats, x, train):
+        # Layers that cannot run factored read their rebuilt kernels; jit drops the others.
+        with factored(factors, shifts):
+            return apply_model(model, to_params(shifts), stats, x, train)
+
     shifts, stats, report = fisher_guided_purify(
         model,
         variables,
@@ -76,6 +104,7 @@ def purify(
         key,
         tunable=init_shifts(factors),
         to_params=to_params,
+        apply_tunable=apply_factored if config.kernel_form == "factored" else None,
         method="fast_fip",
         progress=progress,
         observer=observer,

@@ -205,6 +205,7 @@ def fisher_guided_purify(
     *,
     tunable: Any,
     to_params: Callable[[Any], Any],
+    apply_tunable: Callable[..., tuple[jax.Array, Any]] | None = None,
     method: str,
     progress: bool = True,
     observer: Observer | None = None,
@@ -212,6 +213,11 @@ def fisher_guided_purify(
     checkpointing: Checkpointing | None = None,
 ) -> tuple[Any, Any, PurifyReport]:
     """Minimises FIP's objective over ``tunable`` with ``params = to_params(tunable)``.
+
+    ``apply_tunable(tunable, batch_stats, inputs, train) -> (logits, batch_stats)`` evaluates
+    the network inside the jitted steps and for Fbar and TrF0 (default: ``model.apply`` with
+    ``to_params(tunable)``); Fast FIP passes its factored form. ``to_params`` alone builds the
+    returned, observed and checkpointed variables.
 
     Returns:
         ``(tunable, batch_stats, report)`` after ``config.steps`` steps.
@@ -222,12 +228,16 @@ def fisher_guided_purify(
     batch_size = clean_batch_size(config.batch_size, clean_set)
     images, labels = device_clean_set(clean_set)
     stats0 = variables.get("batch_stats", {})
+    if apply_tunable is None:
+
+        def apply_tunable(t, stats, x, train):
+            return apply_model(model, to_params(t), stats, x, train)
 
     def logits_eval(t, stats, x):
-        return model.apply(as_variables(to_params(t), stats), x, train=False)
+        return apply_tunable(t, stats, x, False)[0]
 
     def logits_trace(t, stats, x):
-        return apply_model(model, to_params(t), stats, x, config.trace_bn_train)[0]
+        return apply_tunable(t, stats, x, config.trace_bn_train)[0]
 
     # Fbar and TrF0: the original model on the un-augmented clean set, BN in eval mode.
     inputs = normalize(to_unit_range(images), spec)
@@ -273,7 +283,7 @@ def fisher_guided_purify(
             x, y = sample_clean_batch(batch_key, images, labels, batch_size, spec, config.augment)
 
             def objective(t):
-                logits, new_stats = apply_model(model, to_params(t), stats, x, config.bn_train)
+                logits, new_stats = apply_tunable(t, stats, x, config.bn_train)
                 ce = cross_entropy(logits, y)
                 terms = {"ce": ce}
                 loss = ce

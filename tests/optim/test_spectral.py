@@ -1,7 +1,9 @@
-"""Spectral shifts: zero shifts reproduce kernels and logits; counts for PreAct-ResNet-18."""
+"""Spectral shifts: zero shifts reproduce kernels and logits; counts for PreAct-ResNet-18; the
+factored layer form equals the rebuilt kernels."""
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,3 +80,122 @@ def test_pattern_selects_kernels(resnet):
     assert list(spectral.shift_counts(factors)) == ["head/kernel"]
     with pytest.raises(InvalidInputError, match="no kernel"):
         spectral.decompose(variables["params"], pattern="nothing")
+
+
+def _random_shifts(factors, key, scale=0.3):
+    """Shifts of a few tenths of each singular value, some of them cutting a direction."""
+    leaves, treedef = jax.tree_util.tree_flatten(spectral.init_shifts(factors))
+    keys = jax.random.split(key, len(leaves))
+    values = [
+        scale * jax.random.normal(k, leaf.shape, leaf.dtype)
+        for k, leaf in zip(keys, leaves, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _both_forms(model, variables, factors, shifts, images, train):
+    """``(rebuilt, factored)`` outputs of the network at ``shifts``."""
+    rebuilt = {**variables, "params": spectral.rebuild_params(variables["params"], factors, shifts)}
+    kwargs = {"train": True, "mutable": ["batch_stats"]} if train else {}
+    dense = model.apply(rebuilt, images, **kwargs)
+    with spectral.factored(factors, shifts):
+        low_rank = model.apply(rebuilt, images, **kwargs)
+    return dense, low_rank
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_factored_form_equals_the_rebuilt_kernels(resnet, train):
+    """((x * U) * relu(s + d)) V^T is the layer with W(d): logits and re-estimated BN stats."""
+    model, variables = resnet
+    factors = spectral.decompose(variables["params"])
+    shifts = _random_shifts(factors, jax.random.key(3))
+    images = jax.random.normal(jax.random.key(4), (3, 32, 32, 3))
+    dense, low_rank = jax.jit(lambda d: _both_forms(model, variables, factors, d, images, train))(
+        shifts
+    )
+    for a, b in zip(
+        jax.tree_util.tree_leaves(dense), jax.tree_util.tree_leaves(low_rank), strict=True
+    ):
+        np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-4)
+
+
+def test_factored_form_skips_the_kernels(resnet):
+    """Under jit no rebuilt kernel is computed: the factored program has no (m, out) product
+    of U and V^T, so it is smaller than the rebuilt one."""
+    model, variables = resnet
+    factors = spectral.decompose(variables["params"])
+    images = jnp.zeros((1, 32, 32, 3))
+
+    def logits(d, form):
+        rebuilt = {**variables, "params": spectral.rebuild_params(variables["params"], factors, d)}
+        if form == "rebuilt":
+            return model.apply(rebuilt, images)
+        with spectral.factored(factors, d):
+            return model.apply(rebuilt, images)
+
+    shifts = spectral.init_shifts(factors)
+
+    def flops(form):
+        grad = jax.jit(jax.grad(lambda d: jnp.sum(logits(d, form))))
+        return grad.lower(shifts).compile().cost_analysis()["flops"]
+
+    assert flops("factored") < 0.8 * flops("rebuilt")
+
+
+class _Mixed(nn.Module):
+    """A plain conv and dense (factored) beside a grouped conv and a DenseGeneral (not)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3), strides=2, padding="SAME", name="conv")(x))
+        x = nn.relu(nn.Conv(4, (3, 3), feature_group_count=2, name="grouped")(x))
+        x = nn.DenseGeneral((2, 3), name="general")(x.reshape(x.shape[0], -1))
+        return nn.Dense(5, name="head")(x.reshape(x.shape[0], -1))
+
+
+def test_factored_form_gradients_and_tangents_match_dense_in_float64(x64):
+    """Reverse and forward derivatives in d agree with the rebuilt network (float64); layers
+    that cannot run factored fall back to their rebuilt kernels."""
+    model = _Mixed()
+    images = jax.random.normal(jax.random.key(5), (2, 8, 8, 3), jnp.float64)
+    variables = jax.tree_util.tree_map(
+        lambda p: p.astype(jnp.float64), model.init(jax.random.key(6), images)
+    )
+    factors = spectral.decompose(variables["params"])
+    assert set(spectral.shift_counts(factors)) == {
+        "conv/kernel",
+        "grouped/kernel",
+        "general/kernel",
+        "head/kernel",
+    }
+
+    def loss(d, form):
+        params = spectral.rebuild_params(variables["params"], factors, d)
+        if form == "rebuilt":
+            return jnp.sum(jnp.sin(model.apply({"params": params}, images)))
+        with spectral.factored(factors, d):
+            return jnp.sum(jnp.sin(model.apply({"params": params}, images)))
+
+    shifts = _random_shifts(factors, jax.random.key(7), scale=0.1)
+    probe = _random_shifts(factors, jax.random.key(8), scale=1.0)
+    for derivative in (
+        lambda form: loss(shifts, form),
+        lambda form: jax.grad(loss)(shifts, form),
+        lambda form: jax.jvp(lambda d: loss(d, form), (shifts,), (probe,))[1],
+    ):
+        for a, b in zip(
+            jax.tree_util.tree_leaves(derivative("rebuilt")),
+            jax.tree_util.tree_leaves(derivative("factored")),
+            strict=True,
+        ):
+            np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_factored_form_needs_every_shift(resnet):
+    _, variables = resnet
+    factors = spectral.decompose(variables["params"])
+    shifts = spectral.init_shifts(factors)
+    del shifts["head"]
+    with pytest.raises(InvalidInputError, match="no spectral shift .*head/kernel"):
+        with spectral.factored(factors, shifts):
+            pass
