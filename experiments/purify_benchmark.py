@@ -405,9 +405,18 @@ def summarise(runs: list[dict]) -> dict:
             "step_time_s": statistics.mean(r["report"]["step_time_s"] for r in group),
             "steps": group[0]["report"]["steps"],
             "tunable_parameters": group[0]["report"]["tunable_parameters"],
+            "kernel_form": layer_form(group[0]),
             **({"trajectory": group[0]["trajectory"]} if group[0].get("trajectory") else {}),
         }
     return cells
+
+
+def layer_form(run: dict) -> str | None:
+    """Fast FIP's ``kernel_form`` in a run (runs from before the option existed rebuilt their
+    kernels); ``None`` for the other defenses."""
+    if run["defense"] != "fast_fip":
+        return None
+    return run["report"]["config"].get("kernel_form", "rebuilt")
 
 
 def spread(values) -> float:
@@ -594,6 +603,7 @@ def write_report() -> None:
                     "step_time_s": step,
                     "tunable_parameters": tunable,
                     "core_successes": wins,
+                    "kernel_form": finished[0].get("kernel_form"),
                 }
             )
             lines.append(
@@ -612,8 +622,9 @@ def write_report() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        form = f" (kernel_form={r['kernel_form']})" if r.get("kernel_form") else ""
         lines.append(
-            f"| {r['method']} {r['setting']} | {r['learning_rate']} | {r['steps']} | "
+            f"| {r['method']} {r['setting']}{form} | {r['learning_rate']} | {r['steps']} | "
             f"{r['wall_time_s']:.0f} s | {r['step_time_s'] * 1000:.0f} ms | "
             f"{r['tunable_parameters']:,} | {r['core_successes']} |"
         )
@@ -643,7 +654,15 @@ def write_report() -> None:
         )
     fip_steps = [r["step_time_s"] for r in rows if r["method"] == "fip"]
     fast_steps = [r["step_time_s"] for r in rows if r["method"] == "fast_fip"]
-    if fip_steps and fast_steps:
+    speed_file = RESULTS / "fast_fip_speed.json"
+    if speed_file.exists():
+        speedup = json.loads(speed_file.read_text())["summary"]["speedup_per_step"]
+        verdict = "met" if speedup >= 3 else "**missed**"
+        lines.append(
+            f"- Fast FIP >= 3x faster than FIP at equal steps: {speedup:.2f}x per step in "
+            f"`fast_fip_speed.md`, which times the two in alternation ({verdict})"
+        )
+    elif fip_steps and fast_steps:
         speedup = min(fip_steps) / min(fast_steps)
         verdict = "met" if speedup >= 3 else "**missed**"
         lines.append(

@@ -9,7 +9,9 @@ when the data is not there it downloads it (if ``download`` is true and the netw
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import pathlib
 import tempfile
@@ -157,8 +159,14 @@ def _open_tfds_source(spec: DatasetSpec, split: str, data_dir: str | None, downl
         "directory, connect to the internet, or use the embedded '--dataset digits'"
     )
     try:
-        return tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=False)
+        with _held_absl_records() as held:
+            source = tfds.data_source(
+                spec.tfds_name, split=split, data_dir=data_dir, download=False
+            )
+        held.replay()  # found: its warnings (a newer version exists, say) still matter
+        return source
     except Exception as error:  # TFDS raises several types for a missing dataset
+        # not found: TFDS's warnings about the empty folder would only precede our one line
         if not download:
             raise DatasetUnavailableError(f"{hint} ({_reason(error)})") from error
     host = DOWNLOAD_HOSTS.get(spec.name)
@@ -168,6 +176,36 @@ def _open_tfds_source(spec: DatasetSpec, split: str, data_dir: str | None, downl
         return tfds.data_source(spec.tfds_name, split=split, data_dir=data_dir, download=True)
     except Exception as error:  # download or preparation failed
         raise DatasetUnavailableError(f"{hint} ({_reason(error)})") from error
+
+
+class _HeldRecords(logging.Handler):
+    """Keeps the ``absl`` logger's records (TFDS logs through it) until :meth:`replay`."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def replay(self) -> None:
+        logger = logging.getLogger("absl")
+        for record in self.records:
+            logger.handle(record)
+        self.records.clear()
+
+
+@contextlib.contextmanager
+def _held_absl_records():
+    """Holds back what TFDS logs inside the block; the caller replays it or drops it."""
+    logger = logging.getLogger("absl")
+    held = _HeldRecords()
+    propagate, handlers = logger.propagate, logger.handlers[:]
+    logger.propagate, logger.handlers = False, [held]
+    try:
+        yield held
+    finally:
+        logger.propagate, logger.handlers = propagate, handlers
 
 
 def _reason(error: Exception) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -30,6 +32,41 @@ def test_missing_dataset_without_download(tmp_path, name):
     assert "\n" not in message
     assert f"{name} is not prepared in {tmp_path}" in message
     assert "TFDS_DATA_DIR" in message
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def absl_records():
+    """What reaches the ``absl`` logger's handlers (TFDS logs through it)."""
+    logger, handler = logging.getLogger("absl"), _Records()
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+
+
+def test_missing_dataset_error_is_the_only_output(tmp_path, absl_records):
+    """An empty version folder makes TFDS warn ('has no dataset_info.json'); the warning is
+    dropped, so fippure's one-line error is all the user reads."""
+    (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)
+    with pytest.raises(DatasetUnavailableError, match="cifar10 is not prepared"):
+        load_dataset("cifar10", "test", data_dir=tmp_path, download=False)
+    assert absl_records == []
+
+
+def test_tfds_records_are_released_when_the_dataset_is_found(absl_records):
+    with sources._held_absl_records() as held:
+        logging.getLogger("absl").warning("a newer version exists")
+        assert absl_records == []
+    held.replay()
+    assert absl_records == ["a newer version exists"]
 
 
 def test_data_dir_falls_back_to_environment(monkeypatch, tmp_path):
