@@ -51,7 +51,6 @@ ENTRIES: dict[str, dict] = {
         "options": {"mask_density": 0.15, "generator_lr": 0.001},
     },
     "lira": {"attack": "lira"},
-    "lira_alpha0.75": {"attack": "lira", "options": {"alpha": 0.75}},
     "lira_eps0.03": {"attack": "lira", "options": {"eps": 0.03}},
     "lira_eps0.03_alpha0.75": {"attack": "lira", "options": {"eps": 0.03, "alpha": 0.75}},
     "issba": {"attack": "issba"},
