@@ -183,9 +183,16 @@ def directory_bytes(path: pathlib.Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def run_report(entry: str) -> pathlib.Path:
+    """An entry's training report: the run's own, or the zoo copy of it in a checkout that
+    has the committed zoo but not the (git-ignored) runs."""
+    own = RUNS / entry / "report.json"
+    return own if own.exists() else ZOO / entry / "report.json"
+
+
 def collect_rows(entries: list[str]) -> list[dict]:
     rows = []
-    clean = json.loads((RUNS / "clean" / "report.json").read_text())
+    clean = json.loads(run_report("clean").read_text())
     rows.append(
         {
             "entry": "clean",
@@ -200,7 +207,7 @@ def collect_rows(entries: list[str]) -> list[dict]:
         }
     )
     for entry in entries:
-        report_file = RUNS / entry / "report.json"
+        report_file = run_report(entry)
         if not report_file.exists():
             continue
         report = json.loads(report_file.read_text())
