@@ -67,6 +67,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """Parses a seed flag (``--seed 3``): an integer in [0, 2**32), what JAX and numpy take."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2**32), got {value}")
+    return value
+
+
 def key_value(text: str) -> tuple[str, str]:
     """Parses ``KEY=VALUE`` options (``--set``, ``--option``)."""
     if "=" not in text:

@@ -27,7 +27,8 @@ def predict_logits(
     spec: DatasetSpec,
     batch_size: int = 1000,
 ) -> np.ndarray:
-    """Eval-mode logits of ``images`` (uint8, or floats in [0, 1]), normalised with ``spec``.
+    """Eval-mode logits of ``images`` (integer pixels 0-255, or floats in [0, 1]), normalised
+    with ``spec``.
 
     Returns:
         float32 ``(n, K)`` numpy array.
@@ -40,6 +41,10 @@ def predict_logits(
     n = int(images.shape[0])
     batch_size = max(1, min(batch_size, n))
     variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+    if n == 0:  # an empty subset (say, a filtered triggered set): no rows
+        probe = jnp.zeros((1, *images.shape[1:]), images.dtype)
+        shape = jax.eval_shape(lambda: _logits(model, spec, variables, probe)).shape
+        return np.zeros((0, shape[-1]), np.float32)
     out = []
     for start in range(0, n, batch_size):
         chunk = images[start : start + batch_size]
@@ -67,6 +72,12 @@ def check_images(images: np.ndarray | jax.Array, spec: DatasetSpec) -> None:
             raise InvalidInputError(
                 f"float images are read as [0, 1] but these reach {top:g}; pass uint8 images "
                 "or divide by 255"
+            )
+    if jnp.issubdtype(images.dtype, jnp.integer) and images.shape[0]:
+        low, top = int(jnp.min(images)), int(jnp.max(images))
+        if low < 0 or top > 255:
+            raise InvalidInputError(
+                f"integer images are read as pixels 0-255 but these span {low}..{top}"
             )
 
 

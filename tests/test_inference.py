@@ -36,8 +36,18 @@ def test_padded_batches_give_the_logits_of_one_batch(network):
     np.testing.assert_allclose(
         predict_logits(model, variables, images / 255.0, SPEC), whole, rtol=1e-5, atol=1e-5
     )
+    # ...and so are the same pixels as another integer type
+    np.testing.assert_allclose(
+        predict_logits(model, variables, images.astype(np.int32), SPEC), whole, rtol=1e-6
+    )
     labels = predict(model, variables, images, SPEC)
     assert accuracy(model, variables, images, labels, SPEC) == 1.0
+
+
+def test_no_images_give_no_rows(network):
+    model, variables = network
+    assert predict_logits(model, variables, _images(0), SPEC).shape == (0, 10)
+    assert predict(model, variables, _images(0), SPEC).shape == (0,)
 
 
 @pytest.mark.parametrize(
@@ -46,6 +56,7 @@ def test_padded_batches_give_the_logits_of_one_batch(network):
         (np.zeros((4, 32, 32, 3), np.uint8), r"expected digits images of shape \(n, 8, 8, 1\)"),
         (np.zeros((8, 8, 1), np.uint8), r"got \(8, 8, 1\)"),
         (np.full((2, 8, 8, 1), 255.0, np.float32), "float images are read as \\[0, 1\\]"),
+        (np.full((2, 8, 8, 1), 300, np.int32), "integer images .* span 300..300"),
     ],
 )
 def test_images_the_model_cannot_take_are_refused(network, images, message):

@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
+import sys
 
 NAME = "analyze"
 HELP = "curvature of a checkpoint: lambda_max, Tr(H), Tr(F), top eigenvalues, spectral density"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from fippure.cli import positive_int
+    from fippure.cli import positive_int, seed_int
 
     parser.add_argument("checkpoint", help="checkpoint directory (from fippure train/attack)")
     parser.add_argument(
@@ -28,7 +30,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-images", type=positive_int, default=200, help="clean training images"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the image sample and probes")
+    parser.add_argument(
+        "--seed", type=seed_int, default=0, help="seed of the image sample and probes"
+    )
     parser.add_argument(
         "--probes", type=positive_int, default=20, help="Hutchinson probes for Tr(H)"
     )
@@ -61,6 +65,39 @@ def select_images(metadata: dict, train_labels, num_images: int, seed: int):
     return np.sort(chosen), source
 
 
+def prepare_output(out: pathlib.Path) -> pathlib.Path:
+    """Creates ``--out`` before any work, refusing a file or a directory that holds a
+    checkpoint or another command's run (``metadata.json`` / ``run.json``)."""
+    from fippure.errors import InvalidInputError
+
+    out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"--out {out} is a file; give a directory")
+    for name in ("metadata.json", "run.json"):
+        if (out / name).exists():
+            raise InvalidInputError(
+                f"--out {out} holds a checkpoint or another run's output ({name}); "
+                "choose another directory"
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InvalidInputError(f"cannot create --out {out}: {error.strerror}") from None
+    return out
+
+
+def finite_or_null(value):
+    """``value`` with every non-finite float (a standard error from one probe is NaN) as
+    ``None``, so the JSON is strict."""
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
@@ -81,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k,
     )
     checkpoint = load_checkpoint(args.checkpoint)
+    out = prepare_output(pathlib.Path(args.out) if args.out else checkpoint.path / "analysis")
     metadata = checkpoint.metadata
     dataset = metadata.get("dataset")
     if not dataset:
@@ -93,6 +131,12 @@ def run(args: argparse.Namespace) -> int:
         )
     train = load_dataset(dataset, "train", data_dir=args.data_dir)
     indices, source = select_images(metadata, train.labels, args.num_images, args.seed)
+    if len(indices) < args.num_images:
+        print(
+            f"fippure analyze: note: the checkpoint's clean set holds {len(indices)} images; "
+            f"using them all (--num-images asked for {args.num_images})",
+            file=sys.stderr,
+        )
     inputs = normalize(to_unit_range(jax.numpy.asarray(train.images[indices])), spec)
     labels = np.asarray(train.labels[indices], np.int32)
 
@@ -104,9 +148,6 @@ def run(args: argparse.Namespace) -> int:
         jax.random.key(args.seed),
         config,
     )
-    out = pathlib.Path(args.out) if args.out else checkpoint.path / "analysis"
-    out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
     attack = metadata.get("attack")
     if isinstance(attack, dict):  # the poisoned indices are long and not needed here
         attack = {k: v for k, v in attack.items() if k != "poisoned_indices"}
@@ -120,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         **report,
         **provenance(),
     }
-    (out / "curvature.json").write_text(json.dumps(report, indent=1))
+    (out / "curvature.json").write_text(json.dumps(finite_or_null(report), indent=1))
     name = attack.get("name") if isinstance(attack, dict) else (attack or "clean")
     plot_density(
         density,

@@ -22,6 +22,7 @@ def attack_option(text: str) -> tuple[str, object]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from fippure.cli import seed_int
     from fippure.commands.train import add_common_model_args
 
     add_common_model_args(parser)
@@ -29,7 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratio", type=float, default=0.1, help="poisoned / training set")
     parser.add_argument("--target", type=int, default=0, help="target class (all-to-one)")
     parser.add_argument("--mode", default="all_to_one", help="all_to_one or all_to_all")
-    parser.add_argument("--attack-seed", type=int, default=0)
+    parser.add_argument("--attack-seed", type=seed_int, default=0)
     parser.add_argument(
         "--option",
         type=attack_option,

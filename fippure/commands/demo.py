@@ -43,7 +43,7 @@ DIGITS_FIP = {
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from fippure.cli import key_value
+    from fippure.cli import key_value, seed_int
 
     parser.add_argument("--dataset", default="cifar10", choices=("cifar10", "digits"))
     parser.add_argument(
@@ -61,7 +61,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="override an FIP config value (repeatable)",
     )
     parser.add_argument("--data-dir", default=None, help="TFDS data directory ($TFDS_DATA_DIR)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--no-progress", action="store_true")
 
 

@@ -10,7 +10,7 @@ HELP = "purify a backdoored checkpoint with a defense and report ACC/ASR/RA/DER"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from fippure.cli import clean_size, key_value
+    from fippure.cli import clean_size, key_value, seed_int
 
     parser.add_argument("--checkpoint", required=True, help="a fippure attack checkpoint")
     parser.add_argument("--defense", required=True, help="defense name (fip, nft, ...)")
@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set eta_F=0.001 (repeatable)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument(
         "--out",
         required=True,

@@ -11,7 +11,7 @@ HELP = "train a clean model (resumes if --out holds an interrupted run)"
 
 def add_common_model_args(parser: argparse.ArgumentParser) -> None:
     """Dataset, model and training options shared by ``train`` and ``attack``."""
-    from fippure.cli import clean_size
+    from fippure.cli import clean_size, seed_int
 
     parser.add_argument("--dataset", default="cifar10", help="cifar10, cifar100, gtsrb or digits")
     parser.add_argument("--model", default="preact_resnet18", help="model registry name")
@@ -30,8 +30,8 @@ def add_common_model_args(parser: argparse.ArgumentParser) -> None:
         default=0.01,
         help="defender's clean set held out from training: count (500) or fraction (0.01)",
     )
-    parser.add_argument("--clean-seed", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clean-seed", type=seed_int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--data-dir", default=None, help="TFDS data directory ($TFDS_DATA_DIR)")
     parser.add_argument("--out", required=True, help="output directory (checkpoint + report)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

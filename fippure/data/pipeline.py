@@ -24,8 +24,9 @@ DEVICE_BYTES_LIMIT = 2 * 1024**3
 
 
 def to_unit_range(images: Array) -> Float[Array, "b h w c"]:
-    """uint8 0..255 -> float32 in [0, 1]; float images are taken to be in [0, 1] already."""
-    if images.dtype == jnp.uint8:
+    """Integer (uint8, int32, ...) pixels 0..255 -> float32 in [0, 1]; float images are taken
+    to be in [0, 1] already."""
+    if jnp.issubdtype(images.dtype, jnp.integer):
         return images.astype(jnp.float32) / 255.0
     return images.astype(jnp.float32)
 

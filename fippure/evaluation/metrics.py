@@ -30,26 +30,45 @@ def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(predictions == labels)) if len(labels) else float("nan")
 
 
+def _triggered_arrays(predictions, true_labels, target_labels):
+    """The three label vectors of a triggered set, checked: one shape (a single target, as an
+    all-to-one attack has, is broadcast to every image)."""
+    predictions, true_labels = np.asarray(predictions), np.asarray(true_labels)
+    target_labels = np.asarray(target_labels)
+    if predictions.ndim != 1 or predictions.shape != true_labels.shape:
+        raise InvalidInputError(
+            f"{predictions.shape} predictions for {true_labels.shape} true labels; "
+            "expected two vectors of one length"
+        )
+    if target_labels.shape not in ((), (1,), true_labels.shape):
+        raise InvalidInputError(
+            f"{target_labels.shape} target labels for {true_labels.shape} images; pass one "
+            "target or one per image"
+        )
+    return predictions, true_labels, np.broadcast_to(target_labels, true_labels.shape)
+
+
 def attack_success_rate(
-    predictions: np.ndarray, true_labels: np.ndarray, target_labels: np.ndarray
+    predictions: np.ndarray, true_labels: np.ndarray, target_labels: np.ndarray | int
 ) -> float:
     """ASR over triggered images whose true label differs from their target label.
 
     Images that already belong to the target class are excluded, whatever the caller passed.
+    ``target_labels`` is one label per image, or a single target for all of them.
     """
-    predictions, true_labels, target_labels = map(
-        np.asarray, (predictions, true_labels, target_labels)
+    predictions, true_labels, target_labels = _triggered_arrays(
+        predictions, true_labels, target_labels
     )
     keep = true_labels != target_labels
     return accuracy(predictions[keep], target_labels[keep])
 
 
 def robust_accuracy(
-    predictions: np.ndarray, true_labels: np.ndarray, target_labels: np.ndarray
+    predictions: np.ndarray, true_labels: np.ndarray, target_labels: np.ndarray | int
 ) -> float:
     """RA: triggered non-target images still classified as their true label."""
-    predictions, true_labels, target_labels = map(
-        np.asarray, (predictions, true_labels, target_labels)
+    predictions, true_labels, target_labels = _triggered_arrays(
+        predictions, true_labels, target_labels
     )
     keep = true_labels != target_labels
     return accuracy(predictions[keep], true_labels[keep])
@@ -58,7 +77,23 @@ def robust_accuracy(
 def defense_effectiveness_rating(
     *, acc_before: float, asr_before: float, acc_after: float, asr_after: float
 ) -> float:
-    """DER in [0, 1]: 1 when ASR falls from 1 to 0 at no accuracy cost, 0.5 for no change."""
+    """DER in [0, 1]: 1 when ASR falls from 1 to 0 at no accuracy cost, 0.5 for no change.
+
+    Rates are fractions in [0, 1]. A NaN rate (an empty test set) gives NaN.
+    """
+    rates = {
+        "acc_before": acc_before,
+        "asr_before": asr_before,
+        "acc_after": acc_after,
+        "asr_after": asr_after,
+    }
+    if any(np.isnan(v) for v in rates.values()):
+        return float("nan")
+    outside = {k: v for k, v in rates.items() if not 0.0 <= v <= 1.0}
+    if outside:
+        raise InvalidInputError(
+            f"DER takes rates in [0, 1] (fractions, not percent); got {outside}"
+        )
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
 
 

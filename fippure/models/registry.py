@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from fippure.errors import InvalidInputError, UnknownNameError
@@ -45,6 +47,17 @@ def model_fields(name: str) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")} - fixed
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _field_types(name: str) -> dict[str, Any]:
+    """The annotated types of model ``name``'s fields (``int``, ``float``, ...)."""
+    factory = MODELS[name]
+    cls = factory.func if isinstance(factory, functools.partial) else factory
+    return typing.get_type_hints(cls)
+
+
 def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     """Builds model ``name`` (see :data:`MODELS`) with ``num_classes`` outputs.
 
@@ -66,10 +79,18 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
             f"model {name} takes no argument(s) {sorted(unknown)}; "
             f"it takes {sorted(model_fields(name) - {'num_classes'})}"
         )
-    if int(num_classes) < 2:
-        raise InvalidInputError(f"num_classes must be >= 2, got {num_classes}")
-    for key, value in kwargs.items():  # every size-like field (width, depth, heads...) is >= 1
-        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+    if not _is_int(num_classes) or num_classes < 2:
+        raise InvalidInputError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    hints = _field_types(name)
+    for key, value in kwargs.items():
+        if hints.get(key) is int and not _is_int(value):
+            raise InvalidInputError(f"model {name}: {key} must be an integer, got {value!r}")
+        if hints.get(key) is float and (
+            isinstance(value, bool) or not isinstance(value, int | float)
+        ):
+            raise InvalidInputError(f"model {name}: {key} must be a number, got {value!r}")
+        # every size-like field (width, depth, heads...) is >= 1
+        if _is_int(value) and value < 1:
             raise InvalidInputError(f"model {name}: {key} must be >= 1, got {value}")
     return MODELS[name](num_classes=int(num_classes), **kwargs)
 
@@ -77,7 +98,14 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 def init_variables(
     model: nn.Module, key: PRNGKeyArray, image_shape: tuple[int, int, int]
 ) -> dict[str, Any]:
-    """Initial ``{'params': ..., 'batch_stats': ...}`` for inputs of ``image_shape``."""
+    """Initial ``{'params': ..., 'batch_stats': ...}`` for inputs of ``image_shape``
+    (height, width, channels; no batch dimension)."""
+    shape = tuple(image_shape)
+    if len(shape) != 3 or not all(_is_int(d) and d >= 1 for d in shape):
+        raise InvalidInputError(
+            f"image_shape must be (height, width, channels) of positive integers, without a "
+            f"batch dimension; got {shape}"
+        )
     variables = jax.jit(model.init, static_argnames="train")(
         key, jnp.zeros((1, *image_shape), jnp.float32), train=False
     )

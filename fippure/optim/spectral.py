@@ -22,7 +22,12 @@ network is evaluated at ``(factors, shifts)`` in one of two forms:
 **Layout.** Flax convolution kernels are HWIO ``(kh, kw, in, out)`` and dense kernels are
 ``(in, out)``. Both are reshaped to ``(kh * kw * in, out)`` (row-major, the output channel last),
 i.e. the transpose of SPEC's ``c_out x rest``; singular values are the same either way. A
-kernel of that matrix shape ``(m, out)`` gets ``r = min(m, out)`` shifts.
+kernel of that matrix shape ``(m, out)`` gets ``r = min(m, out)`` shifts. For convolutions,
+dense layers and an attention block's output projection ``(heads, head_dim, out)`` that matrix
+is the layer's linear map. For a ``DenseGeneral`` kernel with several *output* axes (an
+attention block's query, key and value, ``(in, heads, head_dim)``) it is not: the layer's map
+is ``(in, heads * head_dim)``, and the shifts act on another matricisation (``W(0) = W`` still
+holds). Leave such kernels out with ``pattern`` if that matters.
 
 Shifts and factors are nested dicts containing only the decomposed kernels, keyed like the
 params (e.g. ``shifts['stage1_block1']['conv1']['kernel']``), so they save with orbax and feed
@@ -116,7 +121,36 @@ def _is_factor(x: Any) -> bool:
 
 
 def _flat_factors(factors: PyTree) -> dict[tuple[str, ...], SpectralFactor]:
-    return traverse_util.flatten_dict(factors, is_leaf=lambda _, x: _is_factor(x))
+    flat = traverse_util.flatten_dict(
+        flax.core.unfreeze(factors), is_leaf=lambda _, x: _is_factor(x)
+    )
+    wrong = sorted(_path_string(p) for p, f in flat.items() if not _is_factor(f))
+    if wrong:
+        raise InvalidInputError(
+            f"factors must come from spectral.decompose (SpectralFactor leaves); "
+            f"{', '.join(wrong[:3])} {'is' if len(wrong) == 1 else 'are'} not"
+        )
+    return flat
+
+
+def _checked_shifts(
+    flat_factors: dict[tuple[str, ...], SpectralFactor], shifts: PyTree
+) -> dict[tuple[str, ...], Array]:
+    """The flattened shifts, one ``(r,)`` vector per factor (a clear error otherwise)."""
+    flat_shifts = traverse_util.flatten_dict(flax.core.unfreeze(shifts))
+    missing = sorted(_path_string(p) for p in set(flat_factors) - set(flat_shifts))
+    if missing:
+        raise InvalidInputError(
+            f"no spectral shift for the decomposed kernel(s) {', '.join(missing)}"
+        )
+    for path, factor in flat_factors.items():
+        if jnp.shape(flat_shifts[path]) != factor.s.shape:
+            raise InvalidInputError(
+                f"the shift of {_path_string(path)} has shape {jnp.shape(flat_shifts[path])}, "
+                f"its factor has {factor.s.shape[0]} singular values; were the shifts made "
+                "for another model's factors?"
+            )
+    return flat_shifts
 
 
 def init_shifts(factors: PyTree) -> dict[str, Any]:
@@ -147,10 +181,16 @@ def rebuild_params(params: PyTree, factors: PyTree, shifts: PyTree) -> dict[str,
         New params (nested dicts).
     """
     flat = _flat_params(params)
-    flat_shifts = traverse_util.flatten_dict(shifts)
-    for path, factor in _flat_factors(factors).items():
+    flat_factors = _flat_factors(factors)
+    flat_shifts = _checked_shifts(flat_factors, shifts)
+    for path, factor in flat_factors.items():
         if path not in flat:
             raise InvalidInputError(f"factor {_path_string(path)} has no kernel in params")
+        if tuple(flat[path].shape) != factor.shape:
+            raise InvalidInputError(
+                f"factor {_path_string(path)} is of a {factor.shape} kernel, the params' is "
+                f"{tuple(flat[path].shape)}; decompose these params instead"
+            )
         flat[path] = rebuild_kernel(factor, flat_shifts[path]).astype(flat[path].dtype)
     return traverse_util.unflatten_dict(flat)
 
@@ -170,7 +210,8 @@ def _factorable(module: nn.Module, factor: SpectralFactor, inputs: Array) -> boo
     groups, no mask) or ``nn.Dense`` whose kernel has the factor's shape."""
     in_features = jnp.shape(inputs)[-1]
     if type(module) is nn.Conv:
-        kernel_size = tuple(module.kernel_size)
+        size = module.kernel_size
+        kernel_size = (size,) if isinstance(size, int) else tuple(size)
         return (
             module.feature_group_count == 1
             and module.mask is None
@@ -205,15 +246,16 @@ def factored(factors: PyTree, shifts: PyTree) -> Iterator[None]:
         with factored(factors, shifts):
             logits = model.apply({**variables, "params": params}, images)
 
-    The interception happens while ``model.apply`` runs (at trace time under ``jax.jit``), so
-    the ``with`` block must enclose the call, not the compiled function's execution.
+    The interception happens while ``model.apply`` runs (at trace time under ``jax.jit``), and
+    the shifts are those given here. So enter the block *inside* the transformed function, with
+    the shifts it receives (as above, in a function of ``shifts`` that you jit or
+    differentiate). A block around ``jax.grad(f)`` or around a jitted ``f`` would bake its own
+    shifts into the trace and ignore ``f``'s argument; that is refused with an error when the
+    layer's kernel is traced and its shift is not. Likewise, the compiled function keeps the
+    factored form after the block exits: jit a function that enters the block itself.
     """
     flat = _flat_factors(factors)
-    flat_shifts = traverse_util.flatten_dict(flax.core.unfreeze(shifts))
-    missing = set(flat) - set(flat_shifts)
-    if missing:
-        names = ", ".join(sorted(_path_string(p) for p in missing))
-        raise InvalidInputError(f"no spectral shift for the decomposed kernel(s) {names}")
+    flat_shifts = _checked_shifts(flat, shifts)
     inside = [False]  # the U-convolution below is itself an nn.Conv call: do not intercept it
 
     def interceptor(next_fun, args, kwargs, context):
@@ -225,6 +267,16 @@ def factored(factors: PyTree, shifts: PyTree) -> Iterator[None]:
         factor = flat.get(path)
         if factor is None or not _factorable(module, factor, inputs):
             return next_fun(*args, **kwargs)
+        shift = flat_shifts[path]
+        if module.has_variable("params", "kernel"):
+            kernel = module.get_variable("params", "kernel")
+            if isinstance(kernel, jax.core.Tracer) and not isinstance(shift, jax.core.Tracer):
+                raise InvalidInputError(
+                    f"factored(): the kernel of {'/'.join(module.path)} is traced (jit, grad or "
+                    "vmap) but its shift is a fixed array, so the result would ignore the "
+                    "traced values; enter the `with factored(factors, shifts)` block inside "
+                    "the transformed function, with the shifts it receives"
+                )
         rank = factor.s.shape[0]
         projection = module.clone(parent=None, features=rank, use_bias=False)
         inside[0] = True
@@ -234,7 +286,7 @@ def factored(factors: PyTree, shifts: PyTree) -> Iterator[None]:
             )
         finally:
             inside[0] = False
-        values = jax.nn.relu(factor.s + flat_shifts[path])
+        values = jax.nn.relu(factor.s + shift)
         y = jnp.matmul(
             z * values.astype(z.dtype), factor.vt.astype(z.dtype), precision=module.precision
         )

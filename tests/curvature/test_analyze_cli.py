@@ -66,6 +66,7 @@ def test_analyze_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
         (["--probes", "0"], "argument --probes: must be >= 1, got 0"),
         (["--num-images", "-5"], "argument --num-images: must be >= 1, got -5"),
         (["--top-k", "two"], "argument --top-k: expected an integer, got 'two'"),
+        (["--seed", "-1"], "argument --seed: must lie in [0, 2**32), got -1"),
     ],
 )
 def test_analyze_refuses_a_bad_count_under_its_flag(tmp_path, capsys, flags, message):
@@ -73,3 +74,33 @@ def test_analyze_refuses_a_bad_count_under_its_flag(tmp_path, capsys, flags, mes
         cli.main(["analyze", str(tmp_path), *flags])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_analyze_refuses_an_output_it_would_damage(digits_checkpoint, tmp_path, capsys):
+    """A file, or a directory holding a checkpoint (the source itself here), is refused
+    before any work; the error is one line."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for out, message in (
+        (afile, "is a file"),
+        (digits_checkpoint, "holds a checkpoint or another run's output"),
+    ):
+        assert cli.main(["analyze", str(digits_checkpoint), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+
+
+def test_analyze_json_is_strict_and_a_capped_image_count_is_noted(
+    digits_checkpoint, tmp_path, capsys
+):
+    """One probe has no standard error (null, not a bare NaN); asking for more images than the
+    stored clean set (30) says so."""
+    out = tmp_path / "analysis"
+    options = "--num-images 40 --probes 1 --power-iters 3 --lanczos-iters 4 --slq-probes 1"
+    options += " --top-k 2"
+    assert cli.main(["analyze", str(digits_checkpoint), "--out", str(out), *options.split()]) == 0
+    assert "holds 30 images; using them all (--num-images asked for 40)" in capsys.readouterr().err
+    text = (out / "curvature.json").read_text()
+    assert "NaN" not in text
+    report = json.loads(text)
+    assert report["num_images"] == 30

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -76,3 +78,31 @@ def test_der_edge_cases(acc_before, asr_before, acc_after, asr_after, expected):
         acc_before=acc_before, asr_before=asr_before, acc_after=acc_after, asr_after=asr_after
     )
     assert der == pytest.approx(expected)
+
+
+def test_asr_and_ra_take_a_single_target():
+    predictions, labels = np.array([0, 0, 1, 0]), np.array([0, 1, 2, 3])
+    assert attack_success_rate(predictions, labels, 0) == attack_success_rate(
+        predictions, labels, np.zeros(4, int)
+    )
+    assert robust_accuracy(predictions, labels, 0) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    ("predictions", "labels", "targets"),
+    [([0, 0, 0], [0, 1, 2, 3], [0, 0, 0, 0]), ([0, 0, 0, 0], [0, 1, 2, 3], [0, 0, 0])],
+)
+def test_asr_and_ra_reject_mismatched_lengths(predictions, labels, targets):
+    for metric in (attack_success_rate, robust_accuracy):
+        with pytest.raises(InvalidInputError, match="expected two vectors|target labels for"):
+            metric(predictions, labels, targets)
+
+
+def test_der_propagates_nan_and_rejects_percentages():
+    assert math.isnan(
+        defense_effectiveness_rating(
+            acc_before=float("nan"), asr_before=1.0, acc_after=0.9, asr_after=0.0
+        )
+    )
+    with pytest.raises(InvalidInputError, match="fractions, not percent"):
+        defense_effectiveness_rating(acc_before=90, asr_before=100, acc_after=88, asr_after=2)

@@ -153,6 +153,9 @@ def test_unknown_model():
         ("small_cnn", {"width": 0}, "small_cnn: width must be >= 1, got 0"),
         ("vit_small", {"depth": -1}, "vit_small: depth must be >= 1, got -1"),
         ("vit_small", {"width": 16}, "vit width 16 is not divisible by num_heads 3"),
+        ("small_cnn", {"width": 2.5}, "small_cnn: width must be an integer, got 2.5"),
+        ("small_cnn", {"width": "16"}, "small_cnn: width must be an integer, got '16'"),
+        ("preact_resnet18", {"width": True}, "width must be an integer, got True"),
     ],
 )
 def test_bad_model_argument(name, kwargs, match):
@@ -161,8 +164,10 @@ def test_bad_model_argument(name, kwargs, match):
 
 
 def test_too_few_classes_and_none_kwargs():
-    with pytest.raises(InvalidInputError, match="num_classes must be >= 2"):
+    with pytest.raises(InvalidInputError, match="num_classes must be an integer >= 2, got 1"):
         create_model("small_cnn", 1)
+    with pytest.raises(InvalidInputError, match="num_classes must be an integer >= 2, got 2.7"):
+        create_model("small_cnn", 2.7)
     assert create_model("small_cnn", 10, width=None).width == 16  # None means default
 
 
@@ -170,3 +175,10 @@ def test_model_fields():
     assert model_fields("preact_resnet18") == {"num_classes", "width"}
     assert "depth" not in model_fields("vgg16_bn")
     assert {"width", "depth", "num_heads", "patch_size", "mlp_ratio"} <= model_fields("vit_small")
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (1, 8, 8, 1), (8, 0, 1), (8.0, 8, 1)])
+def test_init_variables_needs_height_width_channels(shape):
+    model = create_model("small_cnn", 10, width=4)
+    with pytest.raises(InvalidInputError, match=r"image_shape must be \(height, width, channels\)"):
+        init_variables(model, jax.random.key(0), shape)

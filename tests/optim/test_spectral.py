@@ -199,3 +199,60 @@ def test_factored_form_needs_every_shift(resnet):
     with pytest.raises(InvalidInputError, match="no spectral shift .*head/kernel"):
         with spectral.factored(factors, shifts):
             pass
+
+
+def test_factored_block_outside_a_transform_is_refused(resnet):
+    """A block entered around jax.grad (or a jitted call) would ignore the traced shifts: the
+    gradient would silently be zero. It is refused instead."""
+    model, variables = resnet
+    factors = spectral.decompose(variables["params"])
+    shifts = spectral.init_shifts(factors)
+    images = jnp.zeros((1, 32, 32, 3))
+
+    def total(d):
+        params = spectral.rebuild_params(variables["params"], factors, d)
+        return jnp.sum(model.apply({**variables, "params": params}, images))
+
+    with pytest.raises(InvalidInputError, match="inside the transformed function"):
+        with spectral.factored(factors, shifts):
+            jax.grad(total)(shifts)
+
+
+def test_factored_form_of_a_1d_convolution(x64):
+    """``nn.Conv`` with an integer kernel size on (batch, length, channels) inputs."""
+
+    class Conv1D(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(6, kernel_size=3, name="conv")(x)
+
+    model = Conv1D()
+    x = jax.random.normal(jax.random.key(9), (2, 10, 4), jnp.float64)
+    variables = jax.tree_util.tree_map(
+        lambda p: p.astype(jnp.float64), model.init(jax.random.key(10), x)
+    )
+    factors = spectral.decompose(variables["params"])
+    shifts = _random_shifts(factors, jax.random.key(11), scale=0.1)
+    params = spectral.rebuild_params(variables["params"], factors, shifts)
+    with spectral.factored(factors, shifts):
+        low_rank = model.apply({"params": params}, x)
+    np.testing.assert_allclose(low_rank, model.apply({"params": params}, x), rtol=1e-10)
+
+
+def test_shifts_and_factors_are_checked(resnet):
+    _, variables = resnet
+    factors = spectral.decompose(variables["params"])
+    shifts = spectral.init_shifts(factors)
+    shifts["head"]["kernel"] = jnp.zeros(1)
+    for use in (
+        lambda: spectral.rebuild_params(variables["params"], factors, shifts),
+        lambda: spectral.factored(factors, shifts).__enter__(),
+    ):
+        with pytest.raises(InvalidInputError, match="shift of head/kernel has shape"):
+            use()
+    with pytest.raises(InvalidInputError, match="spectral.decompose"):
+        spectral.init_shifts(variables["params"])
+    other = create_model("preact_resnet18", 10, width=8)
+    other_params = init_variables(other, jax.random.key(0), (32, 32, 3))["params"]
+    with pytest.raises(InvalidInputError, match="decompose these params instead"):
+        spectral.rebuild_params(other_params, factors, spectral.init_shifts(factors))
