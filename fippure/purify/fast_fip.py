@@ -4,8 +4,9 @@ guided Purification against Backdoor Attacks", ACM CCS 2024), SPEC section 3.
 Every conv/dense kernel, reshaped to ``(H*W*I, O)``, is factored once as
 ``W = U diag(s) V^T``; only one shift per singular value is trained,
 ``W(d) = U diag(relu(s + d)) V^T`` with ``d = 0`` initially (:mod:`fippure.optim.spectral`).
-``U, s, V`` stay frozen in a pytree of their own and the kernels are rebuilt inside the jitted
-step. The loss is FIP's, with the Fisher trace and the Fisher anchor taken with respect to
+``U, s, V`` stay frozen in a pytree of their own, and the jitted step evaluates the network at
+``W(d)``: in factored form by default, or with the kernels rebuilt (see the cost below). The
+loss is FIP's, with the Fisher trace and the Fisher anchor taken with respect to
 ``d``. BatchNorm affine parameters and biases are frozen; BatchNorm statistics re-estimate on
 D_v (**choice**). PreAct-ResNet-18 has about 4.3k shifts at width 64 (1.1k at width 16).
 
