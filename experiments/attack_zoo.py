@@ -6,6 +6,10 @@ Launch (resumable: finished entries are skipped, an interrupted one resumes)::
     python experiments/attack_zoo.py --entries badnets,blend
     python experiments/attack_zoo.py --report-only        # rebuild tables and figure
 
+An entry is finished when its run directory (``runs/cifar10_w16/<entry>``, git-ignored) or its
+committed zoo checkpoint holds a report. A committed zoo model is never retrained or replaced
+unless ``--retrain`` is given: every purification result refers to those weights.
+
 Protocol (SPEC sections 1 and 7): 10% poison ratio (clean-label SIG and CLB: every
 target-class training image at most), target 0, the defender's 500 clean images held out,
 one-cycle SGD as the clean reference. Expected: ASR >= 0.90 and ACC >= clean ACC - 0.03 for
@@ -126,12 +130,26 @@ def command_for(entry: str) -> str:
     return " ".join(parts)
 
 
+def finished(directory: pathlib.Path) -> bool:
+    return (directory / "report.json").exists() and (directory / "metadata.json").exists()
+
+
+def in_zoo(entry: str) -> bool:
+    """Whether ``entry`` is committed in the zoo (then it is kept unless ``--retrain``)."""
+    return finished(ZOO / entry)
+
+
+def clean_reference() -> pathlib.Path:
+    """The clean model that CLB and LF attack: the run's, else the committed zoo copy."""
+    return RUNS / "clean" if finished(RUNS / "clean") else ZOO / "clean"
+
+
 def train_clean() -> dict:
     from fippure.recipes import train_classifier
     from fippure.training import TrainConfig
 
     out = RUNS / "clean"
-    if (out / "report.json").exists() and (out / "metadata.json").exists():
+    if finished(out):
         return json.loads((out / "report.json").read_text())
     return train_classifier(
         dataset="cifar10",
@@ -147,7 +165,7 @@ def train_entry(entry: str) -> dict:
     from fippure.training import TrainConfig
 
     out = RUNS / entry
-    if (out / "report.json").exists() and (out / "metadata.json").exists():
+    if finished(out):
         return json.loads((out / "report.json").read_text())
     settings = ENTRIES[entry]
     return train_backdoored(
@@ -161,7 +179,7 @@ def train_entry(entry: str) -> dict:
         ratio=settings.get("ratio", 0.1),
         target=0,
         mode=settings.get("mode", "all_to_one"),
-        reference=RUNS / "clean" if settings.get("reference") else None,
+        reference=clean_reference() if settings.get("reference") else None,
     )
 
 
@@ -372,19 +390,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", default=",".join(ENTRIES), help="comma-separated entries")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train and replace the named entries even where the zoo already holds them",
+    )
     args = parser.parse_args()
     entries = [e for e in args.entries.split(",") if e]
     unknown = sorted(set(entries) - set(ENTRIES))
     if unknown:
         sys.exit(f"attack_zoo: unknown entries {unknown}; known: {', '.join(ENTRIES)}")
     if not args.report_only:
-        train_clean()
-        copy_to_zoo("clean")
+        if args.retrain or not in_zoo("clean"):
+            train_clean()
+            copy_to_zoo("clean")
         for entry in entries:
             from fippure.attacks import ATTACKS
 
             if ENTRIES[entry]["attack"] not in ATTACKS:
                 print(f"attack_zoo: {entry}: attack not implemented yet, skipped", flush=True)
+                continue
+            if in_zoo(entry) and not args.retrain:
+                print(f"attack_zoo: {entry}: in the zoo already (--retrain replaces it)")
                 continue
             report = train_entry(entry)
             copy_to_zoo(entry)
@@ -398,4 +425,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fippure.cli import run_script
+
+    run_script(main, "attack_zoo.py")

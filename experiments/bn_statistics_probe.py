@@ -25,6 +25,8 @@ import json
 import pathlib
 import time
 
+from probe_defense import override_tag
+
 from fippure.cli import key_value
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -93,6 +95,8 @@ def main() -> None:
     from fippure.zoo import load_backdoored
 
     overrides = dict(args.overrides)
+    name = override_tag(overrides, empty="defaults")
+    path = OUT / f"{args.attack}__{args.defense}__{name}__s{args.seed}.json"
     backdoored = load_backdoored(ZOO / args.attack)
     original = backdoored.variables
     seconds = None
@@ -126,12 +130,12 @@ def main() -> None:
         **provenance(),
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    name = "_".join(f"{k}{v}" for k, v in overrides.items()) or "defaults"
-    path = OUT / f"{args.attack}__{args.defense}__{name}__s{args.seed}.json"
     path.write_text(json.dumps(result, indent=1))
     print(json.dumps(result["choices"]))
     write_table()
 
 
 if __name__ == "__main__":
-    main()
+    from fippure.cli import run_script
+
+    run_script(main, "bn_statistics_probe.py")

@@ -186,4 +186,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fippure.cli import run_script
+
+    run_script(main, "bn_trigger_channels.py")

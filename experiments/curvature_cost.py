@@ -382,4 +382,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fippure.cli import run_script
+
+    run_script(main, "curvature_cost.py")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from purify_benchmark import RESULTS, load_attack, run_one
 
@@ -60,6 +61,9 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     names = [n for n in args.runs.split(",") if n]
+    unknown = sorted(set(names) - set(GRID))
+    if unknown:
+        sys.exit(f"fip_sensitivity: unknown runs {unknown}; known: {', '.join(GRID)}")
     if not args.report_only:
         for attack in args.attacks.split(","):
             backdoored, before = load_attack(attack)
@@ -124,4 +128,6 @@ def write_report() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fippure.cli import run_script
+
+    run_script(main, "fip_sensitivity.py")

@@ -196,6 +196,18 @@ def effective_learning_rate(method: str, setting: str) -> str:
     return str(make_config(method, overrides_for(method, setting)).learning_rate)
 
 
+def changed_defaults(cached: dict, method: str, overrides: dict[str, str]) -> list[str]:
+    """The config fields whose value a stored run differs in from what ``overrides`` give now
+    (a changed default). Fields the stored run predates are not compared: a new option's
+    default keeps the old behaviour (Fast FIP's ``kernel_form``: the same function)."""
+    from fippure.purify.common import config_dict
+    from fippure.purify.registry import make_config
+
+    stored = (cached.get("report") or {}).get("config") or {}
+    now = config_dict(make_config(method, overrides))
+    return sorted(k for k in stored.keys() & now.keys() if stored[k] != now[k])
+
+
 def run_one(
     backdoored,
     attack,
@@ -221,9 +233,11 @@ def run_one(
     overrides = overrides if overrides is not None else overrides_for(method, setting, steps)
     if path.exists():
         cached = json.loads(path.read_text())
-        if cached.get("overrides") == overrides:
+        changed = changed_defaults(cached, method, overrides)
+        if cached.get("overrides") == overrides and not changed:
             return cached
-        print(f"{path.name}: configuration changed; running again", flush=True)
+        reason = f"defaults changed ({', '.join(changed)})" if changed else "overrides changed"
+        print(f"{path.name}: {reason}; running again", flush=True)
     from fippure.errors import NonFiniteLossError
 
     try:
@@ -283,7 +297,8 @@ def run_grid(attacks, methods, settings, seeds) -> None:
         for seed in seeds:
             for method in methods:
                 for setting in settings:
-                    run_one(backdoored, attack, method, setting, seed, before)
+                    if setting in METHODS[method]:  # a setting may exist for some methods only
+                        run_one(backdoored, attack, method, setting, seed, before)
 
 
 EXTRAS = ("clean10", "full", "lambda_max")
@@ -775,6 +790,18 @@ def main() -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         sys.exit(f"purify_benchmark: unknown methods {unknown}; known: {', '.join(METHODS)}")
+    attacks = [a for a in args.attacks.split(",") if a]
+    missing = [a for a in attacks if not (ZOO / a / "metadata.json").exists()]
+    if missing and not args.report_only and not args.extras:
+        known = ", ".join(sorted(p.name for p in ZOO.iterdir() if (p / "metadata.json").exists()))
+        sys.exit(f"purify_benchmark: no zoo entry for {missing}; known: {known}")
+    settings = [s for s in args.settings.split(",") if s]
+    undefined = [s for s in settings if not any(s in METHODS[m] for m in methods)]
+    if undefined and not args.report_only and not args.extras:
+        sys.exit(
+            f"purify_benchmark: settings {undefined} are defined for none of {methods}; "
+            + "; ".join(f"{m}: {', '.join(METHODS[m])}" for m in methods)
+        )
     if not args.report_only:
         if args.extras:
             which = [e for e in args.extras.split(",") if e]
@@ -783,14 +810,11 @@ def main() -> None:
                 sys.exit(f"purify_benchmark: unknown extras {unknown}; known: {', '.join(EXTRAS)}")
             run_extras(which, [int(s) for s in args.seeds.split(",") if s])
         else:
-            run_grid(
-                [a for a in args.attacks.split(",") if a],
-                methods,
-                [s for s in args.settings.split(",") if s],
-                [int(s) for s in args.seeds.split(",") if s],
-            )
+            run_grid(attacks, methods, settings, [int(s) for s in args.seeds.split(",") if s])
     write_report()
 
 
 if __name__ == "__main__":
-    main()
+    from fippure.cli import run_script
+
+    run_script(main, "purify_benchmark.py")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from fippure.errors import FippureError
 
@@ -84,6 +84,19 @@ def key_value(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
     key, value = text.split("=", 1)
     return key.strip(), value.strip()
+
+
+def run_script(main: Callable[[], object], name: str) -> None:
+    """Runs an experiment script's ``main`` the way ``fippure`` runs a command: a fippure
+    error (an unknown attack, a bad override) is one line on stderr and exit status 2."""
+    try:
+        main()
+    except FippureError as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

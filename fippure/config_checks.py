@@ -52,6 +52,8 @@ BELOW_ONE: Rule = interval(0, 1, high_open=True)
 FRACTION: Rule = interval(0, 1)
 #: ``(0, 1]``: bounds and opacities that must not vanish.
 UNIT_POSITIVE: Rule = interval(0, 1, low_open=True)
+#: ``[0, 2**32)``: seeds, what ``jax.random.key`` and numpy take (as the CLI's seed flags).
+SEED: Rule = interval(0, 2**32, high_open=True)
 
 
 def compile_pattern(pattern: str) -> re.Pattern:

@@ -33,6 +33,7 @@ from fippure.config_checks import (
     BELOW_ONE,
     NON_NEGATIVE,
     POSITIVE,
+    SEED,
     check_config,
 )
 from fippure.data.augment import augment
@@ -107,6 +108,7 @@ class TrainConfig:
                 "eval_every": AT_LEAST_ONE,
                 "checkpoint_every": NON_NEGATIVE,
                 "log_every": AT_LEAST_ONE,
+                "seed": SEED,
             },
         )
 

@@ -92,3 +92,24 @@ def test_installed_entry_point_in_a_subprocess(tmp_path):
     failed = run("train", "--dataset", "imagenet", "--out", str(tmp_path / "x"))
     assert failed.returncode == 2
     assert "unknown dataset 'imagenet'" in _one_line_error(failed.stderr)
+
+
+def test_experiment_scripts_report_fippure_errors_in_one_line(capsys):
+    """``run_script`` gives an experiment script the CLI's error handling."""
+    from fippure.errors import InvalidInputError
+
+    def main():
+        raise InvalidInputError("unknown attack 'badnet'")
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_script(main, "probe_defense.py")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "probe_defense.py: error: unknown attack 'badnet'\n"
+
+
+@pytest.mark.parametrize("flag", ["--seed", "--clean-seed"])
+def test_seed_flags_refuse_negative_seeds(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--dataset", "digits", "--out", "x", flag, "-1"])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: must lie in [0, 2**32), got -1" in capsys.readouterr().err

@@ -105,6 +105,8 @@ def test_schedules():
         ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
         ({"log_every": 0}, "log_every must be >= 1"),
         ({"schedule": "step"}, "schedule must be one of"),
+        ({"seed": -1}, r"seed must be in \[0, 4294967296\)"),
+        ({"seed": 2**70}, r"seed must be in \[0, 4294967296\)"),
     ],
 )
 def test_config_errors(changes, match):
