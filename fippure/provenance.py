@@ -11,7 +11,9 @@ import sys
 
 def git_revision(short: bool = False) -> str:
     """The current commit of the fippure checkout (``unknown`` outside git), ``+dirty`` if
-    the tree has uncommitted changes."""
+    the tree has uncommitted changes. Changes under ``experiments/results/`` do not count:
+    they are what the scripts write (one report-only run after another would otherwise stamp
+    the later ones dirty), not what produced them."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         args = ["git", "rev-parse", "--short", "HEAD"] if short else ["git", "rev-parse", "HEAD"]
@@ -19,7 +21,15 @@ def git_revision(short: bool = False) -> str:
             args, cwd=root, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":(exclude)experiments/results",
+            ],
             cwd=root,
             capture_output=True,
             text=True,
