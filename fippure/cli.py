@@ -55,27 +55,26 @@ def clean_size(text: str) -> int | float:
     )
 
 
-def positive_int(text: str) -> int:
-    """Parses a count flag (``--probes 20``): an integer >= 1, so a bad one is refused under its
-    flag's name rather than under a config field's."""
+def _integer_flag(text: str, accepted: Callable[[int], bool], requirement: str) -> int:
+    """Parses an integer flag, refused (under the flag's name) unless ``accepted``."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if not accepted(value):
+        raise argparse.ArgumentTypeError(f"{requirement}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """Parses a count flag (``--probes 20``): an integer >= 1, so a bad one is refused under its
+    flag's name rather than under a config field's."""
+    return _integer_flag(text, lambda v: v >= 1, "must be >= 1")
 
 
 def seed_int(text: str) -> int:
     """Parses a seed flag (``--seed 3``): an integer in [0, 2**32), what JAX and numpy take."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 2**32), got {value}")
-    return value
+    return _integer_flag(text, lambda v: 0 <= v < 2**32, "must lie in [0, 2**32)")
 
 
 def key_value(text: str) -> tuple[str, str]:

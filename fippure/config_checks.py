@@ -92,7 +92,7 @@ def check_config(config: Any, rules: Mapping[str, Rule] | None = None) -> None:
         annotation = hints.get(field.name, Any)
         if value is None and _allows_none(annotation):
             continue
-        _check_type(value, _without_none(annotation), where)
+        check_type(value, _without_none(annotation), where)
         if field.name in rules:
             test, requirement = rules[field.name]
             if not test(value):
@@ -117,7 +117,9 @@ def _without_none(annotation: Any) -> Any:
     return annotation
 
 
-def _check_type(value: Any, annotation: Any, where: str) -> None:
+def check_type(value: Any, annotation: Any, where: str) -> None:
+    """One-line error unless ``value`` fits ``annotation`` (``int``, ``float``, ``bool``,
+    ``str`` or a ``Literal``; other annotations are not checked)."""
     if typing.get_origin(annotation) is typing.Literal:
         choices = typing.get_args(annotation)
         if value not in choices:

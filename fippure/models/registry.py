@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,9 +19,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from fippure.config_checks import check_type
 from fippure.errors import InvalidInputError, UnknownNameError
 from fippure.models.layers import FEATURES
 from fippure.models.preact_resnet import PreActResNet18
@@ -48,7 +49,7 @@ def model_fields(name: str) -> set[str]:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _field_types(name: str) -> dict[str, Any]:
@@ -83,12 +84,7 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         raise InvalidInputError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     hints = _field_types(name)
     for key, value in kwargs.items():
-        if hints.get(key) is int and not _is_int(value):
-            raise InvalidInputError(f"model {name}: {key} must be an integer, got {value!r}")
-        if hints.get(key) is float and (
-            isinstance(value, bool) or not isinstance(value, int | float)
-        ):
-            raise InvalidInputError(f"model {name}: {key} must be a number, got {value!r}")
+        check_type(value, hints.get(key), f"model {name}: {key}")
         # every size-like field (width, depth, heads...) is >= 1
         if _is_int(value) and value < 1:
             raise InvalidInputError(f"model {name}: {key} must be >= 1, got {value}")
