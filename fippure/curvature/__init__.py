@@ -6,11 +6,12 @@
 - :mod:`~fippure.curvature.fisher`: FIP's differentiable Fisher-trace penalty (empirical and
   true Fisher) and the exact diagonal empirical Fisher.
 - :mod:`~fippure.curvature.eigenvalues`: Lanczos with full reorthogonalisation, top eigenvalues,
-  power iteration.
+  power iteration (largest magnitude, and the largest algebraic eigenvalue by a shift).
 - :mod:`~fippure.curvature.density`: spectral density by stochastic Lanczos quadrature.
 - :mod:`~fippure.curvature.analysis`: the report behind ``fippure analyze``.
 """
 
+from fippure.curvature.analysis import AnalysisConfig, analyze_curvature, plot_density
 from fippure.curvature.density import (
     SpectralDensity,
     gaussian_density,
@@ -21,6 +22,7 @@ from fippure.curvature.eigenvalues import (
     PowerIterationResult,
     Tridiagonal,
     lanczos,
+    largest_eigenvalue,
     power_iteration,
     top_eigenvalues,
 )
@@ -31,6 +33,7 @@ from fippure.curvature.fisher import (
 )
 from fippure.curvature.probes import rademacher_like, tree_dot, tree_norm
 from fippure.curvature.products import (
+    Operator,
     empirical_fisher_vp,
     fisher_vp,
     ggn_vp,
@@ -50,9 +53,12 @@ from fippure.curvature.trace import (
 )
 
 __all__ = [
+    "AnalysisConfig",
+    "Operator",
     "PowerIterationResult",
     "SpectralDensity",
     "Tridiagonal",
+    "analyze_curvature",
     "empirical_fisher_diagonal",
     "empirical_fisher_trace",
     "empirical_fisher_vp",
@@ -66,10 +72,12 @@ __all__ = [
     "hutchinson_trace",
     "hvp",
     "lanczos",
+    "largest_eigenvalue",
     "make_empirical_fisher_operator",
     "make_fisher_operator",
     "make_ggn_operator",
     "make_hvp_operator",
+    "plot_density",
     "power_iteration",
     "rademacher_like",
     "slq_quadrature",

@@ -26,7 +26,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from fippure.curvature.eigenvalues import Loop, lanczos
 from fippure.curvature.products import Operator
-from fippure.errors import InvalidInputError
+from fippure.errors import InvalidInputError, require
 
 PyTree = Any
 
@@ -130,6 +130,10 @@ def spectral_density(
         function is not jit-able as a whole; :func:`slq_quadrature` and
         :func:`gaussian_density` are.
     """
+    require(num_points >= 2, f"num_points must be at least 2, got {num_points}")
+    require(relative_sigma > 0, f"relative_sigma must be positive, got {relative_sigma}")
+    require(sigma is None or sigma > 0, f"sigma must be positive, got {sigma}")
+    require(margin >= 0, f"margin must be non-negative, got {margin}")
     nodes, weights = slq_quadrature(matvec, like, key, num_iters, num_probes, loop=loop)
     low, high = float(jnp.min(nodes)), float(jnp.max(nodes))
     if sigma is None:

@@ -26,8 +26,9 @@ Inside an outer ``jax.jit``, ``"python"`` simply unrolls the ``m`` steps into th
 step updates the basis in place (buffer donation) only when nothing is traced, so both Lanczos
 loops also work under ``jax.grad`` and ``jax.vmap``.
 
-:func:`power_iteration` finds the eigenvalue of largest magnitude (for a Hessian at a
-minimum, ``lambda_max``), as PyHessian-style analyses do (Yao et al., 2020).
+:func:`power_iteration` finds the eigenvalue of largest magnitude, as PyHessian-style analyses
+do (Yao et al., 2020); :func:`largest_eigenvalue` adds a spectral shift so that it returns the
+largest *algebraic* eigenvalue ``lambda_max`` even when negative eigenvalues dominate.
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ def lanczos(
     flat_like, unravel = ravel_pytree(_materialise(like))
     dim = flat_like.shape[0]
     num_iters = min(num_iters, dim)
-    dtype = flat_like.dtype
+    # at least float32: bfloat16 Gram-Schmidt is meaningless and eigh has no bfloat16 kernel
+    dtype = jnp.promote_types(flat_like.dtype, jnp.float32)
     start_key, restart_key = jax.random.split(key)
     start = jax.random.rademacher(start_key, (dim,), dtype=dtype) / jnp.sqrt(dim).astype(dtype)
     state = _LanczosState(
@@ -235,8 +237,8 @@ class PowerIterationResult(NamedTuple):
     """Result of :func:`power_iteration`.
 
     Attributes:
-        eigenvalue: the Rayleigh quotient ``v^T A v`` at the last iterate.
-        eigenvector: the unit-norm iterate (a pytree shaped like the parameters).
+        eigenvalue: the Rayleigh quotient ``v^T A v`` of ``eigenvector``.
+        eigenvector: the last unit-norm iterate ``v`` (a pytree shaped like the parameters).
         num_iters: iterations run.
         relative_change: ``|lambda_t - lambda_{t-1}| / |lambda_t|`` at the last iteration.
     """
@@ -295,9 +297,11 @@ def power_iteration(
         return _power_fori(operator, start, num_iters, tol)
     if loop != "python":
         raise InvalidInputError(f"unknown loop {loop!r}; use 'python' or 'fori'")
-    eigenvalue, vector, change, count = jnp.zeros(()), start, jnp.inf, 0
+    eigenvalue, change, count = jnp.zeros(()), jnp.inf, 0
+    vector = following = start
     for count in range(1, num_iters + 1):  # noqa: B007 (count is used after the loop)
-        new_value, vector = _power_step_jit(operator, vector)
+        vector = following
+        new_value, following = _power_step_jit(operator, vector)
         change = jnp.abs(new_value - eigenvalue) / jnp.maximum(jnp.abs(new_value), 1e-30)
         eigenvalue = new_value
         if not isinstance(change, jax.core.Tracer) and float(change) < tol:
@@ -308,15 +312,78 @@ def power_iteration(
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _power_fori(matvec, start, num_iters, tol):
     def cond(carry):
-        _, _, count, change = carry
+        *_, count, change = carry
         return (count < num_iters) & (change >= tol)
 
     def body(carry):
-        eigenvalue, vector, count, _ = carry
-        new_value, vector = _power_step(matvec, vector)
+        eigenvalue, _, following, count, _ = carry
+        new_value, after = _power_step(matvec, following)
         change = jnp.abs(new_value - eigenvalue) / jnp.maximum(jnp.abs(new_value), 1e-30)
-        return new_value, vector, count + 1, change
+        return new_value, following, after, count + 1, change
 
     zero = tree_dot(start, start) * 0
-    carry = (zero, start, jnp.zeros((), jnp.int32), jnp.asarray(jnp.inf, zero.dtype))
-    return PowerIterationResult(*jax.lax.while_loop(cond, body, carry))
+    inf = jnp.asarray(jnp.inf, zero.dtype)
+    carry = (zero, start, start, jnp.zeros((), jnp.int32), inf)
+    eigenvalue, vector, _, count, change = jax.lax.while_loop(cond, body, carry)
+    return PowerIterationResult(eigenvalue, vector, count, change)
+
+
+def _shifted(matvec, shift, vector):
+    return jax.tree_util.tree_map(lambda a, v: a + shift * v, matvec(vector), vector)
+
+
+def largest_eigenvalue(
+    matvec: Operator,
+    like: PyTree,
+    key: PRNGKeyArray,
+    num_iters: int = 100,
+    tol: float = 1e-4,
+    *,
+    loop: Loop = "python",
+) -> PowerIterationResult:
+    """The largest *algebraic* eigenvalue ``lambda_max`` by power iteration with a shift.
+
+    :func:`power_iteration` finds the eigenvalue of largest magnitude. When that is positive
+    and its iterate ``v`` is an eigenvector (``v^T A v`` within 1% of ``rho = ||A v||``), it is
+    ``lambda_max``. Otherwise the spectrum's negative end dominates (or ``+rho`` and ``-rho``
+    both occur, where the Rayleigh quotient stalls at a value that is no eigenvalue), and power
+    iteration runs again on ``A + rho I``, whose eigenvalues ``lambda + rho`` are (up to the
+    estimate of ``rho``) non-negative, so its dominant one is ``lambda_max + rho``. A Hessian
+    away from a minimum, or after purification, can have negative eigenvalues as large as
+    its positive ones, so ``fippure analyze`` reports this, not :func:`power_iteration`.
+
+    Concretely the shifted run happens only when needed; under ``jax.jit``/``jax.grad``/
+    ``jax.vmap`` both runs always happen and the result is selected.
+
+    Args:
+        matvec: symmetric ``v -> A v``.
+        like: a pytree shaped like the parameters.
+        key: random key for the start vectors.
+        num_iters: maximum products per power-iteration run.
+        tol: relative tolerance on the eigenvalue.
+        loop: see :func:`power_iteration`.
+
+    Returns:
+        A :class:`PowerIterationResult` for ``lambda_max``; ``num_iters`` counts the products
+        of both runs (plus one for ``rho``).
+    """
+    first_key, shifted_key = jax.random.split(key)
+    operator = _as_operator(matvec)
+    first = power_iteration(operator, like, first_key, num_iters, tol, loop=loop)
+    radius = tree_norm(operator(first.eigenvector))
+    dominant = (first.eigenvalue > 0) & (first.eigenvalue >= 0.99 * radius)
+    if _is_concrete((dominant,)) and bool(dominant):
+        return first._replace(num_iters=first.num_iters + 1)
+    shifted = power_iteration(
+        Partial(_shifted, operator, radius), like, shifted_key, num_iters, tol, loop=loop
+    )
+    combined = PowerIterationResult(
+        shifted.eigenvalue - radius,
+        shifted.eigenvector,
+        first.num_iters + shifted.num_iters + 1,
+        shifted.relative_change,
+    )
+    if _is_concrete((dominant,)):
+        return combined
+    pick = lambda a, b: jnp.where(dominant, a, b)  # noqa: E731
+    return jax.tree_util.tree_map(pick, first._replace(num_iters=combined.num_iters), combined)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from fippure.curvature.probes import map_probes, rademacher_like
-from fippure.curvature.products import LogitsFn, PerExampleLossFn
+from fippure.curvature.products import LogitsFn, PerExampleLossFn, check_per_example_losses
 from fippure.errors import InvalidInputError
 
 PyTree = Any
@@ -65,7 +65,8 @@ def empirical_fisher_trace(
     Returns:
         The scalar estimate.
     """
-    _, jvp_fn = jax.linearize(lambda p: per_example_loss_fn(p, batch), params)
+    losses, jvp_fn = jax.linearize(lambda p: per_example_loss_fn(p, batch), params)
+    check_per_example_losses(losses, "empirical_fisher_trace")
 
     def one(probe_key):
         return jnp.mean(jvp_fn(rademacher_like(probe_key, params)) ** 2)
@@ -88,8 +89,13 @@ def true_fisher_trace(
     ``u_ki = <grad log p(y_ki | x_i), v_k> = U_i[y_ki] - <p_i, U_i>`` with ``U = J_logits v_k``
     (forward mode, one shared linearisation); the estimate is ``mean_k mean_i u_ki^2``. Its
     expectation over labels and probes is ``Tr G`` (:func:`fippure.curvature.trace.ggn_trace`
-    estimates the same trace without sampling labels). Differentiable with ``jax.grad``
-    (labels held fixed).
+    estimates the same trace without sampling labels, by the exact expectation over ``y``).
+
+    ``jax.grad`` of it is an unbiased estimate of ``grad Tr G``: the labels' distribution
+    depends on the parameters, so besides the gradient at fixed labels the estimate carries
+    the score-function term ``u_ki^2 grad log p(y_ki | x_i)`` (Williams 1992), added through a
+    surrogate whose value is zero. That term is noisy; :func:`~fippure.curvature.trace.ggn_trace`
+    gives the same expectation and gradient with less variance.
 
     Args:
         logits_fn: ``(params, batch) -> (n, K)``.
@@ -104,6 +110,7 @@ def true_fisher_trace(
     """
     logits, jvp_fn = jax.linearize(lambda p: logits_fn(p, batch), params)
     probs = jax.nn.softmax(logits, axis=-1)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
     frozen = jax.lax.stop_gradient(logits)
 
     def one(probe_key):
@@ -111,19 +118,31 @@ def true_fisher_trace(
         tangents = jvp_fn(rademacher_like(direction_key, params))
         labels = jax.random.categorical(label_key, frozen)
         picked = jnp.take_along_axis(tangents, labels[..., None], axis=-1)[..., 0]
-        return jnp.mean((picked - jnp.sum(probs * tangents, axis=-1)) ** 2)
+        squares = (picked - jnp.sum(probs * tangents, axis=-1)) ** 2
+        # score-function surrogate: value 0, gradient u^2 grad log p(y | x) per example
+        log_p = jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+        score = jax.lax.stop_gradient(squares) * (log_p - jax.lax.stop_gradient(log_p))
+        return jnp.mean(squares + score)
 
     return jnp.mean(map_probes(one, key, num_probes, vmap_probes))
 
 
 def _leading_size(batch: Any) -> int:
-    sizes = {leaf.shape[0] for leaf in jax.tree_util.tree_leaves(batch)}
+    leaves = jax.tree_util.tree_leaves(batch)
+    if not leaves or any(jnp.ndim(leaf) == 0 for leaf in leaves):
+        raise InvalidInputError(
+            "batch must be a pytree of arrays with a leading example axis; got "
+            f"{jax.tree_util.tree_map(jnp.shape, batch)}"
+        )
+    sizes = {jnp.shape(leaf)[0] for leaf in leaves}
     if len(sizes) != 1:
         raise InvalidInputError(f"batch leaves must share one leading size, got {sorted(sizes)}")
-    return sizes.pop()
+    size = sizes.pop()
+    if size == 0:
+        raise InvalidInputError("the batch is empty: the Fisher needs at least one example")
+    return size
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
 def _chunk_squared_gradients(per_example_loss_fn, params, batch, rows, valid):
     chunk = jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=0), batch)
 
@@ -167,11 +186,16 @@ def empirical_fisher_diagonal(
     n = _leading_size(batch)
     if chunk_size < 1:
         raise InvalidInputError(f"chunk_size must be positive, got {chunk_size}")
+    check_per_example_losses(
+        jax.eval_shape(per_example_loss_fn, params, batch), "empirical_fisher_diagonal"
+    )
     chunk_size = min(chunk_size, n)
+    # compiled per call (once for all chunks), so no loss function outlives it in a jit cache
+    chunk_fn = jax.jit(functools.partial(_chunk_squared_gradients, per_example_loss_fn))
     total = None
     for start in range(0, n, chunk_size):
         index = start + jnp.arange(chunk_size)
         rows = jnp.minimum(index, n - 1)
-        part = _chunk_squared_gradients(per_example_loss_fn, params, batch, rows, index < n)
+        part = chunk_fn(params, batch, rows, index < n)
         total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
     return jax.tree_util.tree_map(lambda x: x / n, total)

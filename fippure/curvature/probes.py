@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from fippure.errors import require
+from fippure.errors import InvalidInputError, require
 
 PyTree = Any
 
@@ -31,6 +31,13 @@ def rademacher_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
         The probe, with the structure, shapes and dtypes of ``tree``.
     """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    for path, leaf in zip(paths, leaves, strict=True):
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            raise InvalidInputError(
+                f"curvature is taken w.r.t. floating-point parameters; leaf {path or '(root)'} "
+                f"has dtype {leaf.dtype}: keep integer state (step counters) out of the params"
+            )
     keys = jax.random.split(key, max(len(leaves), 1))
     probes = [
         jax.random.rademacher(k, leaf.shape, dtype=leaf.dtype)

@@ -26,7 +26,11 @@ Each product comes in two forms:
   skip the primal forward pass. Operators are :class:`jax.tree_util.Partial` objects: pytrees
   whose leaves are the saved residuals, so they can be passed *as arguments* into jitted
   functions (the Lanczos and Hutchinson drivers do this) instead of being baked into the
-  compiled program as constants.
+  compiled program as constants. Their static part holds the traced linearisation, though:
+  an operator built *eagerly* gets a new one each time, so every jitted consumer compiles
+  again. Where operators are rebuilt (a curvature check every epoch), build them with one
+  jitted maker kept for the whole loop, e.g.
+  ``maker = jax.jit(make_hvp_operator, static_argnums=0)`` with the same ``loss_fn`` each time.
 
 Everything here is jit-able and works on arbitrary parameter pytrees.
 """
@@ -41,6 +45,8 @@ import jax.numpy as jnp
 from jax.tree_util import Partial
 from jaxtyping import Array, Float
 
+from fippure.errors import InvalidInputError
+
 PyTree = Any
 #: ``(params, batch) -> scalar`` mean loss.
 LossFn = Callable[[PyTree, Any], Float[Array, ""]]
@@ -50,6 +56,15 @@ LogitsFn = Callable[[PyTree, Any], Float[Array, "n k"]]
 PerExampleLossFn = Callable[[PyTree, Any], Float[Array, " n"]]
 #: ``v -> M v`` on pytrees shaped like the parameters.
 Operator = Callable[[PyTree], PyTree]
+
+
+def check_per_example_losses(losses: Any, where: str) -> None:
+    """A one-line error when a "per-example" loss function returned a scalar (their mean)."""
+    if jnp.ndim(losses) != 1:
+        raise InvalidInputError(
+            f"{where}: per_example_loss_fn must return one loss per example, shape (n,); got "
+            f"shape {jnp.shape(losses)}. Pass the per-example losses, not their mean"
+        )
 
 
 def _rows(logits: Array) -> int:
@@ -192,7 +207,8 @@ def make_empirical_fisher_operator(
     Returns:
         A :class:`jax.tree_util.Partial` ``v -> F_emp v``.
     """
-    _, jvp_fn = jax.linearize(lambda p: per_example_loss_fn(p, batch), params)
+    losses, jvp_fn = jax.linearize(lambda p: per_example_loss_fn(p, batch), params)
+    check_per_example_losses(losses, "the empirical Fisher")
     vjp_fn = jax.linear_transpose(jvp_fn, params)
     return Partial(_apply_empirical_fisher, jvp_fn, vjp_fn)
 

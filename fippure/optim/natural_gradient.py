@@ -54,8 +54,8 @@ class NaturalGradientState(NamedTuple):
         count: number of updates so far.
         factor: ``"dense"`` mode: the lower Cholesky factor of ``F + damping I``, ``(P, P)``
             in the ``[kernel; bias]`` row-major order (see the module docstring), last
-            refreshed at a step that is a multiple of ``refresh_every``. ``"cg"`` mode:
-            ``None``.
+            refreshed at a step that is a multiple of ``refresh_every``, in the kernel's dtype
+            promoted to at least float32. ``"cg"`` mode: ``None``.
     """
 
     count: Int[Array, ""]
@@ -118,6 +118,24 @@ def _check_head(tree: PyTree) -> None:
         raise InvalidInputError(f"dense head kernel must be (d, K), got {tree['kernel'].shape}")
 
 
+def _is_concrete(value: Any) -> bool:
+    return not isinstance(value, jax.core.Tracer)
+
+
+def _check_head_inputs(updates: PyTree, features: Array, logits: Array) -> None:
+    """One-line errors for ``features``/``logits`` that do not fit the head ``(d, K)``."""
+    d, k = jnp.shape(updates["kernel"])
+    if jnp.ndim(features) != 2 or jnp.shape(features)[1] != d:
+        raise InvalidInputError(
+            f"features must be (n, {d}) for a ({d}, {k}) head kernel, got {jnp.shape(features)}"
+        )
+    if jnp.shape(logits) != (jnp.shape(features)[0], k):
+        raise InvalidInputError(
+            f"logits must be (n, K) = ({jnp.shape(features)[0]}, {k}) to match features "
+            f"{jnp.shape(features)} and the head, got {jnp.shape(logits)}"
+        )
+
+
 def _has_masked_nodes(tree: PyTree) -> bool:
     leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
     return any(isinstance(x, optax.MaskedNode) for x in leaves)
@@ -152,12 +170,18 @@ def natural_gradient(
         ``logits: (n, K)`` (``"dense"``); other extras (forwarded by ``optax.chain``) are
         ignored. State: :class:`NaturalGradientState`.
     """
-    if damping <= 0:
+    # Only concrete values are checked: under ``optax.inject_hyperparams`` the factory is
+    # called inside ``update`` with traced hyper-parameters (a damping schedule).
+    if _is_concrete(damping) and not damping > 0:  # also refuses NaN
         raise InvalidInputError(f"damping must be positive, got {damping}")
     if mode not in ("cg", "dense"):
         raise InvalidInputError(f"unknown natural_gradient mode {mode!r}; use 'cg' or 'dense'")
-    if refresh_every < 1:
+    if _is_concrete(refresh_every) and not refresh_every >= 1:
         raise InvalidInputError(f"refresh_every must be >= 1, got {refresh_every}")
+    if _is_concrete(cg_maxiter) and not cg_maxiter >= 1:
+        raise InvalidInputError(f"cg_maxiter must be >= 1, got {cg_maxiter}")
+    if _is_concrete(cg_tol) and not 0 < cg_tol < 1:
+        raise InvalidInputError(f"cg_tol must lie in (0, 1), got {cg_tol}")
 
     def init_fn(params):
         if mode == "cg":
@@ -165,7 +189,8 @@ def natural_gradient(
         else:
             _check_head(params)
             size = _head_to_vector(params).shape[0]
-            dtype = params["kernel"].dtype
+            # the factor is kept in at least float32 (no Cholesky in bfloat16 or float16)
+            dtype = jnp.promote_types(params["kernel"].dtype, jnp.float32)
             factor = jnp.sqrt(jnp.asarray(damping, dtype)) * jnp.eye(size, dtype=dtype)
         return NaturalGradientState(jnp.zeros((), jnp.int32), factor)
 
@@ -193,6 +218,7 @@ def natural_gradient(
             raise InvalidInputError(
                 "natural_gradient(mode='dense') needs the extras features= and logits="
             )
+        _check_head_inputs(updates, features, logits)
         use_bias = "bias" in updates
         dtype = state.factor.dtype
 

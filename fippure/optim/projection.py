@@ -36,6 +36,10 @@ class ProjectBoxState(NamedTuple):
     upper: PyTree
 
 
+def _is_concrete(tree: PyTree) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
 def _per_leaf(bound: Bound, params: PyTree) -> PyTree:
     """A bound given as one scalar or as a pytree matching ``params``, as arrays per leaf."""
     if isinstance(bound, int | float) or getattr(bound, "ndim", None) == 0:
@@ -64,7 +68,11 @@ def project_box(lower: Bound, upper: Bound) -> optax.GradientTransformation:
     """
 
     def init_fn(params):
-        return ProjectBoxState(_per_leaf(lower, params), _per_leaf(upper, params))
+        state = ProjectBoxState(_per_leaf(lower, params), _per_leaf(upper, params))
+        crossed = jax.tree_util.tree_map(lambda low, high: jnp.any(low > high), *state)
+        if _is_concrete(crossed) and any(bool(c) for c in jax.tree_util.tree_leaves(crossed)):
+            raise InvalidInputError(f"project_box needs lower <= upper, got {lower} and {upper}")
+        return state
 
     def update_fn(updates, state, params=None):
         if params is None:

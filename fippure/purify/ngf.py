@@ -49,7 +49,7 @@ import optax
 from flax import traverse_util
 from jaxtyping import PRNGKeyArray
 
-from fippure.config_checks import AT_LEAST_ONE, NON_NEGATIVE, check_config
+from fippure.config_checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, check_config
 from fippure.curvature.fisher import empirical_fisher_diagonal
 from fippure.curvature.probes import tree_dot
 from fippure.curvature.products import make_ggn_operator
@@ -79,7 +79,7 @@ from fippure.purify.resume import Checkpointing, run_fingerprint
 
 #: Ranges of NGF's hyper-parameters.
 NGF_RULES = SHARED_RULES | {
-    "damping": NON_NEGATIVE,
+    "damping": POSITIVE,
     "refresh_every": AT_LEAST_ONE,
     "cg_maxiter": AT_LEAST_ONE,
     "kl_clip": NON_NEGATIVE,
@@ -126,17 +126,25 @@ class NGFConfig:
 
 
 def _layer_path(params, layer: str) -> tuple[str, ...]:
+    """The module path of ``layer``; one that is empty (the whole network), missing or ends
+    at a parameter array instead of a layer is refused with the list of layers."""
     path = tuple(p for p in layer.split("/") if p)
     node = params
     for part in path:
         if not isinstance(node, dict | flax.core.FrozenDict) or part not in node:
-            known = sorted(
-                "/".join(p[:-1]) for p in traverse_util.flatten_dict(flax.core.unfreeze(params))
-            )
-            raise InvalidInputError(
-                f"no layer {layer!r} in the model; layers: {', '.join(sorted(set(known)))}"
-            )
+            node = None
+            break
         node = node[part]
+    is_layer = isinstance(node, dict | flax.core.FrozenDict) and all(
+        not isinstance(leaf, dict | flax.core.FrozenDict) for leaf in node.values()
+    )
+    if not path or not is_layer:
+        known = sorted(
+            {"/".join(p[:-1]) for p in traverse_util.flatten_dict(flax.core.unfreeze(params))}
+        )
+        raise InvalidInputError(
+            f"no layer {layer!r} in the model (NGF trains one layer); layers: {', '.join(known)}"
+        )
     return path
 
 
@@ -209,6 +217,9 @@ def purify(
             solver,
             refresh_every=config.refresh_every,
             cg_maxiter=config.cg_maxiter,
+            diagonal=jax.tree_util.tree_map(lambda f: config.eta_r * f, fisher_diag)
+            if config.anchor_curvature
+            else None,
         ),
         optax.scale(-config.learning_rate),
     )

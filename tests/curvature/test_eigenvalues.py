@@ -239,3 +239,63 @@ def test_bad_counts_raise_one_line_errors(problem, call, message):
     with pytest.raises(InvalidInputError, match=message) as error:
         call(operator(problem, "hessian"), problem.params, jax.random.key(0))
     assert "\n" not in str(error.value)
+
+
+def test_power_iteration_returns_the_vector_its_rayleigh_quotient_belongs_to(x64):
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    matrix = q @ np.diag(np.linspace(-1.0, 3.0, 12)) @ q.T
+    like = {"w": jnp.zeros(12)}
+    for loop in ("python", "fori"):
+        result = eigenvalues.power_iteration(
+            matrix_operator(matrix), like, jax.random.key(0), 5, 0.0, loop=loop
+        )
+        v = np.asarray(result.eigenvector["w"])
+        np.testing.assert_allclose(result.eigenvalue, v @ matrix @ v, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "spectrum",
+    [[3.0, 1.0, -0.5, 0.2], [2.0, -5.0, 1.0, 0.5], [2.0, -2.0, 1.0, 0.5], [-4.0, -1.0, -3.0]],
+    ids=["positive_dominant", "negative_dominant", "plus_minus", "all_negative"],
+)
+@pytest.mark.parametrize("jit", [False, True])
+def test_largest_eigenvalue_is_the_algebraic_maximum_of_an_indefinite_matrix(x64, spectrum, jit):
+    # Power iteration alone returns the eigenvalue of largest *magnitude*: -5 for the second
+    # spectrum, and for +-2 a Rayleigh quotient that is no eigenvalue at all.
+    rng = np.random.default_rng(len(spectrum))
+    size = len(spectrum)
+    q, _ = np.linalg.qr(rng.normal(size=(size, size)))
+    matrix = q @ np.diag(spectrum) @ q.T
+    like = {"w": jnp.zeros(size)}
+
+    def top(m):
+        return eigenvalues.largest_eigenvalue(
+            matrix_operator(m), like, jax.random.key(1), num_iters=2000, tol=1e-13
+        )
+
+    result = jax.jit(top)(matrix) if jit else top(matrix)
+    np.testing.assert_allclose(result.eigenvalue, max(spectrum), rtol=1e-6)
+    v = np.asarray(result.eigenvector["w"])
+    np.testing.assert_allclose(matrix @ v, max(spectrum) * v, atol=1e-4)
+
+
+def test_lanczos_runs_in_float32_for_bfloat16_parameters(problem, dense):
+    params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), problem.params)
+    hessian = jnp.asarray(dense.hessian, jnp.float32)
+
+    def op(v):
+        flat, unravel = ravel_pytree(v)
+        return unravel((hessian @ flat.astype(jnp.float32)).astype(jnp.bfloat16))
+
+    top = eigenvalues.top_eigenvalues(op, params, jax.random.key(0), k=1, num_iters=30)
+    assert top.dtype == jnp.float32
+    np.testing.assert_allclose(top[0], np.linalg.eigvalsh(dense.hessian)[-1], rtol=0.05)
+
+
+def test_spectral_density_refuses_a_non_positive_width(problem):
+    for sigma in (0.0, -1.0):
+        with pytest.raises(InvalidInputError, match="sigma must be positive"):
+            density.spectral_density(
+                operator(problem, "ggn"), problem.params, jax.random.key(0), sigma=sigma
+            )

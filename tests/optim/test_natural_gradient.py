@@ -135,3 +135,66 @@ def test_missing_extras_and_masked_use_are_errors():
         masked.update(params, masked.init(params), params, fvp_fn=lambda v: v)
     with pytest.raises(InvalidInputError, match="damping"):
         natural_gradient(0.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"damping": float("nan")}, "damping must be positive"),
+        ({"damping": DAMPING, "cg_maxiter": 0}, "cg_maxiter must be >= 1"),
+        ({"damping": DAMPING, "cg_tol": -1.0}, r"cg_tol must lie in \(0, 1\)"),
+        ({"damping": DAMPING, "cg_tol": 0.0}, r"cg_tol must lie in \(0, 1\)"),
+    ],
+)
+def test_bad_solver_settings_are_refused_instead_of_returning_zero_updates(kwargs, message):
+    with pytest.raises(InvalidInputError, match=message):
+        natural_gradient(**kwargs)
+
+
+def test_dense_mode_names_features_or_logits_that_do_not_fit_the_head():
+    params, features, _ = problem(5)
+    tx = natural_gradient(DAMPING, "dense")
+    state = tx.init(params)
+    logits = logits_fn(params, features)
+    with pytest.raises(InvalidInputError, match=r"features must be \(n, 4\)"):
+        tx.update(params, state, params, features=features[:, :3], logits=logits)
+    with pytest.raises(InvalidInputError, match=r"logits must be \(n, K\) = \(20, 3\)"):
+        tx.update(params, state, params, features=features, logits=logits[:5])
+
+
+@pytest.mark.parametrize("mode", ["cg", "dense"])
+def test_damping_can_be_scheduled_with_inject_hyperparams_under_jit(mode):
+    params, features, labels = problem(6)
+    grads = jax.grad(loss_fn)(params, features, labels)
+    static = ("mode", "cg_maxiter", "cg_tol", "refresh_every", "diagonal")
+    tx = optax.inject_hyperparams(natural_gradient, static_args=static)(damping=1.0, mode=mode)
+    op = make_ggn_operator(logits_fn, params, features)
+    extras = (
+        {"fvp_fn": op}
+        if mode == "cg"
+        else {"features": features, "logits": logits_fn(params, features)}
+    )
+    state = tx.init(params)
+    state.hyperparams["damping"] = jnp.asarray(DAMPING)
+    step, _ = jax.jit(lambda s: tx.update(grads, s, params, **extras))(state)
+    expected = damped_newton(params, features, labels)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8), step, expected
+    )
+
+
+def test_dense_mode_keeps_a_float32_factor_for_bfloat16_heads():
+    params, features, labels = problem(7)
+    low = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+    tx = natural_gradient(DAMPING, "dense")
+    state = tx.init(low)
+    assert state.factor.dtype == jnp.float32
+    grads = jax.tree_util.tree_map(
+        lambda g: g.astype(jnp.bfloat16), jax.grad(loss_fn)(params, features, labels)
+    )
+    step, _ = tx.update(grads, state, low, features=features, logits=logits_fn(params, features))
+    assert step["kernel"].dtype == jnp.bfloat16
+    expected = damped_newton(params, features, labels)
+    np.testing.assert_allclose(
+        np.asarray(step["kernel"], np.float64), expected["kernel"], rtol=0.1, atol=0.05
+    )

@@ -353,6 +353,44 @@ def test_ngf_step_on_the_head_is_the_damped_newton_step(tiny):
     assert report.tunable_parameters == flat.size and report.extra["solver"] == "dense"
 
 
+@pytest.mark.parametrize("anchor_curvature", [True, False])
+def test_ngf_step_with_the_anchor_preconditions_by_its_curvature_too(tiny, anchor_curvature):
+    # SPEC section 5 with the anchor: one step is
+    # -alpha (F + eta_r diag(Fbar) [if anchor_curvature] + lambda I)^-1 (grad CE + anchor grad);
+    # at theta0 the anchor's gradient is zero, so only the preconditioner differs.
+    model, variables, clean, inputs, labels = tiny
+    alpha, damping, eta_r = 0.3, 1e-2, 5.0
+    config = ngf.NGFConfig(
+        steps=1,
+        batch_size=len(clean),
+        learning_rate=alpha,
+        damping=damping,
+        eta_r=eta_r,
+        anchor_curvature=anchor_curvature,
+        kl_clip=None,
+        refresh_every=1,
+        log_every=1,
+    )
+    out, _ = ngf.purify(model, variables, clean, config, progress=False)
+    features = penultimate_features(model, variables, inputs)
+    flat, unravel = ravel_pytree(variables["params"]["head"])
+
+    def per_example(vector):
+        head = unravel(vector)
+        logits = features @ head["kernel"] + head["bias"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+    loss = lambda vector: jnp.mean(per_example(vector))  # noqa: E731
+    fisher_diag = jnp.mean(jax.jacrev(per_example)(flat) ** 2, axis=0)
+    curvature = jax.hessian(loss)(flat) + damping * jnp.eye(flat.size)
+    if anchor_curvature:
+        curvature = curvature + eta_r * jnp.diag(fisher_diag)
+    expected = flat - alpha * jnp.linalg.solve(curvature, jax.grad(loss)(flat))
+    np.testing.assert_allclose(
+        ravel_pytree(out["params"]["head"])[0], expected, rtol=1e-3, atol=1e-5
+    )
+
+
 def test_ngf_kl_trust_region_bounds_each_step(tiny):
     model, variables, clean, _, _ = tiny
     config = ngf.NGFConfig(
@@ -374,7 +412,14 @@ def test_ngf_trains_any_layer_by_conjugate_gradient(tiny):
     )
 
 
-def test_ngf_names_the_layers_when_the_layer_is_unknown(tiny):
+@pytest.mark.parametrize("layer", ["conv9", "", "/", "head/kernel"])
+def test_ngf_names_the_layers_when_the_layer_is_not_one(tiny, layer):
+    # an empty path would train the whole network; a parameter array is not a layer
     model, variables, clean, _, _ = tiny
-    with pytest.raises(Exception, match="no layer 'conv9'.*conv3"):
-        ngf.purify(model, variables, clean, ngf.NGFConfig(steps=1, layer="conv9"), progress=False)
+    with pytest.raises(InvalidInputError, match=f"no layer '{layer}'.*conv3"):
+        ngf.purify(model, variables, clean, ngf.NGFConfig(steps=1, layer=layer), progress=False)
+
+
+def test_ngf_refuses_zero_damping_in_its_config():
+    with pytest.raises(InvalidInputError, match="damping"):
+        ngf.NGFConfig(damping=0.0)
