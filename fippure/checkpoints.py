@@ -143,7 +143,12 @@ def claim_run_directory(directory: str | os.PathLike, fingerprint: Mapping[str, 
             checkpoint without a stamp (the zoo's, an older fippure's) is refused too.
     """
     directory = pathlib.Path(directory).resolve()
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} is a file, not a directory; choose another one")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(f"cannot create {directory}: {error.strerror}") from None
     stamp = directory / RUN_STAMP
     fingerprint = json.loads(json.dumps(_to_jsonable(dict(fingerprint))))  # as JSON reads it
     if not stamp.exists():

@@ -19,7 +19,8 @@ class UnknownNameError(FippureError, KeyError):
 
     def __init__(self, kind: str, name: str, known: Iterable[str]):
         known = sorted(known)
-        close = difflib.get_close_matches(name, known, n=1)
+        same_but_case = [k for k in known if k.lower() == str(name).lower()]
+        close = same_but_case or difflib.get_close_matches(name, known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         super().__init__(f"unknown {kind} {name!r}; known: {', '.join(known)}.{hint}")
         self.kind, self.name, self.known = kind, name, known

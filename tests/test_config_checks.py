@@ -18,7 +18,7 @@ from fippure.config_checks import (
     interval,
 )
 from fippure.curvature.analysis import AnalysisConfig
-from fippure.errors import InvalidInputError
+from fippure.errors import InvalidInputError, UnknownNameError
 from fippure.purify import DEFENSES, make_config
 from fippure.purify.fip import FIPConfig
 from fippure.purify.ft import FTSAMConfig
@@ -112,3 +112,8 @@ def test_defense_configs_check_their_fields(build, fragment):
 def test_command_line_overrides_get_the_same_checks():
     with pytest.raises(InvalidInputError, match="invalid fip config: FIPConfig.log_every"):
         make_config("fip", {"log_every": "0"})
+
+
+def test_a_misspelt_option_that_differs_only_in_case_is_suggested_exactly():
+    with pytest.raises(UnknownNameError, match="Did you mean 'eta_F'"):
+        make_config("fip", {"eta_f": "1"})

@@ -80,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInputError(
                 "--checkpoint is for --dataset cifar10; the digits demo attacks its own model"
             )
-        checkpoint = _digits_backdoor(out / f"badnets_digits_seed{args.seed}", args.seed, progress)
         overrides = {**DIGITS_FIP, **dict(args.set)}
+        make_config("fip", overrides)  # a bad --set fails before the attack is trained
+        checkpoint = _digits_backdoor(out / f"badnets_digits_seed{args.seed}", args.seed, progress)
     else:
         load_dataset("cifar10", "test", data_dir=args.data_dir)  # one-line error if unavailable
         checkpoint = args.checkpoint or str(REPO_ZOO / "badnets")

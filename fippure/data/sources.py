@@ -54,6 +54,10 @@ class ImageDataset:
             raise InvalidInputError(
                 f"{len(self.images)} images but labels of shape {self.labels.shape}"
             )
+        if not np.issubdtype(np.asarray(self.labels).dtype, np.integer):
+            raise InvalidInputError(
+                f"labels must be integer class indices, got dtype {np.asarray(self.labels).dtype}"
+            )
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

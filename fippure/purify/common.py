@@ -92,20 +92,28 @@ class PurifyReport:
         }
 
 
-def defense_arguments(method: str, config: Any, config_class: type, key: Any) -> PRNGKeyArray:
+def defense_arguments(
+    method: str, config: Any, config_class: type | tuple[type, ...], key: Any
+) -> PRNGKeyArray:
     """Checks the config's type and returns the defense's key, with one-line errors.
+
+    The config must be exactly (one of) ``config_class``, not a subclass: a Fast FIP config
+    given to FIP would otherwise run FIP and ignore its own fields.
 
     ``key`` may be a typed key (:func:`jax.random.key`), a legacy ``uint32[2]`` key
     (:func:`jax.random.PRNGKey`, wrapped), an integer seed or ``None`` (seed 0).
     """
-    if not isinstance(config, config_class):
+    classes = config_class if isinstance(config_class, tuple) else (config_class,)
+    if type(config) not in classes:
         raise InvalidInputError(
-            f"{method} takes a {config_class.__name__}, got {type(config).__name__}; "
-            f"make_config({method!r}, overrides) builds one"
+            f"{method} takes a {' or '.join(c.__name__ for c in classes)}, got "
+            f"{type(config).__name__}; make_config({method!r}, overrides) builds one"
         )
     if key is None:
         return jax.random.key(0)
     if isinstance(key, int | np.integer) and not isinstance(key, bool):
+        if not 0 <= int(key) < 2**32:  # jax.random.key would alias or overflow
+            raise InvalidInputError(f"{method}'s seed must lie in [0, 2**32), got {int(key)}")
         return jax.random.key(int(key))
     if isinstance(key, jax.Array | np.ndarray):
         if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
@@ -273,8 +281,17 @@ def run_steps(
                 spent = time.perf_counter() - begin
                 observe_seconds += spent
                 tick += spent
+            saving = store is not None and (done % store.every == 0 or done == steps)
+            if (saving or done == steps) and not bool(_all_finite(carry)):
+                # the loss of step t is taken before its update, so it cannot see the last
+                # update; and progress is never saved with NaNs in it (a resume would return
+                # to them, and the directory would refuse the corrected run)
+                raise NonFiniteLossError(
+                    f"{desc}: the parameters or optimiser state became non-finite by step "
+                    f"{done}; lower the learning rate or the regularisation strengths"
+                )
             # after the observer, so a resumed run has observed every step up to its save
-            if store is not None and (done % store.every == 0 or done == steps):
+            if saving:
                 begin = time.perf_counter()
                 store.save(done, carry, curve)
                 tick += time.perf_counter() - begin
@@ -284,6 +301,13 @@ def run_steps(
             store.close()
     median = float(np.median(durations)) if durations else 0.0
     return carry, curve, median, observe_seconds, start
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point leaf of ``tree`` is finite (one device reduction)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
 
 
 def tree_size(tree: Any) -> int:

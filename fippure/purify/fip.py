@@ -105,6 +105,12 @@ class FIPConfig:
         eta_F: strength of the Fisher-trace penalty (relative to TrF0 by default).
         trace_scale: ``relative`` (penalty eta_F * TrF / TrF0, **choice**; TrF0 is the same
             variant's trace at theta0, the empirical one for ``seed_code``) or ``absolute``.
+        trace_calibration: how TrF0 is measured for ``relative``: ``eval`` (BatchNorm in eval
+            mode with the original statistics, **choice**: a property of the model alone,
+            whatever ``trace_bn_train`` says) or ``penalty`` (in the penalised term's own
+            BatchNorm mode, so that eta_F is relative to the penalty's starting value). With
+            ``trace_bn_train`` the train-mode trace at theta0 is smaller (0.38 TrF0 on the zoo's
+            BadNets model), so under ``eval`` eta_F then acts as if about 0.4x as strong.
         trace_variant: ``empirical`` (labels from D_v), ``true`` (labels sampled from the
             model) or ``seed_code`` (the released code's zero-mean linear term; ablation).
         trace_probes: Rademacher probes K per estimate.
@@ -148,6 +154,7 @@ class FIPConfig:
     weight_decay: float = 0.0
     eta_F: float = 1.0
     trace_scale: Literal["relative", "absolute"] = "relative"
+    trace_calibration: Literal["eval", "penalty"] = "eval"
     trace_variant: Literal["empirical", "true", "seed_code"] = "empirical"
     trace_probes: int = 1
     trace_every: int = 1
@@ -239,7 +246,8 @@ def fisher_guided_purify(
     def logits_trace(t, stats, x):
         return apply_tunable(t, stats, x, config.trace_bn_train)[0]
 
-    # Fbar and TrF0: the original model on the un-augmented clean set, BN in eval mode.
+    # Fbar and TrF0: the original model on the un-augmented clean set, BN in eval mode (TrF0
+    # in the penalty's BN mode with trace_calibration="penalty").
     inputs = normalize(to_unit_range(images), spec)
     tunable0 = tunable
 
@@ -250,9 +258,19 @@ def fisher_guided_purify(
     fisher_diag = empirical_fisher_diagonal(
         per_example_loss0, tunable0, (inputs, labels), chunk_size=config.fisher_chunk
     )
+
+    def logits_calibration(t, x):
+        if config.trace_calibration == "penalty":
+            return logits_trace(t, stats0, x)
+        return logits_eval(t, stats0, x)
+
+    def per_example_calibration(t, batch):
+        x, y = batch
+        return optax.softmax_cross_entropy_with_integer_labels(logits_calibration(t, x), y)
+
     trace0 = _calibrate_trace(
-        per_example_loss0,
-        lambda t, x: logits_eval(t, stats0, x),
+        per_example_calibration,
+        logits_calibration,
         tunable0,
         inputs,
         labels,
@@ -309,8 +327,8 @@ def fisher_guided_purify(
                 return loss, (new_stats, terms)
 
             (loss, (new_stats, terms)), grads = jax.value_and_grad(objective, has_aux=True)(t)
-            updates, opt_state = tx.update(grads, opt_state, t)
-            t = optax.apply_updates(t, updates)
+            # the anchor's value at the same iterate as CE and the trace (its gradient comes
+            # from fisher_anchor in the chain)
             anchor = (
                 0.5
                 * config.eta_r
@@ -324,6 +342,8 @@ def fisher_guided_purify(
                     )
                 )
             )
+            updates, opt_state = tx.update(grads, opt_state, t)
+            t = optax.apply_updates(t, updates)
             return (t, new_stats, opt_state), {"loss": loss + anchor, "anchor": anchor, **terms}
 
         return step

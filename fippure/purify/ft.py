@@ -125,7 +125,7 @@ def purify(
     """
     started = time.perf_counter()
     validate_clean_set(clean_set, model, variables)
-    key = defense_arguments("ft", config, FTConfig, key)
+    key = defense_arguments("ft", config, (FTConfig, FTSAMConfig), key)
     method = "ft_sam" if isinstance(config, FTSAMConfig) else "ft"
     batch_size = clean_batch_size(config.batch_size, clean_set)
     tx = scheduled_sgd(

@@ -48,7 +48,7 @@ from fippure.errors import InvalidInputError
 from fippure.losses import soft_cross_entropy
 from fippure.models.registry import Variables
 from fippure.optim.masks import RESIDUAL_BN_PATTERN, apply_masks, init_masks, layer_floors
-from fippure.optim.projection import project_box
+from fippure.optim.projection import clip_to_box, project_box
 from fippure.purify.batch_stats import (
     FinalBatchStats,
     finalise_from_config,
@@ -93,7 +93,8 @@ class NFTConfig:
         learning_rate: initial learning rate.
         schedule: ``blocks`` (five constant blocks following a cosine, floored at
             ``lr_floor``), ``cosine`` or ``constant``.
-        lr_floor: the floor of the ``blocks`` schedule.
+        lr_floor: the floor of the ``blocks`` schedule, capped at ``learning_rate`` (a rate
+            below the floor runs constant at that rate, not at the floor).
         lr_blocks: number of constant blocks.
         momentum: SGD momentum.
         eta: strength of the L1 pull of the masks towards 1 (divided by N_c).
@@ -145,11 +146,9 @@ def learning_rate_schedule(config: NFTConfig) -> optax.Schedule:
     if config.schedule != "blocks":
         raise InvalidInputError(f"unknown NFT schedule {config.schedule!r}")
     block = max(1, math.ceil(config.steps / config.lr_blocks))
+    floor = min(config.lr_floor, config.learning_rate)  # never above the rate asked for
     values = [
-        max(
-            config.lr_floor,
-            config.learning_rate * 0.5 * (1 + math.cos(math.pi * b / config.lr_blocks)),
-        )
+        max(floor, config.learning_rate * 0.5 * (1 + math.cos(math.pi * b / config.lr_blocks)))
         for b in range(config.lr_blocks)
     ]
     return optax.piecewise_constant_schedule(
@@ -229,7 +228,10 @@ def purify(
         checkpointing=checkpointing,
         fingerprint=lambda: run_fingerprint("nft", config, variables, images, labels, key),
     )
-    masks = carry[0]
+    # project_box's update lands on the box up to one rounding of the addition; the returned
+    # masks lie exactly in [mu(l), 1]
+    masks = clip_to_box(carry[0], floors, 1.0)
+    carry = (masks, *carry[1:])
     out = finalise_from_config(config, model, variables, to_variables(carry), clean_set, key)
     leaves = np.concatenate([np.asarray(m).ravel() for m in jax.tree_util.tree_leaves(masks)])
     report = PurifyReport(

@@ -24,7 +24,7 @@ from fippure.evaluation.metrics import (
 )
 from fippure.inference import predict
 from fippure.provenance import provenance
-from fippure.purify.common import config_dict
+from fippure.purify.common import config_dict, validate_clean_set
 from fippure.purify.registry import get_defense, make_config
 from fippure.purify.resume import Checkpointing
 from fippure.zoo import BackdooredModel, load_backdoored
@@ -95,6 +95,9 @@ def run_defense(
         if isinstance(checkpoint, BackdooredModel)
         else load_backdoored(checkpoint, data_dir=data_dir, clean_size=clean_size)
     )
+    # before the output directory is claimed and the model evaluated: a checkpoint whose
+    # model does not fit its dataset's images gets one line, not Flax's shape error
+    validate_clean_set(backdoored.clean, backdoored.model, backdoored.variables)
     if out is not None:
         claim_output_directory(
             out,

@@ -102,3 +102,13 @@ def test_corrupt_cache_is_rebuilt(gtsrb_tfds_dir, tmp_path):
     np.testing.assert_array_equal(rebuilt.images, first.images)
     with np.load(cache_file) as arrays:  # the cache entry was rewritten
         np.testing.assert_array_equal(arrays["labels"], first.labels)
+
+
+def test_an_image_dataset_refuses_labels_that_are_not_integers():
+
+    from fippure.data.catalog import get_spec
+    from fippure.data.sources import ImageDataset
+
+    images = np.zeros((3, 8, 8, 1), np.uint8)
+    with pytest.raises(InvalidInputError, match="labels must be integer class indices"):
+        ImageDataset(images, np.array([0.5, 1.5, 2.5]), get_spec("digits"))

@@ -163,6 +163,36 @@ def test_fip_trace_term_uses_the_configured_batchnorm_mode(tiny, monkeypatch, tr
     assert not np.allclose(got, losses(not trace_bn_train), rtol=1e-3)
 
 
+@pytest.mark.parametrize("calibration", ["eval", "penalty"])
+def test_fip_calibrates_trf0_in_eval_mode_or_in_the_penaltys_mode(tiny, monkeypatch, calibration):
+    """``trace_calibration``: TrF0 comes from eval-mode BN (default) or from the penalised
+    term's own mode (train mode here), so eta_F is relative to the penalty's starting value."""
+    model, variables, clean, _, _ = tiny
+    seen = []
+
+    def spy(variant, per_example_loss, logits_fn, tunable, batch, key, num_probes):
+        record = lambda *values: seen.append([np.asarray(v) for v in values])  # noqa: E731
+        jax.debug.callback(record, per_example_loss(tunable, batch), *batch)
+        return trace_term(variant, per_example_loss, logits_fn, tunable, batch, key, num_probes)
+
+    monkeypatch.setattr(fip, "trace_term", spy)
+    config = fip.FIPConfig(
+        steps=1,
+        batch_size=len(clean),
+        trace_bn_train=True,
+        trace_calibration=calibration,
+        calibration_probes=1,
+    )
+    fip.purify(model, variables, clean, config, jax.random.key(0), progress=False)
+    got, x, y = seen[0]  # the calibration batch
+
+    def losses(train):
+        logits, _ = apply_model(model, variables["params"], variables["batch_stats"], x, train)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+    np.testing.assert_allclose(got, losses(calibration == "penalty"), rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture
 def float64():
     previous = jax.config.jax_enable_x64
@@ -301,7 +331,7 @@ def test_nft_masks_stay_between_their_floor_and_one(tiny):
     hit_floor = False
     for name, mask in masks.items():
         mask = np.asarray(mask)
-        assert mask.min() >= floors[name] - 1e-6 and mask.max() <= 1.0 + 1e-6
+        assert mask.min() >= np.float32(floors[name]) and mask.max() <= 1.0  # exactly
         hit_floor |= bool(np.isclose(mask, floors[name], atol=1e-6).any())
         np.testing.assert_allclose(
             out["params"][name]["scale"], variables["params"][name]["scale"] * mask, rtol=1e-6
@@ -311,6 +341,13 @@ def test_nft_masks_stay_between_their_floor_and_one(tiny):
         np.testing.assert_array_equal(
             out["params"][name]["kernel"], variables["params"][name]["kernel"]
         )
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.02])
+def test_nft_learning_rate_below_the_floor_is_kept_not_raised_to_the_floor(rate):
+    schedule = nft.learning_rate_schedule(nft.NFTConfig(steps=1000, learning_rate=rate))
+    values = [float(schedule(step)) for step in (0, 199, 200, 400, 600, 800, 999)]
+    assert values == pytest.approx([rate] * 7, rel=1e-6)
 
 
 def test_nft_learning_rate_follows_five_floored_cosine_blocks():

@@ -97,6 +97,32 @@ def test_the_key_may_be_a_seed_or_a_legacy_key_and_nothing_else(digits_badnets):
     for bad in ("3", 2.5, jax.random.split(jax.random.key(0), 2)):
         with pytest.raises(InvalidInputError, match="key must be one jax.random.key"):
             run(bad)
+    for out_of_range in (-1, 2**32, 2**63):  # 2**32 would alias seed 0
+        with pytest.raises(InvalidInputError, match=r"seed must lie in \[0, 2\*\*32\)"):
+            run(out_of_range)
+
+
+def test_fip_refuses_a_fast_fip_config_whose_fields_it_would_ignore(digits_badnets):
+    bd = digits_badnets
+    with pytest.raises(InvalidInputError, match="fip takes a FIPConfig, got FastFIPConfig"):
+        DEFENSES["fip"].purify(bd.model, bd.variables, bd.clean, make_config("fast_fip"))
+
+
+def test_an_output_directory_that_is_a_file_is_refused_in_one_line(digits_badnets, tmp_path):
+    from fippure.purify.resume import Checkpointing
+
+    bd = digits_badnets
+    taken = tmp_path / "taken"
+    taken.write_text("not a directory")
+    with pytest.raises(CheckpointError, match="is a file, not a directory"):
+        purify(
+            bd.model,
+            bd.variables,
+            bd.clean,
+            FTConfig(steps=2),
+            progress=False,
+            checkpointing=Checkpointing(taken),
+        )
 
 
 def test_a_clean_set_missing_a_class_is_refused(digits_badnets):
@@ -132,6 +158,35 @@ def test_a_diverging_defense_stops_with_a_clear_error(digits_badnets):
             FTConfig(steps=60, learning_rate=1e12, log_every=20),
             progress=False,
         )
+
+
+def test_a_last_update_that_overflows_is_an_error_not_a_purified_model(digits_badnets):
+    # step 2's loss is taken before step 2's update, so only a check of the weights sees it
+    with pytest.raises(NonFiniteLossError, match="non-finite by step 2"):
+        purify(
+            digits_badnets.model,
+            digits_badnets.variables,
+            digits_badnets.clean,
+            FTConfig(steps=2, learning_rate=1e38, momentum=0.0, weight_decay=0.0, log_every=1),
+            progress=False,
+        )
+
+
+def test_non_finite_progress_is_never_saved(digits_badnets, tmp_path):
+    from fippure.purify.resume import Checkpointing
+
+    config = FTConfig(steps=8, learning_rate=1e38, momentum=0.0, weight_decay=0.0, log_every=8)
+    with pytest.raises(NonFiniteLossError):
+        purify(
+            digits_badnets.model,
+            digits_badnets.variables,
+            digits_badnets.clean,
+            config,
+            progress=False,
+            checkpointing=Checkpointing(tmp_path / "run", every=2),
+        )
+    saved = sorted(p.name for p in (tmp_path / "run").rglob("*") if p.is_dir())
+    assert not any(name.isdigit() and int(name) > 0 for name in saved), saved
 
 
 @pytest.mark.parametrize("defense", ["fip", "fast_fip", "nft", "ngf", "ft", "ft_sam"])
