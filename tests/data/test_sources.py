@@ -111,4 +111,4 @@ def test_an_image_dataset_refuses_labels_that_are_not_integers():
 
     images = np.zeros((3, 8, 8, 1), np.uint8)
     with pytest.raises(InvalidInputError, match="labels must be integer class indices"):
-        ImageDataset(images, np.array([0.5, 1.5, 2.5]), get_spec("digits"))
+        ImageDataset(images, np.array([0.5, 1.5, 2.5]), get_spec("digits"), "train")
