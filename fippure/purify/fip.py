@@ -114,7 +114,8 @@ class FIPConfig:
         trace_variant: ``empirical`` (labels from D_v), ``true`` (labels sampled from the
             model) or ``seed_code`` (the released code's zero-mean linear term; ablation).
         trace_probes: Rademacher probes K per estimate.
-        trace_every: add the trace term every this many steps (5 in the seed code).
+        trace_every: add the trace term every this many steps (5 in the seed code); the loss
+            curve's entries then give the last trace computed and its ``trace_step``.
         trace_bn_train: BatchNorm mode of the trace term. ``False`` (eval mode with the current
             running statistics, **choice**) keeps examples independent, so the term is the
             per-example Fisher trace; ``True`` normalises with the batch's own statistics, so
@@ -353,10 +354,20 @@ def fisher_guided_purify(
     averaging = config.average_last > 1
     window_start = config.steps - config.average_last
 
+    # With trace_every > 1 most logged steps run without the trace term: their entries carry
+    # the last trace computed (``trace``) and the step it was computed at (``trace_step``),
+    # while ``loss`` stays the objective that step minimised.
+    last_trace: dict[str, Any] = {}
+
     def step(carry, key):
         t_index = carry[3]  # a host-side step counter: the trace term runs every k-th step
-        fn = with_trace if t_index % config.trace_every == 0 else without_trace
+        traced = t_index % config.trace_every == 0
+        fn = with_trace if traced else without_trace
         new, metrics = fn(carry[:3], key, images, labels)
+        if config.trace_every > 1 and config.eta_F > 0:
+            if traced:
+                last_trace.update(trace=metrics["trace"], trace_step=t_index + 1)
+            metrics = {**metrics, **last_trace}
         average = carry[4]
         if averaging and t_index >= window_start:
             count = jnp.asarray(t_index - window_start + 1, jnp.float32)

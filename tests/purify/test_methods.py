@@ -163,6 +163,22 @@ def test_fip_trace_term_uses_the_configured_batchnorm_mode(tiny, monkeypatch, tr
     assert not np.allclose(got, losses(not trace_bn_train), rtol=1e-3)
 
 
+def test_fip_loss_curve_with_a_sparse_trace_names_the_last_trace_and_its_step(tiny):
+    model, variables, clean, _, _ = tiny
+    config = fip.FIPConfig(
+        steps=12, batch_size=16, learning_rate=1e-4, trace_every=5, log_every=4,
+        calibration_probes=1,
+    )  # fmt: skip
+    _, report = fip.purify(model, variables, clean, config, jax.random.key(0), progress=False)
+    curve = {entry["step"]: entry for entry in report.loss_curve}
+    assert sorted(curve) == [1, 4, 8, 12]
+    # the trace runs at steps 1, 6, 11 (0-based t = 0, 5, 10)
+    assert [curve[s]["trace_step"] for s in (1, 4, 8, 12)] == [1, 1, 6, 11]
+    assert curve[1]["loss"] > curve[1]["ce"] + curve[1]["anchor"]  # the trace term is in it
+    assert curve[4]["loss"] == pytest.approx(curve[4]["ce"] + curve[4]["anchor"])
+    assert curve[1]["anchor"] == 0.0  # taken at theta0, before the first update
+
+
 @pytest.mark.parametrize("calibration", ["eval", "penalty"])
 def test_fip_calibrates_trf0_in_eval_mode_or_in_the_penaltys_mode(tiny, monkeypatch, calibration):
     """``trace_calibration``: TrF0 comes from eval-mode BN (default) or from the penalised
