@@ -106,7 +106,10 @@ def decompose(params: PyTree, pattern: str = KERNEL_PATTERN) -> dict[str, Any]:
     factors = {}
     for path, leaf in _flat_params(params).items():
         if jnp.ndim(leaf) >= 2 and regex.search(_path_string(path)):
-            u, s, vt = jnp.linalg.svd(as_matrix(leaf), full_matrices=False)
+            # the SVD runs in at least float32 (there is none in bfloat16); the factors keep
+            # the kernel's dtype
+            wide = as_matrix(leaf).astype(jnp.promote_types(leaf.dtype, jnp.float32))
+            u, s, vt = (x.astype(leaf.dtype) for x in jnp.linalg.svd(wide, full_matrices=False))
             factors[path] = SpectralFactor(u, s, vt, tuple(leaf.shape))
     if not factors:
         raise InvalidInputError(

@@ -256,3 +256,16 @@ def test_shifts_and_factors_are_checked(resnet):
     other_params = init_variables(other, jax.random.key(0), (32, 32, 3))["params"]
     with pytest.raises(InvalidInputError, match="decompose these params instead"):
         spectral.rebuild_params(other_params, factors, spectral.init_shifts(factors))
+
+
+def test_bfloat16_kernels_are_decomposed_in_float32_and_keep_their_dtype():
+    kernel = jax.random.normal(jax.random.key(0), (3, 3, 4, 8)).astype(jnp.bfloat16)
+    factors = spectral.decompose({"conv": {"kernel": kernel}})
+    factor = factors["conv"]["kernel"]
+    assert factor.u.dtype == factor.s.dtype == factor.vt.dtype == jnp.bfloat16
+    rebuilt = (factor.u.astype(jnp.float32) * factor.s.astype(jnp.float32)) @ factor.vt.astype(
+        jnp.float32
+    )
+    np.testing.assert_allclose(
+        rebuilt, spectral.as_matrix(kernel).astype(jnp.float32), rtol=0.05, atol=0.05
+    )
