@@ -128,7 +128,7 @@ METHODS: dict[str, dict[str, dict[str, str]]] = {
         "default": {"learning_rate": "0.05"},
         # 0.02, where NFT's lr floor sits: the schedule is constant at 0.02. (These runs asked
         # for 0.01, which the floor raised to a constant 0.02 until the floor was capped at the
-        # rate; their JSON says so under "relabelled".)
+        # rate; their JSON says so under "relabelled", with a re-run of one cell.)
         "gentle": {"learning_rate": "0.02"},
         # BatchNorm statistics re-estimated on clean batches (no MixUp) after the last step.
         "clean_stats": {"learning_rate": "0.05", "final_batch_stats": "recompute"},
