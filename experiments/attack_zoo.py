@@ -208,6 +208,19 @@ def run_report(entry: str) -> pathlib.Path:
     return own if own.exists() else ZOO / entry / "report.json"
 
 
+def span_note(rows: list[dict]) -> str:
+    """Which revisions and dates the rows were trained at (each entry's report holds its own)."""
+    revisions = sorted({r["git_revision"] for r in rows if r.get("git_revision")})
+    dates = sorted(r["date"] for r in rows if r.get("date"))
+    if not dates:
+        return "The entries' reports do not record when they were trained."
+    return (
+        f"The {len(rows)} models were trained at {len(revisions)} revisions between "
+        f"{dates[0]} and {dates[-1]}; each entry's `report.json` (zoo or runs/) holds its "
+        "command, revision, machine and date."
+    )
+
+
 def collect_rows(entries: list[str]) -> list[dict]:
     rows = []
     clean = json.loads(run_report("clean").read_text())
@@ -221,6 +234,8 @@ def collect_rows(entries: list[str]) -> list[dict]:
             "epochs": clean["epochs"],
             "wall_time_s": clean["wall_time_s"],
             "command": clean["command"],
+            "git_revision": clean.get("git_revision"),
+            "date": clean.get("date"),
             "zoo_bytes": directory_bytes(ZOO / "clean"),
         }
     )
@@ -239,6 +254,8 @@ def collect_rows(entries: list[str]) -> list[dict]:
                 "epochs": report["epochs"],
                 "wall_time_s": report["wall_time_s"],
                 "command": command_for(entry),
+                "git_revision": report.get("git_revision"),
+                "date": report.get("date"),
                 "zoo_bytes": directory_bytes(ZOO / entry) if (ZOO / entry).exists() else None,
             }
         )
@@ -319,7 +336,9 @@ def write_tables(rows: list[dict]) -> None:
         "",
         "Commands: `" + "`, `".join(r["command"] for r in rows) + "`.",
         "",
-        f"Measured by `{meta['command']}` at {meta['git_revision']} on {meta['machine']}, "
+        span_note(rows),
+        "",
+        f"Table written by `{meta['command']}` at {meta['git_revision']} on {meta['machine']}, "
         f"{meta['date']}. Zoo size: {total / 1e6:.1f} MB.",
     ]
     (RESULTS / "attacks_cifar10_w16.md").write_text("\n".join(header) + "\n")
@@ -393,18 +412,21 @@ def main() -> None:
     parser.add_argument(
         "--retrain",
         action="store_true",
-        help="train and replace the named entries even where the zoo already holds them",
+        help="train and replace the named entries even where the zoo already holds them "
+        "(the clean reference model only when 'clean' is named)",
     )
     args = parser.parse_args()
     entries = [e for e in args.entries.split(",") if e]
-    unknown = sorted(set(entries) - set(ENTRIES))
+    unknown = sorted(set(entries) - set(ENTRIES) - {"clean"})
     if unknown:
-        sys.exit(f"attack_zoo: unknown entries {unknown}; known: {', '.join(ENTRIES)}")
+        sys.exit(f"attack_zoo: unknown entries {unknown}; known: clean, {', '.join(ENTRIES)}")
     if not args.report_only:
-        if args.retrain or not in_zoo("clean"):
+        # the clean model is the reference CLB and LF were attacked with: retrained only
+        # when it is missing or named in --entries
+        if not in_zoo("clean") or (args.retrain and "clean" in entries):
             train_clean()
             copy_to_zoo("clean")
-        for entry in entries:
+        for entry in (e for e in entries if e != "clean"):
             from fippure.attacks import ATTACKS
 
             if ENTRIES[entry]["attack"] not in ATTACKS:

@@ -96,6 +96,8 @@ def write_report() -> None:
                 "asr": run["after"]["asr"],
                 "acc_before": run["before"]["acc"],
                 "asr_before": run["before"]["asr"],
+                "git_revision": run.get("git_revision"),
+                "date": run.get("date"),
                 "trace0": run["report"]["extra"].get("trace0"),
                 "trace_first": traces[0] if traces else None,
                 "trace_last": traces[-1] if traces else None,
@@ -121,7 +123,21 @@ def write_report() -> None:
             f"{r['wall_time_s']:.0f} s |"
         )
     meta = provenance()
-    lines += ["", f"Measured at {meta['git_revision']} on {meta['machine']}, {meta['date']}."]
+    revisions = sorted({r["git_revision"] for r in rows if r.get("git_revision")})
+    dates = sorted(r["date"] for r in rows if r.get("date"))
+    if dates:
+        lines += [
+            "",
+            f"The runs were measured at {len(revisions)} revisions between {dates[0]} and "
+            f"{dates[-1]} (each run's JSON in `fip_sensitivity_runs/` holds its command, "
+            "revision, machine and date); FIP's code has changed since, so they are not "
+            "necessarily what this revision gives.",
+        ]
+    lines += [
+        "",
+        f"Table written by `{meta['command']}` at {meta['git_revision']} on {meta['machine']}, "
+        f"{meta['date']}.",
+    ]
     (RESULTS / "fip_sensitivity.json").write_text(json.dumps({"rows": rows, **meta}, indent=1))
     (RESULTS / "fip_sensitivity.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

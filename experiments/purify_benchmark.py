@@ -242,6 +242,7 @@ def run_one(
         reason = f"defaults changed ({', '.join(changed)})" if changed else "overrides changed"
         print(f"{path.name}: {reason}; running again", flush=True)
     from fippure.errors import NonFiniteLossError
+    from fippure.provenance import provenance
 
     try:
         result = run_defense(
@@ -261,6 +262,7 @@ def run_one(
             "before": before,
             "after": None,
             "diverged": str(error),
+            **provenance(),
         }
         outcome = f"diverged: {error}"
     else:
@@ -752,9 +754,19 @@ def write_report() -> None:
                 f"{new['acc']:.4f} / {new['asr']:.4f}"
             )
     meta = provenance()
+    stored = [json.loads(path.read_text()) for path in sorted(RUNS.glob("*.json"))]
+    stored = [r for r in stored if "defense" in r]  # not the cached undefended metrics
+    revisions = {r["git_revision"] for r in stored if r.get("git_revision")}
+    dates = sorted(r["date"] for r in stored if r.get("date"))
     lines += [
         "",
-        f"Measured by `{meta['command']}` at {meta['git_revision']} on "
+        f"The {len(stored)} stored runs behind these cells were measured at {len(revisions)} "
+        f"revisions between {dates[0] if dates else '?'} and {dates[-1] if dates else '?'}; "
+        "each run's JSON in `purify_runs/` holds its command, revision, machine and date "
+        f"(the {sum(1 for r in stored if not r.get('date'))} runs that diverged before "
+        "diverged runs were stamped hold none).",
+        "",
+        f"Table written by `{meta['command']}` at {meta['git_revision']} on "
         f"{meta['machine']}, {meta['date']}.",
     ]
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,10 @@ def rerun(name: str) -> dict:
     from fippure.purify.runner import run_defense
 
     stored = json.loads((benchmark.RUNS / f"{name}.json").read_text())
+    if stored.get("after") is None:
+        raise SystemExit(
+            f"rerun_check: {name} diverged ({stored.get('diverged')}); nothing to compare"
+        )
     tag = stored.get("tag", "")
     if tag not in CLEAN_SIZE:
         raise SystemExit(f"rerun_check: runs tagged {tag!r} are not supported ({name})")

@@ -208,6 +208,12 @@ def train_backdoored(
     network = create_model(model, spec.num_classes, **model_kwargs)
     if threat.needs_reference and reference is None:
         raise InvalidInputError(f"attack {attack} needs a clean reference model (--reference)")
+    if reference is not None and threat.needs_reference:
+        _check_reference(reference, dataset, spec)
+    threat.check_training(spec, config)  # before the directory is claimed
+    for name, value in (("attack_seed", attack_seed), ("clean_seed", clean_seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+            raise InvalidInputError(f"{name} must be an integer in [0, 2**32), got {value!r}")
     # Everything that shapes the weights: resuming (or reusing attack_fit/) under another
     # attack, target or clean split would relabel a model trained for the old one.
     claim_run_directory(
@@ -241,7 +247,7 @@ def train_backdoored(
     )
     attack_key = jax.random.key(attack_seed)
     ref = None
-    if reference is not None:
+    if reference is not None and threat.needs_reference:
         loaded = load_checkpoint(reference)
         ref = (loaded.model, loaded.variables)
     context = AttackContext(
@@ -309,6 +315,26 @@ def train_backdoored(
     }
     (out / "report.json").write_text(json.dumps(_jsonable(result), indent=1))
     return result
+
+
+def _check_reference(reference, dataset: str, spec) -> None:
+    """A reference model must be one for the attacked dataset: its classes and image shape."""
+    from fippure.checkpoints import read_metadata
+    from fippure.errors import InvalidInputError
+
+    meta = read_metadata(reference)
+    found = (
+        meta.get("dataset"),
+        (meta.get("model") or {}).get("num_classes"),
+        tuple(meta.get("image_shape") or ()),
+    )
+    wanted = (dataset, spec.num_classes, tuple(spec.image_shape))
+    if found != wanted:
+        raise InvalidInputError(
+            f"--reference {reference} is a model of {found[0]} ({found[1]} classes, images "
+            f"{found[2]}), not of {dataset} ({spec.num_classes} classes, images "
+            f"{tuple(spec.image_shape)}); train one with fippure train --dataset {dataset}"
+        )
 
 
 def _fitted_attack_state(threat, context, key, out: pathlib.Path):

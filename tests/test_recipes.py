@@ -78,3 +78,48 @@ def test_attack_says_when_a_clean_label_attack_poisons_less_than_asked(tmp_path,
     assert "fippure: note: sig poisons target-class images only" in captured.err
     printed = json.loads(captured.out.strip().splitlines()[-1])
     assert 0 < printed["realised_ratio"] < 0.2  # about a tenth of digits is one class
+
+
+@pytest.mark.parametrize(
+    ("attack", "options", "epochs", "message"),
+    [
+        ("lira", {}, 1, "lira needs more epochs"),
+        ("ftrojan", {"window": 5, "frequencies": [[1, 1]]}, 1, "does not tile"),
+    ],
+)
+def test_settings_an_attack_cannot_train_with_fail_before_the_output_is_claimed(
+    tmp_path, attack, options, epochs, message
+):
+    import dataclasses
+
+    from fippure.errors import InvalidInputError
+
+    out = tmp_path / "run"
+    config = dataclasses.replace(CONFIG, epochs=epochs)
+    with pytest.raises(InvalidInputError, match=message):
+        train_backdoored(out=out, config=config, attack=attack, attack_options=options, **TINY)
+    assert not out.exists()  # so the corrected command may use the same --out
+
+
+def test_a_reference_model_of_another_dataset_is_refused(tmp_path):
+    import jax
+
+    from fippure.checkpoints import model_metadata, save_checkpoint
+    from fippure.errors import InvalidInputError
+    from fippure.models import create_model, init_variables
+
+    reference = tmp_path / "cifar_reference"
+    model = create_model("small_cnn", 10, width=4)
+    save_checkpoint(
+        reference,
+        init_variables(model, jax.random.key(0), (32, 32, 3)),
+        {
+            "model": model_metadata("small_cnn", 10, width=4),
+            "dataset": "cifar10",
+            "image_shape": [32, 32, 3],
+        },
+    )
+    with pytest.raises(InvalidInputError, match="is a model of cifar10 .* not of digits"):
+        train_backdoored(
+            out=tmp_path / "lf", config=CONFIG, attack="lf", reference=reference, **TINY
+        )

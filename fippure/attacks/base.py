@@ -96,6 +96,20 @@ class Attack:
         """What a poisoned *training* image looks like. Default: the test-time trigger."""
         return self.trigger(state, images, key)
 
+    def check_training(self, spec: DatasetSpec, config: Any) -> None:
+        """One-line errors for settings this attack cannot train with, raised before a run
+        claims its output directory. Default: traces the trigger once on one blank image
+        (:func:`jax.eval_shape`, no compute), so a trigger that does not fit the images fails
+        now rather than after a fit or at the first training step."""
+        del config
+        key = jax.random.key(0)
+        jax.eval_shape(
+            lambda k: self.trigger(
+                self.init_state(k, spec), jnp.zeros((1, *spec.image_shape), jnp.float32), k
+            ),
+            key,
+        )
+
     def fit(self, state: State, context: AttackContext) -> State:
         """Computes or learns the trigger before poisoned training. Default: no-op."""
         del context

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from fippure.attacks.base import Attack, Images, State
-from fippure.config_checks import FRACTION
+from fippure.config_checks import UNIT_POSITIVE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Blend(Attack):
 
     name: ClassVar[str] = "blend"
     alpha: float = 0.2
-    rules: ClassVar = {"alpha": FRACTION}
+    rules: ClassVar = {"alpha": UNIT_POSITIVE}  # 0 would be no trigger
 
     def init_state(self, key, spec) -> State:
         return {"pattern": jax.random.uniform(key, spec.image_shape, jnp.float32)}

@@ -29,7 +29,7 @@ import numpy as np
 
 from fippure.attacks.base import Attack, Images, State
 from fippure.attacks.frequency import block_dct, block_idct, rgb_to_ycrcb, ycrcb_to_rgb
-from fippure.config_checks import AT_LEAST_ONE, FRACTION
+from fippure.config_checks import AT_LEAST_ONE, UNIT_POSITIVE
 from fippure.errors import InvalidInputError
 
 
@@ -50,12 +50,31 @@ class FTrojan(Attack):
     window: int = 32
     frequencies: tuple[tuple[int, int], ...] = ((15, 15), (31, 31))
     channels: tuple[int, ...] = (1, 2)
-    rules: ClassVar = {"magnitude": FRACTION, "window": AT_LEAST_ONE}
+    rules: ClassVar = {"magnitude": UNIT_POSITIVE, "window": AT_LEAST_ONE}  # 0: no trigger
 
     def __post_init__(self):
         super().__post_init__()
+
         # options may arrive as JSON lists; keep the dataclass hashable
-        object.__setattr__(self, "frequencies", tuple(tuple(map(int, f)) for f in self.frequencies))
+        def whole(v) -> bool:
+            return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+        pairs = self.frequencies
+        if (
+            not isinstance(pairs, list | tuple)
+            or not pairs
+            or not all(isinstance(f, list | tuple) and all(whole(v) for v in f) for f in pairs)
+        ):
+            raise InvalidInputError(
+                "ftrojan frequencies must be a non-empty list of [row, column] integer pairs, "
+                f"e.g. [[15, 15], [31, 31]]; got {pairs!r}"
+            )
+        if not isinstance(self.channels, list | tuple) or not all(whole(c) for c in self.channels):
+            raise InvalidInputError(
+                f"ftrojan channels must be a list of integers in 0..2, e.g. [1, 2]; got "
+                f"{self.channels!r}"
+            )
+        object.__setattr__(self, "frequencies", tuple(tuple(int(v) for v in f) for f in pairs))
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         for f in self.frequencies:
             if len(f) != 2 or not all(0 <= v < self.window for v in f):

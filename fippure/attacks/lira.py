@@ -114,6 +114,14 @@ class LIRA(Attack):
         w = self.generator_width
         return ConvAutoencoder(channels, (w, 2 * w, 4 * w))
 
+    def check_training(self, spec, config) -> None:
+        super().check_training(spec, config)
+        if config.epochs - self.finetune_epochs < 1:
+            raise InvalidInputError(
+                f"lira needs more epochs ({config.epochs}) than finetune_epochs "
+                f"({self.finetune_epochs})"
+            )
+
     def init_state(self, key, spec) -> State:
         dummy = jnp.zeros((1, *spec.image_shape), jnp.float32)
         return {"generator": self._generator(spec.image_shape[-1]).init(key, dummy)["params"]}

@@ -135,6 +135,10 @@ def validate_attack_args(
     *, ratio: float, target: int, mode: str, num_classes: int, clean_label: bool
 ) -> None:
     """One-line errors for impossible attack settings."""
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float | np.floating):
+        raise InvalidInputError(f"poison ratio must be a number in (0, 1), got {ratio!r}")
+    if isinstance(target, bool) or not isinstance(target, int | np.integer):
+        raise InvalidInputError(f"target must be an integer class, got {target!r}")
     if not 0.0 < ratio < 1.0:
         raise InvalidInputError(f"poison ratio must be in (0, 1), got {ratio}")
     if mode not in MODES:

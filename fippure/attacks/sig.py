@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from fippure.attacks.base import Attack, Images, State
-from fippure.config_checks import FRACTION, POSITIVE
+from fippure.config_checks import POSITIVE, UNIT_POSITIVE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ class SIG(Attack):
     clean_label: ClassVar[bool] = True
     delta: float = 40.0 / 255.0
     frequency: float = 6.0
-    rules: ClassVar = {"delta": FRACTION, "frequency": POSITIVE}
+    rules: ClassVar = {"delta": UNIT_POSITIVE, "frequency": POSITIVE}  # 0: no trigger
 
     def signal(self, width: int) -> Float[Array, " w"]:
         """The additive signal of one row (it is the same for every row and channel)."""

@@ -97,3 +97,21 @@ def test_options_from_json_lists_stay_hashable():
         make_attack("ftrojan", frequencies=[[32, 0]])
     with pytest.raises(InvalidInputError, match="channels"):
         make_attack("ftrojan", channels=[3])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"frequencies": 3}, "frequencies must be a non-empty list"),
+        ({"frequencies": []}, "frequencies must be a non-empty list"),  # no trigger at all
+        ({"frequencies": "15,15"}, "frequencies must be a non-empty list"),
+        ({"frequencies": [[1.9, 2.2]]}, "frequencies must be a non-empty list"),
+        ({"channels": 1}, "channels must be a list of integers"),
+        ({"channels": "12"}, "channels must be a list of integers"),
+        ({"channels": [1.7]}, "channels must be a list of integers"),
+        ({"magnitude": 0.0}, "magnitude"),
+    ],
+)
+def test_malformed_or_empty_options_are_refused_in_one_line(options, message):
+    with pytest.raises(InvalidInputError, match=message):
+        make_attack("ftrojan", **options)

@@ -93,3 +93,21 @@ def test_bad_requests_are_one_line_errors(labels, kwargs, message):
     with pytest.raises(InvalidInputError, match=message) as error:
         make_poison_plan(labels, num_classes=K, **kwargs)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("name", "options"), [("blend", {"alpha": 0.0}), ("sig", {"delta": 0.0})])
+def test_a_trigger_of_strength_zero_is_refused(name, options):
+    from fippure.attacks import make_attack
+
+    with pytest.raises(InvalidInputError):
+        make_attack(name, **options)
+
+
+@pytest.mark.parametrize(("target", "ratio"), [(1.5, 0.1), (True, 0.1), (0, "0.1")])
+def test_a_target_or_ratio_of_the_wrong_type_is_refused(target, ratio):
+    from fippure.attacks import validate_attack_args
+
+    with pytest.raises(InvalidInputError, match="must be"):
+        validate_attack_args(
+            ratio=ratio, target=target, mode="all_to_one", num_classes=10, clean_label=False
+        )
