@@ -38,8 +38,12 @@ def predict_logits(
             (pixel values 0-255 as floats, which would be read as saturated).
     """
     check_images(images, spec)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
+        raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size}")
     n = int(images.shape[0])
-    batch_size = max(1, min(batch_size, n))
+    batch_size = max(1, min(int(batch_size), n))
     variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
     if n == 0:  # an empty subset (say, a filtered triggered set): no rows
         probe = jnp.zeros((1, *images.shape[1:]), images.dtype)
@@ -61,6 +65,12 @@ def check_images(images: np.ndarray | jax.Array, spec: DatasetSpec) -> None:
     """One-line errors for images that ``spec``'s models cannot take (see
     :func:`predict_logits`)."""
     expected = (spec.image_shape[0], spec.image_shape[1], spec.image_shape[2])
+    if not hasattr(images, "shape") or not hasattr(images, "dtype"):
+        raise InvalidInputError(
+            f"images must be an array (numpy or jax), got {type(images).__name__}"
+        )
+    if images.dtype == bool or not jnp.issubdtype(images.dtype, jnp.number):
+        raise InvalidInputError(f"images must be uint8 or float, got dtype {images.dtype}")
     if np.ndim(images) != 4 or tuple(images.shape[1:]) != expected:
         raise InvalidInputError(
             f"expected {spec.name} images of shape (n, {', '.join(map(str, expected))}), got "
@@ -68,6 +78,8 @@ def check_images(images: np.ndarray | jax.Array, spec: DatasetSpec) -> None:
         )
     if jnp.issubdtype(images.dtype, jnp.floating) and images.shape[0]:
         top = float(jnp.max(images))
+        if not np.isfinite(top) or not bool(jnp.isfinite(images).all()):
+            raise InvalidInputError("the images hold NaN or infinite values")
         if top > 1.5:
             raise InvalidInputError(
                 f"float images are read as [0, 1] but these reach {top:g}; pass uint8 images "

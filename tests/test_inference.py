@@ -57,6 +57,9 @@ def test_no_images_give_no_rows(network):
         (np.zeros((8, 8, 1), np.uint8), r"got \(8, 8, 1\)"),
         (np.full((2, 8, 8, 1), 255.0, np.float32), "float images are read as \\[0, 1\\]"),
         (np.full((2, 8, 8, 1), 300, np.int32), "integer images .* span 300..300"),
+        (np.full((2, 8, 8, 1), np.nan, np.float32), "NaN or infinite"),
+        (np.ones((2, 8, 8, 1), bool), "must be uint8 or float, got dtype bool"),
+        ([[[[0]]]], "must be an array"),
     ],
 )
 def test_images_the_model_cannot_take_are_refused(network, images, message):
@@ -70,3 +73,10 @@ def test_accuracy_needs_one_label_per_image(network):
     with pytest.raises(InvalidInputError, match=r"\(3,\) labels for 5 images"):
         accuracy(model, variables, _images(5), np.zeros(3, np.int32), SPEC)
     assert np.isnan(accuracy(model, variables, _images(0), np.zeros(0, np.int32), SPEC))
+
+
+@pytest.mark.parametrize("batch_size", [0, -3, 2.5])
+def test_a_batch_size_that_is_not_a_positive_integer_is_refused(network, batch_size):
+    model, variables = network
+    with pytest.raises(InvalidInputError, match="batch_size must be a positive integer"):
+        predict_logits(model, variables, _images(3), SPEC, batch_size=batch_size)

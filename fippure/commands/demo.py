@@ -30,7 +30,7 @@ CIFAR_FIP = {
     "trace_probes": "4",
     "final_batch_stats": "transfer",
 }
-#: Digits: a small CNN on 143 clean images.
+#: Digits: a small CNN on 144 clean images.
 DIGITS_ATTACK = {"epochs": 12, "batch_size": 64, "learning_rate": 0.05}
 DIGITS_FIP = {
     "steps": "300",
@@ -86,7 +86,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         load_dataset("cifar10", "test", data_dir=args.data_dir)  # one-line error if unavailable
         checkpoint = args.checkpoint or str(REPO_ZOO / "badnets")
-        read_metadata(checkpoint)
+        dataset = read_metadata(checkpoint).get("dataset")
+        if dataset != "cifar10":
+            raise InvalidInputError(
+                f"--checkpoint {checkpoint} is a {dataset} model; the demo purifies CIFAR-10 "
+                "checkpoints (use fippure purify for others)"
+            )
         overrides = {**CIFAR_FIP, **dict(args.set)}
     make_config("fip", overrides)
     result = run_defense(

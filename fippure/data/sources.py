@@ -1,7 +1,7 @@
 """Loading datasets into uint8 NHWC numpy arrays.
 
 TFDS datasets are read with ``tfds.data_source`` (array_record files, no TensorFlow). Decoding
-50k PNGs takes seconds, so the decoded arrays are cached as ``.npy`` files keyed by dataset,
+50k PNGs takes seconds, so the decoded arrays are cached as ``.npz`` files keyed by dataset,
 TFDS version and split. The cache lives in ``$FIPPURE_CACHE_DIR`` (default
 ``~/.cache/fippure``). TFDS looks for prepared data in ``data_dir``, then ``$TFDS_DATA_DIR``;
 when the data is not there it downloads it (if ``download`` is true and the network allows).
@@ -105,7 +105,7 @@ def load_dataset(
         split: ``train`` or ``test``.
         data_dir: TFDS data directory; defaults to ``$TFDS_DATA_DIR``.
         download: let TFDS download and prepare the data when it is missing.
-        use_cache: read and write the decoded ``.npy`` cache.
+        use_cache: read and write the decoded ``.npz`` cache.
 
     Returns:
         The :class:`ImageDataset`.

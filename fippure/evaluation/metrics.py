@@ -87,6 +87,12 @@ def defense_effectiveness_rating(
         "acc_after": acc_after,
         "asr_after": asr_after,
     }
+    missing = sorted(k for k, v in rates.items() if v is None)
+    if missing:
+        raise InvalidInputError(
+            f"DER needs all four rates; {', '.join(missing)} missing (a model with no attack "
+            "has no ASR)"
+        )
     if any(np.isnan(v) for v in rates.values()):
         return float("nan")
     outside = {k: v for k, v in rates.items() if not 0.0 <= v <= 1.0}
@@ -113,6 +119,11 @@ def evaluate_backdoor(
     model: nn.Module, variables: Variables, test: ImageDataset, triggered: TriggeredSet
 ) -> BackdoorMetrics:
     """ACC on ``test`` and ASR/RA on ``triggered`` (eval-mode predictions)."""
+    if triggered is None:
+        raise InvalidInputError(
+            "no triggered test set: the model carries no attack (a clean checkpoint); use "
+            "fippure.inference.accuracy for its ACC"
+        )
     clean_pred = predict(model, variables, test.images, test.spec)
     bad_pred = predict(model, variables, triggered.images, test.spec)
     return BackdoorMetrics(

@@ -126,7 +126,8 @@ def penultimate_features(
     model: nn.Module, variables: Variables, inputs: Float[Array, "b h w c"], train: bool = False
 ) -> Float[Array, "b d"]:
     """The inputs of the ``head`` layer (eval mode by default)."""
-    _, state = model.apply(variables, inputs, train=train, mutable=["intermediates"])
+    mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
+    _, state = model.apply(variables, inputs, train=train, mutable=mutable)
     return state["intermediates"][FEATURES][0]
 
 

@@ -12,6 +12,7 @@ from fippure.evaluation.metrics import (
     accuracy,
     attack_success_rate,
     defense_effectiveness_rating,
+    evaluate_backdoor,
     robust_accuracy,
 )
 
@@ -106,3 +107,15 @@ def test_der_propagates_nan_and_rejects_percentages():
     )
     with pytest.raises(InvalidInputError, match="fractions, not percent"):
         defense_effectiveness_rating(acc_before=90, asr_before=100, acc_after=88, asr_after=2)
+
+
+def test_der_of_a_model_without_an_attack_is_refused_in_one_line():
+    with pytest.raises(InvalidInputError, match="asr_after, asr_before missing"):
+        defense_effectiveness_rating(
+            acc_before=0.9, asr_before=None, acc_after=0.88, asr_after=None
+        )
+
+
+def test_backdoor_metrics_need_a_triggered_set():
+    with pytest.raises(InvalidInputError, match="no triggered test set"):
+        evaluate_backdoor(None, {}, None, None)
