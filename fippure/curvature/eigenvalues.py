@@ -268,7 +268,8 @@ def power_iteration(
     *,
     loop: Loop = "python",
 ) -> PowerIterationResult:
-    """The eigenvalue of largest magnitude by power iteration (``lambda_max`` of a Hessian).
+    """The eigenvalue of largest magnitude by power iteration (a Hessian's ``lambda_max`` only
+    when no negative eigenvalue is larger in magnitude; :func:`largest_eigenvalue` in general).
 
     Stops after ``num_iters`` products or once the Rayleigh quotient changes by less than
     ``tol`` relatively. Convergence is geometric in ``|lambda_2 / lambda_1|``, so it can be

@@ -208,7 +208,8 @@ def run_steps(
 
     ``metrics`` must hold a scalar ``loss``. Metrics are fetched to the host only every
     ``log_every`` steps and at the end, where a non-finite loss raises
-    :class:`NonFiniteLossError`.
+    :class:`NonFiniteLossError`; so does a non-finite carry after the last step or before a
+    save (the last update comes after the last loss, and NaN progress is never saved).
 
     ``observer(steps_done, to_variables(carry))``, if given, is called after every
     ``observe_every``-th step before the last (the last step's variables are what the defense

@@ -48,7 +48,7 @@ def test_unknown_attack_and_option_are_one_line_errors():
 @pytest.mark.parametrize(
     ("name", "options", "message"),
     [
-        ("blend", {"alpha": 1.5}, r"Blend.alpha must be in \[0, 1\], got 1.5"),
+        ("blend", {"alpha": 1.5}, r"Blend.alpha must be in \(0, 1\], got 1.5"),
         ("badnets", {"size": 0}, "BadNets.size must be >= 1, got 0"),
         ("badnets", {"size": 2.5}, "BadNets.size must be an integer, got 2.5"),
         ("sig", {"frequency": 0}, "SIG.frequency must be > 0, got 0"),

@@ -130,11 +130,9 @@ def test_fip_relative_scale_is_the_same_variants_trace_at_theta0(tiny, monkeypat
     assert report.extra["penalty_strength"] == pytest.approx(config.eta_F / report.extra["trace0"])
 
 
-@pytest.mark.parametrize("trace_bn_train", [False, True])
-def test_fip_trace_term_uses_the_configured_batchnorm_mode(tiny, monkeypatch, trace_bn_train):
-    """SPEC section 2 (choice): the trace term's per-example losses come from eval-mode BN
-    (running statistics) by default, or from train-mode BN (the batch's own statistics)."""
-    model, variables, clean, inputs, labels = tiny
+def _record_trace_batches(monkeypatch) -> list:
+    """Patches FIP's trace term to record, for every call, the per-example losses it
+    penalises and its batch; returns the list the records go to."""
     seen = []
 
     def spy(variant, per_example_loss, logits_fn, tunable, batch, key, num_probes):
@@ -143,6 +141,15 @@ def test_fip_trace_term_uses_the_configured_batchnorm_mode(tiny, monkeypatch, tr
         return trace_term(variant, per_example_loss, logits_fn, tunable, batch, key, num_probes)
 
     monkeypatch.setattr(fip, "trace_term", spy)
+    return seen
+
+
+@pytest.mark.parametrize("trace_bn_train", [False, True])
+def test_fip_trace_term_uses_the_configured_batchnorm_mode(tiny, monkeypatch, trace_bn_train):
+    """SPEC section 2 (choice): the trace term's per-example losses come from eval-mode BN
+    (running statistics) by default, or from train-mode BN (the batch's own statistics)."""
+    model, variables, clean, inputs, labels = tiny
+    seen = _record_trace_batches(monkeypatch)
     config = fip.FIPConfig(
         steps=1,
         batch_size=len(clean),
@@ -184,14 +191,7 @@ def test_fip_calibrates_trf0_in_eval_mode_or_in_the_penaltys_mode(tiny, monkeypa
     """``trace_calibration``: TrF0 comes from eval-mode BN (default) or from the penalised
     term's own mode (train mode here), so eta_F is relative to the penalty's starting value."""
     model, variables, clean, _, _ = tiny
-    seen = []
-
-    def spy(variant, per_example_loss, logits_fn, tunable, batch, key, num_probes):
-        record = lambda *values: seen.append([np.asarray(v) for v in values])  # noqa: E731
-        jax.debug.callback(record, per_example_loss(tunable, batch), *batch)
-        return trace_term(variant, per_example_loss, logits_fn, tunable, batch, key, num_probes)
-
-    monkeypatch.setattr(fip, "trace_term", spy)
+    seen = _record_trace_batches(monkeypatch)
     config = fip.FIPConfig(
         steps=1,
         batch_size=len(clean),
