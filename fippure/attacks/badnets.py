@@ -37,7 +37,7 @@ class BadNets(Attack):
             )
         return {}
 
-    def trigger(self, state: State, images: Images, key=None) -> Images:
+    def _trigger(self, state: State, images: Images, key=None) -> Images:
         del state, key
         return images.at[:, -self.size :, -self.size :, :].set(
             jnp.asarray(self.value, images.dtype)

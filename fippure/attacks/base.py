@@ -7,7 +7,8 @@ can be a static argument of ``jax.jit``). It owns:
   generator's parameters) as a pytree of arrays, created from a key. The state is saved with
   the checkpoint (``extras/attack_state``), so the triggered test set can be re-created.
 - ``trigger(state, images, key)``: the pure, jit-able test-time trigger. Images are float
-  ``(b, h, w, c)`` in [0, 1], **before** normalisation; the output stays in [0, 1].
+  ``(b, h, w, c)`` in [0, 1], **before** normalisation (uint8 pixels are scaled to [0, 1]
+  first); the output stays in [0, 1]. Subclasses implement ``_trigger``.
 - ``fit(state, context)``: for attacks whose trigger is computed or learned before poisoned
   training (label-consistent PGD, LF, ISSBA's encoder). Default: nothing to fit.
 - ``training_transform(state, plan, context)``: the in-graph poisoning of training batches.
@@ -38,6 +39,7 @@ from fippure.attacks.poisoning import PoisonPlan
 from fippure.config_checks import Rule, check_config
 from fippure.data.catalog import DatasetSpec
 from fippure.data.sources import ImageDataset
+from fippure.errors import InvalidInputError
 from fippure.models.registry import Variables
 
 State = dict[str, Any]
@@ -88,8 +90,33 @@ class Attack:
         del key, spec
         return {}
 
-    def trigger(self, state: State, images: Images, key: PRNGKeyArray) -> Images:
-        """Applies the trigger to [0, 1] images (pure, jit-able)."""
+    def trigger(
+        self, state: State, images: Images, key: PRNGKeyArray | None = None
+    ) -> Images:
+        """Applies the trigger (pure, jit-able) to a ``(b, h, w, c)`` batch.
+
+        Float images are taken to be in [0, 1] and keep their dtype. Integer images (uint8
+        pixels, as :func:`fippure.data.load_dataset` returns them) are first scaled to float32
+        [0, 1], so the result is always a float image in [0, 1]. Any other dtype, or a batch
+        that is not rank 4, is refused. Subclasses implement :meth:`_trigger`.
+        """
+        images = jnp.asarray(images)
+        if images.ndim != 4:
+            raise InvalidInputError(
+                f"{self.name} trigger expects a (batch, height, width, channels) array, "
+                f"got shape {tuple(images.shape)}"
+            )
+        if jnp.issubdtype(images.dtype, jnp.integer) and images.dtype != jnp.bool_:
+            images = images.astype(jnp.float32) / 255.0
+        elif not jnp.issubdtype(images.dtype, jnp.floating):
+            raise InvalidInputError(
+                f"{self.name} trigger expects float images in [0, 1] or integer pixels "
+                f"0..255, got dtype {images.dtype}"
+            )
+        return self._trigger(state, images, key)
+
+    def _trigger(self, state: State, images: Images, key: PRNGKeyArray | None) -> Images:
+        """The trigger itself, on float [0, 1] images of rank 4."""
         raise NotImplementedError
 
     def poison(self, state: State, images: Images, key: PRNGKeyArray) -> Images:

@@ -30,7 +30,7 @@ class Blend(Attack):
     def init_state(self, key, spec) -> State:
         return {"pattern": jax.random.uniform(key, spec.image_shape, jnp.float32)}
 
-    def trigger(self, state: State, images: Images, key=None) -> Images:
+    def _trigger(self, state: State, images: Images, key=None) -> Images:
         del key
         pattern = state["pattern"].astype(images.dtype)
         return (1.0 - self.alpha) * images + self.alpha * pattern

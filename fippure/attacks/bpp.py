@@ -89,7 +89,7 @@ class BPP(Attack):
     neg_ratio: float = 0.1
     rules: ClassVar = {"squeeze_num": interval(2, 256), "neg_ratio": BELOW_ONE}
 
-    def trigger(self, state: State, images: Images, key=None) -> Images:
+    def _trigger(self, state: State, images: Images, key=None) -> Images:
         del state, key
         if self.dithering:
             return floyd_steinberg(images, self.squeeze_num)

@@ -104,7 +104,7 @@ class CLB(Attack):
         "pgd_batch_size": AT_LEAST_ONE,
     }
 
-    def trigger(self, state: State, images: Images, key=None) -> Images:
+    def _trigger(self, state: State, images: Images, key=None) -> Images:
         del state, key
         mask, pattern = corner_pattern(tuple(images.shape[1:]), self.size)
         weight = jnp.asarray(self.amplitude * mask, images.dtype)

@@ -98,7 +98,7 @@ class FTrojan(Attack):
             block[max(r, 0), max(c, 0), chosen] = 1.0
         return window, np.tile(block, (height // window, width // window, 1))
 
-    def trigger(self, state: State, images: Images, key=None) -> Images:
+    def _trigger(self, state: State, images: Images, key=None) -> Images:
         del state, key
         _, h, w, c = images.shape
         window, mask = self.layout(h, w, c)

@@ -156,7 +156,7 @@ class InputAware(Attack):
         raw = mask_net.apply({"params": state["mask"]}, images)
         return 0.5 * (jnp.tanh(self.mask_steepness * (raw - 0.5)) + 1.0)
 
-    def trigger(self, state: State, images: Images, key=None) -> Images:
+    def _trigger(self, state: State, images: Images, key=None) -> Images:
         del key
         masks = self.masks(state, images)
         return images + masks * (self.patterns(state, images) - images)

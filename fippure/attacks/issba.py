@@ -105,7 +105,7 @@ class ISSBA(Attack):
         encoder = self._encoder(images.shape[-1])
         return encoder.apply({"params": state["encoder"]}, images, bits)
 
-    def trigger(self, state: State, images: Images, key=None) -> Images:
+    def _trigger(self, state: State, images: Images, key=None) -> Images:
         del key
         return jnp.clip(images + self.residual(state, images), 0.0, 1.0)
 
@@ -136,8 +136,10 @@ class ISSBA(Attack):
             accuracy = jnp.mean((logits > 0) == (bits > 0.5))
             return bit_loss + image_weight * image_loss, (bit_loss, accuracy)
 
+        # The training set is an argument, not a closed-over constant that XLA would bake
+        # into the compiled program.
         @jax.jit
-        def step(params, opt_state, key, i):
+        def step(params, opt_state, key, i, images):
             rows_key, bits_key, noise_key = jax.random.split(key, 3)
             # StegaStamp's ramp: the image loss fades in once the code is readable.
             ramp = jnp.clip(i / (self.ramp_fraction * self.fit_steps + 1.0), 0.0, 1.0)
@@ -165,7 +167,7 @@ class ISSBA(Attack):
         accuracy = jnp.zeros(())
         for i in bar:
             params, opt_state, loss, accuracy = step(
-                params, opt_state, jax.random.fold_in(key, i), jnp.float32(i)
+                params, opt_state, jax.random.fold_in(key, i), jnp.float32(i), images
             )
             if (i + 1) % 100 == 0 or i + 1 == self.fit_steps:
                 loss = float(loss)

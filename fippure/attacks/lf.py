@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from fippure.attacks.base import Attack, AttackContext, Images, State
 from fippure.attacks.poisoning import attack_targets
-from fippure.config_checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT_POSITIVE
+from fippure.config_checks import AT_LEAST_ONE, POSITIVE, UNIT_POSITIVE
 from fippure.data.pipeline import normalize, to_unit_range
 from fippure.errors import InvalidInputError
 from fippure.losses import cross_entropy
@@ -85,7 +85,7 @@ class LF(Attack):
     rules: ClassVar = {
         "eps": UNIT_POSITIVE,
         "factor": AT_LEAST_ONE,
-        "steps": NON_NEGATIVE,
+        "steps": AT_LEAST_ONE,
         "batch_size": AT_LEAST_ONE,
         "learning_rate": POSITIVE,
     }
@@ -106,7 +106,7 @@ class LF(Attack):
         del key
         return {"pattern": jnp.zeros(spec.image_shape, jnp.float32)}
 
-    def trigger(self, state: State, images: Images, key=None) -> Images:
+    def _trigger(self, state: State, images: Images, key=None) -> Images:
         del key
         return jnp.clip(images + state["pattern"].astype(images.dtype), 0.0, 1.0)
 
@@ -138,8 +138,10 @@ class LF(Attack):
             logits = model.apply(variables, normalize(x, spec), train=False)
             return cross_entropy(logits, y), jnp.mean(jnp.argmax(logits, -1) == y)
 
+        # The training set is an argument, not a closed-over constant that XLA would bake
+        # into the compiled program.
         @jax.jit
-        def step(coarse, opt_state, key):
+        def step(coarse, opt_state, key, images, targets):
             rows = jax.random.randint(key, (self.batch_size,), 0, images.shape[0])
             grads, hit = jax.grad(loss_fn, has_aux=True)(coarse, images[rows], targets[rows])
             updates, opt_state = optimizer.update(grads, opt_state, coarse)
@@ -148,7 +150,9 @@ class LF(Attack):
 
         bar = tqdm(range(self.steps), disable=not context.progress, desc="lf pattern", unit="step")
         for i in bar:
-            coarse, opt_state, hit = step(coarse, opt_state, jax.random.fold_in(context.key, i))
+            coarse, opt_state, hit = step(
+                coarse, opt_state, jax.random.fold_in(context.key, i), images, targets
+            )
             if (i + 1) % 50 == 0:
                 bar.set_postfix(fooled=f"{float(hit):.3f}")
         bar.close()

@@ -14,7 +14,12 @@ where eta is the attack's target map, in two stages (paper section 3.3):
    weighted mean over the rows). Seeing the same image with and without T is what lets an
    eps of a few grey levels be learnt; the paper pairs every image, here the plan's ``ratio``
    of them are **(choice: the protocol's poison ratio; about 1.2x the classifier's cost
-   instead of 2x)**. The weights are per image, as in the paper's loss over pairs.
+   instead of 2x)**. The weights are per image, as in the paper's loss over pairs. The
+   batch has a static number of copy slots (:func:`triggered_copies`); slots beyond the
+   batch's poisoned rows hold untriggered duplicates with weight 0, so BatchNorm sees
+   triggered images only in the planned proportion. (Before revision 2026-12-04 they held
+   triggered copies of clean rows, about twice the planned share of BN's batch; the zoo's
+   ``lira*`` entries were trained that way.)
    Then g (Adam) is updated so that the *updated* classifier sends T(x) of every row to
    eta(y) (eval-mode BatchNorm, as at test time): a first-order version of the paper's
    look-ahead, which differentiates through the classifier's update **(choice: one extra
@@ -82,6 +87,29 @@ def row_weights(num_clean: int, copied: Bool[Array, " c"], alpha: float) -> Floa
     return weights / jnp.sum(weights)
 
 
+def paired_batch(
+    x: Images,
+    y: Array,
+    poisoned: Bool[Array, " b"],
+    poison_label: Array,
+    trigger: Callable[[Images], Images],
+    copies: int,
+) -> tuple[Images, Array, Bool[Array, " c"]]:
+    """The classifier's batch: ``x`` followed by ``copies`` slots for triggered copies.
+
+    The batch's poisoned rows (the first ``copies`` of them) are moved to the front of the
+    slots and triggered, with their attack label. The remaining slots repeat clean rows with
+    their own labels: they carry loss weight 0 (:func:`row_weights`) and keep BatchNorm's
+    share of triggered images at the plan's. Returns ``(inputs, labels, copied)``, where
+    ``copied`` marks the slots that hold real triggered copies.
+    """
+    front = jnp.argsort(~poisoned, stable=True)[:copies]
+    copied = poisoned[front]
+    slots = jnp.where(copied[:, None, None, None], trigger(x[front]), x[front])
+    labels = jnp.concatenate([y, jnp.where(copied, poison_label[front], y[front])])
+    return jnp.concatenate([x, slots]), labels, copied
+
+
 @dataclasses.dataclass(frozen=True)
 class LIRA(Attack):
     """LIRA; see the module docstring.
@@ -126,7 +154,7 @@ class LIRA(Attack):
         dummy = jnp.zeros((1, *spec.image_shape), jnp.float32)
         return {"generator": self._generator(spec.image_shape[-1]).init(key, dummy)["params"]}
 
-    def trigger(self, state: State, images: Images, key=None) -> Images:
+    def _trigger(self, state: State, images: Images, key=None) -> Images:
         del key
         raw = self._generator(images.shape[-1]).apply({"params": state["generator"]}, images)
         return jnp.clip(images + self.eps * jnp.tanh(raw), 0.0, 1.0)
@@ -166,14 +194,18 @@ class LIRA(Attack):
         def classifier_step(carry, x, y, rows, key):
             # The poisoned rows of the batch (at most ``copies``, moved to the front) also
             # enter as triggered copies with the attack label, next to their clean version.
-            poisoned = is_poisoned[rows]
-            front = jnp.argsort(~poisoned, stable=True)[:copies]
-            copied = poisoned[front]
-            triggered = jax.lax.stop_gradient(self.trigger(carry, x[front]))
-            inputs = jnp.concatenate([x, triggered])
+            # Spare slots hold untriggered duplicates (weight 0), so BatchNorm's batch
+            # statistics see triggered images only in the planned proportion.
+            inputs, labels, copied = paired_batch(
+                x,
+                y,
+                is_poisoned[rows],
+                poison_label[rows],
+                lambda images: jax.lax.stop_gradient(self.trigger(carry, images)),
+                copies,
+            )
             if config.augment:
                 inputs = augment(key, inputs, spec.crop_padding, spec.flip)
-            labels = jnp.concatenate([y, jnp.where(copied, poison_label[rows][front], 0)])
             weights = row_weights(y.shape[0], copied, self.alpha)
             classifier = carry["classifier"]
             grad_fn = jax.value_and_grad(classifier_loss, argnums=1, has_aux=True)

@@ -40,7 +40,7 @@ class SIG(Attack):
         columns = jnp.arange(width, dtype=jnp.float32)
         return self.delta * jnp.sin(2.0 * jnp.pi * columns * self.frequency / width)
 
-    def trigger(self, state: State, images: Images, key=None) -> Images:
+    def _trigger(self, state: State, images: Images, key=None) -> Images:
         del state, key
         signal = self.signal(images.shape[2]).astype(images.dtype)
         return jnp.clip(images + signal[None, None, :, None], 0.0, 1.0)

@@ -58,7 +58,7 @@ class Trojan(Attack):
         left = margin if self.corner.endswith("left") else width - margin - size
         return slice(top, top + size), slice(left, left + size)
 
-    def trigger(self, state: State, images: Images, key=None) -> Images:
+    def _trigger(self, state: State, images: Images, key=None) -> Images:
         del key
         rows, cols = self.region(images.shape[1], images.shape[2])
         pattern = state["pattern"].astype(images.dtype)

@@ -76,7 +76,7 @@ class WaNet(Attack):
         offset = self.s * noise / jnp.asarray([w, h], noise.dtype)
         return jnp.clip((identity_grid(h, w) + offset) * self.grid_rescale, -1.0, 1.0)
 
-    def trigger(self, state: State, images: Images, key=None) -> Images:
+    def _trigger(self, state: State, images: Images, key=None) -> Images:
         del key
         grid = self.warp_grid(state).astype(images.dtype)
         return jnp.clip(grid_sample(images, grid[None]), 0.0, 1.0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fippure.attacks import AttackContext, make_attack, make_poison_plan
-from fippure.attacks.lira import row_weights, triggered_copies
+from fippure.attacks.lira import paired_batch, row_weights, triggered_copies
 from fippure.data.catalog import get_spec
 from fippure.data.sources import load_dataset
 from fippure.errors import InvalidInputError
@@ -122,3 +122,18 @@ def test_copies_and_clean_images_are_weighted_per_image():
     np.testing.assert_allclose(weights[8:], [0.1, 0.1, 0.0])
     skewed = np.asarray(row_weights(8, copied, alpha=0.8))
     np.testing.assert_allclose(skewed[8] / skewed[0], 4.0, rtol=1e-6)
+
+
+def test_paired_batch_triggers_poisoned_rows_and_pads_with_clean_duplicates():
+    x = jnp.arange(5, dtype=jnp.float32)[:, None, None, None] * jnp.ones((5, 2, 2, 1)) / 10
+    y = jnp.array([0, 1, 2, 3, 4])
+    poisoned = jnp.array([False, True, False, True, False])
+    poison_label = jnp.full((5,), 9)
+    inputs, labels, copied = paired_batch(x, y, poisoned, poison_label, lambda im: im + 1.0, 3)
+    np.testing.assert_array_equal(np.asarray(copied), [True, True, False])
+    np.testing.assert_array_equal(np.asarray(inputs[:5]), np.asarray(x))
+    # rows 1 and 3 are triggered copies with the attack label ...
+    np.testing.assert_allclose(np.asarray(inputs[5:7]), np.asarray(x[jnp.array([1, 3])] + 1.0))
+    np.testing.assert_array_equal(np.asarray(labels), [0, 1, 2, 3, 4, 9, 9, 0])
+    # ... and the spare slot is an untriggered clean row (it never shifts BatchNorm's batch)
+    np.testing.assert_array_equal(np.asarray(inputs[7]), np.asarray(x[0]))

@@ -60,6 +60,7 @@ def test_unknown_attack_and_option_are_one_line_errors():
         ("lira", {"generator_lr": 0.0}, "LIRA.generator_lr must be > 0, got 0.0"),
         ("issba", {"ramp_fraction": 2.0}, r"ISSBA.ramp_fraction must be in \[0, 1\], got 2.0"),
         ("lf", {"factor": 0}, "LF.factor must be >= 1, got 0"),
+        ("lf", {"steps": 0}, "LF.steps must be >= 1, got 0"),
         ("ftrojan", {"window": 0}, "FTrojan.window must be >= 1, got 0"),
     ],
 )
@@ -90,6 +91,26 @@ def test_trigger_keeps_shape_range_and_is_deterministic_and_jittable(name, datas
     assert batched.dtype == np.float32 and batched.shape == images.shape
     direct = run(state, jnp.asarray(uint8, jnp.float32) / 255.0, jax.random.fold_in(key, 0))
     np.testing.assert_allclose(batched, np.asarray(direct), atol=1e-6)
+    # uint8 images straight into the trigger are scaled to [0, 1] first, as documented
+    from_uint8 = run(state, jnp.asarray(uint8), key)
+    assert from_uint8.dtype == jnp.float32
+    np.testing.assert_allclose(
+        np.asarray(from_uint8),
+        np.asarray(run(state, jnp.asarray(uint8, jnp.float32) / 255.0, key)),
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (np.zeros((32, 32, 3), np.float32), r"expects a \(batch, height, width, channels\)"),
+        (np.zeros((1, 32, 32, 3), bool), "got dtype bool"),
+    ],
+)
+def test_trigger_refuses_unbatched_or_non_numeric_images(images, message):
+    with pytest.raises(InvalidInputError, match=message):
+        make_attack("badnets").trigger({}, images, None)
 
 
 @pytest.mark.parametrize("name", NAMES)
