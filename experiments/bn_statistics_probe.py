@@ -42,13 +42,14 @@ def write_table() -> None:
     lines = [
         "# Final BatchNorm statistics after a defense (CIFAR-10, PreAct-ResNet-18 w16, 500 clean)",
         "",
-        "Each row is one defense run (seed 0); its weights are evaluated with each choice of "
+        "Each row is one defense run (its seed in the `seed` column); its weights are "
+        "evaluated with each choice of "
         "running statistics. Cells: test ACC / ASR. `stored` is the original model's "
         "statistics unchanged (a reference point). `recompute` and `transfer` average "
         "20 clean batches of 128.",
         "",
-        "| attack | defense | overrides | " + " | ".join(CHOICES) + " | defense time |",
-        "|---|---|---|" + "---|" * (len(CHOICES) + 1),
+        "| attack | defense | overrides | seed | " + " | ".join(CHOICES) + " | defense time |",
+        "|---|---|---|---|" + "---|" * (len(CHOICES) + 1),
     ]
     for path in sorted(OUT.glob("*.json")):
         run = json.loads(path.read_text())
@@ -57,13 +58,20 @@ def write_table() -> None:
         )
         overrides = ", ".join(f"{k}={v}" for k, v in run["overrides"].items()) or "-"
         seconds = f"{run['defense_seconds']:.0f} s" if run["defense_seconds"] else "-"
-        lines.append(f"| {run['attack']} | {run['defense']} | {overrides} | {cells} | {seconds} |")
+        lines.append(
+            f"| {run['attack']} | {run['defense']} | {overrides} | {run.get('seed', 0)} | "
+            f"{cells} | {seconds} |"
+        )
     lines += ["", "Runs (command, revision, machine, date):", ""]
     for path in sorted(OUT.glob("*.json")):
         run = json.loads(path.read_text())
         lines.append(
             f"- `{run['command']}` at {run['git_revision']} on {run['machine']}, {run['date']}"
         )
+    for path in sorted(OUT.glob("*.json")):
+        run = json.loads(path.read_text())
+        for key, note in run.get("relabelled", {}).items():
+            lines.append(f"- `{path.name}`, {key} relabelled: {note}")
     meta = provenance()
     lines += ["", f"Table written by `{meta['command']}` on {meta['date']}."]
     TABLE.write_text("\n".join(lines) + "\n")

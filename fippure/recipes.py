@@ -338,11 +338,18 @@ def _check_reference(reference, dataset: str, spec) -> None:
 
 
 def _fitted_attack_state(threat, context, key, out: pathlib.Path):
-    """``threat.fit(init_state)``, cached in ``out/attack_fit`` so a resumed run skips it."""
+    """``threat.fit(init_state)``, cached in ``out/attack_fit`` so a resumed run skips it.
+
+    Attacks without a fit of their own keep ``init_state`` (a function of the key alone), and
+    nothing is cached for them."""
     import orbax.checkpoint as ocp
+
+    from fippure.attacks.base import Attack
 
     cache = out / "attack_fit"
     state = threat.init_state(key, context.spec)
+    if type(threat).fit is Attack.fit:
+        return state
     checkpointer = ocp.StandardCheckpointer()
     if cache.exists():
         # The stored structure, not init_state's: fit may add training-only entries that

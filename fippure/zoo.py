@@ -87,7 +87,11 @@ def load_backdoored(
     test = load_dataset(dataset, "test", data_dir=data_dir)
     clean_indices = np.asarray(meta["clean_indices"], dtype=np.int64)
     if clean_size is not None:
-        count = clean_set_size(clean_size, len(train))
+        is_count = isinstance(clean_size, int | float) and not isinstance(clean_size, bool)
+        if is_count and float(clean_size).is_integer() and clean_size > len(clean_indices):
+            count = int(clean_size)  # a count beyond the stored set: say so, whatever the split
+        else:
+            count = clean_set_size(clean_size, len(train))
         if count > len(clean_indices):
             raise CheckpointError(
                 f"the checkpoint holds {len(clean_indices)} clean images; cannot draw {count} "

@@ -62,6 +62,8 @@ def test_digits_backdoor_is_learnt(name, tmp_path, digits_reference, fast_compil
     assert report["test_accuracy"] >= 0.9, report
     assert report["attack"]["clean_label"] == attack.clean_label
     assert (tmp_path / name / "metadata.json").exists()
+    # only a fitted trigger (LF's pattern) is cached for a resumed run
+    assert (tmp_path / name / "attack_fit").exists() == (name == "lf")
 
 
 @pytest.mark.slow
