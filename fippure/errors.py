@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
+
+import jax
 
 
 class FippureError(Exception):
@@ -49,3 +52,10 @@ def require(condition: bool, message: str) -> None:
     """Raises :class:`InvalidInputError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise InvalidInputError(message)
+
+
+def is_concrete(tree: Any) -> bool:
+    """Whether every leaf of ``tree`` holds a value (no :class:`jax.core.Tracer`), so that it
+    can be validated eagerly. Under ``jit``, ``grad`` or ``vmap`` (or a schedule injected with
+    ``optax.inject_hyperparams``) the checks are skipped rather than failing on a tracer."""
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))

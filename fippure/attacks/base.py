@@ -90,9 +90,7 @@ class Attack:
         del key, spec
         return {}
 
-    def trigger(
-        self, state: State, images: Images, key: PRNGKeyArray | None = None
-    ) -> Images:
+    def trigger(self, state: State, images: Images, key: PRNGKeyArray | None = None) -> Images:
         """Applies the trigger (pure, jit-able) to a ``(b, h, w, c)`` batch.
 
         Float images are taken to be in [0, 1] and keep their dtype. Integer images (uint8

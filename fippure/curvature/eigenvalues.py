@@ -45,7 +45,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from fippure.curvature.probes import rademacher_like, tree_dot, tree_norm
 from fippure.curvature.products import Operator
-from fippure.errors import InvalidInputError, require
+from fippure.errors import InvalidInputError, is_concrete, require
 
 PyTree = Any
 Loop = Literal["python", "fori"]
@@ -126,11 +126,6 @@ _lanczos_step_donating = jax.jit(
 )
 
 
-def _is_concrete(tree: PyTree) -> bool:
-    """No leaf of ``tree`` is a tracer (nothing is being jitted, differentiated or vmapped)."""
-    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
-
-
 def _materialise(like: PyTree) -> PyTree:
     """``like`` with every ``jax.ShapeDtypeStruct`` leaf replaced by zeros of its shape."""
     return jax.tree_util.tree_map(
@@ -190,7 +185,7 @@ def lanczos(
     if loop == "fori":
         state = _lanczos_fori(operator, restart_key, state, unravel=unravel)
     elif loop == "python":
-        concrete = _is_concrete((operator, restart_key, state))
+        concrete = is_concrete((operator, restart_key, state))
         step = _lanczos_step_donating if concrete else _lanczos_step_jit
         for i in range(num_iters):
             state = step(operator, restart_key, state, i, unravel=unravel)
@@ -373,7 +368,7 @@ def largest_eigenvalue(
     first = power_iteration(operator, like, first_key, num_iters, tol, loop=loop)
     radius = tree_norm(operator(first.eigenvector))
     dominant = (first.eigenvalue > 0) & (first.eigenvalue >= 0.99 * radius)
-    if _is_concrete((dominant,)) and bool(dominant):
+    if is_concrete((dominant,)) and bool(dominant):
         return first._replace(num_iters=first.num_iters + 1)
     shifted = power_iteration(
         Partial(_shifted, operator, radius), like, shifted_key, num_iters, tol, loop=loop
@@ -384,7 +379,7 @@ def largest_eigenvalue(
         first.num_iters + shifted.num_iters + 1,
         shifted.relative_change,
     )
-    if _is_concrete((dominant,)):
+    if is_concrete((dominant,)):
         return combined
     pick = lambda a, b: jnp.where(dominant, a, b)  # noqa: E731
     return jax.tree_util.tree_map(pick, first._replace(num_iters=combined.num_iters), combined)

@@ -41,7 +41,7 @@ import jax.scipy as jsp
 import optax
 from jaxtyping import Array, Float, Int
 
-from fippure.errors import InvalidInputError
+from fippure.errors import InvalidInputError, is_concrete
 
 PyTree = Any
 Mode = Literal["cg", "dense"]
@@ -118,10 +118,6 @@ def _check_head(tree: PyTree) -> None:
         raise InvalidInputError(f"dense head kernel must be (d, K), got {tree['kernel'].shape}")
 
 
-def _is_concrete(value: Any) -> bool:
-    return not isinstance(value, jax.core.Tracer)
-
-
 def _check_head_inputs(updates: PyTree, features: Array, logits: Array) -> None:
     """One-line errors for ``features``/``logits`` that do not fit the head ``(d, K)``."""
     d, k = jnp.shape(updates["kernel"])
@@ -172,15 +168,15 @@ def natural_gradient(
     """
     # Only concrete values are checked: under ``optax.inject_hyperparams`` the factory is
     # called inside ``update`` with traced hyper-parameters (a damping schedule).
-    if _is_concrete(damping) and not damping > 0:  # also refuses NaN
+    if is_concrete(damping) and not damping > 0:  # also refuses NaN
         raise InvalidInputError(f"damping must be positive, got {damping}")
     if mode not in ("cg", "dense"):
         raise InvalidInputError(f"unknown natural_gradient mode {mode!r}; use 'cg' or 'dense'")
-    if _is_concrete(refresh_every) and not refresh_every >= 1:
+    if is_concrete(refresh_every) and not refresh_every >= 1:
         raise InvalidInputError(f"refresh_every must be >= 1, got {refresh_every}")
-    if _is_concrete(cg_maxiter) and not cg_maxiter >= 1:
+    if is_concrete(cg_maxiter) and not cg_maxiter >= 1:
         raise InvalidInputError(f"cg_maxiter must be >= 1, got {cg_maxiter}")
-    if _is_concrete(cg_tol) and not 0 < cg_tol < 1:
+    if is_concrete(cg_tol) and not 0 < cg_tol < 1:
         raise InvalidInputError(f"cg_tol must lie in (0, 1), got {cg_tol}")
 
     def init_fn(params):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fippure.errors import InvalidInputError
+from fippure.errors import InvalidInputError, is_concrete
 from fippure.optim.anchor import is_masked
 
 PyTree = Any
@@ -34,10 +34,6 @@ class ProjectBoxState(NamedTuple):
 
     lower: PyTree
     upper: PyTree
-
-
-def _is_concrete(tree: PyTree) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
 
 
 def _per_leaf(bound: Bound, params: PyTree) -> PyTree:
@@ -70,7 +66,7 @@ def project_box(lower: Bound, upper: Bound) -> optax.GradientTransformation:
     def init_fn(params):
         state = ProjectBoxState(_per_leaf(lower, params), _per_leaf(upper, params))
         crossed = jax.tree_util.tree_map(lambda low, high: jnp.any(low > high), *state)
-        if _is_concrete(crossed) and any(bool(c) for c in jax.tree_util.tree_leaves(crossed)):
+        if is_concrete(crossed) and any(bool(c) for c in jax.tree_util.tree_leaves(crossed)):
             raise InvalidInputError(f"project_box needs lower <= upper, got {lower} and {upper}")
         return state
 
