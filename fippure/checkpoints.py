@@ -130,6 +130,30 @@ def save_checkpoint(
 RUN_STAMP = "run.json"
 
 
+#: Settings that decide only what a run reports and when it saves, never its weights: a run
+#: may be resumed with other values (e.g. ``--eval-every 1`` to watch a killed run).
+BOOKKEEPING_KEYS = frozenset({"eval_every", "checkpoint_every", "log_every"})
+
+
+def shaping_part(fingerprint: Any) -> Any:
+    """``fingerprint`` without its :data:`BOOKKEEPING_KEYS` (at any depth): what must match
+    for a run directory to be resumed."""
+    if isinstance(fingerprint, Mapping):
+        return {k: shaping_part(v) for k, v in fingerprint.items() if k not in BOOKKEEPING_KEYS}
+    if isinstance(fingerprint, list):
+        return [shaping_part(v) for v in fingerprint]
+    return fingerprint
+
+
+def stamp_differences(previous: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> list[str]:
+    """The top-level entries of two run fingerprints that differ in a setting that shapes the
+    run (empty: the same run)."""
+    previous, fingerprint = shaping_part(previous), shaping_part(fingerprint)
+    return sorted(
+        k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k)
+    )
+
+
 def claim_run_directory(directory: str | os.PathLike, fingerprint: Mapping[str, Any]) -> bool:
     """Makes ``directory`` a run's working directory: stamps it with the run's ``fingerprint``
     (JSON), or checks that the stamp already there is the same run.
@@ -141,6 +165,7 @@ def claim_run_directory(directory: str | os.PathLike, fingerprint: Mapping[str, 
         CheckpointError: the directory holds another run (its stamp and anything it saved);
             the message names what differs. A stamp with nothing beside it is replaced. A
             checkpoint without a stamp (the zoo's, an older fippure's) is refused too.
+            Settings in :data:`BOOKKEEPING_KEYS` may differ; the first stamp is kept.
     """
     directory = pathlib.Path(directory).resolve()
     if directory.exists() and not directory.is_dir():
@@ -160,14 +185,14 @@ def claim_run_directory(directory: str | os.PathLike, fingerprint: Mapping[str, 
         stamp.write_text(json.dumps(fingerprint, indent=1))
         return False
     previous = json.loads(stamp.read_text())
-    if previous != fingerprint and all(entry == stamp for entry in directory.iterdir()):
+    changed = stamp_differences(previous, fingerprint)
+    if changed and all(entry == stamp for entry in directory.iterdir()):
         # the other run stopped before it saved anything (a bad option, missing data)
         stamp.write_text(json.dumps(fingerprint, indent=1))
         return False
-    if previous != fingerprint:
-        changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
+    if changed:
         raise CheckpointError(
-            f"{directory} holds a run with a different {', '.join(changed) or 'fingerprint'}; "
+            f"{directory} holds a run with a different {', '.join(changed)}; "
             "use another --out directory or delete it"
         )
     return True

@@ -208,6 +208,11 @@ def train_backdoored(
     network = create_model(model, spec.num_classes, **model_kwargs)
     if threat.needs_reference and reference is None:
         raise InvalidInputError(f"attack {attack} needs a clean reference model (--reference)")
+    if reference is not None and not threat.needs_reference:
+        raise InvalidInputError(
+            f"attack {attack} does not use a reference model; drop --reference (only "
+            "attacks that fit their trigger to a clean model take one: clb, lf)"
+        )
     if reference is not None and threat.needs_reference:
         _check_reference(reference, dataset, spec)
     threat.check_training(spec, config)  # before the directory is claimed

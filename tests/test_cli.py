@@ -78,6 +78,28 @@ def test_bad_values(capsys, tmp_path, extra, message):
     assert not (tmp_path / "run").exists()  # failed before doing any work
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--attack", "blend", "--option", "alpha=0.1", "--option", "alpha=0.2"],
+            "--option alpha given more than once",
+        ),
+        (
+            ["--attack", "blend", "--reference", "somewhere"],
+            "attack blend does not use a reference model",
+        ),
+    ],
+)
+def test_bad_attack_arguments(capsys, tmp_path, extra, message):
+    argv = ["attack", "--dataset", "digits", "--model", "small_cnn", "--out", str(tmp_path / "run")]
+    code = cli.main([*argv, *extra])
+    assert code == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert line.startswith("fippure: error: ") and message in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_model_suggests_the_close_name(capsys, tmp_path):
     cli.main(["train", "--out", str(tmp_path), "--dataset", "digits", "--model", "small-cnn"])
     assert "Did you mean 'small_cnn'?" in capsys.readouterr().err

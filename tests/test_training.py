@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -144,6 +145,29 @@ def test_resume_from_a_stopped_run_in_process(digits, small_cnn, tmp_path):
     assert not jnp.array_equal(
         partial["params"]["head"]["kernel"], whole["params"]["head"]["kernel"]
     )
+
+
+def test_a_run_resumes_with_other_bookkeeping_settings(digits, small_cnn, tmp_path):
+    """How often a run evaluates, logs and saves never shapes its weights, so a killed run may
+    be resumed with other values (e.g. ``--eval-every 1`` to watch it)."""
+    (train_set, _), (model, variables) = digits, small_cnn
+    config = _config(epochs=2, checkpoint_every=7)
+    whole, _ = train(model, train_set, config, variables=variables, progress=False)
+    train(
+        model,
+        train_set,
+        config,
+        variables=variables,
+        workdir=tmp_path,
+        progress=False,
+        stop_after_steps=30,
+    )
+    watched = dataclasses.replace(config, eval_every=1, log_every=1, checkpoint_every=5)
+    resumed, report = train(
+        model, train_set, watched, variables=variables, workdir=tmp_path, progress=False
+    )
+    assert report.resumed_from_step == 30
+    _assert_trees_equal(resumed, whole)
 
 
 def test_workdir_of_another_run_is_an_error(digits, small_cnn, tmp_path):

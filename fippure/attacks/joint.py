@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
+from fippure.checkpoints import stamp_differences
 from fippure.data.pipeline import batch_from_permutation, epoch_permutation, to_unit_range
 from fippure.data.sources import ImageDataset
 from fippure.errors import CheckpointError, InvalidInputError, NonFiniteLossError
@@ -285,10 +286,8 @@ def _prepare_workdir(workdir: pathlib.Path, fingerprint: dict) -> tuple[list[dic
     fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as stored
     if stamp.exists():
         previous = json.loads(stamp.read_text())
-        if previous != fingerprint:
-            changed = sorted(
-                k for k in set(fingerprint) | set(previous) if previous.get(k) != fingerprint.get(k)
-            )
+        changed = stamp_differences(previous, fingerprint)
+        if changed:
             raise CheckpointError(
                 f"{workdir} holds a run with a different {', '.join(changed)}; "
                 "use another --out directory or delete it"

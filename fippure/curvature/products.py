@@ -26,17 +26,19 @@ Each product comes in two forms:
   skip the primal forward pass. Operators are :class:`jax.tree_util.Partial` objects: pytrees
   whose leaves are the saved residuals, so they can be passed *as arguments* into jitted
   functions (the Lanczos and Hutchinson drivers do this) instead of being baked into the
-  compiled program as constants. Their static part holds the traced linearisation, though:
-  an operator built *eagerly* gets a new one each time, so every jitted consumer compiles
-  again. Where operators are rebuilt (a curvature check every epoch), build them with one
-  jitted maker kept for the whole loop, e.g.
-  ``maker = jax.jit(make_hvp_operator, static_argnums=0)`` with the same ``loss_fn`` each time.
+  compiled program as constants. Their static part holds the traced linearisation. The
+  factories are jitted with the function as a static argument, so the same function (the
+  same Python object) always gives the same static part, and a jitted consumer compiles once
+  however often the operator is rebuilt (a curvature check every epoch). A *new* function
+  object, e.g. a lambda created inside the loop, means new compiles: create it once.
+  ``batch`` must then be a pytree of arrays (it is traced).
 
 Everything here is jit-able and works on arbitrary parameter pytrees.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -127,6 +129,14 @@ def make_hvp_operator(loss_fn: LossFn, params: PyTree, batch: Any) -> Operator:
     Returns:
         A :class:`jax.tree_util.Partial` ``v -> H v``.
     """
+    return _linearised_hessian(loss_fn, params, batch)
+
+
+# The makers are jitted with the function static: the same function then always gives an
+# operator with the same static part (the traced linearisation), so jitted consumers compile
+# once for it, however often the operator is rebuilt eagerly.
+@functools.partial(jax.jit, static_argnums=0)
+def _linearised_hessian(loss_fn: LossFn, params: PyTree, batch: Any) -> Operator:
     grad_fn = jax.grad(loss_fn)
     _, linear = jax.linearize(lambda p: grad_fn(p, batch), params)
     return linear
@@ -156,6 +166,11 @@ def make_ggn_operator(logits_fn: LogitsFn, params: PyTree, batch: Any) -> Operat
     Returns:
         A :class:`jax.tree_util.Partial` ``v -> G v``.
     """
+    return _linearised_ggn(logits_fn, params, batch)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _linearised_ggn(logits_fn: LogitsFn, params: PyTree, batch: Any) -> Operator:
     logits, jvp_fn = jax.linearize(lambda p: logits_fn(p, batch), params)
     vjp_fn = jax.linear_transpose(jvp_fn, params)
     return Partial(_apply_ggn, jvp_fn, vjp_fn, logits)
@@ -207,6 +222,13 @@ def make_empirical_fisher_operator(
     Returns:
         A :class:`jax.tree_util.Partial` ``v -> F_emp v``.
     """
+    return _linearised_empirical_fisher(per_example_loss_fn, params, batch)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _linearised_empirical_fisher(
+    per_example_loss_fn: PerExampleLossFn, params: PyTree, batch: Any
+) -> Operator:
     losses, jvp_fn = jax.linearize(lambda p: per_example_loss_fn(p, batch), params)
     check_per_example_losses(losses, "the empirical Fisher")
     vjp_fn = jax.linear_transpose(jvp_fn, params)

@@ -89,6 +89,27 @@ def test_operator_reused_across_vectors_and_passed_into_jit(problem, dense, rand
         assert_close(dense.flatten(apply(operator, v)), matrix @ dense.flatten(v))
 
 
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "empirical_fisher"])
+def test_operators_rebuilt_eagerly_compile_their_consumer_once(problem, dense, kind):
+    """A curvature check every epoch rebuilds the operator at new parameters; with the same
+    function the operator keeps its static part, so a jitted consumer does not recompile."""
+    make, fn = {
+        "hessian": (products.make_hvp_operator, problem.loss_fn),
+        "ggn": (products.make_ggn_operator, problem.logits_fn),
+        "empirical_fisher": (products.make_empirical_fisher_operator, problem.per_example_loss_fn),
+    }[kind]
+    apply = jax.jit(lambda op, v: op(v))
+    results = []
+    for scale in (1.0, 0.9, 1.1):
+        params = jax.tree_util.tree_map(lambda p, s=scale: p * s, problem.params)
+        results.append(dense.flatten(apply(make(fn, params, problem.batch), problem.params)))
+    assert apply._cache_size() == 1
+    # each operator is the curvature at its own parameters, not a stale cached one
+    matrix = getattr(dense, kind)
+    assert_close(results[0], matrix @ dense.flatten(problem.params))
+    assert not np.allclose(results[1], results[0]) and not np.allclose(results[2], results[0])
+
+
 def test_softmax_hessian_vp_matches_dense(x64):
     logits = jax.random.normal(jax.random.key(0), (4, 5), np.float64)
     u = jax.random.normal(jax.random.key(1), (4, 5), np.float64)
