@@ -17,7 +17,7 @@ where eta is the attack's target map, in two stages (paper section 3.3):
    instead of 2x)**. The weights are per image, as in the paper's loss over pairs. The
    batch has a static number of copy slots (:func:`triggered_copies`); slots beyond the
    batch's poisoned rows hold untriggered duplicates with weight 0, so BatchNorm sees
-   triggered images only in the planned proportion. (Before revision 2026-12-04 they held
+   triggered images only in the planned proportion. (Before commit 5e448f3 they held
    triggered copies of clean rows, about twice the planned share of BN's batch; the zoo's
    ``lira*`` entries were trained that way.)
    Then g (Adam) is updated so that the *updated* classifier sends T(x) of every row to

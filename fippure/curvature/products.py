@@ -31,14 +31,14 @@ Each product comes in two forms:
   same Python object) always gives the same static part, and a jitted consumer compiles once
   however often the operator is rebuilt (a curvature check every epoch). A *new* function
   object, e.g. a lambda created inside the loop, means new compiles: create it once.
-  ``batch`` must then be a pytree of arrays (it is traced).
+  ``batch`` must then be a pytree of arrays (it is traced). A function that cannot be hashed
+  is linearised without the jit.
 
 Everything here is jit-able and works on arbitrary parameter pytrees.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -129,13 +129,21 @@ def make_hvp_operator(loss_fn: LossFn, params: PyTree, batch: Any) -> Operator:
     Returns:
         A :class:`jax.tree_util.Partial` ``v -> H v``.
     """
-    return _linearised_hessian(loss_fn, params, batch)
+    return _build(_linearised_hessian, loss_fn, params, batch)
 
 
-# The makers are jitted with the function static: the same function then always gives an
-# operator with the same static part (the traced linearisation), so jitted consumers compile
-# once for it, however often the operator is rebuilt eagerly.
-@functools.partial(jax.jit, static_argnums=0)
+def _build(linearise: Callable, fn: Callable, params: PyTree, batch: Any) -> Operator:
+    """``linearise(fn, params, batch)`` jitted with ``fn`` static: the same function then always
+    gives an operator with the same static part (the traced linearisation), so jitted
+    consumers compile once for it, however often the operator is rebuilt eagerly. A function
+    that cannot be hashed (so cannot be static) is linearised without the jit."""
+    try:
+        hash(fn)
+    except TypeError:
+        return linearise(fn, params, batch)
+    return _JITTED[linearise](fn, params, batch)
+
+
 def _linearised_hessian(loss_fn: LossFn, params: PyTree, batch: Any) -> Operator:
     grad_fn = jax.grad(loss_fn)
     _, linear = jax.linearize(lambda p: grad_fn(p, batch), params)
@@ -166,10 +174,9 @@ def make_ggn_operator(logits_fn: LogitsFn, params: PyTree, batch: Any) -> Operat
     Returns:
         A :class:`jax.tree_util.Partial` ``v -> G v``.
     """
-    return _linearised_ggn(logits_fn, params, batch)
+    return _build(_linearised_ggn, logits_fn, params, batch)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _linearised_ggn(logits_fn: LogitsFn, params: PyTree, batch: Any) -> Operator:
     logits, jvp_fn = jax.linearize(lambda p: logits_fn(p, batch), params)
     vjp_fn = jax.linear_transpose(jvp_fn, params)
@@ -222,10 +229,9 @@ def make_empirical_fisher_operator(
     Returns:
         A :class:`jax.tree_util.Partial` ``v -> F_emp v``.
     """
-    return _linearised_empirical_fisher(per_example_loss_fn, params, batch)
+    return _build(_linearised_empirical_fisher, per_example_loss_fn, params, batch)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _linearised_empirical_fisher(
     per_example_loss_fn: PerExampleLossFn, params: PyTree, batch: Any
 ) -> Operator:
@@ -250,3 +256,9 @@ def empirical_fisher_vp(
         ``F_emp v``, shaped like ``params``.
     """
     return make_empirical_fisher_operator(per_example_loss_fn, params, batch)(vector)
+
+
+_JITTED = {
+    linearise: jax.jit(linearise, static_argnums=0)
+    for linearise in (_linearised_hessian, _linearised_ggn, _linearised_empirical_fisher)
+}

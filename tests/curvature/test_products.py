@@ -110,6 +110,19 @@ def test_operators_rebuilt_eagerly_compile_their_consumer_once(problem, dense, k
     assert not np.allclose(results[1], results[0]) and not np.allclose(results[2], results[0])
 
 
+def test_an_unhashable_loss_function_still_gives_an_operator(problem, dense, random_tree):
+    class Loss:  # defines __eq__ without __hash__, so it cannot be a static argument
+        def __eq__(self, other):
+            return isinstance(other, Loss)
+
+        def __call__(self, params, batch):
+            return problem.loss_fn(params, batch)
+
+    operator = products.make_hvp_operator(Loss(), problem.params, problem.batch)
+    v = random_tree(4, problem.params)
+    assert_close(dense.flatten(operator(v)), dense.hessian @ dense.flatten(v))
+
+
 def test_softmax_hessian_vp_matches_dense(x64):
     logits = jax.random.normal(jax.random.key(0), (4, 5), np.float64)
     u = jax.random.normal(jax.random.key(1), (4, 5), np.float64)
