@@ -45,7 +45,7 @@ class CheckpointError(FippureError):
 
 
 class NonFiniteLossError(FippureError, FloatingPointError):
-    """Training produced a NaN or infinite loss."""
+    """Training produced a NaN or infinite loss, or a model NaN or infinite outputs."""
 
 
 def require(condition: bool, message: str) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 
 from fippure.data.catalog import DatasetSpec
 from fippure.data.pipeline import normalize, to_unit_range
-from fippure.errors import InvalidInputError
+from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.models.registry import Variables
 
 
@@ -35,7 +35,8 @@ def predict_logits(
 
     Raises:
         InvalidInputError: images not of ``spec``'s shape, or float images far outside [0, 1]
-            (pixel values 0-255 as floats, which would be read as saturated).
+            (pixel values 0-255 as floats, which would be read as saturated, or [-1, 1]).
+        NonFiniteLossError: the model's logits are NaN or infinite.
     """
     check_images(images, spec)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
@@ -58,7 +59,14 @@ def predict_logits(
                 [jnp.asarray(chunk), jnp.repeat(jnp.asarray(chunk[-1:]), short, 0)]
             )
         out.append(_logits(model, spec, variables, chunk)[: batch_size - short])
-    return np.asarray(jnp.concatenate(out))
+    logits = np.asarray(jnp.concatenate(out))
+    if not np.isfinite(logits).all():
+        # argmax of NaN logits is class 0, which would score as a perfect backdoor
+        raise NonFiniteLossError(
+            "the model's logits are NaN or infinite (its weights or BatchNorm statistics "
+            "have diverged); no metric can be computed from them"
+        )
+    return logits
 
 
 def check_images(images: np.ndarray | jax.Array, spec: DatasetSpec) -> None:
@@ -84,6 +92,12 @@ def check_images(images: np.ndarray | jax.Array, spec: DatasetSpec) -> None:
             raise InvalidInputError(
                 f"float images are read as [0, 1] but these reach {top:g}; pass uint8 images "
                 "or divide by 255"
+            )
+        low = float(jnp.min(images))
+        if low < -0.5:
+            raise InvalidInputError(
+                f"float images are read as [0, 1] but these reach {low:g}; images in [-1, 1] "
+                "must be mapped to [0, 1] first, (x + 1) / 2"
             )
     if jnp.issubdtype(images.dtype, jnp.integer) and images.shape[0]:
         low, top = int(jnp.min(images)), int(jnp.max(images))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fippure.data.catalog import get_spec
-from fippure.errors import InvalidInputError
+from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.inference import accuracy, predict, predict_logits
 from fippure.models.registry import create_model, init_variables
 
@@ -56,6 +56,7 @@ def test_no_images_give_no_rows(network):
         (np.zeros((4, 32, 32, 3), np.uint8), r"expected digits images of shape \(n, 8, 8, 1\)"),
         (np.zeros((8, 8, 1), np.uint8), r"got \(8, 8, 1\)"),
         (np.full((2, 8, 8, 1), 255.0, np.float32), "float images are read as \\[0, 1\\]"),
+        (np.full((2, 8, 8, 1), -1.0, np.float32), "images in \\[-1, 1\\] must be mapped"),
         (np.full((2, 8, 8, 1), 300, np.int32), "integer images .* span 300..300"),
         (np.full((2, 8, 8, 1), np.nan, np.float32), "NaN or infinite"),
         (np.ones((2, 8, 8, 1), bool), "must be uint8 or float, got dtype bool"),
@@ -80,3 +81,11 @@ def test_a_batch_size_that_is_not_a_positive_integer_is_refused(network, batch_s
     model, variables = network
     with pytest.raises(InvalidInputError, match="batch_size must be a positive integer"):
         predict_logits(model, variables, _images(3), SPEC, batch_size=batch_size)
+
+
+def test_a_model_with_nan_weights_is_an_error_not_a_perfect_backdoor(network):
+    """argmax of NaN logits is class 0, the usual target: such a model would score ASR 1."""
+    model, variables = network
+    broken = jax.tree_util.tree_map(lambda leaf: leaf * np.nan, variables)
+    with pytest.raises(NonFiniteLossError, match="logits are NaN or infinite"):
+        predict(model, broken, _images(3), SPEC)

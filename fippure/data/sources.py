@@ -2,15 +2,17 @@
 
 TFDS datasets are read with ``tfds.data_source`` (array_record files, no TensorFlow). Decoding
 50k PNGs takes seconds, so the decoded arrays are cached as ``.npz`` files keyed by dataset,
-TFDS version and split. The cache lives in ``$FIPPURE_CACHE_DIR`` (default
-``~/.cache/fippure``). TFDS looks for prepared data in ``data_dir``, then ``$TFDS_DATA_DIR``;
-when the data is not there it downloads it (if ``download`` is true and the network allows).
+TFDS version, split and prepared directory, and checked against the source's size when read.
+The cache lives in ``$FIPPURE_CACHE_DIR`` (default ``~/.cache/fippure``). TFDS looks for
+prepared data in ``data_dir``, then ``$TFDS_DATA_DIR``; when the data is not there it downloads
+it (if ``download`` is true and the network allows).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import pathlib
@@ -123,13 +125,18 @@ def load_dataset(
         return load_digits(split)
     source = _open_tfds_source(spec, split, tfds_data_dir(data_dir), download)
     version = str(source.dataset_info.version)
-    cache_file = cache_dir() / f"{spec.name}-{version}-{split}.npz"
+    # Keyed on the prepared directory too: two preparations of one version (GTSRB from other
+    # archives, say) must not share an entry.
+    prepared = str(pathlib.Path(str(source.dataset_info.data_dir)).resolve())
+    where = hashlib.sha1(prepared.encode()).hexdigest()[:10]
+    cache_file = cache_dir() / f"{spec.name}-{version}-{split}-{where}.npz"
     if use_cache and cache_file.exists():
         try:
             with np.load(cache_file) as arrays:
-                return ImageDataset(arrays["images"], arrays["labels"], spec, split)
+                if len(arrays["labels"]) == len(source) == len(arrays["images"]):
+                    return ImageDataset(arrays["images"], arrays["labels"], spec, split)
         except (OSError, ValueError, KeyError):
-            pass  # a corrupt cache entry is rebuilt below
+            pass  # a corrupt or truncated cache entry is rebuilt below
     images, labels = _decode_all(source)
     if use_cache:
         _atomic_savez(cache_file, images=images, labels=labels)

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 
 from fippure.checkpoints import METADATA, RUN_STAMP, claim_run_directory, save_checkpoint
-from fippure.errors import CheckpointError
+from fippure.errors import CheckpointError, InvalidInputError
 from fippure.evaluation.metrics import (
     accuracy,
     defense_effectiveness_rating,
@@ -66,7 +66,8 @@ def run_defense(
         checkpoint: a checkpoint path or an already loaded :class:`BackdooredModel`.
         defense: registry name.
         overrides: config values (strings are parsed and validated).
-        clean_size: use a smaller clean set drawn from the stored one.
+        clean_size: use a smaller clean set drawn from the stored one (with a checkpoint
+            path only; a loaded model keeps the clean set it was loaded with).
         seed: seed of the defense's randomness.
         out: if given, the purified checkpoint and ``report.json`` are written there. A
             directory that holds another checkpoint (the source itself, say) or another run's
@@ -86,10 +87,17 @@ def run_defense(
             removed once the purified checkpoint and report are written.
 
     Returns:
-        The report: ``before``/``after`` metrics, ``der``, the defense's report, provenance.
+        The report: ``before``/``after`` metrics, ``der``, the defense's report, the clean
+        set's indices in the training split (``clean_indices``), provenance.
     """
     spec = get_defense(defense)
     config = make_config(defense, overrides)
+    if isinstance(checkpoint, BackdooredModel) and (clean_size, data_dir) != (None, None):
+        given = "clean_size" if clean_size is not None else "data_dir"
+        raise InvalidInputError(
+            f"{given} applies when a checkpoint is loaded, but run_defense got a loaded model; "
+            f"pass its path, or load it with load_backdoored(path, {given}=...)"
+        )
     backdoored = (
         checkpoint
         if isinstance(checkpoint, BackdooredModel)
@@ -157,6 +165,7 @@ def run_defense(
         "defense": defense,
         "seed": seed,
         "clean_examples": len(backdoored.clean),
+        "clean_indices": [int(i) for i in backdoored.clean_indices],
         "before": before,
         "after": after,
         "der": der,

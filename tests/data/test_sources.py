@@ -79,9 +79,8 @@ def test_data_dir_falls_back_to_environment(monkeypatch, tmp_path):
 
 def test_cache_is_written_and_reused(gtsrb_tfds_dir, tmp_path, monkeypatch):
     first = load_dataset("gtsrb", "train", data_dir=gtsrb_tfds_dir)
-    cache_file = tmp_path / "cache" / "arrays" / "gtsrb-1.0.0-train.npz"
-    assert cache_file.is_file()
-    assert not (tmp_path / "cache" / "arrays" / "gtsrb-1.0.0-test.npz").exists()
+    (cache_file,) = (tmp_path / "cache" / "arrays").glob("gtsrb-1.0.0-train-*.npz")
+    assert not list((tmp_path / "cache" / "arrays").glob("gtsrb-1.0.0-test-*.npz"))
 
     def no_decoding(source):
         raise AssertionError("decoded again instead of reading the cache")
@@ -96,12 +95,27 @@ def test_cache_is_written_and_reused(gtsrb_tfds_dir, tmp_path, monkeypatch):
 
 def test_corrupt_cache_is_rebuilt(gtsrb_tfds_dir, tmp_path):
     first = load_dataset("gtsrb", "test", data_dir=gtsrb_tfds_dir)
-    cache_file = tmp_path / "cache" / "arrays" / "gtsrb-1.0.0-test.npz"
+    (cache_file,) = (tmp_path / "cache" / "arrays").glob("gtsrb-1.0.0-test-*.npz")
     cache_file.write_bytes(b"not an npz file")
     rebuilt = load_dataset("gtsrb", "test", data_dir=gtsrb_tfds_dir)
     np.testing.assert_array_equal(rebuilt.images, first.images)
     with np.load(cache_file) as arrays:  # the cache entry was rewritten
         np.testing.assert_array_equal(arrays["labels"], first.labels)
+    # a truncated entry (fewer images than the source holds) is rebuilt too
+    np.savez(cache_file, images=first.images[:2], labels=first.labels[:2])
+    assert len(load_dataset("gtsrb", "test", data_dir=gtsrb_tfds_dir)) == len(first)
+
+
+def test_the_cache_tells_prepared_directories_apart(gtsrb_tfds_dir, tmp_path):
+    """Two preparations of one TFDS version (GTSRB from other archives, say) get their own
+    cache entries."""
+    import shutil
+
+    load_dataset("gtsrb", "test", data_dir=gtsrb_tfds_dir)
+    other = tmp_path / "other_tfds"
+    shutil.copytree(gtsrb_tfds_dir, other)
+    load_dataset("gtsrb", "test", data_dir=other)
+    assert len(list((tmp_path / "cache" / "arrays").glob("gtsrb-1.0.0-test-*.npz"))) == 2
 
 
 def test_an_image_dataset_refuses_labels_that_are_not_integers():

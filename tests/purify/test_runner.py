@@ -41,6 +41,17 @@ def test_run_defense_reports_before_after_and_der(digits_badnets, tmp_path):
     assert purified.metadata["defense"]["name"] == "ft"
     assert purified.metadata["attack"]["name"] == "badnets"
     np.testing.assert_array_equal(purified.metadata["clean_indices"], digits_badnets.clean_indices)
+    # SPEC section 1: the clean set's indices are saved next to every result
+    assert saved["clean_indices"] == [int(i) for i in digits_badnets.clean_indices]
+    assert result["clean_indices"] == saved["clean_indices"]
+
+
+@pytest.mark.parametrize("given", [{"clean_size": 10}, {"data_dir": "/elsewhere"}])
+def test_loading_options_are_refused_for_an_already_loaded_model(digits_badnets, given):
+    """A smaller clean set is drawn when loading; silently running on the whole one would
+    make a clean-set ablation meaningless."""
+    with pytest.raises(InvalidInputError, match="applies when a checkpoint is loaded"):
+        run_defense(digits_badnets, "ft", overrides={"steps": "2"}, progress=False, **given)
 
 
 def test_an_output_directory_holding_another_checkpoint_or_run_is_refused(
