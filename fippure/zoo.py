@@ -8,6 +8,7 @@ judged without retraining anything.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from typing import Any
 
@@ -87,8 +88,8 @@ def load_backdoored(
     test = load_dataset(dataset, "test", data_dir=data_dir)
     clean_indices = np.asarray(meta["clean_indices"], dtype=np.int64)
     if clean_size is not None:
-        is_count = isinstance(clean_size, int | float) and not isinstance(clean_size, bool)
-        if is_count and float(clean_size).is_integer() and clean_size > len(clean_indices):
+        is_number = isinstance(clean_size, numbers.Real) and not isinstance(clean_size, bool)
+        if is_number and float(clean_size).is_integer() and clean_size > len(clean_indices):
             count = int(clean_size)  # a count beyond the stored set: say so, whatever the split
         else:
             count = clean_set_size(clean_size, len(train))

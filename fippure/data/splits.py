@@ -8,6 +8,7 @@ seed code). Its indices are saved next to every result.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import numpy as np
 
@@ -29,13 +30,16 @@ class CleanSplit:
 
 def clean_set_size(size: int | float, num_train: int) -> int:
     """Turns a count (``500``) or a fraction of the training set (``0.01``) into a count."""
-    if isinstance(size, bool):
+    if isinstance(size, bool | np.bool_) or not isinstance(size, numbers.Real):
         raise InvalidInputError(f"clean-set size must be a count or a fraction, got {size!r}")
-    if isinstance(size, float) and not size.is_integer():
-        if not 0.0 < size < 1.0:
-            raise InvalidInputError(f"clean-set fraction must be in (0, 1), got {size}")
-        return max(1, int(round(size * num_train)))
-    count = int(size)
+    value = float(size)
+    if not value.is_integer():
+        if not 0.0 < value < 1.0:
+            raise InvalidInputError(
+                f"clean-set size must be a whole count or a fraction in (0, 1), got {size}"
+            )
+        return max(1, int(round(value * num_train)))
+    count = int(value)
     if count < 1 or count >= num_train:
         raise InvalidInputError(f"clean-set count must be in [1, {num_train}), got {count}")
     return count

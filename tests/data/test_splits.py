@@ -61,13 +61,21 @@ def test_unbalanced_labels_still_give_balanced_set():
 
 @pytest.mark.parametrize(
     ("size", "num_train", "expected"),
-    [(500, 50000, 500), (0.01, 50000, 500), (0.05, 50000, 2500), (10, 50000, 10), (1.0, 50, 1)],
+    [
+        (500, 50000, 500),
+        (0.01, 50000, 500),
+        (0.05, 50000, 2500),
+        (10, 50000, 10),
+        (1.0, 50, 1),
+        (np.float32(0.05), 50000, 2500),  # numpy scalars are numbers too
+        (np.int64(500), 50000, 500),
+    ],
 )
 def test_clean_set_size(size, num_train, expected):
     assert clean_set_size(size, num_train) == expected
 
 
-@pytest.mark.parametrize("size", [0, -1, 500, 1.5, True, 0.0])
+@pytest.mark.parametrize("size", [0, -1, 500, 1.5, True, 0.0, np.float32(2.7), "0.1", None])
 def test_clean_set_size_errors(size):
     with pytest.raises(InvalidInputError, match="clean-set"):
         clean_set_size(size, 500)
