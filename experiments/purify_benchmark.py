@@ -268,12 +268,19 @@ def run_one(
 
     path = runs / f"{run_key(attack, method, setting, seed, tag)}.json"
     overrides = overrides if overrides is not None else overrides_for(method, setting, steps)
+    identity = checkpoint_identity(backdoored)
     if path.exists():
         cached = json.loads(path.read_text())
         changed = changed_defaults(cached, method, overrides)
-        if cached.get("overrides") == overrides and not changed:
+        same_model = same_checkpoint(cached, identity, before)
+        if cached.get("overrides") == overrides and not changed and same_model:
             return cached
-        reason = f"defaults changed ({', '.join(changed)})" if changed else "overrides changed"
+        if not same_model:
+            reason = "the zoo checkpoint changed"
+        elif changed:
+            reason = f"defaults changed ({', '.join(changed)})"
+        else:
+            reason = "overrides changed"
         print(f"{path.name}: {reason}; running again", flush=True)
     from fippure.errors import NonFiniteLossError
     from fippure.provenance import provenance
@@ -306,24 +313,51 @@ def run_one(
             f"({result['report']['wall_time_s']:.0f} s)"
         )
     result["setting"], result["overrides"], result["tag"] = setting, overrides, tag
+    result["zoo_checkpoint"] = identity
     runs.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print(f"{attack:12} {method:9} {setting:8} seed {seed}: {outcome}", flush=True)
     return result
 
 
+def checkpoint_identity(backdoored) -> dict[str, str | None]:
+    """What tells one zoo checkpoint from a retrained one: its creation time and revision."""
+    meta = backdoored.checkpoint.metadata
+    return {"created": meta.get("created"), "git_revision": meta.get("git_revision")}
+
+
+def same_checkpoint(cached: dict, identity: dict, before: dict) -> bool:
+    """Whether a stored run was made on the current zoo checkpoint. Runs stored before runs
+    recorded ``zoo_checkpoint`` are judged by their undefended metrics, which a retrained
+    checkpoint would change."""
+    if "zoo_checkpoint" in cached:
+        return cached["zoo_checkpoint"] == identity
+    return cached.get("before") == before
+
+
 def load_attack(attack: str, clean_size=None):
+    """A zoo entry and its undefended test metrics (cached in ``<entry>__before.json`` with
+    the checkpoint's identity, and measured again when the checkpoint changes)."""
     from fippure.purify.runner import evaluate
     from fippure.zoo import load_backdoored
 
     backdoored = load_backdoored(ZOO / attack, clean_size=clean_size)
+    identity = checkpoint_identity(backdoored)
     cache = RUNS / f"{attack}__before.json"
-    if cache.exists():
-        before = json.loads(cache.read_text())
+    on_disk = stored = json.loads(cache.read_text()) if cache.exists() else None
+    if stored is not None and "zoo_checkpoint" not in stored:
+        # the older format held the metrics alone; they are the zoo report's final metrics
+        report = json.loads((ZOO / attack / "report.json").read_text())
+        same = (stored.get("acc"), stored.get("asr")) == (report["test_accuracy"], report["asr"])
+        stored = {"zoo_checkpoint": identity, "metrics": stored} if same else None
+    if stored is not None and stored["zoo_checkpoint"] == identity:
+        before = stored["metrics"]
     else:
         before = evaluate(backdoored, backdoored.variables)
+    record = {"zoo_checkpoint": identity, "metrics": before}
+    if on_disk != record:
         RUNS.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(before))
+        cache.write_text(json.dumps(record))
     return backdoored, before
 
 
