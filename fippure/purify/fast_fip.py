@@ -8,7 +8,9 @@ Every conv/dense kernel, reshaped to ``(H*W*I, O)``, is factored once as
 ``W(d)``: in factored form by default, or with the kernels rebuilt (see the cost below). The
 loss is FIP's, with the Fisher trace and the Fisher anchor taken with respect to
 ``d``. BatchNorm affine parameters and biases are frozen; BatchNorm statistics re-estimate on
-D_v (**choice**). PreAct-ResNet-18 has about 4.3k shifts at width 64 (1.1k at width 16).
+D_v (**choice**; ``tune_bn_affine`` trains the BatchNorm scales and offsets as well, and
+``bn_train=False`` keeps the statistics). PreAct-ResNet-18 has about 4.3k shifts at width 64
+(1.1k at width 16).
 
 Cost per step: the paper reports Fast FIP about 5x faster than FIP
 (``experiments/fast_fip_speed.py`` measures it; results in
@@ -31,9 +33,11 @@ import dataclasses
 from typing import Literal
 
 import flax.linen as nn
+from flax import traverse_util
 from jaxtyping import PRNGKeyArray
 
 from fippure.data.sources import ImageDataset
+from fippure.errors import InvalidInputError
 from fippure.models.registry import Variables
 from fippure.optim.spectral import (
     KERNEL_PATTERN,
@@ -64,10 +68,14 @@ class FastFIPConfig(FIPConfig):
             (a convolution with the frozen ``U``, a channel scale ``relu(s + d)`` and a matmul
             with the frozen ``V^T``; **choice**, about twice as fast) or ``rebuilt``
             (``W(d)`` formed every step). Both compute the same function up to rounding.
+        tune_bn_affine: also train every BatchNorm's scale and offset (the modules that keep
+            batch statistics), next to the shifts; the Fisher terms then cover them too.
+            ``False`` (SPEC section 3, **choice**) freezes them.
     """
 
     kernel_pattern: str = KERNEL_PATTERN
     kernel_form: Literal["factored", "rebuilt"] = "factored"
+    tune_bn_affine: bool = False
 
 
 def purify(
@@ -89,14 +97,20 @@ def purify(
     key = defense_arguments("fast_fip", config, FastFIPConfig, key)
     params = variables["params"]
     factors = decompose(params, config.kernel_pattern)
+    # The tunable tree: the shifts alone, or {"shifts", "bn_affine"} with tune_bn_affine.
+    shifts_of = (lambda t: t["shifts"]) if config.tune_bn_affine else (lambda t: t)
+    tunable = init_shifts(factors)
+    if config.tune_bn_affine:
+        tunable = {"shifts": tunable, "bn_affine": batchnorm_affine(variables)}
 
-    def to_params(shifts):
-        return rebuild_params(params, factors, shifts)
+    def to_params(t):
+        base = with_batchnorm_affine(params, t["bn_affine"]) if config.tune_bn_affine else params
+        return rebuild_params(base, factors, shifts_of(t))
 
-    def apply_factored(shifts, stats, x, train):
+    def apply_factored(t, stats, x, train):
         # Layers that cannot run factored read their rebuilt kernels; jit drops the others.
-        with factored(factors, shifts):
-            return apply_model(model, to_params(shifts), stats, x, train)
+        with factored(factors, shifts_of(t)):
+            return apply_model(model, to_params(t), stats, x, train)
 
     shifts, stats, report = fisher_guided_purify(
         model,
@@ -104,7 +118,7 @@ def purify(
         clean_set,
         config,
         key,
-        tunable=init_shifts(factors),
+        tunable=tunable,
         to_params=to_params,
         apply_tunable=apply_factored if config.kernel_form == "factored" else None,
         method="fast_fip",
@@ -113,5 +127,25 @@ def purify(
         observe_every=observe_every,
         checkpointing=checkpointing,
     )
-    report.artifacts["spectral_shifts"] = shifts
+    report.artifacts["spectral_shifts"] = shifts_of(shifts)
+    if config.tune_bn_affine:
+        report.artifacts["batchnorm_affine"] = shifts["bn_affine"]
     return as_variables(to_params(shifts), stats), report
+
+
+def batchnorm_affine(variables: Variables) -> dict:
+    """The ``scale`` and ``bias`` of every BatchNorm, i.e. of each module that keeps
+    ``batch_stats``, nested as in ``params``."""
+    stats = traverse_util.flatten_dict(variables.get("batch_stats", {}))
+    modules = {path[:-1] for path in stats}
+    if not modules:
+        raise InvalidInputError("tune_bn_affine: the model has no BatchNorm layers")
+    flat = traverse_util.flatten_dict(variables["params"])
+    return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[:-1] in modules})
+
+
+def with_batchnorm_affine(params: dict, affine: dict) -> dict:
+    """``params`` with the BatchNorm scales and offsets of ``affine`` put in."""
+    flat = traverse_util.flatten_dict(params)
+    flat.update(traverse_util.flatten_dict(affine))
+    return traverse_util.unflatten_dict(flat)

@@ -113,7 +113,11 @@ class FIPConfig:
             BadNets model), so under ``eval`` eta_F then acts as if about 0.4x as strong.
         trace_variant: ``empirical`` (labels from D_v), ``true`` (labels sampled from the
             model) or ``seed_code`` (the released code's zero-mean linear term; ablation).
-        trace_probes: Rademacher probes K per estimate.
+        trace_probes: Rademacher probes K per estimate (**choice**: 1, the cheapest, as in
+            SPEC's prototype measurement; SPEC section 2 then suggests averaging several. One
+            probe is noisy, with a coefficient of variation near 60% on the digits CNN; on the
+            CIFAR-10 zoo models 4 probes cost 2.3x the time per step, and the benchmark's best
+            FIP setting uses them).
         trace_every: add the trace term every this many steps (5 in the seed code); the loss
             curve's entries then give the last trace computed and its ``trace_step``.
         trace_bn_train: BatchNorm mode of the trace term. ``False`` (eval mode with the current
@@ -129,7 +133,9 @@ class FIPConfig:
             can be an order of magnitude larger than the cross-entropy's; at lr 0.005 that
             wrecked the digits CNN and the zoo's Trojan and SIG models, and a clip at 10 kept
             them (``fippure demo --dataset digits``, the benchmark's ``clipped`` setting).
-        calibration_probes: probes for TrF0 (averaged over the whole clean set).
+        calibration_probes: probes for TrF0, averaged over the clean set's full batches of
+            ``batch_size`` (the last partial batch is left out: 116 of 500 images at the
+            defaults; the trace is a per-example mean, so this adds variance, not bias).
         fisher_chunk: examples per vmapped chunk when computing Fbar.
         augment: random crop + flip of clean batches.
         bn_train: BatchNorm in train mode for the CE term.
@@ -426,11 +432,11 @@ def _running_mean(average: Any, value: Any, count: jax.Array) -> Any:
 def _calibrate_trace(
     per_example_loss, logits_fn, tunable, inputs, labels, batch_size, config, key
 ) -> float:
-    """TrF0: the penalised trace at theta0 averaged over the clean set in batches, with many
-    probes. The ``true`` variant is calibrated with the true Fisher's trace (labels sampled
-    from the model), which is smaller than the empirical one on a trained model (1168 against
-    1590 on the zoo's WaNet model); ``seed_code``'s term is zero in expectation, so it borrows
-    the empirical trace."""
+    """TrF0: the penalised trace at theta0 averaged over the clean set's full batches (a
+    trailing partial batch is left out), with many probes. The ``true`` variant is calibrated
+    with the true Fisher's trace (labels sampled from the model), which is smaller than the
+    empirical one on a trained model (1168 against 1590 on the zoo's WaNet model);
+    ``seed_code``'s term is zero in expectation, so it borrows the empirical trace."""
     variant = "true" if config.trace_variant == "true" else "empirical"
     estimate = jax.jit(
         lambda t, batch, k: trace_term(

@@ -313,6 +313,41 @@ def test_fast_fip_only_moves_singular_values(tiny):
     assert any(np.abs(np.asarray(leaf)).max() > 0 for leaf in jax.tree_util.tree_leaves(shifts))
 
 
+@pytest.mark.parametrize("form", ["factored", "rebuilt"])
+def test_fast_fip_can_also_tune_the_batchnorm_affine_parameters(tiny, form):
+    """SPEC section 3's choice, the other way: BatchNorm scales and offsets train next to the
+    shifts; other biases stay frozen."""
+    model, variables, clean, _, _ = tiny
+    config = fast_fip.FastFIPConfig(
+        steps=3,
+        batch_size=20,
+        learning_rate=0.05,
+        log_every=3,
+        tune_bn_affine=True,
+        kernel_form=form,
+    )
+    out, report = fast_fip.purify(model, variables, clean, config, progress=False)
+    affine = fast_fip.batchnorm_affine(variables)
+    count = sum(leaf.size for leaf in jax.tree_util.tree_leaves(affine))
+    assert count > 0
+    assert report.tunable_parameters == num_shifts(decompose(variables["params"])) + count
+    moved = fast_fip.batchnorm_affine(out)
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(
+            jax.tree_util.tree_leaves(affine), jax.tree_util.tree_leaves(moved), strict=True
+        )
+    )
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal,
+        report.artifacts["batchnorm_affine"],
+        moved,
+    )
+    np.testing.assert_array_equal(
+        out["params"]["head"]["bias"], variables["params"]["head"]["bias"]
+    )
+
+
 def test_fast_fip_layer_forms_take_the_same_steps(tiny):
     """kernel_form=factored (the default) and rebuilt optimise the same objective: equal
     losses and shifts after a few steps, up to float32 rounding."""
