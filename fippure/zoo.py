@@ -17,6 +17,7 @@ import numpy as np
 
 from fippure.attacks import Attack, TriggeredSet, make_attack, triggered_test_set
 from fippure.checkpoints import Checkpoint, load_checkpoint
+from fippure.data.catalog import get_spec
 from fippure.data.sources import ImageDataset, load_dataset
 from fippure.errors import CheckpointError
 
@@ -84,6 +85,15 @@ def load_backdoored(
     dataset = meta.get("dataset")
     if dataset is None or "clean_indices" not in meta:
         raise CheckpointError(f"{path} has no dataset or clean-set indices in its metadata")
+    stored_norm = meta.get("normalization")
+    if stored_norm:
+        spec = get_spec(dataset)
+        stored = (tuple(stored_norm["mean"]), tuple(stored_norm["std"]))
+        if not np.allclose(stored, (spec.mean, spec.std), rtol=0, atol=1e-6):
+            raise CheckpointError(
+                f"{path} was trained with normalisation mean {stored[0]} / std {stored[1]}, "
+                f"but fippure normalises {dataset} with {spec.mean} / {spec.std}"
+            )
     train = load_dataset(dataset, "train", data_dir=data_dir)
     test = load_dataset(dataset, "test", data_dir=data_dir)
     clean_indices = np.asarray(meta["clean_indices"], dtype=np.int64)

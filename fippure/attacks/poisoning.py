@@ -87,8 +87,11 @@ def make_poison_plan(
     """Draws the poisoned examples of a training set.
 
     Args:
-        labels: the true labels of the training set.
-        ratio: poisoned examples / whole training set, in (0, 1).
+        labels: the true labels of the training set the attacker trains on. In fippure's
+            recipes that is the training split without the defender's clean set D_v (49,500
+            of CIFAR-10's 50,000 images with 500 clean), so ratio 0.1 poisons 4,950 images:
+            0.099 of the whole split.
+        ratio: poisoned examples / that training set, in (0, 1).
         num_classes: K.
         target: the target class of all-to-one attacks.
         mode: ``all_to_one`` or ``all_to_all``.

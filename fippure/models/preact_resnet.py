@@ -3,6 +3,9 @@
 The CIFAR variant used by BackdoorBench and the seed papers: a 3x3 stem, four stages of two
 pre-activation blocks, a final BN-ReLU, global average pooling and a dense ``head``.
 ``width`` is the stem width (64 in the papers, 16 at fippure's CPU scale: 0.7M parameters).
+Weights start from Flax's default initialisers (LeCun normal for convolutions and the dense
+layer), not PyTorch's (Kaiming uniform with a = sqrt(5)); the architecture and parameter count
+match BackdoorBench's (11,172,170 at width 64).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The defender's clean set of a checkpoint: smaller sub-draws stay inside the stored set
-(SPEC section 1), and larger requests are refused with the stored size."""
+"""Loading a backdoored checkpoint for a defense: smaller clean sets are drawn from the stored
+one (SPEC section 1), larger ones are refused, and so is a checkpoint normalised otherwise."""
 
 from __future__ import annotations
 
@@ -22,3 +22,16 @@ def test_a_larger_clean_set_names_the_stored_size(digits_badnets_path, digits_ba
     stored = len(digits_badnets.clean)
     with pytest.raises(CheckpointError, match=f"holds {stored} clean images; cannot draw {size}"):
         load_backdoored(digits_badnets_path, clean_size=size)
+
+
+def test_a_checkpoint_trained_with_other_normalisation_is_refused(digits_badnets_path, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "renormalised"
+    shutil.copytree(digits_badnets_path, copy)
+    meta = json.loads((copy / "metadata.json").read_text())
+    meta["normalization"]["mean"] = [0.5 for _ in meta["normalization"]["mean"]]
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="trained with normalisation mean"):
+        load_backdoored(copy)
