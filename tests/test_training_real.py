@@ -38,7 +38,8 @@ def test_cifar10_arrays(cifar10):
 
 def test_cifar10_cache_is_reused(cifar10, cifar10_data_dir, monkeypatch):
     _, test_set = cifar10
-    assert len(list(sources.cache_dir().glob("cifar10-*-test.npz"))) == 1  # keyed by version
+    # one entry, keyed by version, split and prepared directory
+    assert len(list(sources.cache_dir().glob("cifar10-*-test-*.npz"))) == 1
 
     def no_decoding(source):
         raise AssertionError("decoded again instead of reading the cache")

@@ -138,10 +138,15 @@ class CLB(Attack):
         )
         for start in range(0, len(indices), self.pgd_batch_size):
             rows = indices[start : start + self.pgd_batch_size]
+            count = len(rows)
+            if count < self.pgd_batch_size < len(indices):
+                # a short last batch is padded to the compiled shape (each image's attack is
+                # independent of the others: the reference runs in eval mode)
+                rows = np.concatenate([rows, np.repeat(rows[-1:], self.pgd_batch_size - count)])
             images, labels = context.train.images[rows], context.train.labels[rows]
             adversarial = pgd(variables, jnp.asarray(images), jnp.asarray(labels))
-            out.append(self._quantise(images, np.asarray(adversarial)))
-            bar.update(len(rows))
+            out.append(self._quantise(images[:count], np.asarray(adversarial)[:count]))
+            bar.update(count)
         bar.close()
         return {**state, "adversarial_images": np.concatenate(out)}
 

@@ -194,7 +194,7 @@ def purify(
         masks, stats, opt_state = carry
         batch_key, lam_key, partner_key = jax.random.split(key, 3)
         x, y = sample_clean_batch(batch_key, images, labels, batch_size, spec, config.augment)
-        lam = jax.random.beta(lam_key, config.mixup_alpha, config.mixup_alpha)
+        lam = jax.random.beta(lam_key, config.mixup_alpha, config.mixup_alpha, dtype=x.dtype)
         partner = jax.random.permutation(partner_key, x.shape[0])
         x_mix = lam * x + (1.0 - lam) * x[partner]
         one_hot = jax.nn.one_hot(y, num_classes, dtype=x.dtype)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,6 +110,15 @@ def test_training_images_are_test_triggers_plus_at_most_eps(fitted):
     mask, _ = corner_pattern((8, 8, 1), 2)
     assert gap[:, mask[..., 0] > 0].max() == 0.0
     assert gap.max() <= EPS + 1e-6
+
+
+def test_a_short_last_pgd_batch_gives_the_same_images(fitted):
+    """The last batch is padded to the compiled shape; each image's PGD is its own."""
+    attack, context, state = fitted
+    count = len(context.plan.indices)
+    ragged = dataclasses.replace(attack, pgd_batch_size=max(1, count // 2 + 1))
+    again = ragged.fit(ragged.init_state(jax.random.key(1), context.spec), context)
+    np.testing.assert_array_equal(again["adversarial_images"], state["adversarial_images"])
 
 
 def test_the_saved_state_is_empty(fitted):
