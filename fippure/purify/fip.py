@@ -288,21 +288,25 @@ def fisher_guided_purify(
     scale = 1.0 / trace0 if config.trace_scale == "relative" else 1.0
     strength = config.eta_F * scale
 
-    tx = optax.chain(
-        *([optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm else []),
-        fisher_anchor(fisher_diag, tunable0, config.eta_r),
-        scheduled_sgd(
-            config.learning_rate,
-            config.steps,
-            config.schedule,
-            config.momentum,
-            config.weight_decay,
-        ),
-    )
+    def make_tx(fisher_diag, anchor_point):
+        return optax.chain(
+            *([optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm else []),
+            fisher_anchor(fisher_diag, anchor_point, config.eta_r),
+            scheduled_sgd(
+                config.learning_rate,
+                config.steps,
+                config.schedule,
+                config.momentum,
+                config.weight_decay,
+            ),
+        )
 
+    # Fbar and theta0 enter the steps as arguments (like the clean set), not as constants
+    # baked into the compiled program.
     def make_step(with_trace: bool):
         @jax.jit
-        def step(carry, key, images, labels):
+        def step(carry, key, images, labels, fisher_diag, tunable0):
+            tx = make_tx(fisher_diag, tunable0)
             t, stats, opt_state = carry
             batch_key, trace_key = jax.random.split(key)
             x, y = sample_clean_batch(batch_key, images, labels, batch_size, spec, config.augment)
@@ -369,7 +373,7 @@ def fisher_guided_purify(
         t_index = carry[3]  # a host-side step counter: the trace term runs every k-th step
         traced = t_index % config.trace_every == 0
         fn = with_trace if traced else without_trace
-        new, metrics = fn(carry[:3], key, images, labels)
+        new, metrics = fn(carry[:3], key, images, labels, fisher_diag, tunable0)
         if config.trace_every > 1 and config.eta_F > 0:
             if traced:
                 last_trace.update(trace=metrics["trace"], trace_step=t_index + 1)
@@ -383,7 +387,7 @@ def fisher_guided_purify(
     def to_variables(carry):
         return as_variables(to_params(carry[0]), carry[1])
 
-    carry = (tunable0, stats0, tx.init(tunable0), 0, tunable0)
+    carry = (tunable0, stats0, make_tx(fisher_diag, tunable0).init(tunable0), 0, tunable0)
     carry, curve, step_time, observe_time, resumed = run_steps(
         step,
         carry,

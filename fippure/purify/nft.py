@@ -189,8 +189,9 @@ def purify(
     images, labels = device_clean_set(clean_set)
     spec = clean_set.spec
 
+    # The frozen weights and the clean set are arguments, not constants baked into the program.
     @jax.jit
-    def step(carry, key, images, labels):
+    def step(carry, key, images, labels, params):
         masks, stats, opt_state = carry
         batch_key, lam_key, partner_key = jax.random.split(key, 3)
         x, y = sample_clean_batch(batch_key, images, labels, batch_size, spec, config.augment)
@@ -218,7 +219,7 @@ def purify(
 
     carry = (masks, stats0, tx.init(masks))
     carry, curve, step_time, observe_time, resumed = run_steps(
-        lambda c, k: step(c, k, images, labels),
+        lambda c, k: step(c, k, images, labels, params),
         carry,
         steps=config.steps,
         key=key,
