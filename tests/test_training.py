@@ -121,7 +121,16 @@ def test_batch_larger_than_dataset(digits, small_cnn):
         train(model, train_set, _config(batch_size=2000), variables=variables, progress=False)
 
 
-def test_resume_from_a_stopped_run_in_process(digits, small_cnn, tmp_path):
+@pytest.mark.parametrize(
+    "resumed_with",
+    [
+        {},
+        # how often a run evaluates, logs and saves never shapes its weights, so a killed run
+        # may be resumed with other values (e.g. ``--eval-every 1`` to watch it)
+        {"eval_every": 1, "log_every": 1, "checkpoint_every": 5},
+    ],
+)
+def test_resume_from_a_stopped_run_in_process(digits, small_cnn, tmp_path, resumed_with):
     """Stopping at a step that is not an epoch boundary, then resuming, changes nothing."""
     (train_set, _), (model, variables) = digits, small_cnn
     config = _config(epochs=2, checkpoint_every=7)
@@ -137,7 +146,12 @@ def test_resume_from_a_stopped_run_in_process(digits, small_cnn, tmp_path):
     )
     assert report.resumed_from_step == 0
     resumed, report = train(
-        model, train_set, config, variables=variables, workdir=tmp_path, progress=False
+        model,
+        train_set,
+        dataclasses.replace(config, **resumed_with),
+        variables=variables,
+        workdir=tmp_path,
+        progress=False,
     )
     assert report.resumed_from_step == 30
     assert [entry["epoch"] for entry in report.history] == [1, 2]
@@ -145,29 +159,6 @@ def test_resume_from_a_stopped_run_in_process(digits, small_cnn, tmp_path):
     assert not jnp.array_equal(
         partial["params"]["head"]["kernel"], whole["params"]["head"]["kernel"]
     )
-
-
-def test_a_run_resumes_with_other_bookkeeping_settings(digits, small_cnn, tmp_path):
-    """How often a run evaluates, logs and saves never shapes its weights, so a killed run may
-    be resumed with other values (e.g. ``--eval-every 1`` to watch it)."""
-    (train_set, _), (model, variables) = digits, small_cnn
-    config = _config(epochs=2, checkpoint_every=7)
-    whole, _ = train(model, train_set, config, variables=variables, progress=False)
-    train(
-        model,
-        train_set,
-        config,
-        variables=variables,
-        workdir=tmp_path,
-        progress=False,
-        stop_after_steps=30,
-    )
-    watched = dataclasses.replace(config, eval_every=1, log_every=1, checkpoint_every=5)
-    resumed, report = train(
-        model, train_set, watched, variables=variables, workdir=tmp_path, progress=False
-    )
-    assert report.resumed_from_step == 30
-    _assert_trees_equal(resumed, whole)
 
 
 def test_workdir_of_another_run_is_an_error(digits, small_cnn, tmp_path):
