@@ -100,7 +100,12 @@ NOTES: dict[str, str] = {
     "the generator's tanh saturated, so the trigger is nearly one global colour shift (red and "
     "blue -eps, green +eps): on 256 test images 98% of the perturbation's values lie beyond "
     "0.9 eps, and the perturbations of different images have mean cosine similarity 0.99. The "
-    "paper's LIRA triggers are input-specific.",
+    "paper's LIRA triggers are input-specific. This entry was trained before commit 5e448f3, "
+    "when the spare copy slots of each batch held triggered copies of clean rows (weight 0, but "
+    "seen by BatchNorm). Retrained with clean duplicates there (5e448f3, "
+    "`fippure attack ... --attack lira --option eps=0.03 --option alpha=0.75`, not swapped into "
+    "the zoo): epochs 5/10 0.680/0.882, 0.793/0.918; final 0.857/0.901, so both targets still "
+    "hold (ASR by 0.001).",
     "issba": "The encoder is fitted with Gaussian noise (std 0.05) between encoder and decoder, "
     "StegaStamp's corruption layer, and eps 0.1: its residual has RMS 0.030 (7.7 grey levels) "
     "and the decoder reads the secret code from test images at 100%. Fitted without the noise "

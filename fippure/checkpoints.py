@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from fippure import __version__
 from fippure.errors import CheckpointError
 from fippure.models.registry import create_model, init_variables
-from fippure.provenance import git_revision
+from fippure.provenance import code_revision
 
 METADATA = "metadata.json"
 FORMAT_VERSION = 1
@@ -117,7 +117,7 @@ def save_checkpoint(
     full = {
         "format_version": FORMAT_VERSION,
         "fippure_version": __version__,
-        "git_revision": git_revision(),
+        "git_revision": code_revision(),
         "created": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "extras": sorted(extras),
         **_to_jsonable(dict(metadata)),

@@ -53,11 +53,24 @@ def machine() -> str:
     )
 
 
+def code_revision() -> str:
+    """The revision of the code this process runs: :func:`git_revision` when fippure was
+    imported (a long run's checkout may move on before it writes its results)."""
+    return _IMPORTED_REVISION
+
+
 def provenance() -> dict[str, str]:
-    """Command, git revision, machine and UTC date, for result files."""
+    """Command, git revision of the running code, machine and UTC date, for result files.
+    If the checkout has moved on since fippure was imported, ``git_revision_at_write`` gives
+    the revision at the time of writing as well."""
+    now = git_revision()
     return {
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-        "git_revision": git_revision(),
+        "git_revision": _IMPORTED_REVISION,
+        **({"git_revision_at_write": now} if now != _IMPORTED_REVISION else {}),
         "machine": machine(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+_IMPORTED_REVISION = git_revision()

@@ -183,3 +183,16 @@ def test_round_trip_without_batch_stats(tmp_path):
     }
     loaded = load_checkpoint(save_checkpoint(tmp_path / "vit", variables, meta))
     _assert_trees_equal(loaded.variables, variables)
+
+
+def test_results_name_the_revision_of_the_running_code(monkeypatch):
+    """A long run's checkout may move on before it writes: provenance names the code that ran,
+    and the revision at writing time too when they differ."""
+    from fippure import provenance
+
+    monkeypatch.setattr(provenance, "_IMPORTED_REVISION", "abc123")
+    monkeypatch.setattr(provenance, "git_revision", lambda short=False: "def456")
+    stamp = provenance.provenance()
+    assert stamp["git_revision"] == "abc123" and stamp["git_revision_at_write"] == "def456"
+    monkeypatch.setattr(provenance, "git_revision", lambda short=False: "abc123")
+    assert "git_revision_at_write" not in provenance.provenance()
