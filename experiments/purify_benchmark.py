@@ -344,20 +344,12 @@ def load_attack(attack: str, clean_size=None):
     backdoored = load_backdoored(ZOO / attack, clean_size=clean_size)
     identity = checkpoint_identity(backdoored)
     cache = RUNS / f"{attack}__before.json"
-    on_disk = stored = json.loads(cache.read_text()) if cache.exists() else None
-    if stored is not None and "zoo_checkpoint" not in stored:
-        # the older format held the metrics alone; they are the zoo report's final metrics
-        report = json.loads((ZOO / attack / "report.json").read_text())
-        same = (stored.get("acc"), stored.get("asr")) == (report["test_accuracy"], report["asr"])
-        stored = {"zoo_checkpoint": identity, "metrics": stored} if same else None
-    if stored is not None and stored["zoo_checkpoint"] == identity:
-        before = stored["metrics"]
-    else:
-        before = evaluate(backdoored, backdoored.variables)
-    record = {"zoo_checkpoint": identity, "metrics": before}
-    if on_disk != record:
-        RUNS.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(record))
+    stored = json.loads(cache.read_text()) if cache.exists() else {}
+    if stored.get("zoo_checkpoint") == identity:
+        return backdoored, stored["metrics"]
+    before = evaluate(backdoored, backdoored.variables)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"zoo_checkpoint": identity, "metrics": before}))
     return backdoored, before
 
 

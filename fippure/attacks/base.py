@@ -104,8 +104,10 @@ class Attack:
                 f"{self.name} trigger expects a (batch, height, width, channels) array, "
                 f"got shape {tuple(images.shape)}"
             )
-        if jnp.issubdtype(images.dtype, jnp.integer) and images.dtype != jnp.bool_:
-            images = images.astype(jnp.float32) / 255.0
+        if jnp.issubdtype(images.dtype, jnp.integer):
+            from fippure.data.pipeline import to_unit_range
+
+            images = to_unit_range(images)
         elif not jnp.issubdtype(images.dtype, jnp.floating):
             raise InvalidInputError(
                 f"{self.name} trigger expects float images in [0, 1] or integer pixels "

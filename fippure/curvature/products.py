@@ -39,6 +39,7 @@ Everything here is jit-able and works on arbitrary parameter pytrees.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -133,17 +134,18 @@ def make_hvp_operator(loss_fn: LossFn, params: PyTree, batch: Any) -> Operator:
 
 
 def _build(linearise: Callable, fn: Callable, params: PyTree, batch: Any) -> Operator:
-    """``linearise(fn, params, batch)`` jitted with ``fn`` static: the same function then always
+    """``linearise(fn, params, batch)``, jitted with ``fn`` static: the same function then always
     gives an operator with the same static part (the traced linearisation), so jitted
     consumers compile once for it, however often the operator is rebuilt eagerly. A function
     that cannot be hashed (so cannot be static) is linearised without the jit."""
     try:
         hash(fn)
     except TypeError:
-        return linearise(fn, params, batch)
-    return _JITTED[linearise](fn, params, batch)
+        return linearise.__wrapped__(fn, params, batch)
+    return linearise(fn, params, batch)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _linearised_hessian(loss_fn: LossFn, params: PyTree, batch: Any) -> Operator:
     grad_fn = jax.grad(loss_fn)
     _, linear = jax.linearize(lambda p: grad_fn(p, batch), params)
@@ -177,6 +179,7 @@ def make_ggn_operator(logits_fn: LogitsFn, params: PyTree, batch: Any) -> Operat
     return _build(_linearised_ggn, logits_fn, params, batch)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _linearised_ggn(logits_fn: LogitsFn, params: PyTree, batch: Any) -> Operator:
     logits, jvp_fn = jax.linearize(lambda p: logits_fn(p, batch), params)
     vjp_fn = jax.linear_transpose(jvp_fn, params)
@@ -232,6 +235,7 @@ def make_empirical_fisher_operator(
     return _build(_linearised_empirical_fisher, per_example_loss_fn, params, batch)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _linearised_empirical_fisher(
     per_example_loss_fn: PerExampleLossFn, params: PyTree, batch: Any
 ) -> Operator:
@@ -256,9 +260,3 @@ def empirical_fisher_vp(
         ``F_emp v``, shaped like ``params``.
     """
     return make_empirical_fisher_operator(per_example_loss_fn, params, batch)(vector)
-
-
-_JITTED = {
-    linearise: jax.jit(linearise, static_argnums=0)
-    for linearise in (_linearised_hessian, _linearised_ggn, _linearised_empirical_fisher)
-}
