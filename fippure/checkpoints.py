@@ -15,20 +15,22 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import pathlib
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from fippure import __version__
-from fippure.errors import CheckpointError
+from fippure.errors import CheckpointError, InvalidInputError
 from fippure.models.registry import create_model, init_variables
 from fippure.provenance import code_revision
 
@@ -196,6 +198,99 @@ def claim_run_directory(directory: str | os.PathLike, fingerprint: Mapping[str, 
             "use another --out directory or delete it"
         )
     return True
+
+
+def array_digest(arrays: Any) -> str:
+    """SHA-1 of a sequence of arrays (dtype, shape and bytes), for run fingerprints."""
+    digest = hashlib.sha1()
+    for array in arrays:
+        array = np.ascontiguousarray(np.asarray(array))
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.reshape(-1).view(np.uint8))
+    return digest.hexdigest()
+
+
+class ProgressDirectory:
+    """The progress directory of one resumable loop (a defense's steps, an attack's fit):
+    :meth:`restore` once, then :meth:`save`, then :meth:`close`.
+
+    It holds ``run.json``, the run's fingerprint (stamped or checked here by
+    :func:`claim_run_directory`, so progress of another run is refused), and the latest orbax
+    save of the loop's carry and log (written synchronously, one kept).
+    """
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: Mapping[str, Any], every: int):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise InvalidInputError(f"the save interval must be a positive integer, got {every!r}")
+        self.directory = pathlib.Path(directory).resolve()
+        self.every = every
+        claim_run_directory(self.directory, fingerprint)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, create=True, enable_async_checkpointing=False
+            ),
+        )
+
+    def restore(self, carry: Any) -> tuple[int, Any, list[Any]]:
+        """``(steps done, carry, log)`` of the last save, or ``(0, carry, [])``.
+
+        ``carry`` is the loop's initial carry: its structure, shapes and dtypes are the
+        template. Leaves come back as what they were: Python scalars (host-side counters) as
+        Python scalars, NumPy arrays as NumPy arrays, the rest as JAX arrays.
+        """
+        step = self._manager.latest_step()
+        if step is None:
+            return 0, carry, []
+        leaves, treedef = jax.tree_util.tree_flatten(carry)
+        template = {_leaf_name(i): _host_or_device(leaf) for i, leaf in enumerate(leaves)}
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    carry=ocp.args.StandardRestore(template), log=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as error:  # orbax raises several types for a mismatching tree
+            raise CheckpointError(
+                f"cannot resume from {self.directory} (step {step}): {_first_line(error)}"
+            ) from None
+        values = []
+        for i, leaf in enumerate(leaves):
+            value = restored.carry[_leaf_name(i)]
+            if isinstance(leaf, int | float | bool):
+                value = type(leaf)(value.item())
+            elif isinstance(leaf, np.ndarray):
+                value = np.array(value)
+            values.append(value)
+        return int(step), jax.tree_util.tree_unflatten(treedef, values), list(restored.log)
+
+    def due(self, done: int, stop: int) -> bool:
+        """Whether to save after ``done`` steps of a loop that stops at ``stop``."""
+        return done % self.every == 0 or done == stop
+
+    def save(self, step: int, carry: Any, log: Sequence[Any] = ()) -> None:
+        """Saves the carry (and the JSON-able log) as step ``step``."""
+        leaves = jax.tree_util.tree_leaves(carry)
+        state = {_leaf_name(i): _host_or_device(leaf) for i, leaf in enumerate(leaves)}
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                carry=ocp.args.StandardSave(state), log=ocp.args.JsonSave(list(log))
+            ),
+        )
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _leaf_name(index: int) -> str:
+    return f"leaf_{index:05d}"
+
+
+def _host_or_device(leaf: Any) -> Any:
+    return leaf if isinstance(leaf, np.ndarray) else jnp.asarray(leaf)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

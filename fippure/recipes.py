@@ -345,26 +345,32 @@ def _check_reference(reference, dataset: str, spec) -> None:
 def _fitted_attack_state(threat, context, key, out: pathlib.Path):
     """``threat.fit(init_state)``, cached in ``out/attack_fit`` so a resumed run skips it.
 
-    Attacks without a fit of their own keep ``init_state`` (a function of the key alone), and
-    nothing is cached for them."""
+    The fit saves its progress in ``out/attack_fit_progress`` (so a run killed during a long
+    fit resumes it), which is removed once ``attack_fit`` is written. Attacks without a fit of
+    their own keep ``init_state`` (a function of the key alone), and nothing is cached for
+    them."""
+    import shutil
+
     import orbax.checkpoint as ocp
 
     from fippure.attacks.base import Attack
 
-    cache = out / "attack_fit"
+    cache, progress = out / "attack_fit", out / "attack_fit_progress"
     state = threat.init_state(key, context.spec)
     if type(threat).fit is Attack.fit:
         return state
     checkpointer = ocp.StandardCheckpointer()
     if cache.exists():
+        shutil.rmtree(progress, ignore_errors=True)  # left by a kill right after the cache
         # The stored structure, not init_state's: fit may add training-only entries that
         # init_state cannot size (label-consistent's adversarial images).
         return jax.tree_util.tree_map(jax.numpy.asarray, checkpointer.restore(cache))
-    state = threat.fit(state, context)
+    state = threat.fit(state, context, workdir=progress)
     if jax.tree_util.tree_leaves(state):
         out.mkdir(parents=True, exist_ok=True)
         checkpointer.save(cache, jax.device_get(state))
         checkpointer.wait_until_finished()
+    shutil.rmtree(progress, ignore_errors=True)
     return state
 
 

@@ -9,8 +9,10 @@ can be a static argument of ``jax.jit``). It owns:
 - ``trigger(state, images, key)``: the pure, jit-able test-time trigger. Images are float
   ``(b, h, w, c)`` in [0, 1], **before** normalisation (uint8 pixels are scaled to [0, 1]
   first); the output stays in [0, 1]. Subclasses implement ``_trigger``.
-- ``fit(state, context)``: for attacks whose trigger is computed or learned before poisoned
-  training (label-consistent PGD, LF, ISSBA's encoder). Default: nothing to fit.
+- ``fit(state, context, *, workdir=None)``: for attacks whose trigger is computed or learned
+  before poisoned training (label-consistent PGD, LF, ISSBA's encoder). Default: nothing to
+  fit. Given a ``workdir``, a fit saves its progress there and, killed and called again the
+  same way, resumes from it (:mod:`fippure.attacks.fit_checkpoints`).
 - ``training_transform(state, plan, context)``: the in-graph poisoning of training batches.
   Default: triggered images for the planned rows, with the planned labels.
 - ``train_backdoored(...)``: the poisoned training itself. Default: fippure's supervised loop
@@ -78,6 +80,8 @@ class Attack:
     clean_label: ClassVar[bool] = False
     #: Whether ``fit`` needs ``context.reference`` (a clean model).
     needs_reference: ClassVar[bool] = False
+    #: Default save interval, in the fit's own steps, of a ``fit`` given a ``workdir``.
+    fit_checkpoint_every: ClassVar[int] = 100
     #: Ranges of the hyper-parameters by field name; their types come from the annotations
     #: (:func:`fippure.config_checks.check_config`, run when the attack is built).
     rules: ClassVar[Mapping[str, Rule]] = {}
@@ -137,9 +141,22 @@ class Attack:
             key,
         )
 
-    def fit(self, state: State, context: AttackContext) -> State:
-        """Computes or learns the trigger before poisoned training. Default: no-op."""
-        del context
+    def fit(
+        self,
+        state: State,
+        context: AttackContext,
+        *,
+        workdir: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        stop_after_steps: int | None = None,
+    ) -> State:
+        """Computes or learns the trigger before poisoned training. Default: no-op.
+
+        Fits that run long take ``workdir`` (save progress there every ``checkpoint_every``
+        steps, default :attr:`fit_checkpoint_every`, and resume from it; ``None``: write
+        nothing) and ``stop_after_steps`` (stop after saving, for tests).
+        """
+        del context, workdir, checkpoint_every, stop_after_steps
         return state
 
     def training_transform(

@@ -38,6 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fippure.attacks.base import Attack, AttackContext, Images, State
+from fippure.attacks.fit_checkpoints import open_progress
 from fippure.config_checks import AT_LEAST_ONE, NON_NEGATIVE, UNIT_POSITIVE, interval
 from fippure.data.pipeline import normalize, to_unit_range
 from fippure.data.sources import ImageDataset
@@ -89,6 +90,7 @@ class CLB(Attack):
     name: ClassVar[str] = "clb"
     clean_label: ClassVar[bool] = True
     needs_reference: ClassVar[bool] = True
+    fit_checkpoint_every: ClassVar[int] = 1
     eps: float = 8 / 255
     step_size: float = 2 / 255
     steps: int = 10
@@ -113,42 +115,84 @@ class CLB(Attack):
     def saved_state(self, state: State) -> State:
         return {k: v for k, v in state.items() if k != "adversarial_images"}
 
-    def fit(self, state: State, context: AttackContext) -> State:
+    def fit(
+        self,
+        state: State,
+        context: AttackContext,
+        *,
+        workdir: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        stop_after_steps: int | None = None,
+    ) -> State:
         """PGD on the planned target-class images against the clean reference model.
 
         Returns the state with ``adversarial_images``: uint8 ``(num_poisoned, h, w, c)``, in
         the order of ``context.plan.indices``, each within ``eps`` (rounded down to whole
         grey levels) of its original.
+
+        Args:
+            state: from :meth:`init_state`.
+            context: the attacker's training set and plan, clean reference model.
+            workdir: saves the adversarial images done so far there every
+                ``checkpoint_every`` PGD batches and at the end, and resumes at the next batch
+                from a save of the same fit (:mod:`fippure.attacks.fit_checkpoints`; each
+                batch's PGD is independent of the others). ``None``: nothing is written.
+            checkpoint_every: save interval in PGD batches of ``pgd_batch_size`` images
+                (default :attr:`fit_checkpoint_every`, every batch).
+            stop_after_steps: stop (after saving) once this many PGD batches are done,
+                returning the images done so far; for tests and for splitting a long fit.
+
+        Raises:
+            InvalidInputError: no reference model.
+            CheckpointError: ``workdir`` holds the progress of another fit.
         """
         if context.reference is None:
             raise InvalidInputError("clb needs a clean reference model (--reference)")
         model, variables = context.reference
         variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
         spec = context.spec
+        store = open_progress(self, state, context, workdir, checkpoint_every)
         pgd = jax.jit(self._pgd_fn(model, spec))
         indices = context.plan.indices
-        out = []
+        batches = -(-len(indices) // self.pgd_batch_size)
+        # the images done so far, in plan order (a fixed shape, so a save restores into it)
+        out = np.zeros((len(indices), *context.train.images.shape[1:]), np.uint8)
+        start = 0
+        if store is not None:
+            start, out = store.restore(out)
+        stop = batches if stop_after_steps is None else min(batches, stop_after_steps)
         bar = tqdm(
             total=len(indices),
+            initial=min(start * self.pgd_batch_size, len(indices)),
             disable=not context.progress,
             desc=f"clb pgd {spec.name}",
             unit="img",
             dynamic_ncols=True,
             mininterval=2.0,
         )
-        for start in range(0, len(indices), self.pgd_batch_size):
-            rows = indices[start : start + self.pgd_batch_size]
-            count = len(rows)
-            if count < self.pgd_batch_size < len(indices):
-                # a short last batch is padded to the compiled shape (each image's attack is
-                # independent of the others: the reference runs in eval mode)
-                rows = np.concatenate([rows, np.repeat(rows[-1:], self.pgd_batch_size - count)])
-            images, labels = context.train.images[rows], context.train.labels[rows]
-            adversarial = pgd(variables, jnp.asarray(images), jnp.asarray(labels))
-            out.append(self._quantise(images[:count], np.asarray(adversarial)[:count]))
-            bar.update(count)
-        bar.close()
-        return {**state, "adversarial_images": np.concatenate(out)}
+        try:
+            for batch in range(start, stop):
+                first = batch * self.pgd_batch_size
+                rows = indices[first : first + self.pgd_batch_size]
+                count = len(rows)
+                if count < self.pgd_batch_size < len(indices):
+                    # a short last batch is padded to the compiled shape (each image's attack
+                    # is independent of the others: the reference runs in eval mode)
+                    rows = np.concatenate([rows, np.repeat(rows[-1:], self.pgd_batch_size - count)])
+                images, labels = context.train.images[rows], context.train.labels[rows]
+                adversarial = pgd(variables, jnp.asarray(images), jnp.asarray(labels))
+                out[first : first + count] = self._quantise(
+                    images[:count], np.asarray(adversarial)[:count]
+                )
+                bar.update(count)
+                if store is not None and store.due(batch + 1, stop):
+                    store.save(batch + 1, out, "the clb fit")
+        finally:
+            bar.close()
+            if store is not None:
+                store.close()
+        done = min(max(start, stop) * self.pgd_batch_size, len(indices))
+        return {**state, "adversarial_images": out[:done] if done < len(indices) else out}
 
     def _pgd_fn(self, model: nn.Module, spec) -> Callable:
         def pgd(variables, images, labels):

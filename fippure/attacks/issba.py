@@ -26,6 +26,7 @@ is needed only to fit and to check the code is readable (:meth:`ISSBA.decode`).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import ClassVar
 
 import jax
@@ -36,6 +37,7 @@ from jaxtyping import Array, Float
 from tqdm.auto import tqdm
 
 from fippure.attacks.base import Attack, AttackContext, Images, State
+from fippure.attacks.fit_checkpoints import open_progress
 from fippure.config_checks import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE, UNIT_POSITIVE
 from fippure.data.pipeline import to_unit_range
 from fippure.errors import InvalidInputError
@@ -62,6 +64,7 @@ class ISSBA(Attack):
     """
 
     name: ClassVar[str] = "issba"
+    fit_checkpoint_every: ClassVar[int] = 500
     num_bits: int = 32
     eps: float = 0.1
     fit_noise: float = 0.05
@@ -117,8 +120,34 @@ class ISSBA(Attack):
     def saved_state(self, state: State) -> State:
         return {"code": state["code"], "encoder": state["encoder"]}
 
-    def fit(self, state: State, context: AttackContext) -> State:
-        """Trains the encoder-decoder on the attacker's training images (jitted, Adam)."""
+    def fit(
+        self,
+        state: State,
+        context: AttackContext,
+        *,
+        workdir: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        stop_after_steps: int | None = None,
+    ) -> State:
+        """Trains the encoder-decoder on the attacker's training images (jitted, Adam).
+
+        Args:
+            state: from :meth:`init_state`.
+            context: the attacker's training set, key and progress flag.
+            workdir: saves the parameters and Adam state there every ``checkpoint_every``
+                steps and at the end, and resumes from a save of the same fit
+                (:mod:`fippure.attacks.fit_checkpoints`); step ``i`` draws its batch from
+                ``fold_in(key, i)``, so a resumed fit ends as an uninterrupted one. ``None``:
+                nothing is written.
+            checkpoint_every: save interval in steps (default :attr:`fit_checkpoint_every`,
+                500).
+            stop_after_steps: stop (after saving) once this many steps are done, returning
+                the partial fit; for tests and for splitting a long fit.
+
+        Raises:
+            CheckpointError: ``workdir`` holds the progress of another fit.
+        """
+        store = open_progress(self, state, context, workdir, checkpoint_every)
         images = jax.device_put(context.train.images)
         n = len(context.train)
         batch_size = min(self.fit_batch_size, n)
@@ -126,8 +155,7 @@ class ISSBA(Attack):
         params = {"encoder": state["encoder"], "decoder": state["decoder"]}
 
         def loss_fn(params, x, bits, noise, image_weight):
-            merged = {**state, **params}
-            encoded = jnp.clip(x + self.residual(merged, x, bits), 0.0, 1.0)
+            encoded = jnp.clip(x + self.residual(params, x, bits), 0.0, 1.0)
             logits = StegaDecoder(self.num_bits).apply(
                 {"params": params["decoder"]}, encoded + self.fit_noise * noise
             )
@@ -137,12 +165,14 @@ class ISSBA(Attack):
             return bit_loss + image_weight * image_loss, (bit_loss, accuracy)
 
         # The training set is an argument, not a closed-over constant that XLA would bake
-        # into the compiled program.
+        # into the compiled program; step i's key is fold_in(key, i).
         @jax.jit
         def step(params, opt_state, key, i, images):
-            rows_key, bits_key, noise_key = jax.random.split(key, 3)
+            rows_key, bits_key, noise_key = jax.random.split(jax.random.fold_in(key, i), 3)
             # StegaStamp's ramp: the image loss fades in once the code is readable.
-            ramp = jnp.clip(i / (self.ramp_fraction * self.fit_steps + 1.0), 0.0, 1.0)
+            ramp = jnp.clip(
+                i.astype(jnp.float32) / (self.ramp_fraction * self.fit_steps + 1.0), 0.0, 1.0
+            )
             rows = jax.random.randint(rows_key, (batch_size,), 0, n)
             x = to_unit_range(images[rows])
             bits = jax.random.bernoulli(bits_key, 0.5, (batch_size, self.num_bits))
@@ -155,24 +185,37 @@ class ISSBA(Attack):
             return optax.apply_updates(params, updates), opt_state, loss, accuracy
 
         opt_state = optimizer.init(params)
+        start = 0
+        if store is not None:
+            start, (params, opt_state) = store.restore((params, opt_state))
+        stop = self.fit_steps if stop_after_steps is None else min(self.fit_steps, stop_after_steps)
         key = jax.random.fold_in(context.key, 0x155BA)
         bar = tqdm(
-            range(self.fit_steps),
+            total=self.fit_steps,
+            initial=start,
             disable=not context.progress,
             desc=f"issba encoder {context.spec.name}",
             unit="step",
             dynamic_ncols=True,
             mininterval=2.0,
         )
-        accuracy = jnp.zeros(())
-        for i in bar:
-            params, opt_state, loss, accuracy = step(
-                params, opt_state, jax.random.fold_in(key, i), jnp.float32(i), images
-            )
-            if (i + 1) % 100 == 0 or i + 1 == self.fit_steps:
-                loss = float(loss)
-                if not np.isfinite(loss):
-                    raise InvalidInputError(f"issba fit diverged (loss {loss}); lower fit_lr")
-                bar.set_postfix(loss=f"{loss:.3f}", bit_accuracy=f"{float(accuracy):.3f}")
-        bar.close()
+        try:
+            for i in range(start, stop):
+                params, opt_state, loss, accuracy = step(
+                    params, opt_state, key, np.int32(i), images
+                )
+                bar.update(1)
+                done = i + 1
+                saving = store is not None and store.due(done, stop)
+                if done % 100 == 0 or done == self.fit_steps or saving:
+                    loss = float(loss)
+                    if not np.isfinite(loss):
+                        raise InvalidInputError(f"issba fit diverged (loss {loss}); lower fit_lr")
+                    bar.set_postfix(loss=f"{loss:.3f}", bit_accuracy=f"{float(accuracy):.3f}")
+                if saving:
+                    store.save(done, (params, opt_state), "the issba fit")
+        finally:
+            bar.close()
+            if store is not None:
+                store.close()
         return {**state, **params}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import ClassVar
 
 import jax
@@ -29,6 +30,7 @@ from jaxtyping import Array, Float
 from tqdm.auto import tqdm
 
 from fippure.attacks.base import Attack, AttackContext, Images, State
+from fippure.attacks.fit_checkpoints import open_progress
 from fippure.attacks.poisoning import attack_targets
 from fippure.config_checks import AT_LEAST_ONE, POSITIVE, UNIT_POSITIVE
 from fippure.data.pipeline import normalize, to_unit_range
@@ -77,6 +79,7 @@ class LF(Attack):
 
     name: ClassVar[str] = "lf"
     needs_reference: ClassVar[bool] = True
+    fit_checkpoint_every: ClassVar[int] = 100
     eps: float = 0.1
     factor: int = 4
     steps: int = 300
@@ -110,7 +113,34 @@ class LF(Attack):
         del key
         return jnp.clip(images + state["pattern"].astype(images.dtype), 0.0, 1.0)
 
-    def fit(self, state: State, context: AttackContext) -> State:
+    def fit(
+        self,
+        state: State,
+        context: AttackContext,
+        *,
+        workdir: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        stop_after_steps: int | None = None,
+    ) -> State:
+        """Fits the coarse pattern against ``context.reference`` (jitted Adam, projected).
+
+        Args:
+            state: from :meth:`init_state` (the fit starts from a zero pattern).
+            context: the attacker's training set and plan, key, clean reference model.
+            workdir: saves the coarse pattern and Adam state there every ``checkpoint_every``
+                steps and at the end, and resumes from a save of the same fit
+                (:mod:`fippure.attacks.fit_checkpoints`); step ``i`` draws its batch from
+                ``fold_in(key, i)``, so a resumed fit ends as an uninterrupted one. ``None``:
+                nothing is written.
+            checkpoint_every: save interval in steps (default :attr:`fit_checkpoint_every`,
+                100).
+            stop_after_steps: stop (after saving) once this many steps are done, returning
+                the partial fit's pattern; for tests and for splitting a long fit.
+
+        Raises:
+            InvalidInputError: no reference model, or no image outside the target class.
+            CheckpointError: ``workdir`` holds the progress of another fit.
+        """
         if context.reference is None:
             raise InvalidInputError("attack lf needs a clean reference model (--reference)")
         model, variables = context.reference
@@ -125,6 +155,7 @@ class LF(Attack):
         )
         if len(keep) == 0:
             raise InvalidInputError("lf found no training image outside the target class")
+        store = open_progress(self, state, context, workdir, checkpoint_every)
         images = jax.device_put(context.train.images[keep])
         targets = jnp.asarray(
             attack_targets(labels[keep], plan.target, plan.mode, spec.num_classes), jnp.int32
@@ -133,27 +164,49 @@ class LF(Attack):
         coarse = jnp.zeros(self.coarse_shape(spec.image_shape), jnp.float32)
         opt_state = optimizer.init(coarse)
 
-        def loss_fn(coarse, x, y):
+        def loss_fn(coarse, variables, x, y):
             x = jnp.clip(to_unit_range(x) + self.expand(coarse, h, w), 0.0, 1.0)
             logits = model.apply(variables, normalize(x, spec), train=False)
             return cross_entropy(logits, y), jnp.mean(jnp.argmax(logits, -1) == y)
 
-        # The training set is an argument, not a closed-over constant that XLA would bake
-        # into the compiled program.
+        # The reference weights and the training set are arguments, not closed-over constants
+        # that XLA would bake into the compiled program; step i's key is fold_in(key, i).
         @jax.jit
-        def step(coarse, opt_state, key, images, targets):
-            rows = jax.random.randint(key, (self.batch_size,), 0, images.shape[0])
-            grads, hit = jax.grad(loss_fn, has_aux=True)(coarse, images[rows], targets[rows])
+        def step(coarse, opt_state, variables, key, i, images, targets):
+            rows = jax.random.randint(
+                jax.random.fold_in(key, i), (self.batch_size,), 0, images.shape[0]
+            )
+            grads, hit = jax.grad(loss_fn, has_aux=True)(
+                coarse, variables, images[rows], targets[rows]
+            )
             updates, opt_state = optimizer.update(grads, opt_state, coarse)
             coarse = jnp.clip(optax.apply_updates(coarse, updates), -self.eps, self.eps)
             return coarse, opt_state, hit
 
-        bar = tqdm(range(self.steps), disable=not context.progress, desc="lf pattern", unit="step")
-        for i in bar:
-            coarse, opt_state, hit = step(
-                coarse, opt_state, jax.random.fold_in(context.key, i), images, targets
-            )
-            if (i + 1) % 50 == 0:
-                bar.set_postfix(fooled=f"{float(hit):.3f}")
-        bar.close()
+        start = 0
+        if store is not None:
+            start, (coarse, opt_state) = store.restore((coarse, opt_state))
+        stop = self.steps if stop_after_steps is None else min(self.steps, stop_after_steps)
+        bar = tqdm(
+            total=self.steps,
+            initial=start,
+            disable=not context.progress,
+            desc="lf pattern",
+            unit="step",
+        )
+        try:
+            for i in range(start, stop):
+                coarse, opt_state, hit = step(
+                    coarse, opt_state, variables, context.key, np.int32(i), images, targets
+                )
+                bar.update(1)
+                done = i + 1
+                if done % 50 == 0:
+                    bar.set_postfix(fooled=f"{float(hit):.3f}")
+                if store is not None and store.due(done, stop):
+                    store.save(done, (coarse, opt_state), "the lf fit")
+        finally:
+            bar.close()
+            if store is not None:
+                store.close()
         return {"pattern": self.expand(coarse, h, w)}

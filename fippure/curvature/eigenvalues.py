@@ -254,6 +254,12 @@ def _power_step(matvec, vector):
 _power_step_jit = jax.jit(_power_step)
 
 
+@jax.jit
+def _norm_of_product(operator: Partial, vector: Any) -> Array:
+    """``||A v||`` in one compiled call (the operator is a pytree argument)."""
+    return tree_norm(operator(vector))
+
+
 def power_iteration(
     matvec: Operator,
     like: PyTree,
@@ -366,7 +372,7 @@ def largest_eigenvalue(
     first_key, shifted_key = jax.random.split(key)
     operator = _as_operator(matvec)
     first = power_iteration(operator, like, first_key, num_iters, tol, loop=loop)
-    radius = tree_norm(operator(first.eigenvector))
+    radius = _norm_of_product(operator, first.eigenvector)
     dominant = (first.eigenvalue > 0) & (first.eigenvalue >= 0.99 * radius)
     if is_concrete((dominant,)) and bool(dominant):
         return first._replace(num_iters=first.num_iters + 1)

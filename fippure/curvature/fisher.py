@@ -22,11 +22,12 @@ their meaning.
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from fippure.curvature.probes import map_probes, rademacher_like
@@ -143,6 +144,12 @@ def _leading_size(batch: Any) -> int:
     return size
 
 
+def as_partial(fn: Callable) -> Partial:
+    """``fn`` as a :class:`jax.tree_util.Partial`, a pytree that a jitted function can take as
+    an argument (a Partial's bound arrays are its leaves; anything else becomes one with none)."""
+    return fn if isinstance(fn, Partial) else Partial(fn)
+
+
 def _chunk_squared_gradients(per_example_loss_fn, params, batch, rows, valid):
     chunk = jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=0), batch)
 
@@ -175,7 +182,10 @@ def empirical_fisher_diagonal(
 
     Args:
         per_example_loss_fn: ``(params, batch) -> (n,)``. It is called on batches of one
-            example, so it must treat examples independently (BatchNorm in eval mode).
+            example, so it must treat examples independently (BatchNorm in eval mode). Arrays
+            it needs besides ``params`` and ``batch`` (frozen weights, batch statistics) are
+            best bound with :class:`jax.tree_util.Partial`: they then enter the compiled
+            function as arguments, where a closure would bake them in as constants.
         params: where the Fisher is taken.
         batch: a pytree whose leaves share a leading example axis ``n``.
         chunk_size: examples per vmapped chunk.
@@ -190,12 +200,14 @@ def empirical_fisher_diagonal(
         jax.eval_shape(per_example_loss_fn, params, batch), "empirical_fisher_diagonal"
     )
     chunk_size = min(chunk_size, n)
-    # compiled per call (once for all chunks), so no loss function outlives it in a jit cache
-    chunk_fn = jax.jit(functools.partial(_chunk_squared_gradients, per_example_loss_fn))
+    # compiled per call (once for all chunks), so no loss function outlives it in a jit cache;
+    # the loss function travels as a pytree argument, so a Partial's arrays are not constants
+    loss_fn = as_partial(per_example_loss_fn)
+    chunk_fn = jax.jit(_chunk_squared_gradients)
     total = None
     for start in range(0, n, chunk_size):
         index = start + jnp.arange(chunk_size)
         rows = jnp.minimum(index, n - 1)
-        part = chunk_fn(params, batch, rows, index < n)
+        part = chunk_fn(loss_fn, params, batch, rows, index < n)
         total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
     return jax.tree_util.tree_map(lambda x: x / n, total)

@@ -19,6 +19,8 @@ the clean set; the test split is not involved.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 import flax
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jaxtyping import PRNGKeyArray
 
+from fippure.data.catalog import DatasetSpec
 from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError
 from fippure.models.registry import Variables
@@ -72,24 +75,39 @@ def recompute_batch_stats(
     size = clean_batch_size(batch_size, clean_set)
     images, labels = device_clean_set(clean_set)
     spec = clean_set.spec
-    params = variables["params"]
+    try:
+        estimate = _mean_batch_statistics(model, spec, size, batches, augment)
+    except TypeError:  # an unhashable module: compiled for this call only
+        estimate = _mean_batch_statistics.__wrapped__(model, spec, size, batches, augment)
+    stats = estimate(variables["params"], stats0, images, labels, key)
+    return {**variables, "batch_stats": stats}
 
-    def updated(running, x):
+
+@functools.lru_cache(maxsize=32)
+def _mean_batch_statistics(
+    model: nn.Module, spec: DatasetSpec, size: int, batches: int, augment: bool
+) -> Callable:
+    """The jitted estimate ``(params, stats0, images, labels, key) -> mean batch statistics``.
+
+    The weights, statistics and clean set are arguments, so one compiled function serves every
+    call with the same shapes (a transfer's two estimates, repeated defenses)."""
+
+    def updated(params, running, x):
         return apply_model(model, params, running, x, train=True)[1]
 
     @jax.jit
-    def estimate(key):
+    def estimate(params, stats0, images, labels, key):
         keys = jax.random.split(key, batches)
         zeros = jax.tree_util.tree_map(jnp.zeros_like, stats0)
         ones = jax.tree_util.tree_map(jnp.ones_like, stats0)
         x0, _ = sample_clean_batch(keys[0], images, labels, size, spec, augment)
         # running' = m * running + (1 - m) * batch, so (from 1) - (from 0) = m per leaf.
-        scaled0 = updated(zeros, x0)
-        retain = jax.tree_util.tree_map(jnp.subtract, updated(ones, x0), scaled0)
+        scaled0 = updated(params, zeros, x0)
+        retain = jax.tree_util.tree_map(jnp.subtract, updated(params, ones, x0), scaled0)
 
         def add_batch(total, k):
             x, _ = sample_clean_batch(k, images, labels, size, spec, augment)
-            return jax.tree_util.tree_map(jnp.add, total, updated(zeros, x)), None
+            return jax.tree_util.tree_map(jnp.add, total, updated(params, zeros, x)), None
 
         total, _ = jax.lax.scan(add_batch, scaled0, keys[1:])
         return jax.tree_util.tree_map(
@@ -101,7 +119,7 @@ def recompute_batch_stats(
             stats0,
         )
 
-    return {**variables, "batch_stats": estimate(key)}
+    return estimate
 
 
 def transfer_batch_stats(

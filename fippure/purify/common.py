@@ -13,8 +13,9 @@ host only every ``log_every`` steps (to log the loss and stop on NaN). Given a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal, get_args
 
 import flax
@@ -255,9 +256,11 @@ def run_steps(
         if start:
             bar.update(start)
             bar.write(f"{desc}: resumed at step {start} of {steps} from {checkpointing.directory}")
+    # a private copy: a step may donate its carry, which must never be the caller's arrays
+    carry = _private_copy(carry)
     try:
-        for t in range(start, steps):
-            carry, metrics = step(carry, jax.random.fold_in(key, t))
+        for t, step_key in zip(range(start, steps), _step_keys(key, start, steps), strict=True):
+            carry, metrics = step(carry, step_key)
             bar.update(1)
             done = t + 1
             logged = t == 0 or done % log_every == 0 or done == steps
@@ -302,6 +305,23 @@ def run_steps(
             store.close()
     median = float(np.median(durations)) if durations else 0.0
     return carry, curve, median, observe_seconds, start
+
+
+def _private_copy(tree: Any) -> Any:
+    """``tree`` with every array leaf copied into a buffer of its own (other leaves kept)."""
+    return jax.tree_util.tree_map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, tree)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _folded_keys(key: PRNGKeyArray, first: int, count: int) -> jax.Array:
+    return jax.vmap(lambda t: jax.random.fold_in(key, t))(first + jnp.arange(count))
+
+
+def _step_keys(key: PRNGKeyArray, start: int, stop: int, chunk: int = 256) -> Iterator[jax.Array]:
+    """``fold_in(key, t)`` for ``t`` in ``[start, stop)``, made on the device a chunk at a time
+    (one dispatch per chunk instead of a host-to-device upload of ``t`` per step)."""
+    for first in range(start, stop, chunk):
+        yield from _folded_keys(key, first, min(chunk, stop - first))
 
 
 @jax.jit

@@ -4,7 +4,8 @@ guided Purification against Backdoor Attacks", ACM CCS 2024), SPEC section 3.
 Every conv/dense kernel, reshaped to ``(H*W*I, O)``, is factored once as
 ``W = U diag(s) V^T``; only one shift per singular value is trained,
 ``W(d) = U diag(relu(s + d)) V^T`` with ``d = 0`` initially (:mod:`fippure.optim.spectral`).
-``U, s, V`` stay frozen in a pytree of their own, and the jitted step evaluates the network at
+``U, s, V`` stay frozen in a pytree of their own (an argument of the jitted step, not a
+compiled-in constant), and the step evaluates the network at
 ``W(d)``: in factored form by default, or with the kernels rebuilt (see the cost below). The
 loss is FIP's, with the Fisher trace and the Fisher anchor taken with respect to
 ``d``. BatchNorm affine parameters and biases are frozen; BatchNorm statistics re-estimate on
@@ -103,14 +104,19 @@ def purify(
     if config.tune_bn_affine:
         tunable = {"shifts": tunable, "bn_affine": batchnorm_affine(variables)}
 
-    def to_params(t):
-        base = with_batchnorm_affine(params, t["bn_affine"]) if config.tune_bn_affine else params
-        return rebuild_params(base, factors, shifts_of(t))
+    # The factors and the original weights are frozen: arguments of the jitted functions.
+    frozen = {"factors": factors, "params": params}
 
-    def apply_factored(t, stats, x, train):
+    def to_params(t, frozen):
+        base = frozen["params"]
+        if config.tune_bn_affine:
+            base = with_batchnorm_affine(base, t["bn_affine"])
+        return rebuild_params(base, frozen["factors"], shifts_of(t))
+
+    def apply_factored(t, frozen, stats, x, train):
         # Layers that cannot run factored read their rebuilt kernels; jit drops the others.
-        with factored(factors, shifts_of(t)):
-            return apply_model(model, to_params(t), stats, x, train)
+        with factored(frozen["factors"], shifts_of(t)):
+            return apply_model(model, to_params(t, frozen), stats, x, train)
 
     shifts, stats, report = fisher_guided_purify(
         model,
@@ -121,6 +127,7 @@ def purify(
         tunable=tunable,
         to_params=to_params,
         apply_tunable=apply_factored if config.kernel_form == "factored" else None,
+        frozen=frozen,
         method="fast_fip",
         progress=progress,
         observer=observer,
@@ -130,7 +137,7 @@ def purify(
     report.artifacts["spectral_shifts"] = shifts_of(shifts)
     if config.tune_bn_affine:
         report.artifacts["batchnorm_affine"] = shifts["bn_affine"]
-    return as_variables(to_params(shifts), stats), report
+    return as_variables(to_params(shifts, frozen), stats), report
 
 
 def batchnorm_affine(variables: Variables) -> dict:

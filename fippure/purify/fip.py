@@ -30,6 +30,7 @@ The same objective over a different set of tunable scalars is Fast FIP
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -39,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.tree_util import Partial
 from jaxtyping import PRNGKeyArray
 
 from fippure.config_checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, REGEX, check_config
@@ -218,20 +220,24 @@ def fisher_guided_purify(
     key: PRNGKeyArray,
     *,
     tunable: Any,
-    to_params: Callable[[Any], Any],
+    to_params: Callable[[Any, Any], Any],
     apply_tunable: Callable[..., tuple[jax.Array, Any]] | None = None,
+    frozen: Any = None,
     method: str,
     progress: bool = True,
     observer: Observer | None = None,
     observe_every: int = 0,
     checkpointing: Checkpointing | None = None,
 ) -> tuple[Any, Any, PurifyReport]:
-    """Minimises FIP's objective over ``tunable`` with ``params = to_params(tunable)``.
+    """Minimises FIP's objective over ``tunable`` with ``params = to_params(tunable, frozen)``.
 
-    ``apply_tunable(tunable, batch_stats, inputs, train) -> (logits, batch_stats)`` evaluates
-    the network inside the jitted steps and for Fbar and TrF0 (default: ``model.apply`` with
-    ``to_params(tunable)``); Fast FIP passes its factored form. ``to_params`` alone builds the
-    returned, observed and checkpointed variables.
+    ``frozen`` is a pytree of arrays the parameters are built from but that are not trained
+    (Fast FIP's singular vectors and original weights; ``None`` for FIP). It reaches the jitted
+    functions as an argument, never as a compiled-in constant.
+    ``apply_tunable(tunable, frozen, batch_stats, inputs, train) -> (logits, batch_stats)``
+    evaluates the network inside the jitted steps and for Fbar and TrF0 (default:
+    ``model.apply`` with ``to_params(tunable, frozen)``); Fast FIP passes its factored form.
+    ``to_params`` alone builds the returned, observed and checkpointed variables.
 
     Returns:
         ``(tunable, batch_stats, report)`` after ``config.steps`` steps.
@@ -244,46 +250,38 @@ def fisher_guided_purify(
     stats0 = variables.get("batch_stats", {})
     if apply_tunable is None:
 
-        def apply_tunable(t, stats, x, train):
-            return apply_model(model, to_params(t), stats, x, train)
+        def apply_tunable(t, frozen, stats, x, train):
+            return apply_model(model, to_params(t, frozen), stats, x, train)
 
-    def logits_eval(t, stats, x):
-        return apply_tunable(t, stats, x, False)[0]
+    def logits_eval(t, frozen, stats, x):
+        return apply_tunable(t, frozen, stats, x, False)[0]
 
-    def logits_trace(t, stats, x):
-        return apply_tunable(t, stats, x, config.trace_bn_train)[0]
+    def logits_trace(t, frozen, stats, x):
+        return apply_tunable(t, frozen, stats, x, config.trace_bn_train)[0]
 
     # Fbar and TrF0: the original model on the un-augmented clean set, BN in eval mode (TrF0
     # in the penalty's BN mode with trace_calibration="penalty").
     inputs = normalize(to_unit_range(images), spec)
     tunable0 = tunable
 
-    def per_example_loss0(t, batch):
+    def per_example_loss0(frozen, stats, t, batch):
         x, y = batch
-        return optax.softmax_cross_entropy_with_integer_labels(logits_eval(t, stats0, x), y)
+        return optax.softmax_cross_entropy_with_integer_labels(logits_eval(t, frozen, stats, x), y)
 
     fisher_diag = empirical_fisher_diagonal(
-        per_example_loss0, tunable0, (inputs, labels), chunk_size=config.fisher_chunk
+        Partial(per_example_loss0, frozen, stats0),
+        tunable0,
+        (inputs, labels),
+        chunk_size=config.fisher_chunk,
     )
 
-    def logits_calibration(t, x):
+    def logits_calibration(frozen, stats, t, x):
         if config.trace_calibration == "penalty":
-            return logits_trace(t, stats0, x)
-        return logits_eval(t, stats0, x)
-
-    def per_example_calibration(t, batch):
-        x, y = batch
-        return optax.softmax_cross_entropy_with_integer_labels(logits_calibration(t, x), y)
+            return logits_trace(t, frozen, stats, x)
+        return logits_eval(t, frozen, stats, x)
 
     trace0 = _calibrate_trace(
-        per_example_calibration,
-        logits_calibration,
-        tunable0,
-        inputs,
-        labels,
-        batch_size,
-        config,
-        key,
+        logits_calibration, (frozen, stats0), tunable0, inputs, labels, batch_size, config, key
     )
     scale = 1.0 / trace0 if config.trace_scale == "relative" else 1.0
     strength = config.eta_F * scale
@@ -301,18 +299,21 @@ def fisher_guided_purify(
             ),
         )
 
-    # Fbar and theta0 enter the steps as arguments (like the clean set), not as constants
-    # baked into the compiled program.
+    averaging = config.average_last > 1
+    window_start = config.steps - config.average_last
+
+    # The carry is donated (updated in place); Fbar, theta0, the frozen arrays and the clean
+    # set enter as arguments, not as constants baked into the compiled program.
     def make_step(with_trace: bool):
-        @jax.jit
-        def step(carry, key, images, labels, fisher_diag, tunable0):
+        @functools.partial(jax.jit, donate_argnums=0)
+        def step(carry, key, images, labels, fisher_diag, tunable0, frozen):
             tx = make_tx(fisher_diag, tunable0)
-            t, stats, opt_state = carry
+            t, stats, opt_state, average, count = carry
             batch_key, trace_key = jax.random.split(key)
             x, y = sample_clean_batch(batch_key, images, labels, batch_size, spec, config.augment)
 
             def objective(t):
-                logits, new_stats = apply_tunable(t, stats, x, config.bn_train)
+                logits, new_stats = apply_tunable(t, frozen, stats, x, config.bn_train)
                 ce = cross_entropy(logits, y)
                 terms = {"ce": ce}
                 loss = ce
@@ -321,13 +322,13 @@ def fisher_guided_purify(
                     def per_example(t_, batch):
                         xb, yb = batch
                         return optax.softmax_cross_entropy_with_integer_labels(
-                            logits_trace(t_, stats, xb), yb
+                            logits_trace(t_, frozen, stats, xb), yb
                         )
 
                     trace = trace_term(
                         config.trace_variant,
                         per_example,
-                        lambda t_, xb: logits_trace(t_, stats, xb),
+                        lambda t_, xb: logits_trace(t_, frozen, stats, xb),
                         t,
                         (x, y),
                         trace_key,
@@ -355,42 +356,49 @@ def fisher_guided_purify(
             )
             updates, opt_state = tx.update(grads, opt_state, t)
             t = optax.apply_updates(t, updates)
-            return (t, new_stats, opt_state), {"loss": loss + anchor, "anchor": anchor, **terms}
+            if averaging:
+                # the Polyak tail average over steps window_start + 1 .. steps (count: the
+                # steps done before this one)
+                n = count + 1 - window_start
+                average = jax.tree_util.tree_map(
+                    lambda a, v: jnp.where(n >= 1, a + (v - a) / n.astype(v.dtype), a),
+                    average,
+                    t,
+                )
+            metrics = {"loss": loss + anchor, "anchor": anchor, **terms}
+            return (t, new_stats, opt_state, average, count + 1), metrics
 
         return step
 
+    arguments = (images, labels, fisher_diag, tunable0, frozen)
     with_trace, without_trace = make_step(True), make_step(False)
-
-    averaging = config.average_last > 1
-    window_start = config.steps - config.average_last
-
     # With trace_every > 1 most logged steps run without the trace term: their entries carry
     # the last trace computed (``trace``) and the step it was computed at (``trace_step``),
     # while ``loss`` stays the objective that step minimised.
     last_trace: dict[str, Any] = {}
 
     def step(carry, key):
-        t_index = carry[3]  # a host-side step counter: the trace term runs every k-th step
+        inner, t_index = carry  # a host-side step counter: the trace term runs every k-th step
         traced = t_index % config.trace_every == 0
         fn = with_trace if traced else without_trace
-        new, metrics = fn(carry[:3], key, images, labels, fisher_diag, tunable0)
+        inner, metrics = fn(inner, key, *arguments)
         if config.trace_every > 1 and config.eta_F > 0:
             if traced:
                 last_trace.update(trace=metrics["trace"], trace_step=t_index + 1)
             metrics = {**metrics, **last_trace}
-        average = carry[4]
-        if averaging and t_index >= window_start:
-            count = jnp.asarray(t_index - window_start + 1, jnp.float32)
-            average = _running_mean(average, new[0], count)
-        return (*new, t_index + 1, average), metrics
+        return (inner, t_index + 1), metrics
 
     def to_variables(carry):
-        return as_variables(to_params(carry[0]), carry[1])
+        return as_variables(to_params(carry[0][0], frozen), carry[0][1])
 
-    carry = (tunable0, stats0, make_tx(fisher_diag, tunable0).init(tunable0), 0, tunable0)
+    opt_state = make_tx(fisher_diag, tunable0).init(tunable0)
+    inner = (tunable0, stats0, opt_state, tunable0 if averaging else None, jnp.zeros((), jnp.int32))
+    if config.trace_every > 1:
+        # compiled ahead, so that the step times never include its compilation
+        without_trace = without_trace.lower(inner, key, *arguments).compile()
     carry, curve, step_time, observe_time, resumed = run_steps(
         step,
-        carry,
+        (inner, 0),
         steps=config.steps,
         key=key,
         desc=method.upper().replace("_", " "),
@@ -402,10 +410,12 @@ def fisher_guided_purify(
         checkpointing=checkpointing,
         fingerprint=lambda: run_fingerprint(method, config, variables, images, labels, key),
     )
-    tunable, stats = (carry[4] if averaging else carry[0]), carry[1]
-    stats = finalise_from_config(
-        config, model, variables, as_variables(to_params(tunable), stats), clean_set, key
-    ).get("batch_stats", stats)
+    inner = carry[0]
+    tunable, stats = (inner[3] if averaging else inner[0]), inner[1]
+    purified = as_variables(to_params(tunable, frozen), stats)
+    stats = finalise_from_config(config, model, variables, purified, clean_set, key).get(
+        "batch_stats", stats
+    )
     report = PurifyReport(
         method=method,
         config=config_dict(config),
@@ -415,7 +425,9 @@ def fisher_guided_purify(
         resumed_from_step=resumed,
         tunable_parameters=tree_size(tunable0),
         loss_curve=curve,
-        clean_accuracy=clean_accuracy(model, as_variables(to_params(tunable), stats), clean_set),
+        clean_accuracy=clean_accuracy(
+            model, as_variables(to_params(tunable, frozen), stats), clean_set
+        ),
         extra={
             "trace0": float(trace0),
             "penalty_strength": float(strength),
@@ -427,31 +439,31 @@ def fisher_guided_purify(
     return tunable, stats, report
 
 
-@jax.jit
-def _running_mean(average: Any, value: Any, count: jax.Array) -> Any:
-    """The mean of ``count`` trees given that of the first ``count - 1`` and the last one."""
-    return jax.tree_util.tree_map(lambda a, v: a + (v - a) / count, average, value)
-
-
-def _calibrate_trace(
-    per_example_loss, logits_fn, tunable, inputs, labels, batch_size, config, key
-) -> float:
+def _calibrate_trace(logits_fn, bound, tunable, inputs, labels, batch_size, config, key) -> float:
     """TrF0: the penalised trace at theta0 averaged over the clean set's full batches (a
-    trailing partial batch is left out), with many probes. The ``true`` variant is calibrated
-    with the true Fisher's trace (labels sampled from the model), which is smaller than the
-    empirical one on a trained model (1168 against 1590 on the zoo's WaNet model);
+    trailing partial batch is left out), with many probes. ``logits_fn(*bound, t, x)``; the
+    arrays in ``bound`` enter the compiled estimate as arguments. The ``true`` variant is
+    calibrated with the true Fisher's trace (labels sampled from the model), which is smaller
+    than the empirical one on a trained model (1168 against 1590 on the zoo's WaNet model);
     ``seed_code``'s term is zero in expectation, so it borrows the empirical trace."""
     variant = "true" if config.trace_variant == "true" else "empirical"
-    estimate = jax.jit(
-        lambda t, batch, k: trace_term(
-            variant, per_example_loss, logits_fn, t, batch, k, config.calibration_probes
-        )
-    )
+
+    @jax.jit
+    def estimate(bound, t, batch, k):
+        def logits(t_, x):
+            return logits_fn(*bound, t_, x)
+
+        def per_example_loss(t_, batch_):
+            x, y = batch_
+            return optax.softmax_cross_entropy_with_integer_labels(logits(t_, x), y)
+
+        return trace_term(variant, per_example_loss, logits, t, batch, k, config.calibration_probes)
+
     n = inputs.shape[0]
     values, weights = [], []
     for i, start in enumerate(range(0, n - batch_size + 1, batch_size)):
         batch = (inputs[start : start + batch_size], labels[start : start + batch_size])
-        values.append(float(estimate(tunable, batch, jax.random.fold_in(key, 10_000 + i))))
+        values.append(float(estimate(bound, tunable, batch, jax.random.fold_in(key, 10_000 + i))))
         weights.append(batch_size)
     trace0 = float(np.average(values, weights=weights))
     if not np.isfinite(trace0) or trace0 <= 0:
@@ -480,7 +492,7 @@ def purify(
         config,
         key,
         tunable=variables["params"],
-        to_params=lambda t: t,
+        to_params=lambda t, frozen: t,
         method="fip",
         progress=progress,
         observer=observer,

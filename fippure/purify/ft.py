@@ -12,6 +12,7 @@ BatchNorm runs in train mode, so its statistics re-estimate on D_v.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import flax.linen as nn
@@ -134,7 +135,8 @@ def purify(
     images, labels = device_clean_set(clean_set)
     spec = clean_set.spec
 
-    @jax.jit
+    # the carry is donated: updated in place (run_steps hands the step a private copy)
+    @functools.partial(jax.jit, donate_argnums=0)
     def step(carry, key, images, labels):
         params, stats, opt_state = carry
         x, y = sample_clean_batch(key, images, labels, batch_size, spec, config.augment)

@@ -24,6 +24,7 @@ the masks into ``gamma``; the masks themselves are in ``report.artifacts['masks'
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Literal
@@ -189,8 +190,9 @@ def purify(
     images, labels = device_clean_set(clean_set)
     spec = clean_set.spec
 
-    # The frozen weights and the clean set are arguments, not constants baked into the program.
-    @jax.jit
+    # The frozen weights and the clean set are arguments, not constants baked into the program;
+    # the carry is donated (run_steps hands the step a private copy).
+    @functools.partial(jax.jit, donate_argnums=0)
     def step(carry, key, images, labels, params):
         masks, stats, opt_state = carry
         batch_key, lam_key, partner_key = jax.random.split(key, 3)

@@ -38,6 +38,7 @@ lambda 1e-3, eta_r 1 (sweep alpha {0.01, 0.1}, lambda {1e-3, 1e-2}).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Literal
 
@@ -47,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
+from jax.tree_util import Partial
 from jaxtyping import PRNGKeyArray
 
 from fippure.config_checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, check_config
@@ -190,62 +192,80 @@ def purify(
     spec = clean_set.spec
     inputs = normalize(to_unit_range(images), spec)
 
-    def full_logits(layer, x):
-        return model.apply({**variables, "params": _set(params, path, layer)}, x, train=False)
-
+    # The frozen weights (cg) and Fbar enter the jitted functions as arguments, not as
+    # constants baked into the compiled programs.
     if solver == "dense":
         _, state = model.apply(variables, inputs, train=False, mutable=["intermediates"])
         features = state["intermediates"][FEATURES][0]
+        frozen = None
 
-        def logits_fn(layer, h):
+        def logits_fn(layer, frozen, h):
+            del frozen
             out = h @ layer["kernel"]
             return out + layer["bias"] if "bias" in layer else out
 
-        data = features
+        fisher_inputs, data = features, features
     else:
-        logits_fn, data = full_logits, inputs
+        frozen = variables
 
-    def per_example(layer, batch):
+        def logits_fn(layer, frozen, x):
+            return model.apply(
+                {**frozen, "params": _set(frozen["params"], path, layer)}, x, train=False
+            )
+
+        fisher_inputs, data = inputs, images  # the steps sample and augment uint8 images
+
+    def per_example(frozen, layer, batch):
         x, y = batch
-        return optax.softmax_cross_entropy_with_integer_labels(logits_fn(layer, x), y)
+        return optax.softmax_cross_entropy_with_integer_labels(logits_fn(layer, frozen, x), y)
 
-    fisher_diag = empirical_fisher_diagonal(per_example, layer0, (data, labels), chunk_size=50)
-    tx = optax.chain(
-        fisher_anchor(fisher_diag, layer0, config.eta_r),
-        natural_gradient(
-            config.damping,
-            solver,
-            refresh_every=config.refresh_every,
-            cg_maxiter=config.cg_maxiter,
-            diagonal=jax.tree_util.tree_map(lambda f: config.eta_r * f, fisher_diag)
-            if config.anchor_curvature
-            else None,
-        ),
-        optax.scale(-config.learning_rate),
+    fisher_diag = empirical_fisher_diagonal(
+        Partial(per_example, frozen), layer0, (fisher_inputs, labels), chunk_size=50
     )
 
-    @jax.jit
-    def step(carry, key, data, labels):
+    def make_tx(fisher_diag):
+        # the anchor's Fbar and theta0 live in its state (init); fisher_diag here feeds the
+        # natural gradient's diagonal, so the steps rebuild the chain from their argument
+        return optax.chain(
+            fisher_anchor(fisher_diag, layer0, config.eta_r),
+            natural_gradient(
+                config.damping,
+                solver,
+                refresh_every=config.refresh_every,
+                cg_maxiter=config.cg_maxiter,
+                diagonal=jax.tree_util.tree_map(lambda f: config.eta_r * f, fisher_diag)
+                if config.anchor_curvature
+                else None,
+            ),
+            optax.scale(-config.learning_rate),
+        )
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(carry, key, data, labels, fisher_diag, frozen):
         layer, opt_state = carry
+        tx = make_tx(fisher_diag)
         if solver == "dense":
             rows = jax.random.choice(key, labels.shape[0], (batch_size,), replace=False)
             x, y = data[rows], labels[rows]
         else:
-            x, y = sample_clean_batch(key, images, labels, batch_size, spec, config.augment)
+            x, y = sample_clean_batch(key, data, labels, batch_size, spec, config.augment)
+
+        def bound(layer, x):
+            return logits_fn(layer, frozen, x)
 
         def loss_fn(layer):
-            return cross_entropy(logits_fn(layer, x), y)
+            return cross_entropy(bound(layer, x), y)
 
         loss, grads = jax.value_and_grad(loss_fn)(layer)
         extras = (
-            {"features": data, "logits": logits_fn(layer, data)}
+            {"features": data, "logits": bound(layer, data)}
             if solver == "dense"
-            else {"fvp_fn": make_ggn_operator(logits_fn, layer, x)}
+            else {"fvp_fn": make_ggn_operator(bound, layer, x)}
         )
         updates, opt_state = tx.update(grads, opt_state, layer, **extras)
         metrics = {"loss": loss}
         if config.kl_clip:
-            fisher = make_ggn_operator(logits_fn, layer, data if solver == "dense" else x)
+            fisher = make_ggn_operator(bound, layer, data if solver == "dense" else x)
             kl = 0.5 * tree_dot(updates, fisher(updates))
             scale = jnp.minimum(1.0, jnp.sqrt(config.kl_clip / jnp.maximum(kl, 1e-30)))
             updates = jax.tree_util.tree_map(lambda u: u * scale, updates)
@@ -255,9 +275,9 @@ def purify(
     def to_variables(carry):
         return {**variables, "params": _set(params, path, carry[0])}
 
-    carry = (layer0, tx.init(layer0))
+    carry = (layer0, make_tx(fisher_diag).init(layer0))
     carry, curve, step_time, observe_time, resumed = run_steps(
-        lambda c, k: step(c, k, data, labels),
+        lambda c, k: step(c, k, data, labels, fisher_diag, frozen),
         carry,
         steps=config.steps,
         key=key,

@@ -15,20 +15,14 @@ a fingerprint of the run (defense, config, key, clean set, starting variables; s
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
-import pathlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import orbax.checkpoint as ocp
 
-from fippure.checkpoints import claim_run_directory
+from fippure.checkpoints import ProgressDirectory, array_digest
 from fippure.config_checks import AT_LEAST_ONE, check_config
-from fippure.errors import CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,80 +52,14 @@ def run_fingerprint(
         "method": method,
         "config": dataclasses.asdict(config),
         "key": jax.random.key_data(key),
-        "clean_set": _digest([images, labels]),
-        "variables": _digest(jax.tree_util.tree_leaves(variables)),
+        "clean_set": array_digest([images, labels]),
+        "variables": array_digest(jax.tree_util.tree_leaves(variables)),
     }
 
 
-def _digest(arrays) -> str:
-    digest = hashlib.sha1()
-    for array in arrays:
-        array = np.asarray(array)
-        digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
-
-
-class ProgressStore:
-    """The progress directory of one run: :meth:`restore` once, then :meth:`save`, then
-    :meth:`close`. ``fingerprint`` is called once, to stamp or check the directory."""
+class ProgressStore(ProgressDirectory):
+    """The progress directory of one defense run (:class:`Checkpointing`); ``fingerprint`` is
+    called once, to stamp or check the directory."""
 
     def __init__(self, checkpointing: Checkpointing, fingerprint: Callable[[], Mapping[str, Any]]):
-        self.directory = pathlib.Path(checkpointing.directory).resolve()
-        self.every = checkpointing.every
-        claim_run_directory(self.directory, fingerprint())
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, create=True, enable_async_checkpointing=False
-            ),
-        )
-
-    def restore(self, carry: Any) -> tuple[int, Any, list[dict[str, float]]]:
-        """``(steps done, carry, loss log)`` of the last save, or ``(0, carry, [])``.
-
-        ``carry`` is the run's initial carry: its structure, shapes and dtypes are the template.
-        Leaves that are Python scalars (host-side counters) come back as Python scalars.
-        """
-        step = self._manager.latest_step()
-        if step is None:
-            return 0, carry, []
-        leaves, treedef = jax.tree_util.tree_flatten(carry)
-        template = {_name(i): jnp.asarray(leaf) for i, leaf in enumerate(leaves)}
-        try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    carry=ocp.args.StandardRestore(template), log=ocp.args.JsonRestore()
-                ),
-            )
-        except Exception as error:  # orbax raises several types for a mismatching tree
-            raise CheckpointError(
-                f"cannot resume from {self.directory} (step {step}): "
-                f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
-            ) from None
-        values = [
-            type(leaf)(restored.carry[_name(i)].item())
-            if isinstance(leaf, int | float | bool)
-            else restored.carry[_name(i)]
-            for i, leaf in enumerate(leaves)
-        ]
-        return int(step), jax.tree_util.tree_unflatten(treedef, values), list(restored.log)
-
-    def save(self, step: int, carry: Any, log: list[dict[str, float]]) -> None:
-        leaves = jax.tree_util.tree_leaves(carry)
-        state = {_name(i): jnp.asarray(leaf) for i, leaf in enumerate(leaves)}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                carry=ocp.args.StandardSave(state), log=ocp.args.JsonSave(list(log))
-            ),
-        )
-
-    def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
-
-
-def _name(index: int) -> str:
-    return f"leaf_{index:05d}"
+        super().__init__(checkpointing.directory, fingerprint(), checkpointing.every)

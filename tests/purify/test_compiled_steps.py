@@ -1,0 +1,89 @@
+"""The defenses' compiled steps: weights, factors and statistics enter as arguments (never as
+constants baked into the program), and donating the carry never touches the caller's arrays."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from clean_sets import random_digits_clean_set
+
+from fippure.models import create_model, init_variables
+from fippure.purify import batch_stats, registry
+from fippure.purify.common import _step_keys, clean_batch_size
+
+#: Every defense, a few steps, on a model whose smallest weight array is well above the limit.
+SETTINGS = {
+    "fip": {"trace_every": 2, "average_last": 2, "final_batch_stats": "transfer"},
+    "fast_fip": {"trace_every": 2},
+    "nft": {"mask_pattern": r"^bn\d+$", "final_batch_stats": "recompute"},
+    "ngf": {},
+    "ngf_cg": {"solver": "cg", "layer": "conv2", "kl_clip": 0.1},
+    "ft": {"final_batch_stats": "transfer"},
+    "ft_sam": {},
+}
+LIMIT = 512  # bytes: more than the normalisation constants, less than any weight array
+
+
+@pytest.fixture(scope="module")
+def model_and_data():
+    clean = random_digits_clean_set(per_class=4)
+    model = create_model("small_cnn", 10, width=16)
+    variables = init_variables(model, jax.random.key(2), clean.spec.image_shape)
+    smallest = min(x.nbytes for x in jax.tree_util.tree_leaves(variables["params"]) if x.ndim > 1)
+    assert smallest > LIMIT
+    return model, variables, clean
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_defense_steps_capture_no_weights_and_keep_the_callers_arrays(model_and_data, name):
+    model, variables, clean = model_and_data
+    method = name.removesuffix("_cg")
+    config = registry.make_config(
+        method, {"steps": 4, "batch_size": 16, "log_every": 2, **SETTINGS[name]}
+    )
+    # device arrays, so that a donated buffer of the caller's would show as deleted
+    variables = jax.tree_util.tree_map(jnp.array, variables)
+    batch_stats._mean_batch_statistics.cache_clear()
+    previous = jax.config.jax_captured_constants_warn_bytes
+    jax.config.update("jax_captured_constants_warn_bytes", LIMIT)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*constants were captured")
+            purified, _ = registry.get_defense(method).purify(
+                model, variables, clean, config, jax.random.key(0), progress=False
+            )
+    finally:
+        jax.config.update("jax_captured_constants_warn_bytes", previous)
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(variables))
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(purified))
+
+
+def test_a_transfer_compiles_one_batch_statistics_estimate(model_and_data):
+    model, variables, clean = model_and_data
+    batch_stats._mean_batch_statistics.cache_clear()
+    moved = jax.tree_util.tree_map(lambda x: x * 1.01, variables["params"])
+    purified = {**variables, "params": moved}
+    batch_stats.transfer_batch_stats(model, variables, purified, clean, jax.random.key(0))
+    batch_stats.recompute_batch_stats(model, purified, clean, jax.random.key(1))
+    assert batch_stats._mean_batch_statistics.cache_info().currsize == 1
+    size = clean_batch_size(128, clean)
+    estimate = batch_stats._mean_batch_statistics(model, clean.spec, size, 20, True)
+    assert batch_stats._mean_batch_statistics.cache_info().currsize == 1
+    assert estimate._cache_size() == 1
+
+
+@pytest.mark.parametrize("start", [0, 7, 300])
+def test_step_keys_are_fold_in_of_the_step_index(start):
+    key = jax.random.key(5)
+    keys = list(_step_keys(key, start, 600, chunk=256))
+    assert len(keys) == 600 - start
+    for t in (start, start + 1, 255, 256, 599):
+        if t >= start:
+            np.testing.assert_array_equal(
+                jax.random.key_data(keys[t - start]),
+                jax.random.key_data(jax.random.fold_in(key, t)),
+            )
