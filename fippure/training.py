@@ -48,6 +48,7 @@ from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.losses import cross_entropy
 from fippure.models.registry import Variables
+from fippure.step_inputs import device_indices, sum_metrics
 
 #: ``(key, images in [0, 1], labels, example indices) -> (images, labels)``, traced in the step.
 BatchTransform = Callable[
@@ -326,8 +327,7 @@ def train(
     stop = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
     checkpoint_every = config.checkpoint_every or steps_per_epoch
     permutation = epoch_permutation(order_key, start // steps_per_epoch, n)
-    loss_sum = accuracy_sum = jnp.zeros(())
-    counted = 0
+    epoch_metrics: list[dict[str, Array]] = []  # kept on the device until the epoch ends
     step_seconds, timed_steps, last_mark = 0.0, 0, start
     bar = tqdm(
         total=total_steps,
@@ -339,13 +339,14 @@ def train(
         mininterval=2.0,
     )
     tick = time.perf_counter()
-    for step in range(start, stop):
-        epoch, index = divmod(step, steps_per_epoch)
-        if index == 0 and step != start:
+    # the batch of the epoch, made on the device ahead (no upload per step)
+    batch_indices = device_indices(start, stop, modulus=steps_per_epoch)
+    for step, index in zip(range(start, stop), batch_indices, strict=True):
+        epoch = step // steps_per_epoch
+        if step % steps_per_epoch == 0 and step != start:
             permutation = epoch_permutation(order_key, epoch, n)
         state, metrics = train_step(state, images, labels, permutation, index, step_key)
-        loss_sum, accuracy_sum = loss_sum + metrics["loss"], accuracy_sum + metrics["accuracy"]
-        counted += 1
+        epoch_metrics.append(metrics)
         bar.update(1)
         done = step + 1
         end_of_epoch = done % steps_per_epoch == 0
@@ -363,13 +364,13 @@ def train(
                 timed_steps += done - last_mark
             tick, last_mark = now, done
         if end_of_epoch:
+            totals = sum_metrics(epoch_metrics)
             entry = {
                 "epoch": done // steps_per_epoch,
-                "loss": float(loss_sum) / counted,
-                "train_accuracy": float(accuracy_sum) / counted,
+                "loss": float(totals["loss"]) / len(epoch_metrics),
+                "train_accuracy": float(totals["accuracy"]) / len(epoch_metrics),
             }
-            loss_sum = accuracy_sum = jnp.zeros(())
-            counted = 0
+            epoch_metrics = []
             last = done == total_steps
             if evaluate is not None and (entry["epoch"] % config.eval_every == 0 or last):
                 entry.update({k: float(v) for k, v in evaluate(state.variables()).items()})

@@ -35,6 +35,7 @@ from fippure.data.pipeline import batch_from_permutation, epoch_permutation, to_
 from fippure.data.sources import ImageDataset
 from fippure.errors import CheckpointError, InvalidInputError, NonFiniteLossError
 from fippure.losses import cross_entropy
+from fippure.step_inputs import device_indices, folded_keys, sum_metrics
 from fippure.training import TrainReport, TrainState
 
 #: ``(carry, images, labels, permutation, index, key) -> (carry, metrics)``; ``images`` and
@@ -137,21 +138,25 @@ def run_phases(
         desc=desc,
         mininterval=2.0,
     )
-    sums: dict[str, jax.Array] = {}
-    counted = 0
+    epoch_metrics: list[dict[str, jax.Array]] = []  # kept on the device until the epoch ends
     step_seconds, timed_steps, last_mark = 0.0, 0, start
     tick = time.perf_counter()
     permutation = None
-    for step in range(start, stop):
+    # the batch of the epoch and fold_in(step_key, step), made on the device ahead
+    per_step = zip(
+        range(start, stop),
+        device_indices(start, stop, modulus=steps_per_epoch),
+        folded_keys(step_key, start, stop),
+        strict=True,
+    )
+    for step, index, key in per_step:
         phase_index = int(np.searchsorted(bounds, step, side="right")) - 1
         phase = phases[phase_index]
-        epoch, index = divmod(step, steps_per_epoch)
-        if index == 0 or permutation is None:
+        epoch = step // steps_per_epoch
+        if step % steps_per_epoch == 0 or permutation is None:
             permutation = epoch_permutation(order_key, epoch, n)
-        key = jax.random.fold_in(step_key, step)
         carry, metrics = phase.step(carry, images, labels, permutation, index, key)
-        sums = {k: sums.get(k, 0.0) + v for k, v in metrics.items()}
-        counted += 1
+        epoch_metrics.append(metrics)
         bar.update(1)
         done = step + 1
         end_of_epoch = done % steps_per_epoch == 0
@@ -170,8 +175,9 @@ def run_phases(
             tick, last_mark = now, done
         if end_of_epoch:
             entry: dict[str, Any] = {"epoch": done // steps_per_epoch, "phase": phase.name}
-            entry.update({k: float(v) / counted for k, v in sums.items()})
-            sums, counted = {}, 0
+            totals = sum_metrics(epoch_metrics)
+            entry.update({k: float(v) / len(epoch_metrics) for k, v in totals.items()})
+            epoch_metrics = []
             if phase.trains_classifier:
                 previous = sum(p.epochs for p in phases[:phase_index] if p.trains_classifier)
                 classifier_epoch = previous + (done - int(bounds[phase_index])) // steps_per_epoch

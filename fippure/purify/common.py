@@ -13,9 +13,8 @@ host only every ``log_every`` steps (to log the loss and stop on NaN). Given a
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, get_args
 
 import flax
@@ -36,6 +35,7 @@ from fippure.data.splits import check_clean_set
 from fippure.errors import CheckpointError, InvalidInputError, NonFiniteLossError
 from fippure.models.registry import Variables
 from fippure.purify.resume import Checkpointing, ProgressStore
+from fippure.step_inputs import folded_keys
 
 #: Learning-rate schedules of the SGD-based defenses.
 Schedule = Literal["cosine", "constant"]
@@ -186,7 +186,8 @@ def clean_batch_size(requested: int, clean_set: ImageDataset) -> int:
 
 #: ``observer(steps_done, variables)``: called by a defense every ``observe_every`` steps (before
 #: the last, whose variables the defense returns) with the model's current variables. For
-#: benchmarks that chart test metrics along a run; a defense ignores whatever it returns.
+#: benchmarks that chart test metrics along a run; a defense ignores whatever it returns. The
+#: variables are the observer's own copy, so it may keep them.
 Observer = Callable[[int, Variables], None]
 
 
@@ -205,7 +206,12 @@ def run_steps(
     checkpointing: Checkpointing | None = None,
     fingerprint: Callable[[], Mapping[str, Any]] | None = None,
 ) -> tuple[Any, list[dict[str, float]], float, float, int]:
-    """Runs ``carry, metrics = step(carry, key_t)`` for ``steps`` steps.
+    """Runs ``carry, metrics = step(carry, key_t)`` for ``steps`` steps, ``key_t`` being
+    ``fold_in(key, t)``.
+
+    ``step`` may donate its carry (``jax.jit(..., donate_argnums=0)``, updating it in place):
+    the loop starts from a copy of ``carry``, so the caller's arrays are never donated, and the
+    observer gets copies.
 
     ``metrics`` must hold a scalar ``loss``. Metrics are fetched to the host only every
     ``log_every`` steps and at the end, where a non-finite loss raises
@@ -259,7 +265,7 @@ def run_steps(
     # a private copy: a step may donate its carry, which must never be the caller's arrays
     carry = _private_copy(carry)
     try:
-        for t, step_key in zip(range(start, steps), _step_keys(key, start, steps), strict=True):
+        for t, step_key in zip(range(start, steps), folded_keys(key, start, steps), strict=True):
             carry, metrics = step(carry, step_key)
             bar.update(1)
             done = t + 1
@@ -281,7 +287,8 @@ def run_steps(
                 tick, mark = now, done
             if observing and done % observe_every == 0 and done < steps:
                 begin = time.perf_counter()
-                observer(done, to_variables(carry))
+                # a copy: the next step donates the carry's buffers
+                observer(done, _private_copy(to_variables(carry)))
                 spent = time.perf_counter() - begin
                 observe_seconds += spent
                 tick += spent
@@ -310,18 +317,6 @@ def run_steps(
 def _private_copy(tree: Any) -> Any:
     """``tree`` with every array leaf copied into a buffer of its own (other leaves kept)."""
     return jax.tree_util.tree_map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, tree)
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def _folded_keys(key: PRNGKeyArray, first: int, count: int) -> jax.Array:
-    return jax.vmap(lambda t: jax.random.fold_in(key, t))(first + jnp.arange(count))
-
-
-def _step_keys(key: PRNGKeyArray, start: int, stop: int, chunk: int = 256) -> Iterator[jax.Array]:
-    """``fold_in(key, t)`` for ``t`` in ``[start, stop)``, made on the device a chunk at a time
-    (one dispatch per chunk instead of a host-to-device upload of ``t`` per step)."""
-    for first in range(start, stop, chunk):
-        yield from _folded_keys(key, first, min(chunk, stop - first))
 
 
 @jax.jit

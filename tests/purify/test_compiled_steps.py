@@ -13,7 +13,7 @@ from clean_sets import random_digits_clean_set
 
 from fippure.models import create_model, init_variables
 from fippure.purify import batch_stats, registry
-from fippure.purify.common import _step_keys, clean_batch_size
+from fippure.purify.common import clean_batch_size
 
 #: Every defense, a few steps, on a model whose smallest weight array is well above the limit.
 SETTINGS = {
@@ -74,16 +74,3 @@ def test_a_transfer_compiles_one_batch_statistics_estimate(model_and_data):
     estimate = batch_stats._mean_batch_statistics(model, clean.spec, size, 20, True)
     assert batch_stats._mean_batch_statistics.cache_info().currsize == 1
     assert estimate._cache_size() == 1
-
-
-@pytest.mark.parametrize("start", [0, 7, 300])
-def test_step_keys_are_fold_in_of_the_step_index(start):
-    key = jax.random.key(5)
-    keys = list(_step_keys(key, start, 600, chunk=256))
-    assert len(keys) == 600 - start
-    for t in (start, start + 1, 255, 256, 599):
-        if t >= start:
-            np.testing.assert_array_equal(
-                jax.random.key_data(keys[t - start]),
-                jax.random.key_data(jax.random.fold_in(key, t)),
-            )

@@ -1,0 +1,53 @@
+"""Per-step inputs of the Python step loops, made on the device a chunk of steps at a time.
+
+A loop that hands its jitted step the step index (a Python int) or ``fold_in(key, t)`` makes a
+host-to-device upload, and for the key an extra dispatch, at every step. Here each chunk of
+indices or keys is made in one compiled call and then handed out one by one (unstacking a
+device array transfers nothing). The values are those of the per-step calls, bit for bit, so
+the loops stay reproducible from their seed and resumable at any step.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, PRNGKeyArray
+
+#: Steps per compiled chunk.
+CHUNK = 256
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _indices(first: int, count: int, modulus: int | None) -> Array:
+    steps = first + jnp.arange(count, dtype=jnp.int32)
+    return steps if modulus is None else steps % modulus
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _folded(key: PRNGKeyArray, first: int, count: int) -> Array:
+    return jax.vmap(lambda t: jax.random.fold_in(key, t))(first + jnp.arange(count))
+
+
+def device_indices(
+    start: int, stop: int, modulus: int | None = None, chunk: int = CHUNK
+) -> Iterator[Array]:
+    """The step indices ``t = start, ..., stop - 1`` (or ``t % modulus``, e.g. the batch of
+    the epoch) as int32 device scalars."""
+    for first in range(start, stop, chunk):
+        yield from _indices(first, min(chunk, stop - first), modulus)
+
+
+def folded_keys(key: PRNGKeyArray, start: int, stop: int, chunk: int = CHUNK) -> Iterator[Array]:
+    """``jax.random.fold_in(key, t)`` for ``t = start, ..., stop - 1``."""
+    for first in range(start, stop, chunk):
+        yield from _folded(key, first, min(chunk, stop - first))
+
+
+@jax.jit
+def sum_metrics(entries: Sequence[Mapping[str, Array]]) -> dict[str, Array]:
+    """The per-key sums of a list of metric dicts (one compiled call per list length), so a
+    loop can keep each step's metrics on the device and total them once per epoch."""
+    return {k: sum(entry[k] for entry in entries) for k in entries[0]}
