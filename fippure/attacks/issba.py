@@ -42,6 +42,7 @@ from fippure.config_checks import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE
 from fippure.data.pipeline import to_unit_range
 from fippure.errors import InvalidInputError
 from fippure.models.generators import StegaDecoder, StegaEncoder
+from fippure.step_inputs import device_indices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,10 +201,8 @@ class ISSBA(Attack):
             mininterval=2.0,
         )
         try:
-            for i in range(start, stop):
-                params, opt_state, loss, accuracy = step(
-                    params, opt_state, key, np.int32(i), images
-                )
+            for i, index in zip(range(start, stop), device_indices(start, stop), strict=True):
+                params, opt_state, loss, accuracy = step(params, opt_state, key, index, images)
                 bar.update(1)
                 done = i + 1
                 saving = store is not None and store.due(done, stop)

@@ -36,6 +36,7 @@ from fippure.config_checks import AT_LEAST_ONE, POSITIVE, UNIT_POSITIVE
 from fippure.data.pipeline import normalize, to_unit_range
 from fippure.errors import InvalidInputError
 from fippure.losses import cross_entropy
+from fippure.step_inputs import device_indices
 
 
 def _cubic_bspline(u: np.ndarray) -> np.ndarray:
@@ -195,9 +196,9 @@ class LF(Attack):
             unit="step",
         )
         try:
-            for i in range(start, stop):
+            for i, index in zip(range(start, stop), device_indices(start, stop), strict=True):
                 coarse, opt_state, hit = step(
-                    coarse, opt_state, variables, context.key, np.int32(i), images, targets
+                    coarse, opt_state, variables, context.key, index, images, targets
                 )
                 bar.update(1)
                 done = i + 1
