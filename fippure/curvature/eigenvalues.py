@@ -46,6 +46,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from fippure.curvature.probes import rademacher_like, tree_dot, tree_norm
 from fippure.curvature.products import Operator
 from fippure.errors import InvalidInputError, is_concrete, require
+from fippure.step_inputs import device_indices
 
 PyTree = Any
 Loop = Literal["python", "fori"]
@@ -185,10 +186,13 @@ def lanczos(
     if loop == "fori":
         state = _lanczos_fori(operator, restart_key, state, unravel=unravel)
     elif loop == "python":
-        concrete = is_concrete((operator, restart_key, state))
-        step = _lanczos_step_donating if concrete else _lanczos_step_jit
-        for i in range(num_iters):
-            state = step(operator, restart_key, state, i, unravel=unravel)
+        if is_concrete((operator, restart_key, state)):
+            # the indices are made on the device ahead (no upload per iteration)
+            for i in device_indices(0, num_iters):
+                state = _lanczos_step_donating(operator, restart_key, state, i, unravel=unravel)
+        else:
+            for i in range(num_iters):
+                state = _lanczos_step_jit(operator, restart_key, state, i, unravel=unravel)
     else:
         raise InvalidInputError(f"unknown loop {loop!r}; use 'python' or 'fori'")
     return Tridiagonal(state.alphas, state.betas[:-1])
@@ -251,7 +255,14 @@ def _power_step(matvec, vector):
     return eigenvalue, jax.tree_util.tree_map(lambda x: x / norm, product)
 
 
-_power_step_jit = jax.jit(_power_step)
+def _power_step_with_change(matvec, vector, previous):
+    """A power step and the Rayleigh quotient's relative change from ``previous``."""
+    eigenvalue, following = _power_step(matvec, vector)
+    change = jnp.abs(eigenvalue - previous) / jnp.maximum(jnp.abs(eigenvalue), 1e-30)
+    return eigenvalue, following, change
+
+
+_power_step_jit = jax.jit(_power_step_with_change)
 
 
 @jax.jit
@@ -299,13 +310,13 @@ def power_iteration(
         return _power_fori(operator, start, num_iters, tol)
     if loop != "python":
         raise InvalidInputError(f"unknown loop {loop!r}; use 'python' or 'fori'")
-    eigenvalue, change, count = jnp.zeros(()), jnp.inf, 0
+    # the first quotient's "previous" value, in the vectors' dtype (one compilation)
+    eigenvalue = jnp.zeros((), jnp.result_type(*jax.tree_util.tree_leaves(start)))
+    change, count = jnp.inf, 0
     vector = following = start
     for count in range(1, num_iters + 1):  # noqa: B007 (count is used after the loop)
         vector = following
-        new_value, following = _power_step_jit(operator, vector)
-        change = jnp.abs(new_value - eigenvalue) / jnp.maximum(jnp.abs(new_value), 1e-30)
-        eigenvalue = new_value
+        eigenvalue, following, change = _power_step_jit(operator, vector, eigenvalue)
         if not isinstance(change, jax.core.Tracer) and float(change) < tol:
             break  # under an outer jit the stopping test is skipped (num_iters products)
     return PowerIterationResult(eigenvalue, vector, jnp.asarray(count), jnp.asarray(change))
