@@ -5,10 +5,16 @@ host-to-device upload, and for the key an extra dispatch, at every step. Here ea
 indices or keys is made in one compiled call and then handed out one by one (unstacking a
 device array transfers nothing). The values are those of the per-step calls, bit for bit, so
 the loops stay reproducible from their seed and resumable at any step.
+
+:func:`guard_step_transfers` checks that claim: within it, each loop calls its compiled step
+under ``jax.transfer_guard``, so a step that would upload a host value or fetch a result
+implicitly fails (or is logged) instead of silently syncing the device every step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -16,8 +22,46 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray
 
+from fippure.errors import InvalidInputError
+
 #: Steps per compiled chunk.
 CHUNK = 256
+
+#: The levels of ``jax.transfer_guard``.
+GUARD_LEVELS = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
+
+_step_guard_level: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "fippure_step_guard_level", default=None
+)
+
+
+@contextlib.contextmanager
+def guard_step_transfers(level: str = "disallow") -> Iterator[None]:
+    """Within this context, fippure's step loops (defenses, training, joint attack training,
+    attack fits, CLB's PGD, Lanczos) call each compiled step under ``jax.transfer_guard(level)``.
+
+    With ``"disallow"``, a step handed a Python number or a NumPy array, or one that pulls a
+    result back implicitly, raises; ``"log"`` only reports it. The bookkeeping between steps
+    (a loss fetched every log interval, a chunk of step indices, a checkpoint) stays outside
+    the guard. On the CPU, JAX guards only host-to-device transfers (its results already live
+    in host memory); on a GPU or TPU both directions are guarded.
+    """
+    if level not in GUARD_LEVELS:
+        raise InvalidInputError(
+            f"unknown transfer-guard level {level!r}; use one of {GUARD_LEVELS}"
+        )
+    token = _step_guard_level.set(level)
+    try:
+        yield
+    finally:
+        _step_guard_level.reset(token)
+
+
+def step_guard() -> contextlib.AbstractContextManager:
+    """The context a step loop calls one compiled step in: the level set by
+    :func:`guard_step_transfers`, or no guard."""
+    level = _step_guard_level.get()
+    return contextlib.nullcontext() if level is None else jax.transfer_guard(level)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

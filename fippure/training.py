@@ -48,7 +48,7 @@ from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.losses import cross_entropy
 from fippure.models.registry import Variables
-from fippure.step_inputs import device_indices, sum_metrics
+from fippure.step_inputs import device_indices, step_guard, sum_metrics
 
 #: ``(key, images in [0, 1], labels, example indices) -> (images, labels)``, traced in the step.
 BatchTransform = Callable[
@@ -345,7 +345,8 @@ def train(
         epoch = step // steps_per_epoch
         if step % steps_per_epoch == 0 and step != start:
             permutation = epoch_permutation(order_key, epoch, n)
-        state, metrics = train_step(state, images, labels, permutation, index, step_key)
+        with step_guard():
+            state, metrics = train_step(state, images, labels, permutation, index, step_key)
         epoch_metrics.append(metrics)
         bar.update(1)
         done = step + 1

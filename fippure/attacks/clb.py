@@ -45,6 +45,7 @@ from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError
 from fippure.losses import cross_entropy
 from fippure.models.registry import Variables
+from fippure.step_inputs import step_guard
 
 #: The corner pattern of the top-left corner (1 = white); the other corners mirror it, so
 #: the trigger is symmetric about both image axes.
@@ -150,6 +151,7 @@ class CLB(Attack):
             raise InvalidInputError("clb needs a clean reference model (--reference)")
         model, variables = context.reference
         variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+        variables = jax.device_put(variables)  # once, not with every batch
         spec = context.spec
         store = open_progress(self, state, context, workdir, checkpoint_every)
         pgd = jax.jit(self._pgd_fn(model, spec))
@@ -180,7 +182,9 @@ class CLB(Attack):
                     # is independent of the others: the reference runs in eval mode)
                     rows = np.concatenate([rows, np.repeat(rows[-1:], self.pgd_batch_size - count)])
                 images, labels = context.train.images[rows], context.train.labels[rows]
-                adversarial = pgd(variables, jnp.asarray(images), jnp.asarray(labels))
+                uploaded = jax.device_put((images, labels))  # the batch's one upload
+                with step_guard():
+                    adversarial = pgd(variables, *uploaded)
                 out[first : first + count] = self._quantise(
                     images[:count], np.asarray(adversarial)[:count]
                 )

@@ -42,7 +42,7 @@ from fippure.config_checks import AT_LEAST_ONE, FRACTION, NON_NEGATIVE, POSITIVE
 from fippure.data.pipeline import to_unit_range
 from fippure.errors import InvalidInputError
 from fippure.models.generators import StegaDecoder, StegaEncoder
-from fippure.step_inputs import device_indices
+from fippure.step_inputs import device_indices, step_guard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +202,8 @@ class ISSBA(Attack):
         )
         try:
             for i, index in zip(range(start, stop), device_indices(start, stop), strict=True):
-                params, opt_state, loss, accuracy = step(params, opt_state, key, index, images)
+                with step_guard():
+                    params, opt_state, loss, accuracy = step(params, opt_state, key, index, images)
                 bar.update(1)
                 done = i + 1
                 saving = store is not None and store.due(done, stop)

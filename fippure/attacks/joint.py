@@ -35,7 +35,7 @@ from fippure.data.pipeline import batch_from_permutation, epoch_permutation, to_
 from fippure.data.sources import ImageDataset
 from fippure.errors import CheckpointError, InvalidInputError, NonFiniteLossError
 from fippure.losses import cross_entropy
-from fippure.step_inputs import device_indices, folded_keys, sum_metrics
+from fippure.step_inputs import device_indices, folded_keys, step_guard, sum_metrics
 from fippure.training import TrainReport, TrainState
 
 #: ``(carry, images, labels, permutation, index, key) -> (carry, metrics)``; ``images`` and
@@ -155,7 +155,8 @@ def run_phases(
         epoch = step // steps_per_epoch
         if step % steps_per_epoch == 0 or permutation is None:
             permutation = epoch_permutation(order_key, epoch, n)
-        carry, metrics = phase.step(carry, images, labels, permutation, index, key)
+        with step_guard():
+            carry, metrics = phase.step(carry, images, labels, permutation, index, key)
         epoch_metrics.append(metrics)
         bar.update(1)
         done = step + 1

@@ -36,7 +36,7 @@ from fippure.config_checks import AT_LEAST_ONE, POSITIVE, UNIT_POSITIVE
 from fippure.data.pipeline import normalize, to_unit_range
 from fippure.errors import InvalidInputError
 from fippure.losses import cross_entropy
-from fippure.step_inputs import device_indices
+from fippure.step_inputs import device_indices, step_guard
 
 
 def _cubic_bspline(u: np.ndarray) -> np.ndarray:
@@ -197,9 +197,10 @@ class LF(Attack):
         )
         try:
             for i, index in zip(range(start, stop), device_indices(start, stop), strict=True):
-                coarse, opt_state, hit = step(
-                    coarse, opt_state, variables, context.key, index, images, targets
-                )
+                with step_guard():
+                    coarse, opt_state, hit = step(
+                        coarse, opt_state, variables, context.key, index, images, targets
+                    )
                 bar.update(1)
                 done = i + 1
                 if done % 50 == 0:

@@ -46,7 +46,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from fippure.curvature.probes import rademacher_like, tree_dot, tree_norm
 from fippure.curvature.products import Operator
 from fippure.errors import InvalidInputError, is_concrete, require
-from fippure.step_inputs import device_indices
+from fippure.step_inputs import device_indices, step_guard
 
 PyTree = Any
 Loop = Literal["python", "fori"]
@@ -189,7 +189,8 @@ def lanczos(
         if is_concrete((operator, restart_key, state)):
             # the indices are made on the device ahead (no upload per iteration)
             for i in device_indices(0, num_iters):
-                state = _lanczos_step_donating(operator, restart_key, state, i, unravel=unravel)
+                with step_guard():
+                    state = _lanczos_step_donating(operator, restart_key, state, i, unravel=unravel)
         else:
             for i in range(num_iters):
                 state = _lanczos_step_jit(operator, restart_key, state, i, unravel=unravel)
@@ -316,7 +317,8 @@ def power_iteration(
     vector = following = start
     for count in range(1, num_iters + 1):  # noqa: B007 (count is used after the loop)
         vector = following
-        eigenvalue, following, change = _power_step_jit(operator, vector, eigenvalue)
+        with step_guard():
+            eigenvalue, following, change = _power_step_jit(operator, vector, eigenvalue)
         if not isinstance(change, jax.core.Tracer) and float(change) < tol:
             break  # under an outer jit the stopping test is skipped (num_iters products)
     return PowerIterationResult(eigenvalue, vector, jnp.asarray(count), jnp.asarray(change))

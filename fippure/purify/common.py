@@ -35,7 +35,7 @@ from fippure.data.splits import check_clean_set
 from fippure.errors import CheckpointError, InvalidInputError, NonFiniteLossError
 from fippure.models.registry import Variables
 from fippure.purify.resume import Checkpointing, ProgressStore
-from fippure.step_inputs import folded_keys
+from fippure.step_inputs import folded_keys, step_guard
 
 #: Learning-rate schedules of the SGD-based defenses.
 Schedule = Literal["cosine", "constant"]
@@ -266,7 +266,8 @@ def run_steps(
     carry = _private_copy(carry)
     try:
         for t, step_key in zip(range(start, steps), folded_keys(key, start, steps), strict=True):
-            carry, metrics = step(carry, step_key)
+            with step_guard():
+                carry, metrics = step(carry, step_key)
             bar.update(1)
             done = t + 1
             logged = t == 0 or done % log_every == 0 or done == steps

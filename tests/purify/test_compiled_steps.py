@@ -1,5 +1,6 @@
 """The defenses' compiled steps: weights, factors and statistics enter as arguments (never as
-constants baked into the program), and donating the carry never touches the caller's arrays."""
+constants baked into the program), every step input is already on the device (no upload per
+step), and donating the carry never touches the caller's arrays."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from clean_sets import random_digits_clean_set
 from fippure.models import create_model, init_variables
 from fippure.purify import batch_stats, registry
 from fippure.purify.common import clean_batch_size
+from fippure.step_inputs import guard_step_transfers
 
 #: Every defense, a few steps, on a model whose smallest weight array is well above the limit.
 SETTINGS = {
@@ -39,7 +41,7 @@ def model_and_data():
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
-def test_defense_steps_capture_no_weights_and_keep_the_callers_arrays(model_and_data, name):
+def test_defense_steps_capture_no_weights_upload_nothing_and_keep_the_callers_arrays(model_and_data, name):
     model, variables, clean = model_and_data
     method = name.removesuffix("_cg")
     config = registry.make_config(
@@ -51,7 +53,7 @@ def test_defense_steps_capture_no_weights_and_keep_the_callers_arrays(model_and_
     previous = jax.config.jax_captured_constants_warn_bytes
     jax.config.update("jax_captured_constants_warn_bytes", LIMIT)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), guard_step_transfers("disallow"):
             warnings.filterwarnings("error", message=".*constants were captured")
             purified, _ = registry.get_defense(method).purify(
                 model, variables, clean, config, jax.random.key(0), progress=False
