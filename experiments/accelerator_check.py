@@ -258,6 +258,7 @@ def report_markdown(results: dict) -> str:
             lines += [f"Failed: {json.dumps(memory)[:1500]}", ""]
     for name in results.get("skipped", []):
         lines.append(f"- `{name}`: skipped, not enough of the time budget left.")
+    lines += results.get("notes", [])
     lines += [
         "",
         f"Measured by `{meta['command']}` on {meta['machine']}, {meta['date']}, from a copy of "
@@ -273,7 +274,10 @@ def run(args) -> None:
 
     started = time.perf_counter()
     print(f"jax {jax.__version__} on {jax.devices()}", flush=True)
-    results = {"provenance": provenance(), "revision": args.revision, "skipped": []}
+    meta = provenance()
+    if args.revision != "unknown":  # the copied tree's own git metadata may be stale
+        meta["git_revision"] = args.revision
+    results = {"provenance": meta, "revision": args.revision, "skipped": []}
     out = pathlib.Path(args.out)
     checks = {
         "speed_w16": lambda: check_speed(args, 16),

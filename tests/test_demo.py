@@ -10,8 +10,9 @@ from fippure.data import sources
 
 
 def test_demo_on_digits_attacks_then_purifies(tmp_path, capsys, optimized_compilation):
-    """Compiled as the command line compiles it. The outcome depends on float rounding: ASR
-    after FIP was 0.003 here and 0.14 with XLA's optimisations off, so the bound is loose."""
+    """Compiled as the command line compiles it. On 144 clean images the outcome moves with
+    float rounding and the seed (ASR 0.00-0.19 and ACC drops of 0.6-4.7 points over seeds
+    0-5), so the bounds are loose."""
     code = cli.main(["demo", "--dataset", "digits", "--out", str(tmp_path), "--no-progress"])
     assert code == 0
     assert "FIP on badnets (digits, " in capsys.readouterr().out

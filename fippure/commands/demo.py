@@ -30,15 +30,21 @@ CIFAR_FIP = {
     "trace_probes": "4",
     "final_batch_stats": "transfer",
 }
-#: Digits: a small CNN on 144 clean images.
+#: Digits: a small CNN on 144 clean images. FIP with the trace in BN train mode and the
+#: original BatchNorm statistics transferred (the CIFAR setting's choices) at eta_F 3: over
+#: seeds 0-5 it cost 0.6-4.7 points of ACC and left ASR at 0.00-0.19 (seed 0: 0.958 / 0.187).
+#: The setting before it (eta_F 1, recomputed statistics) cost 7-38 points of ACC on those
+#: seeds; without the transfer, eta_F 1 kept ACC within 1.4 points but left ASR at 0.07-0.27.
 DIGITS_ATTACK = {"epochs": 12, "batch_size": 64, "learning_rate": 0.05}
 DIGITS_FIP = {
     "steps": "300",
     "batch_size": "64",
     "learning_rate": "0.01",
-    "eta_F": "1",
+    "eta_F": "3",
     "eta_r": "1",
     "max_grad_norm": "10",
+    "trace_bn_train": "true",
+    "final_batch_stats": "transfer",
 }
 
 

@@ -41,7 +41,9 @@ def model_and_data():
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
-def test_defense_steps_capture_no_weights_upload_nothing_and_keep_the_callers_arrays(model_and_data, name):
+def test_defense_steps_capture_no_weights_upload_nothing_and_keep_the_callers_arrays(
+    model_and_data, name
+):
     model, variables, clean = model_and_data
     method = name.removesuffix("_cg")
     config = registry.make_config(
