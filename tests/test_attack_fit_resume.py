@@ -12,17 +12,14 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+from attack_fits import CLB, ISSBA, LF, poisoned_context, untrained_reference
 
-from fippure.attacks import AttackContext, make_attack, make_poison_plan
+from fippure.attacks import make_attack
 from fippure.attacks.fit_checkpoints import FitProgress
 from fippure.data.sources import load_dataset
 from fippure.errors import CheckpointError
-from fippure.models.registry import create_model, init_variables
+from fippure.models.registry import init_variables
 from fippure.recipes import _fitted_attack_state
-
-ISSBA = {"num_bits": 8, "fit_steps": 30, "fit_batch_size": 16, "encoder_width": 4}
-LF = {"eps": 0.2, "factor": 2, "steps": 40, "batch_size": 32}
-CLB = {"size": 2, "pgd_batch_size": 8, "steps": 3}
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +29,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def reference(digits):
-    """An untrained ``small_cnn``: resuming needs a fixed model, not a good one."""
-    model = create_model("small_cnn", 10, width=4)
-    return model, init_variables(model, jax.random.key(3), digits.spec.image_shape)
-
-
-def _context(data, reference=None, *, clean_label=False, ratio=0.1, seed=5):
-    plan = make_poison_plan(
-        data.labels, ratio=ratio, num_classes=10, target=0, clean_label=clean_label, seed=0
-    )
-    return AttackContext(data, plan, data.spec, jax.random.key(seed), reference, progress=False)
+    return untrained_reference(digits)
 
 
 def _fit(attack, context, **kwargs):
@@ -84,7 +72,7 @@ def _saved_steps(directory: pathlib.Path) -> list[int]:
 
 
 def test_issba_fit_resumes_to_the_uninterrupted_result(digits, tmp_path, monkeypatch, restored_at):
-    attack, context = make_attack("issba", **ISSBA), _context(digits)
+    attack, context = make_attack("issba", **ISSBA), poisoned_context(digits)
     whole = _fit_writing_nothing(attack, context, tmp_path, monkeypatch)
     progress = tmp_path / "progress"
     partial = _fit(attack, context, workdir=progress, checkpoint_every=10, stop_after_steps=15)
@@ -104,7 +92,7 @@ def test_issba_fit_resumes_to_the_uninterrupted_result(digits, tmp_path, monkeyp
 def test_lf_fit_killed_between_saves_resumes_from_the_last_one(
     digits, reference, tmp_path, monkeypatch, restored_at
 ):
-    attack, context = make_attack("lf", **LF), _context(digits, reference)
+    attack, context = make_attack("lf", **LF), poisoned_context(digits, reference)
     whole = _fit_writing_nothing(attack, context, tmp_path, monkeypatch)
     original = FitProgress.save
 
@@ -128,7 +116,7 @@ def test_clb_fit_resumes_at_the_next_pgd_batch(
     digits, reference, tmp_path, monkeypatch, restored_at
 ):
     attack = make_attack("clb", **CLB)
-    context = _context(digits, reference, clean_label=True, ratio=0.02)
+    context = poisoned_context(digits, reference, clean_label=True, ratio=0.02)
     count = len(context.plan.indices)
     assert count > 3 * CLB["pgd_batch_size"] and count % CLB["pgd_batch_size"]  # a short last
     whole = _fit_writing_nothing(attack, context, tmp_path, monkeypatch)
@@ -148,7 +136,12 @@ def test_clb_fit_resumes_at_the_next_pgd_batch(
 def lf_progress(digits, reference, tmp_path_factory):
     """A directory holding one saved step of an LF fit."""
     progress = tmp_path_factory.mktemp("lf") / "progress"
-    _fit(make_attack("lf", **LF), _context(digits, reference), workdir=progress, stop_after_steps=1)
+    _fit(
+        make_attack("lf", **LF),
+        poisoned_context(digits, reference),
+        workdir=progress,
+        stop_after_steps=1,
+    )
     return progress
 
 
@@ -174,7 +167,7 @@ def test_progress_of_another_fit_is_refused(lf_progress, digits, reference, chan
         data = digits.subset(np.arange(1000), "train-subset")
     elif change == "reference":
         reference = (reference[0], init_variables(reference[0], jax.random.key(4), (8, 8, 1)))
-    context = _context(data, reference, seed=seed)
+    context = poisoned_context(data, reference, seed=seed)
     with pytest.raises(CheckpointError) as error:
         _fit(attack, context, workdir=lf_progress)
     message = str(error.value)
@@ -189,7 +182,7 @@ def test_attack_command_resumes_the_fit_and_drops_its_progress(
     digits, reference, tmp_path, restored_at
 ):
     """``fippure attack`` fits in ``out/attack_fit_progress`` and keeps only ``attack_fit``."""
-    attack, context = make_attack("lf", **LF), _context(digits, reference)
+    attack, context = make_attack("lf", **LF), poisoned_context(digits, reference)
     key = jax.random.key(1)
     out = tmp_path / "out"
     whole = _fit(attack, context)

@@ -13,14 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attack_fits import CLB, ISSBA, LF, poisoned_context, untrained_reference
 from jax.tree_util import Partial
 
-from fippure.attacks import AttackContext, make_attack, make_poison_plan
+from fippure.attacks import make_attack
 from fippure.attacks.joint import Phase, run_phases, unit_batch
 from fippure.curvature import eigenvalues
 from fippure.data import load_dataset
 from fippure.errors import InvalidInputError
-from fippure.models import create_model, init_variables
 from fippure.purify.common import run_steps
 from fippure.step_inputs import guard_step_transfers
 from fippure.training import TrainConfig, train
@@ -33,15 +33,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def small_cnn(digits):
-    model = create_model("small_cnn", 10, width=4)
-    return model, init_variables(model, jax.random.key(3), digits.spec.image_shape)
-
-
-def _poisoned_context(data, reference, *, clean_label=False):
-    plan = make_poison_plan(
-        data.labels, ratio=0.1, num_classes=10, target=0, clean_label=clean_label, seed=0
-    )
-    return AttackContext(data, plan, data.spec, jax.random.key(5), reference, progress=False)
+    return untrained_reference(digits)
 
 
 def test_a_step_given_a_host_value_fails_under_the_guard():
@@ -93,14 +85,14 @@ def test_joint_attack_phases_take_device_inputs_only(digits):
 @pytest.mark.parametrize(
     ("name", "options", "clean_label"),
     [
-        ("issba", {"num_bits": 8, "fit_steps": 6, "fit_batch_size": 16, "encoder_width": 4}, False),
-        ("lf", {"eps": 0.2, "factor": 2, "steps": 6, "batch_size": 32}, False),
-        ("clb", {"size": 2, "pgd_batch_size": 8, "steps": 2}, True),
+        ("issba", {**ISSBA, "fit_steps": 6}, False),
+        ("lf", {**LF, "steps": 6}, False),
+        ("clb", {**CLB, "steps": 2}, True),
     ],
 )
 def test_attack_fits_take_device_inputs_only(digits, small_cnn, name, options, clean_label):
     attack = make_attack(name, **options)
-    context = _poisoned_context(digits, small_cnn, clean_label=clean_label)
+    context = poisoned_context(digits, small_cnn, clean_label=clean_label)
     state = attack.init_state(jax.random.key(1), context.spec)
     with guard_step_transfers("disallow"):
         fitted = attack.fit(state, context)
