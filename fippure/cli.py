@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_dtype_flag(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--dtype``: the model's computation dtype (:data:`fippure.models.ComputeDtype`)."""
+    parser.add_argument(
+        "--dtype", default=None, choices=("float32", "bfloat16", "float16"), help=help
+    )
+
+
 def clean_size(text: str) -> int | float:
     """Parses ``--clean``: a count (``500``, ``10``) or a fraction (``0.01``)."""
     try:

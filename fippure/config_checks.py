@@ -119,7 +119,11 @@ def _without_none(annotation: Any) -> Any:
 
 def check_type(value: Any, annotation: Any, where: str) -> None:
     """One-line error unless ``value`` fits ``annotation`` (``int``, ``float``, ``bool``,
-    ``str`` or a ``Literal``; other annotations are not checked)."""
+    ``str``, a ``Literal``, or one of them ``| None``; other annotations are not checked)."""
+    if _allows_none(annotation):
+        if value is None:
+            return
+        annotation = _without_none(annotation)
     if typing.get_origin(annotation) is typing.Literal:
         choices = typing.get_args(annotation)
         if value not in choices:

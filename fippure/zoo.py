@@ -20,6 +20,7 @@ from fippure.checkpoints import Checkpoint, load_checkpoint
 from fippure.data.catalog import get_spec
 from fippure.data.sources import ImageDataset, load_dataset
 from fippure.errors import CheckpointError
+from fippure.models.registry import with_dtype
 
 
 @dataclasses.dataclass
@@ -67,6 +68,7 @@ def load_backdoored(
     data_dir: str | os.PathLike | None = None,
     clean_size: int | float | None = None,
     clean_seed: int | None = None,
+    dtype: str | None = None,
 ) -> BackdooredModel:
     """Loads a checkpoint written by ``fippure attack`` or ``fippure train``.
 
@@ -77,10 +79,15 @@ def load_backdoored(
             training split), drawn class-balanced from the *stored* clean set so that it stays
             disjoint from the attacker's training data. Default: the stored clean set.
         clean_seed: seed of that sub-draw (default: the stored clean seed).
+        dtype: compute in this dtype (``"bfloat16"``, say; see
+            :func:`fippure.models.with_dtype`) instead of the one the model was saved with.
+            The variables are loaded as stored.
     """
     from fippure.data.splits import clean_set_size, split_clean_set
 
     checkpoint = load_checkpoint(path)
+    if dtype is not None:
+        checkpoint = dataclasses.replace(checkpoint, model=with_dtype(checkpoint.model, dtype))
     meta = checkpoint.metadata
     dataset = meta.get("dataset")
     if dataset is None or "clean_indices" not in meta:

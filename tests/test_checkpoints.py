@@ -185,6 +185,21 @@ def test_round_trip_without_batch_stats(tmp_path):
     _assert_trees_equal(loaded.variables, variables)
 
 
+def test_a_model_saved_with_a_compute_dtype_is_rebuilt_with_it(tmp_path, small):
+    """The dtype is a model field like the width; the float32 weights load in either dtype."""
+    _, variables = small
+    meta = {
+        "model": model_metadata("small_cnn", 10, width=4, dtype="bfloat16"),
+        "dataset": "digits",
+    }
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "bf16", variables, meta))
+    assert loaded.model == create_model("small_cnn", 10, width=4, dtype="bfloat16")
+    _assert_trees_equal(loaded.variables, variables)
+    # and a float32 checkpoint loads into a bfloat16 model (and back)
+    again = load_checkpoint(tmp_path / "bf16", model=create_model("small_cnn", 10, width=4))
+    _assert_trees_equal(again.variables, variables)
+
+
 def test_results_name_the_revision_of_the_running_code(monkeypatch):
     """A long run's checkout may move on before it writes: provenance names the code that ran,
     and the revision at writing time too when they differ."""

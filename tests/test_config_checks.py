@@ -15,6 +15,7 @@ from fippure.config_checks import (
     POSITIVE,
     at_least,
     check_config,
+    check_type,
     interval,
 )
 from fippure.curvature.analysis import AnalysisConfig
@@ -80,6 +81,17 @@ def test_interval_rules_test_their_ends_and_say_so(rule, accepted, rejected, req
 def test_good_values_pass_including_numpy_scalars_and_none():
     _Example(steps=np.int64(3), rate=np.float32(0.5), momentum=0, clip=None)
     _Example(clip=1.0)
+
+
+def test_an_optional_annotation_checks_a_value_that_is_given():
+    """Model fields such as ``dtype: Literal[...] | None`` are checked by ``check_type``."""
+    choice = Literal["bfloat16", "float16"] | None
+    check_type(None, choice, "dtype")
+    check_type("float16", choice, "dtype")
+    with pytest.raises(InvalidInputError, match=r"dtype must be one of \['bfloat16', 'float16'\]"):
+        check_type("float8", choice, "dtype")
+    with pytest.raises(InvalidInputError, match="width must be an integer"):
+        check_type(2.5, int | None, "width")
 
 
 def test_every_registered_defense_default_passes_its_checks():

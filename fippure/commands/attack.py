@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from fippure.recipes import train_backdoored
 
     spec = get_spec(args.dataset)  # fail fast, before any data is loaded
-    create_model(args.model, spec.num_classes, width=args.width)
+    create_model(args.model, spec.num_classes, width=args.width, dtype=args.dtype)
     names = [name for name, _ in args.option]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         ratio=args.ratio,
         mode=args.mode,
         attack_seed=args.attack_seed,
-        model_kwargs={"width": args.width},
+        model_kwargs={"width": args.width, "dtype": args.dtype},
         clean_size=args.clean,
         clean_seed=args.clean_seed,
         data_dir=args.data_dir,

@@ -10,7 +10,7 @@ HELP = "purify a backdoored checkpoint with a defense and report ACC/ASR/RA/DER"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from fippure.cli import clean_size, key_value, seed_int
+    from fippure.cli import add_dtype_flag, clean_size, key_value, seed_int
 
     parser.add_argument("--checkpoint", required=True, help="a fippure attack checkpoint")
     parser.add_argument("--defense", required=True, help="defense name (fip, nft, ...)")
@@ -27,6 +27,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set eta_F=0.001 (repeatable)",
+    )
+    add_dtype_flag(
+        parser,
+        "compute in this dtype instead of the checkpoint's (bfloat16 on GPU/TPU; the "
+        "weights stay float32)",
     )
     parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument(
@@ -54,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         out=args.out,
         data_dir=args.data_dir,
+        dtype=args.dtype,
         progress=not args.no_progress,
     )
     print(format_table(result))

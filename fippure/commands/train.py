@@ -11,11 +11,15 @@ HELP = "train a clean model (resumes if --out holds an interrupted run)"
 
 def add_common_model_args(parser: argparse.ArgumentParser) -> None:
     """Dataset, model and training options shared by ``train`` and ``attack``."""
-    from fippure.cli import clean_size, seed_int
+    from fippure.cli import add_dtype_flag, clean_size, seed_int
 
     parser.add_argument("--dataset", default="cifar10", help="cifar10, cifar100, gtsrb or digits")
     parser.add_argument("--model", default="preact_resnet18", help="model registry name")
     parser.add_argument("--width", type=int, default=None, help="model width (e.g. 16 or 64)")
+    add_dtype_flag(
+        parser,
+        "computation dtype (bfloat16: mixed precision on GPU/TPU; the weights stay float32)",
+    )
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
@@ -61,13 +65,13 @@ def run(args: argparse.Namespace) -> int:
     from fippure.recipes import train_classifier
 
     spec = get_spec(args.dataset)  # fail fast on unknown names, before loading data
-    create_model(args.model, spec.num_classes, width=args.width)
+    create_model(args.model, spec.num_classes, width=args.width, dtype=args.dtype)
     report = train_classifier(
         dataset=args.dataset,
         model=args.model,
         out=args.out,
         config=train_config(args),
-        model_kwargs={"width": args.width},
+        model_kwargs={"width": args.width, "dtype": args.dtype},
         clean_size=args.clean,
         clean_seed=args.clean_seed,
         data_dir=args.data_dir,

@@ -1,6 +1,6 @@
 """Flax Linen models, built by name (see :mod:`fippure.models.registry`)."""
 
-from fippure.models.layers import FEATURES
+from fippure.models.layers import FEATURES, ComputeDtype
 from fippure.models.preact_resnet import PreActResNet18
 from fippure.models.registry import (
     MODELS,
@@ -12,6 +12,7 @@ from fippure.models.registry import (
     init_variables,
     model_fields,
     penultimate_features,
+    with_dtype,
 )
 from fippure.models.small_cnn import SmallCNN
 from fippure.models.vgg import VGG
@@ -19,6 +20,7 @@ from fippure.models.vit import ViT
 
 __all__ = [
     "FEATURES",
+    "ComputeDtype",
     "MODELS",
     "VGG",
     "PreActResNet18",
@@ -32,4 +34,5 @@ __all__ = [
     "init_variables",
     "model_fields",
     "penultimate_features",
+    "with_dtype",
 ]

@@ -10,11 +10,13 @@ match BackdoorBench's (11,172,170 at width 64).
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from fippure.models.layers import FEATURES, BatchNorm
+from fippure.models.layers import FEATURES, BatchNorm, ComputeDtype, as_output, compute_dtype
 
 
 class PreActBlock(nn.Module):
@@ -22,21 +24,20 @@ class PreActBlock(nn.Module):
 
     features: int
     strides: int = 1
+    dtype: ComputeDtype | None = None
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"], train: bool = False) -> Array:
-        norm = lambda name: BatchNorm(use_running_average=not train, name=name)
+        dtype = compute_dtype(self.dtype)
+        norm = lambda name: BatchNorm(use_running_average=not train, dtype=dtype, name=name)
+        conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype)
         out = nn.relu(norm("bn1")(x))
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.features:
-            shortcut = nn.Conv(
-                self.features, (1, 1), self.strides, use_bias=False, name="shortcut"
-            )(out)
-        out = nn.Conv(self.features, (3, 3), self.strides, padding=1, use_bias=False, name="conv1")(
-            out
-        )
+            shortcut = conv(self.features, (1, 1), self.strides, name="shortcut")(out)
+        out = conv(self.features, (3, 3), self.strides, padding=1, name="conv1")(out)
         out = nn.relu(norm("bn2")(out))
-        out = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, name="conv2")(out)
+        out = conv(self.features, (3, 3), padding=1, name="conv2")(out)
         return out + shortcut
 
 
@@ -46,21 +47,27 @@ class PreActResNet18(nn.Module):
     Attributes:
         num_classes: size of the output layer.
         width: channels of the stem and first stage (stages use 1x, 2x, 4x, 8x).
+        dtype: computation dtype of activations and of the conv/matmul arithmetic
+            (``"bfloat16"`` or ``"float16"`` for mixed precision). Parameters and BatchNorm
+            statistics stay float32 and logits are returned in float32. ``None`` (default)
+            follows the inputs and parameters.
     """
 
     num_classes: int = 10
     width: int = 64
+    dtype: ComputeDtype | None = None
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"], train: bool = False) -> Float[Array, "b k"]:
-        out = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, name="stem")(x)
+        dtype = compute_dtype(self.dtype)
+        out = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, dtype=dtype, name="stem")(x)
         for stage, multiple in enumerate((1, 2, 4, 8), start=1):
             for block in (1, 2):
                 strides = 2 if stage > 1 and block == 1 else 1
                 out = PreActBlock(
-                    self.width * multiple, strides, name=f"stage{stage}_block{block}"
+                    self.width * multiple, strides, self.dtype, name=f"stage{stage}_block{block}"
                 )(out, train)
-        out = nn.relu(BatchNorm(use_running_average=not train, name="bn_final")(out))
-        features = jnp.mean(out, axis=(1, 2))
+        out = nn.relu(BatchNorm(use_running_average=not train, dtype=dtype, name="bn_final")(out))
+        features = as_output(jnp.mean(out, axis=(1, 2)), dtype)
         self.sow("intermediates", FEATURES, features)
-        return nn.Dense(self.num_classes, name="head")(features)
+        return as_output(nn.Dense(self.num_classes, dtype=dtype, name="head")(features), dtype)

@@ -23,7 +23,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from fippure.config_checks import check_type
 from fippure.errors import InvalidInputError, UnknownNameError
-from fippure.models.layers import FEATURES
+from fippure.models.layers import FEATURES, ComputeDtype
 from fippure.models.preact_resnet import PreActResNet18
 from fippure.models.small_cnn import SmallCNN
 from fippure.models.vgg import VGG
@@ -89,6 +89,25 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         if _is_int(value) and value < 1:
             raise InvalidInputError(f"model {name}: {key} must be >= 1, got {value}")
     return MODELS[name](num_classes=int(num_classes), **kwargs)
+
+
+def with_dtype(model: nn.Module, dtype: str | None) -> nn.Module:
+    """``model`` computing in ``dtype`` (its ``dtype`` field; see :data:`ComputeDtype`).
+
+    The parameters and their shapes do not depend on the computation dtype, so variables
+    trained in one dtype apply unchanged in another: for example, purify a float32 checkpoint
+    with bfloat16 activations on an accelerator. ``None`` returns the model as it is.
+
+    Raises:
+        InvalidInputError: for a dtype outside :data:`ComputeDtype`, or a model without a
+            ``dtype`` field.
+    """
+    if dtype is None:
+        return model
+    check_type(dtype, ComputeDtype, "dtype")
+    if "dtype" not in {f.name for f in dataclasses.fields(model)}:
+        raise InvalidInputError(f"{type(model).__name__} has no dtype field to set")
+    return model.clone(dtype=dtype)
 
 
 def init_variables(

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from fippure.models.layers import FEATURES, BatchNorm
+from fippure.models.layers import FEATURES, BatchNorm, ComputeDtype, as_output, compute_dtype
 
 LAYOUTS = {
     11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -25,14 +25,20 @@ class VGG(nn.Module):
         num_classes: size of the output layer.
         depth: 11 or 16.
         width: channels of the first conv (64 in the original; others scale with it).
+        dtype: computation dtype of activations and of the conv/matmul arithmetic
+            (``"bfloat16"`` or ``"float16"`` for mixed precision). Parameters and BatchNorm
+            statistics stay float32 and logits are returned in float32. ``None`` (default)
+            follows the inputs and parameters.
     """
 
     num_classes: int = 10
     depth: int = 11
     width: int = 64
+    dtype: ComputeDtype | None = None
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"], train: bool = False) -> Float[Array, "b k"]:
+        dtype = compute_dtype(self.dtype)
         conv_index = 0
         for item in LAYOUTS[self.depth]:
             if item == "M":
@@ -41,9 +47,11 @@ class VGG(nn.Module):
                 continue
             conv_index += 1
             channels = max(1, item * self.width // 64)
-            x = nn.Conv(channels, (3, 3), padding=1, use_bias=False, name=f"conv{conv_index}")(x)
-            x = BatchNorm(use_running_average=not train, name=f"bn{conv_index}")(x)
+            x = nn.Conv(
+                channels, (3, 3), padding=1, use_bias=False, dtype=dtype, name=f"conv{conv_index}"
+            )(x)
+            x = BatchNorm(use_running_average=not train, dtype=dtype, name=f"bn{conv_index}")(x)
             x = nn.relu(x)
-        features = jnp.mean(x, axis=(1, 2))
+        features = as_output(jnp.mean(x, axis=(1, 2)), dtype)
         self.sow("intermediates", FEATURES, features)
-        return nn.Dense(self.num_classes, name="head")(features)
+        return as_output(nn.Dense(self.num_classes, dtype=dtype, name="head")(features), dtype)

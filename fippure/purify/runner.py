@@ -55,6 +55,7 @@ def run_defense(
     out: str | os.PathLike | None = None,
     replace: bool = False,
     data_dir: str | os.PathLike | None = None,
+    dtype: str | None = None,
     progress: bool = True,
     before: Mapping[str, float] | None = None,
     observe_every: int = 0,
@@ -75,6 +76,8 @@ def run_defense(
         replace: remove another defense run's output found in ``out`` (never a checkpoint
             that no defense run wrote).
         data_dir: TFDS data directory.
+        dtype: run the defense and the evaluations with the model computing in this dtype
+            (``"bfloat16"``, say; with a checkpoint path only). The weights stay float32.
         progress: show a progress bar.
         before: metrics of the undefended model, if already known (saves an evaluation).
         observe_every: if positive, also evaluate on the test split every this many steps and
@@ -92,17 +95,19 @@ def run_defense(
     """
     spec = get_defense(defense)
     config = make_config(defense, overrides)
-    if isinstance(checkpoint, BackdooredModel) and (clean_size, data_dir) != (None, None):
-        given = "clean_size" if clean_size is not None else "data_dir"
-        raise InvalidInputError(
-            f"{given} applies when a checkpoint is loaded, but run_defense got a loaded model; "
-            f"pass its path, or load it with load_backdoored(path, {given}=...)"
-        )
+    if isinstance(checkpoint, BackdooredModel):
+        for given, value in (("clean_size", clean_size), ("data_dir", data_dir), ("dtype", dtype)):
+            if value is not None:
+                raise InvalidInputError(
+                    f"{given} applies when a checkpoint is loaded, but run_defense got a loaded "
+                    f"model; pass its path, or load it with load_backdoored(path, {given}=...)"
+                )
     backdoored = (
         checkpoint
         if isinstance(checkpoint, BackdooredModel)
-        else load_backdoored(checkpoint, data_dir=data_dir, clean_size=clean_size)
+        else load_backdoored(checkpoint, data_dir=data_dir, clean_size=clean_size, dtype=dtype)
     )
+    model_dtype = getattr(backdoored.model, "dtype", None)
     # before the output directory is claimed and the model evaluated: a checkpoint whose
     # model does not fit its dataset's images gets one line, not Flax's shape error
     validate_clean_set(backdoored.clean, backdoored.model, backdoored.variables)
@@ -115,6 +120,8 @@ def run_defense(
                 "config": config_dict(config),
                 "seed": seed,
                 "clean_indices": backdoored.clean_indices,
+                # only when set, so that the stamps of runs made before the option still match
+                **({"dtype": model_dtype} if model_dtype is not None else {}),
             },
             replace=replace,
         )
@@ -165,6 +172,7 @@ def run_defense(
         "defense": defense,
         "seed": seed,
         "clean_examples": len(backdoored.clean),
+        "model_dtype": model_dtype,
         "clean_indices": [int(i) for i in backdoored.clean_indices],
         "before": before,
         "after": after,
@@ -183,6 +191,7 @@ def run_defense(
             "config": report.config,
             "seed": seed,
             "source": str(backdoored.checkpoint.path),
+            "model_dtype": model_dtype,
         }
         extras = {"attack_state": backdoored.attack_state, **report.artifacts}
         save_checkpoint(out, variables, metadata, extras=extras)

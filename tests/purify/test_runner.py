@@ -14,7 +14,7 @@ from fippure.evaluation import defense_effectiveness_rating
 from fippure.models.registry import create_model, init_variables
 from fippure.purify import DEFENSES, make_config
 from fippure.purify.ft import FTConfig, purify
-from fippure.purify.runner import run_defense
+from fippure.purify.runner import evaluate, run_defense
 
 
 def test_run_defense_reports_before_after_and_der(digits_badnets, tmp_path):
@@ -46,12 +46,52 @@ def test_run_defense_reports_before_after_and_der(digits_badnets, tmp_path):
     assert result["clean_indices"] == saved["clean_indices"]
 
 
-@pytest.mark.parametrize("given", [{"clean_size": 10}, {"data_dir": "/elsewhere"}])
+@pytest.mark.parametrize(
+    "given", [{"clean_size": 10}, {"data_dir": "/elsewhere"}, {"dtype": "bfloat16"}]
+)
 def test_loading_options_are_refused_for_an_already_loaded_model(digits_badnets, given):
     """A smaller clean set is drawn when loading; silently running on the whole one would
     make a clean-set ablation meaningless."""
     with pytest.raises(InvalidInputError, match="applies when a checkpoint is loaded"):
         run_defense(digits_badnets, "ft", overrides={"steps": "2"}, progress=False, **given)
+
+
+#: A short FIP run that stays finite on the digits CNN (its defaults diverge there).
+SHORT_FIP = {"steps": "20", "batch_size": "32", "learning_rate": "0.01", "eta_F": "0.05"}
+
+
+def test_a_defense_can_run_in_bfloat16_on_float32_weights(
+    digits_badnets, digits_badnets_path, tmp_path
+):
+    """``dtype`` switches the loaded model's computation; the weights stay float32 and the
+    evaluation runs in the same dtype as the defense."""
+    result = run_defense(
+        digits_badnets_path,
+        "fip",
+        overrides=SHORT_FIP,
+        dtype="bfloat16",
+        out=tmp_path,
+        progress=False,
+    )
+    assert result["model_dtype"] == "bfloat16"
+    assert result["report"]["steps"] == 20
+    full = evaluate(digits_badnets, digits_badnets.variables)
+    assert result["before"]["acc"] == pytest.approx(full["acc"], abs=0.02)
+    assert result["before"]["asr"] == pytest.approx(full["asr"], abs=0.02)
+    purified = load_checkpoint(tmp_path)
+    assert {str(x.dtype) for x in jax.tree_util.tree_leaves(purified.variables)} == {"float32"}
+    assert purified.metadata["defense"]["model_dtype"] == "bfloat16"
+    # the source's model entry is kept: the purified weights load in any dtype
+    assert purified.model.dtype is None
+    # the dtype is part of the run: a float32 run does not resume the bfloat16 one
+    with pytest.raises(CheckpointError, match="holds a run with a different dtype"):
+        run_defense(
+            digits_badnets_path,
+            "fip",
+            overrides=SHORT_FIP,
+            out=tmp_path,
+            progress=False,
+        )
 
 
 def test_an_output_directory_holding_another_checkpoint_or_run_is_refused(
