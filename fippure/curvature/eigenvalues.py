@@ -21,8 +21,10 @@ Python-driven loop against 41 s per step inside ``lax.fori_loop``, **57x slower*
   the operator is passed in as an argument, not baked in as a constant);
 - ``"fori"``: the whole process in one ``lax.fori_loop`` (kept for accelerators and tests).
 
-Inside an outer ``jax.jit``, ``"python"`` simply unrolls the ``m`` steps into the traced graph
-(fine for small ``m``; compile time grows with ``m``), so every function here is jit-able. The
+Inside an outer ``jax.jit``, ``"python"`` unrolls Lanczos's ``m`` steps into the traced graph
+(fine for its small ``m``; compile time grows with ``m``) and runs power iteration's
+``num_iters`` steps in one ``lax.scan`` (its counts run to thousands, whose unrolled graph
+takes minutes to compile), so every function here is jit-able. The
 step updates the basis in place (buffer donation) only when nothing is traced, so both Lanczos
 loops also work under ``jax.grad`` and ``jax.vmap``.
 
@@ -295,7 +297,8 @@ def power_iteration(
         num_iters: maximum number of products.
         tol: relative tolerance on the eigenvalue.
         loop: ``"python"`` (jitted step, host-side stopping test; under an outer ``jax.jit``,
-            ``jax.grad`` or ``jax.vmap`` it runs ``num_iters`` steps without the test) or
+            ``jax.grad`` or ``jax.vmap``, ``num_iters`` steps in a ``lax.scan``, without the
+            test) or
             ``"fori"`` (one ``lax.while_loop`` with the test). Only ``"python"`` can be
             reverse-differentiated (``jax.grad``): JAX cannot transpose a ``while_loop``, whose
             trip count depends on the data; ``"fori"`` supports forward mode (``jax.jvp``).
@@ -313,15 +316,34 @@ def power_iteration(
         raise InvalidInputError(f"unknown loop {loop!r}; use 'python' or 'fori'")
     # the first quotient's "previous" value, in the vectors' dtype (one compilation)
     eigenvalue = jnp.zeros((), jnp.result_type(*jax.tree_util.tree_leaves(start)))
+    if not is_concrete((operator, start)):
+        return _power_scan(operator, start, eigenvalue, num_iters)
     change, count = jnp.inf, 0
     vector = following = start
     for count in range(1, num_iters + 1):  # noqa: B007 (count is used after the loop)
         vector = following
         with step_guard():
             eigenvalue, following, change = _power_step_jit(operator, vector, eigenvalue)
-        if not isinstance(change, jax.core.Tracer) and float(change) < tol:
-            break  # under an outer jit the stopping test is skipped (num_iters products)
+        if float(change) < tol:
+            break
     return PowerIterationResult(eigenvalue, vector, jnp.asarray(count), jnp.asarray(change))
+
+
+def _power_scan(matvec, start, eigenvalue, num_iters: int) -> PowerIterationResult:
+    """``num_iters`` power steps in one ``lax.scan``: the ``"python"`` loop under an outer
+    transformation. The stopping test needs the host, so every step runs; one traced step
+    keeps the compile time flat in ``num_iters`` (unrolled, 4000 steps of a 4x4 matrix took
+    minutes to compile), and ``scan``, unlike ``while_loop``, can be reverse-differentiated."""
+
+    def body(carry, _):
+        previous, _, following, _ = carry
+        value, after, change = _power_step_with_change(matvec, following, previous)
+        return (value, following, after, change), None
+
+    infinite = jnp.asarray(jnp.inf, eigenvalue.dtype)
+    carry = (eigenvalue, start, start, infinite)
+    (eigenvalue, vector, _, change), _ = jax.lax.scan(body, carry, None, length=num_iters)
+    return PowerIterationResult(eigenvalue, vector, jnp.asarray(num_iters), change)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))

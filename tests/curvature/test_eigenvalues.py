@@ -149,6 +149,25 @@ def test_few_lanczos_steps_find_a_separated_top_eigenvalue(x64):
     np.testing.assert_allclose(fori.eigenvalue, 50.0, rtol=1e-9)
 
 
+def test_power_iteration_under_jit_takes_the_same_steps_as_the_eager_loop(x64):
+    """Traced, the ``"python"`` loop runs its ``num_iters`` steps in one ``lax.scan``, the
+    same iterates as the eager loop without its stopping test (``tol=0``)."""
+    rng = np.random.default_rng(4)
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    matrix = q @ np.diag([3.0, 2.5, 1.0, -0.5, 0.2, 0.1]) @ q.T
+    like = {"w": jnp.zeros(6)}
+
+    def run(m):
+        return eigenvalues.power_iteration(matrix_operator(m), like, jax.random.key(2), 40, 0.0)
+
+    eager, traced = run(matrix), jax.jit(run)(matrix)
+    assert int(eager.num_iters) == int(traced.num_iters) == 40
+    np.testing.assert_allclose(traced.eigenvalue, eager.eigenvalue, rtol=1e-13)
+    # a difference of nearly equal quotients: equal to rounding, not to relative precision
+    np.testing.assert_allclose(traced.relative_change, eager.relative_change, atol=1e-13)
+    np.testing.assert_allclose(traced.eigenvector["w"], eager.eigenvector["w"], atol=1e-13)
+
+
 def test_power_iteration_on_a_network_ggn(problem, dense):
     result = eigenvalues.power_iteration(
         operator(problem, "ggn"), problem.params, jax.random.key(3), num_iters=3000, tol=1e-12
