@@ -148,7 +148,7 @@ def test_unknown_model():
     ("name", "kwargs", "match"),
     [
         ("preact_resnet18", {"depth": 3}, r"preact_resnet18 takes no argument\(s\) \['depth'\]"),
-        ("small_cnn", {"patch_size": 2}, r"it takes \['width'\]"),
+        ("small_cnn", {"patch_size": 2}, r"it takes \['dtype', 'width'\]"),
         ("vgg11_bn", {"depth": 16}, r"takes no argument\(s\) \['depth'\]"),
         ("small_cnn", {"width": 0}, "small_cnn: width must be >= 1, got 0"),
         ("vit_small", {"depth": -1}, "vit_small: depth must be >= 1, got -1"),
@@ -172,7 +172,7 @@ def test_too_few_classes_and_none_kwargs():
 
 
 def test_model_fields():
-    assert model_fields("preact_resnet18") == {"num_classes", "width"}
+    assert model_fields("preact_resnet18") == {"num_classes", "width", "dtype"}
     assert "depth" not in model_fields("vgg16_bn")
     assert {"width", "depth", "num_heads", "patch_size", "mlp_ratio"} <= model_fields("vit_small")
 

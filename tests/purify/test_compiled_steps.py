@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from clean_sets import random_digits_clean_set
 
-from fippure.models import create_model, init_variables
+from fippure.models import create_model, init_variables, with_dtype
 from fippure.purify import batch_stats, registry
 from fippure.purify.common import clean_batch_size
 from fippure.step_inputs import guard_step_transfers
@@ -40,11 +40,14 @@ def model_and_data():
     return model, variables, clean
 
 
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_defense_steps_capture_no_weights_upload_nothing_and_keep_the_callers_arrays(
-    model_and_data, name
+    model_and_data, name, dtype
 ):
+    """Also with the model computing in bfloat16: every defense then keeps float32 weights."""
     model, variables, clean = model_and_data
+    model = with_dtype(model, dtype)
     method = name.removesuffix("_cg")
     config = registry.make_config(
         method, {"steps": 4, "batch_size": 16, "log_every": 2, **SETTINGS[name]}
@@ -64,6 +67,7 @@ def test_defense_steps_capture_no_weights_upload_nothing_and_keep_the_callers_ar
         jax.config.update("jax_captured_constants_warn_bytes", previous)
     assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(variables))
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(purified))
+    assert {x.dtype for x in jax.tree_util.tree_leaves(purified)} == {jnp.dtype("float32")}
 
 
 def test_a_transfer_compiles_one_batch_statistics_estimate(model_and_data):
