@@ -1,13 +1,17 @@
-"""The ``fippure`` command line: help, and one-line errors with exit status 2."""
+"""The ``fippure`` command line: help, one-line errors with exit status 2, and its options."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from fippure import cli
+from fippure.checkpoints import load_checkpoint
 
 
 def _one_line_error(text: str) -> str:
@@ -135,3 +139,15 @@ def test_seed_flags_refuse_negative_seeds(flag, capsys):
         cli.main(["train", "--dataset", "digits", "--out", "x", flag, "-1"])
     assert exit_info.value.code == 2
     assert f"argument {flag}: must lie in [0, 2**32), got -1" in capsys.readouterr().err
+
+
+def test_train_in_bfloat16_saves_the_dtype_with_the_model(tmp_path, capsys):
+    out = tmp_path / "bf16"
+    argv = ["train", "--dataset", "digits", "--model", "small_cnn", "--width", "4"]
+    code = cli.main([*argv, "--dtype", "bfloat16", "--epochs", "1", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert 0 <= json.loads(capsys.readouterr().out.splitlines()[-1])["test_accuracy"] <= 1
+    loaded = load_checkpoint(out)
+    assert loaded.metadata["model"]["kwargs"] == {"width": 4, "dtype": "bfloat16"}
+    assert loaded.model.dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree_util.tree_leaves(loaded.variables)} == {np.dtype("float32")}
