@@ -20,10 +20,16 @@ check that would not fit in what is left of ``--budget-s``:
   JAX guards only uploads; here it also guards fetches back to the host, so a loop that syncs
   the device at every step fails.
 - ``memory``: the peak device memory of FIP on w64 with its step's carry donated (the
-  default) and with donation turned off, each in a fresh process (the allocator's peak is per
-  process).
+  default), with donation turned off, and with ``fisher_chunk`` 10 instead of 50 (to tell
+  whether the diagonal Fisher's per-example gradients set the peak), each in a fresh process
+  (the allocator's peak is per process).
+- ``speed_w64``: the speed check at full width.
+- ``speed_w16_bf16``: the speed check at w16 with the model computing in bfloat16
+  (``fippure.models.with_dtype``; the weights stay float32).
 
-Writes ``accelerator_check.{json,md}`` under ``--out``.
+Writes ``accelerator_check.{json,md}`` under ``--out``. Results of checks that a run does not
+make are kept from the file already there, each with the revision and date it was measured
+at, so the checks can be spread over several sessions.
 """
 
 from __future__ import annotations
@@ -42,7 +48,13 @@ RESULTS = ROOT / "experiments" / "results"
 ZOO = ROOT / "zoo" / "cifar10" / "preact_resnet18_w16"
 GUARD_TESTS = ("tests/test_step_transfer_guard.py", "tests/purify/test_compiled_steps.py")
 #: Rough seconds each check needs on one H200 (compilation dominates), to skip what won't fit.
-NEEDS_S = {"speed_w16": 100, "guard": 150, "memory": 120, "speed_w64": 100}
+NEEDS_S = {
+    "speed_w16": 100,
+    "guard": 150,
+    "memory": 180,
+    "speed_w64": 100,
+    "speed_w16_bf16": 100,
+}
 
 sys.path.insert(0, str(ROOT / "experiments"))
 
@@ -59,9 +71,9 @@ def export_clean(args) -> None:
     print(f"wrote {len(clean)} clean images of {args.entry} to {path}")
 
 
-def _subject(clean_set: str, width: int):
+def _subject(clean_set: str, width: int, dtype: str | None = None):
     """The model, its variables and the clean set: the zoo entry at w16, random weights at
-    other widths."""
+    other widths; the model computes in ``dtype`` (default: float32)."""
     import types
 
     import jax
@@ -70,7 +82,7 @@ def _subject(clean_set: str, width: int):
     from fippure.checkpoints import load_checkpoint
     from fippure.data.catalog import get_spec
     from fippure.data.sources import ImageDataset
-    from fippure.models import create_model, init_variables
+    from fippure.models import create_model, init_variables, with_dtype
 
     stored = np.load(clean_set)
     spec = get_spec("cifar10")
@@ -81,13 +93,13 @@ def _subject(clean_set: str, width: int):
     else:
         model = create_model("preact_resnet18", spec.num_classes, width=width)
         variables = init_variables(model, jax.random.key(0), spec.image_shape)
-    return types.SimpleNamespace(model=model, variables=variables, clean=clean)
+    return types.SimpleNamespace(model=with_dtype(model, dtype), variables=variables, clean=clean)
 
 
-def check_speed(args, width: int) -> dict:
+def check_speed(args, width: int, dtype: str | None = None) -> dict:
     from fast_fip_speed import METHODS, summarise, time_run
 
-    subject = _subject(args.clean_set, width)
+    subject = _subject(args.clean_set, width, dtype)
     runs = []
     for i in range(args.rounds):
         for method in METHODS:
@@ -98,6 +110,7 @@ def check_speed(args, width: int) -> dict:
             runs.append({"round": i, **run})
     return {
         "width": width,
+        "dtype": dtype or "float32",
         "steps": args.steps,
         "summary": summarise(runs, args.rounds),
         "runs": runs,
@@ -143,7 +156,15 @@ def memory_probe(args) -> None:
     if not args.donate:
         _without_donation()
     subject = _subject(args.clean_set, args.width)
-    config = make_config("fip", {"steps": str(args.steps), "log_every": "4", "max_grad_norm": "10"})
+    config = make_config(
+        "fip",
+        {
+            "steps": str(args.steps),
+            "log_every": "4",
+            "max_grad_norm": "10",
+            "fisher_chunk": str(args.fisher_chunk),
+        },
+    )
     _, report = get_defense("fip").purify(
         subject.model, subject.variables, subject.clean, config, jax.random.key(0), progress=False
     )
@@ -153,6 +174,7 @@ def memory_probe(args) -> None:
         json.dumps(
             {
                 "donate": args.donate,
+                "fisher_chunk": args.fisher_chunk,
                 "width": args.width,
                 "steps": args.steps,
                 "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
@@ -166,7 +188,8 @@ def memory_probe(args) -> None:
 def check_memory(args) -> dict:
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     out = {}
-    for donate in (True, False):
+    probes = {"donated": (True, 50), "not_donated": (False, 50), "donated_chunk10": (True, 10)}
+    for name, (donate, chunk) in probes.items():
         command = [
             sys.executable,
             __file__,
@@ -177,14 +200,16 @@ def check_memory(args) -> dict:
             "64",
             "--steps",
             "12",
+            "--fisher-chunk",
+            str(chunk),
             *(["--donate"] if donate else []),
         ]
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
         lines = done.stdout.strip().splitlines()
         if done.returncode != 0 or not lines:
-            out["donated" if donate else "not_donated"] = {"error": done.stderr[-2000:]}
+            out[name] = {"error": done.stderr[-2000:]}
             continue
-        out["donated" if donate else "not_donated"] = json.loads(lines[-1])
+        out[name] = json.loads(lines[-1])
         print(lines[-1], flush=True)
     return out
 
@@ -195,18 +220,42 @@ def _write(results: dict, out: pathlib.Path) -> None:
     (out / "accelerator_check.md").write_text(report_markdown(results))
 
 
+def _measured(part: dict) -> str:
+    """`` (at REV, DATE)`` for a check kept from an earlier run, else nothing."""
+    at = part.get("measured")
+    return f" (measured at {at['revision'][:7]}, {at['date']})" if at else ""
+
+
+def _kept_results(out: pathlib.Path, rerun: list[str]) -> dict:
+    """The checks in ``out``'s results file that this run does not make, each stamped with
+    the revision and date of the run that measured it."""
+    path = out / "accelerator_check.json"
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    stamp = {
+        "revision": old.get("revision", "unknown"),
+        "date": old.get("provenance", {}).get("date", "unknown"),
+    }
+    return {
+        name: {"measured": stamp, **old[name]}
+        for name in NEEDS_S
+        if name in old and name not in rerun
+    }
+
+
 def report_markdown(results: dict) -> str:
     meta = results["provenance"]
     lines = ["# fippure on an accelerator: step loops, Fast FIP speed, memory", ""]
-    for key in ("speed_w16", "speed_w64"):
+    for key in ("speed_w16", "speed_w64", "speed_w16_bf16"):
         part = results.get(key)
         if not part or "summary" not in part:
             continue
         s = part["summary"]
         lines += [
             f"## Fast FIP against FIP, PreAct-ResNet-18 w{part['width']} "
-            f"({'zoo badnets' if part['width'] == 16 else 'random weights'}), "
-            f"{part['steps']} steps per run",
+            f"({'zoo badnets' if part['width'] == 16 else 'random weights'}, "
+            f"{part.get('dtype', 'float32')}), {part['steps']} steps per run{_measured(part)}",
             "",
             "| method | tunable parameters | time / step | set-up (SVD, Fbar, TrF0, compile) |",
             "|---|---|---|---|",
@@ -226,18 +275,26 @@ def report_markdown(results: dict) -> str:
             f"steps, {s['speedup_defense_2000_steps']:.2f}x at 2000.",
             "",
         ]
+    full, reduced = results.get("speed_w16", {}), results.get("speed_w16_bf16", {})
+    if "summary" in full and "summary" in reduced:
+        lines += ["## bfloat16 against float32 (w16, time per step)", ""]
+        for m in ("fip", "fast_fip"):
+            a, b = full["summary"][m]["step_time_s"], reduced["summary"][m]["step_time_s"]
+            lines.append(f"- {m}: {a * 1e3:.2f} ms -> {b * 1e3:.2f} ms ({a / b:.2f}x)")
+        lines.append("")
     guard = results.get("guard")
     if guard:
         verdict = "every loop ran" if guard["passed"] else "**failed**"
         lines += [
-            "## Step loops under `guard_step_transfers('disallow')` (both directions)",
+            "## Step loops under `guard_step_transfers('disallow')` (both directions)"
+            + _measured(guard),
             "",
             f"`{guard['command']}`: {verdict} ({guard['summary']}, {guard['wall_s']:.0f} s).",
             "",
         ]
     memory = results.get("memory")
     if memory:
-        lines += ["## Peak device memory of FIP (w64, 12 steps)", ""]
+        lines += [f"## Peak device memory of FIP (w64, 12 steps){_measured(memory)}", ""]
         donated, plain = memory.get("donated", {}), memory.get("not_donated", {})
         if "peak_bytes_in_use" in donated and "peak_bytes_in_use" in plain:
             mib = 2**20
@@ -254,6 +311,14 @@ def report_markdown(results: dict) -> str:
                 "of peak.",
                 "",
             ]
+            small = memory.get("donated_chunk10", {})
+            if "peak_bytes_in_use" in small:
+                lines += [
+                    f"With `fisher_chunk` 10 instead of 50 (donated): peak "
+                    f"{small['peak_bytes_in_use'] / mib:.0f} MiB, step "
+                    f"{small['step_time_s'] * 1e3:.2f} ms.",
+                    "",
+                ]
         else:
             lines += [f"Failed: {json.dumps(memory)[:1500]}", ""]
     for name in results.get("skipped", []):
@@ -277,13 +342,19 @@ def run(args) -> None:
     meta = provenance()
     if args.revision != "unknown":  # the copied tree's own git metadata may be stale
         meta["git_revision"] = args.revision
-    results = {"provenance": meta, "revision": args.revision, "skipped": []}
     out = pathlib.Path(args.out)
+    results = {
+        "provenance": meta,
+        "revision": args.revision,
+        "skipped": [],
+        **_kept_results(out, args.checks),
+    }
     checks = {
         "speed_w16": lambda: check_speed(args, 16),
         "guard": lambda: check_guard(args),
         "memory": lambda: check_memory(args),
         "speed_w64": lambda: check_speed(args, 64),
+        "speed_w16_bf16": lambda: check_speed(args, 16, "bfloat16"),
     }
     for name in args.checks:
         left = args.budget_s - (time.perf_counter() - started)
@@ -320,6 +391,7 @@ def main() -> None:
     probe.add_argument("--width", type=int, default=64)
     probe.add_argument("--steps", type=int, default=12)
     probe.add_argument("--donate", action="store_true")
+    probe.add_argument("--fisher-chunk", type=int, default=50)
     args = parser.parse_args()
     {"export-clean": export_clean, "run": run, "memory-probe": memory_probe}[args.command](args)
 
