@@ -24,7 +24,10 @@ Python-driven loop against 41 s per step inside ``lax.fori_loop``, **57x slower*
 Inside an outer ``jax.jit``, ``"python"`` unrolls Lanczos's ``m`` steps into the traced graph
 (fine for its small ``m``; compile time grows with ``m``) and runs power iteration's
 ``num_iters`` steps in one ``lax.scan`` (its counts run to thousands, whose unrolled graph
-takes minutes to compile), so every function here is jit-able. The
+takes minutes to compile), so every function here is jit-able. On XLA:CPU the scan pays the
+loop-body cost above: 30 power steps on the Hessian of PreAct-ResNet-18 w8 (64 images) took
+146 s in the scan against 5.3 s unrolled (whose compilation took 52 s against 18 s) and 6.6 s
+called eagerly. On the CPU, call power iteration eagerly (as ``fippure analyze`` does). The
 step updates the basis in place (buffer donation) only when nothing is traced, so both Lanczos
 loops also work under ``jax.grad`` and ``jax.vmap``.
 
