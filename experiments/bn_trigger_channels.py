@@ -137,6 +137,8 @@ def analyse(attack: str) -> dict:
 
 
 def write_report(results: list[dict], meta: dict) -> str:
+    from fippure.provenance import measured_by
+
     lines = [
         "# Stored BatchNorm statistics against the clean set's, on the trigger's channels",
         "",
@@ -159,8 +161,7 @@ def write_report(results: list[dict], meta: dict) -> str:
         )
     lines += [
         "",
-        f"Measured by `{meta['command']}` at {meta['git_revision']} on {meta['machine']}, "
-        f"{meta['date']}.",
+        measured_by(meta),
     ]
     return "\n".join(lines) + "\n"
 

@@ -96,7 +96,7 @@ def summarise(runs: list[dict], rounds: int) -> dict:
 
 
 def write(summary: dict, runs: list[dict], args) -> None:
-    from fippure.provenance import provenance
+    from fippure.provenance import measured_by, provenance
 
     meta = provenance()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -144,8 +144,7 @@ def write(summary: dict, runs: list[dict], args) -> None:
     ]
     lines += [
         "",
-        f"Measured by `{meta['command']}` at {meta['git_revision']} on {meta['machine']}, "
-        f"{meta['date']}.",
+        measured_by(meta),
     ]
     (RESULTS / "fast_fip_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

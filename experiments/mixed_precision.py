@@ -102,6 +102,8 @@ def measure(run: dict, dtype: str, work: pathlib.Path) -> dict:
 
 
 def report_markdown(results: list[dict], meta: dict) -> str:
+    from fippure.provenance import measured_by
+
     lines = [
         "# Purification in bfloat16 against float32",
         "",
@@ -146,8 +148,7 @@ def report_markdown(results: list[dict], meta: dict) -> str:
                 lines.append(f"- {dtype}: {acc:.3f} / {asr:.3f} ({len(chosen)} seeds)")
     lines += [
         "",
-        f"Measured by `{meta['command']}` at {meta['git_revision'][:7]} on {meta['machine']}, "
-        f"{meta['date']}.",
+        measured_by(meta),
     ]
     return "\n".join(lines) + "\n"
 

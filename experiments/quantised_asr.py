@@ -46,7 +46,7 @@ def measure(entry: str) -> dict:
 
 
 def main() -> None:
-    from fippure.provenance import provenance
+    from fippure.provenance import measured_by, provenance
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("entries", nargs="*", help="zoo entries (default: all but clean)")
@@ -85,8 +85,7 @@ def main() -> None:
         + (", ".join(below) if below else "none")
         + ".",
         "",
-        f"Measured by `{meta['command']}` at {meta['git_revision']} on {meta['machine']}, "
-        f"{meta['date']}.",
+        measured_by(meta),
     ]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quantised_asr.json").write_text(json.dumps({"rows": rows, **meta}, indent=1))

@@ -74,3 +74,12 @@ def provenance() -> dict[str, str]:
 
 
 _IMPORTED_REVISION = git_revision()
+
+
+def measured_by(meta: dict[str, str]) -> str:
+    """The closing line of a results table: "Measured by `COMMAND` at REV on MACHINE, DATE."
+    for a :func:`provenance` dict."""
+    return (
+        f"Measured by `{meta['command']}` at {meta['git_revision']} on {meta['machine']}, "
+        f"{meta['date']}."
+    )

@@ -211,3 +211,7 @@ def test_results_name_the_revision_of_the_running_code(monkeypatch):
     assert stamp["git_revision"] == "abc123" and stamp["git_revision_at_write"] == "def456"
     monkeypatch.setattr(provenance, "git_revision", lambda short=False: "abc123")
     assert "git_revision_at_write" not in provenance.provenance()
+    # and a results table's closing line names the command, that revision, machine and date
+    line = provenance.measured_by(stamp)
+    assert line.startswith(f"Measured by `{stamp['command']}` at abc123 on {stamp['machine']}")
+    assert line.endswith(f"{stamp['date']}.")
