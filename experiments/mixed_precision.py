@@ -146,8 +146,11 @@ def report_markdown(results: list[dict], meta: dict) -> str:
                 acc = statistics.median(m["acc"] for m in chosen)
                 asr = statistics.median(m["asr"] for m in chosen)
                 lines.append(f"- {dtype}: {acc:.3f} / {asr:.3f} ({len(chosen)} seeds)")
+    revisions = sorted({r["git_revision"] for r in results})
     lines += [
         "",
+        f"The runs were made at {', '.join(revisions)} (each saved as it finished, so a rerun "
+        "of the script reuses them).",
         measured_by(meta),
     ]
     return "\n".join(lines) + "\n"
