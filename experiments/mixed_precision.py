@@ -109,8 +109,8 @@ def report_markdown(results: list[dict], meta: dict) -> str:
         "",
         "The same defense, setting, clean set and seed with the model computing in float32 and "
         "in bfloat16 (`--dtype bfloat16`: float32 weights, BatchNorm statistics, logits and "
-        "loss). Each cell: ACC / ASR after the defense (before it for the first row of each "
-        "model). This measures quality only: on the CPU bfloat16 arithmetic is emulated, so "
+        "loss). Each cell: ACC / ASR, of the undefended model (`before`) and after the defense. "
+        "This measures quality only: on the CPU bfloat16 arithmetic is emulated, so "
         "the step times (last columns) say nothing about an accelerator.",
         "",
         "| model | defense (setting) | seed | before | float32 | bfloat16 | ms/step f32 | "
