@@ -100,6 +100,18 @@ FIP_AVERAGED_TRANSFER = {**FIP_ANCHORED_TRANSFER, "trace_probes": "4"}
 #: 0.030, so those two seed-0 cells are not held out.
 FIP_MIDWAY_AVERAGED_TRANSFER = {**FIP_AVERAGED_TRANSFER, "eta_F": "2.5"}
 
+#: Fast FIP on FIP's midway_averaged_transfer footing, with the BatchNorm scales and offsets
+#: trained next to the shifts (SPEC section 3's choice, the other way), lr 0.05 and eta_r 1.
+#: Chosen after seed-0 BadNets probes (experiments/results/probes/fast_fip_anchor.md;
+#: test-set measurements): at eta_r 10 the anchor pins the shifts (ASR 0.60 at lr 0.05), at
+#: eta_r 3 / 1 / 0 ASR fell to 0.094 / 0.016 / 0.017 with ACC 0.859 / 0.844 / 0.802.
+FAST_FIP_AFFINE_TRANSFER = {
+    **FIP_MIDWAY_AVERAGED_TRANSFER,
+    "learning_rate": "0.05",
+    "eta_r": "1",
+    "tune_bn_affine": "true",
+}
+
 #: One configuration per method, at its default and at a gentle learning rate. FT and FT-SAM
 #: use FIP's optimiser (constant lr, momentum 0.95, no weight decay) at FIP's two rates.
 FIP_OPTIMISER = {"momentum": "0.95", "schedule": "constant", "weight_decay": "0"}
@@ -123,7 +135,11 @@ METHODS: dict[str, dict[str, dict[str, str]]] = {
         "averaged_transfer": FIP_AVERAGED_TRANSFER,
         "midway_averaged_transfer": FIP_MIDWAY_AVERAGED_TRANSFER,
     },
-    "fast_fip": {"default": {"learning_rate": "0.005"}, "gentle": {"learning_rate": "0.001"}},
+    "fast_fip": {
+        "default": {"learning_rate": "0.005"},
+        "gentle": {"learning_rate": "0.001"},
+        "affine_transfer": FAST_FIP_AFFINE_TRANSFER,
+    },
     "nft": {
         "default": {"learning_rate": "0.05"},
         # 0.02, where NFT's lr floor sits: the schedule is constant at 0.02. (These runs asked
@@ -193,6 +209,7 @@ TUNED_ON: dict[tuple[str, str], frozenset[str]] = {
         ("fip", "anchored_transfer"): _FIP_ANCHORED_TUNED,
         ("fip", "averaged_transfer"): _FIP_ANCHORED_TUNED,
         ("fip", "midway_averaged_transfer"): _FIP_ANCHORED_TUNED,
+        ("fast_fip", "affine_transfer"): _FIP_ANCHORED_TUNED,
         ("ft", "short_transfer"): {"blend", "badnets"},
         ("ft", "brief_transfer"): {"blend"} | _FIP_BRIEF_TUNED,
         ("nft", "transfer"): _NFT_TRANSFER_TUNED,

@@ -13,6 +13,12 @@ D_v (**choice**; ``tune_bn_affine`` trains the BatchNorm scales and offsets as w
 ``bn_train=False`` keeps the statistics). PreAct-ResNet-18 has about 4.3k shifts at width 64
 (1.1k at width 16).
 
+The anchor strength ``eta_r`` does not carry over from FIP: the anchor weighs each tuned
+scalar by its diagonal Fisher, and a shift's (or a BatchNorm scale's) entry is far larger
+than a weight's (on the zoo's BadNets model 8x and 70x the mean per weight). FIP's eta_r 10
+pinned the shifts and left the backdoor; eta_r 1 with ``tune_bn_affine`` removed it
+(``experiments/results/probes/fast_fip_anchor.md``).
+
 Cost per step: the paper reports Fast FIP about 5x faster than FIP
 (``experiments/fast_fip_speed.py`` measures it; results in
 ``experiments/results/fast_fip_speed.md``). The saving does not come from the number of tuned
