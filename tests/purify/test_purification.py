@@ -51,14 +51,27 @@ def test_fine_tuning_alone_leaves_that_backdoor_in_place(digits_badnets):
 def test_ngf_purifies_the_zoo_badnets_model_with_its_defaults(
     cifar10_data_dir, optimized_compilation
 ):
-    """SPEC section 5 defaults (2000 natural-gradient steps on the head, 1% clean)."""
-    checkpoint = ZOO / "badnets"
-    assert (checkpoint / "metadata.json").exists(), f"the zoo entry {checkpoint} is missing"
-    result = run_defense(checkpoint, "ngf", data_dir=cifar10_data_dir, progress=False)
-    before, after = result["before"], result["after"]
-    assert before["asr"] > 0.9
-    assert after["asr"] < 0.05, after
-    assert after["acc"] > before["acc"] - 0.03, after
+    """SPEC section 5 defaults (2000 natural-gradient steps on the head, 1% clean), judged on
+    the first 3,000 test images and their triggered copies, as the NFT test below (the whole
+    test split is in ``experiments/results/purify_cifar10_w16.md``: 0.854 / 0.000)."""
+    backdoored = load_backdoored(ZOO / "badnets", data_dir=cifar10_data_dir)
+    judged = np.arange(3000)
+    test = backdoored.test.subset(judged)
+    triggered = backdoored.triggered.of_test_images(judged)
+    variables, report = get_defense("ngf").purify(
+        backdoored.model,
+        backdoored.variables,
+        backdoored.clean,
+        make_config("ngf", {}),
+        jax.random.key(0),
+        progress=False,
+    )
+    assert report.steps == 2000
+    before = evaluate_backdoor(backdoored.model, backdoored.variables, test, triggered)
+    after = evaluate_backdoor(backdoored.model, variables, test, triggered)
+    assert before.asr > 0.9, before
+    assert after.asr < 0.05, after
+    assert after.acc > before.acc - 0.03, after
 
 
 @pytest.mark.slow
