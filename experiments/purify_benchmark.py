@@ -139,6 +139,9 @@ METHODS: dict[str, dict[str, dict[str, str]]] = {
         "default": {"learning_rate": "0.005"},
         "gentle": {"learning_rate": "0.001"},
         "affine_transfer": FAST_FIP_AFFINE_TRANSFER,
+        # The same without the trace penalty: cross-entropy and the anchor on the same
+        # scalars, rate and budget, so the table shows what the Fisher trace adds.
+        "affine_transfer_no_trace": {**FAST_FIP_AFFINE_TRANSFER, "eta_F": "0"},
     },
     "nft": {
         "default": {"learning_rate": "0.05"},
@@ -210,6 +213,7 @@ TUNED_ON: dict[tuple[str, str], frozenset[str]] = {
         ("fip", "averaged_transfer"): _FIP_ANCHORED_TUNED,
         ("fip", "midway_averaged_transfer"): _FIP_ANCHORED_TUNED,
         ("fast_fip", "affine_transfer"): _FIP_ANCHORED_TUNED,
+        ("fast_fip", "affine_transfer_no_trace"): _FIP_ANCHORED_TUNED,
         ("ft", "short_transfer"): {"blend", "badnets"},
         ("ft", "brief_transfer"): {"blend"} | _FIP_BRIEF_TUNED,
         ("nft", "transfer"): _NFT_TRANSFER_TUNED,
