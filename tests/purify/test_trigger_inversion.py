@@ -1,0 +1,107 @@
+"""Neural Cleanse trigger inversion on D_v (a defender's own trigger, SPEC section 1)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fippure.errors import InvalidInputError
+from fippure.purify.trigger_inversion import (
+    InversionConfig,
+    anomaly_index,
+    flagged_classes,
+    invert_trigger,
+    scan_classes,
+    stamp,
+    synthesized_asr,
+)
+
+FAST = InversionConfig(steps=150)
+#: For the tests of reproducibility and input checks, which need no converged trigger.
+BRIEF = InversionConfig(steps=20)
+
+
+@pytest.fixture(scope="module")
+def digits_scan(digits_badnets, full_optimization):
+    """Neural Cleanse over the ten digit classes on the 144 clean images."""
+    b = digits_badnets
+    with full_optimization():
+        return scan_classes(b.model, b.variables, b.clean, FAST, jax.random.key(0))
+
+
+def test_stamp_blends_image_and_pattern_by_the_mask():
+    images = jnp.full((2, 4, 4, 3), 0.25)
+    pattern = jnp.full((4, 4, 3), 0.75)
+    mask = jnp.zeros((4, 4, 1)).at[0, 0].set(1.0).at[1, 1].set(0.5)
+    out = stamp(images, mask, pattern)
+    np.testing.assert_allclose(out[:, 0, 0], 0.75)
+    np.testing.assert_allclose(out[:, 1, 1], 0.5)
+    np.testing.assert_allclose(out[:, 2, 2], 0.25)
+
+
+def test_anomaly_index_is_the_distance_from_the_median_in_mad_units():
+    norms = np.array([1.0, 10.0, 11.0, 12.0, 13.0])
+    mad = 1.4826 * np.median(np.abs(norms - 11.0))  # |deviations| 10, 1, 0, 1, 2 -> 1
+    np.testing.assert_allclose(anomaly_index(norms), np.abs(norms - 11.0) / mad)
+    assert flagged_classes(norms, 2.0) == (0,)
+    # a class far *above* the median is not a backdoor's target
+    assert flagged_classes(np.array([10.0, 11.0, 12.0, 13.0, 60.0]), 2.0) == ()
+    np.testing.assert_array_equal(anomaly_index(np.full(4, 3.0)), 0.0)
+
+
+def test_the_backdoor_target_needs_the_smallest_trigger(digits_badnets, digits_scan):
+    """On 8x8 digits BadNets' target gets the smallest mask of the ten classes, and that
+    trigger, found on the 144 clean images only, also fires on the test split."""
+    b, scan = digits_badnets, digits_scan
+    norms = scan.mask_l1
+    assert int(np.argmin(norms)) == b.target, scan.to_dict()
+    assert norms[b.target] < 0.75 * np.median(norms), scan.to_dict()
+    trigger = scan.triggers[b.target]
+    assert trigger.mask.shape == (*b.spec.image_shape[:2], 1)
+    assert trigger.pattern.shape == b.spec.image_shape
+    assert 0.0 <= trigger.mask.min() and trigger.mask.max() <= 1.0
+    assert trigger.success > 0.9
+    test_asr = synthesized_asr(b.model, b.variables, b.test.images, b.test.labels, trigger, b.spec)
+    assert test_asr > 0.8
+
+
+def test_inversion_is_reproducible_from_its_key(digits_badnets):
+    b = digits_badnets
+    first, second = (
+        invert_trigger(b.model, b.variables, b.clean, 3, BRIEF, jax.random.key(7)) for _ in range(2)
+    )
+    np.testing.assert_array_equal(first.mask, second.mask)
+    assert first.mask_l1 == second.mask_l1
+
+
+def test_synthesized_asr_counts_only_images_outside_the_target(digits_badnets, digits_scan):
+    b = digits_badnets
+    trigger = digits_scan.triggers[b.target]
+    only_target = b.clean.labels == b.target
+    assert np.isnan(
+        synthesized_asr(
+            b.model,
+            b.variables,
+            b.clean.images[only_target],
+            b.clean.labels[only_target],
+            trigger,
+            b.spec,
+        )
+    )
+
+
+def test_bad_inputs_get_one_line_errors(digits_badnets):
+    b = digits_badnets
+    with pytest.raises(InvalidInputError, match="not a class"):
+        invert_trigger(b.model, b.variables, b.clean, 10, BRIEF)
+    with pytest.raises(InvalidInputError, match="class index"):
+        invert_trigger(b.model, b.variables, b.clean, 1.5, BRIEF)
+    with pytest.raises(InvalidInputError, match="success_threshold"):
+        InversionConfig(success_threshold=0.0)
+    with pytest.raises(InvalidInputError, match="cost_multiplier"):
+        InversionConfig(cost_multiplier=1.0)
+    missing = b.clean.subset(np.flatnonzero(b.clean.labels != 4))
+    with pytest.raises(InvalidInputError):
+        invert_trigger(b.model, b.variables, missing, 0, BRIEF)
