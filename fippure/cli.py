@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from fippure.errors import FippureError
 
 #: Subcommand modules, in the order ``fippure --help`` lists them.
-COMMANDS = ("train", "attack", "purify", "analyze", "demo")
+COMMANDS = ("train", "attack", "purify", "detect", "analyze", "demo")
 
 
 class OneLineParser(argparse.ArgumentParser):

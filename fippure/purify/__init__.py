@@ -5,19 +5,35 @@ one on a checkpoint and evaluating it. :func:`recompute_batch_stats` re-estimate
 model's BatchNorm statistics on the clean set (what ``final_batch_stats="recompute"`` does in a
 defense's config). Every defense also takes ``checkpointing=Checkpointing(directory)``: it
 saves its progress there and, killed and called again the same way, resumes from it.
+:mod:`fippure.purify.trigger_inversion` synthesizes a trigger from the clean set (Neural
+Cleanse), for choices a defender must make without test data.
 """
 
 from fippure.purify.batch_stats import recompute_batch_stats
 from fippure.purify.common import PurifyReport
 from fippure.purify.registry import DEFENSES, Defense, get_defense, make_config
 from fippure.purify.resume import Checkpointing
+from fippure.purify.trigger_inversion import (
+    InversionConfig,
+    InvertedTrigger,
+    TriggerScan,
+    invert_trigger,
+    scan_classes,
+    synthesized_asr,
+)
 
 __all__ = [
     "Checkpointing",
     "DEFENSES",
     "Defense",
+    "InversionConfig",
+    "InvertedTrigger",
     "PurifyReport",
+    "TriggerScan",
     "get_defense",
+    "invert_trigger",
     "make_config",
     "recompute_batch_stats",
+    "scan_classes",
+    "synthesized_asr",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,3 +107,37 @@ def test_bad_inputs_get_one_line_errors(digits_badnets):
     missing = b.clean.subset(np.flatnonzero(b.clean.labels != 4))
     with pytest.raises(InvalidInputError):
         invert_trigger(b.model, b.variables, missing, 0, BRIEF)
+
+
+def test_detect_command_writes_the_scan(digits_badnets_path, tmp_path, capsys):
+    from fippure import cli
+
+    out = tmp_path / "scan"
+    argv = ["detect", "--checkpoint", str(digits_badnets_path), "--set", "steps=5"]
+    assert cli.main([*argv, "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "mask px" in printed and "flagged" in printed
+    scan = json.loads((out / "scan.json").read_text())
+    assert len(scan["mask_l1"]) == 10 and scan["config"]["steps"] == 5
+    with np.load(out / "triggers.npz") as saved:
+        assert saved["masks"].shape == (10, 8, 8, 1)
+        assert saved["patterns"].shape == (10, 8, 8, 1)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("step=5", "unknown trigger inversion option 'step'"),
+        ("steps=0", "steps must be >= 1"),
+        ("learning_rate=fast", "inversion.learning_rate"),
+    ],
+)
+def test_detect_command_rejects_bad_options_in_one_line(
+    digits_badnets_path, capsys, option, message
+):
+    from fippure import cli
+
+    argv = ["detect", "--checkpoint", str(digits_badnets_path), "--set", option]
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0], err
