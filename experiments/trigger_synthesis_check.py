@@ -19,7 +19,9 @@ is needed. This script measures whether such a trigger is a usable proxy on the 
     python experiments/trigger_synthesis_check.py [--attacks badnets blend ...] [--report-only]
 
 writes ``experiments/results/trigger_synthesis/<attack>.json`` (one per attack, so a killed run
-resumes at the next attack) and ``experiments/results/trigger_synthesis.{json,md}``.
+resumes at the next attack), the ten triggers of each attack's scan
+(``<attack>_triggers.npz``, with the split's rows) and
+``experiments/results/trigger_synthesis.{json,md}``.
 """
 
 from __future__ import annotations
@@ -100,6 +102,13 @@ def run_attack(attack: str) -> dict:
     scan_seconds = time.perf_counter() - start
     suspect = scan.flagged[0] if scan.flagged else int(np.argmin(scan.mask_l1))
     trigger = scan.triggers[suspect]
+    np.savez(
+        OUT / f"{attack}_triggers.npz",
+        masks=np.stack([t.mask for t in scan.triggers]),
+        patterns=np.stack([t.pattern for t in scan.triggers]),
+        fit_rows=fit_rows,
+        validation_rows=validation_rows,
+    )
     test = backdoored.test
     test_synth = synthesized_asr(
         backdoored.model, backdoored.variables, test.images, test.labels, trigger, spec

@@ -93,7 +93,7 @@ class InversionConfig:
         check_config(self, INVERSION_RULES)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class InvertedTrigger:
     """A synthesized trigger for one target class.
 
@@ -121,7 +121,7 @@ class InvertedTrigger:
         return stamp(to_unit_range(jnp.asarray(images)), self.mask, self.pattern)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class TriggerScan:
     """One trigger per class and Neural Cleanse's outlier test over their mask norms.
 
