@@ -229,7 +229,9 @@ def write_summary(results: list[dict]) -> None:
                 f"| {r['attack']} | {c['step']} | {c['validation_synth_asr']:.3f} | "
                 f"{c['validation_acc']:.2f} | {t['acc']:.3f} / {t['asr']:.3f} |"
             )
-    lines += ["", measured_by(provenance())]
+    prov = provenance()
+    lines += ["", *(f"{r['attack']}: {measured_by(r)}" for r in results)]
+    lines += [f"Report written by `{prov['command']}` at {prov['git_revision']}."]
     SUMMARY.with_suffix(".md").write_text("\n".join(lines) + "\n")
     SUMMARY.with_suffix(".json").write_text(
         json.dumps({"results": results, "provenance": provenance()}, indent=1, default=float)
@@ -244,20 +246,11 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.05)
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
-    from fippure.provenance import provenance
 
-    OUT.mkdir(parents=True, exist_ok=True)
-    results = []
-    for attack in args.attacks:
-        path = OUT / f"{attack}.json"
-        if not path.exists():
-            if args.report_only:
-                continue
-            result = run_attack(attack, args.max_steps, args.every, args.threshold)
-            path.write_text(json.dumps({**result, **provenance()}, indent=1, default=float))
-            print(f"{attack}: stop at {result['chosen_step']}", flush=True)
-        results.append(json.loads(path.read_text()))
-    write_summary(results)
+    def run(attack: str) -> dict:
+        return run_attack(attack, args.max_steps, args.every, args.threshold)
+
+    write_summary(scans.per_attack(args.attacks, OUT, run, args.report_only))
 
 
 if __name__ == "__main__":

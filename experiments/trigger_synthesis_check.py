@@ -109,47 +109,10 @@ def run_attack(attack: str) -> dict:
         fit_rows=fit_rows,
         validation_rows=validation_rows,
     )
-    test = backdoored.test
-    test_synth = synthesized_asr(
-        backdoored.model, backdoored.variables, test.images, test.labels, trigger, spec
-    )
-    result = {
-        "attack": attack,
-        "target": backdoored.target,
-        "scan": scan.to_dict(),
-        "scan_seconds": round(scan_seconds, 1),
-        "suspect": suspect,
-        "suspect_flagged": bool(scan.flagged),
-        "models": {
-            "undefended": {
-                "test": evaluate(backdoored, backdoored.variables),
-                "test_synth_asr": test_synth,
-                **defender_view(
-                    backdoored.model,
-                    backdoored.variables,
-                    validation,
-                    trigger,
-                    spec,
-                    config,
-                    jax.random.key(1),
-                    fit,
-                ),
-            }
-        },
-    }
-    reduced = dataclasses.replace(
-        backdoored, clean=fit, clean_indices=backdoored.clean_indices[fit_rows]
-    )
-    for method, setting in PURIFICATIONS:
-        variables, report = get_defense(method).purify(
-            reduced.model,
-            reduced.variables,
-            reduced.clean,
-            make_config(method, overrides_for(method, setting)),
-            jax.random.key(0),
-            progress=True,
-        )
-        result["models"][f"{method} {setting}"] = {
+
+    def measured(variables) -> dict:
+        """The test split's numbers (never the defender's) beside the defender's own."""
+        return {
             "test": evaluate(backdoored, variables),
             "test_synth_asr": synthesized_asr(
                 backdoored.model, variables, test.images, test.labels, trigger, spec
@@ -164,6 +127,32 @@ def run_attack(attack: str) -> dict:
                 jax.random.key(1),
                 fit,
             ),
+        }
+
+    test = backdoored.test
+    result = {
+        "attack": attack,
+        "target": backdoored.target,
+        "scan": scan.to_dict(),
+        "scan_seconds": round(scan_seconds, 1),
+        "suspect": suspect,
+        "suspect_flagged": bool(scan.flagged),
+        "models": {"undefended": measured(backdoored.variables)},
+    }
+    reduced = dataclasses.replace(
+        backdoored, clean=fit, clean_indices=backdoored.clean_indices[fit_rows]
+    )
+    for method, setting in PURIFICATIONS:
+        variables, report = get_defense(method).purify(
+            reduced.model,
+            reduced.variables,
+            reduced.clean,
+            make_config(method, overrides_for(method, setting)),
+            jax.random.key(0),
+            progress=True,
+        )
+        result["models"][f"{method} {setting}"] = {
+            **measured(variables),
             "wall_time_s": report.wall_time_s,
         }
     return result
@@ -218,11 +207,31 @@ def write_summary(results: list[dict]) -> None:
                 f"{m['reinverted_success']:.2f} | {t['acc']:.3f} / {t['asr']:.3f} |"
             )
     prov = provenance()
-    lines += ["", measured_by(prov)]
+    lines += ["", *(f"{r['attack']}: {measured_by(r)}" for r in results)]
+    lines += [f"Report written by `{prov['command']}` at {prov['git_revision']}."]
     SUMMARY.with_suffix(".md").write_text("\n".join(lines) + "\n")
     SUMMARY.with_suffix(".json").write_text(
         json.dumps({"results": results, "provenance": prov}, indent=1, default=float)
     )
+
+
+def per_attack(attacks, out: pathlib.Path, run, report_only: bool) -> list[dict]:
+    """``run(attack)`` for each attack without a result in ``out/<attack>.json`` yet (each
+    saved as it finishes, with provenance, so a killed run resumes at the next attack); the
+    results of all ``attacks`` that have one."""
+    from fippure.provenance import provenance
+
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for attack in attacks:
+        path = out / f"{attack}.json"
+        if not path.exists():
+            if report_only:
+                continue
+            path.write_text(json.dumps({**run(attack), **provenance()}, indent=1, default=float))
+            print(f"{attack}: done", flush=True)
+        results.append(json.loads(path.read_text()))
+    return results
 
 
 def main() -> None:
@@ -230,20 +239,7 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="*", default=list(ATTACKS))
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
-    from fippure.provenance import provenance
-
-    OUT.mkdir(parents=True, exist_ok=True)
-    results = []
-    for attack in args.attacks:
-        path = OUT / f"{attack}.json"
-        if not path.exists():
-            if args.report_only:
-                continue
-            result = {**run_attack(attack), **provenance()}
-            path.write_text(json.dumps(result, indent=1, default=float))
-            print(f"{attack}: done", flush=True)
-        results.append(json.loads(path.read_text()))
-    write_summary(results)
+    write_summary(per_attack(args.attacks, OUT, run_attack, args.report_only))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,23 @@ def add_dtype_flag(parser: argparse.ArgumentParser, help: str) -> None:
     )
 
 
+def add_overrides_flag(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable): configuration overrides, collected as pairs."""
+    parser.add_argument(
+        "--set", type=key_value, action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
+def add_clean_subset_flag(parser: argparse.ArgumentParser) -> None:
+    """``--clean``: a smaller clean set drawn from a checkpoint's stored one."""
+    parser.add_argument(
+        "--clean",
+        type=clean_size,
+        default=None,
+        help="use a clean set of this size (count or fraction), drawn from the stored one",
+    )
+
+
 def clean_size(text: str) -> int | float:
     """Parses ``--clean``: a count (``500``, ``10``) or a fraction (``0.01``)."""
     try:

@@ -49,7 +49,7 @@ DIGITS_FIP = {
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from fippure.cli import key_value, seed_int
+    from fippure.cli import add_overrides_flag, seed_int
 
     parser.add_argument("--dataset", default="cifar10", choices=("cifar10", "digits"))
     parser.add_argument(
@@ -58,14 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="backdoored CIFAR-10 checkpoint to purify (default: the zoo's BadNets model)",
     )
     parser.add_argument("--out", default="runs/demo", help="output directory")
-    parser.add_argument(
-        "--set",
-        type=key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override an FIP config value (repeatable)",
-    )
+    add_overrides_flag(parser, "override an FIP config value (repeatable)")
     parser.add_argument("--data-dir", default=None, help="TFDS data directory ($TFDS_DATA_DIR)")
     parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--no-progress", action="store_true")

@@ -16,22 +16,12 @@ HELP = (
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from fippure.cli import clean_size, key_value, seed_int
+    from fippure.cli import add_clean_subset_flag, add_overrides_flag, seed_int
 
     parser.add_argument("--checkpoint", required=True, help="a fippure checkpoint")
-    parser.add_argument(
-        "--clean",
-        type=clean_size,
-        default=None,
-        help="use a clean set of this size (count or fraction), drawn from the stored one",
-    )
-    parser.add_argument(
-        "--set",
-        type=key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override an InversionConfig value, e.g. --set steps=150 (repeatable)",
+    add_clean_subset_flag(parser)
+    add_overrides_flag(
+        parser, "override an InversionConfig value, e.g. --set steps=150 (repeatable)"
     )
     parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument(

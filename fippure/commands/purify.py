@@ -10,24 +10,12 @@ HELP = "purify a backdoored checkpoint with a defense and report ACC/ASR/RA/DER"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from fippure.cli import add_dtype_flag, clean_size, key_value, seed_int
+    from fippure.cli import add_clean_subset_flag, add_dtype_flag, add_overrides_flag, seed_int
 
     parser.add_argument("--checkpoint", required=True, help="a fippure attack checkpoint")
     parser.add_argument("--defense", required=True, help="defense name (fip, nft, ...)")
-    parser.add_argument(
-        "--clean",
-        type=clean_size,
-        default=None,
-        help="use a clean set of this size (count or fraction), drawn from the stored one",
-    )
-    parser.add_argument(
-        "--set",
-        type=key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set eta_F=0.001 (repeatable)",
-    )
+    add_clean_subset_flag(parser)
+    add_overrides_flag(parser, "override a config value, e.g. --set eta_F=0.001 (repeatable)")
     add_dtype_flag(
         parser,
         "compute in this dtype instead of the checkpoint's (bfloat16 on GPU/TPU; the "
