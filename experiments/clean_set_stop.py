@@ -38,7 +38,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import trigger_synthesis_check as scans  # noqa: E402
-from trigger_synthesis_check import ATTACKS, INVERSION, VALIDATION_PER_CLASS, ZOO  # noqa: E402
+from purify_benchmark import CORE_ATTACKS  # noqa: E402
+from trigger_synthesis_check import INVERSION, VALIDATION_PER_CLASS, ZOO  # noqa: E402
 
 SCANS = scans.OUT
 split_validation = scans.split_validation
@@ -240,7 +241,7 @@ def write_summary(results: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--attacks", nargs="*", default=list(ATTACKS))
+    parser.add_argument("--attacks", nargs="*", default=list(CORE_ATTACKS))
     parser.add_argument("--max-steps", type=int, default=200)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--threshold", type=float, default=0.05)
