@@ -182,8 +182,6 @@ def run_attack(attack: str, max_steps: int, every: int, threshold: float) -> dic
 
 
 def write_summary(results: list[dict]) -> None:
-    from fippure.provenance import measured_by, provenance
-
     fixed = {}
     for r in results:
         path = SCANS / f"{r['attack']}.json"
@@ -230,13 +228,7 @@ def write_summary(results: list[dict]) -> None:
                 f"| {r['attack']} | {c['step']} | {c['validation_synth_asr']:.3f} | "
                 f"{c['validation_acc']:.2f} | {t['acc']:.3f} / {t['asr']:.3f} |"
             )
-    prov = provenance()
-    lines += ["", *(f"{r['attack']}: {measured_by(r)}" for r in results)]
-    lines += [f"Report written by `{prov['command']}` at {prov['git_revision']}."]
-    SUMMARY.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    SUMMARY.with_suffix(".json").write_text(
-        json.dumps({"results": results, "provenance": provenance()}, indent=1, default=float)
-    )
+    scans.write_report(SUMMARY, lines, results)
 
 
 def main() -> None:

@@ -192,8 +192,6 @@ def run_attack(attack: str) -> dict:
 
 
 def write_summary(results: list[dict]) -> None:
-    from fippure.provenance import measured_by, provenance
-
     lines = [
         "# Neural Cleanse on D_v as the defender's proxy (CIFAR-10, PreAct-ResNet-18 w16)",
         "",
@@ -239,11 +237,18 @@ def write_summary(results: list[dict]) -> None:
                 f"{m['validation_synth_asr']:.3f} | {m['reinverted_mask_l1']:.1f} / "
                 f"{m['reinverted_success']:.2f} | {t['acc']:.3f} / {t['asr']:.3f} |"
             )
+    write_report(SUMMARY, lines, results)
+
+
+def write_report(summary: pathlib.Path, lines: list[str], results: list[dict]) -> None:
+    """``summary.md`` (``lines``, then each attack's provenance) and ``summary.json``."""
+    from fippure.provenance import measured_by, provenance
+
     prov = provenance()
-    lines += ["", *(f"{r['attack']}: {measured_by(r)}" for r in results)]
+    lines = [*lines, "", *(f"{r['attack']}: {measured_by(r)}" for r in results)]
     lines += [f"Report written by `{prov['command']}` at {prov['git_revision']}."]
-    SUMMARY.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    SUMMARY.with_suffix(".json").write_text(
+    summary.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    summary.with_suffix(".json").write_text(
         json.dumps({"results": results, "provenance": prov}, indent=1, default=float)
     )
 
