@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import typing
 
 NAME = "detect"
 HELP = (
@@ -33,18 +32,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def inversion_config(overrides: dict[str, str]):
     """An :class:`InversionConfig` with ``overrides`` parsed and checked (one-line errors)."""
-    from fippure.errors import UnknownNameError
-    from fippure.purify.registry import parse_value
+    from fippure.purify.registry import config_with_overrides
     from fippure.purify.trigger_inversion import InversionConfig
 
-    hints = typing.get_type_hints(InversionConfig)
-    fields = {f.name for f in dataclasses.fields(InversionConfig)}
-    values = {}
-    for key, raw in overrides.items():
-        if key not in fields:
-            raise UnknownNameError("trigger inversion option", key, fields)
-        values[key] = parse_value(raw, hints[key], f"inversion.{key}")
-    return InversionConfig(**values)
+    return config_with_overrides(InversionConfig, overrides, "trigger inversion")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -70,7 +70,17 @@ def make_config(name: str, overrides: Mapping[str, Any] | None = None) -> Any:
         UnknownNameError: for an unknown defense or config key.
         InvalidInputError: for a value of the wrong type.
     """
-    cls = get_defense(name).config_class
+    return config_with_overrides(get_defense(name).config_class, overrides, name)
+
+
+def config_with_overrides(cls: type, overrides: Mapping[str, Any] | None, name: str) -> Any:
+    """``cls(**overrides)`` for a config dataclass, with string values parsed by the fields'
+    types and one-line errors naming ``name`` (``"fip"``, ``"trigger inversion"``).
+
+    Raises:
+        UnknownNameError: for a key that is not a field of ``cls``.
+        InvalidInputError: for a value of the wrong type or out of range.
+    """
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {}
