@@ -52,44 +52,22 @@ CHARTED = 2000
 
 
 def suspect_trigger(attack: str, backdoored, fit):
-    """The suspect trigger of the attack's scan (run here, and saved, if the scan is missing)."""
+    """The suspect trigger of the attack's scan (run here, and saved, if the scan is missing),
+    and whether it was flagged."""
     import jax
 
-    from fippure.purify.trigger_inversion import (
-        InversionConfig,
-        InvertedTrigger,
-        flagged_classes,
-        scan_classes,
-    )
+    from fippure.purify.trigger_inversion import InversionConfig, scan_classes
 
+    config = InversionConfig(**INVERSION)
     saved = SCANS / f"{attack}_triggers.npz"
-    if not saved.exists():
+    if saved.exists():
+        scan = scans.load_scan(saved, backdoored.model, backdoored.variables, fit, config)
+    else:
         scan = scan_classes(
-            backdoored.model,
-            backdoored.variables,
-            fit,
-            InversionConfig(**INVERSION),
-            jax.random.key(0),
-            progress=True,
+            backdoored.model, backdoored.variables, fit, config, jax.random.key(0), progress=True
         )
-        np.savez(
-            saved,
-            masks=np.stack([t.mask for t in scan.triggers]),
-            patterns=np.stack([t.pattern for t in scan.triggers]),
-        )
-    with np.load(saved) as arrays:
-        masks, patterns = arrays["masks"], arrays["patterns"]
-    norms = masks.reshape(len(masks), -1).sum(-1)
-    flagged = flagged_classes(norms, InversionConfig().anomaly_threshold)
-    suspect = flagged[0] if flagged else int(np.argmin(norms))
-    return InvertedTrigger(
-        target=suspect,
-        mask=masks[suspect],
-        pattern=patterns[suspect],
-        mask_l1=float(norms[suspect]),
-        success=float("nan"),
-        reached_threshold=True,
-    ), bool(flagged)
+        scans.save_scan(saved, scan)
+    return scan.triggers[scans.suspect_of(scan)], bool(scan.flagged)
 
 
 def run_attack(attack: str, max_steps: int, every: int, threshold: float) -> dict:

@@ -83,6 +83,21 @@ def defender_view(model, variables, validation, trigger, spec, config, key, fit)
     }
 
 
+def suspect_of(scan) -> int:
+    """The defender's suspect: the first flagged class, else the one with the smallest mask."""
+    return scan.flagged[0] if scan.flagged else int(np.argmin(scan.mask_l1))
+
+
+def save_scan(path: pathlib.Path, scan, **extra) -> None:
+    """The scan's masks and patterns (and ``extra`` arrays) as ``path`` (``.npz``)."""
+    np.savez(
+        path,
+        masks=np.stack([t.mask for t in scan.triggers]),
+        patterns=np.stack([t.pattern for t in scan.triggers]),
+        **extra,
+    )
+
+
 def load_scan(path: pathlib.Path, model, variables, fit, config):
     """A scan saved as ``<attack>_triggers.npz``, each trigger's success measured again on
     ``fit``."""
@@ -133,15 +148,9 @@ def run_attack(attack: str) -> dict:
             backdoored.model, backdoored.variables, fit, config, jax.random.key(0), progress=True
         )
         scan_seconds = round(time.perf_counter() - start, 1)
-    suspect = scan.flagged[0] if scan.flagged else int(np.argmin(scan.mask_l1))
+    suspect = suspect_of(scan)
     trigger = scan.triggers[suspect]
-    np.savez(
-        saved,
-        masks=np.stack([t.mask for t in scan.triggers]),
-        patterns=np.stack([t.pattern for t in scan.triggers]),
-        fit_rows=fit_rows,
-        validation_rows=validation_rows,
-    )
+    save_scan(saved, scan, fit_rows=fit_rows, validation_rows=validation_rows)
 
     def measured(variables) -> dict:
         """The test split's numbers (never the defender's) beside the defender's own."""
