@@ -70,7 +70,7 @@ def suspect_trigger(attack: str, backdoored, fit):
     return scan.triggers[scans.suspect_of(scan)], bool(scan.flagged)
 
 
-def run_attack(attack: str, max_steps: int, every: int, threshold: float) -> dict:
+def run_attack(attack: str, max_steps: int, every: int, threshold: float, seed: int = 0) -> dict:
     import jax
     from purify_benchmark import overrides_for
 
@@ -98,7 +98,7 @@ def run_attack(attack: str, max_steps: int, every: int, threshold: float) -> dic
     defense = get_defense(METHOD)
     overrides = overrides_for(METHOD, SETTING, steps=max_steps)
     config = make_config(METHOD, overrides)
-    key = jax.random.key(0)
+    key = jax.random.key(seed)
     checks: list[dict] = []
 
     def observer(step: int, variables) -> None:
@@ -149,6 +149,7 @@ def run_attack(attack: str, max_steps: int, every: int, threshold: float) -> dic
         "target": backdoored.target,
         "suspect": trigger.target,
         "suspect_flagged": flagged,
+        "seed": seed,
         "rule": {"threshold": threshold, "every": every, "max_steps": max_steps},
         "checks": checks,
         "chosen_step": chosen,
@@ -159,7 +160,52 @@ def run_attack(attack: str, max_steps: int, every: int, threshold: float) -> dic
     }
 
 
-def write_summary(results: list[dict]) -> None:
+def collect_seeds(attacks: list[str]) -> list[dict]:
+    """Every saved result of ``attacks``: seed 0's from ``OUT``, other seeds' from
+    ``OUT/seed<N>``."""
+    results = []
+    for directory in [OUT, *sorted(OUT.glob("seed*"))]:
+        for attack in attacks:
+            path = directory / f"{attack}.json"
+            if path.exists():
+                results.append({"seed": 0, **json.loads(path.read_text())})
+    return results
+
+
+def seed_lines(results: list[dict], acc_drop: float = 0.03, asr_max: float = 0.05) -> list[str]:
+    """A table of every seed's D_v-chosen stop and test result, with the success count."""
+    lines = [
+        "## Seeds (the defense's key; the D_v split and the scan stay seed 0's)",
+        "",
+        f"Success: test ASR <= {asr_max} and ACC drop <= {acc_drop} from the undefended model.",
+        "",
+        "| attack | seed | stop chosen on D_v | test ACC / ASR | success |",
+        "|---|---|---|---|---|",
+    ]
+    for attack in dict.fromkeys(r["attack"] for r in results):
+        runs = sorted((r for r in results if r["attack"] == attack), key=lambda r: r["seed"])
+        for r in runs:
+            c, b = r["chosen_test"], r["before_test"]
+            ok = c["asr"] <= asr_max and b["acc"] - c["acc"] <= acc_drop
+            lines.append(
+                f"| {attack} | {r['seed']} | {r['chosen_step']}"
+                f"{'' if r['reached_threshold'] else ' (not reached)'} | "
+                f"{c['acc']:.3f} / {c['asr']:.3f} | {'yes' if ok else 'no'} |"
+            )
+        if len(runs) > 1:
+            acc = np.array([r["chosen_test"]["acc"] for r in runs])
+            asr = np.array([r["chosen_test"]["asr"] for r in runs])
+            b = runs[0]["before_test"]
+            ok = asr.mean() <= asr_max and b["acc"] - acc.mean() <= acc_drop
+            lines.append(
+                f"| {attack} | mean (sd), n={len(runs)} | - | {acc.mean():.3f} / {asr.mean():.3f} "
+                f"({acc.std(ddof=1):.3f} / {asr.std(ddof=1):.3f}) | {'yes' if ok else 'no'} |"
+            )
+    return lines
+
+
+def write_summary(all_results: list[dict]) -> None:
+    results = [r for r in all_results if r["seed"] == 0]
     fixed = {}
     for r in results:
         path = SCANS / f"{r['attack']}.json"
@@ -192,9 +238,10 @@ def write_summary(results: list[dict]) -> None:
             f"{at['validation_synth_asr']:.3f} | {c['acc']:.3f} / {c['asr']:.3f} | {ref_text} | "
             f"{b['acc']:.3f} / {b['asr']:.3f} |"
         )
+    lines += ["", *seed_lines(all_results)]
     lines += [
         "",
-        "## Every check (validation: defender; test, first 2,000 images: never read by the rule)",
+        "## Every check, seed 0 (validation: defender; test, first 2,000 images: never read by the rule)",
         "",
         "| attack | step | val. synth. ASR | val. ACC | test ACC / ASR |",
         "|---|---|---|---|---|",
@@ -206,7 +253,7 @@ def write_summary(results: list[dict]) -> None:
                 f"| {r['attack']} | {c['step']} | {c['validation_synth_asr']:.3f} | "
                 f"{c['validation_acc']:.2f} | {t['acc']:.3f} / {t['asr']:.3f} |"
             )
-    scans.write_report(SUMMARY, lines, results)
+    scans.write_report(SUMMARY, lines, all_results)
 
 
 def main() -> None:
@@ -215,13 +262,22 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=200)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--threshold", type=float, default=0.05)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the defense's key (the D_v split and the Neural Cleanse scan stay seed 0's); "
+        "seeds other than 0 are saved under clean_set_stop/seed<N>/",
+    )
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
 
     def run(attack: str) -> dict:
-        return run_attack(attack, args.max_steps, args.every, args.threshold)
+        return run_attack(attack, args.max_steps, args.every, args.threshold, args.seed)
 
-    write_summary(scans.per_attack(args.attacks, OUT, run, args.report_only))
+    out = OUT if args.seed == 0 else OUT / f"seed{args.seed}"
+    scans.per_attack(args.attacks, out, run, args.report_only)
+    write_summary(collect_seeds(args.attacks))
 
 
 if __name__ == "__main__":
