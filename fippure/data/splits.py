@@ -103,3 +103,33 @@ def check_clean_set(labels: np.ndarray, num_classes: int) -> None:
             f"the clean set has no example of class(es) {missing}; purification needs every "
             "class (draw it with split_clean_set)"
         )
+
+
+def hold_out_per_class(labels: np.ndarray, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """Splits a clean set into the part a defense trains on and a validation slice.
+
+    The slice is the last ``per_class`` images of every class (choice: deterministic, so the
+    same D_v always gives the same split); both parts keep every class.
+
+    Returns:
+        ``(fit, validation)``: sorted positions into ``labels``.
+
+    Raises:
+        InvalidInputError: ``per_class`` below 1, or a class with ``per_class`` images or fewer
+            (it would leave none to train on).
+    """
+    labels = np.asarray(labels)
+    if isinstance(per_class, bool) or not isinstance(per_class, numbers.Integral) or per_class < 1:
+        raise InvalidInputError(f"per_class must be a positive integer, got {per_class!r}")
+    held = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        if len(members) <= per_class:
+            raise InvalidInputError(
+                f"class {int(cls)} has {len(members)} clean images; holding out {per_class} "
+                "per class for validation needs more (a larger clean set, or a smaller "
+                "validation_per_class)"
+            )
+        held.append(members[-per_class:])
+    validation = np.sort(np.concatenate(held))
+    return np.setdiff1d(np.arange(len(labels)), validation), validation

@@ -140,6 +140,12 @@ class TriggerScan:
     def mask_l1(self) -> np.ndarray:
         return np.array([t.mask_l1 for t in self.triggers])
 
+    @property
+    def suspect(self) -> InvertedTrigger:
+        """The defender's best guess of the backdoor: the flagged class with the smallest mask,
+        else (nothing flagged) the class with the smallest mask."""
+        return self.triggers[self.flagged[0] if self.flagged else int(np.argmin(self.mask_l1))]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "mask_l1": [round(float(v), 3) for v in self.mask_l1],

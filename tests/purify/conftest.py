@@ -31,3 +31,20 @@ def digits_badnets_path(tmp_path_factory):
 def digits_badnets(digits_badnets_path):
     """The loaded :class:`fippure.zoo.BackdooredModel`."""
     return load_backdoored(digits_badnets_path)
+
+
+@pytest.fixture(scope="session")
+def digits_scan(digits_badnets, full_optimization):
+    """Neural Cleanse over the ten digit classes, on the clean set less its validation slice of
+    4 images per class (the part :func:`purify_with_clean_stop` trains on)."""
+    import jax
+
+    from fippure.data.splits import hold_out_per_class
+    from fippure.purify.trigger_inversion import InversionConfig, scan_classes
+
+    b = digits_badnets
+    fit, _ = hold_out_per_class(b.clean.labels, 4)
+    with full_optimization():
+        return scan_classes(
+            b.model, b.variables, b.clean.subset(fit), InversionConfig(steps=150), jax.random.key(0)
+        )

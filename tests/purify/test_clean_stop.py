@@ -1,0 +1,180 @@
+"""A defense's stop chosen on D_v with a synthesized trigger (SPEC section 1: early stops are
+chosen on the clean set, never on test data)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from fippure.data.splits import hold_out_per_class
+from fippure.errors import InvalidInputError, UnknownNameError
+from fippure.evaluation.metrics import evaluate_backdoor
+from fippure.inference import accuracy
+from fippure.purify.clean_stop import CleanStopConfig, choose_stop, purify_with_clean_stop
+from fippure.purify.ft import FTConfig
+from fippure.purify.ft import purify as fine_tune
+from fippure.purify.registry import make_config
+from fippure.purify.trigger_inversion import InversionConfig
+
+#: FIP on the digits CNN, as in test_purification.py (its budget is the search's).
+DIGITS_FIP = {"batch_size": "64", "learning_rate": "0.01", "eta_F": "0.05", "eta_r": "1"}
+
+
+def check(step, asr, acc=0.9):
+    return {"step": step, "validation_synth_asr": asr, "validation_acc": acc}
+
+
+def test_first_below_takes_the_first_check_under_the_threshold():
+    checks = [check(10, 0.4), check(20, 0.04), check(30, 0.01)]
+    assert choose_stop(checks, 0.05, "first_below") == (20, True)
+    assert choose_stop(checks, 0.05, "lowest") == (30, True)
+
+
+def test_without_a_check_under_the_threshold_the_lowest_asr_is_taken():
+    checks = [check(10, 0.4), check(20, 0.2), check(30, 0.2), check(40, 0.3)]
+    assert choose_stop(checks, 0.05, "first_below") == (20, False)
+    assert choose_stop(checks, 0.05, "lowest") == (20, False)  # the earliest of a tie
+
+
+def test_a_collapsed_model_is_not_purified():
+    """A model that predicts one class has a synthesized ASR of 0; it is not eligible."""
+    checks = [check(10, 0.0, acc=0.1), check(20, 0.03, acc=0.86), check(30, 0.0, acc=0.85)]
+    assert choose_stop(checks, 0.05, "first_below", min_accuracy=0.83) == (20, True)
+    assert choose_stop(checks, 0.05, "lowest", min_accuracy=0.83) == (30, True)
+    # none eligible: the most accurate check
+    assert choose_stop(checks, 0.05, "first_below", min_accuracy=0.9) == (20, False)
+
+
+def test_a_nan_asr_never_counts():
+    checks = [check(10, float("nan")), check(20, 0.3)]
+    assert choose_stop(checks, 0.05, "first_below") == (20, False)
+
+
+def test_the_validation_slice_is_the_last_images_of_every_class():
+    labels = np.array([0, 1, 0, 1, 0, 1, 2, 2, 2])
+    fit, validation = hold_out_per_class(labels, 1)
+    np.testing.assert_array_equal(validation, [4, 5, 8])
+    np.testing.assert_array_equal(fit, [0, 1, 2, 3, 6, 7])
+    assert set(labels[fit]) == set(labels[validation]) == {0, 1, 2}
+    with pytest.raises(InvalidInputError, match="class 0 has 3 clean images"):
+        hold_out_per_class(labels, 3)
+    with pytest.raises(InvalidInputError, match="positive integer"):
+        hold_out_per_class(labels, 0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"rule": "best"}, r"rule must be one of \['first_below', 'lowest'\], got 'best'"),
+        ({"every": 20, "max_steps": 10}, "must not exceed max_steps"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"max_accuracy_drop": -0.1}, "max_accuracy_drop"),
+        ({"inversion": {"steps": 5}}, "InversionConfig"),
+    ],
+)
+def test_bad_settings_get_one_line_errors(fields, message):
+    with pytest.raises(InvalidInputError, match=message):
+        CleanStopConfig(**fields)
+
+
+@pytest.fixture(scope="module")
+def digits_trigger(digits_scan):
+    """The suspect of the Neural Cleanse scan of the digits clean set's training part."""
+    return digits_scan.suspect
+
+
+def test_the_stop_chosen_on_the_clean_set_purifies_the_digits_backdoor(
+    digits_badnets, digits_trigger, full_optimization
+):
+    """With the suspect of a scan of D_v (BadNets' target), the stop reaches the threshold
+    with the accuracy guard, and the model returned removes the backdoor on the test split,
+    which the procedure never saw."""
+    b = digits_badnets
+    assert digits_trigger.target == b.target
+    stop = CleanStopConfig(max_steps=300, every=30, validation_per_class=4)
+    with full_optimization():
+        variables, report = purify_with_clean_stop(
+            "fip", b.model, b.variables, b.clean, make_config("fip", DIGITS_FIP), 0, stop,
+            trigger=digits_trigger, progress=False,
+        )  # fmt: skip
+    summary = report.extra["clean_stop"]
+    assert [c["step"] for c in summary["checks"]] == list(range(30, 301, 30))
+    assert summary["reached_threshold"], summary["checks"]
+    assert (summary["fit_examples"], summary["validation_examples"]) == (len(b.clean) - 40, 40)
+    assert report.steps == summary["chosen_step"]
+    chosen = next(c for c in summary["checks"] if c["step"] == summary["chosen_step"])
+    assert chosen["validation_acc"] >= summary["undefended_validation_acc"] - 0.05
+    before = evaluate_backdoor(b.model, b.variables, b.test, b.triggered)
+    after = evaluate_backdoor(b.model, variables, b.test, b.triggered)
+    assert before.asr > 0.95 and after.asr < 0.2, after
+    assert after.acc > before.acc - 0.15, after
+
+
+def test_a_rerun_is_the_defense_run_for_the_chosen_steps(digits_badnets, digits_trigger):
+    """With ``rerun`` the result is exactly the defense's own run of that length on the
+    training part, from the same key."""
+    b = digits_badnets
+    config = FTConfig(steps=1, batch_size=16, learning_rate=0.02)
+    stop = CleanStopConfig(max_steps=6, every=2, validation_per_class=4, threshold=1.0)
+    variables, report = purify_with_clean_stop(
+        "ft", b.model, b.variables, b.clean, config, 5, stop, trigger=digits_trigger,
+        progress=False,
+    )  # fmt: skip
+    summary = report.extra["clean_stop"]
+    assert summary["chosen_step"] == 2 and summary["suspect_target"] == digits_trigger.target
+    assert summary["scan"] is None  # the trigger was given
+    fit, _ = hold_out_per_class(b.clean.labels, 4)
+    direct, _ = fine_tune(
+        b.model, b.variables, b.clean.subset(fit), FTConfig(steps=2, batch_size=16,
+        learning_rate=0.02), jax.random.key(5), progress=False,
+    )  # fmt: skip
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, direct)
+
+
+def test_without_rerun_the_scored_iterate_is_returned(digits_badnets):
+    b = digits_badnets
+    config = FTConfig(steps=1, batch_size=16, learning_rate=0.05)
+    stop = CleanStopConfig(
+        max_steps=8,
+        every=2,
+        validation_per_class=4,
+        rule="lowest",
+        rerun=False,
+        inversion=InversionConfig(steps=5),
+    )
+    scored = {}
+    variables, report = purify_with_clean_stop(
+        "ft", b.model, b.variables, b.clean, config, 1, stop,
+        progress=False, observer=lambda step, v: scored.__setitem__(step, v),
+    )  # fmt: skip
+    summary = report.extra["clean_stop"]
+    # no trigger given: a (brief) scan of the training part chose the suspect
+    assert len(summary["scan"]["mask_l1"]) == 10
+    suspect = summary["suspect_target"]
+    assert suspect in summary["scan"]["flagged"] or suspect == np.argmin(summary["scan"]["mask_l1"])
+    assert sorted(scored) == [2, 4, 6, 8]
+    chosen = summary["chosen_step"]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, scored[chosen])
+    _, validation = hold_out_per_class(b.clean.labels, 4)
+    held = b.clean.subset(validation)
+    at = next(c for c in summary["checks"] if c["step"] == chosen)
+    assert at["validation_acc"] == accuracy(b.model, variables, held.images, held.labels, b.spec)
+    assert report.steps == chosen
+    assert 0.0 <= at["validation_synth_asr"] <= 1.0
+
+
+def test_bad_calls_get_one_line_errors(digits_badnets, digits_trigger):
+    b = digits_badnets
+    run = lambda name, config, **kw: purify_with_clean_stop(  # noqa: E731
+        name, b.model, b.variables, b.clean, config, 0,
+        CleanStopConfig(max_steps=2, every=1, **kw), trigger=digits_trigger, progress=False,
+    )  # fmt: skip
+    with pytest.raises(InvalidInputError, match="ft takes a FTConfig"):
+        run("ft", make_config("fip"))
+    with pytest.raises(InvalidInputError, match="set average_last=0"):
+        run("fip", make_config("fip", {"average_last": "4"}))
+    with pytest.raises(InvalidInputError, match="holding out 50 per class"):
+        run("ft", FTConfig(), validation_per_class=50)
+    with pytest.raises(UnknownNameError, match="unknown defense 'fipp'"):
+        run("fipp", FTConfig())
