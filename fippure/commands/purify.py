@@ -10,7 +10,13 @@ HELP = "purify a backdoored checkpoint with a defense and report ACC/ASR/RA/DER"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from fippure.cli import add_clean_subset_flag, add_dtype_flag, add_overrides_flag, seed_int
+    from fippure.cli import (
+        add_clean_subset_flag,
+        add_dtype_flag,
+        add_overrides_flag,
+        key_value,
+        seed_int,
+    )
 
     parser.add_argument("--checkpoint", required=True, help="a fippure attack checkpoint")
     parser.add_argument("--defense", required=True, help="defense name (fip, nft, ...)")
@@ -20,6 +26,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         parser,
         "compute in this dtype instead of the checkpoint's (bfloat16 on GPU/TPU; the "
         "weights stay float32)",
+    )
+    parser.add_argument(
+        "--stop-on-clean-set",
+        action="store_true",
+        help="choose the step count on D_v: hold out a validation slice, synthesize a trigger "
+        "(Neural Cleanse), and stop where its ASR falls (fippure.purify.clean_stop)",
+    )
+    parser.add_argument(
+        "--stop-set",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --stop-on-clean-set: override its settings, e.g. --stop-set max_steps=200 "
+        "--stop-set inversion.steps=300 (repeatable)",
     )
     parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument(
@@ -33,11 +54,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fippure.checkpoints import read_metadata
+    from fippure.errors import InvalidInputError
+    from fippure.purify.clean_stop import make_clean_stop_config
     from fippure.purify.registry import make_config
     from fippure.purify.runner import run_defense
 
     overrides = dict(args.set)
     make_config(args.defense, overrides)  # validate before loading anything
+    if args.stop_set and not args.stop_on_clean_set:
+        raise InvalidInputError("--stop-set applies with --stop-on-clean-set")
+    clean_stop = make_clean_stop_config(dict(args.stop_set)) if args.stop_on_clean_set else None
     read_metadata(args.checkpoint)
     result = run_defense(
         args.checkpoint,
@@ -49,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         dtype=args.dtype,
         progress=not args.no_progress,
+        clean_stop=clean_stop,
     )
     print(format_table(result))
     print(json.dumps({"before": result["before"], "after": result["after"], "der": result["der"]}))
@@ -68,6 +95,13 @@ def format_table(result: dict) -> str:
             for name, m in (("before", result["before"]), ("after", result["after"]))
         ),
     ]
+    stop = result["report"]["extra"].get("clean_stop")
+    if stop is not None:
+        rows.append(
+            f"stop chosen on D_v: step {stop['chosen_step']} of {stop['searched_steps']} "
+            f"(suspect class {stop['suspect_target']}, threshold "
+            f"{'reached' if stop['reached_threshold'] else 'not reached'})"
+        )
     if result.get("der") is not None:
         rows.append(
             f"DER {result['der']:.4f}  ({result['defense']}, "

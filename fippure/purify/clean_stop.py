@@ -285,10 +285,7 @@ def purify_with_clean_stop(
             searched_report, steps=chosen, clean_accuracy=clean_accuracy(model, out, fit)
         )
     summary = {
-        "config": {
-            **dataclasses.asdict(stop),
-            "inversion": dataclasses.asdict(stop.inversion),
-        },
+        "config": dataclasses.asdict(stop),
         "fit_examples": len(fit),
         "validation_examples": len(validation),
         "undefended_validation_acc": undefended_accuracy,
@@ -306,3 +303,28 @@ def purify_with_clean_stop(
         extra={**report.extra, "clean_stop": summary},
     )
     return out, report
+
+
+def make_clean_stop_config(overrides: dict[str, Any] | None = None) -> CleanStopConfig:
+    """A :class:`CleanStopConfig` from ``key=value`` overrides (strings are parsed).
+
+    Keys prefixed with ``inversion.`` (``inversion.steps=300``) set the Neural Cleanse scan's
+    :class:`~fippure.purify.trigger_inversion.InversionConfig`.
+
+    Raises:
+        UnknownNameError: for an unknown key.
+        InvalidInputError: for a value of the wrong type or out of range.
+    """
+    from fippure.purify.registry import config_with_overrides
+
+    overrides = dict(overrides or {})
+    prefix = "inversion."
+    nested = {k[len(prefix) :]: v for k, v in overrides.items() if k.startswith(prefix)}
+    own = {k: v for k, v in overrides.items() if not k.startswith(prefix)}
+    if "inversion" in own:
+        raise InvalidInputError("set the scan's options one by one, e.g. inversion.steps=300")
+    inversion = dataclasses.asdict(CleanStopConfig().inversion) | nested
+    config = config_with_overrides(CleanStopConfig, own, "clean stop")
+    return dataclasses.replace(
+        config, inversion=config_with_overrides(InversionConfig, inversion, "clean stop inversion")
+    )

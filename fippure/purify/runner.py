@@ -6,6 +6,7 @@ used here, after the defense has returned, to report ACC, ASR, RA and DER (SPEC 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -24,6 +25,7 @@ from fippure.evaluation.metrics import (
 )
 from fippure.inference import predict
 from fippure.provenance import provenance
+from fippure.purify.clean_stop import CleanStopConfig, purify_with_clean_stop
 from fippure.purify.common import config_dict, validate_clean_set
 from fippure.purify.registry import get_defense, make_config
 from fippure.purify.resume import Checkpointing
@@ -60,6 +62,7 @@ def run_defense(
     before: Mapping[str, float] | None = None,
     observe_every: int = 0,
     checkpoint_every: int = 50,
+    clean_stop: CleanStopConfig | None = None,
 ) -> dict[str, Any]:
     """Purifies a checkpoint with ``defense`` and evaluates before and after.
 
@@ -88,6 +91,10 @@ def run_defense(
             every this many steps, and a killed run given the same arguments resumes from
             there (:mod:`fippure.purify.resume`) with the same result. The directory is
             removed once the purified checkpoint and report are written.
+        clean_stop: choose the defense's step count on the clean set
+            (:func:`fippure.purify.clean_stop.purify_with_clean_stop`); the config's ``steps``
+            is then replaced. Its runs are short searches and do not save progress. With
+            ``observe_every``, the test metrics are charted at the search's checks instead.
 
     Returns:
         The report: ``before``/``after`` metrics, ``der``, the defense's report, the clean
@@ -120,13 +127,15 @@ def run_defense(
                 "config": config_dict(config),
                 "seed": seed,
                 "clean_indices": backdoored.clean_indices,
-                # only when set, so that the stamps of runs made before the option still match
+                # only when set, so that the stamps of runs made before the options still match
+                **({"clean_stop": dataclasses.asdict(clean_stop)} if clean_stop else {}),
                 **({"dtype": model_dtype} if model_dtype is not None else {}),
             },
             replace=replace,
         )
     before = dict(before) if before is not None else evaluate(backdoored, backdoored.variables)
-    progress_dir = pathlib.Path(out).resolve() / PROGRESS if out is not None else None
+    saves_progress = out is not None and clean_stop is None
+    progress_dir = pathlib.Path(out).resolve() / PROGRESS if saves_progress else None
     saved_trajectory = progress_dir / TRAJECTORY if progress_dir is not None else None
     trajectory: list[dict[str, Any]] = (
         json.loads(saved_trajectory.read_text())
@@ -141,21 +150,34 @@ def run_defense(
         if saved_trajectory is not None:
             saved_trajectory.write_text(json.dumps(trajectory))
 
-    variables, report = spec.purify(
-        backdoored.model,
-        backdoored.variables,
-        backdoored.clean,
-        config,
-        jax.random.key(seed),
-        progress=progress,
-        observer=observer if observe_every > 0 else None,
-        observe_every=observe_every,
-        checkpointing=(
-            Checkpointing(progress_dir, every=checkpoint_every) if progress_dir else None
-        ),
-    )
+    if clean_stop is not None:
+        variables, report = purify_with_clean_stop(
+            spec,
+            backdoored.model,
+            backdoored.variables,
+            backdoored.clean,
+            config,
+            jax.random.key(seed),
+            clean_stop,
+            progress=progress,
+            observer=observer if observe_every > 0 else None,
+        )
+    else:
+        variables, report = spec.purify(
+            backdoored.model,
+            backdoored.variables,
+            backdoored.clean,
+            config,
+            jax.random.key(seed),
+            progress=progress,
+            observer=observer if observe_every > 0 else None,
+            observe_every=observe_every,
+            checkpointing=(
+                Checkpointing(progress_dir, every=checkpoint_every) if progress_dir else None
+            ),
+        )
     after = evaluate(backdoored, variables)
-    if observe_every > 0:  # the final point is the evaluation just made
+    if observe_every > 0 and clean_stop is None:  # the final point is the evaluation just made
         trajectory.append({"step": report.steps, **after})
     der = None
     if before.get("asr") is not None:
@@ -192,11 +214,13 @@ def run_defense(
             "seed": seed,
             "source": str(backdoored.checkpoint.path),
             "model_dtype": model_dtype,
+            **({"clean_stop": dataclasses.asdict(clean_stop)} if clean_stop else {}),
         }
         extras = {"attack_state": backdoored.attack_state, **report.artifacts}
         save_checkpoint(out, variables, metadata, extras=extras)
         (out / "report.json").write_text(json.dumps(result, indent=1))
-        shutil.rmtree(progress_dir, ignore_errors=True)
+        if progress_dir is not None:
+            shutil.rmtree(progress_dir, ignore_errors=True)
     return result
 
 

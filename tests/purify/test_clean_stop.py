@@ -3,6 +3,8 @@ chosen on the clean set, never on test data)."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -178,3 +180,29 @@ def test_bad_calls_get_one_line_errors(digits_badnets, digits_trigger):
         run("ft", FTConfig(), validation_per_class=50)
     with pytest.raises(UnknownNameError, match="unknown defense 'fipp'"):
         run("fipp", FTConfig())
+
+
+def test_purify_command_stops_on_the_clean_set(digits_badnets_path, tmp_path, capsys):
+    """``fippure purify --stop-on-clean-set`` records the search in the report and the
+    purified checkpoint's metadata; ``--stop-set`` options are validated in one line."""
+    from fippure import cli
+    from fippure.checkpoints import read_metadata
+
+    out = tmp_path / "stopped"
+    argv = ["purify", "--checkpoint", str(digits_badnets_path), "--defense", "ft"]
+    stop_options = ["max_steps=4", "every=2", "validation_per_class=4", "inversion.steps=5"]
+    stop_flags = [flag for option in stop_options for flag in ("--stop-set", option)]
+    assert cli.main([*argv, "--stop-on-clean-set", *stop_flags, "--out", str(out)]) == 0
+    assert "stop chosen on D_v: step" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    summary = report["report"]["extra"]["clean_stop"]
+    assert [c["step"] for c in summary["checks"]] == [2, 4]
+    assert report["report"]["steps"] == summary["chosen_step"]
+    assert read_metadata(out)["defense"]["clean_stop"]["inversion"]["steps"] == 5
+    for bad, message in (
+        (["--stop-set", "max_steps=4"], "--stop-set applies with --stop-on-clean-set"),
+        (["--stop-on-clean-set", "--stop-set", "inversion.step=4"], "option 'step'"),
+        (["--stop-on-clean-set", "--stop-set", "rule=best"], "rule must be one of"),
+    ):
+        assert cli.main([*argv, *bad, "--out", str(tmp_path / "bad")]) != 0
+        assert message in capsys.readouterr().err
