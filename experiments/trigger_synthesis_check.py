@@ -55,12 +55,11 @@ PURIFICATIONS = (("fip", "brief_transfer"), ("ft", "brief_transfer"))
 
 def split_validation(labels: np.ndarray, per_class: int) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the optimisation part and of a validation slice holding the last
-    ``per_class`` images of each class."""
-    validation = np.concatenate(
-        [np.flatnonzero(labels == k)[-per_class:] for k in np.unique(labels)]
-    )
-    rest = np.setdiff1d(np.arange(len(labels)), validation)
-    return rest, np.sort(validation)
+    ``per_class`` images of each class (the library's split, as ``--stop-on-clean-set``
+    makes it)."""
+    from fippure.data.splits import hold_out_per_class
+
+    return hold_out_per_class(labels, per_class)
 
 
 def defender_view(model, variables, validation, trigger, spec, config, key, fit) -> dict:
@@ -85,7 +84,7 @@ def defender_view(model, variables, validation, trigger, spec, config, key, fit)
 
 def suspect_of(scan) -> int:
     """The defender's suspect: the first flagged class, else the one with the smallest mask."""
-    return scan.flagged[0] if scan.flagged else int(np.argmin(scan.mask_l1))
+    return scan.suspect.target
 
 
 def save_scan(path: pathlib.Path, scan, **extra) -> None:
