@@ -241,7 +241,8 @@ def write_summary(all_results: list[dict]) -> None:
     lines += ["", *seed_lines(all_results)]
     lines += [
         "",
-        "## Every check, seed 0 (validation: defender; test, first 2,000 images: never read by the rule)",
+        "## Every check, seed 0 (validation: defender; test, first 2,000 images: never read by "
+        "the rule)",
         "",
         "| attack | step | val. synth. ASR | val. ACC | test ACC / ASR |",
         "|---|---|---|---|---|",
