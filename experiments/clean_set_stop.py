@@ -1,26 +1,30 @@
-"""FIP's stop chosen on D_v with a synthesized trigger, against the stop chosen on test data.
+"""A defense's stop chosen on D_v with a synthesized trigger, against the stop chosen on test data.
 
 The benchmark's FIP settings stop at 50 steps, a count chosen after reading test-split results
 (README, "Protocol caveat"). This script lets the defender choose the stop itself, as SPEC
-section 1 allows: on D_v, with a trigger synthesized there.
+section 1 allows: on D_v, with a trigger synthesized there. It runs the library's procedure,
+:func:`fippure.purify.purify_with_clean_stop` (what ``fippure purify --stop-on-clean-set``
+does), with the suspect trigger of ``trigger_synthesis_check.py``: Neural Cleanse on 400 of
+D_v's 500 images, the other 100 being the validation slice.
 
-Per attack, with the split and the suspect trigger of ``trigger_synthesis_check.py`` (Neural
-Cleanse on 400 of D_v's 500 images; the other 100 are the validation slice):
-
-1. FIP ``brief_transfer`` (lr 0.001, eta_F 2, trace BatchNorm in train mode, transferred
-   statistics) runs for up to ``--max-steps`` on the 400 images. Every ``--every`` steps the
-   iterate, finalised as a run of that many steps would be (transferred statistics), is scored
-   on the validation slice: the suspect trigger's ASR and the clean ACC.
-2. The stop is the first checked step whose validation ASR is at most ``--threshold``, or the
-   step with the lowest one if none is. Only D_v enters this choice.
-3. FIP is run again with ``steps`` set to that stop and judged on the whole test split.
+1. The defense (default FIP ``brief_transfer``: lr 0.001, eta_F 2, trace BatchNorm in train
+   mode, transferred statistics) runs for up to ``--max-steps`` on the 400 images. Every
+   ``--every`` steps, and at the end, the iterate, finalised as a run of that many steps would
+   be, is scored on the validation slice: the suspect trigger's ASR and the clean ACC.
+2. The stop is the first check whose validation ASR is at most ``--threshold`` (among the checks
+   within 0.05 of the undefended validation ACC), or the one with the lowest ASR if none is.
+   Only D_v enters this choice.
+3. The defense is run again with ``steps`` set to that stop and judged on the whole test split.
 
 The test ACC / ASR of every checked iterate (first 2,000 test images) are recorded beside it
-for the chart, after the fact; the rule never reads them.
+for the chart, after the fact; the rule never reads them. The library version reproduces the
+seed-0 BadNets result of the script's earlier, hand-written loop exactly (every check, the stop
+at 20 steps, test 0.8575 / 0.018); that loop made the seed-0 and seed-1 results.
 
-    python experiments/clean_set_stop.py [--attacks badnets ...] [--report-only]
+    python experiments/clean_set_stop.py [--attacks badnets ...] [--seed N]
+        [--method ft --setting brief_transfer] [--report-only]
 
-writes ``experiments/results/clean_set_stop/<attack>.json`` and
+writes ``experiments/results/clean_set_stop/[<method>_<setting>/][seed<N>/]<attack>.json`` and
 ``experiments/results/clean_set_stop.{json,md}``.
 """
 
@@ -70,125 +74,129 @@ def suspect_trigger(attack: str, backdoored, fit):
     return scan.triggers[scans.suspect_of(scan)], bool(scan.flagged)
 
 
-def run_attack(attack: str, max_steps: int, every: int, threshold: float, seed: int = 0) -> dict:
+def run_attack(
+    attack: str,
+    max_steps: int,
+    every: int,
+    threshold: float,
+    seed: int = 0,
+    method: str = METHOD,
+    setting: str = SETTING,
+) -> dict:
+    """The library's clean-set stop (:func:`fippure.purify.purify_with_clean_stop`) with the
+    saved scan's suspect, plus the test metrics of every check for the chart."""
     import jax
     from purify_benchmark import overrides_for
 
-    from fippure.inference import accuracy
-    from fippure.purify.batch_stats import finalise_from_config
-    from fippure.purify.registry import get_defense, make_config
+    from fippure.purify.clean_stop import CleanStopConfig, purify_with_clean_stop
+    from fippure.purify.registry import make_config
     from fippure.purify.runner import evaluate
-    from fippure.purify.trigger_inversion import synthesized_asr
     from fippure.zoo import load_backdoored
 
     backdoored = load_backdoored(ZOO / attack)
-    spec = backdoored.spec
-    fit_rows, validation_rows = split_validation(backdoored.clean.labels, VALIDATION_PER_CLASS)
-    fit = backdoored.clean.subset(fit_rows)
-    validation = backdoored.clean.subset(validation_rows)
-    trigger, flagged = suspect_trigger(attack, backdoored, fit)
-    reduced = dataclasses.replace(
-        backdoored, clean=fit, clean_indices=backdoored.clean_indices[fit_rows]
-    )
+    fit_rows, _ = split_validation(backdoored.clean.labels, VALIDATION_PER_CLASS)
+    trigger, flagged = suspect_trigger(attack, backdoored, backdoored.clean.subset(fit_rows))
     charted = dataclasses.replace(
         backdoored,
         test=backdoored.test.subset(np.arange(CHARTED)),
         triggered=backdoored.triggered.of_test_images(np.arange(CHARTED)),
     )
-    defense = get_defense(METHOD)
-    overrides = overrides_for(METHOD, SETTING, steps=max_steps)
-    config = make_config(METHOD, overrides)
-    key = jax.random.key(seed)
-    checks: list[dict] = []
-
-    def observer(step: int, variables) -> None:
-        # the iterate as a run of `step` steps would return it
-        at_step = dataclasses.replace(config, steps=step)
-        final = finalise_from_config(at_step, reduced.model, reduced.variables, variables, fit, key)
-        variables = {**variables, **final}
-        checks.append(
-            {
-                "step": step,
-                "validation_synth_asr": synthesized_asr(
-                    reduced.model,
-                    variables,
-                    validation.images,
-                    validation.labels,
-                    trigger,
-                    spec,
-                ),
-                "validation_acc": accuracy(
-                    reduced.model, variables, validation.images, validation.labels, spec
-                ),
-                "charted_test": evaluate(charted, variables),
-            }
-        )
-
-    defense.purify(
-        reduced.model,
-        reduced.variables,
-        fit,
-        config,
-        key,
-        progress=True,
-        observer=observer,
-        observe_every=every,
+    charted_tests: dict[int, dict] = {}
+    stop = CleanStopConfig(
+        max_steps=max_steps,
+        every=every,
+        threshold=threshold,
+        validation_per_class=VALIDATION_PER_CLASS,
     )
-    below = [c for c in checks if c["validation_synth_asr"] <= threshold]
-    chosen = (below[0] if below else min(checks, key=lambda c: c["validation_synth_asr"]))["step"]
-    variables, report = defense.purify(
-        reduced.model,
-        reduced.variables,
-        fit,
-        make_config(METHOD, {**overrides, "steps": str(chosen)}),
-        key,
-        progress=True,
+    variables, report = purify_with_clean_stop(
+        method,
+        backdoored.model,
+        backdoored.variables,
+        backdoored.clean,
+        make_config(method, overrides_for(method, setting, steps=max_steps)),
+        jax.random.key(seed),
+        stop,
+        trigger=trigger,
+        observer=lambda step, v: charted_tests.__setitem__(step, evaluate(charted, v)),
     )
+    summary = report.extra["clean_stop"]
+    checks = [{**c, "charted_test": charted_tests[c["step"]]} for c in summary["checks"]]
     return {
         "attack": attack,
+        "method": method,
+        "setting": setting,
         "target": backdoored.target,
         "suspect": trigger.target,
         "suspect_flagged": flagged,
         "seed": seed,
-        "rule": {"threshold": threshold, "every": every, "max_steps": max_steps},
+        "rule": {
+            "threshold": threshold,
+            "every": every,
+            "max_steps": max_steps,
+            "max_accuracy_drop": stop.max_accuracy_drop,
+        },
+        "undefended_validation_acc": summary["undefended_validation_acc"],
         "checks": checks,
-        "chosen_step": chosen,
-        "reached_threshold": bool(below),
+        "chosen_step": summary["chosen_step"],
+        "reached_threshold": summary["reached_threshold"],
         "chosen_test": evaluate(backdoored, variables),
         "before_test": evaluate(backdoored, backdoored.variables),
         "wall_time_s": report.wall_time_s,
     }
 
 
-def collect_seeds(attacks: list[str]) -> list[dict]:
-    """Every saved result of ``attacks``: seed 0's from ``OUT``, other seeds' from
-    ``OUT/seed<N>``."""
+def result_directory(method: str, setting: str, seed: int) -> pathlib.Path:
+    """Where a run's per-attack results live: ``OUT`` (and ``OUT/seed<N>``) for FIP
+    ``brief_transfer``, ``OUT/<method>_<setting>`` (and its ``seed<N>``) for another."""
+    base = OUT if (method, setting) == (METHOD, SETTING) else OUT / f"{method}_{setting}"
+    return base if seed == 0 else base / f"seed{seed}"
+
+
+def collect_seeds(attacks: list[str], method: str = METHOD, setting: str = SETTING) -> list[dict]:
+    """Every saved result of ``attacks`` for one method and setting, all seeds."""
+    base = result_directory(method, setting, 0)
     results = []
-    for directory in [OUT, *sorted(OUT.glob("seed*"))]:
+    for directory in [base, *sorted(base.glob("seed*"))]:
         for attack in attacks:
             path = directory / f"{attack}.json"
             if path.exists():
-                results.append({"seed": 0, **json.loads(path.read_text())})
+                results.append(
+                    {
+                        "seed": 0,
+                        "method": method,
+                        "setting": setting,
+                        **json.loads(path.read_text()),
+                    }
+                )
     return results
 
 
 def seed_lines(results: list[dict], acc_drop: float = 0.03, asr_max: float = 0.05) -> list[str]:
     """A table of every seed's D_v-chosen stop and test result, with the success count."""
     lines = [
-        "## Seeds (the defense's key; the D_v split and the scan stay seed 0's)",
+        "## Every run (seed: the defense's key; the D_v split and the scan stay seed 0's)",
         "",
         f"Success: test ASR <= {asr_max} and ACC drop <= {acc_drop} from the undefended model.",
         "",
-        "| attack | seed | stop chosen on D_v | test ACC / ASR | success |",
-        "|---|---|---|---|---|",
+        "| method | attack | seed | stop chosen on D_v | test ACC / ASR | success |",
+        "|---|---|---|---|---|---|",
     ]
-    for attack in dict.fromkeys(r["attack"] for r in results):
-        runs = sorted((r for r in results if r["attack"] == attack), key=lambda r: r["seed"])
+    groups = dict.fromkeys((r["method"], r["setting"], r["attack"]) for r in results)
+    for method, setting, attack in groups:
+        label = f"{method} {setting}"
+        runs = sorted(
+            (
+                r
+                for r in results
+                if (r["method"], r["setting"], r["attack"]) == (method, setting, attack)
+            ),
+            key=lambda r: r["seed"],
+        )
         for r in runs:
             c, b = r["chosen_test"], r["before_test"]
             ok = c["asr"] <= asr_max and b["acc"] - c["acc"] <= acc_drop
             lines.append(
-                f"| {attack} | {r['seed']} | {r['chosen_step']}"
+                f"| {label} | {attack} | {r['seed']} | {r['chosen_step']}"
                 f"{'' if r['reached_threshold'] else ' (not reached)'} | "
                 f"{c['acc']:.3f} / {c['asr']:.3f} | {'yes' if ok else 'no'} |"
             )
@@ -197,15 +205,20 @@ def seed_lines(results: list[dict], acc_drop: float = 0.03, asr_max: float = 0.0
             asr = np.array([r["chosen_test"]["asr"] for r in runs])
             b = runs[0]["before_test"]
             ok = asr.mean() <= asr_max and b["acc"] - acc.mean() <= acc_drop
+            spread = f"({acc.std(ddof=1):.3f} / {asr.std(ddof=1):.3f})"
             lines.append(
-                f"| {attack} | mean (sd), n={len(runs)} | - | {acc.mean():.3f} / {asr.mean():.3f} "
-                f"({acc.std(ddof=1):.3f} / {asr.std(ddof=1):.3f}) | {'yes' if ok else 'no'} |"
+                f"| {label} | {attack} | mean (sd), n={len(runs)} | - | "
+                f"{acc.mean():.3f} / {asr.mean():.3f} {spread} | {'yes' if ok else 'no'} |"
             )
     return lines
 
 
 def write_summary(all_results: list[dict]) -> None:
-    results = [r for r in all_results if r["seed"] == 0]
+    results = [
+        r
+        for r in all_results
+        if r["seed"] == 0 and (r["method"], r["setting"]) == (METHOD, SETTING)
+    ]
     fixed = {}
     for r in results:
         path = SCANS / f"{r['attack']}.json"
@@ -270,15 +283,30 @@ def main() -> None:
         help="the defense's key (the D_v split and the Neural Cleanse scan stay seed 0's); "
         "seeds other than 0 are saved under clean_set_stop/seed<N>/",
     )
+    parser.add_argument("--method", default=METHOD, help="a registered defense")
+    parser.add_argument(
+        "--setting", default=SETTING, help="a setting of it in purify_benchmark.METHODS"
+    )
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
 
     def run(attack: str) -> dict:
-        return run_attack(attack, args.max_steps, args.every, args.threshold, args.seed)
+        return run_attack(
+            attack, args.max_steps, args.every, args.threshold, args.seed, args.method, args.setting
+        )
 
-    out = OUT if args.seed == 0 else OUT / f"seed{args.seed}"
+    out = result_directory(args.method, args.setting, args.seed)
+    from fippure.purify.registry import DEFENSES
+
     scans.per_attack(args.attacks, out, run, args.report_only)
-    write_summary(collect_seeds(args.attacks))
+    others = sorted(d.name for d in OUT.iterdir() if d.is_dir() and not d.name.startswith("seed"))
+    results = collect_seeds(args.attacks)
+    for name in others:
+        method = next(
+            m for m in sorted(DEFENSES, key=len, reverse=True) if name.startswith(f"{m}_")
+        )
+        results += collect_seeds(args.attacks, method, name[len(method) + 1 :])
+    write_summary(results)
 
 
 if __name__ == "__main__":
