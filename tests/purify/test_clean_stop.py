@@ -13,7 +13,12 @@ from fippure.data.splits import hold_out_per_class
 from fippure.errors import InvalidInputError, UnknownNameError
 from fippure.evaluation.metrics import evaluate_backdoor
 from fippure.inference import accuracy
-from fippure.purify.clean_stop import CleanStopConfig, choose_stop, purify_with_clean_stop
+from fippure.purify.clean_stop import (
+    CleanStopConfig,
+    choose_stop,
+    make_clean_stop_config,
+    purify_with_clean_stop,
+)
 from fippure.purify.ft import FTConfig
 from fippure.purify.ft import purify as fine_tune
 from fippure.purify.registry import make_config
@@ -78,6 +83,16 @@ def test_the_validation_slice_is_the_last_images_of_every_class():
 def test_bad_settings_get_one_line_errors(fields, message):
     with pytest.raises(InvalidInputError, match=message):
         CleanStopConfig(**fields)
+
+
+def test_command_line_settings_reach_the_scan_too():
+    stop = make_clean_stop_config({"max_steps": "200", "rerun": "false", "inversion.steps": "40"})
+    assert (stop.max_steps, stop.rerun, stop.inversion.steps) == (200, False, 40)
+    assert stop.inversion.batch_size == CleanStopConfig().inversion.batch_size
+    with pytest.raises(UnknownNameError, match="Did you mean 'steps'"):
+        make_clean_stop_config({"inversion.step": "40"})
+    with pytest.raises(InvalidInputError, match="inversion.steps=300"):
+        make_clean_stop_config({"inversion": "40"})
 
 
 @pytest.fixture(scope="module")
