@@ -22,7 +22,7 @@ from fippure.purify.clean_stop import (
 from fippure.purify.ft import FTConfig
 from fippure.purify.ft import purify as fine_tune
 from fippure.purify.registry import make_config
-from fippure.purify.trigger_inversion import InversionConfig
+from fippure.purify.trigger_inversion import synthesized_asr
 
 #: FIP on the digits CNN, as in test_purification.py (its budget is the search's).
 DIGITS_FIP = {"batch_size": "64", "learning_rate": "0.01", "eta_F": "0.05", "eta_r": "1"}
@@ -149,27 +149,16 @@ def test_a_rerun_is_the_defense_run_for_the_chosen_steps(digits_badnets, digits_
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, direct)
 
 
-def test_without_rerun_the_scored_iterate_is_returned(digits_badnets):
+def test_without_rerun_the_scored_iterate_is_returned(digits_badnets, digits_trigger):
     b = digits_badnets
     config = FTConfig(steps=1, batch_size=16, learning_rate=0.05)
-    stop = CleanStopConfig(
-        max_steps=8,
-        every=2,
-        validation_per_class=4,
-        rule="lowest",
-        rerun=False,
-        inversion=InversionConfig(steps=5),
-    )
+    stop = CleanStopConfig(max_steps=8, every=2, validation_per_class=4, rule="lowest", rerun=False)
     scored = {}
     variables, report = purify_with_clean_stop(
-        "ft", b.model, b.variables, b.clean, config, 1, stop,
+        "ft", b.model, b.variables, b.clean, config, 1, stop, trigger=digits_trigger,
         progress=False, observer=lambda step, v: scored.__setitem__(step, v),
     )  # fmt: skip
     summary = report.extra["clean_stop"]
-    # no trigger given: a (brief) scan of the training part chose the suspect
-    assert len(summary["scan"]["mask_l1"]) == 10
-    suspect = summary["suspect_target"]
-    assert suspect in summary["scan"]["flagged"] or suspect == np.argmin(summary["scan"]["mask_l1"])
     assert sorted(scored) == [2, 4, 6, 8]
     chosen = summary["chosen_step"]
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, scored[chosen])
@@ -177,8 +166,10 @@ def test_without_rerun_the_scored_iterate_is_returned(digits_badnets):
     held = b.clean.subset(validation)
     at = next(c for c in summary["checks"] if c["step"] == chosen)
     assert at["validation_acc"] == accuracy(b.model, variables, held.images, held.labels, b.spec)
+    assert at["validation_synth_asr"] == synthesized_asr(
+        b.model, variables, held.images, held.labels, digits_trigger, b.spec
+    )
     assert report.steps == chosen
-    assert 0.0 <= at["validation_synth_asr"] <= 1.0
 
 
 def test_bad_calls_get_one_line_errors(digits_badnets, digits_trigger):
@@ -212,6 +203,13 @@ def test_purify_command_stops_on_the_clean_set(digits_badnets_path, tmp_path, ca
     report = json.loads((out / "report.json").read_text())
     summary = report["report"]["extra"]["clean_stop"]
     assert [c["step"] for c in summary["checks"]] == [2, 4]
+    # no trigger given: a (brief) scan of the training part chose the suspect
+    scan = summary["scan"]
+    assert (
+        len(scan["mask_l1"]) == 10 and summary["fit_examples"] == len(report["clean_indices"]) - 40
+    )
+    suspect = summary["suspect_target"]
+    assert suspect in scan["flagged"] or suspect == int(np.argmin(scan["mask_l1"]))
     assert report["report"]["steps"] == summary["chosen_step"]
     assert read_metadata(out)["defense"]["clean_stop"]["inversion"]["steps"] == 5
     for bad, message in (
