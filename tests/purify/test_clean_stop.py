@@ -109,7 +109,8 @@ def test_the_stop_chosen_on_the_clean_set_purifies_the_digits_backdoor(
     which the procedure never saw."""
     b = digits_badnets
     assert digits_trigger.target == b.target
-    stop = CleanStopConfig(max_steps=300, every=30, validation_per_class=4)
+    # without a rerun (test_a_rerun_... covers it exactly), to halve the test's time
+    stop = CleanStopConfig(max_steps=300, every=30, validation_per_class=4, rerun=False)
     with full_optimization():
         variables, report = purify_with_clean_stop(
             "fip", b.model, b.variables, b.clean, make_config("fip", DIGITS_FIP), 0, stop,
