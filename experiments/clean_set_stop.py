@@ -234,7 +234,10 @@ def write_summary(all_results: list[dict]) -> None:
         "(`trigger_synthesis.md`). Stop: the first check with validation ASR <= "
         f"{rule.get('threshold')}, else the lowest. FIP is then re-run with that many steps and "
         "judged on the test split. The right-hand column is the benchmark's 50-step stop, "
-        "which was chosen on test data, on the same 400 images. Seed 0.",
+        "which was chosen on test data, on the same 400 images. Seed 0. A check counts only "
+        "within 0.05 of the undefended model's validation ACC (the library's guard; it excluded "
+        "no check of these runs). 'Every run' adds other seeds and FT `brief_transfer` (same "
+        "learning rate, budget, split, trigger and rule) as the baseline.",
         "",
         "| attack | suspect = target | stop chosen on D_v | val. synth. ASR there | test ACC / "
         "ASR, D_v stop | test ACC / ASR, 50 steps (test-chosen) | undefended |",
