@@ -298,17 +298,24 @@ def main() -> None:
             attack, args.max_steps, args.every, args.threshold, args.seed, args.method, args.setting
         )
 
-    out = result_directory(args.method, args.setting, args.seed)
     from fippure.purify.registry import DEFENSES
 
+    out = result_directory(args.method, args.setting, args.seed)
     scans.per_attack(args.attacks, out, run, args.report_only)
-    others = sorted(d.name for d in OUT.iterdir() if d.is_dir() and not d.name.startswith("seed"))
     results = collect_seeds(args.attacks)
-    for name in others:
+    # other methods' directories are named <method>_<setting> (before_accuracy_guard/ and
+    # seed<N>/ are not)
+    for directory in sorted(d for d in OUT.iterdir() if d.is_dir()):
         method = next(
-            m for m in sorted(DEFENSES, key=len, reverse=True) if name.startswith(f"{m}_")
+            (
+                m
+                for m in sorted(DEFENSES, key=len, reverse=True)
+                if directory.name.startswith(f"{m}_")
+            ),
+            None,
         )
-        results += collect_seeds(args.attacks, method, name[len(method) + 1 :])
+        if method is not None:
+            results += collect_seeds(args.attacks, method, directory.name[len(method) + 1 :])
     write_summary(results)
 
 
