@@ -235,9 +235,15 @@ def write_summary(all_results: list[dict]) -> None:
         f"{rule.get('threshold')}, else the lowest. FIP is then re-run with that many steps and "
         "judged on the test split. The right-hand column is the benchmark's 50-step stop, "
         "which was chosen on test data, on the same 400 images. Seed 0. A check counts only "
-        "within 0.05 of the undefended model's validation ACC (the library's guard; it excluded "
-        "no check of these runs). 'Every run' adds other seeds and FT `brief_transfer` (same "
-        "learning rate, budget, split, trigger and rule) as the baseline.",
+        "within 0.05 of the undefended model's validation ACC (the library's guard). On "
+        "Input-aware, seed 0, it excluded the checks at 30-70 steps (validation ACC 0.78-0.79 "
+        "against 0.85) and moved the stop from 60 to 90; the run without the guard (60 steps, "
+        "test 0.837 / 0.024) is kept in `clean_set_stop/before_accuracy_guard/`. It changes no "
+        "other choice here. The FIP runs of seeds 0 and 1 (Input-aware seed 0 aside) came from "
+        "the script's earlier loop, which did not check the last step: where the threshold was "
+        "reached that cannot matter, on WaNet and SIG it might. 'Every run' adds other seeds "
+        "and FT `brief_transfer` (same learning rate, budget, split, trigger and rule) as the "
+        "baseline.",
         "",
         "| attack | suspect = target | stop chosen on D_v | val. synth. ASR there | test ACC / "
         "ASR, D_v stop | test ACC / ASR, 50 steps (test-chosen) | undefended |",
