@@ -46,7 +46,6 @@ from purify_benchmark import CORE_ATTACKS  # noqa: E402
 from trigger_synthesis_check import INVERSION, VALIDATION_PER_CLASS, ZOO  # noqa: E402
 
 SCANS = scans.OUT
-split_validation = scans.split_validation
 
 OUT = ROOT / "experiments" / "results" / "clean_set_stop"
 SUMMARY = ROOT / "experiments" / "results" / "clean_set_stop"
@@ -71,7 +70,7 @@ def suspect_trigger(attack: str, backdoored, fit):
             backdoored.model, backdoored.variables, fit, config, jax.random.key(0), progress=True
         )
         scans.save_scan(saved, scan)
-    return scan.triggers[scans.suspect_of(scan)], bool(scan.flagged)
+    return scan.suspect, bool(scan.flagged)
 
 
 def run_attack(
@@ -88,13 +87,14 @@ def run_attack(
     import jax
     from purify_benchmark import overrides_for
 
+    from fippure.data.splits import hold_out_per_class
     from fippure.purify.clean_stop import CleanStopConfig, purify_with_clean_stop
     from fippure.purify.registry import make_config
     from fippure.purify.runner import evaluate
     from fippure.zoo import load_backdoored
 
     backdoored = load_backdoored(ZOO / attack)
-    fit_rows, _ = split_validation(backdoored.clean.labels, VALIDATION_PER_CLASS)
+    fit_rows, _ = hold_out_per_class(backdoored.clean.labels, VALIDATION_PER_CLASS)
     trigger, flagged = suspect_trigger(attack, backdoored, backdoored.clean.subset(fit_rows))
     charted = dataclasses.replace(
         backdoored,

@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 from purify_benchmark import CORE_ATTACKS  # noqa: E402
 
+from fippure.data.splits import hold_out_per_class  # noqa: E402
+
 ZOO = ROOT / "zoo" / "cifar10" / "preact_resnet18_w16"
 OUT = ROOT / "experiments" / "results" / "trigger_synthesis"
 SUMMARY = ROOT / "experiments" / "results" / "trigger_synthesis"
@@ -51,15 +53,6 @@ VALIDATION_PER_CLASS = 10
 #: here; the module's default is 300 of 64).
 INVERSION = {"steps": 150, "batch_size": 32}
 PURIFICATIONS = (("fip", "brief_transfer"), ("ft", "brief_transfer"))
-
-
-def split_validation(labels: np.ndarray, per_class: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of the optimisation part and of a validation slice holding the last
-    ``per_class`` images of each class (the library's split, as ``--stop-on-clean-set``
-    makes it)."""
-    from fippure.data.splits import hold_out_per_class
-
-    return hold_out_per_class(labels, per_class)
 
 
 def defender_view(model, variables, validation, trigger, spec, config, key, fit) -> dict:
@@ -80,11 +73,6 @@ def defender_view(model, variables, validation, trigger, spec, config, key, fit)
             model, variables, validation.images, validation.labels, fresh, spec
         ),
     }
-
-
-def suspect_of(scan) -> int:
-    """The defender's suspect: the first flagged class, else the one with the smallest mask."""
-    return scan.suspect.target
 
 
 def save_scan(path: pathlib.Path, scan, **extra) -> None:
@@ -132,7 +120,7 @@ def run_attack(attack: str) -> dict:
 
     backdoored = load_backdoored(ZOO / attack)
     spec = backdoored.spec
-    fit_rows, validation_rows = split_validation(backdoored.clean.labels, VALIDATION_PER_CLASS)
+    fit_rows, validation_rows = hold_out_per_class(backdoored.clean.labels, VALIDATION_PER_CLASS)
     fit = backdoored.clean.subset(fit_rows)
     validation = backdoored.clean.subset(validation_rows)
     config = InversionConfig(**INVERSION)
@@ -147,7 +135,7 @@ def run_attack(attack: str) -> dict:
             backdoored.model, backdoored.variables, fit, config, jax.random.key(0), progress=True
         )
         scan_seconds = round(time.perf_counter() - start, 1)
-    suspect = suspect_of(scan)
+    suspect = scan.suspect.target
     trigger = scan.triggers[suspect]
     save_scan(saved, scan, fit_rows=fit_rows, validation_rows=validation_rows)
 

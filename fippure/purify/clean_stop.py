@@ -223,9 +223,10 @@ def purify_with_clean_stop(
     min_accuracy = undefended_accuracy - stop.max_accuracy_drop - 1e-9
     searched = dataclasses.replace(config, steps=stop.max_steps)
     checks: list[dict[str, Any]] = []
-    kept: dict[int, Variables] = {}
+    kept: Variables | None = None  # without rerun: the iterate of the current choice
 
     def score(step: int, candidate: Variables) -> None:
+        nonlocal kept
         checks.append(
             {
                 "step": step,
@@ -247,8 +248,7 @@ def purify_with_clean_stop(
             # so one copy of the variables is enough
             chosen, _ = choose_stop(checks, stop.threshold, stop.rule, min_accuracy)
             if chosen == step:
-                kept.clear()
-                kept[step] = candidate
+                kept = candidate
         if observer is not None:
             observer(step, candidate)
 
@@ -281,7 +281,7 @@ def purify_with_clean_stop(
             model, variables, fit, dataclasses.replace(config, steps=chosen), key, progress=progress
         )
     else:
-        out = kept[chosen]
+        out = kept
         report = dataclasses.replace(
             searched_report, steps=chosen, clean_accuracy=clean_accuracy(model, out, fit)
         )
