@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import pickle
 import shutil
 import tempfile
 
@@ -86,6 +87,66 @@ def pytest_collection_modifyitems(config, items):
     # Real-data tests run first (a stable sort keeps the rest in file order): each takes minutes,
     # and under ``-n 2`` one that started last would leave the other worker idle at the end.
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def _run_directory(tmp_path_factory) -> pathlib.Path:
+    """The temporary directory of this pytest run, shared by its xdist workers."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def _exclusive(lock: pathlib.Path):
+    import fcntl
+
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def built_once_per_run(tmp_path_factory):
+    """``built_once_per_run(name, build)``: ``build()``, run by the first xdist worker that asks
+    and pickled for the others.
+
+    A session fixture is built once per worker; one that takes tens of seconds (a trigger scan,
+    a trained model) is worth building once per run. A worker that asks while another builds
+    waits for it.
+    """
+    root = _run_directory(tmp_path_factory)
+
+    def get(name: str, build):
+        saved = root / f"{name}.pickle"
+        with _exclusive(root / f"{name}.lock"):
+            if saved.exists():
+                return pickle.loads(saved.read_bytes())
+            value = build()
+            saved.write_bytes(pickle.dumps(value))
+            return value
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def directory_built_once_per_run(tmp_path_factory):
+    """``directory_built_once_per_run(name, build)``: a directory that ``build(path)`` fills,
+    built by the first xdist worker that asks (a checkpoint, say)."""
+    root = _run_directory(tmp_path_factory)
+
+    def get(name: str, build) -> pathlib.Path:
+        path, done = root / name, root / f"{name}.done"
+        with _exclusive(root / f"{name}.lock"):
+            if not done.exists():
+                shutil.rmtree(path, ignore_errors=True)
+                path.mkdir()
+                build(path)
+                done.touch()
+        return path
+
+    return get
 
 
 def pytest_sessionstart(session):

@@ -181,24 +181,58 @@ def test_transfer_rejects_statistics_it_does_not_know(clean_set):
         finalise_batch_stats("precise", model, original, purified, clean_set, jax.random.key(0))
 
 
+#: FT, FIP and NFT (whose running statistics average MixUp batches), each with its settings.
+FINISHED_DEFENSES = (
+    ("ft", ft, ft.FTConfig, {}),
+    # SPEC's lr 0.005 diverges on the digits CNN within a few steps (weights ~1e10)
+    (
+        "fip",
+        fip,
+        fip.FIPConfig,
+        {"fisher_chunk": 32, "learning_rate": 0.001, "max_grad_norm": 10.0},
+    ),
+    ("nft", nft, nft.NFTConfig, {"mask_pattern": "bn[23]$"}),
+)
+
+
+def _base_settings(extra):
+    return dict(steps=6, batch_size=64, log_every=3, **extra)
+
+
+@pytest.fixture(scope="module")
+def plain_runs(digits_badnets, built_once_per_run):
+    """Each defense's 6-step run with its statistics left as the steps made them."""
+    bd = digits_badnets
+
+    def build():
+        return {
+            name: jax.device_get(
+                module.purify(
+                    bd.model,
+                    bd.variables,
+                    bd.clean,
+                    config_type(**_base_settings(extra)),
+                    jax.random.key(0),
+                    progress=False,
+                )[0]
+            )
+            for name, module, config_type, extra in FINISHED_DEFENSES
+        }
+
+    return built_once_per_run("batch_stats_plain_runs", build)
+
+
 @pytest.mark.parametrize("mode", ["recompute", "transfer"])
-def test_defenses_can_finish_with_recomputed_or_transferred_statistics(digits_badnets, mode):
-    """FT, FIP and NFT (whose running statistics average MixUp batches): the weights are those
-    of the plain run; only the running statistics differ, and they are exactly what the
-    batch-statistics functions give on the plain result."""
+def test_defenses_can_finish_with_recomputed_or_transferred_statistics(
+    digits_badnets, plain_runs, mode
+):
+    """The weights are those of the plain run; only the running statistics differ, and they are
+    exactly what the batch-statistics functions give on the plain result."""
     bd = digits_badnets
     key = jax.random.key(0)
-    for module, config_type, extra in (
-        (ft, ft.FTConfig, {}),
-        # SPEC's lr 0.005 diverges on the digits CNN within a few steps (weights ~1e10)
-        (fip, fip.FIPConfig, {"fisher_chunk": 32, "learning_rate": 0.001, "max_grad_norm": 10.0}),
-        (nft, nft.NFTConfig, {"mask_pattern": "bn[23]$"}),
-    ):
-        base = dict(steps=6, batch_size=64, log_every=3, **extra)
-        plain, _ = module.purify(
-            bd.model, bd.variables, bd.clean, config_type(**base), key, progress=False
-        )
-        config = config_type(**base, final_batch_stats=mode, stats_batches=3)
+    for name, module, config_type, extra in FINISHED_DEFENSES:
+        plain = plain_runs[name]
+        config = config_type(**_base_settings(extra), final_batch_stats=mode, stats_batches=3)
         out, report = module.purify(bd.model, bd.variables, bd.clean, config, key, progress=False)
         jax.tree_util.tree_map(np.testing.assert_array_equal, plain["params"], out["params"])
         expected = finalise_batch_stats(
@@ -216,7 +250,7 @@ def test_defenses_can_finish_with_recomputed_or_transferred_statistics(digits_ba
             expected["batch_stats"],
             out["batch_stats"],
         )
-        assert report.config["final_batch_stats"] == mode
+        assert report.config["final_batch_stats"] == mode, name
     with pytest.raises(InvalidInputError, match="stats_batches"):
         fip.FIPConfig(final_batch_stats=mode, stats_batches=0)
     with pytest.raises(InvalidInputError, match="final_batch_stats"):
