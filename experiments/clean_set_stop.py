@@ -14,7 +14,9 @@ D_v's 500 images, the other 100 being the validation slice.
 2. The stop is the first check whose validation ASR is at most ``--threshold`` (among the checks
    within 0.05 of the undefended validation ACC), or the one with the lowest ASR if none is.
    Only D_v enters this choice.
-3. The defense is run again with ``steps`` set to that stop and judged on the whole test split.
+3. The defense is run again with ``steps`` set to that stop and judged on the whole test split
+   (with ``--scored-iterate``, the library's default, the iterate scored at the stop is judged
+   instead; for a schedule that spans the run, NFT's or FT's, the two differ).
 
 The test ACC / ASR of every checked iterate (first 2,000 test images) are recorded beside it
 for the chart, after the fact; the rule never reads them. The library version reproduces the
@@ -22,7 +24,7 @@ seed-0 BadNets result of the script's earlier, hand-written loop exactly (every 
 at 20 steps, test 0.8575 / 0.018); that loop made the seed-0 and seed-1 results.
 
     python experiments/clean_set_stop.py [--attacks badnets ...] [--seed N]
-        [--method ft --setting brief_transfer] [--report-only]
+        [--method ft --setting brief_transfer] [--scored-iterate] [--report-only]
 
 writes ``experiments/results/clean_set_stop/[<method>_<setting>/][seed<N>/]<attack>.json`` and
 ``experiments/results/clean_set_stop.{json,md}``.
@@ -50,6 +52,8 @@ SCANS = scans.OUT
 OUT = ROOT / "experiments" / "results" / "clean_set_stop"
 SUMMARY = ROOT / "experiments" / "results" / "clean_set_stop"
 METHOD, SETTING = "fip", "brief_transfer"
+#: Suffix of a result directory whose runs kept the scored iterate instead of re-running.
+SCORED = "_scored"
 #: Test images charted at every check (the final run is judged on all 10,000).
 CHARTED = 2000
 
@@ -81,6 +85,7 @@ def run_attack(
     seed: int = 0,
     method: str = METHOD,
     setting: str = SETTING,
+    rerun: bool = True,
 ) -> dict:
     """The library's clean-set stop (:func:`fippure.purify.purify_with_clean_stop`) with the
     saved scan's suspect, plus the test metrics of every check for the chart."""
@@ -107,6 +112,7 @@ def run_attack(
         every=every,
         threshold=threshold,
         validation_per_class=VALIDATION_PER_CLASS,
+        rerun=rerun,
     )
     variables, report = purify_with_clean_stop(
         method,
@@ -129,6 +135,7 @@ def run_attack(
         "suspect": trigger.target,
         "suspect_flagged": flagged,
         "seed": seed,
+        "rerun": rerun,
         "rule": {
             "threshold": threshold,
             "every": every,
@@ -145,16 +152,23 @@ def run_attack(
     }
 
 
-def result_directory(method: str, setting: str, seed: int) -> pathlib.Path:
+def result_directory(method: str, setting: str, seed: int, rerun: bool = True) -> pathlib.Path:
     """Where a run's per-attack results live: ``OUT`` (and ``OUT/seed<N>``) for FIP
-    ``brief_transfer``, ``OUT/<method>_<setting>`` (and its ``seed<N>``) for another."""
-    base = OUT if (method, setting) == (METHOD, SETTING) else OUT / f"{method}_{setting}"
+    ``brief_transfer`` with a rerun, ``OUT/<method>_<setting>`` (and its ``seed<N>``) for
+    another, with ``_scored`` appended where the scored iterate was kept (no rerun)."""
+    if (method, setting, rerun) == (METHOD, SETTING, True):
+        base = OUT
+    else:
+        base = OUT / f"{method}_{setting}{'' if rerun else SCORED}"
     return base if seed == 0 else base / f"seed{seed}"
 
 
-def collect_seeds(attacks: list[str], method: str = METHOD, setting: str = SETTING) -> list[dict]:
-    """Every saved result of ``attacks`` for one method and setting, all seeds."""
-    base = result_directory(method, setting, 0)
+def collect_seeds(
+    attacks: list[str], method: str = METHOD, setting: str = SETTING, rerun: bool = True
+) -> list[dict]:
+    """Every saved result of ``attacks`` for one method and setting, all seeds (results saved
+    before the ``rerun`` field existed were all rerun)."""
+    base = result_directory(method, setting, 0, rerun)
     results = []
     for directory in [base, *sorted(base.glob("seed*"))]:
         for attack in attacks:
@@ -165,6 +179,7 @@ def collect_seeds(attacks: list[str], method: str = METHOD, setting: str = SETTI
                         "seed": 0,
                         "method": method,
                         "setting": setting,
+                        "rerun": True,
                         **json.loads(path.read_text()),
                     }
                 )
@@ -181,14 +196,15 @@ def seed_lines(results: list[dict], acc_drop: float = 0.03, asr_max: float = 0.0
         "| method | attack | seed | stop chosen on D_v | test ACC / ASR | success |",
         "|---|---|---|---|---|---|",
     ]
-    groups = dict.fromkeys((r["method"], r["setting"], r["attack"]) for r in results)
-    for method, setting, attack in groups:
-        label = f"{method} {setting}"
+    groups = dict.fromkeys((r["method"], r["setting"], r["rerun"], r["attack"]) for r in results)
+    for method, setting, rerun, attack in groups:
+        label = f"{method} {setting}{'' if rerun else ', scored iterate'}"
         runs = sorted(
             (
                 r
                 for r in results
-                if (r["method"], r["setting"], r["attack"]) == (method, setting, attack)
+                if (r["method"], r["setting"], r["rerun"], r["attack"])
+                == (method, setting, rerun, attack)
             ),
             key=lambda r: r["seed"],
         )
@@ -217,7 +233,7 @@ def write_summary(all_results: list[dict]) -> None:
     results = [
         r
         for r in all_results
-        if r["seed"] == 0 and (r["method"], r["setting"]) == (METHOD, SETTING)
+        if r["seed"] == 0 and (r["method"], r["setting"], r["rerun"]) == (METHOD, SETTING, True)
     ]
     fixed = {}
     for r in results:
@@ -296,17 +312,31 @@ def main() -> None:
     parser.add_argument(
         "--setting", default=SETTING, help="a setting of it in purify_benchmark.METHODS"
     )
+    parser.add_argument(
+        "--scored-iterate",
+        action="store_true",
+        help="keep the iterate scored at the chosen stop (the library's default) instead of "
+        "re-running the defense for that many steps (this script's default, as its first runs "
+        "did); saved under clean_set_stop/<method>_<setting>_scored/",
+    )
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
 
     def run(attack: str) -> dict:
         return run_attack(
-            attack, args.max_steps, args.every, args.threshold, args.seed, args.method, args.setting
+            attack,
+            args.max_steps,
+            args.every,
+            args.threshold,
+            args.seed,
+            args.method,
+            args.setting,
+            rerun=not args.scored_iterate,
         )
 
     from fippure.purify.registry import DEFENSES
 
-    out = result_directory(args.method, args.setting, args.seed)
+    out = result_directory(args.method, args.setting, args.seed, not args.scored_iterate)
     scans.per_attack(args.attacks, out, run, args.report_only)
     results = collect_seeds(args.attacks)
     # other methods' directories are named <method>_<setting> (before_accuracy_guard/ and
@@ -321,7 +351,10 @@ def main() -> None:
             None,
         )
         if method is not None:
-            results += collect_seeds(args.attacks, method, directory.name[len(method) + 1 :])
+            setting = directory.name[len(method) + 1 :]
+            rerun = not setting.endswith(SCORED)
+            setting = setting.removesuffix(SCORED)
+            results += collect_seeds(args.attacks, method, setting, rerun)
     write_summary(results)
 
 

@@ -86,8 +86,9 @@ def test_bad_settings_get_one_line_errors(fields, message):
 
 
 def test_command_line_settings_reach_the_scan_too():
-    stop = make_clean_stop_config({"max_steps": "200", "rerun": "false", "inversion.steps": "40"})
-    assert (stop.max_steps, stop.rerun, stop.inversion.steps) == (200, False, 40)
+    stop = make_clean_stop_config({"max_steps": "200", "rerun": "true", "inversion.steps": "40"})
+    assert (stop.max_steps, stop.rerun, stop.inversion.steps) == (200, True, 40)
+    assert not CleanStopConfig().rerun  # by default the validated iterate is returned
     assert stop.inversion.batch_size == CleanStopConfig().inversion.batch_size
     with pytest.raises(UnknownNameError, match="Did you mean 'steps'"):
         make_clean_stop_config({"inversion.step": "40"})
@@ -109,8 +110,7 @@ def test_the_stop_chosen_on_the_clean_set_purifies_the_digits_backdoor(
     which the procedure never saw."""
     b = digits_badnets
     assert digits_trigger.target == b.target
-    # without a rerun (test_a_rerun_... covers it exactly), to halve the test's time
-    stop = CleanStopConfig(max_steps=300, every=30, validation_per_class=4, rerun=False)
+    stop = CleanStopConfig(max_steps=300, every=30, validation_per_class=4)
     with full_optimization():
         variables, report = purify_with_clean_stop(
             "fip", b.model, b.variables, b.clean, make_config("fip", DIGITS_FIP), 0, stop,
@@ -134,7 +134,7 @@ def test_a_rerun_is_the_defense_run_for_the_chosen_steps(digits_badnets, digits_
     training part, from the same key."""
     b = digits_badnets
     config = FTConfig(steps=1, batch_size=16, learning_rate=0.02)
-    stop = CleanStopConfig(max_steps=6, every=2, validation_per_class=4, threshold=1.0)
+    stop = CleanStopConfig(max_steps=6, every=2, validation_per_class=4, threshold=1.0, rerun=True)
     variables, report = purify_with_clean_stop(
         "ft", b.model, b.variables, b.clean, config, 5, stop, trigger=digits_trigger,
         progress=False,
@@ -153,7 +153,7 @@ def test_a_rerun_is_the_defense_run_for_the_chosen_steps(digits_badnets, digits_
 def test_without_rerun_the_scored_iterate_is_returned(digits_badnets, digits_trigger):
     b = digits_badnets
     config = FTConfig(steps=1, batch_size=16, learning_rate=0.05)
-    stop = CleanStopConfig(max_steps=8, every=2, validation_per_class=4, rule="lowest", rerun=False)
+    stop = CleanStopConfig(max_steps=8, every=2, validation_per_class=4, rule="lowest")
     scored = {}
     variables, report = purify_with_clean_stop(
         "ft", b.model, b.variables, b.clean, config, 1, stop, trigger=digits_trigger,
