@@ -108,32 +108,14 @@ def _exclusive(lock: pathlib.Path):
 
 
 @pytest.fixture(scope="session")
-def built_once_per_run(tmp_path_factory):
-    """``built_once_per_run(name, build)``: ``build()``, run by the first xdist worker that asks
-    and pickled for the others.
+def directory_built_once_per_run(tmp_path_factory):
+    """``directory_built_once_per_run(name, build)``: a directory that ``build(path)`` fills,
+    built by the first xdist worker that asks (a checkpoint, say).
 
     A session fixture is built once per worker; one that takes tens of seconds (a trigger scan,
     a trained model) is worth building once per run. A worker that asks while another builds
     waits for it.
     """
-    root = _run_directory(tmp_path_factory)
-
-    def get(name: str, build):
-        saved = root / f"{name}.pickle"
-        with _exclusive(root / f"{name}.lock"):
-            if saved.exists():
-                return pickle.loads(saved.read_bytes())
-            value = build()
-            saved.write_bytes(pickle.dumps(value))
-            return value
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def directory_built_once_per_run(tmp_path_factory):
-    """``directory_built_once_per_run(name, build)``: a directory that ``build(path)`` fills,
-    built by the first xdist worker that asks (a checkpoint, say)."""
     root = _run_directory(tmp_path_factory)
 
     def get(name: str, build) -> pathlib.Path:
@@ -145,6 +127,22 @@ def directory_built_once_per_run(tmp_path_factory):
                 build(path)
                 done.touch()
         return path
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def built_once_per_run(directory_built_once_per_run):
+    """``built_once_per_run(name, build)``: ``build()``, run by the first xdist worker that asks
+    and pickled for the others (:func:`directory_built_once_per_run`)."""
+
+    def get(name: str, build):
+        def save(path: pathlib.Path) -> None:
+            (path / "value.pickle").write_bytes(pickle.dumps(build()))
+
+        return pickle.loads(
+            (directory_built_once_per_run(name, save) / "value.pickle").read_bytes()
+        )
 
     return get
 
