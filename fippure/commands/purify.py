@@ -98,8 +98,9 @@ def format_table(result: dict) -> str:
     stop = result["report"]["extra"].get("clean_stop")
     if stop is not None:
         rows.append(
-            f"stop chosen on D_v: step {stop['chosen_step']} of {stop['searched_steps']} "
-            f"(suspect class {stop['suspect_target']}, threshold "
+            f"stop chosen on D_v: step {stop['chosen_step']} ("
+            f"{stop.get('steps_run', stop['searched_steps'])} of up to {stop['searched_steps']} "
+            f"steps run; suspect class {stop['suspect_target']}, threshold "
             f"{'reached' if stop['reached_threshold'] else 'not reached'})"
         )
     if result.get("der") is not None:

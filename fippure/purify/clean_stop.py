@@ -14,7 +14,8 @@ configurable in :class:`CleanStopConfig`):
 3. The defense runs for ``max_steps``. Every ``every`` steps, and at the end, the iterate is
    scored on the validation slice. It is scored with the BatchNorm statistics that a run of that
    length would return. The scores are the suspect trigger's ASR on the non-target images and
-   the clean accuracy.
+   the clean accuracy. Under ``first_below`` the run ends at the first eligible check that
+   reaches the threshold (no later check can change the choice; ``halt_when_reached``).
 4. The stop is chosen by ``rule`` among the checks whose validation accuracy is within
    ``max_accuracy_drop`` of the undefended model's:
    - ``first_below``: the first check whose ASR is at most ``threshold``, else the lowest ASR;
@@ -53,6 +54,7 @@ from fippure.purify.batch_stats import finalise_from_config
 from fippure.purify.common import (
     Observer,
     PurifyReport,
+    StopEarly,
     clean_accuracy,
     defense_arguments,
     validate_clean_set,
@@ -99,6 +101,9 @@ class CleanStopConfig:
         rerun: run the defense again with the chosen step count (its schedule then spans that
             length) instead of returning the iterate scored at that step. (**choice**: False,
             so the returned model is the validated one; see step 5 above.)
+        halt_when_reached: under ``first_below``, end the search at the first eligible check
+            that reaches the threshold, as the choice is then made (**choice**: True; False
+            runs to ``max_steps``, to chart every check).
         inversion: the Neural Cleanse settings for the scan. (**choice**: 150 steps of
             32 images per class, which is about 40 s a class for a CIFAR-10 ResNet on 2 CPU
             cores.)
@@ -111,6 +116,7 @@ class CleanStopConfig:
     rule: StopRule = "first_below"
     validation_per_class: int = 10
     rerun: bool = False
+    halt_when_reached: bool = True
     inversion: InversionConfig = InversionConfig(steps=150, batch_size=32)
 
     def __post_init__(self):
@@ -249,14 +255,15 @@ def purify_with_clean_stop(
                 ),
             }
         )
-        if not stop.rerun:
+        chosen, reached = choose_stop(checks, stop.threshold, stop.rule, min_accuracy)
+        if not stop.rerun and chosen == step:
             # a later check can only displace the current choice by becoming the choice itself,
             # so one copy of the variables is enough
-            chosen, _ = choose_stop(checks, stop.threshold, stop.rule, min_accuracy)
-            if chosen == step:
-                kept = candidate
+            kept = candidate
         if observer is not None:
             observer(step, candidate)
+        if stop.halt_when_reached and stop.rule == "first_below" and reached:
+            raise StopEarly  # the first check under the threshold: the choice is made
 
     def check(step: int, iterate: Variables) -> None:
         # scored with the BatchNorm statistics a run of `step` steps would return
@@ -278,7 +285,12 @@ def purify_with_clean_stop(
         observer=check,
         observe_every=stop.every,
     )
-    score(stop.max_steps, searched_variables)
+    ran = searched_report.steps  # fewer than max_steps where the search halted
+    if ran == stop.max_steps:
+        try:
+            score(stop.max_steps, searched_variables)
+        except StopEarly:
+            pass  # the last check reached the threshold: nothing is left to stop
     chosen, reached = choose_stop(checks, stop.threshold, stop.rule, min_accuracy)
     if chosen == stop.max_steps:
         out, report = searched_variables, searched_report
@@ -286,10 +298,20 @@ def purify_with_clean_stop(
         out, report = defense.purify(
             model, variables, fit, dataclasses.replace(config, steps=chosen), key, progress=progress
         )
+    elif chosen == ran:
+        # the search halted at the chosen check: the defense's own result and report (its
+        # masks or shifts included) are those of that iterate
+        out, report = searched_variables, searched_report
     else:
         out = kept
         report = dataclasses.replace(
-            searched_report, steps=chosen, clean_accuracy=clean_accuracy(model, out, fit)
+            searched_report,
+            steps=chosen,
+            clean_accuracy=clean_accuracy(model, out, fit),
+            loss_curve=[p for p in searched_report.loss_curve if p["step"] <= chosen],
+            # the masks or shifts a defense reports are those of its last step, not of the
+            # iterate returned
+            artifacts={},
         )
     summary = {
         "config": dataclasses.asdict(stop),
@@ -303,6 +325,7 @@ def purify_with_clean_stop(
         "chosen_step": chosen,
         "reached_threshold": reached,
         "searched_steps": stop.max_steps,
+        "steps_run": ran,
     }
     report = dataclasses.replace(
         report,

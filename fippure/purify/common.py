@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import flax
 import flax.linen as nn
@@ -187,8 +187,41 @@ def clean_batch_size(requested: int, clean_set: ImageDataset) -> int:
 #: ``observer(steps_done, variables)``: called by a defense every ``observe_every`` steps (before
 #: the last, whose variables the defense returns) with the model's current variables. For
 #: benchmarks that chart test metrics along a run; a defense ignores whatever it returns. The
-#: variables are the observer's own copy, so it may keep them.
+#: variables are the observer's own copy, so it may keep them. Only by raising
+#: :class:`StopEarly` can an observer end a run, which a rule that reads D_v alone may do
+#: (:func:`fippure.purify.clean_stop.purify_with_clean_stop`); a benchmark's test-data observer
+#: must not.
 Observer = Callable[[int, Variables], None]
+
+
+class StopEarly(Exception):
+    """Raised by an :data:`Observer` to end the defense after the step it observed.
+
+    The defense then finishes as a run of that many steps: it finalises (BatchNorm statistics,
+    masks) and reports ``steps`` as the steps taken, so its result is the iterate that the
+    observer saw, finalised as the observer would have finalised it. A learning-rate schedule
+    keeps the shape it had for the configured ``steps``.
+    """
+
+
+class StepsRun(NamedTuple):
+    """What :func:`run_steps` returns."""
+
+    carry: Any
+    loss_curve: list[dict[str, float]]
+    step_time_s: float
+    observe_time_s: float
+    resumed_from_step: int
+    steps_done: int  # fewer than asked for when an observer raised StopEarly
+
+
+def steps_taken(config: Any, steps_done: int) -> Any:
+    """``config`` with ``steps`` set to ``steps_done`` (unchanged for a full run): what a run
+    that an observer stopped early is finalised with (the finalising batches are drawn from
+    ``fold_in(key, steps)``)."""
+    if steps_done == config.steps:
+        return config
+    return dataclasses.replace(config, steps=steps_done)
 
 
 def run_steps(
@@ -205,7 +238,7 @@ def run_steps(
     to_variables: Callable[[Any], Variables] | None = None,
     checkpointing: Checkpointing | None = None,
     fingerprint: Callable[[], Mapping[str, Any]] | None = None,
-) -> tuple[Any, list[dict[str, float]], float, float, int]:
+) -> StepsRun:
     """Runs ``carry, metrics = step(carry, key_t)`` for ``steps`` steps, ``key_t`` being
     ``fold_in(key, t)``.
 
@@ -222,7 +255,8 @@ def run_steps(
     ``observe_every``-th step before the last (the last step's variables are what the defense
     returns). Its return value is discarded, so nothing it computes can steer the run; it is
     how a benchmark watches a defense (see :data:`Observer`). Its time is excluded from the step
-    times and returned separately.
+    times and returned separately. An observer that raises :class:`StopEarly` ends the loop
+    after the step it observed (a progress save due at that step is still made).
 
     With ``checkpointing``, the carry and the loss log are saved every ``checkpointing.every``
     steps and after the last, and a directory that holds progress of the same run
@@ -232,7 +266,7 @@ def run_steps(
     ends where an uninterrupted run would. The observer is not called for steps done before.
 
     Returns:
-        ``(carry, loss_curve, median_step_seconds, observe_seconds, resumed_from_step)``.
+        a :class:`StepsRun`.
     """
     if steps < 1:
         raise InvalidInputError(f"steps must be positive, got {steps}")
@@ -286,15 +320,22 @@ def run_steps(
                 if t > start:  # the first step includes compilation
                     durations.append((now - tick) / (done - mark))
                 tick, mark = now, done
+            stopping = False
             if observing and done % observe_every == 0 and done < steps:
                 begin = time.perf_counter()
-                # a copy: the next step donates the carry's buffers
-                observer(done, _private_copy(to_variables(carry)))
+                try:
+                    # a copy: the next step donates the carry's buffers
+                    observer(done, _private_copy(to_variables(carry)))
+                except StopEarly:
+                    stopping = True
                 spent = time.perf_counter() - begin
                 observe_seconds += spent
                 tick += spent
+                if stopping and not logged:
+                    values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+                    curve.append({"step": done, **values})
             saving = store is not None and (done % store.every == 0 or done == steps)
-            if (saving or done == steps) and not bool(_all_finite(carry)):
+            if (saving or done == steps or stopping) and not bool(_all_finite(carry)):
                 # the loss of step t is taken before its update, so it cannot see the last
                 # update; and progress is never saved with NaNs in it (a resume would return
                 # to them, and the directory would refuse the corrected run)
@@ -307,12 +348,16 @@ def run_steps(
                 begin = time.perf_counter()
                 store.save(done, carry, curve)
                 tick += time.perf_counter() - begin
+            if stopping:
+                bar.write(f"{desc}: stopped by its observer after step {done} of {steps}")
+                break
     finally:
         bar.close()
         if store is not None:
             store.close()
     median = float(np.median(durations)) if durations else 0.0
-    return carry, curve, median, observe_seconds, start
+    done = steps if start == steps else done
+    return StepsRun(carry, curve, median, observe_seconds, start, done)
 
 
 def _private_copy(tree: Any) -> Any:

@@ -75,6 +75,7 @@ from fippure.purify.common import (
     run_steps,
     sample_clean_batch,
     scheduled_sgd,
+    steps_taken,
     tree_size,
     validate_clean_set,
 )
@@ -396,7 +397,7 @@ def fisher_guided_purify(
     if config.trace_every > 1:
         # compiled ahead, so that the step times never include its compilation
         without_trace = without_trace.lower(inner, key, *arguments).compile()
-    carry, curve, step_time, observe_time, resumed = run_steps(
+    carry, curve, step_time, observe_time, resumed, done = run_steps(
         step,
         (inner, 0),
         steps=config.steps,
@@ -411,15 +412,17 @@ def fisher_guided_purify(
         fingerprint=lambda: run_fingerprint(method, config, variables, images, labels, key),
     )
     inner = carry[0]
-    tunable, stats = (inner[3] if averaging else inner[0]), inner[1]
+    # a run stopped early by its observer returns the iterate the observer saw, not a tail
+    # average whose window was placed for config.steps
+    tunable, stats = (inner[3] if averaging and done == config.steps else inner[0]), inner[1]
     purified = as_variables(to_params(tunable, frozen), stats)
-    stats = finalise_from_config(config, model, variables, purified, clean_set, key).get(
-        "batch_stats", stats
-    )
+    stats = finalise_from_config(
+        steps_taken(config, done), model, variables, purified, clean_set, key
+    ).get("batch_stats", stats)
     report = PurifyReport(
         method=method,
         config=config_dict(config),
-        steps=config.steps,
+        steps=done,
         wall_time_s=time.perf_counter() - started - observe_time,
         step_time_s=step_time,
         resumed_from_step=resumed,

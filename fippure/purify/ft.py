@@ -44,6 +44,7 @@ from fippure.purify.common import (
     run_steps,
     sample_clean_batch,
     scheduled_sgd,
+    steps_taken,
     tree_size,
     validate_clean_set,
 )
@@ -165,7 +166,7 @@ def purify(
         return as_variables(carry[0], carry[1])
 
     carry = (params, stats, tx.init(params))
-    carry, curve, step_time, observe_time, resumed = run_steps(
+    carry, curve, step_time, observe_time, resumed, done = run_steps(
         lambda c, k: step(c, k, images, labels),
         carry,
         steps=config.steps,
@@ -179,11 +180,13 @@ def purify(
         checkpointing=checkpointing,
         fingerprint=lambda: run_fingerprint(method, config, variables, images, labels, key),
     )
-    out = finalise_from_config(config, model, variables, to_variables(carry), clean_set, key)
+    out = finalise_from_config(
+        steps_taken(config, done), model, variables, to_variables(carry), clean_set, key
+    )
     report = PurifyReport(
         method=method,
         config=config_dict(config),
-        steps=config.steps,
+        steps=done,
         wall_time_s=time.perf_counter() - started - observe_time,
         step_time_s=step_time,
         resumed_from_step=resumed,

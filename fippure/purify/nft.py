@@ -67,6 +67,7 @@ from fippure.purify.common import (
     device_clean_set,
     run_steps,
     sample_clean_batch,
+    steps_taken,
     tree_size,
     validate_clean_set,
 )
@@ -220,7 +221,7 @@ def purify(
         return as_variables(apply_masks(params, carry[0]), carry[1])
 
     carry = (masks, stats0, tx.init(masks))
-    carry, curve, step_time, observe_time, resumed = run_steps(
+    carry, curve, step_time, observe_time, resumed, done = run_steps(
         lambda c, k: step(c, k, images, labels, params),
         carry,
         steps=config.steps,
@@ -238,12 +239,14 @@ def purify(
     # masks lie exactly in [mu(l), 1]
     masks = clip_to_box(carry[0], floors, 1.0)
     carry = (masks, *carry[1:])
-    out = finalise_from_config(config, model, variables, to_variables(carry), clean_set, key)
+    out = finalise_from_config(
+        steps_taken(config, done), model, variables, to_variables(carry), clean_set, key
+    )
     leaves = np.concatenate([np.asarray(m).ravel() for m in jax.tree_util.tree_leaves(masks)])
     report = PurifyReport(
         method="nft",
         config=config_dict(config),
-        steps=config.steps,
+        steps=done,
         wall_time_s=time.perf_counter() - started - observe_time,
         step_time_s=step_time,
         resumed_from_step=resumed,

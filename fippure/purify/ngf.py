@@ -276,7 +276,7 @@ def purify(
         return {**variables, "params": _set(params, path, carry[0])}
 
     carry = (layer0, make_tx(fisher_diag).init(layer0))
-    carry, curve, step_time, observe_time, resumed = run_steps(
+    carry, curve, step_time, observe_time, resumed, done = run_steps(
         lambda c, k: step(c, k, data, labels, fisher_diag, frozen),
         carry,
         steps=config.steps,
@@ -294,7 +294,7 @@ def purify(
     report = PurifyReport(
         method="ngf",
         config=config_dict(config),
-        steps=config.steps,
+        steps=done,
         wall_time_s=time.perf_counter() - started - observe_time,
         step_time_s=step_time,
         resumed_from_step=resumed,

@@ -3,6 +3,7 @@ chosen on the clean set, never on test data)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -117,8 +118,10 @@ def test_the_stop_chosen_on_the_clean_set_purifies_the_digits_backdoor(
             trigger=digits_trigger, progress=False,
         )  # fmt: skip
     summary = report.extra["clean_stop"]
-    assert [c["step"] for c in summary["checks"]] == list(range(30, 301, 30))
     assert summary["reached_threshold"], summary["checks"]
+    # the search ended at the first check under the threshold
+    assert [c["step"] for c in summary["checks"]] == list(range(30, summary["chosen_step"] + 1, 30))
+    assert summary["steps_run"] == summary["chosen_step"] < 300
     assert (summary["fit_examples"], summary["validation_examples"]) == (len(b.clean) - 40, 40)
     assert report.steps == summary["chosen_step"]
     chosen = next(c for c in summary["checks"] if c["step"] == summary["chosen_step"])
@@ -173,6 +176,33 @@ def test_without_rerun_the_scored_iterate_is_returned(digits_badnets, digits_tri
     assert report.steps == chosen
 
 
+def test_the_search_halts_at_the_first_check_under_the_threshold(digits_badnets, digits_trigger):
+    """Under ``first_below`` no later check can change the choice, so the defense stops there.
+    The model returned is the scored iterate, finalised as a run of that length (statistics
+    recomputed; the cosine schedule kept the search's length), and the same as without the halt."""
+    b = digits_badnets
+    config = FTConfig(steps=1, batch_size=16, learning_rate=0.05, final_batch_stats="recompute")
+    stop = CleanStopConfig(max_steps=8, every=2, validation_per_class=4, threshold=1.0)
+    scored = {}
+    variables, report = purify_with_clean_stop(
+        "ft", b.model, b.variables, b.clean, config, 1, stop, trigger=digits_trigger,
+        progress=False, observer=lambda step, v: scored.__setitem__(step, v),
+    )  # fmt: skip
+    summary = report.extra["clean_stop"]
+    assert sorted(scored) == [2] and [c["step"] for c in summary["checks"]] == [2]
+    assert (summary["chosen_step"], summary["steps_run"], summary["searched_steps"]) == (2, 2, 8)
+    assert report.steps == 2 and report.loss_curve[-1]["step"] == 2
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, scored[2])
+    full, full_report = purify_with_clean_stop(
+        "ft", b.model, b.variables, b.clean, config, 1,
+        dataclasses.replace(stop, halt_when_reached=False), trigger=digits_trigger,
+        progress=False,
+    )  # fmt: skip
+    assert [c["step"] for c in full_report.extra["clean_stop"]["checks"]] == [2, 4, 6, 8]
+    assert full_report.steps == 2 and full_report.loss_curve[-1]["step"] <= 2
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, full)
+
+
 def test_bad_calls_get_one_line_errors(digits_badnets, digits_trigger):
     b = digits_badnets
     run = lambda name, config, **kw: purify_with_clean_stop(  # noqa: E731
@@ -203,7 +233,8 @@ def test_purify_command_stops_on_the_clean_set(digits_badnets_path, tmp_path, ca
     assert "stop chosen on D_v: step" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     summary = report["report"]["extra"]["clean_stop"]
-    assert [c["step"] for c in summary["checks"]] == [2, 4]
+    assert summary["steps_run"] in (2, 4) and summary["searched_steps"] == 4
+    assert [c["step"] for c in summary["checks"]] == list(range(2, summary["steps_run"] + 1, 2))
     # no trigger given: a (brief) scan of the training part chose the suspect
     scan = summary["scan"]
     assert (

@@ -13,7 +13,9 @@ from fippure.errors import CheckpointError, InvalidInputError, NonFiniteLossErro
 from fippure.evaluation import defense_effectiveness_rating
 from fippure.models.registry import create_model, init_variables
 from fippure.purify import DEFENSES, make_config
+from fippure.purify.common import StopEarly
 from fippure.purify.ft import FTConfig, purify
+from fippure.purify.registry import get_defense
 from fippure.purify.runner import evaluate, run_defense
 
 
@@ -256,3 +258,33 @@ def test_observing_a_defense_charts_test_metrics_without_changing_it(digits_badn
     assert watched["trajectory"][-1]["asr"] == watched["after"]["asr"]
     assert watched["after"] == plain["after"]
     assert "trajectory" not in plain
+
+
+@pytest.mark.parametrize("defense", ["fip", "fast_fip", "nft", "ngf", "ft"])
+def test_an_observer_that_raises_stop_early_ends_the_defense_at_that_step(digits_badnets, defense):
+    """The defense returns the iterate the observer saw (finalised as a run of that length)
+    and reports the steps it took; the loss curve ends there too."""
+    overrides = {"steps": "6", "batch_size": "32", "log_every": "3"}
+    if defense in ("fip", "fast_fip"):
+        overrides["eta_F"] = "0.05"
+    if defense == "nft":
+        overrides["mask_pattern"] = "bn[23]$"
+    seen = {}
+
+    def stop_at_two(step, variables):
+        seen[step] = variables
+        if step == 2:
+            raise StopEarly
+
+    b = digits_badnets
+    variables, report = get_defense(defense).purify(
+        b.model, b.variables, b.clean, make_config(defense, overrides), jax.random.key(0),
+        progress=False, observer=stop_at_two, observe_every=2,
+    )  # fmt: skip
+    assert sorted(seen) == [2]
+    assert report.steps == 2 and report.loss_curve[-1]["step"] == 2
+    assert report.config["steps"] == 6  # the schedule kept the configured length
+    # NFT clips its masks into [mu(l), 1] after the last step: equal up to that rounding
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), variables, seen[2]
+    )
