@@ -17,7 +17,7 @@ from fippure.purify.clean_stop import (
     make_clean_stop_config,
     purify_with_clean_stop,
 )
-from fippure.purify.common import PurifyReport
+from fippure.purify.common import PurifyReport, StopEarly
 from fippure.purify.registry import DEFENSES, Defense, get_defense, make_config
 from fippure.purify.resume import Checkpointing
 from fippure.purify.trigger_inversion import (
@@ -37,6 +37,7 @@ __all__ = [
     "InversionConfig",
     "InvertedTrigger",
     "PurifyReport",
+    "StopEarly",
     "TriggerScan",
     "choose_stop",
     "get_defense",
