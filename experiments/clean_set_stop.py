@@ -24,10 +24,13 @@ seed-0 BadNets result of the script's earlier, hand-written loop exactly (every 
 at 20 steps, test 0.8575 / 0.018); that loop made the seed-0 and seed-1 results.
 
     python experiments/clean_set_stop.py [--attacks badnets ...] [--seed N]
-        [--method ft --setting brief_transfer] [--scored-iterate] [--report-only]
+        [--method ft --setting brief_transfer] [--set eta_F=4 ...] [--scored-iterate]
+        [--full-run] [--report-only]
 
 writes ``experiments/results/clean_set_stop/[<method>_<setting>/][seed<N>/]<attack>.json`` and
-``experiments/results/clean_set_stop.{json,md}``.
+``experiments/results/clean_set_stop.{json,md}``. The searches end at the first check under the
+threshold (the library's default) unless ``--full-run`` is given; the runs made before that
+default (session 33) all ran to ``--max-steps``, and their JSON has no ``halt_when_reached``.
 """
 
 from __future__ import annotations
@@ -86,9 +89,12 @@ def run_attack(
     method: str = METHOD,
     setting: str = SETTING,
     rerun: bool = True,
+    overrides: dict[str, str] | None = None,
+    halt: bool = True,
 ) -> dict:
     """The library's clean-set stop (:func:`fippure.purify.purify_with_clean_stop`) with the
-    saved scan's suspect, plus the test metrics of every check for the chart."""
+    saved scan's suspect, plus the test metrics of every check for the chart. ``overrides``
+    change the setting's configuration; ``halt`` is ``CleanStopConfig.halt_when_reached``."""
     import jax
     from purify_benchmark import overrides_for
 
@@ -98,6 +104,7 @@ def run_attack(
     from fippure.purify.runner import evaluate
     from fippure.zoo import load_backdoored
 
+    overrides = dict(overrides or {})
     backdoored = load_backdoored(ZOO / attack)
     fit_rows, _ = hold_out_per_class(backdoored.clean.labels, VALIDATION_PER_CLASS)
     trigger, flagged = suspect_trigger(attack, backdoored, backdoored.clean.subset(fit_rows))
@@ -113,13 +120,14 @@ def run_attack(
         threshold=threshold,
         validation_per_class=VALIDATION_PER_CLASS,
         rerun=rerun,
+        halt_when_reached=halt,
     )
     variables, report = purify_with_clean_stop(
         method,
         backdoored.model,
         backdoored.variables,
         backdoored.clean,
-        make_config(method, overrides_for(method, setting, steps=max_steps)),
+        make_config(method, {**overrides_for(method, setting, steps=max_steps), **overrides}),
         jax.random.key(seed),
         stop,
         trigger=trigger,
@@ -131,6 +139,7 @@ def run_attack(
         "attack": attack,
         "method": method,
         "setting": setting,
+        "overrides": overrides,
         "target": backdoored.target,
         "suspect": trigger.target,
         "suspect_flagged": flagged,
@@ -141,6 +150,7 @@ def run_attack(
             "every": every,
             "max_steps": max_steps,
             "max_accuracy_drop": stop.max_accuracy_drop,
+            "halt_when_reached": halt,
         },
         "undefended_validation_acc": summary["undefended_validation_acc"],
         "checks": checks,
@@ -152,10 +162,33 @@ def run_attack(
     }
 
 
-def result_directory(method: str, setting: str, seed: int, rerun: bool = True) -> pathlib.Path:
+def variant_name(setting: str, overrides: dict[str, str] | None = None) -> str:
+    """``setting`` with its overrides appended (``brief_transfer_eta_F4``)."""
+    return setting + "".join(f"_{k}{v}" for k, v in sorted((overrides or {}).items()))
+
+
+def variant_label(result: dict) -> str:
+    """A result's method, setting, overrides and iterate, for the tables."""
+    overrides = result.get("overrides") or {}
+    changed = f" ({', '.join(f'{k}={v}' for k, v in sorted(overrides.items()))})"
+    return (
+        f"{result['method']} {result['setting']}{changed if overrides else ''}"
+        f"{'' if result['rerun'] else ', scored iterate'}"
+    )
+
+
+def result_directory(
+    method: str,
+    setting: str,
+    seed: int,
+    rerun: bool = True,
+    overrides: dict[str, str] | None = None,
+) -> pathlib.Path:
     """Where a run's per-attack results live: ``OUT`` (and ``OUT/seed<N>``) for FIP
-    ``brief_transfer`` with a rerun, ``OUT/<method>_<setting>`` (and its ``seed<N>``) for
-    another, with ``_scored`` appended where the scored iterate was kept (no rerun)."""
+    ``brief_transfer`` with a rerun, ``OUT/<method>_<setting>[_<key><value>...]`` (and its
+    ``seed<N>``) for another, with ``_scored`` appended where the scored iterate was kept (no
+    rerun)."""
+    setting = variant_name(setting, overrides)
     if (method, setting, rerun) == (METHOD, SETTING, True):
         base = OUT
     else:
@@ -196,16 +229,10 @@ def seed_lines(results: list[dict], acc_drop: float = 0.03, asr_max: float = 0.0
         "| method | attack | seed | stop chosen on D_v | test ACC / ASR | success |",
         "|---|---|---|---|---|---|",
     ]
-    groups = dict.fromkeys((r["method"], r["setting"], r["rerun"], r["attack"]) for r in results)
-    for method, setting, rerun, attack in groups:
-        label = f"{method} {setting}{'' if rerun else ', scored iterate'}"
+    groups = dict.fromkeys((variant_label(r), r["attack"]) for r in results)
+    for label, attack in groups:
         runs = sorted(
-            (
-                r
-                for r in results
-                if (r["method"], r["setting"], r["rerun"], r["attack"])
-                == (method, setting, rerun, attack)
-            ),
+            (r for r in results if (variant_label(r), r["attack"]) == (label, attack)),
             key=lambda r: r["seed"],
         )
         for r in runs:
@@ -233,7 +260,9 @@ def write_summary(all_results: list[dict]) -> None:
     results = [
         r
         for r in all_results
-        if r["seed"] == 0 and (r["method"], r["setting"], r["rerun"]) == (METHOD, SETTING, True)
+        if r["seed"] == 0
+        and (r["method"], r["setting"], r["rerun"]) == (METHOD, SETTING, True)
+        and not r.get("overrides")
     ]
     fixed = {}
     for r in results:
@@ -319,8 +348,24 @@ def main() -> None:
         "re-running the defense for that many steps (this script's default, as its first runs "
         "did); saved under clean_set_stop/<method>_<setting>_scored/",
     )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the setting's configuration (saved under "
+        "clean_set_stop/<method>_<setting>_<key><value>[_scored]/)",
+    )
+    parser.add_argument(
+        "--full-run",
+        action="store_true",
+        help="run every search to --max-steps (CleanStopConfig.halt_when_reached=False), to "
+        "chart every check; by default it ends at the first check under the threshold",
+    )
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
+    overrides = parse_overrides(args.overrides)
 
     def run(attack: str) -> dict:
         return run_attack(
@@ -332,13 +377,31 @@ def main() -> None:
             args.method,
             args.setting,
             rerun=not args.scored_iterate,
+            overrides=overrides,
+            halt=not args.full_run,
         )
 
+    out = result_directory(args.method, args.setting, args.seed, not args.scored_iterate, overrides)
+    scans.per_attack(args.attacks, out, run, args.report_only)
+    write_summary(all_results(args.attacks))
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """``["eta_F=4", ...]`` as a dict, with a one-line error for a pair without ``=``."""
+    from fippure.errors import InvalidInputError
+
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise InvalidInputError(f"--set takes KEY=VALUE, got {bad[0]!r}")
+    return dict(p.split("=", 1) for p in pairs)
+
+
+def all_results(attacks: list[str]) -> list[dict]:
+    """Every saved result of ``attacks``: FIP ``brief_transfer``'s, then each other
+    method's and setting's directory."""
     from fippure.purify.registry import DEFENSES
 
-    out = result_directory(args.method, args.setting, args.seed, not args.scored_iterate)
-    scans.per_attack(args.attacks, out, run, args.report_only)
-    results = collect_seeds(args.attacks)
+    results = collect_seeds(attacks)
     # other methods' directories are named <method>_<setting> (before_accuracy_guard/ and
     # seed<N>/ are not)
     for directory in sorted(d for d in OUT.iterdir() if d.is_dir()):
@@ -354,8 +417,8 @@ def main() -> None:
             setting = directory.name[len(method) + 1 :]
             rerun = not setting.endswith(SCORED)
             setting = setting.removesuffix(SCORED)
-            results += collect_seeds(args.attacks, method, setting, rerun)
-    write_summary(results)
+            results += collect_seeds(attacks, method, setting, rerun)
+    return results
 
 
 if __name__ == "__main__":
