@@ -1,0 +1,179 @@
+"""One configuration per method chosen on D_v alone, among candidates, under the clean-set stop.
+
+The benchmark's settings (learning rate, eta_F, ...) were chosen after test-split probes
+(README, "Protocol caveat"); only their stop was later chosen on D_v (``clean_set_stop.py``).
+This script makes the rest of the choice as a defender can. Every candidate runs under the
+library's clean-set stop (:func:`fippure.purify.purify_with_clean_stop`, the scored iterate
+kept, the search ending at the first check under the threshold) on D_v's 400-image fit part,
+with the Neural Cleanse suspect of ``trigger_synthesis_check.py``, on every core attack. A
+candidate scores, per attack, a validation success when its chosen check reached the
+threshold with a validation ACC at most ``--max-val-drop`` below the undefended model's on
+the same 100-image slice. The candidate with the most validation successes wins; ties go to
+the higher mean validation ACC at the chosen checks, then to the earlier candidate. Only D_v
+enters the choice. The test metrics of every candidate are reported beside it after the fact.
+
+    python experiments/clean_set_selection.py [--method fip] [--attacks badnets ...]
+        [--report-only]
+
+runs (resumably: each attack's result is saved as it finishes, under
+``clean_set_stop/<method>_<setting>[_<key><value>]_scored/``) and writes
+``experiments/results/clean_set_selection_<method>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import clean_set_stop  # noqa: E402
+import trigger_synthesis_check as scans  # noqa: E402
+from purify_benchmark import CORE_ATTACKS  # noqa: E402
+
+#: (setting of purify_benchmark.METHODS, overrides) per method, in order of preference for a
+#: tie. FIP: the anchor-and-trace family at lr 0.001 (brief_transfer, eta_F 2), with the
+#: penalty halved and doubled, and at twice the rate.
+CANDIDATES: dict[str, list[tuple[str, dict[str, str]]]] = {
+    "fip": [
+        ("brief_transfer", {}),
+        ("brief_transfer", {"eta_F": "1"}),
+        ("brief_transfer", {"eta_F": "4"}),
+        ("brief_transfer", {"learning_rate": "0.002"}),
+    ],
+}
+#: The search's settings, as in clean_set_stop.py's FIP runs.
+MAX_STEPS, EVERY, THRESHOLD, SEED = 150, 10, 0.05, 0
+
+
+def validation_success(result: dict, max_val_drop: float) -> bool:
+    """Whether the D_v rule would call this run a success: the chosen check reached the
+    threshold, within ``max_val_drop`` of the undefended validation ACC. Reads D_v only."""
+    chosen = next(c for c in result["checks"] if c["step"] == result["chosen_step"])
+    drop = result["undefended_validation_acc"] - chosen["validation_acc"]
+    return bool(result["reached_threshold"]) and drop <= max_val_drop + 1e-9
+
+
+def test_success(result: dict, acc_drop: float = 0.03, asr_max: float = 0.05) -> bool:
+    """Issue 5's target on the test split (never read by the choice)."""
+    c, b = result["chosen_test"], result["before_test"]
+    return c["asr"] <= asr_max and b["acc"] - c["acc"] <= acc_drop
+
+
+def score(results: list[dict], max_val_drop: float) -> dict:
+    """A candidate's D_v score and, separately, its test outcome."""
+    chosen = [next(c for c in r["checks"] if c["step"] == r["chosen_step"]) for r in results]
+    return {
+        "validation_successes": sum(validation_success(r, max_val_drop) for r in results),
+        "mean_validation_acc": float(np.mean([c["validation_acc"] for c in chosen])),
+        "test_successes": sum(test_success(r) for r in results),
+        "attacks": len(results),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="fip", choices=sorted(CANDIDATES))
+    parser.add_argument("--attacks", nargs="*", default=list(CORE_ATTACKS))
+    parser.add_argument(
+        "--max-val-drop",
+        type=float,
+        default=0.03,
+        help="a validation success keeps validation ACC within this of the undefended model's "
+        "(issue 5's test-split bound, applied to D_v)",
+    )
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+
+    rows = []
+    for setting, overrides in CANDIDATES[args.method]:
+
+        def run(attack: str, setting=setting, overrides=overrides) -> dict:
+            return clean_set_stop.run_attack(
+                attack, MAX_STEPS, EVERY, THRESHOLD, SEED, args.method, setting,
+                rerun=False, overrides=overrides,
+            )  # fmt: skip
+
+        out = clean_set_stop.result_directory(args.method, setting, SEED, False, overrides)
+        results = scans.per_attack(args.attacks, out, run, args.report_only)
+        for r in results:
+            r.setdefault("overrides", {})
+            r.setdefault("method", args.method)
+            r.setdefault("setting", setting)
+            r.setdefault("rerun", False)
+        if results:
+            rows.append({"setting": setting, "overrides": overrides, "results": results,
+                         **score(results, args.max_val_drop)})  # fmt: skip
+    complete = [r for r in rows if r["attacks"] == len(args.attacks)]
+    chosen = (
+        max(
+            complete,
+            key=lambda r: (r["validation_successes"], r["mean_validation_acc"], -complete.index(r)),
+        )  # fmt: skip
+        if complete
+        else None
+    )
+    write_summary(args, rows, chosen)
+
+
+def write_summary(args, rows: list[dict], chosen: dict | None) -> None:
+    label = lambda row: clean_set_stop.variant_label(  # noqa: E731
+        {"method": args.method, "setting": row["setting"], "overrides": row["overrides"],
+         "rerun": True}
+    )  # fmt: skip
+    lines = [
+        f"# {args.method.upper()}'s configuration chosen on D_v (CIFAR-10, PreAct-ResNet-18 w16)",
+        "",
+        f"Every candidate runs under the clean-set stop (checks every {EVERY} steps up to "
+        f"{MAX_STEPS}, threshold {THRESHOLD}, the scored iterate kept, seed {SEED}) on 400 of "
+        "D_v's 500 images, scored with the Neural Cleanse suspect on the 100-image validation "
+        "slice. A validation success: the threshold reached within "
+        f"{args.max_val_drop} of the undefended validation ACC. The most validation successes "
+        "win, then the higher mean validation ACC at the chosen checks. The test columns were "
+        "not read by the choice. Test success: ASR <= 0.05 and ACC drop <= 0.03.",
+        "",
+        "| candidate | validation successes | mean val. ACC at the stops | test successes | "
+        "chosen |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {label(row)} | {row['validation_successes']} of {row['attacks']} | "
+            f"{row['mean_validation_acc']:.3f} | {row['test_successes']} of {row['attacks']} | "
+            f"{'**yes**' if row is chosen else ''} |"
+        )
+    if chosen is None:
+        lines += ["", "No candidate has a result for every attack yet: nothing is chosen."]
+    lines += [
+        "",
+        "## Every run (validation: what the choice read; test: after the fact)",
+        "",
+        "| candidate | attack | stop | val. synth. ASR / ACC (undefended ACC) | val. success | "
+        "test ACC / ASR | test success |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        for r in row["results"]:
+            at = next(c for c in r["checks"] if c["step"] == r["chosen_step"])
+            t = r["chosen_test"]
+            lines.append(
+                f"| {label(row)} | {r['attack']} | {r['chosen_step']}"
+                f"{'' if r['reached_threshold'] else ' (not reached)'} | "
+                f"{at['validation_synth_asr']:.3f} / {at['validation_acc']:.2f} "
+                f"({r['undefended_validation_acc']:.2f}) | "
+                f"{'yes' if validation_success(r, args.max_val_drop) else 'no'} | "
+                f"{t['acc']:.3f} / {t['asr']:.3f} | {'yes' if test_success(r) else 'no'} |"
+            )
+    results = [r for row in rows for r in row["results"]]
+    summary = ROOT / "experiments" / "results" / f"clean_set_selection_{args.method}"
+    scans.write_report(summary, lines, results)
+
+
+if __name__ == "__main__":
+    from fippure.cli import run_script
+
+    run_script(main, "clean_set_selection.py")
