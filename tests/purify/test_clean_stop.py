@@ -153,15 +153,21 @@ def test_a_rerun_is_the_defense_run_for_the_chosen_steps(digits_badnets, digits_
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, direct)
 
 
+def search_with_ft(backdoored, trigger, config, stop):
+    """FT under the clean-set stop (key 1): ``(variables, report, {step: scored variables})``."""
+    scored = {}
+    variables, report = purify_with_clean_stop(
+        "ft", backdoored.model, backdoored.variables, backdoored.clean, config, 1, stop,
+        trigger=trigger, progress=False, observer=lambda step, v: scored.__setitem__(step, v),
+    )  # fmt: skip
+    return variables, report, scored
+
+
 def test_without_rerun_the_scored_iterate_is_returned(digits_badnets, digits_trigger):
     b = digits_badnets
     config = FTConfig(steps=1, batch_size=16, learning_rate=0.05)
     stop = CleanStopConfig(max_steps=8, every=2, validation_per_class=4, rule="lowest")
-    scored = {}
-    variables, report = purify_with_clean_stop(
-        "ft", b.model, b.variables, b.clean, config, 1, stop, trigger=digits_trigger,
-        progress=False, observer=lambda step, v: scored.__setitem__(step, v),
-    )  # fmt: skip
+    variables, report, scored = search_with_ft(b, digits_trigger, config, stop)
     summary = report.extra["clean_stop"]
     assert sorted(scored) == [2, 4, 6, 8]
     chosen = summary["chosen_step"]
@@ -183,21 +189,15 @@ def test_the_search_halts_at_the_first_check_under_the_threshold(digits_badnets,
     b = digits_badnets
     config = FTConfig(steps=1, batch_size=16, learning_rate=0.05, final_batch_stats="recompute")
     stop = CleanStopConfig(max_steps=8, every=2, validation_per_class=4, threshold=1.0)
-    scored = {}
-    variables, report = purify_with_clean_stop(
-        "ft", b.model, b.variables, b.clean, config, 1, stop, trigger=digits_trigger,
-        progress=False, observer=lambda step, v: scored.__setitem__(step, v),
-    )  # fmt: skip
+    variables, report, scored = search_with_ft(b, digits_trigger, config, stop)
     summary = report.extra["clean_stop"]
     assert sorted(scored) == [2] and [c["step"] for c in summary["checks"]] == [2]
     assert (summary["chosen_step"], summary["steps_run"], summary["searched_steps"]) == (2, 2, 8)
     assert report.steps == 2 and report.loss_curve[-1]["step"] == 2
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, scored[2])
-    full, full_report = purify_with_clean_stop(
-        "ft", b.model, b.variables, b.clean, config, 1,
-        dataclasses.replace(stop, halt_when_reached=False), trigger=digits_trigger,
-        progress=False,
-    )  # fmt: skip
+    full, full_report, _ = search_with_ft(
+        b, digits_trigger, config, dataclasses.replace(stop, halt_when_reached=False)
+    )
     assert [c["step"] for c in full_report.extra["clean_stop"]["checks"]] == [2, 4, 6, 8]
     assert full_report.steps == 2 and full_report.loss_curve[-1]["step"] <= 2
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, full)
