@@ -144,7 +144,8 @@ def write_summary(args, rows: list[dict], chosen: dict | None) -> None:
         lines.append(
             f"| {label(row)} | {row['validation_successes']} of {row['attacks']} | "
             f"{row['mean_validation_acc']:.3f} | {row['test_successes']} of {row['attacks']} | "
-            f"{'**yes**' if row is chosen else ''} |"
+            f"{'**yes**' if row is chosen else ''}"
+            f"{'' if row['attacks'] == len(args.attacks) else 'incomplete: not eligible'} |"
         )
     if chosen is None:
         lines += ["", "No candidate has a result for every attack yet: nothing is chosen."]
