@@ -53,8 +53,9 @@ MAX_STEPS, EVERY, THRESHOLD, SEED = 150, 10, 0.05, 0
 def validation_success(result: dict, max_val_drop: float) -> bool:
     """Whether the D_v rule would call this run a success: the chosen check reached the
     threshold, within ``max_val_drop`` of the undefended validation ACC. Reads D_v only."""
-    chosen = next(c for c in result["checks"] if c["step"] == result["chosen_step"])
-    drop = result["undefended_validation_acc"] - chosen["validation_acc"]
+    drop = (
+        result["undefended_validation_acc"] - clean_set_stop.chosen_check(result)["validation_acc"]
+    )
     return bool(result["reached_threshold"]) and drop <= max_val_drop + 1e-9
 
 
@@ -66,7 +67,7 @@ def test_success(result: dict, acc_drop: float = 0.03, asr_max: float = 0.05) ->
 
 def score(results: list[dict], max_val_drop: float) -> dict:
     """A candidate's D_v score and, separately, its test outcome."""
-    chosen = [next(c for c in r["checks"] if c["step"] == r["chosen_step"]) for r in results]
+    chosen = [clean_set_stop.chosen_check(r) for r in results]
     return {
         "validation_successes": sum(validation_success(r, max_val_drop) for r in results),
         "mean_validation_acc": float(np.mean([c["validation_acc"] for c in chosen])),
@@ -100,11 +101,6 @@ def main() -> None:
 
         out = clean_set_stop.result_directory(args.method, setting, SEED, False, overrides)
         results = scans.per_attack(args.attacks, out, run, args.report_only)
-        for r in results:
-            r.setdefault("overrides", {})
-            r.setdefault("method", args.method)
-            r.setdefault("setting", setting)
-            r.setdefault("rerun", False)
         if results:
             rows.append({"setting": setting, "overrides": overrides, "results": results,
                          **score(results, args.max_val_drop)})  # fmt: skip
@@ -159,7 +155,7 @@ def write_summary(args, rows: list[dict], chosen: dict | None) -> None:
     ]
     for row in rows:
         for r in row["results"]:
-            at = next(c for c in r["checks"] if c["step"] == r["chosen_step"])
+            at = clean_set_stop.chosen_check(r)
             t = r["chosen_test"]
             lines.append(
                 f"| {label(row)} | {r['attack']} | {r['chosen_step']}"

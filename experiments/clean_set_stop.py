@@ -162,6 +162,11 @@ def run_attack(
     }
 
 
+def chosen_check(result: dict) -> dict:
+    """The check at a result's chosen stop."""
+    return next(c for c in result["checks"] if c["step"] == result["chosen_step"])
+
+
 def variant_name(setting: str, overrides: dict[str, str] | None = None) -> str:
     """``setting`` with its overrides appended (``brief_transfer_eta_F4``)."""
     return setting + "".join(f"_{k}{v}" for k, v in sorted((overrides or {}).items()))
@@ -295,7 +300,7 @@ def write_summary(all_results: list[dict]) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        at = next(c for c in r["checks"] if c["step"] == r["chosen_step"])
+        at = chosen_check(r)
         ref = fixed.get(r["attack"])
         ref_text = f"{ref['test']['acc']:.3f} / {ref['test']['asr']:.3f}" if ref else "-"
         c, b = r["chosen_test"], r["before_test"]
