@@ -29,6 +29,7 @@ from fippure.curvature.eigenvalues import (
 from fippure.curvature.fisher import (
     empirical_fisher_diagonal,
     empirical_fisher_trace,
+    per_example_fisher_trace,
     true_fisher_trace,
 )
 from fippure.curvature.probes import rademacher_like, tree_dot, tree_norm
@@ -61,6 +62,7 @@ __all__ = [
     "analyze_curvature",
     "empirical_fisher_diagonal",
     "empirical_fisher_trace",
+    "per_example_fisher_trace",
     "empirical_fisher_vp",
     "fisher_vp",
     "gaussian_density",

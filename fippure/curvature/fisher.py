@@ -10,6 +10,8 @@ theta0_j)^2``.
   ``TrF_hat = mean_k mean_i u_ki^2`` is unbiased, because ``E[u_ki^2] = ||grad l_i||^2``. It is
   a smooth function of the parameters, so ``jax.grad`` differentiates it (reverse over
   forward).
+- :func:`per_example_fisher_trace` is the same ``Tr F`` computed exactly from per-example
+  gradients (no probes; cheap for Fast FIP's shifts in factored form), also differentiable.
 - :func:`true_fisher_trace` is the variant with labels sampled from the model's own softmax
   (``y ~ p(.|x)``, drawn under ``stop_gradient``): an estimate of the true Fisher's trace.
 - :func:`empirical_fisher_diagonal` is ``Fbar``: the exact diagonal ``mean_i (grad l_i)^2``
@@ -73,6 +75,45 @@ def empirical_fisher_trace(
         return jnp.mean(jvp_fn(rademacher_like(probe_key, params)) ** 2)
 
     return jnp.mean(map_probes(one, key, num_probes, vmap_probes))
+
+
+def per_example_fisher_trace(
+    per_example_loss_fn: PerExampleLossFn, params: PyTree, batch: Any
+) -> Float[Array, ""]:
+    """The exact ``Tr F_emp = mean_i ||grad l_i||^2`` from per-example gradients, differentiable.
+
+    SPEC section 2's penalty without probes: each example's gradient is formed
+    (``jax.vmap`` of ``jax.grad`` over batches of one example) and its squared norm taken, so
+    the value has no Hutchinson noise and ``jax.grad`` of it (reverse over reverse) is the
+    exact gradient of the batch's trace. Per-example gradients cost little when the tuned
+    scalars act as channel scales, as Fast FIP's singular-value shifts do in factored form
+    (:func:`fippure.optim.spectral.factored`): their gradient is a per-channel sum, and no
+    kernel gradient is formed. For full weights they are batched kernel gradients, which
+    :func:`empirical_fisher_trace` avoids.
+
+    Args:
+        per_example_loss_fn: ``(params, batch) -> (n,)``. It is called on batches of one
+            example, so it must treat examples independently (BatchNorm in eval mode).
+        params: the parameters (the differentiation variable).
+        batch: a pytree whose leaves share a leading example axis.
+
+    Returns:
+        The scalar trace.
+    """
+    _leading_size(batch)
+    check_per_example_losses(
+        jax.eval_shape(per_example_loss_fn, params, batch), "per_example_fisher_trace"
+    )
+
+    def single(p, example):
+        one = jax.tree_util.tree_map(lambda x: x[None], example)
+        return per_example_loss_fn(p, one)[0]
+
+    grads = jax.vmap(jax.grad(single), in_axes=(None, 0))(params, batch)
+    squares = sum(
+        jnp.sum((g * g).reshape(g.shape[0], -1), axis=1) for g in jax.tree_util.tree_leaves(grads)
+    )
+    return jnp.mean(squares)
 
 
 def true_fisher_trace(

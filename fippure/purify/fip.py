@@ -47,6 +47,7 @@ from fippure.config_checks import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, REGEX, c
 from fippure.curvature.fisher import (
     empirical_fisher_diagonal,
     empirical_fisher_trace,
+    per_example_fisher_trace,
     true_fisher_trace,
 )
 from fippure.curvature.probes import rademacher_like
@@ -116,6 +117,13 @@ class FIPConfig:
             BadNets model), so under ``eval`` eta_F then acts as if about 0.4x as strong.
         trace_variant: ``empirical`` (labels from D_v), ``true`` (labels sampled from the
             model) or ``seed_code`` (the released code's zero-mean linear term; ablation).
+        trace_estimator: how the empirical trace is computed: ``hutchinson`` (Rademacher
+            probes and one ``jax.jvp``, **choice**, SPEC section 2) or ``per_example`` (exact,
+            from per-example gradients: :func:`fippure.curvature.per_example_fisher_trace`;
+            no probe noise). ``per_example`` needs the ``empirical`` variant and BatchNorm in
+            eval mode for the term (``trace_bn_train=False``), and it applies to TrF0 too. It
+            suits Fast FIP, whose shifts have cheap per-example gradients in factored form;
+            for FIP's full weights it forms per-example kernel gradients.
         trace_probes: Rademacher probes K per estimate (**choice**: 1, the cheapest, as in
             SPEC's prototype measurement; SPEC section 2 then suggests averaging several. One
             probe is noisy, with a coefficient of variation near 60% on the digits CNN; on the
@@ -166,6 +174,7 @@ class FIPConfig:
     trace_scale: Literal["relative", "absolute"] = "relative"
     trace_calibration: Literal["eval", "penalty"] = "eval"
     trace_variant: Literal["empirical", "true", "seed_code"] = "empirical"
+    trace_estimator: Literal["hutchinson", "per_example"] = "hutchinson"
     trace_probes: int = 1
     trace_every: int = 1
     trace_bn_train: bool = False
@@ -182,6 +191,21 @@ class FIPConfig:
 
     def __post_init__(self):
         check_config(self, FIP_RULES)
+        if self.trace_estimator == "per_example":
+            if self.trace_variant != "empirical":
+                raise InvalidInputError(
+                    "trace_estimator=per_example computes the empirical Fisher's trace; "
+                    f"trace_variant={self.trace_variant} needs trace_estimator=hutchinson"
+                )
+            if self.trace_bn_train:
+                raise InvalidInputError(
+                    "trace_estimator=per_example needs trace_bn_train=false: in train mode "
+                    "BatchNorm couples the examples, so there are no per-example gradients"
+                )
+            if self.trace_probes != 1:
+                raise InvalidInputError(
+                    "trace_estimator=per_example uses no probes; leave trace_probes at 1"
+                )
         if self.average_last > self.steps:
             raise InvalidInputError(
                 f"average_last must lie in [0, steps={self.steps}], got {self.average_last}"
@@ -196,9 +220,17 @@ def trace_term(
     batch: Any,
     key: PRNGKeyArray,
     num_probes: int,
+    estimator: str = "hutchinson",
 ) -> jax.Array:
     """The (unscaled) Fisher-trace term of one labelled batch ``(x, y)``, differentiable in
-    ``tunable`` (the ``true`` variant samples its labels and reads only ``x``)."""
+    ``tunable`` (the ``true`` variant samples its labels and reads only ``x``; the
+    ``per_example`` estimator of the ``empirical`` variant is exact and reads no key)."""
+    if estimator == "per_example":
+        if variant != "empirical":
+            raise InvalidInputError(
+                f"the per_example estimator computes the empirical trace, not {variant!r}"
+            )
+        return per_example_fisher_trace(per_example_loss, tunable, batch)
     if variant == "empirical":
         return empirical_fisher_trace(per_example_loss, tunable, batch, key, num_probes)
     if variant == "true":
@@ -334,6 +366,7 @@ def fisher_guided_purify(
                         (x, y),
                         trace_key,
                         config.trace_probes,
+                        config.trace_estimator,
                     )
                     terms["trace"] = trace
                     loss = loss + strength * trace
@@ -460,7 +493,16 @@ def _calibrate_trace(logits_fn, bound, tunable, inputs, labels, batch_size, conf
             x, y = batch_
             return optax.softmax_cross_entropy_with_integer_labels(logits(t_, x), y)
 
-        return trace_term(variant, per_example_loss, logits, t, batch, k, config.calibration_probes)
+        return trace_term(
+            variant,
+            per_example_loss,
+            logits,
+            t,
+            batch,
+            k,
+            config.calibration_probes,
+            config.trace_estimator,
+        )
 
     n = inputs.shape[0]
     values, weights = [], []

@@ -104,3 +104,52 @@ def test_trace_penalty_gradient_is_unbiased(problem, dense):
     )(problem.params)
     exact, estimate = dense.flatten(exact), dense.flatten(estimate)
     assert np.linalg.norm(estimate - exact) < 0.1 * np.linalg.norm(exact)
+
+
+def _dense_empirical_trace(problem, params):
+    """``Tr F_emp = (1/n) ||J||_F^2`` from the dense Jacobian of the per-example losses."""
+    flat, unravel = ravel_pytree(params)
+    jac = jax.jacrev(lambda f: problem.per_example_loss_fn(unravel(f), problem.batch))(flat)
+    return jnp.sum(jac**2) / jac.shape[0]
+
+
+def test_per_example_fisher_trace_equals_the_dense_trace(problem, dense):
+    value = fisher.per_example_fisher_trace(
+        problem.per_example_loss_fn, problem.params, problem.batch
+    )
+    np.testing.assert_allclose(value, np.trace(dense.empirical_fisher), rtol=1e-10)
+
+
+def test_per_example_fisher_trace_gradient_is_the_dense_traces_gradient(problem, dense):
+    # the exact gradient, not an estimate: reverse over reverse through per-example gradients
+    fn = lambda p: fisher.per_example_fisher_trace(  # noqa: E731
+        problem.per_example_loss_fn, p, problem.batch
+    )
+    exact = jax.grad(lambda p: _dense_empirical_trace(problem, p))(problem.params)
+    np.testing.assert_allclose(
+        dense.flatten(jax.jit(jax.grad(fn))(problem.params)), dense.flatten(exact), rtol=1e-9
+    )
+    check_grads(jax.jit(fn), (problem.params,), order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
+
+
+def test_per_example_fisher_trace_is_the_mean_of_the_hutchinson_estimates(problem):
+    # E_v[(J v)_i^2] = ||grad l_i||^2: the probe estimate's mean is the exact trace
+    exact = fisher.per_example_fisher_trace(
+        problem.per_example_loss_fn, problem.params, problem.batch
+    )
+    estimate = fisher.empirical_fisher_trace(
+        problem.per_example_loss_fn,
+        problem.params,
+        problem.batch,
+        jax.random.key(3),
+        4000,
+        vmap_probes=True,
+    )
+    np.testing.assert_allclose(estimate, exact, rtol=0.05)
+
+
+def test_per_example_fisher_trace_rejects_a_mean_loss(problem):
+    with pytest.raises(InvalidInputError, match="one loss per example"):
+        fisher.per_example_fisher_trace(
+            lambda p, b: jnp.mean(problem.per_example_loss_fn(p, b)), problem.params, problem.batch
+        )

@@ -135,10 +135,10 @@ def _record_trace_batches(monkeypatch) -> list:
     penalises and its batch; returns the list the records go to."""
     seen = []
 
-    def spy(variant, per_example_loss, logits_fn, tunable, batch, key, num_probes):
+    def spy(variant, per_example_loss, logits_fn, tunable, batch, key, *options):
         record = lambda *values: seen.append([np.asarray(v) for v in values])  # noqa: E731
         jax.debug.callback(record, per_example_loss(tunable, batch), *batch)
-        return trace_term(variant, per_example_loss, logits_fn, tunable, batch, key, num_probes)
+        return trace_term(variant, per_example_loss, logits_fn, tunable, batch, key, *options)
 
     monkeypatch.setattr(fip, "trace_term", spy)
     return seen
@@ -273,6 +273,52 @@ def test_trace_variants_have_the_expectations_the_spec_gives(float64):
     assert abs(mean - exact_true) < 5 * stderr
     mean, stderr = mean_of("seed_code", (x, y))  # <grad CE, v>: zero in expectation
     assert abs(mean) < 5 * stderr and stderr > 0
+    # the per_example estimator is the empirical trace itself, without probes
+    exact = trace_term("empirical", per_example, _mlp, params, (x, y), keys[0], 1, "per_example")
+    assert float(exact) == pytest.approx(exact_empirical, rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"trace_variant": "true"}, "trace_variant=true needs trace_estimator=hutchinson"),
+        ({"trace_bn_train": True}, "needs trace_bn_train=false"),
+        ({"trace_probes": 4}, "uses no probes"),
+    ],
+)
+def test_the_per_example_trace_estimator_refuses_settings_it_cannot_honour(overrides, fragment):
+    with pytest.raises(InvalidInputError, match=fragment):
+        fip.FIPConfig(trace_estimator="per_example", **overrides)
+
+
+def test_fast_fip_per_example_trace_is_the_same_in_factored_and_rebuilt_form(tiny):
+    """The exact trace differentiates through per-example gradients (vmap of grad) inside the
+    factored layers' interceptor; both layer forms take the same steps."""
+    model, variables, clean, _, _ = tiny
+    runs = {}
+    for form in ("factored", "rebuilt"):
+        config = fast_fip.FastFIPConfig(
+            steps=3,
+            batch_size=20,
+            learning_rate=0.05,
+            log_every=1,
+            kernel_form=form,
+            trace_estimator="per_example",
+            calibration_probes=1,
+        )
+        runs[form] = fast_fip.purify(
+            model, variables, clean, config, jax.random.key(2), progress=False
+        )
+    (factored_vars, factored), (rebuilt_vars, rebuilt) = runs["factored"], runs["rebuilt"]
+    assert factored.extra["trace0"] == pytest.approx(rebuilt.extra["trace0"], rel=1e-4)
+    for a, b in zip(factored.loss_curve, rebuilt.loss_curve, strict=True):
+        assert a["trace"] == pytest.approx(b["trace"], rel=1e-3)
+    np.testing.assert_allclose(
+        ravel_pytree(factored_vars["params"])[0],
+        ravel_pytree(rebuilt_vars["params"])[0],
+        rtol=1e-3,
+        atol=1e-5,
+    )
 
 
 def test_fast_fip_with_zero_shifts_reproduces_the_original_logits(tiny):
