@@ -45,6 +45,7 @@ ENTRIES: dict[str, dict] = {
     "clb": {"attack": "clb", "reference": True},
     "clb_ratio0.05": {"attack": "clb", "ratio": 0.05, "reference": True},
     "wanet": {"attack": "wanet"},
+    "wanet_quantise": {"attack": "wanet", "options": {"quantise": True}},
     "input_aware": {"attack": "input_aware"},
     "input_aware_density0.1_lr0.001": {
         "attack": "input_aware",
@@ -131,7 +132,7 @@ def command_for(entry: str) -> str:
     if settings.get("mode"):
         parts.append(f"--mode {settings['mode']}")
     for key, value in settings.get("options", {}).items():
-        parts.append(f"--option {key}={value}")
+        parts.append(f"--option {key}={json.dumps(value)}")
     if settings.get("reference"):
         parts.append(f"--reference {RUNS.relative_to(ROOT) / 'clean'}")
     parts.append(f"--out {RUNS.relative_to(ROOT) / entry}")

@@ -1,7 +1,7 @@
 """Fast FIP against FIP at equal steps: time per step (issue 5, "Fast FIP is at least 3x
 faster than FIP"; SPEC section 3: "claimed ~5x faster than FIP: measure it").
 
-Launch (from the repository root; about 5 minutes on 2 CPU cores)::
+Launch (from the repository root; about 12 minutes on 2 CPU cores)::
 
     python experiments/fast_fip_speed.py [--entry badnets] [--steps 30] [--rounds 3]
 
@@ -10,8 +10,9 @@ Launch (from the repository root; about 5 minutes on 2 CPU cores)::
 Both defenses run with their default configuration (trace penalty every step, one probe,
 batch 128) with the gradient norm clipped at 10 (the benchmark's ``clipped`` setting), on the
 same zoo model and clean set, at a reduced number of steps; Fast FIP also runs with
-``kernel_form=rebuilt``, its reference layer form. The runs alternate (FIP, Fast FIP, Fast FIP
-rebuilt, FIP, ...) so that contention from other jobs hits all alike. Per
+``kernel_form=rebuilt``, its reference layer form, and with ``trace_estimator=per_example``,
+the exact trace in place of the probe. The runs alternate (FIP, Fast FIP, Fast FIP rebuilt,
+Fast FIP per-example, FIP, ...) so that contention from other jobs hits all alike. Per
 run it records the median step time after compilation (from the defense's own report), the
 set-up time (the SVD, the diagonal Fisher Fbar and the calibration of TrF0, all before the
 first step) and the tunable-parameter count; the speed-up is FIP's step time over Fast FIP's,

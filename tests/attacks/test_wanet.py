@@ -132,3 +132,19 @@ def test_noise_mode_training_transform():
     np.testing.assert_array_equal(np.asarray(again), out)
     other, _ = transform(jax.random.key(2), x, jnp.asarray(labels), rows)
     assert not np.array_equal(np.asarray(other), out)
+
+
+def test_quantised_warp_lies_on_the_8bit_grid_and_is_the_rounded_float_warp():
+    images = (
+        jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)), jnp.float32) / 255.0
+    )
+    plain, quantised = make_attack("wanet"), make_attack("wanet", quantise=True)
+    state = plain.init_state(jax.random.key(0), CIFAR)
+    warped = np.asarray(plain.trigger(state, images))
+    rounded = np.asarray(quantised.trigger(state, images))
+    assert not np.allclose(warped * 255, np.round(warped * 255))  # the warp leaves the grid
+    np.testing.assert_allclose(rounded * 255, np.round(rounded * 255), atol=1e-4)
+    np.testing.assert_allclose(rounded, np.round(warped * 255) / 255, atol=1e-6)
+    # cross images too, so training never shows the model an off-grid warp
+    cross = np.asarray(quantised.cross(state, images, jax.random.key(1)))
+    np.testing.assert_allclose(cross * 255, np.round(cross * 255), atol=1e-4)
