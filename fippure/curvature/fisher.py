@@ -105,11 +105,7 @@ def per_example_fisher_trace(
         jax.eval_shape(per_example_loss_fn, params, batch), "per_example_fisher_trace"
     )
 
-    def single(p, example):
-        one = jax.tree_util.tree_map(lambda x: x[None], example)
-        return per_example_loss_fn(p, one)[0]
-
-    grads = jax.vmap(jax.grad(single), in_axes=(None, 0))(params, batch)
+    grads = _per_example_gradients(per_example_loss_fn, params, batch)
     squares = sum(
         jnp.sum((g * g).reshape(g.shape[0], -1), axis=1) for g in jax.tree_util.tree_leaves(grads)
     )
@@ -191,14 +187,20 @@ def as_partial(fn: Callable) -> Partial:
     return fn if isinstance(fn, Partial) else Partial(fn)
 
 
-def _chunk_squared_gradients(per_example_loss_fn, params, batch, rows, valid):
-    chunk = jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=0), batch)
+def _per_example_gradients(per_example_loss_fn, params, batch):
+    """Each example's gradient, stacked on a leading axis: ``jax.vmap`` of ``jax.grad`` of the
+    loss of a batch of one."""
 
     def single(p, example):
         one = jax.tree_util.tree_map(lambda x: x[None], example)
         return per_example_loss_fn(p, one)[0]
 
-    grads = jax.vmap(jax.grad(single), in_axes=(None, 0))(params, chunk)
+    return jax.vmap(jax.grad(single), in_axes=(None, 0))(params, batch)
+
+
+def _chunk_squared_gradients(per_example_loss_fn, params, batch, rows, valid):
+    chunk = jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=0), batch)
+    grads = _per_example_gradients(per_example_loss_fn, params, chunk)
     weights = valid.astype(jnp.result_type(*jax.tree_util.tree_leaves(params)))
     return jax.tree_util.tree_map(
         lambda g: jnp.tensordot(weights, (g * g).reshape(g.shape[0], -1), axes=1).reshape(

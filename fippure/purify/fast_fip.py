@@ -29,7 +29,8 @@ from the layer form (``kernel_form``, **choice**):
   (:func:`fippure.optim.spectral.factored`), so the kernels are constants of the step. The
   reverse pass computes input gradients only, where FIP also computes a kernel gradient per
   convolution, and a tangent in ``d`` costs one convolution per layer, where FIP's costs two.
-  Measured on PreAct-ResNet-18 width 16 (2 CPU cores): 1.97x faster per step than FIP.
+  Measured on PreAct-ResNet-18 width 16 (2 CPU cores): 1.5-2.0x faster per step than FIP,
+  depending on the day's load on the shared machine (1.98x on an H200).
 - ``rebuilt``: ``W(d)`` is formed every step and the network runs as usual. It is the
   reference form, and on 2 CPU cores a step costs what a FIP step costs.
 
