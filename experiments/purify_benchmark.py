@@ -52,8 +52,10 @@ OTHER_ATTACKS = (
     "sig",
     "clb",
     "clb_ratio0.05",
+    "wanet_quantise",
     "input_aware",
-    "lira",
+    "input_aware_density0.1_lr0.001",
+    "lira_eps0.03",
     "lira_eps0.03_alpha0.75",
     "issba",
     "bpp",
@@ -912,6 +914,13 @@ def main() -> None:
     if missing and not args.report_only and not args.extras:
         known = ", ".join(sorted(p.name for p in ZOO.iterdir() if (p / "metadata.json").exists()))
         sys.exit(f"purify_benchmark: no zoo entry for {missing}; known: {known}")
+    unlisted = sorted(
+        p.name
+        for p in ZOO.iterdir()
+        if (p / "metadata.json").exists() and p.name not in ("clean", *CORE_ATTACKS, *OTHER_ATTACKS)
+    )
+    if unlisted:
+        print(f"purify_benchmark: zoo entries with no column (add to OTHER_ATTACKS): {unlisted}")
     settings = [s for s in args.settings.split(",") if s]
     undefined = [s for s in settings if not any(s in METHODS[m] for m in methods)]
     if undefined and not args.report_only and not args.extras:
