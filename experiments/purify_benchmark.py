@@ -910,15 +910,11 @@ def main() -> None:
     if unknown:
         sys.exit(f"purify_benchmark: unknown methods {unknown}; known: {', '.join(METHODS)}")
     attacks = [a for a in args.attacks.split(",") if a]
-    missing = [a for a in attacks if not (ZOO / a / "metadata.json").exists()]
+    zoo_entries = sorted(p.name for p in ZOO.iterdir() if (p / "metadata.json").exists())
+    missing = [a for a in attacks if a not in zoo_entries]
     if missing and not args.report_only and not args.extras:
-        known = ", ".join(sorted(p.name for p in ZOO.iterdir() if (p / "metadata.json").exists()))
-        sys.exit(f"purify_benchmark: no zoo entry for {missing}; known: {known}")
-    unlisted = sorted(
-        p.name
-        for p in ZOO.iterdir()
-        if (p / "metadata.json").exists() and p.name not in ("clean", *CORE_ATTACKS, *OTHER_ATTACKS)
-    )
+        sys.exit(f"purify_benchmark: no zoo entry for {missing}; known: {', '.join(zoo_entries)}")
+    unlisted = [e for e in zoo_entries if e not in ("clean", *CORE_ATTACKS, *OTHER_ATTACKS)]
     if unlisted:
         print(f"purify_benchmark: zoo entries with no column (add to OTHER_ATTACKS): {unlisted}")
     settings = [s for s in args.settings.split(",") if s]
