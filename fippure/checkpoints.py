@@ -355,6 +355,12 @@ def load_checkpoint(
                 f"corrupt checkpoint {path}: cannot read the metadata of variables/"
             )
         _check_shapes(path, expected, stored, spec["name"], type(model).__name__)
+        for name in metadata.get("extras", []):
+            # checked here: orbax's own failure on a missing directory leaves a task pending
+            if not (path / "extras" / name).is_dir():
+                raise CheckpointError(
+                    f"corrupt checkpoint {path}: its metadata lists extras/{name}, which is missing"
+                )
         try:
             variables = checkpointer.restore(path / "variables", expected)
             extras = {
