@@ -11,16 +11,16 @@ from fippure.data import sources
 
 def test_demo_on_digits_attacks_then_purifies(tmp_path, capsys, optimized_compilation):
     """Compiled as the command line compiles it. On 144 clean images the outcome moves with
-    float rounding and the seed (ASR 0.00-0.19 and ACC drops of 0.6-4.7 points over seeds
-    0-5 on one machine; the demo's earlier setting gave seed 0 ASR 0.003 on one machine and
-    0.48 on another), so the bounds are loose: the bar of ``test_purification.py``."""
+    float rounding and the seed: over 14 runs of the demo's setting (3 attack seeds; one
+    machine) ASR ended at 0.00-0.14 and ACC fell by 1.4-4.2 points, and the previous setting's
+    seed 0 lost 0.6 points of ACC on one machine and 6.9 on another. So the bounds leave room."""
     code = cli.main(["demo", "--dataset", "digits", "--out", str(tmp_path), "--no-progress"])
     assert code == 0
     assert "FIP on badnets (digits, " in capsys.readouterr().out
     result = json.loads((tmp_path / "fip" / "report.json").read_text())
     before, after = result["before"], result["after"]
-    assert before["asr"] > 0.9 and after["asr"] < 0.5
-    assert before["acc"] - after["acc"] < 0.05
+    assert before["asr"] > 0.9 and after["asr"] < 0.3
+    assert before["acc"] - after["acc"] < 0.06
     assert not (tmp_path / "fip" / "progress").exists()  # progress is removed once it is done
 
 

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from fippure.commands.demo import DIGITS_FIP as DEMO_DIGITS_FIP
 from fippure.data.splits import hold_out_per_class
 from fippure.errors import InvalidInputError, UnknownNameError
 from fippure.evaluation.metrics import evaluate_backdoor
@@ -25,8 +26,12 @@ from fippure.purify.ft import purify as fine_tune
 from fippure.purify.registry import make_config
 from fippure.purify.trigger_inversion import synthesized_asr
 
-#: FIP on the digits CNN, as in test_purification.py (its budget is the search's).
-DIGITS_FIP = {"batch_size": "64", "learning_rate": "0.01", "eta_F": "0.05", "eta_r": "1"}
+#: FIP on the digits CNN with the demo's setting (the search sets the budget). Over defense
+#: seeds 0-3 the stop reached the threshold at 30-90 steps, with test ASR 0.000-0.015 and ACC
+#: drops of 1.9-12.8 points (the 40 validation images cannot see a few points). The weaker
+#: setting of test_purification.py (eta_F 0.05, recomputed statistics) never reached it on
+#: one machine: its validation ACC fell to 0.13-0.25 at some checks.
+DIGITS_FIP = {k: v for k, v in DEMO_DIGITS_FIP.items() if k != "steps"}
 
 
 def check(step, asr, acc=0.9):
