@@ -10,7 +10,9 @@ in bfloat16 (float32 weights, logits and Fisher terms either way):
   settings), seed 0.
 
 Each run is saved as it finishes under ``--work`` (``runs/mixed_precision`` by default), so a
-killed run resumes where it stopped. Writes ``mixed_precision.{json,md}`` under ``--out``.
+killed run resumes where it stopped (a saved run whose setting has changed is measured
+again). Writes ``mixed_precision.{json,md}`` under ``--out``; the cases left out of ``--cases``
+keep the rows that file already holds.
 This measures quality, not speed: on the CPU bfloat16 is emulated and slower (the speed on a
 GPU is ``accelerator_check.py``'s ``speed_w16_bf16``)::
 
@@ -169,18 +171,27 @@ def main() -> None:
     work = pathlib.Path(args.work)
     done_dir = work / "done"
     done_dir.mkdir(parents=True, exist_ok=True)
+    out = pathlib.Path(args.out)
+    # the cases not asked for keep their rows from the table already written
+    previous = out / "mixed_precision.json"
     results = []
+    if previous.exists():
+        results = [
+            r for r in json.loads(previous.read_text())["runs"] if r["case"] not in cases
+        ]
     for run in _runs():
         if run["case"] not in cases:
             continue
         for dtype in DTYPES:
             path = done_dir / f"{_key(run, dtype)}.json"
-            if not path.exists():
+            stale = path.exists() and json.loads(path.read_text())["overrides"] != dict(
+                run["overrides"]
+            )  # a setting changed since the run was saved (the demo's, say)
+            if stale or not path.exists():
                 print(f"--- {_key(run, dtype)}", flush=True)
                 path.write_text(json.dumps(measure(run, dtype, work), indent=1))
             results.append(json.loads(path.read_text()))
     meta = provenance()
-    out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "mixed_precision.json").write_text(
         json.dumps({"provenance": meta, "runs": results}, indent=1)
