@@ -176,9 +176,7 @@ def main() -> None:
     previous = out / "mixed_precision.json"
     results = []
     if previous.exists():
-        results = [
-            r for r in json.loads(previous.read_text())["runs"] if r["case"] not in cases
-        ]
+        results = [r for r in json.loads(previous.read_text())["runs"] if r["case"] not in cases]
     for run in _runs():
         if run["case"] not in cases:
             continue

@@ -224,7 +224,9 @@ def test_bad_calls_get_one_line_errors(digits_badnets, digits_trigger):
         run("fipp", FTConfig())
 
 
-def test_purify_command_stops_on_the_clean_set(digits_badnets_path, tmp_path, capsys):
+def test_purify_command_stops_on_the_clean_set(
+    digits_badnets_path, tmp_path, capsys, optimized_compilation
+):
     """``fippure purify --stop-on-clean-set`` records the search in the report and the
     purified checkpoint's metadata; ``--stop-set`` options are validated in one line."""
     from fippure import cli

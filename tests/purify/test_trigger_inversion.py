@@ -59,7 +59,7 @@ def test_the_backdoor_target_needs_the_smallest_trigger(digits_badnets, digits_s
     assert test_asr > 0.8
 
 
-def test_inversion_is_reproducible_from_its_key(digits_badnets):
+def test_inversion_is_reproducible_from_its_key(digits_badnets, optimized_compilation):
     b = digits_badnets
     first, second = (
         invert_trigger(b.model, b.variables, b.clean, 3, BRIEF, jax.random.key(7)) for _ in range(2)
@@ -99,7 +99,10 @@ def test_bad_inputs_get_one_line_errors(digits_badnets):
         invert_trigger(b.model, b.variables, missing, 0, BRIEF)
 
 
-def test_detect_command_writes_the_scan(digits_badnets_path, tmp_path, capsys):
+def test_detect_command_writes_the_scan(
+    digits_badnets_path, tmp_path, capsys, optimized_compilation
+):
+    """Compiled as the command line compiles it (unoptimised, the scan took 6x as long)."""
     from fippure import cli
 
     out = tmp_path / "scan"
