@@ -35,6 +35,8 @@ from fippure.models.registry import create_model, init_variables
 from fippure.provenance import code_revision
 
 METADATA = "metadata.json"
+#: What orbax writes beside the arrays of a checkpoint directory.
+_ORBAX_METADATA_FILES = frozenset({"_METADATA", "_CHECKPOINT_METADATA", "commit_success.txt"})
 FORMAT_VERSION = 1
 
 
@@ -343,6 +345,13 @@ def load_checkpoint(
     expected = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), image_shape))
     if not (path / "variables").is_dir():
         raise CheckpointError(f"corrupt checkpoint {path}: its variables/ directory is missing")
+    stored_files = {item.name for item in (path / "variables").iterdir()}
+    if "_METADATA" in stored_files and not stored_files - _ORBAX_METADATA_FILES:
+        # checked here: orbax's failed read of a missing store leaves tensorstore callbacks
+        # aimed at its closed event loop ("Event loop is closed" on stderr)
+        raise CheckpointError(
+            f"corrupt checkpoint {path}: variables/ holds metadata but no array data"
+        )
     with ocp.StandardCheckpointer() as checkpointer:  # closing it stops its event loop cleanly
         try:
             stored = checkpointer.metadata(path / "variables").item_metadata
