@@ -365,7 +365,7 @@ def load_checkpoint(
             )
         _check_shapes(path, expected, stored, spec["name"], type(model).__name__)
         for name in metadata.get("extras", []):
-            # checked here: orbax's own failure on a missing directory leaves a task pending
+            # named here, not in orbax's error about a directory it cannot find
             if not (path / "extras" / name).is_dir():
                 raise CheckpointError(
                     f"corrupt checkpoint {path}: its metadata lists extras/{name}, which is missing"

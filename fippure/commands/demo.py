@@ -32,11 +32,11 @@ CIFAR_FIP = {
 }
 #: Digits: a small CNN on 144 clean images. FIP with the trace in BN train mode and the
 #: original BatchNorm statistics transferred (the CIFAR setting's choices) at eta_F 3, 150 steps
-#: at lr 0.02. Over 14 runs (attack seeds 0-2, defense seeds 0-5 / 0-3 / 0-3; 2026-12-05,
-#: ``runs/s36``) it cost 1.4-4.2 points of ACC (median 2.5) and left ASR at 0.00-0.14 (13 of
-#: 14 under 0.07; seed 0: 0.950 / 0.012). The setting before it (300 steps at lr 0.01) cost
-#: 0.2-6.9 points and left ASR at 0.04-0.39 on those seeds: on 144 images one run's outcome
-#: moves with float rounding, and from one machine to another.
+#: at lr 0.02. Over 14 runs (attack seeds 0-2 with defense seeds 0-5, 0-3 and 0-3; measured
+#: 2026-12-05) it cost 1.4-4.2 points of ACC (median 2.5) and left ASR at 0.00-0.14 (13 of 14
+#: under 0.07; seed 0: 0.950 / 0.012). The setting before it (300 steps at lr 0.01) cost
+#: 0.2-6.9 points and left ASR at 0.04-0.39 on attack seeds 0-1: on 144 images one run's
+#: outcome moves with float rounding, and from one machine to another.
 DIGITS_ATTACK = {"epochs": 12, "batch_size": 64, "learning_rate": 0.05}
 DIGITS_FIP = {
     "steps": "150",
