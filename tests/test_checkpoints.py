@@ -138,9 +138,9 @@ def _garbled_variables(path):
 
 def _truncated_arrays(path):
     # The tree metadata survives but the array store is gone. load_checkpoint says so before
-    # orbax reads: orbax runs a restore in an event loop of its own and closes it at the first
-    # failed read, while tensorstore still finishes the other reads and calls back into the
-    # closed loop (pytest then reports "Event loop is closed" as unraisable).
+    # orbax reads: orbax reads in an event loop of its own and closes it at the first failed
+    # read, while tensorstore still finishes the other reads and calls back into the closed
+    # loop (pytest then reports "Event loop is closed" as unraisable).
     for item in (path / "variables").iterdir():
         if item.name not in ("_METADATA", "_CHECKPOINT_METADATA"):
             shutil.rmtree(item) if item.is_dir() else item.unlink()
