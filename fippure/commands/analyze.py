@@ -5,6 +5,11 @@ checkpoint's stored clean set D_v when it has one, else a seeded sample of the t
 normalises them with the checkpoint's normalisation, and reports lambda_max, Tr(H), Tr(F) and
 the top eigenvalues of the eval-mode cross-entropy (SPEC section 8). Writes
 ``curvature.json`` and ``spectral_density.png`` into ``--out``.
+
+Several checkpoints (before and after a defense, say) are analysed in one process, one after
+the other: those of one architecture share the compiled analysis, so the second costs a
+fraction of the first. Each writes into ``CHECKPOINT/analysis``, or into ``--out/NAME`` (NAME:
+the checkpoint directory's name) when ``--out`` is given.
 """
 
 from __future__ import annotations
@@ -23,9 +28,17 @@ HELP = "curvature of a checkpoint: lambda_max, Tr(H), Tr(F), top eigenvalues, sp
 def configure(parser: argparse.ArgumentParser) -> None:
     from fippure.cli import positive_int, seed_int
 
-    parser.add_argument("checkpoint", help="checkpoint directory (from fippure train/attack)")
     parser.add_argument(
-        "--out", default=None, help="output directory (default CHECKPOINT/analysis)"
+        "checkpoint",
+        nargs="+",
+        help="checkpoint directory (from fippure train/attack/purify); several are analysed in "
+        "one process and share the compiled analysis",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default CHECKPOINT/analysis; with several checkpoints, "
+        "OUT/NAME for each, NAME the checkpoint directory's name)",
     )
     parser.add_argument(
         "--num-images", type=positive_int, default=200, help="clean training images"
@@ -98,17 +111,28 @@ def finite_or_null(value):
     return value
 
 
-def run(args: argparse.Namespace) -> int:
-    import jax
-    import numpy as np
-
-    from fippure.checkpoints import load_checkpoint
-    from fippure.curvature.analysis import AnalysisConfig, analyze_curvature, plot_density
-    from fippure.data.catalog import get_spec
-    from fippure.data.pipeline import normalize, to_unit_range
-    from fippure.data.sources import load_dataset
+def output_directories(checkpoints: list, out: str | None) -> list[pathlib.Path]:
+    """Where each checkpoint's analysis goes: ``--out`` for one checkpoint, ``--out/NAME`` for
+    several (names must then differ), ``CHECKPOINT/analysis`` without ``--out``."""
     from fippure.errors import InvalidInputError
-    from fippure.provenance import provenance
+
+    if out is None:
+        return [c.path / "analysis" for c in checkpoints]
+    if len(checkpoints) == 1:
+        return [pathlib.Path(out)]
+    names = [c.path.name for c in checkpoints]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InvalidInputError(
+            f"with --out, the checkpoints' directory names must differ (each writes to "
+            f"--out/NAME); repeated: {', '.join(repeated)}"
+        )
+    return [pathlib.Path(out) / name for name in names]
+
+
+def run(args: argparse.Namespace) -> int:
+    from fippure.checkpoints import load_checkpoint
+    from fippure.curvature.analysis import AnalysisConfig
 
     config = AnalysisConfig(
         hutchinson_probes=args.probes,
@@ -117,8 +141,28 @@ def run(args: argparse.Namespace) -> int:
         slq_probes=args.slq_probes,
         top_k=args.top_k,
     )
-    checkpoint = load_checkpoint(args.checkpoint)
-    out = prepare_output(pathlib.Path(args.out) if args.out else checkpoint.path / "analysis")
+    # every checkpoint and output directory is checked before the first analysis starts
+    checkpoints = [load_checkpoint(path) for path in args.checkpoint]
+    outs = [prepare_output(out) for out in output_directories(checkpoints, args.out)]
+    train_splits = {}
+    for checkpoint, out in zip(checkpoints, outs, strict=True):
+        analyze_checkpoint(checkpoint, out, config, args, train_splits)
+    return 0
+
+
+def analyze_checkpoint(checkpoint, out: pathlib.Path, config, args, train_splits: dict) -> None:
+    """Analyses one loaded checkpoint into ``out`` and prints its summary as one JSON line;
+    ``train_splits`` caches each dataset's training split across checkpoints."""
+    import jax
+    import numpy as np
+
+    from fippure.curvature.analysis import analyze_curvature, plot_density
+    from fippure.data.catalog import get_spec
+    from fippure.data.pipeline import normalize, to_unit_range
+    from fippure.data.sources import load_dataset
+    from fippure.errors import InvalidInputError
+    from fippure.provenance import provenance
+
     metadata = checkpoint.metadata
     dataset = metadata.get("dataset")
     if not dataset:
@@ -129,12 +173,14 @@ def run(args: argparse.Namespace) -> int:
         spec = dataclasses.replace(
             spec, mean=tuple(stored_norm["mean"]), std=tuple(stored_norm["std"])
         )
-    train = load_dataset(dataset, "train", data_dir=args.data_dir)
+    if dataset not in train_splits:
+        train_splits[dataset] = load_dataset(dataset, "train", data_dir=args.data_dir)
+    train = train_splits[dataset]
     indices, source = select_images(metadata, train.labels, args.num_images, args.seed)
     if len(indices) < args.num_images:
         print(
-            f"fippure analyze: note: the checkpoint's clean set holds {len(indices)} images; "
-            f"using them all (--num-images asked for {args.num_images})",
+            f"fippure analyze: note: the clean set of {checkpoint.path} holds {len(indices)} "
+            f"images; using them all (--num-images asked for {args.num_images})",
             file=sys.stderr,
         )
     inputs = normalize(to_unit_range(jax.numpy.asarray(train.images[indices])), spec)
@@ -176,4 +222,3 @@ def run(args: argparse.Namespace) -> int:
         for k in ("lambda_max", "trace_hessian", "trace_empirical_fisher", "top_eigenvalues")
     }
     print(json.dumps({**summary, "out": str(out)}))
-    return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -52,6 +54,37 @@ def test_analyze_writes_json_and_png(digits_checkpoint, tmp_path, capsys):
         assert key in report
     with Image.open(out / "spectral_density.png") as image:
         assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_several_checkpoints_are_analysed_in_one_process(digits_checkpoint, tmp_path, capsys):
+    """Each writes its report into --out/NAME and prints its own line; a copy of a checkpoint
+    gets the same numbers as the original (same weights, images and seed)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_checkpoint, copy)
+    out = tmp_path / "analyses"
+    options = "--num-images 10 --probes 2 --power-iters 10 --lanczos-iters 6 --slq-probes 1"
+    argv = ["analyze", str(digits_checkpoint), str(copy), "--out", str(out), *options.split()]
+    assert cli.main(argv) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [p["out"] for p in printed] == [
+        str((out / digits_checkpoint.name).resolve()), str((out / "copy").resolve())
+    ]  # fmt: skip
+    reports = [json.loads((pathlib.Path(p["out"]) / "curvature.json").read_text()) for p in printed]
+    assert reports[1]["checkpoint"] == str(copy.resolve())
+    for key in ("lambda_max", "trace_hessian", "trace_empirical_fisher", "top_eigenvalues"):
+        assert reports[0][key] == pytest.approx(reports[1][key], rel=1e-5), key
+
+
+def test_several_checkpoints_with_one_name_are_refused_before_any_work(
+    digits_checkpoint, tmp_path, capsys
+):
+    other = tmp_path / "elsewhere" / digits_checkpoint.name
+    shutil.copytree(digits_checkpoint, other)
+    argv = ["analyze", str(digits_checkpoint), str(other), "--out", str(tmp_path / "a")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "names must differ" in err and digits_checkpoint.name in err and "\n" not in err
+    assert not (tmp_path / "a").exists()
 
 
 def test_analyze_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
