@@ -47,12 +47,12 @@ class Problem(NamedTuple):
 
 
 class TinyCNN(nn.Module):
-    """conv3x3 -> BatchNorm (eval) -> tanh -> mean pool -> dense."""
+    """conv3x3 -> BatchNorm (running statistics unless ``train``) -> tanh -> mean pool -> dense."""
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, train: bool = False):
         x = nn.Conv(3, (3, 3), name="conv")(x)
-        x = nn.BatchNorm(use_running_average=True, name="bn")(x)
+        x = nn.BatchNorm(use_running_average=not train, name="bn")(x)
         x = jnp.tanh(x).mean(axis=(1, 2))
         return nn.Dense(3, name="head")(x)
 
@@ -79,7 +79,9 @@ def mlp_problem(key=0, n=6, d=4, hidden=3, classes=3) -> Problem:
     return Problem("mlp", params, (inputs, labels), logits_fn)
 
 
-def cnn_problem(key=1, n=5) -> Problem:
+def tiny_bn_classifier(key=1, n=5) -> tuple[nn.Module, dict, jax.Array, jax.Array]:
+    """``(TinyCNN(), variables, inputs, labels)`` in float64; the variables hold random batch
+    statistics beside the parameters."""
     k = jax.random.split(jax.random.key(key), 5)
     model = TinyCNN()
     inputs = jax.random.normal(k[0], (n, 4, 4, 2), jnp.float64)
@@ -92,11 +94,20 @@ def cnn_problem(key=1, n=5) -> Problem:
         }
     }
     labels = jax.random.randint(k[4], (n,), 0, 3)
+    return model, {"params": variables["params"], "batch_stats": stats}, inputs, labels
+
+
+def classifier_problem(name, model, variables, inputs, labels) -> Problem:
+    """The eval-mode cross-entropy of a Flax classifier at ``variables`` as a :class:`Problem`."""
 
     def logits_fn(p, batch):
-        return model.apply({"params": p, "batch_stats": stats}, batch[0])
+        return model.apply({**variables, "params": p}, batch[0])
 
-    return Problem("cnn", variables["params"], (inputs, labels), logits_fn)
+    return Problem(name, variables["params"], (inputs, labels), logits_fn)
+
+
+def cnn_problem(key=1, n=5) -> Problem:
+    return classifier_problem("cnn", *tiny_bn_classifier(key, n))
 
 
 PROBLEMS = {"mlp": mlp_problem, "cnn": cnn_problem}
@@ -143,6 +154,18 @@ def dense_matrices(problem: Problem) -> Dense:
 @pytest.fixture(scope="module")
 def dense(problem) -> Dense:
     return dense_matrices(problem)
+
+
+@pytest.fixture(scope="module")
+def bn_classifier(x64):
+    """``(model, variables, inputs, labels)``: the convnet problem's classifier, whole."""
+    return tiny_bn_classifier()
+
+
+@pytest.fixture
+def dense_classifier():
+    """``(model, variables, inputs, labels) -> Dense``: the dense matrices of a classifier."""
+    return lambda *classifier: dense_matrices(classifier_problem("classifier", *classifier))
 
 
 def random_like(key, tree):
