@@ -119,10 +119,23 @@ def _cached_cross_entropy_functions(model: nn.Module) -> tuple[Callable, Callabl
     return logits_fn, per_example_loss_fn, loss_fn
 
 
-def _with_collections(fn: Callable, others: PyTree, params: PyTree, data: tuple) -> Array:
+@dataclasses.dataclass(frozen=True)
+class _WithCollections:
     """``fn(params, (*data, others))``: a loss on ``(inputs, labels)`` with the collections
     bound (as a :class:`jax.tree_util.Partial` argument, not a baked-in constant)."""
-    return fn(params, (*data, others))
+
+    fn: Callable
+
+    def __call__(self, others: PyTree, params: PyTree, data: tuple) -> Array:
+        return self.fn(params, (*data, others))
+
+
+def _hashable(model: nn.Module) -> bool:
+    try:
+        hash(model)
+    except TypeError:
+        return False
+    return True
 
 
 def _chunked_samples(sample_fn, key: PRNGKeyArray, total: int, chunk: int) -> np.ndarray:
@@ -199,11 +212,14 @@ def analyze_curvature(
 
     start = time.perf_counter()
     # per-example gradients slice every leaf of the batch, so the statistics are bound instead
-    fisher_loss = jax.tree_util.Partial(
-        functools.partial(_with_collections, per_example_loss_fn), others
-    )
+    # (a loss function cached per model is long-lived, so its compiled pass can be shared)
+    fisher_loss = jax.tree_util.Partial(_WithCollections(per_example_loss_fn), others)
     fisher_diag = empirical_fisher_diagonal(
-        fisher_loss, params, (inputs, labels), chunk_size=config.fisher_chunk
+        fisher_loss,
+        params,
+        (inputs, labels),
+        chunk_size=config.fisher_chunk,
+        share_compilation=_hashable(model),
     )
     trace_fisher = float(sum(jnp.sum(x) for x in jax.tree_util.tree_leaves(fisher_diag)))
     timings["exact_fisher_trace_s"] = time.perf_counter() - start

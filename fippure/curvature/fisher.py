@@ -210,12 +210,17 @@ def _chunk_squared_gradients(per_example_loss_fn, params, batch, rows, valid):
     )
 
 
+#: The compiled chunk of :func:`empirical_fisher_diagonal` for ``share_compilation=True``.
+_shared_chunk_squared_gradients = jax.jit(_chunk_squared_gradients)
+
+
 def empirical_fisher_diagonal(
     per_example_loss_fn: PerExampleLossFn,
     params: PyTree,
     batch: Any,
     *,
     chunk_size: int = 64,
+    share_compilation: bool = False,
 ) -> PyTree:
     """The exact diagonal empirical Fisher ``Fbar = mean_i (grad l_i)^2`` (SPEC section 2).
 
@@ -232,6 +237,11 @@ def empirical_fisher_diagonal(
         params: where the Fisher is taken.
         batch: a pytree whose leaves share a leading example axis ``n``.
         chunk_size: examples per vmapped chunk.
+        share_compilation: keep the compiled chunk in a module-level cache, so a later call
+            with an equal loss function and the same shapes reuses it. Only for a loss function
+            that is long-lived and compared by value (a module-level function, or a frozen
+            dataclass of such things, bound with :class:`~jax.tree_util.Partial`): the cache
+            holds it for the life of the process. By default the chunk is compiled per call.
 
     Returns:
         A pytree shaped like ``params``.
@@ -246,7 +256,9 @@ def empirical_fisher_diagonal(
     # compiled per call (once for all chunks), so no loss function outlives it in a jit cache;
     # the loss function travels as a pytree argument, so a Partial's arrays are not constants
     loss_fn = as_partial(per_example_loss_fn)
-    chunk_fn = jax.jit(_chunk_squared_gradients)
+    chunk_fn = (
+        _shared_chunk_squared_gradients if share_compilation else jax.jit(_chunk_squared_gradients)
+    )
     total = None
     for start in range(0, n, chunk_size):
         index = start + jnp.arange(chunk_size)

@@ -45,7 +45,7 @@ estimator forms per-example kernel gradients and is impractical on a ResNet.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import flax.linen as nn
 from flax import traverse_util
@@ -113,24 +113,13 @@ def purify(
     params = variables["params"]
     factors = decompose(params, config.kernel_pattern)
     # The tunable tree: the shifts alone, or {"shifts", "bn_affine"} with tune_bn_affine.
-    shifts_of = (lambda t: t["shifts"]) if config.tune_bn_affine else (lambda t: t)
     tunable = init_shifts(factors)
     if config.tune_bn_affine:
         tunable = {"shifts": tunable, "bn_affine": batchnorm_affine(variables)}
 
     # The factors and the original weights are frozen: arguments of the jitted functions.
     frozen = {"factors": factors, "params": params}
-
-    def to_params(t, frozen):
-        base = frozen["params"]
-        if config.tune_bn_affine:
-            base = with_batchnorm_affine(base, t["bn_affine"])
-        return rebuild_params(base, frozen["factors"], shifts_of(t))
-
-    def apply_factored(t, frozen, stats, x, train):
-        # Layers that cannot run factored read their rebuilt kernels; jit drops the others.
-        with factored(frozen["factors"], shifts_of(t)):
-            return apply_model(model, to_params(t, frozen), stats, x, train)
+    to_params = ShiftedParams(config.tune_bn_affine)
 
     shifts, stats, report = fisher_guided_purify(
         model,
@@ -140,7 +129,7 @@ def purify(
         key,
         tunable=tunable,
         to_params=to_params,
-        apply_tunable=apply_factored if config.kernel_form == "factored" else None,
+        apply_tunable=FactoredApply(model, to_params) if config.kernel_form == "factored" else None,
         frozen=frozen,
         method="fast_fip",
         progress=progress,
@@ -148,10 +137,44 @@ def purify(
         observe_every=observe_every,
         checkpointing=checkpointing,
     )
-    report.artifacts["spectral_shifts"] = shifts_of(shifts)
+    report.artifacts["spectral_shifts"] = to_params.shifts(shifts)
     if config.tune_bn_affine:
         report.artifacts["batchnorm_affine"] = shifts["bn_affine"]
     return as_variables(to_params(shifts, frozen), stats), report
+
+
+@dataclasses.dataclass(frozen=True)
+class ShiftedParams:
+    """``to_params(tunable, frozen)``: the parameters with every chosen kernel rebuilt as
+    ``U diag(relu(s + d)) V^T`` from the shifts ``d`` (and, with ``tune_bn_affine``, the
+    tuned BatchNorm scales and offsets put in). Compared by value, so a second run reuses the
+    compiled steps."""
+
+    tune_bn_affine: bool
+
+    def shifts(self, tunable: Any) -> Any:
+        return tunable["shifts"] if self.tune_bn_affine else tunable
+
+    def __call__(self, tunable: Any, frozen: Any) -> Any:
+        base = frozen["params"]
+        if self.tune_bn_affine:
+            base = with_batchnorm_affine(base, tunable["bn_affine"])
+        return rebuild_params(base, frozen["factors"], self.shifts(tunable))
+
+
+@dataclasses.dataclass(frozen=True)
+class FactoredApply:
+    """``apply_tunable`` in factored form: each reparameterised layer runs as a convolution
+    with ``U``, a channel scale and a matmul with ``V^T`` (:func:`fippure.optim.spectral.
+    factored`); layers that cannot run factored read their rebuilt kernels, and jit drops the
+    others."""
+
+    model: nn.Module
+    to_params: ShiftedParams
+
+    def __call__(self, t, frozen, stats, x, train):
+        with factored(frozen["factors"], self.to_params.shifts(t)):
+            return apply_model(self.model, self.to_params(t, frozen), stats, x, train)
 
 
 def batchnorm_affine(variables: Variables) -> dict:

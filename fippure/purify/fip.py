@@ -245,6 +245,127 @@ def trace_term(
     raise InvalidInputError(f"unknown trace_variant {variant!r}; use empirical, true or seed_code")
 
 
+@dataclasses.dataclass(frozen=True)
+class ParamsApply:
+    """``apply_tunable`` for a network run as usual on ``to_params(tunable, frozen)``.
+
+    Hashable by value (the module and ``to_params``), so the compiled steps of one run are
+    reused by the next run of the same configuration on the same architecture.
+    """
+
+    model: nn.Module
+    to_params: Callable[[Any, Any], Any]
+
+    def __call__(self, t, frozen, stats, x, train):
+        return apply_model(self.model, self.to_params(t, frozen), stats, x, train)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Logits:
+    """``(frozen, stats, t, x) -> logits`` with BatchNorm in train mode or not."""
+
+    apply_tunable: Callable[..., tuple[jax.Array, Any]]
+    train: bool
+
+    def __call__(self, frozen, stats, t, x):
+        return self.apply_tunable(t, frozen, stats, x, self.train)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _PerExampleLoss:
+    """``(frozen, stats, t, (x, y)) -> (n,)`` cross-entropies, for Fbar."""
+
+    logits: _Logits
+
+    def __call__(self, frozen, stats, t, batch):
+        x, y = batch
+        return optax.softmax_cross_entropy_with_integer_labels(self.logits(frozen, stats, t, x), y)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepProgram:
+    """What a FIP step compiles from: the static half of its arguments (hashable)."""
+
+    apply_tunable: Callable[..., tuple[jax.Array, Any]]
+    config: FIPConfig
+    batch_size: int
+    spec: Any
+    with_trace: bool
+
+
+def _optimizer(config: FIPConfig, fisher_diag: Any, anchor_point: Any):
+    """The update rule: optional clipping, the Fisher anchor, then (scheduled) SGD."""
+    return optax.chain(
+        *([optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm else []),
+        fisher_anchor(fisher_diag, anchor_point, config.eta_r),
+        scheduled_sgd(
+            config.learning_rate, config.steps, config.schedule, config.momentum,
+            config.weight_decay,
+        ),
+    )  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames="program", donate_argnums=0)
+def _fip_step(carry, key, images, labels, fisher_diag, tunable0, frozen, strength, *, program):
+    """One step of FIP's objective (CE + strength * TrF, the anchor in the update rule)."""
+    config, apply_tunable = program.config, program.apply_tunable
+    tx = _optimizer(config, fisher_diag, tunable0)
+    t, stats, opt_state, average, count = carry
+    batch_key, trace_key = jax.random.split(key)
+    x, y = sample_clean_batch(
+        batch_key, images, labels, program.batch_size, program.spec, config.augment
+    )
+    logits_trace = _Logits(apply_tunable, config.trace_bn_train)
+
+    def objective(t):
+        logits, new_stats = apply_tunable(t, frozen, stats, x, config.bn_train)
+        ce = cross_entropy(logits, y)
+        terms = {"ce": ce}
+        loss = ce
+        if program.with_trace and config.eta_F > 0:
+            trace = trace_term(
+                config.trace_variant,
+                lambda t_, batch: _PerExampleLoss(logits_trace)(frozen, stats, t_, batch),
+                lambda t_, xb: logits_trace(frozen, stats, t_, xb),
+                t,
+                (x, y),
+                trace_key,
+                config.trace_probes,
+                config.trace_estimator,
+            )
+            terms["trace"] = trace
+            loss = loss + strength * trace
+        return loss, (new_stats, terms)
+
+    (loss, (new_stats, terms)), grads = jax.value_and_grad(objective, has_aux=True)(t)
+    # the anchor's value at the same iterate as CE and the trace (its gradient comes from
+    # fisher_anchor in the chain)
+    anchor = (
+        0.5
+        * config.eta_r
+        * sum(
+            jnp.sum(f * (a - b) ** 2)
+            for f, a, b in zip(
+                jax.tree_util.tree_leaves(fisher_diag),
+                jax.tree_util.tree_leaves(t),
+                jax.tree_util.tree_leaves(tunable0),
+                strict=True,
+            )
+        )
+    )
+    updates, opt_state = tx.update(grads, opt_state, t)
+    t = optax.apply_updates(t, updates)
+    if config.average_last > 1:
+        # the Polyak tail average over steps window_start + 1 .. steps (count: the steps done
+        # before this one)
+        n = count + 1 - (config.steps - config.average_last)
+        average = jax.tree_util.tree_map(
+            lambda a, v: jnp.where(n >= 1, a + (v - a) / n.astype(v.dtype), a), average, t
+        )
+    metrics = {"loss": loss + anchor, "anchor": anchor, **terms}
+    return (t, new_stats, opt_state, average, count + 1), metrics
+
+
 def fisher_guided_purify(
     model: nn.Module,
     variables: Variables,
@@ -272,6 +393,12 @@ def fisher_guided_purify(
     ``model.apply`` with ``to_params(tunable, frozen)``); Fast FIP passes its factored form.
     ``to_params`` alone builds the returned, observed and checkpointed variables.
 
+    The steps, the TrF0 estimate and the Fbar pass are compiled once per configuration and
+    architecture when ``to_params`` and ``apply_tunable`` compare by value (module-level
+    functions, or frozen dataclasses such as :class:`ParamsApply`): a later run with another
+    key, clean set of the same size or backdoored model of the same architecture reuses them.
+    Closures work too, but are compiled again on every call.
+
     Returns:
         ``(tunable, batch_stats, report)`` after ``config.steps`` steps.
     """
@@ -282,130 +409,44 @@ def fisher_guided_purify(
     images, labels = device_clean_set(clean_set)
     stats0 = variables.get("batch_stats", {})
     if apply_tunable is None:
-
-        def apply_tunable(t, frozen, stats, x, train):
-            return apply_model(model, to_params(t, frozen), stats, x, train)
-
-    def logits_eval(t, frozen, stats, x):
-        return apply_tunable(t, frozen, stats, x, False)[0]
-
-    def logits_trace(t, frozen, stats, x):
-        return apply_tunable(t, frozen, stats, x, config.trace_bn_train)[0]
+        apply_tunable = ParamsApply(model, to_params)
 
     # Fbar and TrF0: the original model on the un-augmented clean set, BN in eval mode (TrF0
     # in the penalty's BN mode with trace_calibration="penalty").
     inputs = normalize(to_unit_range(images), spec)
     tunable0 = tunable
-
-    def per_example_loss0(frozen, stats, t, batch):
-        x, y = batch
-        return optax.softmax_cross_entropy_with_integer_labels(logits_eval(t, frozen, stats, x), y)
-
     fisher_diag = empirical_fisher_diagonal(
-        Partial(per_example_loss0, frozen, stats0),
+        Partial(_PerExampleLoss(_Logits(apply_tunable, False)), frozen, stats0),
         tunable0,
         (inputs, labels),
         chunk_size=config.fisher_chunk,
+        share_compilation=True,
     )
-
-    def logits_calibration(frozen, stats, t, x):
-        if config.trace_calibration == "penalty":
-            return logits_trace(t, frozen, stats, x)
-        return logits_eval(t, frozen, stats, x)
-
+    calibration_train = config.trace_calibration == "penalty" and config.trace_bn_train
     trace0 = _calibrate_trace(
-        logits_calibration, (frozen, stats0), tunable0, inputs, labels, batch_size, config, key
+        _Logits(apply_tunable, calibration_train),
+        (frozen, stats0),
+        tunable0,
+        inputs,
+        labels,
+        batch_size,
+        config,
+        key,
     )
     scale = 1.0 / trace0 if config.trace_scale == "relative" else 1.0
     strength = config.eta_F * scale
 
-    def make_tx(fisher_diag, anchor_point):
-        return optax.chain(
-            *([optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm else []),
-            fisher_anchor(fisher_diag, anchor_point, config.eta_r),
-            scheduled_sgd(
-                config.learning_rate,
-                config.steps,
-                config.schedule,
-                config.momentum,
-                config.weight_decay,
-            ),
-        )
-
-    averaging = config.average_last > 1
-    window_start = config.steps - config.average_last
-
-    # The carry is donated (updated in place); Fbar, theta0, the frozen arrays and the clean
-    # set enter as arguments, not as constants baked into the compiled program.
-    def make_step(with_trace: bool):
-        @functools.partial(jax.jit, donate_argnums=0)
-        def step(carry, key, images, labels, fisher_diag, tunable0, frozen):
-            tx = make_tx(fisher_diag, tunable0)
-            t, stats, opt_state, average, count = carry
-            batch_key, trace_key = jax.random.split(key)
-            x, y = sample_clean_batch(batch_key, images, labels, batch_size, spec, config.augment)
-
-            def objective(t):
-                logits, new_stats = apply_tunable(t, frozen, stats, x, config.bn_train)
-                ce = cross_entropy(logits, y)
-                terms = {"ce": ce}
-                loss = ce
-                if with_trace and config.eta_F > 0:
-
-                    def per_example(t_, batch):
-                        xb, yb = batch
-                        return optax.softmax_cross_entropy_with_integer_labels(
-                            logits_trace(t_, frozen, stats, xb), yb
-                        )
-
-                    trace = trace_term(
-                        config.trace_variant,
-                        per_example,
-                        lambda t_, xb: logits_trace(t_, frozen, stats, xb),
-                        t,
-                        (x, y),
-                        trace_key,
-                        config.trace_probes,
-                        config.trace_estimator,
-                    )
-                    terms["trace"] = trace
-                    loss = loss + strength * trace
-                return loss, (new_stats, terms)
-
-            (loss, (new_stats, terms)), grads = jax.value_and_grad(objective, has_aux=True)(t)
-            # the anchor's value at the same iterate as CE and the trace (its gradient comes
-            # from fisher_anchor in the chain)
-            anchor = (
-                0.5
-                * config.eta_r
-                * sum(
-                    jnp.sum(f * (a - b) ** 2)
-                    for f, a, b in zip(
-                        jax.tree_util.tree_leaves(fisher_diag),
-                        jax.tree_util.tree_leaves(t),
-                        jax.tree_util.tree_leaves(tunable0),
-                        strict=True,
-                    )
-                )
-            )
-            updates, opt_state = tx.update(grads, opt_state, t)
-            t = optax.apply_updates(t, updates)
-            if averaging:
-                # the Polyak tail average over steps window_start + 1 .. steps (count: the
-                # steps done before this one)
-                n = count + 1 - window_start
-                average = jax.tree_util.tree_map(
-                    lambda a, v: jnp.where(n >= 1, a + (v - a) / n.astype(v.dtype), a),
-                    average,
-                    t,
-                )
-            metrics = {"loss": loss + anchor, "anchor": anchor, **terms}
-            return (t, new_stats, opt_state, average, count + 1), metrics
-
-        return step
-
-    arguments = (images, labels, fisher_diag, tunable0, frozen)
-    with_trace, without_trace = make_step(True), make_step(False)
+    # The carry is donated (updated in place); Fbar, theta0, the frozen arrays, the clean set
+    # and the penalty's strength enter as arguments, not as constants baked into the compiled
+    # program, so a second run of the same configuration on the same architecture (another
+    # seed, another backdoored model) reuses the compiled steps.
+    arguments = (images, labels, fisher_diag, tunable0, frozen, jnp.float32(strength))
+    programs = {
+        traced: _StepProgram(apply_tunable, config, batch_size, spec, traced)
+        for traced in (True, False)
+    }
+    with_trace = functools.partial(_fip_step, program=programs[True])
+    without_trace = functools.partial(_fip_step, program=programs[False])
     # With trace_every > 1 most logged steps run without the trace term: their entries carry
     # the last trace computed (``trace``) and the step it was computed at (``trace_step``),
     # while ``loss`` stays the objective that step minimised.
@@ -425,11 +466,12 @@ def fisher_guided_purify(
     def to_variables(carry):
         return as_variables(to_params(carry[0][0], frozen), carry[0][1])
 
-    opt_state = make_tx(fisher_diag, tunable0).init(tunable0)
+    opt_state = _optimizer(config, fisher_diag, tunable0).init(tunable0)
+    averaging = config.average_last > 1
     inner = (tunable0, stats0, opt_state, tunable0 if averaging else None, jnp.zeros((), jnp.int32))
     if config.trace_every > 1:
         # compiled ahead, so that the step times never include its compilation
-        without_trace = without_trace.lower(inner, key, *arguments).compile()
+        without_trace = _fip_step.lower(inner, key, *arguments, program=programs[False]).compile()
     carry, curve, step_time, observe_time, resumed, done = run_steps(
         step,
         (inner, 0),
@@ -483,26 +525,13 @@ def _calibrate_trace(logits_fn, bound, tunable, inputs, labels, batch_size, conf
     than the empirical one on a trained model (1168 against 1590 on the zoo's WaNet model);
     ``seed_code``'s term is zero in expectation, so it borrows the empirical trace."""
     variant = "true" if config.trace_variant == "true" else "empirical"
-
-    @jax.jit
-    def estimate(bound, t, batch, k):
-        def logits(t_, x):
-            return logits_fn(*bound, t_, x)
-
-        def per_example_loss(t_, batch_):
-            x, y = batch_
-            return optax.softmax_cross_entropy_with_integer_labels(logits(t_, x), y)
-
-        return trace_term(
-            variant,
-            per_example_loss,
-            logits,
-            t,
-            batch,
-            k,
-            config.calibration_probes,
-            config.trace_estimator,
-        )
+    estimate = functools.partial(
+        _trace_estimate,
+        logits_fn=logits_fn,
+        variant=variant,
+        num_probes=config.calibration_probes,
+        estimator=config.trace_estimator,
+    )
 
     n = inputs.shape[0]
     values, weights = [], []
@@ -514,6 +543,25 @@ def _calibrate_trace(logits_fn, bound, tunable, inputs, labels, batch_size, conf
     if not np.isfinite(trace0) or trace0 <= 0:
         raise InvalidInputError(f"the Fisher trace at theta0 is {trace0}; cannot calibrate eta_F")
     return trace0
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "variant", "num_probes", "estimator"))
+def _trace_estimate(bound, t, batch, k, *, logits_fn, variant, num_probes, estimator):
+    """One batch's trace term at ``t`` for TrF0 (``logits_fn(*bound, t, x)``)."""
+
+    def logits(t_, x):
+        return logits_fn(*bound, t_, x)
+
+    def per_example_loss(t_, batch_):
+        x, y = batch_
+        return optax.softmax_cross_entropy_with_integer_labels(logits(t_, x), y)
+
+    return trace_term(variant, per_example_loss, logits, t, batch, k, num_probes, estimator)
+
+
+def _weights_are_params(tunable: Any, frozen: Any) -> Any:
+    """FIP tunes the parameters themselves."""
+    return tunable
 
 
 def purify(
@@ -537,7 +585,7 @@ def purify(
         config,
         key,
         tunable=variables["params"],
-        to_params=lambda t, frozen: t,
+        to_params=_weights_are_params,
         method="fip",
         progress=progress,
         observer=observer,

@@ -109,6 +109,36 @@ class FTSAMConfig(FTConfig):
     adaptive: bool = True
 
 
+def _optimizer(config: FTConfig) -> optax.GradientTransformation:
+    return scheduled_sgd(
+        config.learning_rate, config.steps, config.schedule, config.momentum, config.weight_decay
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "config", "batch_size", "spec"), donate_argnums=0
+)
+def _ft_step(carry, key, images, labels, *, model, config, batch_size, spec):
+    """One step of fine-tuning (FT-SAM: the adaptive-SAM gradient) on a clean batch; the carry
+    is donated (run_steps hands the step a private copy)."""
+    params, stats, opt_state = carry
+    x, y = sample_clean_batch(key, images, labels, batch_size, spec, config.augment)
+
+    def loss_fn(p):
+        logits, new_stats = apply_model(model, p, stats, x, config.bn_train)
+        return cross_entropy(logits, y, config.label_smoothing), new_stats
+
+    if isinstance(config, FTSAMConfig):
+        (loss, new_stats), grads = asam_gradient(
+            loss_fn, params, rho=config.rho, eta=config.eta, adaptive=config.adaptive,
+            has_aux=True,
+        )  # fmt: skip
+    else:
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = _optimizer(config).update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), new_stats, opt_state), {"loss": loss}
+
+
 def purify(
     model: nn.Module,
     variables: Variables,
@@ -130,35 +160,16 @@ def purify(
     key = defense_arguments("ft", config, (FTConfig, FTSAMConfig), key)
     method = "ft_sam" if isinstance(config, FTSAMConfig) else "ft"
     batch_size = clean_batch_size(config.batch_size, clean_set)
-    tx = scheduled_sgd(
-        config.learning_rate, config.steps, config.schedule, config.momentum, config.weight_decay
-    )
+    tx = _optimizer(config)
     images, labels = device_clean_set(clean_set)
-    spec = clean_set.spec
-
-    # the carry is donated: updated in place (run_steps hands the step a private copy)
-    @functools.partial(jax.jit, donate_argnums=0)
-    def step(carry, key, images, labels):
-        params, stats, opt_state = carry
-        x, y = sample_clean_batch(key, images, labels, batch_size, spec, config.augment)
-
-        def loss_fn(p):
-            logits, new_stats = apply_model(model, p, stats, x, config.bn_train)
-            return cross_entropy(logits, y, config.label_smoothing), new_stats
-
-        if method == "ft_sam":
-            (loss, new_stats), grads = asam_gradient(
-                loss_fn,
-                params,
-                rho=config.rho,
-                eta=config.eta,
-                adaptive=config.adaptive,
-                has_aux=True,
-            )
-        else:
-            (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), new_stats, opt_state), {"loss": loss}
+    # compiled once per configuration and architecture (model, config and shapes are static)
+    step = functools.partial(
+        _ft_step,
+        model=model,
+        config=config,
+        batch_size=batch_size,
+        spec=clean_set.spec,
+    )
 
     params, stats = variables["params"], variables.get("batch_stats", {})
 

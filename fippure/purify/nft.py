@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -161,6 +161,48 @@ def learning_rate_schedule(config: NFTConfig) -> optax.Schedule:
     )
 
 
+def _optimizer(config: NFTConfig, floors: Any) -> optax.GradientTransformation:
+    """SGD on the masks, then the projection onto ``[mu(l), 1]`` (SPEC section 4)."""
+    return optax.chain(
+        optax.sgd(learning_rate_schedule(config), momentum=config.momentum or None),
+        project_box(floors, 1.0),
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("model", "config", "batch_size", "spec", "num_classes"),
+    donate_argnums=0,
+)
+def _nft_step(
+    carry, key, images, labels, params, floors, l1_strength, *, model, config, batch_size,
+    spec, num_classes,
+):  # fmt: skip
+    """One NFT step: MixUp cross-entropy of the masked network plus the L1 pull of the masks
+    to 1, then the projection; the carry is donated (run_steps hands the step a copy)."""
+    masks, stats, opt_state = carry
+    batch_key, lam_key, partner_key = jax.random.split(key, 3)
+    x, y = sample_clean_batch(batch_key, images, labels, batch_size, spec, config.augment)
+    lam = jax.random.beta(lam_key, config.mixup_alpha, config.mixup_alpha, dtype=x.dtype)
+    partner = jax.random.permutation(partner_key, x.shape[0])
+    x_mix = lam * x + (1.0 - lam) * x[partner]
+    one_hot = jax.nn.one_hot(y, num_classes, dtype=x.dtype)
+    targets = lam * one_hot + (1.0 - lam) * one_hot[partner]
+
+    def loss_fn(m):
+        logits, new_stats = apply_model(
+            model, apply_masks(params, m), stats, x_mix, config.bn_train
+        )
+        mixup = soft_cross_entropy(logits, targets)
+        l1 = sum(jnp.sum(jnp.abs(1.0 - leaf)) for leaf in jax.tree_util.tree_leaves(m))
+        return mixup + l1_strength * l1, (new_stats, mixup, l1)
+
+    (loss, (new_stats, mixup, l1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(masks)
+    updates, opt_state = _optimizer(config, floors).update(grads, opt_state, masks)
+    masks = optax.apply_updates(masks, updates)
+    return (masks, new_stats, opt_state), {"loss": loss, "mixup_ce": mixup, "l1": l1}
+
+
 def purify(
     model: nn.Module,
     variables: Variables,
@@ -183,46 +225,26 @@ def purify(
     per_class = len(clean_set) / clean_set.num_classes  # N_c
     l1_strength = config.eta / per_class
     batch_size = clean_batch_size(config.batch_size, clean_set)
-    num_classes = clean_set.num_classes
-    tx = optax.chain(
-        optax.sgd(learning_rate_schedule(config), momentum=config.momentum or None),
-        project_box(floors, 1.0),
-    )
     images, labels = device_clean_set(clean_set)
-    spec = clean_set.spec
-
-    # The frozen weights and the clean set are arguments, not constants baked into the program;
-    # the carry is donated (run_steps hands the step a private copy).
-    @functools.partial(jax.jit, donate_argnums=0)
-    def step(carry, key, images, labels, params):
-        masks, stats, opt_state = carry
-        batch_key, lam_key, partner_key = jax.random.split(key, 3)
-        x, y = sample_clean_batch(batch_key, images, labels, batch_size, spec, config.augment)
-        lam = jax.random.beta(lam_key, config.mixup_alpha, config.mixup_alpha, dtype=x.dtype)
-        partner = jax.random.permutation(partner_key, x.shape[0])
-        x_mix = lam * x + (1.0 - lam) * x[partner]
-        one_hot = jax.nn.one_hot(y, num_classes, dtype=x.dtype)
-        targets = lam * one_hot + (1.0 - lam) * one_hot[partner]
-
-        def loss_fn(m):
-            logits, new_stats = apply_model(
-                model, apply_masks(params, m), stats, x_mix, config.bn_train
-            )
-            mixup = soft_cross_entropy(logits, targets)
-            l1 = sum(jnp.sum(jnp.abs(1.0 - leaf)) for leaf in jax.tree_util.tree_leaves(m))
-            return mixup + l1_strength * l1, (new_stats, mixup, l1)
-
-        (loss, (new_stats, mixup, l1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(masks)
-        updates, opt_state = tx.update(grads, opt_state, masks)
-        masks = optax.apply_updates(masks, updates)
-        return (masks, new_stats, opt_state), {"loss": loss, "mixup_ce": mixup, "l1": l1}
+    # The frozen weights, the clean set, the floors and the L1 strength are arguments, not
+    # constants baked into the program, so every run of a configuration on an architecture
+    # shares one compiled step.
+    arguments = (params, floors, jnp.float32(l1_strength))
+    step = functools.partial(
+        _nft_step,
+        model=model,
+        config=config,
+        batch_size=batch_size,
+        spec=clean_set.spec,
+        num_classes=clean_set.num_classes,
+    )
 
     def to_variables(carry):
         return as_variables(apply_masks(params, carry[0]), carry[1])
 
-    carry = (masks, stats0, tx.init(masks))
+    carry = (masks, stats0, _optimizer(config, floors).init(masks))
     carry, curve, step_time, observe_time, resumed, done = run_steps(
-        lambda c, k: step(c, k, images, labels, params),
+        lambda c, k: step(c, k, images, labels, *arguments),
         carry,
         steps=config.steps,
         key=key,

@@ -40,7 +40,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import flax
 import flax.linen as nn
@@ -164,6 +165,96 @@ def _set(params, path, value):
     return params
 
 
+def _head_logits(layer, frozen, h):
+    """The dense head on penultimate features ``h`` (the dense solver's network)."""
+    del frozen
+    out = h @ layer["kernel"]
+    return out + layer["bias"] if "bias" in layer else out
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerLogits:
+    """The whole network's logits with the layer at ``path`` replaced (the CG solver's)."""
+
+    model: nn.Module
+    path: tuple[str, ...]
+
+    def __call__(self, layer, frozen, x):
+        params = _set(frozen["params"], self.path, layer)
+        return self.model.apply({**frozen, "params": params}, x, train=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PerExampleLoss:
+    """``(frozen, layer, (x, y)) -> (n,)`` cross-entropies, for Fbar."""
+
+    logits_fn: Callable
+
+    def __call__(self, frozen, layer, batch):
+        x, y = batch
+        return optax.softmax_cross_entropy_with_integer_labels(self.logits_fn(layer, frozen, x), y)
+
+
+def _optimizer(config: NGFConfig, solver: str, fisher_diag: Any, anchor_point: Any):
+    """The Fisher anchor, the natural gradient, then the step size. The anchor's Fbar and theta0
+    live in its state (set by ``init``); ``fisher_diag`` also feeds the natural gradient's
+    diagonal, so the steps rebuild the chain from their arguments."""
+    return optax.chain(
+        fisher_anchor(fisher_diag, anchor_point, config.eta_r),
+        natural_gradient(
+            config.damping,
+            solver,
+            refresh_every=config.refresh_every,
+            cg_maxiter=config.cg_maxiter,
+            diagonal=jax.tree_util.tree_map(lambda f: config.eta_r * f, fisher_diag)
+            if config.anchor_curvature
+            else None,
+        ),
+        optax.scale(-config.learning_rate),
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("logits_fn", "config", "solver", "batch_size", "spec"),
+    donate_argnums=0,
+)
+def _ngf_step(
+    carry, key, data, labels, fisher_diag, layer0, frozen, *, logits_fn, config, solver,
+    batch_size, spec,
+):  # fmt: skip
+    """One natural-gradient step on the chosen layer; the carry is donated."""
+    layer, opt_state = carry
+    tx = _optimizer(config, solver, fisher_diag, layer0)
+    if solver == "dense":
+        rows = jax.random.choice(key, labels.shape[0], (batch_size,), replace=False)
+        x, y = data[rows], labels[rows]
+    else:
+        x, y = sample_clean_batch(key, data, labels, batch_size, spec, config.augment)
+
+    def bound(layer, x):
+        return logits_fn(layer, frozen, x)
+
+    def loss_fn(layer):
+        return cross_entropy(bound(layer, x), y)
+
+    loss, grads = jax.value_and_grad(loss_fn)(layer)
+    extras = (
+        {"features": data, "logits": bound(layer, data)}
+        if solver == "dense"
+        else {"fvp_fn": make_ggn_operator(bound, layer, x)}
+    )
+    updates, opt_state = tx.update(grads, opt_state, layer, **extras)
+    metrics = {"loss": loss}
+    if config.kl_clip:
+        fisher = make_ggn_operator(bound, layer, data if solver == "dense" else x)
+        kl = 0.5 * tree_dot(updates, fisher(updates))
+        scale = jnp.minimum(1.0, jnp.sqrt(config.kl_clip / jnp.maximum(kl, 1e-30)))
+        updates = jax.tree_util.tree_map(lambda u: u * scale, updates)
+        metrics["kl"], metrics["trust_scale"] = kl, scale
+    return (optax.apply_updates(layer, updates), opt_state), metrics
+
+
 def purify(
     model: nn.Module,
     variables: Variables,
@@ -192,92 +283,42 @@ def purify(
     spec = clean_set.spec
     inputs = normalize(to_unit_range(images), spec)
 
-    # The frozen weights (cg) and Fbar enter the jitted functions as arguments, not as
-    # constants baked into the compiled programs.
+    # The frozen weights (cg), Fbar and theta0 enter the compiled step as arguments, not as
+    # constants baked into the program, so every run of a configuration on an architecture
+    # shares it.
     if solver == "dense":
         _, state = model.apply(variables, inputs, train=False, mutable=["intermediates"])
         features = state["intermediates"][FEATURES][0]
         frozen = None
-
-        def logits_fn(layer, frozen, h):
-            del frozen
-            out = h @ layer["kernel"]
-            return out + layer["bias"] if "bias" in layer else out
-
+        logits_fn = _head_logits
         fisher_inputs, data = features, features
     else:
         frozen = variables
-
-        def logits_fn(layer, frozen, x):
-            return model.apply(
-                {**frozen, "params": _set(frozen["params"], path, layer)}, x, train=False
-            )
-
+        logits_fn = _LayerLogits(model, path)
         fisher_inputs, data = inputs, images  # the steps sample and augment uint8 images
 
-    def per_example(frozen, layer, batch):
-        x, y = batch
-        return optax.softmax_cross_entropy_with_integer_labels(logits_fn(layer, frozen, x), y)
-
     fisher_diag = empirical_fisher_diagonal(
-        Partial(per_example, frozen), layer0, (fisher_inputs, labels), chunk_size=50
+        Partial(_PerExampleLoss(logits_fn), frozen),
+        layer0,
+        (fisher_inputs, labels),
+        chunk_size=50,
+        share_compilation=True,
     )
-
-    def make_tx(fisher_diag):
-        # the anchor's Fbar and theta0 live in its state (init); fisher_diag here feeds the
-        # natural gradient's diagonal, so the steps rebuild the chain from their argument
-        return optax.chain(
-            fisher_anchor(fisher_diag, layer0, config.eta_r),
-            natural_gradient(
-                config.damping,
-                solver,
-                refresh_every=config.refresh_every,
-                cg_maxiter=config.cg_maxiter,
-                diagonal=jax.tree_util.tree_map(lambda f: config.eta_r * f, fisher_diag)
-                if config.anchor_curvature
-                else None,
-            ),
-            optax.scale(-config.learning_rate),
-        )
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def step(carry, key, data, labels, fisher_diag, frozen):
-        layer, opt_state = carry
-        tx = make_tx(fisher_diag)
-        if solver == "dense":
-            rows = jax.random.choice(key, labels.shape[0], (batch_size,), replace=False)
-            x, y = data[rows], labels[rows]
-        else:
-            x, y = sample_clean_batch(key, data, labels, batch_size, spec, config.augment)
-
-        def bound(layer, x):
-            return logits_fn(layer, frozen, x)
-
-        def loss_fn(layer):
-            return cross_entropy(bound(layer, x), y)
-
-        loss, grads = jax.value_and_grad(loss_fn)(layer)
-        extras = (
-            {"features": data, "logits": bound(layer, data)}
-            if solver == "dense"
-            else {"fvp_fn": make_ggn_operator(bound, layer, x)}
-        )
-        updates, opt_state = tx.update(grads, opt_state, layer, **extras)
-        metrics = {"loss": loss}
-        if config.kl_clip:
-            fisher = make_ggn_operator(bound, layer, data if solver == "dense" else x)
-            kl = 0.5 * tree_dot(updates, fisher(updates))
-            scale = jnp.minimum(1.0, jnp.sqrt(config.kl_clip / jnp.maximum(kl, 1e-30)))
-            updates = jax.tree_util.tree_map(lambda u: u * scale, updates)
-            metrics["kl"], metrics["trust_scale"] = kl, scale
-        return (optax.apply_updates(layer, updates), opt_state), metrics
+    step = functools.partial(
+        _ngf_step,
+        logits_fn=logits_fn,
+        config=config,
+        solver=solver,
+        batch_size=batch_size,
+        spec=spec,
+    )
 
     def to_variables(carry):
         return {**variables, "params": _set(params, path, carry[0])}
 
-    carry = (layer0, make_tx(fisher_diag).init(layer0))
+    carry = (layer0, _optimizer(config, solver, fisher_diag, layer0).init(layer0))
     carry, curve, step_time, observe_time, resumed, done = run_steps(
-        lambda c, k: step(c, k, data, labels, fisher_diag, frozen),
+        lambda c, k: step(c, k, data, labels, fisher_diag, layer0, frozen),
         carry,
         steps=config.steps,
         key=key,

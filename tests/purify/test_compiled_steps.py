@@ -82,3 +82,49 @@ def test_a_transfer_compiles_one_batch_statistics_estimate(model_and_data):
     estimate = batch_stats._mean_batch_statistics(model, clean.spec, size, 20, True)
     assert batch_stats._mean_batch_statistics.cache_info().currsize == 1
     assert estimate._cache_size() == 1
+
+
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_a_second_run_of_a_configuration_compiles_nothing_and_matches_a_fresh_compile(
+    model_and_data, name
+):
+    """Another seed on another model of the same architecture (several backdoors, or 3 seeds
+    of one): every defense's step, and FIP's and Fast FIP's TrF0 estimate and Fbar pass, are
+    compiled once per configuration, and the reused programs give what fresh ones give."""
+    from fippure.curvature import fisher
+    from fippure.purify import fip, ft, nft, ngf
+
+    model, variables, clean = model_and_data
+    method = name.removesuffix("_cg")
+    config = registry.make_config(
+        method, {"steps": 4, "batch_size": 16, "log_every": 2, **SETTINGS[name]}
+    )
+    defense = registry.get_defense(method)
+    defense.purify(model, variables, clean, config, jax.random.key(0), progress=False)
+    other = {**variables, "params": jax.tree_util.tree_map(lambda p: 0.9 * p, variables["params"])}
+    compiled = []
+    listener = lambda event, duration, **kwargs: compiled.append(event)  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        reused, _ = defense.purify(model, other, clean, config, jax.random.key(1), progress=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiled.count(BACKEND_COMPILE) == 0, compiled
+    shared = (
+        fip._fip_step,
+        fip._trace_estimate,
+        fisher._shared_chunk_squared_gradients,
+        ft._ft_step,
+        nft._nft_step,
+        ngf._ngf_step,
+    )
+    for fn in shared:
+        fn.clear_cache()
+    fresh, _ = defense.purify(model, other, clean, config, jax.random.key(1), progress=False)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(reused), jax.tree_util.tree_leaves(fresh), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)

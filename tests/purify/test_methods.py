@@ -118,8 +118,23 @@ def test_fip_tail_averaging_returns_the_mean_of_the_last_iterates(tiny):
         fip.FIPConfig(steps=5, average_last=6)
 
 
+@pytest.fixture
+def retraced_fip():
+    """FIP's compiled steps and TrF0 estimate are shared by every run of a configuration; a
+    test that patches a function they call needs them traced afresh, and must not leave its
+    patch compiled in for the tests after it."""
+    compiled = (fip._fip_step, fip._trace_estimate)
+    for fn in compiled:
+        fn.clear_cache()
+    yield
+    for fn in compiled:
+        fn.clear_cache()
+
+
 @pytest.mark.parametrize("variant", ["empirical", "true"])
-def test_fip_relative_scale_is_the_same_variants_trace_at_theta0(tiny, monkeypatch, variant):
+def test_fip_relative_scale_is_the_same_variants_trace_at_theta0(
+    tiny, monkeypatch, retraced_fip, variant
+):
     """eta_F is relative to TrF0 of the penalised variant: the true-Fisher penalty is divided
     by the true-Fisher trace at theta0, not by the empirical one."""
     model, variables, clean, _, _ = tiny
@@ -145,7 +160,9 @@ def _record_trace_batches(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("trace_bn_train", [False, True])
-def test_fip_trace_term_uses_the_configured_batchnorm_mode(tiny, monkeypatch, trace_bn_train):
+def test_fip_trace_term_uses_the_configured_batchnorm_mode(
+    tiny, monkeypatch, retraced_fip, trace_bn_train
+):
     """SPEC section 2 (choice): the trace term's per-example losses come from eval-mode BN
     (running statistics) by default, or from train-mode BN (the batch's own statistics)."""
     model, variables, clean, inputs, labels = tiny
@@ -187,7 +204,9 @@ def test_fip_loss_curve_with_a_sparse_trace_names_the_last_trace_and_its_step(ti
 
 
 @pytest.mark.parametrize("calibration", ["eval", "penalty"])
-def test_fip_calibrates_trf0_in_eval_mode_or_in_the_penaltys_mode(tiny, monkeypatch, calibration):
+def test_fip_calibrates_trf0_in_eval_mode_or_in_the_penaltys_mode(
+    tiny, monkeypatch, retraced_fip, calibration
+):
     """``trace_calibration``: TrF0 comes from eval-mode BN (default) or from the penalised
     term's own mode (train mode here), so eta_F is relative to the penalty's starting value."""
     model, variables, clean, _, _ = tiny
