@@ -98,10 +98,10 @@ def _cross_entropy_functions(model: nn.Module) -> tuple[Callable, Callable, Call
     (the Hessian's linearisation and the probes' compiled loops) serve a second checkpoint of
     that architecture without compiling again: before and after a defense, say.
     """
-    try:
+    if _hashable(model):
         return _cached_cross_entropy_functions(model)
-    except TypeError:  # an unhashable module: fresh functions, compiled for this call
-        return _cached_cross_entropy_functions.__wrapped__(model)
+    # an unhashable module: fresh functions, compiled for this call
+    return _cached_cross_entropy_functions.__wrapped__(model)
 
 
 @functools.lru_cache(maxsize=8)

@@ -282,6 +282,15 @@ class _PerExampleLoss:
         return optax.softmax_cross_entropy_with_integer_labels(self.logits(frozen, stats, t, x), y)
 
 
+def _trace_functions(logits: _Logits, frozen: Any, stats: Any) -> tuple[Callable, Callable]:
+    """``(per_example_loss(t, (x, y)), logits_fn(t, x))`` for :func:`trace_term`, with the
+    frozen arrays and the batch statistics bound."""
+    return (
+        lambda t, batch: _PerExampleLoss(logits)(frozen, stats, t, batch),
+        lambda t, x: logits(frozen, stats, t, x),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class _StepProgram:
     """What a FIP step compiles from: the static half of its arguments (hashable)."""
@@ -325,8 +334,7 @@ def _fip_step(carry, key, images, labels, fisher_diag, tunable0, frozen, strengt
         if program.with_trace and config.eta_F > 0:
             trace = trace_term(
                 config.trace_variant,
-                lambda t_, batch: _PerExampleLoss(logits_trace)(frozen, stats, t_, batch),
-                lambda t_, xb: logits_trace(frozen, stats, t_, xb),
+                *_trace_functions(logits_trace, frozen, stats),
                 t,
                 (x, y),
                 trace_key,
@@ -547,16 +555,11 @@ def _calibrate_trace(logits_fn, bound, tunable, inputs, labels, batch_size, conf
 
 @functools.partial(jax.jit, static_argnames=("logits_fn", "variant", "num_probes", "estimator"))
 def _trace_estimate(bound, t, batch, k, *, logits_fn, variant, num_probes, estimator):
-    """One batch's trace term at ``t`` for TrF0 (``logits_fn(*bound, t, x)``)."""
-
-    def logits(t_, x):
-        return logits_fn(*bound, t_, x)
-
-    def per_example_loss(t_, batch_):
-        x, y = batch_
-        return optax.softmax_cross_entropy_with_integer_labels(logits(t_, x), y)
-
-    return trace_term(variant, per_example_loss, logits, t, batch, k, num_probes, estimator)
+    """One batch's trace term at ``t`` for TrF0 (``logits_fn(*bound, t, x)``, ``bound`` the
+    frozen arrays and the batch statistics)."""
+    return trace_term(
+        variant, *_trace_functions(logits_fn, *bound), t, batch, k, num_probes, estimator
+    )
 
 
 def _weights_are_params(tunable: Any, frozen: Any) -> Any:
