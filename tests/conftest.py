@@ -1,4 +1,5 @@
-"""Shared pytest setup: fast compilation, an isolated array cache, and the real-data rule.
+"""Shared pytest setup: fast compilation, a compilation cache shared by the run's workers, an
+isolated array cache, and the real-data rule.
 
 Real-data tests (``@pytest.mark.slow``) read CIFAR-10 from ``$TFDS_DATA_DIR`` through the
 ``cifar10_data_dir`` fixture. Where the data is missing they *fail* in CI (``CI=true``), so a
@@ -18,13 +19,27 @@ import pytest
 
 _CREATED_CACHE: list[str] = []
 
+# Compiles that took longer than this are written to the run's compilation cache.
+_PERSISTENT_CACHE_MIN_COMPILE_SECONDS = 0.2
+
 
 def pytest_configure(config):
     # Decoded datasets go to a temporary directory for the whole run (xdist workers inherit it)
     # unless the developer chose one, so tests never write into ~/.cache.
     if not os.environ.get("FIPPURE_CACHE_DIR"):
         _CREATED_CACHE.append(tempfile.mkdtemp(prefix="fippure-test-cache-"))
-        os.environ["FIPPURE_CACHE_DIR"] = _CREATED_CACHE[0]
+        os.environ["FIPPURE_CACHE_DIR"] = _CREATED_CACHE[-1]
+    # Many tests build fresh closures that compile the same programs, and both xdist workers
+    # compile the models' steps: JAX's persistent cache, keyed by the program and the compile
+    # options, lets a later compile load the executable. It lives for this run only, unless the
+    # developer set JAX_COMPILATION_CACHE_DIR.
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        _CREATED_CACHE.append(tempfile.mkdtemp(prefix="fippure-test-jax-cache-"))
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = _CREATED_CACHE[-1]
+    # also read by subprocesses, such as the notebook's kernel
+    os.environ.setdefault(
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(_PERSISTENT_CACHE_MIN_COMPILE_SECONDS)
+    )
 
 
 def pytest_unconfigure(config):
@@ -81,6 +96,38 @@ def full_optimization():
     module-scoped fixture (training a backdoored model, say): optimised code there runs about
     twice as fast, and the module's small tests keep compiling quickly."""
     return _full_optimization
+
+
+# A program is compiled (a backend compile) or, when an equal one was compiled before in this
+# run, loaded from the persistent cache. A test that counts compiles counts both.
+_PROGRAM_EVENTS = (
+    "/jax/core/compile/backend_compile_duration",
+    "/jax/compilation_cache/cache_retrieval_time_sec",
+)
+
+
+@contextlib.contextmanager
+def _programs_compiled():
+    import jax
+
+    events: list[str] = []
+
+    def listener(event, duration, **kwargs):
+        if event in _PROGRAM_EVENTS:
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.fixture(scope="session")
+def programs_compiled():
+    """``with programs_compiled() as events:`` collects the compile events inside: at least one
+    per program, whether XLA built it or the run's persistent compilation cache supplied it."""
+    return _programs_compiled
 
 
 def pytest_collection_modifyitems(config, items):
@@ -151,3 +198,8 @@ def pytest_sessionstart(session):
     import jax
 
     jax.config.update("jax_disable_most_optimizations", True)
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update(
+        "jax_persistent_cache_min_compile_time_secs",
+        float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+    )
