@@ -166,8 +166,9 @@ def write_summary(args, rows: list[dict], chosen: dict | None) -> None:
                 f"{t['acc']:.3f} / {t['asr']:.3f} | {'yes' if test_success(r) else 'no'} |"
             )
     results = [r for row in rows for r in row["results"]]
+    candidates = {id(r): label(row) for row in rows for r in row["results"]}
     summary = ROOT / "experiments" / "results" / f"clean_set_selection_{args.method}"
-    scans.write_report(summary, lines, results)
+    scans.write_report(summary, lines, results, lambda r: candidates[id(r)])
 
 
 if __name__ == "__main__":

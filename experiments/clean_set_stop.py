@@ -326,7 +326,9 @@ def write_summary(all_results: list[dict]) -> None:
                 f"| {r['attack']} | {c['step']} | {c['validation_synth_asr']:.3f} | "
                 f"{c['validation_acc']:.2f} | {t['acc']:.3f} / {t['asr']:.3f} |"
             )
-    scans.write_report(SUMMARY, lines, all_results)
+    scans.write_report(
+        SUMMARY, lines, all_results, lambda r: f"{variant_label(r)}, seed {r['seed']}"
+    )
 
 
 def main() -> None:

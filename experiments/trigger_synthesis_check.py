@@ -236,12 +236,41 @@ def write_summary(results: list[dict]) -> None:
     write_report(SUMMARY, lines, results)
 
 
-def write_report(summary: pathlib.Path, lines: list[str], results: list[dict]) -> None:
-    """``summary.md`` (``lines``, then each attack's provenance) and ``summary.json``."""
-    from fippure.provenance import measured_by, provenance
+def provenance_lines(results: list[dict], variant=lambda r: "") -> list[str]:
+    """A table of where the results come from: one row per command, revision and machine,
+    naming its runs (the attacks, under ``variant(result)`` where that is not empty) and the
+    dates they finished."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["command"], r["git_revision"], r["machine"]), []).append(r)
+    lines = [
+        "## Provenance",
+        "",
+        "| runs | command | revision | machine | finished (UTC) |",
+        "|---|---|---|---|---|",
+    ]
+    for (command, revision, machine), runs in groups.items():
+        attacks: dict[str, list[str]] = {}
+        for r in runs:
+            attacks.setdefault(variant(r), []).append(r["attack"])
+        names = "; ".join(
+            f"{name}: {', '.join(a)}" if name else ", ".join(a) for name, a in attacks.items()
+        )
+        dates = sorted(r["date"] for r in runs)
+        when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+        lines.append(f"| {names} | `{command}` | {revision} | {machine} | {when} |")
+    return lines
+
+
+def write_report(
+    summary: pathlib.Path, lines: list[str], results: list[dict], variant=lambda r: ""
+) -> None:
+    """``summary.md`` (``lines``, then the results' provenance, :func:`provenance_lines`) and
+    ``summary.json``."""
+    from fippure.provenance import provenance
 
     prov = provenance()
-    lines = [*lines, "", *(f"{r['attack']}: {measured_by(r)}" for r in results)]
+    lines = [*lines, "", *provenance_lines(results, variant), ""]
     lines += [f"Report written by `{prov['command']}` at {prov['git_revision']}."]
     summary.with_suffix(".md").write_text("\n".join(lines) + "\n")
     summary.with_suffix(".json").write_text(
