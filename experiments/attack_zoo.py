@@ -58,6 +58,7 @@ ENTRIES: dict[str, dict] = {
     "lira": {"attack": "lira"},
     "lira_eps0.03": {"attack": "lira", "options": {"eps": 0.03}},
     "lira_eps0.03_alpha0.75": {"attack": "lira", "options": {"eps": 0.03, "alpha": 0.75}},
+    "lira_alpha0.75": {"attack": "lira", "options": {"alpha": 0.75}},
     "issba": {"attack": "issba"},
     "bpp": {"attack": "bpp"},
     "lf": {"attack": "lf", "reference": True},

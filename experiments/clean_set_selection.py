@@ -37,7 +37,8 @@ from purify_benchmark import CORE_ATTACKS  # noqa: E402
 
 #: (setting of purify_benchmark.METHODS, overrides) per method, in order of preference for a
 #: tie. FIP: the anchor-and-trace family at lr 0.001 (brief_transfer, eta_F 2), with the
-#: penalty halved and doubled, and at twice the rate.
+#: penalty halved and doubled, and at twice the rate. NFT: its two 150-step settings, with and
+#: without the crop + flip before MixUp.
 CANDIDATES: dict[str, list[tuple[str, dict[str, str]]]] = {
     "fip": [
         ("brief_transfer", {}),
@@ -45,9 +46,15 @@ CANDIDATES: dict[str, list[tuple[str, dict[str, str]]]] = {
         ("brief_transfer", {"eta_F": "4"}),
         ("brief_transfer", {"learning_rate": "0.002"}),
     ],
+    "nft": [
+        ("brief_transfer", {}),
+        ("brief_unaugmented", {}),
+    ],
 }
-#: The search's settings, as in clean_set_stop.py's FIP runs.
-MAX_STEPS, EVERY, THRESHOLD, SEED = 150, 10, 0.05, 0
+#: The search's settings, as in clean_set_stop.py's runs of each method (NFT's searched up to
+#: 300 steps, over which its learning-rate blocks then span).
+MAX_STEPS = {"fip": 150, "nft": 300}
+EVERY, THRESHOLD, SEED = 10, 0.05, 0
 
 
 def validation_success(result: dict, max_val_drop: float) -> bool:
@@ -95,12 +102,19 @@ def main() -> None:
 
         def run(attack: str, setting=setting, overrides=overrides) -> dict:
             return clean_set_stop.run_attack(
-                attack, MAX_STEPS, EVERY, THRESHOLD, SEED, args.method, setting,
+                attack, MAX_STEPS[args.method], EVERY, THRESHOLD, SEED, args.method, setting,
                 rerun=False, overrides=overrides,
             )  # fmt: skip
 
         out = clean_set_stop.result_directory(args.method, setting, SEED, False, overrides)
         results = scans.per_attack(args.attacks, out, run, args.report_only)
+        search = {"max_steps": MAX_STEPS[args.method], "every": EVERY, "threshold": THRESHOLD}
+        other = [r["attack"] for r in results if {k: r["rule"][k] for k in search} != search]
+        if other:
+            sys.exit(
+                f"clean_set_selection: {out} holds searches with settings other than {search} "
+                f"({', '.join(other)}); move them aside"
+            )
         if results:
             rows.append({"setting": setting, "overrides": overrides, "results": results,
                          **score(results, args.max_val_drop)})  # fmt: skip
@@ -125,9 +139,9 @@ def write_summary(args, rows: list[dict], chosen: dict | None) -> None:
         f"# {args.method.upper()}'s configuration chosen on D_v (CIFAR-10, PreAct-ResNet-18 w16)",
         "",
         f"Every candidate runs under the clean-set stop (checks every {EVERY} steps up to "
-        f"{MAX_STEPS}, threshold {THRESHOLD}, the scored iterate kept, seed {SEED}) on 400 of "
-        "D_v's 500 images, scored with the Neural Cleanse suspect on the 100-image validation "
-        "slice. A validation success: the threshold reached within "
+        f"{MAX_STEPS[args.method]}, threshold {THRESHOLD}, the scored iterate kept, seed "
+        f"{SEED}) on 400 of D_v's 500 images, scored with the Neural Cleanse suspect on the "
+        "100-image validation slice. A validation success: the threshold reached within "
         f"{args.max_val_drop} of the undefended validation ACC. The most validation successes "
         "win, then the higher mean validation ACC at the chosen checks. The test columns were "
         "not read by the choice. Test success: ASR <= 0.05 and ACC drop <= 0.03.",
