@@ -58,6 +58,8 @@ ENTRIES: dict[str, dict] = {
     "lira": {"attack": "lira"},
     "lira_eps0.03": {"attack": "lira", "options": {"eps": 0.03}},
     "lira_eps0.03_alpha0.75": {"attack": "lira", "options": {"eps": 0.03, "alpha": 0.75}},
+    # The issue's eps with alpha 0.75: stopped after epoch 5 of 15 (ASR 0.14 and falling; see
+    # the lira_eps0.03 note), so it has no row and no zoo checkpoint.
     "lira_alpha0.75": {"attack": "lira", "options": {"alpha": 0.75}},
     "issba": {"attack": "issba"},
     "bpp": {"attack": "bpp"},
@@ -100,7 +102,11 @@ NOTES: dict[str, str] = {
     "0.951/0.922/0.929, ACC 0.717/0.807/0.866. This is the input-aware entry that meets both "
     "targets; the two above it are kept to show what the mask density does.",
     "lira_eps0.03": "The issue's eps (0.01, 2.5 grey levels) was never learnt at this scale "
-    "(per-image weights, alpha 0.5: ASR 0.089 at epoch 10), so this entry triples it to 0.03 "
+    "(per-image weights, alpha 0.5: ASR 0.089 at epoch 10; alpha 0.75, entry `lira_alpha0.75` "
+    "at 3abb1e2 with clean duplicates in the spare slots (5e448f3): the training copies' "
+    "backdoor accuracy fell over epochs 1-5 from 0.70 to 0.42, 0.32, 0.27 and 0.25, and at "
+    "epoch 5 test ACC/ASR was 0.723/0.141, where the eps-0.03 entry below had 0.596/0.908, so "
+    "the run was stopped there), so this entry triples it to 0.03 "
     "(about 8/255, the usual L-inf budget). Test ACC/ASR at the end of the joint stage (epoch "
     "10): 0.791/0.882; the fine-tuning stage with the generator frozen then raised ACC to 0.868 "
     "but lowered ASR to 0.842, while the training copies' backdoor accuracy rose (0.79 to 0.86).",
