@@ -180,9 +180,8 @@ def write_summary(args, rows: list[dict], chosen: dict | None) -> None:
                 f"{t['acc']:.3f} / {t['asr']:.3f} | {'yes' if test_success(r) else 'no'} |"
             )
     results = [r for row in rows for r in row["results"]]
-    candidates = {id(r): label(row) for row in rows for r in row["results"]}
     summary = ROOT / "experiments" / "results" / f"clean_set_selection_{args.method}"
-    scans.write_report(summary, lines, results, lambda r: candidates[id(r)])
+    scans.write_report(summary, lines, results, clean_set_stop.variant_label)
 
 
 if __name__ == "__main__":
