@@ -184,11 +184,65 @@ def summarise(rows: list[dict]) -> dict:
     return cells
 
 
+def findings(cells: dict, entries: list[str]) -> list[str]:
+    """The comparisons the table supports, as bullet lines."""
+
+    def per_batch(entry, state, kind):
+        cell = cells.get((entry, state, kind))
+        if cell is None or len(cell["batches"]) < BATCHES:
+            return None
+        return [cell["batches"][b]["lambda_max"] for b in range(BATCHES)]
+
+    out = []
+    reference = per_batch("clean", "before", "clean")
+    attacked = [e for e in entries if e != "clean"]
+    if reference:
+        ratios = {}
+        for e in attacked:
+            values = per_batch(e, "before", "clean")
+            if values:
+                ratios[e] = [v / r for v, r in zip(values, reference, strict=True)]
+        if ratios:
+            flat = [x for r in ratios.values() for x in r]
+            out.append(
+                "- Clean images, same batch (paired): the clean model's lambda_max is "
+                + " and ".join(f"{v:.0f}" for v in reference)
+                + f" on the two batches; a backdoored model's is {min(flat):.2f}x to "
+                f"{max(flat):.2f}x of it on the same batch ("
+                + "; ".join(f"{e} " + " / ".join(f"{x:.2f}x" for x in r) for e, r in ratios.items())
+                + ")."
+            )
+    triggered = {
+        e: cells[(e, "before", "triggered")]["lambda_max"]
+        for e in attacked
+        if (e, "before", "triggered") in cells
+    }
+    if triggered:
+        ranked = sorted(triggered.items(), key=lambda kv: -kv[1])
+        out.append(
+            "- Triggered images (the backdoor task), mean lambda_max, highest first: "
+            + ", ".join(f"{e} {v:.0f}" for e, v in ranked)
+            + "."
+        )
+    moved = []
+    for e in attacked:
+        before, after = cells.get((e, "before", "clean")), cells.get((e, "after_fip", "clean"))
+        if before and after:
+            moved.append(
+                f"{e} {before['lambda_max']:.0f} -> {after['lambda_max']:.0f} "
+                f"(Tr(H) {before['trace_hessian']:.0f} -> {after['trace_hessian']:.0f})"
+            )
+    if moved:
+        out.append(
+            "- FIP on clean images, mean lambda_max before -> after: " + "; ".join(moved) + "."
+        )
+    return out
+
+
 def write_report(rows: list[dict], entries: list[str]) -> None:
     from fippure.provenance import provenance
 
     cells = summarise(rows)
-    clean_ref = cells.get(("clean", "before", "clean"))
 
     def fmt(cell, key, digits=0):
         return "-" if cell is None else f"{cell[key]:.{digits}f}"
@@ -234,22 +288,8 @@ def write_report(rows: list[dict], entries: list[str]) -> None:
                 f"{fmt(t, 'trace_hessian')} | {fmt(t, 'trace_empirical_fisher')} | "
                 f"{fmt(t, 'loss', 3)} | {test} |"
             )
-    if clean_ref is not None:
-        ratios = {
-            e: cells[(e, "before", "clean")]["lambda_max"] / clean_ref["lambda_max"]
-            for e in entries
-            if e != "clean" and (e, "before", "clean") in cells
-        }
-        if ratios:
-            lo, hi = clean_ref["lambda_max_range"]
-            lines += [
-                "",
-                f"- On clean images the clean model's lambda_max is {clean_ref['lambda_max']:.0f} "
-                f"({lo:.0f} and {hi:.0f} on the two batches). The backdoored models' are "
-                f"{min(ratios.values()):.2f}x to {max(ratios.values()):.2f}x of it ("
-                + ", ".join(f"{e} {r:.2f}x" for e, r in ratios.items())
-                + ").",
-            ]
+    lines += [""]
+    lines += findings(cells, entries)
     revisions = sorted({r["git_revision"] for r in rows})
     dates = sorted(r["date"] for r in rows)
     meta = provenance()
@@ -279,13 +319,21 @@ def write_report(rows: list[dict], entries: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--entries", nargs="*", default=None, help="zoo entries (default: clean and the core six)"
+        "--entries",
+        nargs="*",
+        default=None,
+        help="zoo entries (default: clean and the core six; with --report-only, every entry "
+        "measured)",
     )
     parser.add_argument("--after-fip", action="store_true", help="also measure after FIP")
     parser.add_argument("--report-only", action="store_true", help="tables from stored runs")
     args = parser.parse_args()
     known = sorted(p.name for p in ZOO.iterdir() if (p / "metadata.json").exists())
     entries = args.entries or ["clean", *CORE_ATTACKS]
+    if args.report_only and not args.entries:  # every entry measured so far
+        stored = {r["entry"] for r in load_rows()}
+        entries = [e for e in ["clean", *CORE_ATTACKS] if e in stored]
+        entries += sorted(stored - set(entries))
     unknown = sorted(set(entries) - set(known))
     if unknown:
         raise SystemExit(f"sharpness_zoo: unknown zoo entries {unknown}; known: {known}")
