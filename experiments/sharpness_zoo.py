@@ -236,6 +236,16 @@ def findings(cells: dict, entries: list[str]) -> list[str]:
         out.append(
             "- FIP on clean images, mean lambda_max before -> after: " + "; ".join(moved) + "."
         )
+    if any(state == "after_fip" and kind == "triggered" for _, state, kind in cells):
+        out.append(
+            "- After FIP the triggered images' loss (on the target label) is far from a minimum, "
+            "so their curvature there is not that of a minimum; it is listed for completeness."
+        )
+    if reference:
+        out.append(
+            "- There is one clean model (one training run), so the comparison cannot tell a "
+            "backdoor's effect from the spread between training runs."
+        )
     return out
 
 
