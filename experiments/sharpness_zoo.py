@@ -14,8 +14,9 @@ analyze_curvature`, SPEC section 8), ``lambda_max``, ``Tr(H)`` and the exact ``T
 - ``clean``: 200 clean images of the defender's set D_v (the same images for every model: the
   zoo shares one D_v) with their labels, in two disjoint batches (images 0-199 and 200-399), so
   the spread between batches shows what a difference between models must exceed;
-- ``triggered``: the same D_v images triggered with the entry's stored attack (non-target
-  images only, as for ASR) with the attack's target labels: the curvature of the backdoor task.
+- ``triggered``: D_v's images of the other classes (every image for an all-to-all attack), as
+  for ASR, triggered with the entry's stored attack and given the attack's target labels: the
+  curvature of the backdoor task. The first 400 of them, in two batches of 200.
 
 ``--after-fip`` adds the same measurements of each backdoored model after FIP with the
 benchmark's headline setting (``midway_averaged_transfer``, seed 0, on the whole D_v), with its
@@ -270,8 +271,9 @@ def write_report(rows: list[dict], entries: list[str]) -> None:
         "every weight (`analyze_curvature`, SPEC section 8). Each cell is the mean over two "
         "disjoint batches of D_v (images 0-199 and 200-399); `lambda_max` gives the two "
         "batches' values in brackets. `clean`: D_v images with their labels (what a defense "
-        "sees). `triggered`: the same images, non-target ones triggered, with the target "
-        "label (the backdoor task). After FIP: `fip midway_averaged_transfer`, seed 0, on the "
+        "sees). `triggered`: the first 400 D_v images of the other classes (all classes for "
+        "an all-to-all attack), triggered, with the target label (the backdoor task), in two "
+        "batches of 200. After FIP: `fip midway_averaged_transfer`, seed 0, on the "
         "whole D_v; test ACC / ASR after the fact. The paper reports lambda_max of about 570 "
         "for a backdoored model against about 20 for a benign one (full-width PreAct-ResNet-18).",
         "",
