@@ -37,6 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
 from purify_benchmark import CORE_ATTACKS, overrides_for  # noqa: E402
+from trigger_synthesis_check import provenance_lines  # noqa: E402
 
 ZOO = ROOT / "zoo" / "cifar10" / "preact_resnet18_w16"
 RESULTS = ROOT / "experiments" / "results"
@@ -302,17 +303,16 @@ def write_report(rows: list[dict], entries: list[str]) -> None:
             )
     lines += [""]
     lines += findings(cells, entries)
-    revisions = sorted({r["git_revision"] for r in rows})
-    dates = sorted(r["date"] for r in rows)
     meta = provenance()
-    if rows:
-        lines += [
-            "",
-            f"{len(rows)} measurements at {', '.join(revisions)} on {rows[0]['machine']}, "
-            f"{dates[0]} to {dates[-1]}; each file in `experiments/results/sharpness_zoo/` "
-            "holds its command, revision, machine and date.",
-        ]
     lines += [
+        "",
+        *provenance_lines(
+            [{**r, "attack": r["entry"]} for r in rows],
+            lambda r: "after FIP" if r["state"] == "after_fip" else "before",
+        ),
+        "",
+        f"{len(rows)} measurements; each file in `experiments/results/sharpness_zoo/` holds its "
+        "command, revision, machine and date.",
         "",
         f"Tables written by `{meta['command']}` at {meta['git_revision']}, {meta['date']}.",
     ]
@@ -342,8 +342,9 @@ def main() -> None:
     args = parser.parse_args()
     known = sorted(p.name for p in ZOO.iterdir() if (p / "metadata.json").exists())
     entries = args.entries or ["clean", *CORE_ATTACKS]
+    rows = load_rows()
     if args.report_only and not args.entries:  # every entry measured so far
-        stored = {r["entry"] for r in load_rows()}
+        stored = {r["entry"] for r in rows}
         entries = [e for e in ["clean", *CORE_ATTACKS] if e in stored]
         entries += sorted(stored - set(entries))
     unknown = sorted(set(entries) - set(known))
@@ -359,7 +360,8 @@ def main() -> None:
             for entry in entries:
                 if entry != "clean":
                     after_fip(entry, load_backdoored(ZOO / entry))
-    write_report(load_rows(), entries)
+        rows = load_rows()
+    write_report(rows, entries)
 
 
 if __name__ == "__main__":

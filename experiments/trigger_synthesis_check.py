@@ -238,8 +238,8 @@ def write_summary(results: list[dict]) -> None:
 
 def provenance_lines(results: list[dict], variant=lambda r: "") -> list[str]:
     """A table of where the results come from: one row per command, revision and machine,
-    naming its runs (the attacks, under ``variant(result)`` where that is not empty) and the
-    dates they finished."""
+    naming its runs (the attacks, each once, under ``variant(result)`` where that is not empty)
+    and the dates they finished."""
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in results:
         groups.setdefault((r["command"], r["git_revision"], r["machine"]), []).append(r)
@@ -254,7 +254,8 @@ def provenance_lines(results: list[dict], variant=lambda r: "") -> list[str]:
         for r in runs:
             attacks.setdefault(variant(r), []).append(r["attack"])
         names = "; ".join(
-            f"{name}: {', '.join(a)}" if name else ", ".join(a) for name, a in attacks.items()
+            f"{name}: {', '.join(dict.fromkeys(a))}" if name else ", ".join(dict.fromkeys(a))
+            for name, a in attacks.items()
         )
         dates = sorted(r["date"] for r in runs)
         when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
