@@ -3,6 +3,7 @@
     python experiments/sharpness_zoo.py                       # clean + the six core attacks
     python experiments/sharpness_zoo.py --after-fip           # and each after FIP
     python experiments/sharpness_zoo.py --report-only         # tables from the stored runs
+    python experiments/sharpness_zoo.py --entries --checkpoint clean_seed1=PATH  # outside the zoo
 
 FIP starts from the observation that a backdoored model sits in a sharper minimum than a benign
 one (Karim et al., 2024, section 3: lambda_max about 570 against about 20; SPEC section 2) and
@@ -23,12 +24,20 @@ benchmark's headline setting (``midway_averaged_transfer``, seed 0, on the whole
 test ACC / ASR after the fact. Every measurement is stored under
 ``experiments/results/sharpness_zoo/`` as it finishes (a killed run resumes), and the tables go to
 ``experiments/results/sharpness_zoo.{json,md}`` with command, revision, machine and date.
+
+``--checkpoint NAME=PATH`` measures a model outside the zoo the same way, under the name NAME.
+It must hold the zoo's D_v (the same clean-set indices). Its use here: clean models trained with
+other training seeds (``fippure train ... --seed 1``), which set the spread between training runs
+that a backdoored model's curvature must exceed before it says anything about the backdoor. Their
+checkpoints are too large for the zoo; each one's training report is copied to
+``experiments/results/sharpness_zoo/training/NAME.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import statistics
 import sys
@@ -42,6 +51,7 @@ from trigger_synthesis_check import provenance_lines  # noqa: E402
 ZOO = ROOT / "zoo" / "cifar10" / "preact_resnet18_w16"
 RESULTS = ROOT / "experiments" / "results"
 RUNS = RESULTS / "sharpness_zoo"
+TRAINING = RUNS / "training"
 BATCH = 200
 BATCHES = 2
 FIP_SETTING = "midway_averaged_transfer"
@@ -122,6 +132,7 @@ def measure(entry: str, state: str, backdoored, variables, extra: dict | None = 
                 "kind": kind,
                 "batch": b,
                 "images": f"{kind} D_v images {b * BATCH}-{(b + 1) * BATCH - 1}",
+                "clean_model": backdoored.attack is None,
                 **{k: report[k] for k in KEPT},
                 "analysis_config": report["config"],
                 **(extra or {}),
@@ -165,6 +176,34 @@ def after_fip(entry: str, backdoored) -> None:
     measure(entry, "after_fip", backdoored, purified, extra)
 
 
+def measure_checkpoint(name: str, path: pathlib.Path) -> None:
+    """Measures a checkpoint outside the zoo under ``name``; it must hold the zoo's D_v."""
+    import shutil
+
+    from fippure.zoo import load_backdoored
+
+    backdoored = load_backdoored(path)
+    zoo_clean = json.loads((ZOO / "clean" / "metadata.json").read_text())["clean_indices"]
+    if list(backdoored.checkpoint.metadata["clean_indices"]) != list(zoo_clean):
+        raise SystemExit(
+            f"sharpness_zoo: {path} holds another clean set than the zoo's D_v, so its "
+            "curvature would be measured on other images"
+        )
+    trained = {}
+    report = path / "report.json"
+    if report.exists():
+        TRAINING.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(report, TRAINING / f"{name}.json")
+        r = json.loads(report.read_text())
+        trained = {
+            "test_accuracy": r.get("test_accuracy"),
+            "train_seed": r.get("train_config", {}).get("seed"),
+            "trained_by": r.get("command"),
+            "trained_at": r.get("git_revision"),
+        }
+    measure(name, "before", backdoored, backdoored.variables, {"checkpoint": str(path), **trained})
+
+
 def load_rows() -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
 
@@ -186,7 +225,14 @@ def summarise(rows: list[dict]) -> dict:
     return cells
 
 
-def findings(cells: dict, entries: list[str]) -> list[str]:
+def clean_models(rows: list[dict]) -> list[str]:
+    """The entries that are clean (benign) models: the zoo's ``clean`` and any checkpoint
+    measured with ``--checkpoint`` that carries no attack, in the order first stored."""
+    names = [r["entry"] for r in rows if r["entry"] == "clean" or r.get("clean_model")]
+    return sorted(dict.fromkeys(names), key=lambda e: (e != "clean", e))
+
+
+def findings(cells: dict, entries: list[str], clean: list[str] | None = None) -> list[str]:
     """The comparisons the table supports, as bullet lines."""
 
     def per_batch(entry, state, kind):
@@ -196,8 +242,9 @@ def findings(cells: dict, entries: list[str]) -> list[str]:
         return [cell["batches"][b]["lambda_max"] for b in range(BATCHES)]
 
     out = []
+    clean = clean or ["clean"]
     reference = per_batch("clean", "before", "clean")
-    attacked = [e for e in entries if e != "clean"]
+    attacked = [e for e in entries if e not in clean]
     if reference:
         ratios = {}
         for e in attacked:
@@ -207,13 +254,17 @@ def findings(cells: dict, entries: list[str]) -> list[str]:
         if ratios:
             flat = [x for r in ratios.values() for x in r]
             out.append(
-                "- Clean images, same batch (paired): the clean model's lambda_max is "
+                "- Clean images, same batch (paired): the zoo's clean model's lambda_max is "
                 + " and ".join(f"{v:.0f}" for v in reference)
                 + f" on the two batches; a backdoored model's is {min(flat):.2f}x to "
                 f"{max(flat):.2f}x of it on the same batch ("
                 + "; ".join(f"{e} " + " / ".join(f"{x:.2f}x" for x in r) for e, r in ratios.items())
                 + ")."
             )
+    spread = {e: per_batch(e, "before", "clean") for e in clean}
+    spread = {e: v for e, v in spread.items() if v}
+    if len(spread) > 1:
+        out += clean_spread_lines(cells, spread, attacked, per_batch)
     triggered = {
         e: cells[(e, "before", "triggered")]["lambda_max"]
         for e in attacked
@@ -243,11 +294,90 @@ def findings(cells: dict, entries: list[str]) -> list[str]:
             "- After FIP the triggered images' loss (on the target label) is far from a minimum, "
             "so their curvature there is not that of a minimum; it is listed for completeness."
         )
-    if reference:
+    if reference and len(spread) < 2:
         out.append(
             "- There is one clean model (one training run), so the comparison cannot tell a "
             "backdoor's effect from the spread between training runs."
         )
+    return out
+
+
+def rank_test(low: list[float], high: list[float]) -> float:
+    """Exact one-sided permutation p-value of the rank-sum (Mann-Whitney) test that ``low``
+    lies below ``high``: the share of all ways to pick ``len(low)`` of the pooled values whose
+    rank sum is at most ``low``'s (ties count half a rank each way, as midranks)."""
+    import itertools
+
+    pooled = sorted(low + high)
+    rank = {v: statistics.mean(i + 1 for i, w in enumerate(pooled) if w == v) for v in pooled}
+    ranks = [rank[v] for v in low + high]
+    observed = sum(rank[v] for v in low)
+    picks = list(itertools.combinations(range(len(ranks)), len(low)))
+    return sum(sum(ranks[i] for i in pick) <= observed + 1e-9 for pick in picks) / len(picks)
+
+
+def clean_spread_lines(cells, spread: dict, attacked: list[str], per_batch) -> list[str]:
+    """How the backdoored models sit against the spread of several clean training runs."""
+    lows = [min(v[b] for v in spread.values()) for b in range(BATCHES)]
+    highs = [max(v[b] for v in spread.values()) for b in range(BATCHES)]
+    means = {e: statistics.mean(v) for e, v in spread.items()}
+    grand = statistics.mean(means.values())
+    out = [
+        f"- Clean models ({len(spread)} training runs on the same data and D_v: "
+        + ", ".join(spread)
+        + "): lambda_max "
+        + "; ".join(
+            f"batch {b}: " + " / ".join(f"{v[b]:.0f}" for v in spread.values())
+            for b in range(BATCHES)
+        )
+        + "; per-model means "
+        + " / ".join(f"{m:.0f}" for m in means.values())
+        + f" (range {min(means.values()):.0f}-{max(means.values()):.0f})."
+    ]
+    above_both, above_mean, counted, bd_means = [], [], 0, []
+    for e in attacked:
+        values = per_batch(e, "before", "clean")
+        if not values:
+            continue
+        counted += 1
+        bd_means.append(statistics.mean(values))
+        if all(v > h for v, h in zip(values, highs, strict=True)):
+            above_both.append(e)
+        if statistics.mean(values) > max(means.values()):
+            above_mean.append(e)
+    if counted:
+        out.append(
+            f"- Against that spread: {len(above_both)} of {counted} backdoored models have a "
+            "higher lambda_max than every clean model on both batches"
+            + (f" ({', '.join(above_both)})" if above_both else "")
+            + f"; {len(above_mean)} of {counted} have a higher mean than the sharpest clean "
+            "model's"
+            + (f" ({', '.join(above_mean)})" if above_mean else "")
+            + f". The clean models span {lows[0]:.0f}-{highs[0]:.0f} on batch 0 and "
+            f"{lows[1]:.0f}-{highs[1]:.0f} on batch 1. The backdoored models' means are "
+            f"{min(bd_means) / grand:.2f}x to {max(bd_means) / grand:.2f}x the clean models' "
+            f"mean ({grand:.0f}; median {statistics.median(bd_means) / grand:.2f}x). "
+            f"Exact one-sided rank-sum test that the clean models' means lie below the "
+            f"backdoored models': p = {rank_test(list(means.values()), bd_means):.3f} (the "
+            "backdoored models are single runs of different attacks, and the smallest p that "
+            f"{len(means)} clean models allow is "
+            f"{1 / math.comb(len(means) + counted, len(means)):.4f})."
+        )
+        for key, label in (("trace_hessian", "Tr(H)"), ("trace_empirical_fisher", "Tr(F)")):
+            clean_values = [cells[(e, "before", "clean")][key] for e in spread]
+            bd = [
+                cells[(e, "before", "clean")][key]
+                for e in attacked
+                if (e, "before", "clean") in cells
+            ]
+            inside = sum(min(clean_values) <= v <= max(clean_values) for v in bd)
+            out.append(
+                f"- {label} on clean images, mean of the two batches: clean models "
+                f"{min(clean_values):.0f}-{max(clean_values):.0f}; backdoored models "
+                f"{min(bd):.0f}-{max(bd):.0f}, {inside} of {len(bd)} inside the clean range, "
+                f"{sum(v > max(clean_values) for v in bd)} above it and "
+                f"{sum(v < min(clean_values) for v in bd)} below it."
+            )
     return out
 
 
@@ -290,6 +420,9 @@ def write_report(rows: list[dict], entries: list[str]) -> None:
             if c is None and t is None:
                 continue
             test = "-"
+            first = next(iter((c or t)["batches"].values()))
+            if first.get("checkpoint") and first.get("test_accuracy") is not None:
+                test = f"{first['test_accuracy']:.3f} / -"
             if state == "after_fip":
                 first = next(iter((c or t)["batches"].values()))
                 m = first.get("test_after_the_fact")
@@ -302,7 +435,20 @@ def write_report(rows: list[dict], entries: list[str]) -> None:
                 f"{fmt(t, 'loss', 3)} | {test} |"
             )
     lines += [""]
-    lines += findings(cells, entries)
+    outside = {r["entry"]: r for r in rows if r.get("checkpoint") and r["entry"] in entries}
+    if outside:
+        lines += [
+            "Not in the zoo (checkpoints under `runs/`, measured with `--checkpoint`; test ACC "
+            "from training): "
+            + "; ".join(
+                f"{e}: `{r['checkpoint']}`, training seed {r.get('train_seed')}, "
+                f"`{r.get('trained_by')}`"
+                for e, r in outside.items()
+            )
+            + ". Their training reports are in `experiments/results/sharpness_zoo/training/`.",
+            "",
+        ]
+    lines += findings(cells, entries, clean_models(rows))
     meta = provenance()
     lines += [
         "",
@@ -328,40 +474,67 @@ def write_report(rows: list[dict], entries: list[str]) -> None:
     print("\n".join(lines))
 
 
+def stored_entries(rows: list[dict]) -> list[str]:
+    """Every entry measured so far: the clean models, the core six, then the rest by name."""
+    stored = {r["entry"] for r in rows}
+    entries = [e for e in clean_models(rows) if e in stored]
+    entries += [e for e in CORE_ATTACKS if e in stored]
+    return entries + sorted(stored - set(entries))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--entries",
         nargs="*",
         default=None,
-        help="zoo entries (default: clean and the core six; with --report-only, every entry "
-        "measured)",
+        help="zoo entries to measure (default: clean and the core six; none: only the "
+        "--checkpoint models); with --report-only, the entries to tabulate (default: all)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also measure this checkpoint outside the zoo under NAME (it must hold the zoo's "
+        "D_v), e.g. a clean model trained with another seed; repeatable",
     )
     parser.add_argument("--after-fip", action="store_true", help="also measure after FIP")
     parser.add_argument("--report-only", action="store_true", help="tables from stored runs")
     args = parser.parse_args()
     known = sorted(p.name for p in ZOO.iterdir() if (p / "metadata.json").exists())
-    entries = args.entries or ["clean", *CORE_ATTACKS]
+    checkpoints = {}
+    for item in args.checkpoint:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"sharpness_zoo: --checkpoint takes NAME=PATH, got {item!r}")
+        if name in known:
+            raise SystemExit(f"sharpness_zoo: --checkpoint name {name!r} is a zoo entry's")
+        if not pathlib.Path(path, "metadata.json").exists():
+            raise SystemExit(f"sharpness_zoo: {path} is not a checkpoint directory")
+        checkpoints[name] = pathlib.Path(path)
+    entries = ["clean", *CORE_ATTACKS] if args.entries is None else list(args.entries)
     rows = load_rows()
-    if args.report_only and not args.entries:  # every entry measured so far
-        stored = {r["entry"] for r in rows}
-        entries = [e for e in ["clean", *CORE_ATTACKS] if e in stored]
-        entries += sorted(stored - set(entries))
-    unknown = sorted(set(entries) - set(known))
+    outside = {r["entry"] for r in rows if r.get("checkpoint")}
+    unknown = sorted(set(entries) - set(known) - (outside if args.report_only else set()))
     if unknown:
         raise SystemExit(f"sharpness_zoo: unknown zoo entries {unknown}; known: {known}")
-    if not args.report_only:
-        from fippure.zoo import load_backdoored
+    if args.report_only:
+        write_report(rows, entries if args.entries else stored_entries(rows))
+        return
+    from fippure.zoo import load_backdoored
 
+    for name, path in checkpoints.items():
+        measure_checkpoint(name, path)
+    for entry in entries:
+        backdoored = load_backdoored(ZOO / entry)
+        measure(entry, "before", backdoored, backdoored.variables)
+    if args.after_fip:
         for entry in entries:
-            backdoored = load_backdoored(ZOO / entry)
-            measure(entry, "before", backdoored, backdoored.variables)
-        if args.after_fip:
-            for entry in entries:
-                if entry != "clean":
-                    after_fip(entry, load_backdoored(ZOO / entry))
-        rows = load_rows()
-    write_report(rows, entries)
+            if entry != "clean":
+                after_fip(entry, load_backdoored(ZOO / entry))
+    rows = load_rows()  # the report covers every stored measurement
+    write_report(rows, stored_entries(rows))
 
 
 if __name__ == "__main__":
