@@ -19,11 +19,12 @@ analyze_curvature`, SPEC section 8), ``lambda_max``, ``Tr(H)`` and the exact ``T
   for ASR, triggered with the entry's stored attack and given the attack's target labels: the
   curvature of the backdoor task. The first 400 of them, in two batches of 200.
 
-``--after-fip`` adds the same measurements of each backdoored model after FIP with the
-benchmark's headline setting (``midway_averaged_transfer``, seed 0, on the whole D_v), with its
-test ACC / ASR after the fact. Every measurement is stored under
-``experiments/results/sharpness_zoo/`` as it finishes (a killed run resumes), and the tables go to
-``experiments/results/sharpness_zoo.{json,md}`` with command, revision, machine and date.
+``--after-fip`` adds the same measurements of each model after FIP with the benchmark's headline
+setting (``midway_averaged_transfer``, seed 0, on the whole D_v), with its test ACC / ASR after
+the fact. The clean model's is a control: how far FIP flattens a model with no backdoor. Every
+measurement is stored under ``experiments/results/sharpness_zoo/`` as it finishes (a killed run
+resumes), and the tables go to ``experiments/results/sharpness_zoo.{json,md}`` with command,
+revision, machine and date.
 
 ``--checkpoint NAME=PATH`` measures a model outside the zoo the same way, under the name NAME.
 It must hold the zoo's D_v (the same clean-set indices). Its use here: clean models trained with
@@ -155,8 +156,9 @@ def after_fip(entry: str, backdoored) -> None:
     from fippure.purify.registry import get_defense, make_config
     from fippure.purify.runner import evaluate
 
+    kinds = KINDS if backdoored.attack is not None else ("clean",)
     if all(
-        run_path(entry, "after_fip", kind, b).exists() for kind in KINDS for b in range(BATCHES)
+        run_path(entry, "after_fip", kind, b).exists() for kind in kinds for b in range(BATCHES)
     ):
         return
     overrides = overrides_for("fip", FIP_SETTING)
@@ -165,7 +167,7 @@ def after_fip(entry: str, backdoored) -> None:
         backdoored.model, backdoored.variables, backdoored.clean, config, jax.random.key(0)
     )
     metrics = evaluate(backdoored, purified)
-    print(f"{entry} after FIP: test ACC {metrics['acc']:.4f} / ASR {metrics['asr']:.4f}")
+    print(f"{entry} after FIP: test ACC {metrics['acc']:.4f} / ASR {metrics['asr']}")
     extra = {
         "defense": "fip",
         "setting": FIP_SETTING,
@@ -288,6 +290,18 @@ def findings(cells: dict, entries: list[str], clean: list[str] | None = None) ->
     if moved:
         out.append(
             "- FIP on clean images, mean lambda_max before -> after: " + "; ".join(moved) + "."
+        )
+    control = cells.get(("clean", "before", "clean")), cells.get(("clean", "after_fip", "clean"))
+    if all(control):
+        before, after = control
+        out.append(
+            "- Control: the same FIP run on the zoo's clean model (no backdoor) takes lambda_max "
+            f"{before['lambda_max']:.0f} -> {after['lambda_max']:.0f} "
+            f"({after['lambda_max'] / before['lambda_max'] - 1:+.0%}), Tr(H) "
+            f"{before['trace_hessian']:.0f} -> {after['trace_hessian']:.0f} "
+            f"({after['trace_hessian'] / before['trace_hessian'] - 1:+.0%}) and Tr(F) "
+            f"{before['trace_empirical_fisher']:.0f} -> {after['trace_empirical_fisher']:.0f} "
+            f"({after['trace_empirical_fisher'] / before['trace_empirical_fisher'] - 1:+.0%})."
         )
     if any(state == "after_fip" and kind == "triggered" for _, state, kind in cells):
         out.append(
@@ -426,7 +440,9 @@ def write_report(rows: list[dict], entries: list[str]) -> None:
             if state == "after_fip":
                 first = next(iter((c or t)["batches"].values()))
                 m = first.get("test_after_the_fact")
-                test = f"{m['acc']:.3f} / {m['asr']:.3f}" if m else "-"
+                if m:
+                    asr = "-" if m["asr"] is None else f"{m['asr']:.3f}"
+                    test = f"{m['acc']:.3f} / {asr}"
             label = "before" if state == "before" else "after FIP"
             lines.append(
                 f"| {entry} | {label} | {lam(c)} | {fmt(c, 'trace_hessian')} | "
@@ -531,8 +547,7 @@ def main() -> None:
         measure(entry, "before", backdoored, backdoored.variables)
     if args.after_fip:
         for entry in entries:
-            if entry != "clean":
-                after_fip(entry, load_backdoored(ZOO / entry))
+            after_fip(entry, load_backdoored(ZOO / entry))  # the clean model: a control
     rows = load_rows()  # the report covers every stored measurement
     write_report(rows, stored_entries(rows))
 
