@@ -438,7 +438,6 @@ def write_report(rows: list[dict], entries: list[str]) -> None:
             if first.get("checkpoint") and first.get("test_accuracy") is not None:
                 test = f"{first['test_accuracy']:.3f} / -"
             if state == "after_fip":
-                first = next(iter((c or t)["batches"].values()))
                 m = first.get("test_after_the_fact")
                 if m:
                     asr = "-" if m["asr"] is None else f"{m['asr']:.3f}"
@@ -454,8 +453,8 @@ def write_report(rows: list[dict], entries: list[str]) -> None:
     outside = {r["entry"]: r for r in rows if r.get("checkpoint") and r["entry"] in entries}
     if outside:
         lines += [
-            "Not in the zoo (checkpoints under `runs/`, measured with `--checkpoint`; test ACC "
-            "from training): "
+            "Not in the zoo (measured with `--checkpoint`; their test ACC is the training "
+            "report's): "
             + "; ".join(
                 f"{e}: `{r['checkpoint']}`, training seed {r.get('train_seed')}, "
                 f"`{r.get('trained_by')}`"
