@@ -377,7 +377,11 @@ def clean_spread_lines(cells, spread: dict, attacked: list[str], per_batch) -> l
             f"{len(means)} clean models allow is "
             f"{1 / math.comb(len(means) + counted, len(means)):.4f})."
         )
-        for key, label in (("trace_hessian", "Tr(H)"), ("trace_empirical_fisher", "Tr(F)")):
+        for key, label, digits in (
+            ("trace_hessian", "Tr(H)", 0),
+            ("trace_empirical_fisher", "Tr(F)", 0),
+            ("loss", "The loss", 3),
+        ):
             clean_values = [cells[(e, "before", "clean")][key] for e in spread]
             bd = [
                 cells[(e, "before", "clean")][key]
@@ -387,8 +391,10 @@ def clean_spread_lines(cells, spread: dict, attacked: list[str], per_batch) -> l
             inside = sum(min(clean_values) <= v <= max(clean_values) for v in bd)
             out.append(
                 f"- {label} on clean images, mean of the two batches: clean models "
-                f"{min(clean_values):.0f}-{max(clean_values):.0f}; backdoored models "
-                f"{min(bd):.0f}-{max(bd):.0f}, {inside} of {len(bd)} inside the clean range, "
+                f"{min(clean_values):.{digits}f}-{max(clean_values):.{digits}f}; backdoored "
+                f"models {min(bd):.{digits}f}-{max(bd):.{digits}f} (median "
+                f"{statistics.median(bd):.{digits}f}), {inside} of {len(bd)} inside the clean "
+                "range, "
                 f"{sum(v > max(clean_values) for v in bd)} above it and "
                 f"{sum(v < min(clean_values) for v in bd)} below it."
             )
