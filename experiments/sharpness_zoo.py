@@ -229,28 +229,38 @@ def summarise(rows: list[dict]) -> dict:
 
 def clean_models(rows: list[dict]) -> list[str]:
     """The entries that are clean (benign) models: the zoo's ``clean`` and any checkpoint
-    measured with ``--checkpoint`` that carries no attack, in the order first stored."""
+    measured with ``--checkpoint`` that carries no attack; the zoo's first, the rest by name."""
     names = [r["entry"] for r in rows if r["entry"] == "clean" or r.get("clean_model")]
     return sorted(dict.fromkeys(names), key=lambda e: (e != "clean", e))
+
+
+def rank_sum_p(low: list[float], high: list[float]) -> float:
+    """Exact one-sided p-value of the rank-sum (Mann-Whitney U) test that ``low`` lies below
+    ``high`` (continuous values, so no ties)."""
+    from scipy.stats import mannwhitneyu
+
+    return float(mannwhitneyu(low, high, alternative="less", method="exact").pvalue)
+
+
+def lambda_max_per_batch(cells: dict, entry: str, state: str, kind: str) -> list[float] | None:
+    """``entry``'s lambda_max on each batch, or None unless every batch was measured."""
+    cell = cells.get((entry, state, kind))
+    if cell is None or len(cell["batches"]) < BATCHES:
+        return None
+    return [cell["batches"][b]["lambda_max"] for b in range(BATCHES)]
 
 
 def findings(cells: dict, entries: list[str], clean: list[str] | None = None) -> list[str]:
     """The comparisons the table supports, as bullet lines."""
 
-    def per_batch(entry, state, kind):
-        cell = cells.get((entry, state, kind))
-        if cell is None or len(cell["batches"]) < BATCHES:
-            return None
-        return [cell["batches"][b]["lambda_max"] for b in range(BATCHES)]
-
     out = []
     clean = clean or ["clean"]
-    reference = per_batch("clean", "before", "clean")
+    reference = lambda_max_per_batch(cells, "clean", "before", "clean")
     attacked = [e for e in entries if e not in clean]
     if reference:
         ratios = {}
         for e in attacked:
-            values = per_batch(e, "before", "clean")
+            values = lambda_max_per_batch(cells, e, "before", "clean")
             if values:
                 ratios[e] = [v / r for v, r in zip(values, reference, strict=True)]
         if ratios:
@@ -263,10 +273,10 @@ def findings(cells: dict, entries: list[str], clean: list[str] | None = None) ->
                 + "; ".join(f"{e} " + " / ".join(f"{x:.2f}x" for x in r) for e, r in ratios.items())
                 + ")."
             )
-    spread = {e: per_batch(e, "before", "clean") for e in clean}
+    spread = {e: lambda_max_per_batch(cells, e, "before", "clean") for e in clean}
     spread = {e: v for e, v in spread.items() if v}
     if len(spread) > 1:
-        out += clean_spread_lines(cells, spread, attacked, per_batch)
+        out += clean_spread_lines(cells, spread, attacked)
     triggered = {
         e: cells[(e, "before", "triggered")]["lambda_max"]
         for e in attacked
@@ -316,21 +326,7 @@ def findings(cells: dict, entries: list[str], clean: list[str] | None = None) ->
     return out
 
 
-def rank_test(low: list[float], high: list[float]) -> float:
-    """Exact one-sided permutation p-value of the rank-sum (Mann-Whitney) test that ``low``
-    lies below ``high``: the share of all ways to pick ``len(low)`` of the pooled values whose
-    rank sum is at most ``low``'s (ties count half a rank each way, as midranks)."""
-    import itertools
-
-    pooled = sorted(low + high)
-    rank = {v: statistics.mean(i + 1 for i, w in enumerate(pooled) if w == v) for v in pooled}
-    ranks = [rank[v] for v in low + high]
-    observed = sum(rank[v] for v in low)
-    picks = list(itertools.combinations(range(len(ranks)), len(low)))
-    return sum(sum(ranks[i] for i in pick) <= observed + 1e-9 for pick in picks) / len(picks)
-
-
-def clean_spread_lines(cells, spread: dict, attacked: list[str], per_batch) -> list[str]:
+def clean_spread_lines(cells: dict, spread: dict, attacked: list[str]) -> list[str]:
     """How the backdoored models sit against the spread of several clean training runs."""
     lows = [min(v[b] for v in spread.values()) for b in range(BATCHES)]
     highs = [max(v[b] for v in spread.values()) for b in range(BATCHES)]
@@ -350,7 +346,7 @@ def clean_spread_lines(cells, spread: dict, attacked: list[str], per_batch) -> l
     ]
     above_both, above_mean, counted, bd_means = [], [], 0, []
     for e in attacked:
-        values = per_batch(e, "before", "clean")
+        values = lambda_max_per_batch(cells, e, "before", "clean")
         if not values:
             continue
         counted += 1
@@ -372,7 +368,7 @@ def clean_spread_lines(cells, spread: dict, attacked: list[str], per_batch) -> l
             f"{min(bd_means) / grand:.2f}x to {max(bd_means) / grand:.2f}x the clean models' "
             f"mean ({grand:.0f}; median {statistics.median(bd_means) / grand:.2f}x). "
             f"Exact one-sided rank-sum test that the clean models' means lie below the "
-            f"backdoored models': p = {rank_test(list(means.values()), bd_means):.3f} (the "
+            f"backdoored models': p = {rank_sum_p(list(means.values()), bd_means):.3f} (the "
             "backdoored models are single runs of different attacks, and the smallest p that "
             f"{len(means)} clean models allow is "
             f"{1 / math.comb(len(means) + counted, len(means)):.4f})."
@@ -547,12 +543,11 @@ def main() -> None:
 
     for name, path in checkpoints.items():
         measure_checkpoint(name, path)
-    for entry in entries:
+    for entry in entries:  # each entry (and its data) is loaded once
         backdoored = load_backdoored(ZOO / entry)
         measure(entry, "before", backdoored, backdoored.variables)
-    if args.after_fip:
-        for entry in entries:
-            after_fip(entry, load_backdoored(ZOO / entry))  # the clean model: a control
+        if args.after_fip:
+            after_fip(entry, backdoored)  # on the clean model: a control
     rows = load_rows()  # the report covers every stored measurement
     write_report(rows, stored_entries(rows))
 
