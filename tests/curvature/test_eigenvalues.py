@@ -86,7 +86,7 @@ def test_gradient_of_the_lanczos_top_eigenvalue_is_the_dense_one(problem, loop):
         top = eigenvalues.top_eigenvalues(op, params, jax.random.key(0), 1, flat.size, loop=loop)
         return top[0]
 
-    expected = ravel_pytree(jax.grad(dense_top)(problem.params))[0]
+    expected = ravel_pytree(jax.jit(jax.grad(dense_top))(problem.params))[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "donated buffers were not usable"
         gradient = ravel_pytree(jax.grad(lanczos_top)(problem.params, loop))[0]

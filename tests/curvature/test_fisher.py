@@ -62,7 +62,9 @@ def _dense_ggn_trace(problem, params):
 def test_true_fisher_trace_gradient_is_unbiased_for_the_true_fisher_trace_gradient(problem):
     # The labels are sampled from the model, so grad E_y[u_y^2] needs the score-function term;
     # without it (labels held fixed) the mean gradient was 81% off on a tiny model.
-    exact = ravel_pytree(jax.grad(lambda p: _dense_ggn_trace(problem, p))(problem.params))[0]
+    exact = ravel_pytree(jax.jit(jax.grad(lambda p: _dense_ggn_trace(problem, p)))(problem.params))[
+        0
+    ]
 
     def mean_gradient(key):
         return ravel_pytree(
@@ -125,7 +127,7 @@ def test_per_example_fisher_trace_gradient_is_the_dense_traces_gradient(problem,
     fn = lambda p: fisher.per_example_fisher_trace(  # noqa: E731
         problem.per_example_loss_fn, p, problem.batch
     )
-    exact = jax.grad(lambda p: _dense_empirical_trace(problem, p))(problem.params)
+    exact = jax.jit(jax.grad(lambda p: _dense_empirical_trace(problem, p)))(problem.params)
     np.testing.assert_allclose(
         dense.flatten(jax.jit(jax.grad(fn))(problem.params)), dense.flatten(exact), rtol=1e-9
     )

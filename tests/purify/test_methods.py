@@ -63,24 +63,27 @@ def test_fip_steps_are_sgd_on_cross_entropy_plus_the_fisher_anchor(tiny, schedul
     out, report = fip.purify(model, variables, clean, config, jax.random.key(0), progress=False)
 
     per_example = _per_example_loss(model, variables)
-    theta0 = variables["params"]
-    grads = jax.vmap(
-        lambda x, y: jax.grad(lambda p: per_example(p, (x[None], y[None]))[0])(theta0)
-    )(inputs, labels)
-    fisher = jax.tree_util.tree_map(lambda g: jnp.mean(g**2, axis=0), grads)
 
-    def ce_grad(p):
-        return jax.grad(lambda q: jnp.mean(per_example(q, (inputs, labels))))(p)
+    @jax.jit  # one program: op by op, the reference compiled 270 small ones
+    def two_steps(theta0):
+        grads = jax.vmap(
+            lambda x, y: jax.grad(lambda p: per_example(p, (x[None], y[None]))[0])(theta0)
+        )(inputs, labels)
+        fisher = jax.tree_util.tree_map(lambda g: jnp.mean(g**2, axis=0), grads)
 
-    theta1 = jax.tree_util.tree_map(lambda p, g: p - lr * g, theta0, ce_grad(theta0))
-    theta2 = jax.tree_util.tree_map(
-        lambda p, g, f, p0: p - lr2 * (g + eta_r * f * (p - p0)),
-        theta1,
-        ce_grad(theta1),
-        fisher,
-        theta0,
-    )
-    got, want = ravel_pytree(out["params"])[0], ravel_pytree(theta2)[0]
+        def ce_grad(p):
+            return jax.grad(lambda q: jnp.mean(per_example(q, (inputs, labels))))(p)
+
+        theta1 = jax.tree_util.tree_map(lambda p, g: p - lr * g, theta0, ce_grad(theta0))
+        return jax.tree_util.tree_map(
+            lambda p, g, f, p0: p - lr2 * (g + eta_r * f * (p - p0)),
+            theta1,
+            ce_grad(theta1),
+            fisher,
+            theta0,
+        )
+
+    got, want = ravel_pytree(out["params"])[0], ravel_pytree(two_steps(variables["params"]))[0]
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6)
     assert report.tunable_parameters == want.size
 
@@ -261,29 +264,35 @@ def test_trace_variants_have_the_expectations_the_spec_gives(float64):
         xb, yb = batch
         return optax.softmax_cross_entropy_with_integer_labels(_mlp(p, xb), yb)
 
-    grads = jax.vmap(
-        lambda xi, yi: ravel_pytree(
-            jax.grad(lambda p: per_example(p, (xi[None], yi[None]))[0])(params)
-        )[0]
-    )(x, y)
-    exact_empirical = float(jnp.mean(jnp.sum(grads**2, axis=1)))
-    # True Fisher trace: E_{y ~ p} ||grad log p(y|x)||^2, exactly over the K classes.
-    probs = jax.nn.softmax(_mlp(params, x))
-    per_class = jax.vmap(
-        lambda c: jax.vmap(
-            lambda xi: ravel_pytree(
-                jax.grad(lambda p: per_example(p, (xi[None], c[None]))[0])(params)
+    # each computation is jitted whole: op by op, the test compiled 230 small programs
+    @jax.jit
+    def exact_traces():
+        grads = jax.vmap(
+            lambda xi, yi: ravel_pytree(
+                jax.grad(lambda p: per_example(p, (xi[None], yi[None]))[0])(params)
             )[0]
-        )(x)
-    )(jnp.arange(3))
-    exact_true = float(jnp.mean(jnp.sum(probs.T[..., None] * per_class**2, axis=(0, 2))))
+        )(x, y)
+        empirical = jnp.mean(jnp.sum(grads**2, axis=1))
+        # True Fisher trace: E_{y ~ p} ||grad log p(y|x)||^2, exactly over the K classes.
+        probs = jax.nn.softmax(_mlp(params, x))
+        per_class = jax.vmap(
+            lambda c: jax.vmap(
+                lambda xi: ravel_pytree(
+                    jax.grad(lambda p: per_example(p, (xi[None], c[None]))[0])(params)
+                )[0]
+            )(x)
+        )(jnp.arange(3))
+        true = jnp.mean(jnp.sum(probs.T[..., None] * per_class**2, axis=(0, 2)))
+        return empirical, true
+
+    exact_empirical, exact_true = map(float, exact_traces())
 
     keys = jax.random.split(jax.random.key(0), 4000)
 
     def mean_of(variant, batch):
-        values = jax.vmap(lambda k: trace_term(variant, per_example, _mlp, params, batch, k, 1))(
-            keys
-        )
+        values = jax.jit(
+            jax.vmap(lambda k: trace_term(variant, per_example, _mlp, params, batch, k, 1))
+        )(keys)
         return float(jnp.mean(values)), float(jnp.std(values) / math.sqrt(len(keys)))
 
     mean, stderr = mean_of("empirical", (x, y))
@@ -346,11 +355,9 @@ def test_fast_fip_with_zero_shifts_reproduces_the_original_logits(tiny):
     factors = decompose(variables["params"])
     rebuilt = rebuild_params(variables["params"], factors, init_shifts(factors))
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    apply = jax.jit(model.apply)  # one program, not one per operation
     np.testing.assert_allclose(
-        model.apply({**variables, "params": rebuilt}, x),
-        model.apply(variables, x),
-        rtol=1e-4,
-        atol=1e-4,
+        apply({**variables, "params": rebuilt}, x), apply(variables, x), rtol=1e-4, atol=1e-4
     )
     kernels = [k for k in jax.tree_util.tree_leaves(variables["params"]) if k.ndim >= 2]
     assert num_shifts(factors) == sum(min(math.prod(k.shape[:-1]), k.shape[-1]) for k in kernels)
@@ -498,10 +505,14 @@ def test_ngf_step_on_the_head_is_the_damped_newton_step(tiny):
         logits = features @ head["kernel"] + head["bias"]
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
-    hessian = jax.hessian(loss)(flat)  # = the Fisher of a linear softmax layer
-    newton = jnp.linalg.solve(hessian + damping * jnp.eye(flat.size), jax.grad(loss)(flat))
+    @jax.jit  # one program rather than one per operation
+    def newton_step(vector):
+        hessian = jax.hessian(loss)(vector)  # = the Fisher of a linear softmax layer
+        damped = hessian + damping * jnp.eye(vector.size)
+        return vector - alpha * jnp.linalg.solve(damped, jax.grad(loss)(vector))
+
     np.testing.assert_allclose(
-        ravel_pytree(out["params"]["head"])[0], flat - alpha * newton, rtol=1e-3, atol=1e-5
+        ravel_pytree(out["params"]["head"])[0], newton_step(flat), rtol=1e-3, atol=1e-5
     )
     assert report.tunable_parameters == flat.size and report.extra["solver"] == "dense"
 
