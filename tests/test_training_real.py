@@ -51,19 +51,20 @@ def test_cifar10_cache_is_reused(cifar10, cifar10_data_dir, monkeypatch):
 
 
 def test_short_training_learns(cifar10, optimized_compilation):
-    """PreAct-ResNet-18 (width 4), 5,000 balanced images, 234 steps: well above chance.
+    """PreAct-ResNet-18 (width 4), 5,000 balanced images, 156 steps: well above chance.
 
-    Measured: test accuracy 0.450 on 2,000 images, loss 2.22 -> 1.50 (312 steps gave 0.460).
+    Measured: test accuracy 0.415 on 2,000 images, loss 2.18 -> 1.62 (117 steps gave 0.382 and
+    2.17 -> 1.72; 234 steps 0.453 and 2.21 -> 1.53).
     """
     train_set, test_set = cifar10
     subset = train_set.subset(split_clean_set(train_set.labels, 5000, 10, seed=0).clean)
     model = create_model("preact_resnet18", 10, width=4)
     variables = init_variables(model, jax.random.key(0), (32, 32, 3))
     config = TrainConfig(
-        epochs=6, batch_size=128, learning_rate=0.2, schedule="onecycle", eval_every=100
+        epochs=4, batch_size=128, learning_rate=0.2, schedule="onecycle", eval_every=100
     )
     final, report = train(model, subset, config, variables=variables, progress=False)
-    assert report.steps == 6 * (5000 // 128) == 234
+    assert report.steps == 4 * (5000 // 128) == 156
     losses = [entry["loss"] for entry in report.history]
     assert losses[-1] < 0.8 * losses[0]
     test_accuracy = accuracy(
