@@ -61,14 +61,8 @@ def test_head_fisher_is_the_hessian_in_kernel_bias_row_order():
     # SPEC's (diag(p) - pp^T) kron (h h^T) is the same matrix in class-major order.
     probs = jax.nn.softmax(logits_fn(params, features))
     h = jnp.concatenate([features, jnp.ones((features.shape[0], 1))], axis=1)
-    spec_order = jax.jit(
-        lambda probs, h: jnp.mean(
-            jax.vmap(lambda p, x: jnp.kron(jnp.diag(p) - jnp.outer(p, p), jnp.outer(x, x)))(
-                probs, h
-            ),
-            axis=0,
-        )
-    )(probs, h)
+    per_example = jax.vmap(lambda p, x: jnp.kron(jnp.diag(p) - jnp.outer(p, p), jnp.outer(x, x)))
+    spec_order = jnp.mean(jax.jit(per_example)(probs, h), axis=0)
     perm = np.arange((d + 1) * k).reshape(d + 1, k).T.reshape(-1)  # class-major -> ours
     np.testing.assert_allclose(
         fisher, spec_order[np.ix_(np.argsort(perm), np.argsort(perm))], rtol=1e-10, atol=1e-13
