@@ -26,7 +26,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from fippure.curvature.eigenvalues import Loop, lanczos
 from fippure.curvature.products import Operator
-from fippure.errors import InvalidInputError, require
+from fippure.errors import InvalidInputError, is_concrete, require
 
 PyTree = Any
 
@@ -91,7 +91,13 @@ def gaussian_density(
     grid: Float[Array, " g"],
     sigma: float | Float[Array, ""],
 ) -> Float[Array, " g"]:
-    """``mean_probes sum_j w_j N(grid; theta_j, sigma^2)``."""
+    """``mean_probes sum_j w_j N(grid; theta_j, sigma^2)``.
+
+    Raises:
+        InvalidInputError: a concrete ``sigma`` that is not positive.
+    """
+    if is_concrete(sigma) and not float(sigma) > 0:  # also refuses NaN
+        raise InvalidInputError(f"sigma must be positive, got {sigma}")
     z = (grid[:, None, None] - nodes[None]) / sigma
     kernel = jnp.exp(-0.5 * z**2) / (sigma * jnp.sqrt(2 * jnp.pi))
     return jnp.mean(jnp.sum(weights[None] * kernel, axis=-1), axis=-1)
@@ -119,7 +125,9 @@ def spectral_density(
         num_iters: Lanczos steps per probe.
         num_probes: independent probes.
         num_points: grid size.
-        sigma: Gaussian width; default ``relative_sigma`` times the spread of the nodes.
+        sigma: Gaussian width; default ``relative_sigma`` times the spread of the nodes or
+            their largest magnitude, whichever is larger (``relative_sigma`` itself when every
+            node is 0, as for the Hessian of a loss that does not depend on the parameters).
         relative_sigma: see ``sigma``.
         margin: the grid spans the nodes plus ``margin * sigma`` on each side, so that the
             density integrates to 1 on it.
@@ -137,7 +145,9 @@ def spectral_density(
     nodes, weights = slq_quadrature(matvec, like, key, num_iters, num_probes, loop=loop)
     low, high = float(jnp.min(nodes)), float(jnp.max(nodes))
     if sigma is None:
-        sigma = relative_sigma * max(high - low, abs(high), np.finfo(np.float32).tiny)
+        sigma = relative_sigma * max(high - low, abs(high), abs(low))
+        if not sigma >= np.finfo(nodes.dtype).tiny:  # all nodes 0 (or denormal): unit scale
+            sigma = relative_sigma
     grid = jnp.linspace(low - margin * sigma, high + margin * sigma, num_points, dtype=nodes.dtype)
     sigma = jnp.asarray(sigma, nodes.dtype)
     return SpectralDensity(

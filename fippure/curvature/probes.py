@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from fippure.errors import InvalidInputError, require
+from fippure.tree_checks import check_fits
 
 PyTree = Any
 
@@ -47,7 +48,13 @@ def rademacher_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
 
 
 def tree_dot(a: PyTree, b: PyTree) -> Float[Array, ""]:
-    """``<a, b>``: the sum over all leaves of the elementwise products."""
+    """``<a, b>``: the sum over all leaves of the elementwise products.
+
+    Raises:
+        InvalidInputError: ``a`` and ``b`` differ in structure or in a leaf's shape (a
+            broadcast product would silently give another number).
+    """
+    check_fits(b, a, "b", "tree_dot", exact=True, reference="a")
     products = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x, y: jnp.sum(x * y), a, b))
     return functools.reduce(jnp.add, products) if products else jnp.zeros(())
 

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Int
 
-from fippure.errors import InvalidInputError
+from fippure.errors import InvalidInputError, is_concrete
+from fippure.tree_checks import check_fits
 
 PyTree = Any
 
@@ -65,16 +66,32 @@ def fisher_anchor(
 
     Returns:
         An ``optax.GradientTransformation`` with a :class:`FisherAnchorState`.
+
+    Raises:
+        InvalidInputError: a negative ``strength`` or Fisher entry, or (at ``init``/``update``)
+            a ``fisher_diag`` or ``anchor_params`` whose structure or leaf shapes do not fit
+            the parameters.
     """
+    if not callable(strength) and is_concrete(strength) and not strength >= 0:
+        raise InvalidInputError(f"fisher_anchor: strength must be >= 0, got {strength}")
+    if is_concrete(fisher_diag) and any(
+        bool(jnp.any(jnp.asarray(leaf) < 0)) for leaf in jax.tree_util.tree_leaves(fisher_diag)
+    ):
+        raise InvalidInputError("fisher_anchor: fisher_diag has negative entries (a Fisher is PSD)")
     schedule = strength if callable(strength) else (lambda _: strength)
 
+    def check(params, fisher, anchor):
+        check_fits(fisher, params, "fisher_diag", "fisher_anchor")
+        check_fits(anchor, params, "anchor_params", "fisher_anchor")
+
     def init_fn(params):
-        del params
+        check(params, fisher_diag, anchor_params)
         return FisherAnchorState(jnp.zeros((), jnp.int32), fisher_diag, anchor_params)
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise InvalidInputError("fisher_anchor needs params: call update(g, state, params)")
+        check(params, state.fisher_diag, state.anchor_params)
         scale = schedule(state.count)
 
         def add(update, param, fisher, anchor):

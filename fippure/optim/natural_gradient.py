@@ -32,7 +32,7 @@ called as ``tx.update(grads, state, params, fvp_fn=op)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -42,6 +42,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from fippure.errors import InvalidInputError, is_concrete
+from fippure.tree_checks import check_fits
 
 PyTree = Any
 Mode = Literal["cg", "dense"]
@@ -105,17 +106,21 @@ def _vector_to_head(vector: Array, like: PyTree) -> PyTree:
     out = {"kernel": rows[:d].astype(like["kernel"].dtype)}
     if "bias" in like:
         out["bias"] = rows[d].astype(like["bias"].dtype)
-    return out
+    return out if type(like) is dict else type(like)(out)  # e.g. a Flax FrozenDict head
 
 
-def _check_head(tree: PyTree) -> None:
-    if not isinstance(tree, dict) or "kernel" not in tree or set(tree) - {"kernel", "bias"}:
+def _check_head(tree: PyTree, name: str = "updates") -> None:
+    if not isinstance(tree, Mapping) or "kernel" not in tree or set(tree) - {"kernel", "bias"}:
+        keys = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
         raise InvalidInputError(
-            "natural_gradient(mode='dense') preconditions one dense head: updates must be "
-            "{'kernel': (d, K), 'bias': (K,)}; use mode='cg' for other parameter sets"
+            "natural_gradient(mode='dense') preconditions one dense head: "
+            f"{name} must be {{'kernel': (d, K), 'bias': (K,)}}, got {keys}; use mode='cg' for "
+            "other parameter sets"
         )
     if jnp.ndim(tree["kernel"]) != 2:
-        raise InvalidInputError(f"dense head kernel must be (d, K), got {tree['kernel'].shape}")
+        raise InvalidInputError(
+            f"dense head kernel must be (d, K), got {jnp.shape(tree['kernel'])} in {name}"
+        )
 
 
 def _check_head_inputs(updates: PyTree, features: Array, logits: Array) -> None:
@@ -178,6 +183,16 @@ def natural_gradient(
         raise InvalidInputError(f"cg_maxiter must be >= 1, got {cg_maxiter}")
     if is_concrete(cg_tol) and not 0 < cg_tol < 1:
         raise InvalidInputError(f"cg_tol must lie in (0, 1), got {cg_tol}")
+    if diagonal is not None:
+        if mode == "dense":
+            _check_head(diagonal, "diagonal")
+        if is_concrete(diagonal) and any(
+            bool(jnp.any(jnp.asarray(leaf) < 0)) for leaf in jax.tree_util.tree_leaves(diagonal)
+        ):
+            raise InvalidInputError(
+                "natural_gradient: diagonal must be non-negative (a negative one can make "
+                "F + diag + damping I indefinite, and the step ascend)"
+            )
 
     def init_fn(params):
         if mode == "cg":
@@ -197,6 +212,8 @@ def natural_gradient(
             raise InvalidInputError(
                 "natural_gradient cannot run inside optax.masked; chain it on the trained subset"
             )
+        if diagonal is not None:
+            check_fits(diagonal, updates, "diagonal", "natural_gradient")
 
         def damped(v):
             fv = fvp_fn(v)
@@ -215,6 +232,8 @@ def natural_gradient(
                 "natural_gradient(mode='dense') needs the extras features= and logits="
             )
         _check_head_inputs(updates, features, logits)
+        if diagonal is not None:
+            check_fits(diagonal, updates, "diagonal", "natural_gradient")
         use_bias = "bias" in updates
         dtype = state.factor.dtype
 
@@ -222,7 +241,10 @@ def natural_gradient(
             fisher = head_fisher(features.astype(dtype), logits.astype(dtype), use_bias)
             shift = damping * jnp.ones(fisher.shape[0], dtype)
             if diagonal is not None:
-                shift = shift + _head_to_vector(diagonal).astype(dtype)
+                full = jax.tree_util.tree_map(
+                    lambda d, u: jnp.broadcast_to(d, jnp.shape(u)), diagonal, updates
+                )
+                shift = shift + _head_to_vector(full).astype(dtype)
             return jnp.linalg.cholesky(fisher + jnp.diag(shift))
 
         factor = jax.lax.cond(state.count % refresh_every == 0, refresh, lambda: state.factor)

@@ -18,6 +18,7 @@ import optax
 
 from fippure.errors import InvalidInputError, is_concrete
 from fippure.optim.anchor import is_masked
+from fippure.tree_checks import check_fits
 
 PyTree = Any
 Bound = float | PyTree
@@ -36,12 +37,18 @@ class ProjectBoxState(NamedTuple):
     upper: PyTree
 
 
-def _per_leaf(bound: Bound, params: PyTree) -> PyTree:
-    """A bound given as one scalar or as a pytree matching ``params``, as arrays per leaf."""
+def _per_leaf(bound: Bound, params: PyTree, name: str, where: str) -> PyTree:
+    """A bound given as one scalar or as a pytree matching ``params``, as arrays per leaf.
+
+    Raises:
+        InvalidInputError: a pytree bound whose structure or leaf shapes do not fit ``params``
+            (a leaf may broadcast against its parameter, but not change its shape).
+    """
     if isinstance(bound, int | float) or getattr(bound, "ndim", None) == 0:
         return jax.tree_util.tree_map(
             lambda p: p if is_masked(p) else jnp.asarray(bound, p.dtype), params, is_leaf=is_masked
         )
+    check_fits(bound, params, name, where)
     return jax.tree_util.tree_map(
         lambda p, b: p if is_masked(p) else jnp.asarray(b, p.dtype),
         params,
@@ -64,7 +71,10 @@ def project_box(lower: Bound, upper: Bound) -> optax.GradientTransformation:
     """
 
     def init_fn(params):
-        state = ProjectBoxState(_per_leaf(lower, params), _per_leaf(upper, params))
+        state = ProjectBoxState(
+            _per_leaf(lower, params, "lower", "project_box"),
+            _per_leaf(upper, params, "upper", "project_box"),
+        )
         crossed = jax.tree_util.tree_map(lambda low, high: jnp.any(low > high), *state)
         if is_concrete(crossed) and any(bool(c) for c in jax.tree_util.tree_leaves(crossed)):
             raise InvalidInputError(f"project_box needs lower <= upper, got {lower} and {upper}")
@@ -89,5 +99,6 @@ def project_box(lower: Bound, upper: Bound) -> optax.GradientTransformation:
 
 def clip_to_box(params: PyTree, lower: Bound, upper: Bound) -> PyTree:
     """``clip(params, lower, upper)`` leaf by leaf, with bounds as in :func:`project_box`."""
-    low, high = _per_leaf(lower, params), _per_leaf(upper, params)
+    low = _per_leaf(lower, params, "lower", "clip_to_box")
+    high = _per_leaf(upper, params, "upper", "clip_to_box")
     return jax.tree_util.tree_map(jnp.clip, params, low, high)

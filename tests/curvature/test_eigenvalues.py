@@ -318,3 +318,14 @@ def test_spectral_density_refuses_a_non_positive_width(problem):
             density.spectral_density(
                 operator(problem, "ggn"), problem.params, jax.random.key(0), sigma=sigma
             )
+
+
+def test_density_of_a_zero_operator_is_finite_and_a_zero_width_is_refused(x64):
+    like = {"w": jnp.zeros(6)}
+    zero = lambda v: jax.tree_util.tree_map(jnp.zeros_like, v)
+    result = density.spectral_density(zero, like, jax.random.key(0), num_iters=4, num_probes=1)
+    assert np.all(np.isfinite(result.density)) and float(result.sigma) > 0
+    spacing = float(result.grid[1] - result.grid[0])
+    np.testing.assert_allclose(np.sum(result.density) * spacing, 1.0, rtol=1e-3)
+    with pytest.raises(InvalidInputError, match="sigma must be positive"):
+        density.gaussian_density(jnp.zeros((1, 2)), jnp.full((1, 2), 0.5), jnp.zeros(3), 0.0)

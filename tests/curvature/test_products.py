@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from fippure.curvature import products
+from fippure.curvature.probes import tree_dot
+from fippure.errors import InvalidInputError
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -131,3 +133,25 @@ def test_softmax_hessian_vp_matches_dense(x64):
         [(np.diag(q) - np.outer(q, q)) @ x for q, x in zip(p, np.asarray(u), strict=True)]
     )
     assert_close(products.softmax_hessian_vp(logits, u), expected)
+
+
+@pytest.mark.parametrize("name", ["hvp", "ggn_vp", "empirical_fisher_vp"])
+def test_a_vector_not_shaped_like_params_is_refused_by_name(problem, name):
+    fn = {
+        "hvp": problem.loss_fn,
+        "ggn_vp": problem.logits_fn,
+        "empirical_fisher_vp": problem.per_example_loss_fn,
+    }[name]
+    part = {k: v for k, v in list(problem.params.items())[:1]}
+    with pytest.raises(InvalidInputError, match=f"{name}: vector must have the pytree structure"):
+        getattr(products, name)(fn, problem.params, problem.batch, part)
+    column = jax.tree_util.tree_map(lambda p: p[..., None], problem.params)
+    with pytest.raises(InvalidInputError, match=f"{name}: vector.* has shape"):
+        getattr(products, name)(fn, problem.params, problem.batch, column)
+
+
+def test_tree_dot_refuses_leaves_that_would_broadcast():
+    a = {"w": np.ones(3)}
+    with pytest.raises(InvalidInputError, match=r"tree_dot: b\['w'\] has shape \(3, 1\)"):
+        tree_dot(a, {"w": np.ones((3, 1))})
+    assert float(tree_dot(a, {"w": np.arange(3.0)})) == 3.0

@@ -68,3 +68,26 @@ def test_needs_params():
     tx = fisher_anchor(fisher, anchor, 1.0)
     with pytest.raises(InvalidInputError, match="needs params"):
         tx.update(grads, tx.init(params))
+
+
+def test_a_fisher_or_anchor_that_would_reshape_a_parameter_is_refused():
+    grads, params, fisher, anchor = trees(4)
+    column = {**fisher, "dense": {**fisher["dense"], "bias": fisher["dense"]["bias"][:, None]}}
+    with pytest.raises(InvalidInputError, match=r"fisher_diag\['dense'\]\['bias'\] has shape"):
+        fisher_anchor(column, anchor, 1.0).init(params)
+    with pytest.raises(InvalidInputError, match=r"anchor_params must have the pytree structure"):
+        fisher_anchor(fisher, anchor["dense"], 1.0).init(params)
+    # A leaf that broadcasts without changing the parameter's shape is fine: one per layer.
+    per_layer = jax.tree_util.tree_map(lambda f: jnp.mean(f), fisher)
+    tx = fisher_anchor(per_layer, anchor, 1.0)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert jax.tree_util.tree_map(jnp.shape, updates) == jax.tree_util.tree_map(jnp.shape, grads)
+
+
+def test_a_negative_strength_or_fisher_is_refused():
+    _, _, fisher, anchor = trees(5)
+    with pytest.raises(InvalidInputError, match="strength must be >= 0"):
+        fisher_anchor(fisher, anchor, -1.0)
+    negative = jax.tree_util.tree_map(lambda f: -f, fisher)
+    with pytest.raises(InvalidInputError, match="negative entries"):
+        fisher_anchor(negative, anchor, 1.0)

@@ -196,3 +196,34 @@ def test_dense_mode_keeps_a_float32_factor_for_bfloat16_heads():
     np.testing.assert_allclose(
         np.asarray(step["kernel"], np.float64), expected["kernel"], rtol=0.1, atol=0.05
     )
+
+
+def test_a_negative_or_misshaped_diagonal_is_refused():
+    params, features, labels = problem(7)
+    grads = jax.grad(loss_fn)(params, features, labels)
+    negative = jax.tree_util.tree_map(lambda p: -jnp.ones_like(p), params)
+    with pytest.raises(InvalidInputError, match="diagonal must be non-negative"):
+        natural_gradient(DAMPING, "cg", diagonal=negative)
+    # dense mode: a whole model's diagonal instead of the head's
+    with pytest.raises(InvalidInputError, match="diagonal must be {'kernel'"):
+        natural_gradient(DAMPING, "dense", diagonal={"body": params, "head": params})
+    tx = natural_gradient(DAMPING, "cg", diagonal={"kernel": jnp.ones((4, 3, 1))})
+    op = make_ggn_operator(logits_fn, params, features)
+    with pytest.raises(InvalidInputError, match="diagonal must have the pytree structure"):
+        tx.update(grads, tx.init(params), params, fvp_fn=op)
+
+
+def test_dense_mode_takes_a_flax_frozen_dict_head():
+    from flax.core import FrozenDict
+
+    params, features, labels = problem(8)
+    grads = jax.grad(loss_fn)(params, features, labels)
+    tx = natural_gradient(DAMPING, "dense")
+    logits = logits_fn(params, features)
+    step, _ = tx.update(grads, tx.init(params), params, features=features, logits=logits)
+    frozen = FrozenDict(grads)
+    frozen_step, _ = tx.update(
+        frozen, tx.init(FrozenDict(params)), params, features=features, logits=logits
+    )
+    assert isinstance(frozen_step, FrozenDict)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, dict(frozen_step), step)

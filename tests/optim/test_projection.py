@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from fippure.errors import InvalidInputError
 from fippure.optim import clip_to_box, project_box
 
 pytestmark = pytest.mark.usefixtures("x64")
@@ -58,3 +59,12 @@ def test_inside_optax_masked_frozen_leaves_pass_through():
     projected, _ = tx.update(updates, tx.init(params), params)
     np.testing.assert_array_equal(projected["b"], updates["b"])
     assert np.all(np.abs(params["a"]["m"] + projected["a"]["m"]) <= 1 + 1e-12)
+
+
+def test_a_bound_that_would_reshape_a_parameter_is_refused():
+    params = tree(6)
+    column = {"a": {"m": jnp.zeros((5, 1))}, "b": 0.0}
+    with pytest.raises(InvalidInputError, match=r"lower\['a'\]\['m'\] has shape \(5, 1\)"):
+        project_box(column, 1.0).init(params)
+    with pytest.raises(InvalidInputError, match="upper must have the pytree structure"):
+        clip_to_box(params, 0.0, {"a": 1.0})

@@ -1,0 +1,94 @@
+"""Checks that a pytree argument fits the parameters it acts on, with one-line errors.
+
+A Fisher diagonal, an anchor, a bound or a curvature diagonal that is shaped slightly wrong
+(a transposed kernel, a ``(C, 1)`` bias) would otherwise broadcast silently: the update, and
+after ``optax.apply_updates`` the parameter, would take the broadcast shape, and the error
+would surface later in ``model.apply``. These checks run on shapes and tree structure only, so
+they cost nothing under ``jit`` (they run once, at trace time).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from fippure.errors import InvalidInputError
+
+PyTree = Any
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _paths(tree: PyTree) -> list[str]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)
+    return [jax.tree_util.keystr(path) for path, _ in leaves]
+
+
+def check_fits(
+    tree: PyTree,
+    params: PyTree,
+    name: str,
+    where: str,
+    *,
+    exact: bool = False,
+    reference: str = "params",
+) -> None:
+    """Raises :class:`InvalidInputError` unless ``tree`` has the structure of ``params`` and each
+    of its leaves broadcasts against its parameter without changing the parameter's shape.
+
+    Leaves of ``params`` that ``optax.masked`` replaced by ``MaskedNode`` are skipped.
+
+    Args:
+        tree: the argument to check (e.g. a Fisher diagonal).
+        params: the parameters (or updates) it must fit.
+        name: the argument's name, for the message.
+        where: the function's name, for the message.
+        reference: the name of ``params`` in the message.
+        exact: require each leaf's shape to equal its parameter's (no broadcasting), as a
+            vector in a matrix-vector product must.
+    """
+    if jax.tree_util.tree_structure(tree, is_leaf=_is_masked) != jax.tree_util.tree_structure(
+        params, is_leaf=_is_masked
+    ):
+        want, got = _paths(params), _paths(tree)
+        missing = [p for p in want if p not in got]
+        extra = [p for p in got if p not in want]
+        detail = (
+            "; ".join(
+                part
+                for part in (
+                    f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+                    if missing
+                    else "",
+                    f"unexpected {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}"
+                    if extra
+                    else "",
+                )
+                if part
+            )
+            or "the same leaves in other containers (e.g. dict against FrozenDict)"
+        )
+        raise InvalidInputError(
+            f"{where}: {name} must have the pytree structure of {reference} ({detail})"
+        )
+    pairs, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=_is_masked)
+    for (path, param), leaf in zip(pairs, leaves, strict=True):
+        if _is_masked(param):
+            continue
+        shape, leaf_shape = np.shape(param), np.shape(leaf)
+        try:
+            fits = (leaf_shape if exact else np.broadcast_shapes(leaf_shape, shape)) == shape
+        except ValueError:
+            fits = False
+        if not fits:
+            relation = "is not" if exact else "does not broadcast to"
+            raise InvalidInputError(
+                f"{where}: {name}{jax.tree_util.keystr(path)} has shape {leaf_shape}, which "
+                f"{relation} {shape}, the shape of {reference}{jax.tree_util.keystr(path)}"
+            )
