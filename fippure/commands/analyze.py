@@ -156,7 +156,7 @@ def analyze_checkpoint(checkpoint, out: pathlib.Path, config, args, train_splits
     import jax
     import numpy as np
 
-    from fippure.curvature.analysis import analyze_curvature, plot_density
+    from fippure.curvature.analysis import analyze_curvature, lambda_max_warnings, plot_density
     from fippure.data.catalog import get_spec
     from fippure.data.pipeline import normalize, to_unit_range
     from fippure.data.sources import load_dataset
@@ -217,6 +217,8 @@ def analyze_checkpoint(checkpoint, out: pathlib.Path, config, args, train_splits
             f"lambda_max {report['lambda_max']:.3g}, Tr(H) {report['trace_hessian']:.4g}"
         ),
     )
+    for line in lambda_max_warnings(report, config):
+        print(f"fippure analyze: warning: {checkpoint.path}: {line}", file=sys.stderr)
     summary = {
         k: report[k]
         for k in ("lambda_max", "trace_hessian", "trace_empirical_fisher", "top_eigenvalues")

@@ -11,7 +11,12 @@
 - :mod:`~fippure.curvature.analysis`: the report behind ``fippure analyze``.
 """
 
-from fippure.curvature.analysis import AnalysisConfig, analyze_curvature, plot_density
+from fippure.curvature.analysis import (
+    AnalysisConfig,
+    analyze_curvature,
+    lambda_max_warnings,
+    plot_density,
+)
 from fippure.curvature.density import (
     SpectralDensity,
     gaussian_density,
@@ -60,6 +65,7 @@ __all__ = [
     "SpectralDensity",
     "Tridiagonal",
     "analyze_curvature",
+    "lambda_max_warnings",
     "empirical_fisher_diagonal",
     "empirical_fisher_trace",
     "per_example_fisher_trace",

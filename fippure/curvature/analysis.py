@@ -270,6 +270,34 @@ def analyze_curvature(
     return report, density
 
 
+#: Relative difference between power iteration's ``lambda_max`` and Lanczos's top Ritz value
+#: above which :func:`lambda_max_warnings` speaks up (**choice**).
+LAMBDA_MAX_DISAGREEMENT = 0.05
+
+
+def lambda_max_warnings(report: dict, config: AnalysisConfig) -> list[str]:
+    """One line per sign that a report's ``lambda_max`` is not to be trusted: power iteration
+    stopped at ``power_iters`` before its relative change fell below ``power_tol``, or its
+    value and the top Lanczos Ritz value differ by more than :data:`LAMBDA_MAX_DISAGREEMENT`
+    (either may be short of converged; both grow towards ``lambda_max`` with more steps)."""
+    lines = []
+    if not report["lambda_max_relative_change"] < config.power_tol:
+        lines.append(
+            f"lambda_max {report['lambda_max']:.4g} did not converge in "
+            f"{report['lambda_max_power_iters']} power-iteration steps (relative change "
+            f"{report['lambda_max_relative_change']:.2g} >= power_tol {config.power_tol:g}); "
+            "raise power_iters (--power-iters)"
+        )
+    if not report["lambda_max_disagreement"] <= LAMBDA_MAX_DISAGREEMENT:
+        lines.append(
+            f"power iteration's lambda_max {report['lambda_max']:.4g} and Lanczos's top Ritz "
+            f"value {report['lambda_max_lanczos']:.4g} differ by "
+            f"{100 * report['lambda_max_disagreement']:.0f}%; raise power_iters and "
+            "lanczos_iters (--power-iters, --lanczos-iters)"
+        )
+    return lines
+
+
 def plot_density(
     density: SpectralDensity, path: str | os.PathLike, title: str | None = None
 ) -> None:

@@ -13,6 +13,7 @@ from jax.test_util import check_grads
 from jax.tree_util import Partial
 
 from fippure.curvature import density, eigenvalues, products
+from fippure.curvature.analysis import AnalysisConfig, lambda_max_warnings
 from fippure.errors import InvalidInputError
 
 pytestmark = pytest.mark.usefixtures("x64")
@@ -329,3 +330,31 @@ def test_density_of_a_zero_operator_is_finite_and_a_zero_width_is_refused(x64):
     np.testing.assert_allclose(np.sum(result.density) * spacing, 1.0, rtol=1e-3)
     with pytest.raises(InvalidInputError, match="sigma must be positive"):
         density.gaussian_density(jnp.zeros((1, 2)), jnp.full((1, 2), 0.5), jnp.zeros(3), 0.0)
+
+
+@pytest.mark.parametrize("loop", ["python", "fori"])
+def test_shifted_power_iteration_does_not_claim_convergence_it_has_not_reached(x64, loop):
+    # lambda_max = 1 next to a dominant -100: the run on A + rho I (rho ~ 100) converges slowly.
+    # Its stopping test must be relative to lambda (~1), not to lambda + rho (~101), under
+    # which it once stopped after 8 steps at 0.73 with a "relative change" of 3e-6.
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(30, 30)))
+    matrix = q @ np.diag(np.concatenate([[-100.0], np.linspace(0.5, 1.0, 29)])) @ q.T
+    result = eigenvalues.largest_eigenvalue(
+        matrix_operator(matrix), {"w": jnp.zeros(30)}, jax.random.key(0), 200, 1e-4, loop=loop
+    )
+    converged = float(result.relative_change) < 1e-4
+    assert not converged or abs(float(result.eigenvalue) - 1.0) < 0.05
+    assert int(result.num_iters) > 100
+
+
+def test_lambda_max_warnings_name_an_unconverged_or_disputed_estimate():
+    config = AnalysisConfig(power_tol=1e-3)
+    good = {"lambda_max": 109.8, "lambda_max_power_iters": 12, "lambda_max_lanczos": 109.2,
+            "lambda_max_relative_change": 1e-4, "lambda_max_disagreement": 0.006}  # fmt: skip
+    assert lambda_max_warnings(good, config) == []
+    bad = {**good, "lambda_max": 0.91, "lambda_max_relative_change": 0.74,
+           "lambda_max_disagreement": 0.99}  # fmt: skip
+    first, second = lambda_max_warnings(bad, config)
+    assert "did not converge in 12 power-iteration steps" in first
+    assert "differ by 99%" in second
