@@ -53,6 +53,18 @@ def add_overrides_flag(parser: argparse.ArgumentParser, help: str) -> None:
     )
 
 
+def unique_pairs(pairs: list[tuple[str, str]], flag: str) -> dict[str, str]:
+    """``KEY=VALUE`` pairs of a repeatable flag as a dict; a key given twice is an error (the
+    last value would otherwise win silently)."""
+    from fippure.errors import InvalidInputError
+
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidInputError(f"{flag} {', '.join(repeated)} given more than once")
+    return dict(pairs)
+
+
 def add_clean_subset_flag(parser: argparse.ArgumentParser) -> None:
     """``--clean``: a smaller clean set drawn from a checkpoint's stored one."""
     parser.add_argument(

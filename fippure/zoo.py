@@ -16,10 +16,11 @@ import jax
 import numpy as np
 
 from fippure.attacks import Attack, TriggeredSet, make_attack, triggered_test_set
+from fippure.attacks.poisoning import validate_attack_args
 from fippure.checkpoints import Checkpoint, load_checkpoint
 from fippure.data.catalog import get_spec
 from fippure.data.sources import ImageDataset, load_dataset
-from fippure.errors import CheckpointError
+from fippure.errors import CheckpointError, InvalidInputError
 from fippure.models.registry import with_dtype
 
 
@@ -62,6 +63,46 @@ class BackdooredModel:
         return self.test.spec
 
 
+def stored_clean_indices(meta: dict[str, Any], path: Any, train_size: int) -> np.ndarray:
+    """The checkpoint's clean-set indices into the training split, checked: distinct integers
+    in ``[0, train_size)`` (a negative index would wrap to another image and a repeated one
+    would count an image twice)."""
+    raw = meta["clean_indices"]
+    if not isinstance(raw, list) or not raw:
+        raise CheckpointError(f"corrupt checkpoint {path}: clean_indices is not a non-empty list")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in raw):
+        raise CheckpointError(f"corrupt checkpoint {path}: clean_indices holds non-integers")
+    indices = np.asarray(raw, dtype=np.int64)
+    outside = indices[(indices < 0) | (indices >= train_size)]
+    if outside.size:
+        raise CheckpointError(
+            f"corrupt checkpoint {path}: clean index {int(outside[0])} is outside the training "
+            f"split (0..{train_size - 1})"
+        )
+    if np.unique(indices).size != indices.size:
+        raise CheckpointError(f"corrupt checkpoint {path}: clean_indices repeats an image")
+    return indices
+
+
+def check_attack_metadata(attack_meta: Any, path: Any, num_classes: int) -> None:
+    """The stored attack's target, mode and ratio pass the checks ``fippure attack`` applies
+    (a target outside the classes would report every backdoor as absent)."""
+    if not isinstance(attack_meta, dict) or not {"name", "target", "mode"} <= set(attack_meta):
+        raise CheckpointError(
+            f"corrupt checkpoint {path}: its attack entry needs name, target and mode"
+        )
+    try:
+        validate_attack_args(
+            ratio=attack_meta.get("ratio", 0.5),
+            target=attack_meta["target"],
+            mode=attack_meta["mode"],
+            num_classes=num_classes,
+            clean_label=bool(attack_meta.get("clean_label", False)),
+        )
+    except InvalidInputError as error:
+        raise CheckpointError(f"corrupt checkpoint {path}: {error}") from None
+
+
 def load_backdoored(
     path: str | os.PathLike,
     *,
@@ -92,9 +133,15 @@ def load_backdoored(
     dataset = meta.get("dataset")
     if dataset is None or "clean_indices" not in meta:
         raise CheckpointError(f"{path} has no dataset or clean-set indices in its metadata")
+    spec = get_spec(dataset)
+    stored_shape = meta.get("image_shape")
+    if stored_shape is not None and tuple(stored_shape) != tuple(spec.image_shape):
+        raise CheckpointError(
+            f"{path} was made for {tuple(stored_shape)} images, but {dataset} has "
+            f"{tuple(spec.image_shape)}"
+        )
     stored_norm = meta.get("normalization")
     if stored_norm:
-        spec = get_spec(dataset)
         stored = (tuple(stored_norm["mean"]), tuple(stored_norm["std"]))
         if not np.allclose(stored, (spec.mean, spec.std), rtol=0, atol=1e-6):
             raise CheckpointError(
@@ -103,7 +150,10 @@ def load_backdoored(
             )
     train = load_dataset(dataset, "train", data_dir=data_dir)
     test = load_dataset(dataset, "test", data_dir=data_dir)
-    clean_indices = np.asarray(meta["clean_indices"], dtype=np.int64)
+    clean_indices = stored_clean_indices(meta, path, len(train))
+    attack_meta = meta.get("attack")
+    if attack_meta:
+        check_attack_metadata(attack_meta, path, train.num_classes)
     if clean_size is not None:
         is_number = isinstance(clean_size, numbers.Real) and not isinstance(clean_size, bool)
         if is_number and float(clean_size).is_integer() and clean_size > len(clean_indices):
@@ -117,10 +167,15 @@ def load_backdoored(
             )
         if count < len(clean_indices):
             seed = meta.get("clean_seed", 0) if clean_seed is None else clean_seed
-            sub = split_clean_set(train.labels[clean_indices], count, train.num_classes, seed)
+            sub = split_clean_set(
+                train.labels[clean_indices],
+                count,
+                train.num_classes,
+                seed,
+                pool="images in the checkpoint's stored clean set",
+            )
             clean_indices = clean_indices[sub.clean]
     clean = train.subset(clean_indices, "clean")
-    attack_meta = meta.get("attack")
     if not attack_meta:
         return BackdooredModel(checkpoint, None, {}, clean, test, None, None, None, clean_indices)
     attack = make_attack(attack_meta["name"], **attack_meta.get("options", {}))

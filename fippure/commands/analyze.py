@@ -60,7 +60,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None, help="TFDS data directory ($TFDS_DATA_DIR)")
 
 
-def select_images(metadata: dict, train_labels, num_images: int, seed: int):
+def select_images(metadata: dict, train_labels, num_images: int, seed: int, path=None):
     """Indices into the training split: the stored clean set if any, else a seeded sample.
 
     Returns:
@@ -68,35 +68,16 @@ def select_images(metadata: dict, train_labels, num_images: int, seed: int):
     """
     import numpy as np
 
+    from fippure.zoo import stored_clean_indices
+
     rng = np.random.default_rng(seed)
-    stored = metadata.get("clean_indices")
-    if stored:
-        pool, source = np.asarray(stored, dtype=np.int64), "clean_indices"
+    if metadata.get("clean_indices"):
+        pool = stored_clean_indices(metadata, path, len(train_labels))
+        source = "clean_indices"
     else:
         pool, source = np.arange(len(train_labels)), "seeded_train_sample"
     chosen = rng.permutation(pool)[: min(num_images, len(pool))]
     return np.sort(chosen), source
-
-
-def prepare_output(out: pathlib.Path) -> pathlib.Path:
-    """Creates ``--out`` before any work, refusing a file or a directory that holds a
-    checkpoint or another command's run (``metadata.json`` / ``run.json``)."""
-    from fippure.errors import InvalidInputError
-
-    out = out.resolve()
-    if out.exists() and not out.is_dir():
-        raise InvalidInputError(f"--out {out} is a file; give a directory")
-    for name in ("metadata.json", "run.json"):
-        if (out / name).exists():
-            raise InvalidInputError(
-                f"--out {out} holds a checkpoint or another run's output ({name}); "
-                "choose another directory"
-            )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InvalidInputError(f"cannot create --out {out}: {error.strerror}") from None
-    return out
 
 
 def finite_or_null(value):
@@ -132,6 +113,7 @@ def output_directories(checkpoints: list, out: str | None) -> list[pathlib.Path]
 
 def run(args: argparse.Namespace) -> int:
     from fippure.checkpoints import load_checkpoint
+    from fippure.commands.output import prepare_output
     from fippure.curvature.analysis import AnalysisConfig
 
     config = AnalysisConfig(
@@ -176,7 +158,9 @@ def analyze_checkpoint(checkpoint, out: pathlib.Path, config, args, train_splits
     if dataset not in train_splits:
         train_splits[dataset] = load_dataset(dataset, "train", data_dir=args.data_dir)
     train = train_splits[dataset]
-    indices, source = select_images(metadata, train.labels, args.num_images, args.seed)
+    indices, source = select_images(
+        metadata, train.labels, args.num_images, args.seed, checkpoint.path
+    )
     if len(indices) < args.num_images:
         print(
             f"fippure analyze: note: the clean set of {checkpoint.path} holds {len(indices)} "

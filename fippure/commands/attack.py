@@ -46,19 +46,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fippure.attacks import make_attack, validate_attack_args
+    from fippure.cli import unique_pairs
     from fippure.commands.train import train_config
     from fippure.data.catalog import get_spec
-    from fippure.errors import InvalidInputError
     from fippure.models.registry import create_model
     from fippure.recipes import train_backdoored
 
     spec = get_spec(args.dataset)  # fail fast, before any data is loaded
     create_model(args.model, spec.num_classes, width=args.width, dtype=args.dtype)
-    names = [name for name, _ in args.option]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise InvalidInputError(f"--option {', '.join(repeated)} given more than once")
-    options = dict(args.option)
+    options = unique_pairs(args.option, "--option")
     threat = make_attack(args.attack, **options)
     validate_attack_args(
         ratio=args.ratio,

@@ -68,6 +68,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fippure.checkpoints import read_metadata
+    from fippure.cli import unique_pairs
     from fippure.commands.purify import format_table
     from fippure.data.sources import load_dataset
     from fippure.errors import InvalidInputError
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInputError(
                 "--checkpoint is for --dataset cifar10; the digits demo attacks its own model"
             )
-        overrides = {**DIGITS_FIP, **dict(args.set)}
+        overrides = {**DIGITS_FIP, **unique_pairs(args.set, "--set")}
         make_config("fip", overrides)  # a bad --set fails before the attack is trained
         checkpoint = _digits_backdoor(out / f"badnets_digits_seed{args.seed}", args.seed, progress)
     else:
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                 f"--checkpoint {checkpoint} is a {dataset} model; the demo purifies CIFAR-10 "
                 "checkpoints (use fippure purify for others)"
             )
-        overrides = {**CIFAR_FIP, **dict(args.set)}
+        overrides = {**CIFAR_FIP, **unique_pairs(args.set, "--set")}
     make_config("fip", overrides)
     result = run_defense(
         checkpoint,

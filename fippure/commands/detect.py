@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import pathlib
 
 NAME = "detect"
 HELP = (
@@ -43,11 +42,14 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from fippure.checkpoints import read_metadata
+    from fippure.cli import unique_pairs
+    from fippure.commands.output import prepare_output
     from fippure.purify.trigger_inversion import scan_classes
     from fippure.zoo import load_backdoored
 
-    config = inversion_config(dict(args.set))  # validate before loading anything
+    config = inversion_config(unique_pairs(args.set, "--set"))  # validate before loading anything
     read_metadata(args.checkpoint)
+    out = None if args.out is None else prepare_output(args.out)
     backdoored = load_backdoored(args.checkpoint, data_dir=args.data_dir, clean_size=args.clean)
     scan = scan_classes(
         backdoored.model,
@@ -59,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(format_scan(scan))
     summary = {**scan.to_dict(), "config": dataclasses.asdict(config), "seed": args.seed}
-    if args.out is not None:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         (out / "scan.json").write_text(json.dumps(summary, indent=1))
         np.savez(
             out / "triggers.npz",

@@ -54,16 +54,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fippure.checkpoints import read_metadata
+    from fippure.cli import unique_pairs
     from fippure.errors import InvalidInputError
     from fippure.purify.clean_stop import make_clean_stop_config
     from fippure.purify.registry import make_config
     from fippure.purify.runner import run_defense
 
-    overrides = dict(args.set)
+    overrides = unique_pairs(args.set, "--set")
     make_config(args.defense, overrides)  # validate before loading anything
     if args.stop_set and not args.stop_on_clean_set:
         raise InvalidInputError("--stop-set applies with --stop-on-clean-set")
-    clean_stop = make_clean_stop_config(dict(args.stop_set)) if args.stop_on_clean_set else None
+    clean_stop = (
+        make_clean_stop_config(unique_pairs(args.stop_set, "--stop-set"))
+        if args.stop_on_clean_set
+        else None
+    )
     read_metadata(args.checkpoint)
     result = run_defense(
         args.checkpoint,

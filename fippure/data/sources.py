@@ -180,6 +180,17 @@ def _open_tfds_source(spec: DatasetSpec, split: str, data_dir: str | None, downl
         # not found: TFDS's warnings about the empty folder would only precede our one line
         if not download:
             raise DatasetUnavailableError(f"{hint} ({_reason(error)})") from error
+    if spec.name == "gtsrb":
+        # TFDS cannot download GTSRB; without the archives it would only leave empty folders
+        # in the data directory and cut its own instructions short
+        root = pathlib.Path(data_dir or tfds.core.constants.DATA_DIR).expanduser()
+        manual = root / "downloads" / "manual"
+        if not manual.is_dir() or not any(manual.iterdir()):
+            raise DatasetUnavailableError(
+                f"gtsrb is not prepared in {root}, and it cannot be downloaded automatically: "
+                f"put the official archives ({', '.join(gtsrb.ARCHIVES)}) in {manual}, or call "
+                "fippure.data.gtsrb.prepare_gtsrb(archive_dir, data_dir=...)"
+            )
     host = DOWNLOAD_HOSTS.get(spec.name)
     if host is not None and not network_reachable(host):
         raise DatasetUnavailableError(f"{hint} (no network: cannot reach {host})")

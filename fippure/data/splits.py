@@ -46,7 +46,12 @@ def clean_set_size(size: int | float, num_train: int) -> int:
 
 
 def split_clean_set(
-    labels: np.ndarray, size: int | float, num_classes: int, seed: int = 0
+    labels: np.ndarray,
+    size: int | float,
+    num_classes: int,
+    seed: int = 0,
+    *,
+    pool: str = "training images",
 ) -> CleanSplit:
     """Draws a class-balanced clean set and returns it with the held-out remainder.
 
@@ -58,6 +63,7 @@ def split_clean_set(
         size: number of clean images, or a fraction of the training split in (0, 1).
         num_classes: K.
         seed: seed of the draw (host-side numpy plan).
+        pool: what ``labels`` label, for the error message.
 
     Returns:
         A :class:`CleanSplit` of sorted, disjoint index arrays covering the training split.
@@ -79,7 +85,7 @@ def split_clean_set(
         members = np.flatnonzero(labels == cls)
         if len(members) < per_class[cls]:
             raise InvalidInputError(
-                f"class {cls} has {len(members)} training images, fewer than the "
+                f"class {cls} has {len(members)} {pool}, fewer than the "
                 f"{per_class[cls]} the clean set needs"
             )
         chosen.append(rng.choice(members, size=per_class[cls], replace=False))

@@ -112,9 +112,13 @@ def decompose(params: PyTree, pattern: str = KERNEL_PATTERN) -> dict[str, Any]:
             u, s, vt = (x.astype(leaf.dtype) for x in jnp.linalg.svd(wide, full_matrices=False))
             factors[path] = SpectralFactor(u, s, vt, tuple(leaf.shape))
     if not factors:
+        kernels = [
+            _path_string(path) for path, leaf in _flat_params(params).items() if jnp.ndim(leaf) >= 2
+        ]
+        shown = ", ".join(kernels[:4]) + (" ..." if len(kernels) > 4 else "")
         raise InvalidInputError(
-            f"no kernel matches the pattern {pattern!r} (Fast FIP's kernel_pattern), searched in "
-            "paths such as stage1_block1/conv1/kernel"
+            f"no kernel matches the pattern {pattern!r} (Fast FIP's kernel_pattern); this "
+            f"model's kernels: {shown or 'none'}"
         )
     return traverse_util.unflatten_dict(factors)
 

@@ -201,7 +201,11 @@ def purify_with_clean_stop(
     """
     started = time.perf_counter()
     defense = get_defense(defense) if isinstance(defense, str) else defense
-    stop = stop or CleanStopConfig()
+    stop = CleanStopConfig() if stop is None else stop
+    if type(stop) is not CleanStopConfig:
+        raise InvalidInputError(
+            f"the stop's settings must be a CleanStopConfig, got {type(stop).__name__}"
+        )
     key = defense_arguments(defense.name, config, defense.config_class, key)
     if not hasattr(config, "steps"):
         raise InvalidInputError(f"{defense.name}'s config has no step count to choose")

@@ -110,6 +110,13 @@ def defense_arguments(
             f"{method} takes a {' or '.join(c.__name__ for c in classes)}, got "
             f"{type(config).__name__}; make_config({method!r}, overrides) builds one"
         )
+    return as_key(method, key)
+
+
+def as_key(method: str, key: Any) -> PRNGKeyArray:
+    """``key`` as one typed key: a typed key (:func:`jax.random.key`), a legacy ``uint32[2]``
+    key (:func:`jax.random.PRNGKey`, wrapped), an integer seed in ``[0, 2**32)`` or ``None``
+    (seed 0); anything else is a one-line error naming ``method``."""
     if key is None:
         return jax.random.key(0)
     if isinstance(key, int | np.integer) and not isinstance(key, bool):
@@ -127,12 +134,30 @@ def defense_arguments(
     )
 
 
+def check_input_types(clean_set: Any, variables: Any) -> None:
+    """One-line errors for a clean set that is not an :class:`ImageDataset` (a tuple of arrays,
+    say) and variables that are not a Flax collection mapping with ``params`` (the ``params``
+    collection alone, say)."""
+    if not isinstance(clean_set, ImageDataset):
+        raise InvalidInputError(
+            f"the clean set must be an ImageDataset, got {type(clean_set).__name__}; "
+            "fippure.data.sources.ImageDataset(images, labels, spec) wraps arrays"
+        )
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        keys = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
+        raise InvalidInputError(
+            "variables must be the model's collections {'params': ..., 'batch_stats': ...} "
+            f"as model.init returns them, got {keys}"
+        )
+
+
 def validate_clean_set(clean_set: ImageDataset, model: nn.Module, variables: Variables) -> None:
     """Clear errors for a clean set a defense cannot use: a missing class, images the model's
     variables do not fit, or a class count other than the model's outputs.
 
     The model is applied abstractly (:func:`jax.eval_shape`), so the check computes nothing.
     """
+    check_input_types(clean_set, variables)
     check_clean_set(clean_set.labels, clean_set.num_classes)
     shape = clean_set.spec.image_shape
     probe = jax.ShapeDtypeStruct((1, *shape), jnp.float32)

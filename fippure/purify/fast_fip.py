@@ -66,6 +66,7 @@ from fippure.purify.common import (
     PurifyReport,
     apply_model,
     as_variables,
+    check_input_types,
     defense_arguments,
 )
 from fippure.purify.fip import FIPConfig, fisher_guided_purify
@@ -110,6 +111,7 @@ def purify(
     The trained shifts are in ``report.artifacts['spectral_shifts']``.
     """
     key = defense_arguments("fast_fip", config, FastFIPConfig, key)
+    check_input_types(clean_set, variables)
     params = variables["params"]
     factors = decompose(params, config.kernel_pattern)
     # The tunable tree: the shifts alone, or {"shifts", "bn_affine"} with tune_bn_affine.

@@ -68,6 +68,7 @@ from fippure.purify.common import (
     Schedule,
     apply_model,
     as_variables,
+    check_input_types,
     clean_accuracy,
     clean_batch_size,
     config_dict,
@@ -581,6 +582,7 @@ def purify(
 ) -> tuple[dict, PurifyReport]:
     """FIP over every parameter; returns ``(variables, report)``."""
     key = defense_arguments("fip", config, FIPConfig, key)
+    check_input_types(clean_set, variables)
     params, stats, report = fisher_guided_purify(
         model,
         variables,

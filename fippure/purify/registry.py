@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import inspect
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -30,7 +32,27 @@ class Defense:
 
     @property
     def purify(self) -> Callable:
-        return importlib.import_module(self.module).purify
+        """The module's ``purify``, bound to this defense's config class: a missing config is
+        its default, and a config of another class is refused (FT-SAM's config subclasses
+        FT's, so without this check each name would run the other defense)."""
+        function = importlib.import_module(self.module).purify
+        config_class, name = self.config_class, self.name
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def purify(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            config = bound.arguments.get("config")
+            if config is None:
+                bound.arguments["config"] = config_class()
+            elif type(config) is not config_class:
+                raise InvalidInputError(
+                    f"{name} takes a {config_class.__name__}, got {type(config).__name__}; "
+                    f"make_config({name!r}, overrides) builds one"
+                )
+            return function(*bound.args, **bound.kwargs)
+
+        return purify
 
     @property
     def config_class(self) -> type:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 
 from fippure.checkpoints import METADATA, RUN_STAMP, claim_run_directory, save_checkpoint
 from fippure.errors import CheckpointError, InvalidInputError
@@ -102,6 +103,10 @@ def run_defense(
     """
     spec = get_defense(defense)
     config = make_config(defense, overrides)
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
+        # jax.random.key would alias 2**32 to 0 and -1 to 2**32 - 1 (the same run, recorded
+        # under another seed)
+        raise InvalidInputError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if isinstance(checkpoint, BackdooredModel):
         for given, value in (("clean_size", clean_size), ("data_dir", data_dir), ("dtype", dtype)):
             if value is not None:
@@ -235,13 +240,20 @@ def claim_output_directory(
         replace: remove another defense run's output (a stamped directory) instead of refusing.
 
     Raises:
-        CheckpointError: ``out`` holds a checkpoint that no defense run stamped (the source
-            checkpoint, a trained model) or, without ``replace``, the output of another run
-            (another defense, config, seed, source or clean set), which writing there would
-            destroy. A run that stopped before it saved any progress holds nothing, and
-            another run may take its directory.
+        CheckpointError: ``out`` lies inside the source checkpoint, holds a checkpoint that no
+            defense run stamped (the source checkpoint, a trained model) or, without
+            ``replace``, the output of another run (another defense, config, seed, source or
+            clean set), which writing there would destroy. A run that stopped before it saved
+            any progress holds nothing, and another run may take its directory.
     """
     out = pathlib.Path(out).resolve()
+    source = fingerprint.get("source")
+    if source is not None and out != pathlib.Path(source).resolve():
+        if out.is_relative_to(pathlib.Path(source).resolve()):
+            raise CheckpointError(
+                f"--out {out} lies inside the source checkpoint {source}; writing there would "
+                "mix the purified model into it. Use another --out directory"
+            )
     progress, stamp = out / PROGRESS, out / RUN_STAMP
     ours = stamp.exists() and "defense" in json.loads(stamp.read_text())
     if (out / METADATA).exists() and not ours:

@@ -44,7 +44,7 @@ from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.inference import predict
 from fippure.models.registry import Variables
-from fippure.purify.common import clean_batch_size, validate_clean_set
+from fippure.purify.common import as_key, clean_batch_size, validate_clean_set
 
 #: Consistency constant that makes the MAD estimate a normal distribution's standard deviation.
 MAD_CONSISTENCY = 1.4826
@@ -265,6 +265,17 @@ def _optimise_trigger(
     )
 
 
+def inversion_arguments(
+    where: str, config: InversionConfig | None, key: Any
+) -> tuple[InversionConfig, PRNGKeyArray]:
+    """The config (default :class:`InversionConfig`) and key (a typed key, a legacy key or an
+    integer seed; default seed 0), with one-line errors for anything else."""
+    config = InversionConfig() if config is None else config
+    if type(config) is not InversionConfig:
+        raise InvalidInputError(f"{where} takes an InversionConfig, got {type(config).__name__}")
+    return config, as_key(where, key)
+
+
 def invert_trigger(
     model: nn.Module,
     variables: Variables,
@@ -280,8 +291,7 @@ def invert_trigger(
             with no image outside ``target``.
         NonFiniteLossError: the optimisation diverged.
     """
-    config = config or InversionConfig()
-    key = jax.random.key(0) if key is None else key
+    config, key = inversion_arguments("invert_trigger", config, key)
     validate_clean_set(clean_set, model, variables)
     if isinstance(target, bool) or not isinstance(target, int | np.integer):
         raise InvalidInputError(f"target must be a class index, got {target!r}")
@@ -335,8 +345,7 @@ def scan_classes(
     Each class gets its own key (folded from ``key``), so one class's trigger does not depend
     on which classes were scanned before it.
     """
-    config = config or InversionConfig()
-    key = jax.random.key(0) if key is None else key
+    config, key = inversion_arguments("scan_classes", config, key)
     classes = range(clean_set.num_classes)
     if progress:
         from tqdm.auto import tqdm

@@ -128,3 +128,12 @@ def test_label_out_of_range(tiny_gtsrb, tmp_path):
 def test_not_prepared_without_download(tmp_path):
     with pytest.raises(DatasetUnavailableError, match="gtsrb is not prepared"):
         load_dataset("gtsrb", "train", data_dir=tmp_path / "tfds", download=False)
+
+
+def test_a_download_without_the_archives_explains_the_manual_step_and_writes_nothing(tmp_path):
+    data_dir = tmp_path / "tfds"
+    data_dir.mkdir()
+    with pytest.raises(DatasetUnavailableError, match="cannot be downloaded automatically") as e:
+        load_dataset("gtsrb", "train", data_dir=data_dir, download=True)
+    assert str(data_dir / "downloads" / "manual") in str(e.value)
+    assert list(data_dir.iterdir()) == []  # no empty folders left behind
