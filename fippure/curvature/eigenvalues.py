@@ -330,6 +330,7 @@ def power_iteration(
         raise InvalidInputError(f"unknown loop {loop!r}; use 'python' or 'fori'")
     # the first quotient's "previous" value, in the vectors' dtype (one compilation)
     eigenvalue = jnp.zeros((), jnp.result_type(*jax.tree_util.tree_leaves(start)))
+    shift = jnp.asarray(shift, eigenvalue.dtype)  # on the device once, not at every step
     if not is_concrete((operator, start, shift)):
         return _power_scan(operator, start, eigenvalue, num_iters, shift)
     change, count = jnp.inf, 0

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fippure.errors import InvalidInputError
+from fippure.errors import InvalidInputError, is_concrete
 
 PyTree = Any
 
@@ -76,6 +76,15 @@ def normalize_adaptive(eta: float = 0.01, adaptive: bool = True) -> optax.Gradie
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def check_radius(rho: Any, eta: Any) -> None:
+    """One-line errors for a negative radius (its perturbation would go downhill, which is not
+    SAM) or a negative ``eta`` (concrete values only; traced ones pass)."""
+    if is_concrete(rho) and not rho >= 0:
+        raise InvalidInputError(f"rho must be >= 0, got {rho}")
+    if is_concrete(eta) and not eta >= 0:
+        raise InvalidInputError(f"eta must be >= 0, got {eta}")
+
+
 def adaptive_sam(
     optimizer: optax.GradientTransformation,
     rho: float = 2.0,
@@ -106,6 +115,7 @@ def adaptive_sam(
         ``update`` takes ``grad_fn`` and ignores other extras, so it can share an
         ``optax.chain`` with transforms that need other extras.
     """
+    check_radius(rho, eta)
     adversary = optax.chain(normalize_adaptive(eta, adaptive), optax.sgd(rho))
     inner = optax.contrib.sam(
         optimizer, adversary, sync_period=2, reset_state=reset_state, opaque_mode=opaque_mode
@@ -113,6 +123,11 @@ def adaptive_sam(
 
     def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
         del extra_args  # optax.contrib.sam takes only grad_fn; drop what a chain forwards
+        if opaque_mode and grad_fn is None:
+            raise InvalidInputError(
+                "adaptive_sam needs the extra grad_fn=: update(grads, state, params, "
+                "grad_fn=lambda p, i: jax.grad(loss)(p, batch))"
+            )
         return inner.update(updates, state, params, grad_fn=grad_fn)
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
@@ -146,6 +161,7 @@ def asam_gradient(
         ``(value, grads)`` like ``jax.value_and_grad``: ``value`` (with its aux, e.g. updated
         BatchNorm statistics) from the unperturbed point and ``grads`` from the perturbed one.
     """
+    check_radius(rho, eta)
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
     value, grads = value_and_grad(params, *args)
     eps = asam_perturbation(grads, params, rho, eta, adaptive)

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from fippure.errors import InvalidInputError
 from fippure.optim import adaptive_sam, asam_gradient, asam_perturbation
 
 pytestmark = pytest.mark.usefixtures("x64")
@@ -78,3 +79,14 @@ def test_plain_sam_matches_optax_contrib_sam():
     a, _ = ours.update(grads, ours.init(params), params, grad_fn=grad_fn)
     b, _ = theirs.update(grads, theirs.init(params), params, grad_fn=grad_fn)
     jax.tree_util.tree_map(np.testing.assert_allclose, a, b)
+
+
+def test_a_negative_radius_or_a_missing_grad_fn_is_refused():
+    with pytest.raises(InvalidInputError, match="rho must be >= 0"):
+        adaptive_sam(optax.sgd(0.1), rho=-1.0)
+    with pytest.raises(InvalidInputError, match="eta must be >= 0"):
+        asam_gradient(lambda p: jnp.sum(p**2), jnp.ones(3), eta=-0.1)
+    tx = adaptive_sam(optax.sgd(0.1))
+    params = jnp.ones(3)
+    with pytest.raises(InvalidInputError, match="adaptive_sam needs the extra grad_fn="):
+        tx.update(params, tx.init(params), params)
