@@ -141,7 +141,7 @@ def check_input_types(clean_set: Any, variables: Any) -> None:
     if not isinstance(clean_set, ImageDataset):
         raise InvalidInputError(
             f"the clean set must be an ImageDataset, got {type(clean_set).__name__}; "
-            "fippure.data.sources.ImageDataset(images, labels, spec) wraps arrays"
+            "fippure.data.sources.ImageDataset(images, labels, spec, split) wraps uint8 arrays"
         )
     if not isinstance(variables, Mapping) or "params" not in variables:
         keys = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
