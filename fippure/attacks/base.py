@@ -227,6 +227,12 @@ def apply_trigger(
     """
     from fippure.data.pipeline import to_unit_range
 
+    images = np.asarray(images)
+    if np.issubdtype(images.dtype, np.floating) and images.size and images.max() > 1.0:
+        raise InvalidInputError(
+            f"float images are read as [0, 1] but these reach {float(images.max()):g}; pass "
+            "uint8 pixels or divide by 255"
+        )
     run = _jitted_trigger(attack)
     out = []
     for i, start in enumerate(range(0, len(images), batch_size)):

@@ -18,6 +18,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, UInt8
 
 from fippure.data.catalog import DatasetSpec
 from fippure.data.sources import ImageDataset
+from fippure.errors import InvalidInputError
 
 #: Datasets larger than this stay on the host and are streamed batch by batch.
 DEVICE_BYTES_LIMIT = 2 * 1024**3
@@ -31,15 +32,38 @@ def to_unit_range(images: Array) -> Float[Array, "b h w c"]:
     return images.astype(jnp.float32)
 
 
+def _check_float_images(images: Array, spec: DatasetSpec, where: str) -> None:
+    """One-line errors (on static dtype and shape, so free under ``jit``) for integer pixels,
+    whose mean and std would be cast to integers, and for images whose last axes are not the
+    dataset's, which the per-channel statistics would broadcast silently."""
+    if not jnp.issubdtype(jnp.result_type(images), jnp.floating):
+        raise InvalidInputError(
+            f"{where} takes float images in [0, 1], got {jnp.result_type(images)}; convert "
+            "integer pixels with to_unit_range first"
+        )
+    if tuple(jnp.shape(images)[-3:]) != tuple(spec.image_shape):
+        raise InvalidInputError(
+            f"{where}: images of shape {tuple(jnp.shape(images))} do not end in {spec.name}'s "
+            f"{tuple(spec.image_shape)}"
+        )
+
+
 def normalize(images: Float[Array, "b h w c"], spec: DatasetSpec) -> Float[Array, "b h w c"]:
-    """[0, 1] images -> per-channel standardised inputs, ``(x - mean) / std``."""
+    """[0, 1] images -> per-channel standardised inputs, ``(x - mean) / std``.
+
+    Raises:
+        InvalidInputError: integer images (use :func:`to_unit_range` first) or images whose
+            ``(h, w, c)`` are not the dataset's.
+    """
+    _check_float_images(images, spec, "normalize")
     mean = jnp.asarray(spec.mean, images.dtype)
     std = jnp.asarray(spec.std, images.dtype)
     return (images - mean) / std
 
 
 def denormalize(inputs: Float[Array, "b h w c"], spec: DatasetSpec) -> Float[Array, "b h w c"]:
-    """Inverse of :func:`normalize`."""
+    """Inverse of :func:`normalize` (with the same checks)."""
+    _check_float_images(inputs, spec, "denormalize")
     return inputs * jnp.asarray(spec.std, inputs.dtype) + jnp.asarray(spec.mean, inputs.dtype)
 
 

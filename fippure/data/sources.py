@@ -43,6 +43,11 @@ class ImageDataset:
     split: str
 
     def __post_init__(self):
+        if not isinstance(self.images, np.ndarray) or not isinstance(self.labels, np.ndarray):
+            raise InvalidInputError(
+                "images and labels must be NumPy arrays, got "
+                f"{type(self.images).__name__} and {type(self.labels).__name__}"
+            )
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
             raise InvalidInputError(
                 f"images must be uint8 NHWC, got {self.images.dtype} {self.images.shape}"
@@ -59,6 +64,13 @@ class ImageDataset:
         if not np.issubdtype(np.asarray(self.labels).dtype, np.integer):
             raise InvalidInputError(
                 f"labels must be integer class indices, got dtype {np.asarray(self.labels).dtype}"
+            )
+        if self.labels.size and not (
+            0 <= self.labels.min() and self.labels.max() < self.spec.num_classes
+        ):
+            raise InvalidInputError(
+                f"labels must lie in 0..{self.spec.num_classes - 1} for {self.spec.name}, got "
+                f"{int(self.labels.min())}..{int(self.labels.max())}"
             )
 
     def __len__(self) -> int:

@@ -38,7 +38,13 @@ def clean_set_size(size: int | float, num_train: int) -> int:
             raise InvalidInputError(
                 f"clean-set size must be a whole count or a fraction in (0, 1), got {size}"
             )
-        return max(1, int(round(value * num_train)))
+        count = max(1, int(round(value * num_train)))
+        if count >= num_train:  # 0.999 of 100 images rounds to all of them
+            raise InvalidInputError(
+                f"a clean-set fraction of {size} takes all {num_train} training images; "
+                "the attacker's part would be empty"
+            )
+        return count
     count = int(value)
     if count < 1 or count >= num_train:
         raise InvalidInputError(f"clean-set count must be in [1, {num_train}), got {count}")

@@ -22,9 +22,28 @@ from fippure.inference import predict
 from fippure.models.registry import Variables
 
 
+def _class_labels(values: np.ndarray, name: str) -> np.ndarray:
+    """``values`` as a vector of integer class labels: float probabilities, one-hot rows or a
+    NaN would otherwise be compared entry by entry and give a plausible wrong rate."""
+    values = np.asarray(values)
+    if values.ndim != 1:
+        raise InvalidInputError(
+            f"{name} must be one class label per image, got shape {values.shape} (take the "
+            "argmax of logits or one-hot rows first)"
+        )
+    if values.size and not np.issubdtype(values.dtype, np.integer):
+        if not np.issubdtype(values.dtype, np.floating) or not np.all(
+            np.isfinite(values) & (values == np.round(values))
+        ):
+            raise InvalidInputError(f"{name} must be integer class labels, got {values.dtype}")
+        values = values.astype(np.int64)
+    return values
+
+
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of ``predictions`` equal to ``labels``."""
-    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    """Fraction of ``predictions`` equal to ``labels`` (both vectors of class labels)."""
+    predictions = _class_labels(predictions, "predictions")
+    labels = _class_labels(labels, "labels")
     if predictions.shape != labels.shape:
         raise InvalidInputError(f"{predictions.shape} predictions for {labels.shape} labels")
     return float(np.mean(predictions == labels)) if len(labels) else float("nan")
@@ -33,9 +52,10 @@ def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
 def _triggered_arrays(predictions, true_labels, target_labels):
     """The three label vectors of a triggered set, checked: one shape (a single target, as an
     all-to-one attack has, is broadcast to every image)."""
-    predictions, true_labels = np.asarray(predictions), np.asarray(true_labels)
+    predictions = _class_labels(predictions, "predictions")
+    true_labels = _class_labels(true_labels, "true labels")
     target_labels = np.asarray(target_labels)
-    if predictions.ndim != 1 or predictions.shape != true_labels.shape:
+    if predictions.shape != true_labels.shape:
         raise InvalidInputError(
             f"{predictions.shape} predictions for {true_labels.shape} true labels; "
             "expected two vectors of one length"
@@ -93,6 +113,16 @@ def defense_effectiveness_rating(
             f"DER needs all four rates; {', '.join(missing)} missing (a model with no attack "
             "has no ASR)"
         )
+    kinds = {
+        k: type(v).__name__
+        for k, v in rates.items()
+        if isinstance(v, bool)
+        or np.ndim(v) != 0
+        or not np.issubdtype(np.asarray(v).dtype, np.number)
+    }
+    if kinds:
+        raise InvalidInputError(f"DER takes four numbers; got {kinds}")
+    rates = {k: float(v) for k, v in rates.items()}
     if any(np.isnan(v) for v in rates.values()):
         return float("nan")
     outside = {k: v for k, v in rates.items() if not 0.0 <= v <= 1.0}

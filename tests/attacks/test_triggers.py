@@ -150,3 +150,12 @@ def test_states_round_trip_through_checkpoint(tmp_path):
             np.asarray(run(restored, images, jax.random.key(0))),
             np.asarray(run(state, images, jax.random.key(0))),
         )
+
+
+def test_apply_trigger_refuses_float_pixels_on_the_0_255_scale():
+    attack = make_attack("badnets")
+    images = np.full((2, 32, 32, 3), 128.0, np.float32)
+    with pytest.raises(InvalidInputError, match=r"read as \[0, 1\] but these reach 128"):
+        apply_trigger(attack, {}, images, jax.random.key(0))
+    triggered = apply_trigger(attack, {}, images.astype(np.uint8), jax.random.key(0))
+    assert triggered.max() <= 1.0 and np.isclose(triggered[0, 0, 0, 0], 128 / 255)

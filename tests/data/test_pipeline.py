@@ -102,3 +102,23 @@ def test_image_dataset_validation():
     sub = data.subset(np.array([3, 1]), "sub")
     assert len(sub) == 2 and sub.split == "sub"
     np.testing.assert_array_equal(sub.labels, data.labels[[3, 1]])
+
+
+def test_normalize_refuses_integer_pixels_and_another_datasets_shape():
+    cifar, digits = get_spec("cifar10"), get_spec("digits")
+    with pytest.raises(InvalidInputError, match="to_unit_range first"):
+        normalize(jnp.zeros((2, 32, 32, 3), jnp.uint8), cifar)  # mean and std became 0
+    with pytest.raises(InvalidInputError, match=r"do not end in cifar10's \(32, 32, 3\)"):
+        normalize(jnp.zeros((2, 32, 32, 1)), cifar)  # broadcast to 3 channels before
+    with pytest.raises(InvalidInputError, match="denormalize"):
+        denormalize(jnp.zeros((2, 8, 8, 3)), digits)
+
+
+def test_an_image_dataset_refuses_labels_outside_the_classes_and_plain_lists():
+    spec = get_spec("digits")
+    images = np.zeros((2, 8, 8, 1), np.uint8)
+    for labels in ([0, 10], [-1, 3]):
+        with pytest.raises(InvalidInputError, match=r"labels must lie in 0..9 for digits"):
+            ImageDataset(images, np.array(labels, np.int32), spec, "x")
+    with pytest.raises(InvalidInputError, match="must be NumPy arrays, got ndarray and list"):
+        ImageDataset(images, [0, 1], spec, "x")

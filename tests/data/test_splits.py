@@ -102,3 +102,9 @@ def test_check_clean_set_errors():
     with pytest.raises(InvalidInputError, match="empty"):
         check_clean_set(np.array([], int), 10)
     check_clean_set(np.arange(10).repeat(2), 10)  # complete: no error
+
+
+def test_a_fraction_that_rounds_to_the_whole_training_set_is_refused():
+    with pytest.raises(InvalidInputError, match="the attacker's part would be empty"):
+        clean_set_size(0.999, 100)
+    assert clean_set_size(0.99, 100) == 99

@@ -119,3 +119,29 @@ def test_der_of_a_model_without_an_attack_is_refused_in_one_line():
 def test_backdoor_metrics_need_a_triggered_set():
     with pytest.raises(InvalidInputError, match="no triggered test set"):
         evaluate_backdoor(None, {}, None, None)
+
+
+@pytest.mark.parametrize(
+    "predictions",
+    [[0.2, 0.8, 0.1, 0.9], [1.0, float("nan"), 0.0, 1.0], np.eye(4, dtype=np.int64)],
+    ids=["probabilities", "nan", "one_hot"],
+)
+def test_predictions_that_are_not_class_labels_are_refused(predictions):
+    # each once gave a plausible wrong rate: 0.0, 0.75 and 0.9 (entry-wise one-hot match)
+    with pytest.raises(InvalidInputError, match="class label"):
+        accuracy(predictions, [1, 0, 2, 3])
+    with pytest.raises(InvalidInputError, match="class label"):
+        attack_success_rate(predictions, [1, 0, 2, 3], 0)
+
+
+def test_whole_float_labels_are_accepted_as_class_labels():
+    assert accuracy(np.array([1.0, 2.0]), [1, 3]) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("bad", ["0.9", np.array([0.9, 0.8]), True])
+def test_der_refuses_a_rate_that_is_not_one_number(bad):
+    with pytest.raises(InvalidInputError, match="DER takes four numbers"):
+        defense_effectiveness_rating(acc_before=bad, asr_before=1.0, acc_after=0.8, asr_after=0.0)
+    assert defense_effectiveness_rating(
+        acc_before=np.float32(0.9), asr_before=1.0, acc_after=0.9, asr_after=0.0
+    ) == pytest.approx(1.0)
