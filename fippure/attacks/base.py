@@ -117,7 +117,8 @@ class Attack:
                 f"{self.name} trigger expects float images in [0, 1] or integer pixels "
                 f"0..255, got dtype {images.dtype}"
             )
-        return self._trigger(state, images, key)
+        # generators computing in float32 hand back the images' own dtype, as documented
+        return self._trigger(state, images, key).astype(images.dtype)
 
     def _trigger(self, state: State, images: Images, key: PRNGKeyArray | None) -> Images:
         """The trigger itself, on float [0, 1] images of rank 4."""

@@ -47,6 +47,13 @@ from fippure.attacks.warping import grid_sample, identity_grid, upsample_bicubic
 from fippure.config_checks import NON_NEGATIVE, POSITIVE, at_least
 
 
+def _grid_dtype(images: Images) -> jnp.dtype:
+    """The sampling grid's dtype: at least float32. A bfloat16 grid cannot hold a 32-pixel
+    image's positions (s = 0 moved pixels by up to 38 grey levels); the warped images still
+    come back in the images' dtype."""
+    return jnp.promote_types(images.dtype, jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class WaNet(Attack):
     """A fixed random warp; noise-mode training with cross images.
@@ -88,7 +95,7 @@ class WaNet(Attack):
 
     def _trigger(self, state: State, images: Images, key=None) -> Images:
         del key
-        grid = self.warp_grid(state).astype(images.dtype)
+        grid = self.warp_grid(state).astype(_grid_dtype(images))
         return self._finish(grid_sample(images, grid[None]))
 
     def _finish(self, warped: Images) -> Images:
@@ -99,9 +106,10 @@ class WaNet(Attack):
     def cross(self, state: State, images: Images, key) -> Images:
         """Noise-mode images: the backdoor warp plus a random per-image perturbation."""
         b, h, w, _ = images.shape
-        grid = self.warp_grid(state).astype(images.dtype)
-        noise = jax.random.uniform(key, (b, h, w, 2), images.dtype, -1.0, 1.0)
-        noise = noise / jnp.asarray([w, h], images.dtype)
+        dtype = _grid_dtype(images)
+        grid = self.warp_grid(state).astype(dtype)
+        noise = jax.random.uniform(key, (b, h, w, 2), dtype, -1.0, 1.0)
+        noise = noise / jnp.asarray([w, h], dtype)
         return self._finish(grid_sample(images, jnp.clip(grid[None] + noise, -1.0, 1.0)))
 
     def cross_probability(self, plan: PoisonPlan) -> float:

@@ -78,6 +78,10 @@ def split_clean_set(
         InvalidInputError: when the set would miss a class or a class has too few images.
     """
     labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise InvalidInputError(
+            f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
+        )
     count = clean_set_size(size, len(labels))
     if count < num_classes:
         raise InvalidInputError(

@@ -108,3 +108,9 @@ def test_a_fraction_that_rounds_to_the_whole_training_set_is_refused():
     with pytest.raises(InvalidInputError, match="the attacker's part would be empty"):
         clean_set_size(0.999, 100)
     assert clean_set_size(0.99, 100) == 99
+
+
+def test_labels_outside_the_classes_are_refused_not_ignored():
+    labels = np.repeat(np.arange(11), 5)  # class 10 of a 10-class split was silently skipped
+    with pytest.raises(InvalidInputError, match=r"labels must lie in \[0, 10\)"):
+        split_clean_set(labels, 20, 10)
