@@ -158,6 +158,25 @@ def stamp_differences(previous: Mapping[str, Any], fingerprint: Mapping[str, Any
     )
 
 
+def write_json_atomically(path: pathlib.Path, value: Any) -> None:
+    """Writes ``value`` as JSON to a temporary file beside ``path``, then renames it into place,
+    so that a run killed mid-write leaves the old file or the new one, never a truncated one."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def read_stamp(stamp: pathlib.Path) -> dict[str, Any] | None:
+    """A run stamp's fingerprint, or ``None`` when the file is empty or not a JSON object (a
+    run killed while an older fippure wrote it non-atomically)."""
+    try:
+        value = json.loads(pathlib.Path(stamp).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def claim_run_directory(directory: str | os.PathLike, fingerprint: Mapping[str, Any]) -> bool:
     """Makes ``directory`` a run's working directory: stamps it with the run's ``fingerprint``
     (JSON), or checks that the stamp already there is the same run.
@@ -186,13 +205,20 @@ def claim_run_directory(directory: str | os.PathLike, fingerprint: Mapping[str, 
                 f"{directory} already holds a checkpoint of an unknown run; use another --out "
                 "directory"
             )
-        stamp.write_text(json.dumps(fingerprint, indent=1))
+        write_json_atomically(stamp, fingerprint)
         return False
-    previous = json.loads(stamp.read_text())
-    changed = stamp_differences(previous, fingerprint)
-    if changed and all(entry == stamp for entry in directory.iterdir()):
-        # the other run stopped before it saved anything (a bad option, missing data)
-        stamp.write_text(json.dumps(fingerprint, indent=1))
+    alone = all(entry == stamp for entry in directory.iterdir())
+    previous = read_stamp(stamp)
+    if previous is None and not alone:
+        raise CheckpointError(
+            f"{stamp} is unreadable (a run killed while writing it?) and {directory} holds "
+            "more; delete the directory or use another --out directory"
+        )
+    changed = ["the whole stamp"] if previous is None else stamp_differences(previous, fingerprint)
+    if changed and alone:
+        # the other run stopped before it saved anything (a bad option, missing data, a kill
+        # while its stamp was written)
+        write_json_atomically(stamp, fingerprint)
         return False
     if changed:
         raise CheckpointError(

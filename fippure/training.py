@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -375,7 +376,7 @@ def train(
             last = done == total_steps
             if evaluate is not None and (entry["epoch"] % config.eval_every == 0 or last):
                 entry.update({k: float(v) for k, v in evaluate(state.variables()).items()})
-                bar.write(" ".join(f"{k}={v:.4g}" for k, v in entry.items()))
+                bar.write(" ".join(f"{k}={v:.4g}" for k, v in entry.items()), file=sys.stderr)
                 report.final = {k: v for k, v in entry.items() if k != "epoch"}
             report.history.append(entry)
             tick, last_mark = time.perf_counter(), max(last_mark, done)

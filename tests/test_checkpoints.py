@@ -9,7 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from fippure.checkpoints import load_checkpoint, model_metadata, read_metadata, save_checkpoint
+from fippure.checkpoints import (
+    claim_run_directory,
+    load_checkpoint,
+    model_metadata,
+    read_metadata,
+    save_checkpoint,
+)
 from fippure.errors import CheckpointError
 from fippure.models import create_model, init_variables
 
@@ -218,3 +224,18 @@ def test_results_name_the_revision_of_the_running_code(monkeypatch):
     line = provenance.measured_by(stamp)
     assert line.startswith(f"Measured by `{stamp['command']}` at abc123 on {stamp['machine']}")
     assert line.endswith(f"{stamp['date']}.")
+
+
+def test_a_stamp_left_empty_by_a_kill_is_replaced_not_a_traceback(tmp_path):
+    # a run killed while an older fippure wrote run.json left it empty; every rerun then
+    # failed with a JSONDecodeError
+    (tmp_path / "run.json").write_text("")
+    assert claim_run_directory(tmp_path, {"lr": 0.1}) is False
+    assert json.loads((tmp_path / "run.json").read_text()) == {"lr": 0.1}
+    assert claim_run_directory(tmp_path, {"lr": 0.1}) is True
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temporary file left
+    # beside saved work an unreadable stamp cannot be judged: refused, not overwritten
+    (tmp_path / "run.json").write_text("{")
+    (tmp_path / "progress").mkdir()
+    with pytest.raises(CheckpointError, match="run.json is unreadable"):
+        claim_run_directory(tmp_path, {"lr": 0.1})

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -30,7 +31,7 @@ import orbax.checkpoint as ocp
 from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
-from fippure.checkpoints import stamp_differences
+from fippure.checkpoints import read_stamp, stamp_differences, write_json_atomically
 from fippure.data.pipeline import batch_from_permutation, epoch_permutation, to_unit_range
 from fippure.data.sources import ImageDataset
 from fippure.errors import CheckpointError, InvalidInputError, NonFiniteLossError
@@ -187,7 +188,7 @@ def run_phases(
                 if evaluate is not None and (classifier_epoch % eval_every == 0 or last):
                     entry.update({k: float(v) for k, v in evaluate(carry).items()})
                     report.final = {k: v for k, v in entry.items() if k not in ("epoch", "phase")}
-            bar.write(" ".join(_fmt(k, v) for k, v in entry.items()))
+            bar.write(" ".join(_fmt(k, v) for k, v in entry.items()), file=sys.stderr)
             report.history.append(entry)
             tick, last_mark = time.perf_counter(), max(last_mark, done)
         if manager is not None and (end_of_epoch or done == stop):
@@ -291,8 +292,14 @@ def _prepare_workdir(workdir: pathlib.Path, fingerprint: dict) -> tuple[list[dic
     workdir.mkdir(parents=True, exist_ok=True)
     stamp = workdir / "run.json"
     fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as stored
-    if stamp.exists():
-        previous = json.loads(stamp.read_text())
+    alone = stamp.exists() and all(entry == stamp for entry in workdir.iterdir())
+    previous = read_stamp(stamp) if stamp.exists() else None
+    if stamp.exists() and previous is None and not alone:
+        raise CheckpointError(
+            f"{stamp} is unreadable (a run killed while writing it?) and {workdir} holds more; "
+            "delete the directory or use another --out directory"
+        )
+    if previous is not None:
         changed = stamp_differences(previous, fingerprint)
         if changed:
             raise CheckpointError(
@@ -304,7 +311,7 @@ def _prepare_workdir(workdir: pathlib.Path, fingerprint: dict) -> tuple[list[dic
             saved = json.loads(history.read_text())
             return saved["history"], saved["elapsed_s"]
         return [], 0.0
-    stamp.write_text(json.dumps(fingerprint, indent=1))
+    write_json_atomically(stamp, fingerprint)
     return [], 0.0
 
 

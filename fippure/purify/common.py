@@ -13,6 +13,7 @@ host only every ``log_every`` steps (to log the loss and stop on NaN). Given a
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple, get_args
@@ -320,7 +321,10 @@ def run_steps(
             raise CheckpointError(f"{checkpointing.directory} holds {start} of {steps} steps")
         if start:
             bar.update(start)
-            bar.write(f"{desc}: resumed at step {start} of {steps} from {checkpointing.directory}")
+            bar.write(
+                f"{desc}: resumed at step {start} of {steps} from {checkpointing.directory}",
+                file=sys.stderr,
+            )
     # a private copy: a step may donate its carry, which must never be the caller's arrays
     carry = _private_copy(carry)
     try:
@@ -374,7 +378,9 @@ def run_steps(
                 store.save(done, carry, curve)
                 tick += time.perf_counter() - begin
             if stopping:
-                bar.write(f"{desc}: stopped by its observer after step {done} of {steps}")
+                bar.write(
+                    f"{desc}: stopped by its observer after step {done} of {steps}", file=sys.stderr
+                )
                 break
     finally:
         bar.close()

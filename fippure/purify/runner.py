@@ -17,7 +17,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from fippure.checkpoints import METADATA, RUN_STAMP, claim_run_directory, save_checkpoint
+from fippure.checkpoints import (
+    METADATA,
+    RUN_STAMP,
+    claim_run_directory,
+    read_stamp,
+    save_checkpoint,
+)
 from fippure.errors import CheckpointError, InvalidInputError
 from fippure.evaluation.metrics import (
     accuracy,
@@ -255,7 +261,8 @@ def claim_output_directory(
                 "mix the purified model into it. Use another --out directory"
             )
     progress, stamp = out / PROGRESS, out / RUN_STAMP
-    ours = stamp.exists() and "defense" in json.loads(stamp.read_text())
+    previous = read_stamp(stamp) if stamp.exists() else None
+    ours = previous is not None and "defense" in previous
     if (out / METADATA).exists() and not ours:
         raise CheckpointError(
             f"{out} already holds a checkpoint that is not a defense's output (the source "
