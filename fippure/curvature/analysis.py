@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -168,7 +169,20 @@ def analyze_curvature(
 
     Returns:
         ``(report, density)``: a JSON-able dict and the :class:`SpectralDensity`.
+
+    Raises:
+        InvalidInputError: a model whose ``__call__`` takes no ``train`` keyword, or
+            variables without ``params``.
     """
+    accepted = inspect.signature(type(model).__call__).parameters.values()
+    if not any(p.name == "train" or p.kind is p.VAR_KEYWORD for p in accepted):
+        raise InvalidInputError(
+            f"analyze_curvature applies the model with train=False, but "
+            f"{type(model).__name__}.__call__ takes no train keyword; add one (BatchNorm in "
+            "eval mode when it is False)"
+        )
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise InvalidInputError("variables must be the model's collections, with 'params'")
     params = variables["params"]
     others = {k: v for k, v in variables.items() if k != "params"}
     inputs, labels = jnp.asarray(inputs), jnp.asarray(labels)

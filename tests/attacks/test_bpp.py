@@ -83,3 +83,20 @@ def test_negative_training_images():
     assert change.mean() > 0.01
     level_error = np.abs(out[negative] * 7 - np.round(out[negative] * 7))
     assert level_error.mean() > 0.05
+
+
+def test_a_batch_of_one_has_no_negatives():
+    # a roll of a one-image batch lends the image its own residual: a squeezed (poisoned)
+    # image that keeps its clean label
+    labels = np.array([3] * 99 + [0], np.int32)
+    images = np.random.default_rng(1).integers(0, 256, (100, 32, 32, 3)).astype(np.uint8)
+    attack = make_attack("bpp", neg_ratio=0.5)
+    plan = make_poison_plan(labels, ratio=0.1, num_classes=10, target=0, seed=0)
+    context = AttackContext(ImageDataset(images, labels, CIFAR, "train"), plan, CIFAR, None)
+    transform = jax.jit(attack.training_transform({}, plan, context))
+    clean_row = int(np.setdiff1d(np.arange(99), plan.indices)[0])
+    x = jnp.asarray(images[clean_row : clean_row + 1], jnp.float32) / 255.0
+    for seed in range(20):
+        out, _ = transform(jax.random.key(seed), x, jnp.asarray(labels[[clean_row]]),
+                           jnp.array([clean_row]))  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(x))

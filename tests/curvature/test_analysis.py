@@ -48,3 +48,20 @@ def test_a_second_checkpoint_of_the_same_model_reuses_the_compiled_analysis(
     hessian = dense_classifier(model, after, inputs, labels).hessian
     assert second["lambda_max"] == pytest.approx(np.linalg.eigvalsh(hessian)[-1], rel=1e-6)
     assert second["lambda_max"] != pytest.approx(first["lambda_max"], rel=1e-3)
+
+
+def test_a_model_without_a_train_keyword_is_refused_in_one_line():
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from fippure.errors import InvalidInputError
+
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(x)
+
+    x, y = jnp.ones((4, 5)), jnp.array([0, 1, 2, 0])
+    variables = Plain().init(jax.random.key(0), x)
+    with pytest.raises(InvalidInputError, match="Plain.__call__ takes no train keyword"):
+        analyze_curvature(Plain(), variables, x, y, jax.random.key(1))
