@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from tqdm.auto import tqdm
 
-from fippure.checkpoints import claim_run_directory
+from fippure.checkpoints import claim_run_directory, write_json_atomically
 from fippure.config_checks import (
     AT_LEAST_ONE,
     BELOW_ONE,
@@ -410,6 +410,4 @@ def _prepare_workdir(workdir, model, data, config, state, report):
 
 def _write_history(workdir, report: TrainReport, elapsed_s: float) -> None:
     path = pathlib.Path(workdir).resolve() / "history.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"history": report.history, "elapsed_s": elapsed_s}, indent=1))
-    os.replace(tmp, path)
+    write_json_atomically(path, {"history": report.history, "elapsed_s": elapsed_s})

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -20,13 +21,26 @@ from fippure.errors import InvalidInputError
 PyTree = Any
 
 
-def _is_masked(x: Any) -> bool:
+def is_masked(x: Any) -> bool:
+    """Whether ``x`` is the placeholder ``optax.masked`` puts in place of a frozen leaf."""
     return isinstance(x, optax.MaskedNode)
 
 
+def has_negative_entries(tree: PyTree) -> bool:
+    """Whether a concrete ``tree`` holds a negative entry (a traced one is not judged)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return False
+    return any(bool(jnp.any(jnp.asarray(leaf) < 0)) for leaf in leaves)
+
+
 def _paths(tree: PyTree) -> list[str]:
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)
     return [jax.tree_util.keystr(path) for path, _ in leaves]
+
+
+def _first(paths: list[str]) -> str:
+    return ", ".join(paths[:3]) + (" ..." if len(paths) > 3 else "")
 
 
 def check_fits(
@@ -52,34 +66,23 @@ def check_fits(
         exact: require each leaf's shape to equal its parameter's (no broadcasting), as a
             vector in a matrix-vector product must.
     """
-    if jax.tree_util.tree_structure(tree, is_leaf=_is_masked) != jax.tree_util.tree_structure(
-        params, is_leaf=_is_masked
+    if jax.tree_util.tree_structure(tree, is_leaf=is_masked) != jax.tree_util.tree_structure(
+        params, is_leaf=is_masked
     ):
         want, got = _paths(params), _paths(tree)
-        missing = [p for p in want if p not in got]
-        extra = [p for p in got if p not in want]
-        detail = (
-            "; ".join(
-                part
-                for part in (
-                    f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
-                    if missing
-                    else "",
-                    f"unexpected {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}"
-                    if extra
-                    else "",
-                )
-                if part
-            )
-            or "the same leaves in other containers (e.g. dict against FrozenDict)"
-        )
+        parts = []
+        if missing := [p for p in want if p not in got]:
+            parts.append(f"missing {_first(missing)}")
+        if extra := [p for p in got if p not in want]:
+            parts.append(f"unexpected {_first(extra)}")
+        detail = "; ".join(parts) or "the same leaves in other containers (dict, FrozenDict)"
         raise InvalidInputError(
             f"{where}: {name} must have the pytree structure of {reference} ({detail})"
         )
-    pairs, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)
-    leaves = jax.tree_util.tree_leaves(tree, is_leaf=_is_masked)
+    pairs, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_masked)
     for (path, param), leaf in zip(pairs, leaves, strict=True):
-        if _is_masked(param):
+        if is_masked(param):
             continue
         shape, leaf_shape = np.shape(param), np.shape(leaf)
         try:

@@ -93,7 +93,7 @@ def check_attack_metadata(attack_meta: Any, path: Any, num_classes: int) -> None
         )
     try:
         validate_attack_args(
-            ratio=attack_meta.get("ratio", 0.5),
+            ratio=attack_meta.get("ratio", 0.5),  # fippure stores it; a missing one is not judged
             target=attack_meta["target"],
             mode=attack_meta["mode"],
             num_classes=num_classes,

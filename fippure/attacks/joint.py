@@ -31,10 +31,10 @@ import orbax.checkpoint as ocp
 from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
-from fippure.checkpoints import read_stamp, stamp_differences, write_json_atomically
+from fippure.checkpoints import claim_run_directory, write_json_atomically
 from fippure.data.pipeline import batch_from_permutation, epoch_permutation, to_unit_range
 from fippure.data.sources import ImageDataset
-from fippure.errors import CheckpointError, InvalidInputError, NonFiniteLossError
+from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.losses import cross_entropy
 from fippure.step_inputs import device_indices, folded_keys, step_guard, sum_metrics
 from fippure.training import TrainReport, TrainState
@@ -288,35 +288,14 @@ def _fmt(key: str, value: Any) -> str:
 
 
 def _prepare_workdir(workdir: pathlib.Path, fingerprint: dict) -> tuple[list[dict], float]:
-    """Checks or writes ``run.json``; returns the stored history and elapsed seconds."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    stamp = workdir / "run.json"
-    fingerprint = json.loads(json.dumps(fingerprint))  # tuples -> lists, as stored
-    alone = stamp.exists() and all(entry == stamp for entry in workdir.iterdir())
-    previous = read_stamp(stamp) if stamp.exists() else None
-    if stamp.exists() and previous is None and not alone:
-        raise CheckpointError(
-            f"{stamp} is unreadable (a run killed while writing it?) and {workdir} holds more; "
-            "delete the directory or use another --out directory"
-        )
-    if previous is not None:
-        changed = stamp_differences(previous, fingerprint)
-        if changed:
-            raise CheckpointError(
-                f"{workdir} holds a run with a different {', '.join(changed)}; "
-                "use another --out directory or delete it"
-            )
-        history = workdir / "history.json"
-        if history.exists():
-            saved = json.loads(history.read_text())
-            return saved["history"], saved["elapsed_s"]
-        return [], 0.0
-    write_json_atomically(stamp, fingerprint)
+    """Claims ``workdir`` for this fit (:func:`claim_run_directory`); returns the stored history
+    and elapsed seconds of the run it resumes, if any."""
+    history = workdir / "history.json"
+    if claim_run_directory(workdir, fingerprint) and history.exists():
+        saved = json.loads(history.read_text())
+        return saved["history"], saved["elapsed_s"]
     return [], 0.0
 
 
 def _write_history(workdir: pathlib.Path, history: list[dict], elapsed_s: float) -> None:
-    path = workdir / "history.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"history": history, "elapsed_s": elapsed_s}, indent=1))
-    os.replace(tmp, path)
+    write_json_atomically(workdir / "history.json", {"history": history, "elapsed_s": elapsed_s})

@@ -21,6 +21,7 @@ import tempfile
 import numpy as np
 
 from fippure.data.catalog import DatasetSpec, get_spec
+from fippure.data.splits import check_label_range
 from fippure.errors import DatasetUnavailableError, InvalidInputError
 
 SPLITS = ("train", "test")
@@ -65,13 +66,7 @@ class ImageDataset:
             raise InvalidInputError(
                 f"labels must be integer class indices, got dtype {np.asarray(self.labels).dtype}"
             )
-        if self.labels.size and not (
-            0 <= self.labels.min() and self.labels.max() < self.spec.num_classes
-        ):
-            raise InvalidInputError(
-                f"labels must lie in 0..{self.spec.num_classes - 1} for {self.spec.name}, got "
-                f"{int(self.labels.min())}..{int(self.labels.max())}"
-            )
+        check_label_range(self.labels, self.spec.num_classes, f"{self.spec.name} labels")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -28,6 +28,15 @@ class CleanSplit:
     rest: np.ndarray
 
 
+def check_label_range(labels: np.ndarray, num_classes: int, what: str = "labels") -> None:
+    """Raises a one-line error when a label lies outside ``[0, num_classes)``."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise InvalidInputError(
+            f"{what} must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
+        )
+
+
 def clean_set_size(size: int | float, num_train: int) -> int:
     """Turns a count (``500``) or a fraction of the training set (``0.01``) into a count."""
     if isinstance(size, bool | np.bool_) or not isinstance(size, numbers.Real):
@@ -78,10 +87,7 @@ def split_clean_set(
         InvalidInputError: when the set would miss a class or a class has too few images.
     """
     labels = np.asarray(labels)
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise InvalidInputError(
-            f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
-        )
+    check_label_range(labels, num_classes)
     count = clean_set_size(size, len(labels))
     if count < num_classes:
         raise InvalidInputError(
@@ -109,10 +115,7 @@ def check_clean_set(labels: np.ndarray, num_classes: int) -> None:
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) == 0:
         raise InvalidInputError(f"the clean set is empty or malformed (labels {labels.shape})")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise InvalidInputError(
-            f"clean-set labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
-        )
+    check_label_range(labels, num_classes, "clean-set labels")
     missing = sorted(set(range(num_classes)) - set(np.unique(labels).tolist()))
     if missing:
         raise InvalidInputError(

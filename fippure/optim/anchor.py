@@ -19,14 +19,9 @@ import optax
 from jaxtyping import Array, Int
 
 from fippure.errors import InvalidInputError, is_concrete
-from fippure.tree_checks import check_fits
+from fippure.tree_checks import check_fits, has_negative_entries, is_masked
 
 PyTree = Any
-
-
-def is_masked(x: Any) -> bool:
-    """Whether ``x`` is the placeholder ``optax.masked`` puts in place of a frozen leaf."""
-    return isinstance(x, optax.MaskedNode)
 
 
 class FisherAnchorState(NamedTuple):
@@ -74,9 +69,7 @@ def fisher_anchor(
     """
     if not callable(strength) and is_concrete(strength) and not strength >= 0:
         raise InvalidInputError(f"fisher_anchor: strength must be >= 0, got {strength}")
-    if is_concrete(fisher_diag) and any(
-        bool(jnp.any(jnp.asarray(leaf) < 0)) for leaf in jax.tree_util.tree_leaves(fisher_diag)
-    ):
+    if has_negative_entries(fisher_diag):
         raise InvalidInputError("fisher_anchor: fisher_diag has negative entries (a Fisher is PSD)")
     schedule = strength if callable(strength) else (lambda _: strength)
 

@@ -42,7 +42,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from fippure.errors import InvalidInputError, is_concrete
-from fippure.tree_checks import check_fits
+from fippure.tree_checks import check_fits, has_negative_entries
 
 PyTree = Any
 Mode = Literal["cg", "dense"]
@@ -186,9 +186,7 @@ def natural_gradient(
     if diagonal is not None:
         if mode == "dense":
             _check_head(diagonal, "diagonal")
-        if is_concrete(diagonal) and any(
-            bool(jnp.any(jnp.asarray(leaf) < 0)) for leaf in jax.tree_util.tree_leaves(diagonal)
-        ):
+        if has_negative_entries(diagonal):
             raise InvalidInputError(
                 "natural_gradient: diagonal must be non-negative (a negative one can make "
                 "F + diag + damping I indefinite, and the step ascend)"

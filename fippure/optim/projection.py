@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from fippure.errors import InvalidInputError, is_concrete
-from fippure.optim.anchor import is_masked
-from fippure.tree_checks import check_fits
+from fippure.tree_checks import check_fits, is_masked
 
 PyTree = Any
 Bound = float | PyTree

@@ -118,7 +118,7 @@ def test_an_image_dataset_refuses_labels_outside_the_classes_and_plain_lists():
     spec = get_spec("digits")
     images = np.zeros((2, 8, 8, 1), np.uint8)
     for labels in ([0, 10], [-1, 3]):
-        with pytest.raises(InvalidInputError, match=r"labels must lie in 0..9 for digits"):
+        with pytest.raises(InvalidInputError, match=r"digits labels must lie in \[0, 10\)"):
             ImageDataset(images, np.array(labels, np.int32), spec, "x")
     with pytest.raises(InvalidInputError, match="must be NumPy arrays, got ndarray and list"):
         ImageDataset(images, [0, 1], spec, "x")
