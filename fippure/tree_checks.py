@@ -95,3 +95,29 @@ def check_fits(
                 f"{where}: {name}{jax.tree_util.keystr(path)} has shape {leaf_shape}, which "
                 f"{relation} {shape}, the shape of {reference}{jax.tree_util.keystr(path)}"
             )
+
+
+def _shape_of(leaf: Any) -> jax.ShapeDtypeStruct:
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return leaf
+    return jax.ShapeDtypeStruct(np.shape(leaf), jnp.result_type(leaf))
+
+
+def check_operator(matvec: Any, like: PyTree, where: str) -> None:
+    """Raises :class:`InvalidInputError` unless ``matvec`` maps a vector shaped like ``like`` to
+    one of the same structure and shapes (as a symmetric operator on the parameters must).
+
+    It traces ``matvec`` once on shapes (``jax.eval_shape``), so nothing runs on the device; an
+    operator built for other parameters is refused here, naming the argument, instead of
+    failing inside JAX with a message about the linearised function.
+    """
+    vector = jax.tree_util.tree_map(_shape_of, like)
+    try:
+        product = jax.eval_shape(matvec, vector)
+    except (TypeError, ValueError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise InvalidInputError(
+            f"{where}: the operator does not accept a vector shaped like `like` (is it built "
+            f"for other parameters?): {reason}"
+        ) from None
+    check_fits(product, vector, "the operator's output", where, exact=True, reference="like")

@@ -52,6 +52,7 @@ from fippure.curvature.probes import rademacher_like, tree_dot, tree_norm
 from fippure.curvature.products import Operator
 from fippure.errors import InvalidInputError, is_concrete, require
 from fippure.step_inputs import device_indices, step_guard
+from fippure.tree_checks import check_operator
 
 PyTree = Any
 Loop = Literal["python", "fori"]
@@ -174,6 +175,7 @@ def lanczos(
         The :class:`Tridiagonal` ``T`` (``m x m``); its eigenvalues are the Ritz values.
     """
     require(num_iters >= 1, f"num_iters must be positive, got {num_iters}")
+    check_operator(matvec, like, "lanczos")
     flat_like, unravel = ravel_pytree(_materialise(like))
     dim = flat_like.shape[0]
     num_iters = min(num_iters, dim)
@@ -321,6 +323,7 @@ def power_iteration(
         A :class:`PowerIterationResult`.
     """
     require(num_iters >= 1, f"num_iters must be positive, got {num_iters}")
+    check_operator(matvec, like, "power_iteration")
     start = rademacher_like(key, like)
     start = jax.tree_util.tree_map(lambda x: x / tree_norm(start), start)
     operator = _as_operator(matvec)

@@ -28,6 +28,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from fippure.curvature.probes import map_probes, rademacher_like, tree_dot
 from fippure.curvature.products import LogitsFn, Operator
+from fippure.tree_checks import check_operator
 
 PyTree = Any
 
@@ -55,6 +56,8 @@ def hutchinson_samples(
     Returns:
         ``(K,)`` array.
     """
+
+    check_operator(matvec, like, "hutchinson")
 
     def one(probe_key):
         probe = rademacher_like(probe_key, like)
@@ -106,6 +109,8 @@ def hutchinson_diagonal(
     Returns:
         A pytree shaped like ``like``: the unbiased diagonal estimate.
     """
+
+    check_operator(matvec, like, "hutchinson_diagonal")
 
     def one(probe_key):
         probe = rademacher_like(probe_key, like)

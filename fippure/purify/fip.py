@@ -458,19 +458,21 @@ def fisher_guided_purify(
     without_trace = functools.partial(_fip_step, program=programs[False])
     # With trace_every > 1 most logged steps run without the trace term: their entries carry
     # the last trace computed (``trace``) and the step it was computed at (``trace_step``),
-    # while ``loss`` stays the objective that step minimised.
-    last_trace: dict[str, Any] = {}
+    # while ``loss`` stays the objective that step minimised. Both ride in the carry, so a
+    # resumed run's entries before its next traced step still carry them.
+    tracking = config.trace_every > 1 and config.eta_F > 0
 
     def step(carry, key):
-        inner, t_index = carry  # a host-side step counter: the trace term runs every k-th step
+        # t_index is a host-side step counter: the trace term runs every k-th step
+        inner, t_index, last_trace = carry
         traced = t_index % config.trace_every == 0
         fn = with_trace if traced else without_trace
         inner, metrics = fn(inner, key, *arguments)
-        if config.trace_every > 1 and config.eta_F > 0:
+        if tracking:
             if traced:
-                last_trace.update(trace=metrics["trace"], trace_step=t_index + 1)
-            metrics = {**metrics, **last_trace}
-        return (inner, t_index + 1), metrics
+                last_trace = (metrics["trace"], t_index + 1)
+            metrics = {**metrics, "trace": last_trace[0], "trace_step": last_trace[1]}
+        return (inner, t_index + 1, last_trace), metrics
 
     def to_variables(carry):
         return as_variables(to_params(carry[0][0], frozen), carry[0][1])
@@ -483,7 +485,7 @@ def fisher_guided_purify(
         without_trace = _fip_step.lower(inner, key, *arguments, program=programs[False]).compile()
     carry, curve, step_time, observe_time, resumed, done = run_steps(
         step,
-        (inner, 0),
+        (inner, 0, (jnp.zeros_like(trace0), 0)),
         steps=config.steps,
         key=key,
         desc=method.upper().replace("_", " "),

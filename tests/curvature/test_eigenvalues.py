@@ -12,7 +12,7 @@ from jax.flatten_util import ravel_pytree
 from jax.test_util import check_grads
 from jax.tree_util import Partial
 
-from fippure.curvature import density, eigenvalues, products
+from fippure.curvature import density, eigenvalues, products, trace
 from fippure.curvature.analysis import AnalysisConfig, lambda_max_warnings
 from fippure.errors import InvalidInputError
 
@@ -259,6 +259,37 @@ def test_bad_counts_raise_one_line_errors(problem, call, message):
     with pytest.raises(InvalidInputError, match=message) as error:
         call(operator(problem, "hessian"), problem.params, jax.random.key(0))
     assert "\n" not in str(error.value)
+
+
+def _first_leaf_reshaped(params):
+    """``params`` with its first leaf given a trailing axis of size 1 (a ``(C, 1)`` bias)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaves[0] = leaves[0][..., None]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda op, like, key: eigenvalues.lanczos(op, like, key, 4),
+        lambda op, like, key: eigenvalues.power_iteration(op, like, key, 4),
+        lambda op, like, key: trace.hutchinson_trace(op, like, key, 2),
+        lambda op, like, key: trace.hutchinson_diagonal(op, like, key, 2),
+    ],
+    ids=["lanczos", "power", "hutchinson", "hutchinson_diagonal"],
+)
+def test_an_operator_built_for_other_parameters_is_refused_in_one_line(problem, call):
+    op = operator(problem, "ggn")
+    wrong = [_first_leaf_reshaped(problem.params), {"only": jnp.zeros(3)}]
+    for like in wrong:
+        with pytest.raises(InvalidInputError, match="does not accept a vector shaped like") as error:
+            call(op, like, jax.random.key(0))
+        assert "\n" not in str(error.value)
+
+
+def test_an_operator_that_changes_the_vectors_shape_is_refused(problem):
+    with pytest.raises(InvalidInputError, match="the operator's output"):
+        eigenvalues.lanczos(_first_leaf_reshaped, problem.params, jax.random.key(0), 3)
 
 
 def test_power_iteration_returns_the_vector_its_rayleigh_quotient_belongs_to(x64):

@@ -18,7 +18,7 @@ STEPS = 6
 #: A few steps of each step loop on a width-4 digits CNN (NFT masks its two BatchNorms).
 #: Fast FIP runs FIP's loop over other tunables, and FT-SAM FT's, so they are not repeated.
 OVERRIDES = {
-    "fip": {"average_last": "3"},
+    "fip": {"average_last": "3", "trace_every": "4"},  # the trace at steps 1 and 5
     "nft": {"mask_pattern": r"^bn\d+$"},
     "ngf": {"refresh_every": "4"},
     "ft": {},
@@ -75,10 +75,11 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(defense, tiny, tmp_pat
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want
     )
-    assert [p["step"] for p in report.loss_curve] == [p["step"] for p in want_report.loss_curve]
-    np.testing.assert_allclose(
-        [p["loss"] for p in report.loss_curve], [p["loss"] for p in want_report.loss_curve]
-    )
+    # every entry, including FIP's last trace and its step at step 4 (after the resume, before
+    # the next traced step)
+    assert [sorted(p) for p in report.loss_curve] == [sorted(p) for p in want_report.loss_curve]
+    for entry, wanted in zip(report.loss_curve, want_report.loss_curve, strict=True):
+        np.testing.assert_allclose([entry[k] for k in wanted], list(wanted.values()), rtol=1e-6)
 
 
 def test_progress_of_another_run_is_refused(tiny, tmp_path):
