@@ -18,7 +18,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, UInt8
 
 from fippure.data.catalog import DatasetSpec
 from fippure.data.sources import ImageDataset
-from fippure.errors import InvalidInputError
+from fippure.errors import InvalidInputError, is_concrete
 
 #: Datasets larger than this stay on the host and are streamed batch by batch.
 DEVICE_BYTES_LIMIT = 2 * 1024**3
@@ -113,9 +113,23 @@ def batch_from_permutation(
 ) -> tuple[Array, Int[Array, " b"], Int[Array, " b"]]:
     """The ``index``-th batch of an epoch, gathered on device (use inside jit).
 
+    An epoch has ``len(permutation) // batch_size`` full batches; ``index`` must be below that.
+    A concrete ``index`` out of range is refused; a traced one is not checked, and (as
+    ``lax.dynamic_slice`` clamps its start) would repeat the epoch's last full batch.
+
     Returns:
         ``(images, labels, example_indices)``.
     """
+    size = permutation.shape[0]
+    if not 1 <= batch_size <= size:
+        raise InvalidInputError(
+            f"batch_size must be in [1, {size}] (the epoch's size), got {batch_size}"
+        )
+    if is_concrete(index) and not 0 <= int(index) < size // batch_size:
+        raise InvalidInputError(
+            f"batch index {int(index)} is out of range: an epoch of {size} examples has "
+            f"{size // batch_size} full batches of {batch_size}"
+        )
     rows = jax.lax.dynamic_slice_in_dim(permutation, index * batch_size, batch_size)
     return images[rows], labels[rows], rows
 

@@ -64,6 +64,17 @@ def test_batch_from_permutation():
     np.testing.assert_array_equal(y, data.labels[np.asarray(perm[12:18])])
 
 
+@pytest.mark.parametrize(
+    ("index", "batch_size", "message"),
+    [(3, 6, "batch index 3 is out of range"), (-1, 6, "batch index -1"), (0, 21, "batch_size")],
+)
+def test_batch_from_permutation_refuses_a_batch_past_the_epoch(index, batch_size, message):
+    """20 examples make 3 full batches of 6: a 4th would silently repeat the 3rd."""
+    data = _dataset(20)
+    with pytest.raises(InvalidInputError, match=message):
+        batch_from_permutation(data.images, data.labels, jnp.arange(20), index, batch_size)
+
+
 @pytest.mark.parametrize("on_device", [True, False])
 @pytest.mark.parametrize(
     ("batch_size", "drop", "sizes"),
