@@ -12,7 +12,7 @@ import numpy as np
 from fippure.data.catalog import DatasetSpec
 from fippure.data.pipeline import normalize, to_unit_range
 from fippure.errors import InvalidInputError, NonFiniteLossError
-from fippure.models.registry import Variables
+from fippure.models.registry import Variables, variables_must_fit
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec"))
@@ -34,8 +34,9 @@ def predict_logits(
         float32 ``(n, K)`` numpy array.
 
     Raises:
-        InvalidInputError: images not of ``spec``'s shape, or float images far outside [0, 1]
-            (pixel values 0-255 as floats, which would be read as saturated, or [-1, 1]).
+        InvalidInputError: images not of ``spec``'s shape, float images far outside [0, 1]
+            (pixel values 0-255 as floats, which would be read as saturated, or [-1, 1]), or
+            ``variables`` that are not ``model``'s.
         NonFiniteLossError: the model's logits are NaN or infinite.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
@@ -50,7 +51,8 @@ def predict_logits(
     variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
     if n == 0:  # an empty subset (say, a filtered triggered set): no rows
         probe = jnp.zeros((1, *images.shape[1:]), images.dtype)
-        shape = jax.eval_shape(lambda: _logits(model, spec, variables, probe)).shape
+        with variables_must_fit(model):
+            shape = jax.eval_shape(lambda: _logits(model, spec, variables, probe)).shape
         return np.zeros((0, shape[-1]), np.float32)
     out = []
     for start in range(0, n, batch_size):
@@ -60,7 +62,8 @@ def predict_logits(
             chunk = jnp.concatenate(
                 [jnp.asarray(chunk), jnp.repeat(jnp.asarray(chunk[-1:]), short, 0)]
             )
-        out.append(_logits(model, spec, variables, chunk)[: batch_size - short])
+        with variables_must_fit(model):  # the first call of a batch shape traces the model
+            out.append(_logits(model, spec, variables, chunk)[: batch_size - short])
     logits = np.asarray(jnp.concatenate(out))
     if not np.isfinite(logits).all():
         # argmax of NaN logits is class 0, which would score as a perfect backdoor

@@ -48,7 +48,7 @@ from fippure.data.pipeline import (
 from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.losses import cross_entropy
-from fippure.models.registry import Variables
+from fippure.models.registry import Variables, output_shape
 from fippure.step_inputs import device_indices, step_guard, sum_metrics
 
 #: ``(key, images in [0, 1], labels, example indices) -> (images, labels)``, traced in the step.
@@ -113,6 +113,8 @@ class TrainConfig:
                 "seed": SEED,
             },
         )
+        if self.nesterov and not self.momentum:  # optax would drop Nesterov silently
+            raise InvalidInputError("TrainConfig.nesterov needs a momentum > 0, got momentum 0")
 
 
 @flax.struct.dataclass
@@ -289,13 +291,15 @@ def train(
         evaluate: called with the variables every ``config.eval_every`` epochs and at the end.
         batch_transform: in-graph poisoning of each batch, before augmentation.
         progress: show a progress bar.
-        stop_after_steps: stop (after checkpointing) once this many steps are done; for tests
-            and for splitting a long run into pieces.
+        stop_after_steps: stop (after checkpointing) once this many steps are done (>= 1);
+            for tests and for splitting a long run into pieces.
 
     Returns:
         ``(variables, report)``.
 
     Raises:
+        InvalidInputError: if ``variables`` do not fit ``model`` on ``data``'s images, the
+            model's outputs are not ``data``'s classes, or the batch exceeds the data.
         NonFiniteLossError: if the loss becomes NaN or infinite.
         CheckpointError: if ``workdir`` holds a run with another configuration.
     """
@@ -304,13 +308,29 @@ def train(
     steps_per_epoch = n // config.batch_size
     if steps_per_epoch == 0:
         raise InvalidInputError(f"batch_size {config.batch_size} exceeds the {n} training images")
+    if stop_after_steps is not None and (
+        isinstance(stop_after_steps, bool)
+        or not isinstance(stop_after_steps, int | np.integer)
+        or stop_after_steps < 1
+    ):
+        raise InvalidInputError(
+            f"stop_after_steps must be a positive integer or None, got {stop_after_steps!r}"
+        )
+    outputs = output_shape(model, variables, data.spec.image_shape)
+    if outputs != (data.num_classes,):
+        # labels past the last logit would make the loss NaN, reported as a too-high rate
+        raise InvalidInputError(
+            f"the model's outputs have shape {outputs} but {data.spec.name} has "
+            f"{data.num_classes} classes; build it with num_classes={data.num_classes}"
+        )
     total_steps = steps_per_epoch * config.epochs
     optimizer = make_optimizer(config, total_steps)
     state = create_train_state(variables, optimizer)
     manager = None
     report = TrainReport(steps=total_steps, epochs=config.epochs)
+    epoch_so_far = None
     if workdir is not None:
-        state, report = _prepare_workdir(workdir, model, data, config, state, report)
+        report, epoch_so_far = _prepare_workdir(workdir, model, data, config, report)
         manager = _checkpoint_manager(workdir)
         if manager.latest_step() is not None:
             step = manager.latest_step()
@@ -319,6 +339,9 @@ def train(
             report.history = [
                 h for h in report.history if h["epoch"] * steps_per_epoch <= int(step)
             ]
+            evaluated = [h for h in report.history if set(h) - {"epoch", "loss", "train_accuracy"}]
+            if evaluated:  # the last evaluation so far, as an uninterrupted run reports it
+                report.final = {k: v for k, v in evaluated[-1].items() if k != "epoch"}
     previous_elapsed = report.total_wall_time_s
     train_step = make_train_step(model, data.spec, config, optimizer, batch_transform)
     images, labels = jax.device_put(data.images), jax.device_put(data.labels.astype(np.int32))
@@ -328,7 +351,8 @@ def train(
     stop = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
     checkpoint_every = config.checkpoint_every or steps_per_epoch
     permutation = epoch_permutation(order_key, start // steps_per_epoch, n)
-    epoch_metrics: list[dict[str, Array]] = []  # kept on the device until the epoch ends
+    # kept on the device until the epoch ends; a run resumed mid-epoch starts from the saved ones
+    epoch_metrics = _resumed_epoch_metrics(epoch_so_far, start, steps_per_epoch)
     step_seconds, timed_steps, last_mark = 0.0, 0, start
     bar = tqdm(
         total=total_steps,
@@ -382,7 +406,12 @@ def train(
             tick, last_mark = time.perf_counter(), max(last_mark, done)
         if manager is not None and (done % checkpoint_every == 0 or done == stop):
             manager.save(done, args=ocp.args.StandardSave(state))
-            _write_history(workdir, report, previous_elapsed + time.perf_counter() - started)
+            _write_history(
+                workdir,
+                report,
+                previous_elapsed + time.perf_counter() - started,
+                _epoch_so_far(epoch_metrics, done),
+            )
             tick, last_mark = time.perf_counter(), max(last_mark, done)
     bar.close()
     if manager is not None:
@@ -395,8 +424,11 @@ def train(
     return state.variables(), report
 
 
-def _prepare_workdir(workdir, model, data, config, state, report):
+def _prepare_workdir(workdir, model, data, config, report):
+    """Claims ``workdir``; returns the report with the saved history and the saved metrics of
+    the unfinished epoch (see :func:`_epoch_so_far`), if any."""
     directory = pathlib.Path(workdir).resolve()
+    epoch_so_far = None
     if claim_run_directory(directory, _run_fingerprint(model, data, config)):
         history = directory / "history.json"
         if history.exists():
@@ -405,9 +437,39 @@ def _prepare_workdir(workdir, model, data, config, state, report):
                 saved = {"history": saved, "elapsed_s": 0.0}
             report.history = saved["history"]
             report.total_wall_time_s = saved["elapsed_s"]
-    return state, report
+            epoch_so_far = saved.get("epoch_so_far")
+    return report, epoch_so_far
 
 
-def _write_history(workdir, report: TrainReport, elapsed_s: float) -> None:
+def _epoch_so_far(epoch_metrics: list[dict[str, Array]], done: int) -> dict[str, Any] | None:
+    """The per-step metrics of the unfinished epoch as JSON (one fetch, at a save), so that a
+    run resumed mid-epoch reports that epoch as an uninterrupted run does."""
+    if not epoch_metrics:
+        return None
+    values = jax.device_get(epoch_metrics)
+    columns = {k: [float(entry[k]) for entry in values] for k in values[0]}
+    return {"first_step": done - len(values), **columns}
+
+
+def _resumed_epoch_metrics(
+    saved: Mapping[str, Any] | None, step: int, steps_per_epoch: int
+) -> list[dict[str, Array]]:
+    """The device metrics of the steps of ``step``'s epoch before ``step``, from what
+    :func:`_epoch_so_far` saved (at ``step`` or later in the same epoch: the run is
+    deterministic); empty where they were not saved."""
+    done_in_epoch = step % steps_per_epoch
+    if not done_in_epoch or not saved or saved.get("first_step") != step - done_in_epoch:
+        return []
+    columns = {k: v for k, v in saved.items() if k != "first_step"}
+    if any(len(v) < done_in_epoch for v in columns.values()):
+        return []
+    arrays = {k: jnp.asarray(np.asarray(v[:done_in_epoch], np.float32)) for k, v in columns.items()}
+    return [{k: a[i] for k, a in arrays.items()} for i in range(done_in_epoch)]
+
+
+def _write_history(
+    workdir, report: TrainReport, elapsed_s: float, epoch_so_far: dict[str, Any] | None
+) -> None:
     path = pathlib.Path(workdir).resolve() / "history.json"
-    write_json_atomically(path, {"history": report.history, "elapsed_s": elapsed_s})
+    saved = {"history": report.history, "elapsed_s": elapsed_s, "epoch_so_far": epoch_so_far}
+    write_json_atomically(path, saved)

@@ -89,3 +89,13 @@ def test_a_model_with_nan_weights_is_an_error_not_a_perfect_backdoor(network):
     broken = jax.tree_util.tree_map(lambda leaf: leaf * np.nan, variables)
     with pytest.raises(NonFiniteLossError, match="logits are NaN or infinite"):
         predict(model, broken, _images(3), SPEC)
+
+
+def test_variables_of_another_model_are_refused_in_one_line(network):
+    model, variables = network
+    params = {**variables["params"], "conv1": {"kernel": np.zeros((3, 3, 3, 4), np.float32)}}
+    rgb = {**variables, "params": params}  # a first conv for colour images
+    for n in (3, 0):  # a prediction, and the shape of an empty one
+        with pytest.raises(InvalidInputError, match="variables do not fit this SmallCNN") as error:
+            predict_logits(model, rgb, _images(n), SPEC)
+        assert "\n" not in str(error.value)

@@ -108,6 +108,7 @@ def test_schedules():
         ({"schedule": "step"}, "schedule must be one of"),
         ({"seed": -1}, r"seed must be in \[0, 4294967296\)"),
         ({"seed": 2**70}, r"seed must be in \[0, 4294967296\)"),
+        ({"nesterov": True, "momentum": 0.0}, "nesterov needs a momentum > 0"),
     ],
 )
 def test_config_errors(changes, match):
@@ -121,6 +122,51 @@ def test_batch_larger_than_dataset(digits, small_cnn):
         train(model, train_set, _config(batch_size=2000), variables=variables, progress=False)
 
 
+def _without_batch_stats(model, variables):
+    return model, {"params": variables["params"]}
+
+
+def _shapes_of_variables(model, image_shape):
+    return jax.eval_shape(lambda: init_variables(model, jax.random.key(0), image_shape))
+
+
+def _five_classes(model, variables):
+    model = create_model("small_cnn", 5, width=8)
+    return model, _shapes_of_variables(model, (8, 8, 1))
+
+
+def _rgb_variables(model, variables):
+    return model, _shapes_of_variables(model, (8, 8, 3))
+
+
+@pytest.mark.parametrize(
+    ("mismatch", "match"),
+    [
+        # labels past the last logit made the loss NaN ("lower the learning rate")
+        (_five_classes, r"outputs have shape \(5,\) but digits has 10 classes"),
+        (_rgb_variables, r"variables do not fit this SmallCNN: .*\(3, 3, 3, 8\)"),
+        (_without_batch_stats, "variables do not fit this SmallCNN: .*batch_stats"),
+    ],
+)
+def test_a_model_that_does_not_fit_the_data_is_refused_before_training(
+    digits, small_cnn, mismatch, match
+):
+    (train_set, _), (model, variables) = digits, small_cnn
+    model, variables = mismatch(model, variables)
+    with pytest.raises(InvalidInputError, match=match) as error:
+        train(model, train_set, _config(epochs=1), variables=variables, progress=False)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("stop", [0, -3, 2.5])
+def test_stop_after_steps_must_be_positive(digits, small_cnn, stop):
+    (train_set, _), (model, variables) = digits, small_cnn
+    with pytest.raises(InvalidInputError, match="stop_after_steps must be a positive integer"):
+        train(
+            model, train_set, _config(), variables=variables, progress=False, stop_after_steps=stop
+        )
+
+
 @pytest.mark.parametrize(
     "resumed_with",
     [
@@ -131,16 +177,24 @@ def test_batch_larger_than_dataset(digits, small_cnn):
     ],
 )
 def test_resume_from_a_stopped_run_in_process(digits, small_cnn, tmp_path, resumed_with):
-    """Stopping at a step that is not an epoch boundary, then resuming, changes nothing."""
+    """Stopping at a step that is not an epoch boundary, then resuming, changes nothing: not
+    the weights, nor the history (the interrupted epoch's mean loss covers all its steps)."""
     (train_set, _), (model, variables) = digits, small_cnn
     config = _config(epochs=2, checkpoint_every=7)
-    whole, _ = train(model, train_set, config, variables=variables, progress=False)
+
+    def evaluate(v):
+        return {"head_norm": float(jnp.linalg.norm(v["params"]["head"]["kernel"]))}
+
+    whole, expected = train(
+        model, train_set, config, variables=variables, evaluate=evaluate, progress=False
+    )
     partial, report = train(
         model,
         train_set,
         config,
         variables=variables,
         workdir=tmp_path,
+        evaluate=evaluate,
         progress=False,
         stop_after_steps=30,
     )
@@ -151,11 +205,18 @@ def test_resume_from_a_stopped_run_in_process(digits, small_cnn, tmp_path, resum
         dataclasses.replace(config, **resumed_with),
         variables=variables,
         workdir=tmp_path,
+        evaluate=evaluate,
         progress=False,
     )
     assert report.resumed_from_step == 30
-    assert [entry["epoch"] for entry in report.history] == [1, 2]
+    assert report.history == expected.history and report.final == expected.final
     _assert_trees_equal(resumed, whole)
+    # a finished run called again trains nothing and reports what it reported
+    _, again = train(
+        model, train_set, config, variables=variables, workdir=tmp_path, progress=False
+    )
+    assert again.resumed_from_step == 2 * 22
+    assert again.history == expected.history and again.final == expected.final
     assert not jnp.array_equal(
         partial["params"]["head"]["kernel"], whole["params"]["head"]["kernel"]
     )

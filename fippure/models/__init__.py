@@ -11,7 +11,9 @@ from fippure.models.registry import (
     forward,
     init_variables,
     model_fields,
+    output_shape,
     penultimate_features,
+    variables_must_fit,
     with_dtype,
 )
 from fippure.models.small_cnn import SmallCNN
@@ -33,6 +35,8 @@ __all__ = [
     "forward",
     "init_variables",
     "model_fields",
+    "output_shape",
     "penultimate_features",
+    "variables_must_fit",
     "with_dtype",
 ]

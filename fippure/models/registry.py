@@ -9,13 +9,15 @@ under ``intermediates/features``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import numbers
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -42,6 +44,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 def model_fields(name: str) -> set[str]:
     """The keyword arguments that model ``name`` accepts (besides ``num_classes``)."""
+    if name not in MODELS:
+        raise UnknownNameError("model", name, MODELS)
     factory = MODELS[name]
     cls = factory.func if isinstance(factory, functools.partial) else factory
     fixed = set(factory.keywords) if isinstance(factory, functools.partial) else set()
@@ -125,6 +129,44 @@ def init_variables(
         key, jnp.zeros((1, *image_shape), jnp.float32), train=False
     )
     return {k: v for k, v in variables.items() if k != "intermediates"}
+
+
+#: Flax's errors for variables that are not the model's (a parameter of another shape, a
+#: missing parameter or collection, something that is not a dict of collections).
+_MISFIT_ERRORS = (
+    flax.errors.ScopeParamShapeError,
+    flax.errors.ScopeParamNotFoundError,
+    flax.errors.ScopeVariableNotFoundError,
+    flax.errors.ScopeCollectionNotFound,
+    flax.errors.ApplyScopeInvalidVariablesTypeError,
+    flax.errors.ApplyScopeInvalidVariablesStructureError,
+)
+
+
+@contextlib.contextmanager
+def variables_must_fit(model: nn.Module) -> Iterator[None]:
+    """Within this context, applying ``model`` to variables that are not its own (another
+    architecture or width, another image shape for a ViT, no ``batch_stats`` for a BatchNorm
+    model) raises a one-line :class:`InvalidInputError` instead of Flax's traceback."""
+    try:
+        yield
+    except _MISFIT_ERRORS as error:
+        detail = str(error).split(" (https://flax")[0].splitlines()[0]
+        raise InvalidInputError(
+            f"the variables do not fit this {type(model).__name__}: {detail}"
+        ) from None
+
+
+def output_shape(
+    model: nn.Module, variables: Variables, image_shape: tuple[int, int, int]
+) -> tuple[int, ...]:
+    """The shape of one image's eval-mode output (``(K,)`` for a classifier), traced without
+    computing anything; a one-line error when ``variables`` do not fit (see
+    :func:`variables_must_fit`)."""
+    probe = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    with variables_must_fit(model):
+        out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, probe)
+    return tuple(out.shape[1:])
 
 
 def forward(

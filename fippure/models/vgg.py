@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from fippure.errors import InvalidInputError
 from fippure.models.layers import FEATURES, BatchNorm, ComputeDtype, as_output, compute_dtype
 
 LAYOUTS = {
@@ -35,6 +36,11 @@ class VGG(nn.Module):
     depth: int = 11
     width: int = 64
     dtype: ComputeDtype | None = None
+
+    def __post_init__(self):
+        if self.depth not in LAYOUTS:
+            raise InvalidInputError(f"vgg depth must be one of {sorted(LAYOUTS)}, got {self.depth}")
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"], train: bool = False) -> Float[Array, "b k"]:

@@ -71,6 +71,10 @@ class ViT(nn.Module):
         del train  # no BatchNorm and no dropout
         dtype = compute_dtype(self.dtype)
         patch = min(self.patch_size, x.shape[1])
+        if x.shape[1] % patch or x.shape[2] % patch:  # the patch embedding would zero-pad
+            raise InvalidInputError(
+                f"vit patch_size {patch} does not divide the {x.shape[1]}x{x.shape[2]} images"
+            )
         x = nn.Conv(self.width, (patch, patch), (patch, patch), dtype=dtype, name="patch_embed")(x)
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)

@@ -18,8 +18,10 @@ from fippure.models import (
     forward,
     init_variables,
     model_fields,
+    output_shape,
     penultimate_features,
 )
+from fippure.models.vgg import VGG
 
 # (name, small kwargs, input shape, penultimate width, has BatchNorm)
 CASES = [
@@ -142,6 +144,8 @@ def test_unknown_model():
     assert message.startswith("unknown model 'preact_resnet'; known: preact_resnet18, ")
     assert "Did you mean 'preact_resnet18'?" in message
     assert isinstance(error.value, FippureError)
+    with pytest.raises(UnknownNameError, match="unknown model 'vgg'"):
+        model_fields("vgg")
 
 
 @pytest.mark.parametrize(
@@ -182,3 +186,30 @@ def test_init_variables_needs_height_width_channels(shape):
     model = create_model("small_cnn", 10, width=4)
     with pytest.raises(InvalidInputError, match=r"image_shape must be \(height, width, channels\)"):
         init_variables(model, jax.random.key(0), shape)
+
+
+def test_vgg_depth_is_11_or_16():
+    with pytest.raises(InvalidInputError, match=r"vgg depth must be one of \[11, 16\], got 13"):
+        VGG(depth=13)
+
+
+def test_a_vit_patch_must_divide_the_image():
+    """A patch that does not tile the image would be zero-padded into an extra row of patches."""
+    model = create_model("vit_small", 10, width=16, depth=1, num_heads=2, patch_size=3)
+    with pytest.raises(InvalidInputError, match="vit patch_size 3 does not divide the 8x8 images"):
+        jax.eval_shape(lambda: init_variables(model, jax.random.key(0), (8, 8, 1)))
+
+
+def test_variables_of_another_model_are_a_one_line_error():
+    model = create_model("small_cnn", 10, width=4)
+    variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), (8, 8, 1)))
+    assert output_shape(model, variables, (8, 8, 1)) == (10,)
+    rgb = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), (8, 8, 3)))
+    no_stats = {"params": variables["params"]}
+    for wrong, match in [
+        (rgb, r"For parameter \"kernel\" in \"/conv1\".*\(3, 3, 3, 4\)"),
+        (no_stats, 'Tried to access "mean" from collection "batch_stats"'),
+    ]:
+        with pytest.raises(InvalidInputError, match="do not fit this SmallCNN: " + match) as error:
+            output_shape(model, wrong, (8, 8, 1))
+        assert "\n" not in str(error.value) and "https" not in str(error.value)
