@@ -17,9 +17,11 @@ import contextlib
 import contextvars
 import functools
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
 from fippure.errors import InvalidInputError
@@ -95,3 +97,31 @@ def sum_metrics(entries: Sequence[Mapping[str, Array]]) -> dict[str, Array]:
     """The per-key sums of a list of metric dicts (one compiled call per list length), so a
     loop can keep each step's metrics on the device and total them once per epoch."""
     return {k: sum(entry[k] for entry in entries) for k in entries[0]}
+
+
+def epoch_metrics_to_save(
+    epoch_metrics: list[dict[str, Array]], done: int
+) -> dict[str, Any] | None:
+    """The per-step metrics of the unfinished epoch as JSON (one fetch, at a save), so that a
+    run resumed mid-epoch reports that epoch as an uninterrupted run does."""
+    if not epoch_metrics:
+        return None
+    values = jax.device_get(epoch_metrics)
+    columns = {k: [float(entry[k]) for entry in values] for k in values[0]}
+    return {"first_step": done - len(values), **columns}
+
+
+def restore_epoch_metrics(
+    saved: Mapping[str, Any] | None, step: int, steps_per_epoch: int
+) -> list[dict[str, Array]]:
+    """The device metrics of the steps of ``step``'s epoch before ``step``, from what
+    :func:`epoch_metrics_to_save` saved (at ``step`` or later in the same epoch: the run is
+    deterministic); empty where they were not saved."""
+    done_in_epoch = step % steps_per_epoch
+    if not done_in_epoch or not saved or saved.get("first_step") != step - done_in_epoch:
+        return []
+    columns = {k: v for k, v in saved.items() if k != "first_step"}
+    if any(len(v) < done_in_epoch for v in columns.values()):
+        return []
+    arrays = {k: jnp.asarray(np.asarray(v[:done_in_epoch], np.float32)) for k, v in columns.items()}
+    return [{k: a[i] for k, a in arrays.items()} for i in range(done_in_epoch)]

@@ -49,7 +49,13 @@ from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.losses import cross_entropy
 from fippure.models.registry import Variables, output_shape
-from fippure.step_inputs import device_indices, step_guard, sum_metrics
+from fippure.step_inputs import (
+    device_indices,
+    epoch_metrics_to_save,
+    restore_epoch_metrics,
+    step_guard,
+    sum_metrics,
+)
 
 #: ``(key, images in [0, 1], labels, example indices) -> (images, labels)``, traced in the step.
 BatchTransform = Callable[
@@ -352,7 +358,7 @@ def train(
     checkpoint_every = config.checkpoint_every or steps_per_epoch
     permutation = epoch_permutation(order_key, start // steps_per_epoch, n)
     # kept on the device until the epoch ends; a run resumed mid-epoch starts from the saved ones
-    epoch_metrics = _resumed_epoch_metrics(epoch_so_far, start, steps_per_epoch)
+    epoch_metrics = restore_epoch_metrics(epoch_so_far, start, steps_per_epoch)
     step_seconds, timed_steps, last_mark = 0.0, 0, start
     bar = tqdm(
         total=total_steps,
@@ -410,7 +416,7 @@ def train(
                 workdir,
                 report,
                 previous_elapsed + time.perf_counter() - started,
-                _epoch_so_far(epoch_metrics, done),
+                epoch_metrics_to_save(epoch_metrics, done),
             )
             tick, last_mark = time.perf_counter(), max(last_mark, done)
     bar.close()
@@ -426,7 +432,7 @@ def train(
 
 def _prepare_workdir(workdir, model, data, config, report):
     """Claims ``workdir``; returns the report with the saved history and the saved metrics of
-    the unfinished epoch (see :func:`_epoch_so_far`), if any."""
+    the unfinished epoch (see :func:`~fippure.step_inputs.epoch_metrics_to_save`), if any."""
     directory = pathlib.Path(workdir).resolve()
     epoch_so_far = None
     if claim_run_directory(directory, _run_fingerprint(model, data, config)):
@@ -439,32 +445,6 @@ def _prepare_workdir(workdir, model, data, config, report):
             report.total_wall_time_s = saved["elapsed_s"]
             epoch_so_far = saved.get("epoch_so_far")
     return report, epoch_so_far
-
-
-def _epoch_so_far(epoch_metrics: list[dict[str, Array]], done: int) -> dict[str, Any] | None:
-    """The per-step metrics of the unfinished epoch as JSON (one fetch, at a save), so that a
-    run resumed mid-epoch reports that epoch as an uninterrupted run does."""
-    if not epoch_metrics:
-        return None
-    values = jax.device_get(epoch_metrics)
-    columns = {k: [float(entry[k]) for entry in values] for k in values[0]}
-    return {"first_step": done - len(values), **columns}
-
-
-def _resumed_epoch_metrics(
-    saved: Mapping[str, Any] | None, step: int, steps_per_epoch: int
-) -> list[dict[str, Array]]:
-    """The device metrics of the steps of ``step``'s epoch before ``step``, from what
-    :func:`_epoch_so_far` saved (at ``step`` or later in the same epoch: the run is
-    deterministic); empty where they were not saved."""
-    done_in_epoch = step % steps_per_epoch
-    if not done_in_epoch or not saved or saved.get("first_step") != step - done_in_epoch:
-        return []
-    columns = {k: v for k, v in saved.items() if k != "first_step"}
-    if any(len(v) < done_in_epoch for v in columns.values()):
-        return []
-    arrays = {k: jnp.asarray(np.asarray(v[:done_in_epoch], np.float32)) for k, v in columns.items()}
-    return [{k: a[i] for k, a in arrays.items()} for i in range(done_in_epoch)]
 
 
 def _write_history(

@@ -36,7 +36,14 @@ from fippure.data.pipeline import batch_from_permutation, epoch_permutation, to_
 from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.losses import cross_entropy
-from fippure.step_inputs import device_indices, folded_keys, step_guard, sum_metrics
+from fippure.step_inputs import (
+    device_indices,
+    epoch_metrics_to_save,
+    folded_keys,
+    restore_epoch_metrics,
+    step_guard,
+    sum_metrics,
+)
 from fippure.training import TrainReport, TrainState
 
 #: ``(carry, images, labels, permutation, index, key) -> (carry, metrics)``; ``images`` and
@@ -111,9 +118,12 @@ def run_phases(
     classifier_epochs = sum(p.epochs for p in phases if p.trains_classifier)
     report = TrainReport(steps=total_steps, epochs=classifier_epochs)
     manager = None
+    saved: dict[str, Any] = {}
     if workdir is not None:
         workdir = pathlib.Path(workdir).resolve()
-        report.history, report.total_wall_time_s = _prepare_workdir(workdir, dict(fingerprint))
+        saved = _prepare_workdir(workdir, dict(fingerprint))
+        report.history, report.total_wall_time_s = saved["history"], saved["elapsed_s"]
+        report.final = saved.get("final") or {}
         manager = ocp.CheckpointManager(
             workdir / "checkpoints",
             options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
@@ -139,7 +149,8 @@ def run_phases(
         desc=desc,
         mininterval=2.0,
     )
-    epoch_metrics: list[dict[str, jax.Array]] = []  # kept on the device until the epoch ends
+    # kept on the device until the epoch ends; a run resumed mid-epoch starts from the saved ones
+    epoch_metrics = restore_epoch_metrics(saved.get("epoch_so_far"), start, steps_per_epoch)
     step_seconds, timed_steps, last_mark = 0.0, 0, start
     tick = time.perf_counter()
     permutation = None
@@ -194,7 +205,10 @@ def run_phases(
         if manager is not None and (end_of_epoch or done == stop):
             manager.save(done, args=ocp.args.StandardSave(carry))
             _write_history(
-                workdir, report.history, previous_elapsed + time.perf_counter() - started
+                workdir,
+                report,
+                previous_elapsed + time.perf_counter() - started,
+                epoch_metrics_to_save(epoch_metrics, done),
             )
             tick, last_mark = time.perf_counter(), max(last_mark, done)
     bar.close()
@@ -287,15 +301,26 @@ def _fmt(key: str, value: Any) -> str:
     return f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
 
 
-def _prepare_workdir(workdir: pathlib.Path, fingerprint: dict) -> tuple[list[dict], float]:
-    """Claims ``workdir`` for this fit (:func:`claim_run_directory`); returns the stored history
-    and elapsed seconds of the run it resumes, if any."""
+def _prepare_workdir(workdir: pathlib.Path, fingerprint: dict) -> dict[str, Any]:
+    """Claims ``workdir`` for this fit (:func:`claim_run_directory`); returns what the run it
+    resumes saved (history, elapsed seconds, last evaluation, the unfinished epoch's step
+    metrics), or an empty record."""
     history = workdir / "history.json"
     if claim_run_directory(workdir, fingerprint) and history.exists():
-        saved = json.loads(history.read_text())
-        return saved["history"], saved["elapsed_s"]
-    return [], 0.0
+        return json.loads(history.read_text())
+    return {"history": [], "elapsed_s": 0.0}
 
 
-def _write_history(workdir: pathlib.Path, history: list[dict], elapsed_s: float) -> None:
-    write_json_atomically(workdir / "history.json", {"history": history, "elapsed_s": elapsed_s})
+def _write_history(
+    workdir: pathlib.Path,
+    report: TrainReport,
+    elapsed_s: float,
+    epoch_so_far: dict[str, Any] | None,
+) -> None:
+    saved = {
+        "history": report.history,
+        "elapsed_s": elapsed_s,
+        "final": report.final,
+        "epoch_so_far": epoch_so_far,
+    }
+    write_json_atomically(workdir / "history.json", saved)
