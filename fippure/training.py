@@ -62,7 +62,8 @@ BatchTransform = Callable[
     [PRNGKeyArray, Float[Array, "b h w c"], Int[Array, " b"], Int[Array, " b"]],
     tuple[Float[Array, "b h w c"], Int[Array, " b"]],
 ]
-#: ``variables -> {metric name: value}``, called every ``eval_every`` epochs and at the end.
+#: ``variables -> {metric name: value}``, called every ``eval_every`` epochs and at the end,
+#: with a copy of the variables (the train step donates its own), so it may keep them.
 Evaluator = Callable[[Variables], Mapping[str, float]]
 
 
@@ -405,7 +406,7 @@ def train(
             epoch_metrics = []
             last = done == total_steps
             if evaluate is not None and (entry["epoch"] % config.eval_every == 0 or last):
-                entry.update({k: float(v) for k, v in evaluate(state.variables()).items()})
+                entry.update({k: float(v) for k, v in evaluate(_copy(state.variables())).items()})
                 bar.write(" ".join(f"{k}={v:.4g}" for k, v in entry.items()), file=sys.stderr)
                 report.final = {k: v for k, v in entry.items() if k != "epoch"}
             report.history.append(entry)
@@ -445,6 +446,11 @@ def _prepare_workdir(workdir, model, data, config, report):
             report.total_wall_time_s = saved["elapsed_s"]
             epoch_so_far = saved.get("epoch_so_far")
     return report, epoch_so_far
+
+
+def _copy(tree: Any) -> Any:
+    """``tree`` with every array in a buffer of its own (safe from the step's donation)."""
+    return jax.tree_util.tree_map(jnp.copy, tree)
 
 
 def _write_history(

@@ -48,8 +48,10 @@ def _assert_trees_equal(a, b):
 def test_training_reduces_the_loss(digits, small_cnn):
     (train_set, test_set), (model, variables) = digits, small_cnn
     before = accuracy(model, variables, test_set.images, test_set.labels, train_set.spec)
+    kept = []
 
     def evaluate(v):
+        kept.append(v)  # an evaluator may keep what it is given (e.g. a best-so-far model)
         return {
             "test_accuracy": accuracy(model, v, test_set.images, test_set.labels, test_set.spec)
         }
@@ -65,6 +67,8 @@ def test_training_reduces_the_loss(digits, small_cnn):
     assert report.history[-1]["train_accuracy"] > 0.7
     # BatchNorm running statistics were updated along the way.
     assert not np.allclose(final["batch_stats"]["bn1"]["mean"], 0.0)
+    _assert_trees_equal(kept[-1], final)  # not deleted by the next steps' donation
+    assert not np.allclose(kept[0]["params"]["head"]["kernel"], final["params"]["head"]["kernel"])
 
 
 @pytest.mark.parametrize("cause", ["nan_parameter", "huge_learning_rate"])

@@ -177,10 +177,11 @@ def forward(
     In train mode BatchNorm normalises with batch statistics and the returned variables carry
     the updated running averages; in eval mode they are returned unchanged.
     """
-    if train and "batch_stats" in variables:
-        logits, updates = model.apply(variables, inputs, train=True, mutable=["batch_stats"])
-        return logits, {**variables, **updates}
-    return model.apply(variables, inputs, train=train), variables
+    with variables_must_fit(model):
+        if train and "batch_stats" in variables:
+            logits, updates = model.apply(variables, inputs, train=True, mutable=["batch_stats"])
+            return logits, {**variables, **updates}
+        return model.apply(variables, inputs, train=train), variables
 
 
 def penultimate_features(
@@ -188,7 +189,8 @@ def penultimate_features(
 ) -> Float[Array, "b d"]:
     """The inputs of the ``head`` layer (eval mode by default)."""
     mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
-    _, state = model.apply(variables, inputs, train=train, mutable=mutable)
+    with variables_must_fit(model):
+        _, state = model.apply(variables, inputs, train=train, mutable=mutable)
     return state["intermediates"][FEATURES][0]
 
 
@@ -213,9 +215,10 @@ def activations(
             )
 
     mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
-    logits, state = model.apply(
-        variables, inputs, train=train, capture_intermediates=select, mutable=mutable
-    )
+    with variables_must_fit(model):
+        logits, state = model.apply(
+            variables, inputs, train=train, capture_intermediates=select, mutable=mutable
+        )
     flat = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
     out = {}
     for path, value in flat:

@@ -213,3 +213,13 @@ def test_variables_of_another_model_are_a_one_line_error():
         with pytest.raises(InvalidInputError, match="do not fit this SmallCNN: " + match) as error:
             output_shape(model, wrong, (8, 8, 1))
         assert "\n" not in str(error.value) and "https" not in str(error.value)
+
+
+@pytest.mark.parametrize("apply", [forward, penultimate_features, activations])
+def test_the_apply_helpers_refuse_variables_of_another_model_in_one_line(apply):
+    model = create_model("small_cnn", 10, width=4)
+    rgb = init_variables(model, jax.random.key(0), (8, 8, 3))
+    images = jnp.zeros((2, 8, 8, 1))
+    with pytest.raises(InvalidInputError, match="do not fit this SmallCNN") as error:
+        apply(model, rgb, images, train=False)
+    assert "\n" not in str(error.value)
