@@ -162,6 +162,7 @@ def write_summary(args, rows: list[dict], chosen: dict | None) -> None:
             "the rest were added after those columns had been read, so the candidate list is "
             "not held out. The choice among all of them still reads D_v only.",
         ]
+    lines += clean_set_stop.chosen_on_test_lines([(args.method, row["setting"]) for row in rows])
     lines += [
         "",
         "| candidate | validation successes | mean val. ACC at the stops | test successes | "

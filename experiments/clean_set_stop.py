@@ -224,6 +224,30 @@ def collect_seeds(
     return results
 
 
+def chosen_on_test_lines(variants: list[tuple[str, str]]) -> list[str]:
+    """A paragraph naming each of ``variants`` (``(method, setting)``) that was defined after
+    reading test-split results (:data:`purify_benchmark.TUNED_ON`), with those attacks: its
+    test columns here are not held-out measurements, whatever chose the stop (SPEC section 1).
+    Empty when none was."""
+    from purify_benchmark import TUNED_ON
+
+    tuned = {
+        f"{method} {setting}": sorted(TUNED_ON[(method, setting)])
+        for method, setting in dict.fromkeys(variants)
+        if TUNED_ON.get((method, setting))
+    }
+    if not tuned:
+        return []
+    named = "; ".join(f"`{name}` ({', '.join(attacks)})" for name, attacks in tuned.items())
+    return [
+        "",
+        "Chosen with test data: these settings (or one they build on) were defined after "
+        "reading the test-split results of the attacks in brackets (`purify_benchmark.py`, "
+        f"`TUNED_ON`): {named}. Their test columns for those attacks are not held-out "
+        "measurements, though the stop itself reads D_v only.",
+    ]
+
+
 def seed_lines(results: list[dict], acc_drop: float = 0.03, asr_max: float = 0.05) -> list[str]:
     """A table of every seed's D_v-chosen stop and test result, with the success count."""
     lines = [
@@ -310,6 +334,7 @@ def write_summary(all_results: list[dict]) -> None:
             f"{at['validation_synth_asr']:.3f} | {c['acc']:.3f} / {c['asr']:.3f} | {ref_text} | "
             f"{b['acc']:.3f} / {b['asr']:.3f} |"
         )
+    lines += chosen_on_test_lines([(r["method"], r["setting"]) for r in all_results])
     lines += ["", *seed_lines(all_results)]
     lines += [
         "",

@@ -9,6 +9,7 @@ or ``clean10``). The run is repeated with the overrides and seed stored in it, o
 entry and clean set; the stored file is left as it is. Each comparison is written to
 ``experiments/results/reruns/<name>.json`` and the table of all of them to
 ``experiments/results/reruns.md``, with the command, revision, machine and date of both runs.
+``python experiments/rerun_check.py --table-only`` rewrites the table alone.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def rerun(name: str) -> dict:
 
 
 def write_table() -> None:
+    from fippure.provenance import provenance
+
     lines = [
         "# Re-runs of stored benchmark runs",
         "",
@@ -80,15 +83,37 @@ def write_table() -> None:
             f"{s['git_revision'][:12]}, {s['date']} | {n['git_revision'][:12]}, {n['date']} |"
         )
     machines = sorted({json.loads(p.read_text())["rerun"]["machine"] for p in OUT.glob("*.json")})
-    lines += ["", "Re-run on: " + "; ".join(machines) + "."]
+    lines += ["", "Re-run on: " + "; ".join(machines) + ".", "", "Commands (stored; rerun):", ""]
+    for path in sorted(OUT.glob("*.json")):
+        r = json.loads(path.read_text())
+        s, n = r["stored"], r["rerun"]
+        lines.append(
+            f"- {r['name']}: `{s['command']}` on {s['machine']}; `{n['command']}` on {n['machine']}"
+        )
+    meta = provenance()
+    lines += [
+        "",
+        f"Table written by `{meta['command']}` at {meta['git_revision']} on {meta['machine']}, "
+        f"{meta['date']}.",
+    ]
     TABLE.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="run file names without .json")
+    parser.add_argument("runs", nargs="*", help="run file names without .json")
+    parser.add_argument(
+        "--table-only", action="store_true", help="rewrite the table from the stored re-runs"
+    )
     args = parser.parse_args()
+    if args.table_only:
+        if args.runs:
+            parser.error("--table-only takes no runs")
+        write_table()
+        return
+    if not args.runs:
+        parser.error("name the runs to repeat, or pass --table-only")
     missing = [n for n in args.runs if not (benchmark.RUNS / f"{n}.json").exists()]
     if missing:
         parser.error(f"no stored run {', '.join(missing)} in {benchmark.RUNS}")
