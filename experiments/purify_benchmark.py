@@ -296,14 +296,19 @@ def run_one(
     path = runs / f"{run_key(attack, method, setting, seed, tag)}.json"
     overrides = overrides if overrides is not None else overrides_for(method, setting, steps)
     identity = checkpoint_identity(backdoored)
+    clean_set = clean_set_identity(backdoored)
     if path.exists():
         cached = json.loads(path.read_text())
         changed = changed_defaults(cached, method, overrides)
         same_model = same_checkpoint(cached, identity, before)
-        if cached.get("overrides") == overrides and not changed and same_model:
+        # runs stored before runs recorded their clean set were all drawn as now
+        same_clean = cached.get("clean_set", clean_set) == clean_set
+        if cached.get("overrides") == overrides and not changed and same_model and same_clean:
             return cached
         if not same_model:
             reason = "the zoo checkpoint changed"
+        elif not same_clean:
+            reason = "the clean set changed"
         elif changed:
             reason = f"defaults changed ({', '.join(changed)})"
         else:
@@ -340,7 +345,7 @@ def run_one(
             f"({result['report']['wall_time_s']:.0f} s)"
         )
     result["setting"], result["overrides"], result["tag"] = setting, overrides, tag
-    result["zoo_checkpoint"] = identity
+    result["zoo_checkpoint"], result["clean_set"] = identity, clean_set
     runs.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print(f"{attack:12} {method:9} {setting:8} seed {seed}: {outcome}", flush=True)
@@ -351,6 +356,15 @@ def checkpoint_identity(backdoored) -> dict[str, str | None]:
     """What tells one zoo checkpoint from a retrained one: its creation time and revision."""
     meta = backdoored.checkpoint.metadata
     return {"created": meta.get("created"), "git_revision": meta.get("git_revision")}
+
+
+def clean_set_identity(backdoored) -> dict[str, int | str]:
+    """What tells one clean set from another: its size and a digest of its training indices
+    (in order, which sets the defense's batches)."""
+    from fippure.checkpoints import array_digest
+
+    indices = backdoored.clean_indices
+    return {"size": int(len(indices)), "indices_sha1": array_digest([indices])}
 
 
 def same_checkpoint(cached: dict, identity: dict, before: dict) -> bool:

@@ -8,6 +8,11 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
+import types
+
+import numpy as np
+
+import fippure.purify.runner as runner
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))
@@ -58,3 +63,31 @@ def test_rerun_table_records_commands_and_its_own_provenance(tmp_path, monkeypat
     text = table.read_text()
     assert "`stored.py --a` on m1; `rerun_check.py x` on m2" in text
     assert "Table written by `" in text
+
+
+def test_a_stored_run_on_another_clean_set_is_run_again(tmp_path, monkeypatch):
+    def backdoored(indices):
+        meta = {"created": "2026-01-01", "git_revision": "a" * 40}
+        return types.SimpleNamespace(
+            checkpoint=types.SimpleNamespace(metadata=meta), clean_indices=np.asarray(indices)
+        )
+
+    calls = []
+
+    def fake_run_defense(model, method, **kw):
+        calls.append(model.clean_indices.tolist())
+        return {"after": {"acc": 0.5, "asr": 0.1}, "report": {"wall_time_s": 1.0}}
+
+    monkeypatch.setattr(runner, "run_defense", fake_run_defense)
+    before = {"acc": 0.9, "asr": 1.0}
+
+    def run(indices):
+        return purify_benchmark.run_one(
+            backdoored(indices), "badnets", "nft", "default", 0, before, tag="clean10",
+            runs=tmp_path,
+        )  # fmt: skip
+
+    stored = run([3, 1, 4])
+    assert stored["clean_set"]["size"] == 3
+    assert run([3, 1, 4]) == stored and len(calls) == 1  # the stored run is reused
+    assert run([3, 1, 5])["clean_set"] != stored["clean_set"] and len(calls) == 2
