@@ -24,10 +24,12 @@ network is evaluated at ``(factors, shifts)`` in one of two forms:
 i.e. the transpose of SPEC's ``c_out x rest``; singular values are the same either way. A
 kernel of that matrix shape ``(m, out)`` gets ``r = min(m, out)`` shifts. For convolutions,
 dense layers and an attention block's output projection ``(heads, head_dim, out)`` that matrix
-is the layer's linear map. For a ``DenseGeneral`` kernel with several *output* axes (an
-attention block's query, key and value, ``(in, heads, head_dim)``) it is not: the layer's map
-is ``(in, heads * head_dim)``, and the shifts act on another matricisation (``W(0) = W`` still
-holds). Leave such kernels out with ``pattern`` if that matters.
+is the layer's linear map. A ``DenseGeneral`` kernel with several *output* axes (an attention
+block's query, key and value, ``(in, heads, head_dim)``) maps ``in`` to ``heads * head_dim``,
+and the shape alone cannot tell that layout from the output projection's. :func:`layer_input_axes`
+reads each ``DenseGeneral``'s contracted axes from the model; given to :func:`decompose`, they
+make every kernel's matrix the layer's map, so the singular values are the layer's (Fast FIP
+does this). Without them, all but a kernel's last axis are taken as its inputs.
 
 Shifts and factors are nested dicts containing only the decomposed kernels, keyed like the
 params (e.g. ``shifts['stage1_block1']['conv1']['kernel']``), so they save with orbax and feed
@@ -37,6 +39,7 @@ params (e.g. ``shifts['stage1_block1']['conv1']['kernel']``), so they save with 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,9 +64,9 @@ class SpectralFactor:
     """The frozen thin SVD of one kernel.
 
     Attributes:
-        u: ``(m, r)`` left singular vectors.
+        u: ``(m, r)`` left singular vectors (``m``: the layer's inputs, see :func:`as_matrix`).
         s: ``(r,)`` singular values (descending).
-        vt: ``(r, out)`` right singular vectors, transposed.
+        vt: ``(r, out)`` right singular vectors, transposed (``out``: its outputs).
         shape: the kernel's original shape (static).
     """
 
@@ -83,18 +86,49 @@ def _flat_params(params: PyTree) -> dict[tuple[str, ...], Any]:
     return traverse_util.flatten_dict(flax.core.unfreeze(params))
 
 
-def as_matrix(kernel: Array) -> Array:
-    """A kernel as the matrix ``(prod(shape[:-1]), shape[-1])`` (HWIO -> (H*W*I, O))."""
-    return kernel.reshape(-1, kernel.shape[-1])
+def as_matrix(kernel: Array, input_axes: int | None = None) -> Array:
+    """A kernel as the matrix of its layer's map: its first ``input_axes`` axes (default: all
+    but the last) are the rows, the rest the columns (HWIO -> (H*W*I, O))."""
+    input_axes = kernel.ndim - 1 if input_axes is None else input_axes
+    return kernel.reshape(math.prod(kernel.shape[:input_axes]), -1)
 
 
-def decompose(params: PyTree, pattern: str = KERNEL_PATTERN) -> dict[str, Any]:
+def layer_input_axes(
+    model: nn.Module, variables: PyTree, image_shape: tuple[int, ...]
+) -> dict[str, int]:
+    """How many leading axes of each ``nn.DenseGeneral`` kernel are its layer's inputs, keyed by
+    the kernel's '/'-joined path (e.g. ``block1/attention/query/kernel``: 1). Found by tracing
+    ``model`` on shapes only (nothing is computed)."""
+    found: dict[str, int] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if type(module) is nn.DenseGeneral and context.method_name == "__call__":
+            if not module.batch_dims:  # batch axes would lead the kernel: keep the default
+                axis = module.axis if isinstance(module.axis, tuple | list) else (module.axis,)
+                found[_path_string((*module.path, "kernel"))] = len(axis)
+        return next_fun(*args, **kwargs)
+
+    probe = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, probe)
+    return found
+
+
+def decompose(
+    params: PyTree,
+    pattern: str = KERNEL_PATTERN,
+    *,
+    input_axes: dict[str, int] | None = None,
+) -> dict[str, Any]:
     """Thin SVD of every kernel whose '/'-joined path matches ``pattern``.
 
     Args:
         params: Flax params (nested dicts).
         pattern: regular expression searched in paths such as ``stage1_block1/conv1/kernel``;
             only leaves with at least two dimensions are decomposed.
+        input_axes: for kernels whose layer's inputs are not all but the last axis, the
+            number of leading input axes, by path (:func:`layer_input_axes`).
 
     Returns:
         A nested dict of :class:`SpectralFactor` with the params' keys (selected kernels only).
@@ -103,12 +137,14 @@ def decompose(params: PyTree, pattern: str = KERNEL_PATTERN) -> dict[str, Any]:
         InvalidInputError: when nothing matches.
     """
     regex = compile_pattern(pattern)
+    input_axes = input_axes or {}
     factors = {}
     for path, leaf in _flat_params(params).items():
         if jnp.ndim(leaf) >= 2 and regex.search(_path_string(path)):
+            matrix = as_matrix(leaf, input_axes.get(_path_string(path)))
             # the SVD runs in at least float32 (there is none in bfloat16); the factors keep
             # the kernel's dtype
-            wide = as_matrix(leaf).astype(jnp.promote_types(leaf.dtype, jnp.float32))
+            wide = matrix.astype(jnp.promote_types(leaf.dtype, jnp.float32))
             u, s, vt = (x.astype(leaf.dtype) for x in jnp.linalg.svd(wide, full_matrices=False))
             factors[path] = SpectralFactor(u, s, vt, tuple(leaf.shape))
     if not factors:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from tqdm.auto import tqdm
 
@@ -69,6 +70,7 @@ class PurifyReport:
         resumed_from_step: the step a checkpointed run resumed from (0 for a fresh start);
             ``wall_time_s`` and ``step_time_s`` then cover this call only.
         tunable_parameters: number of scalars the defense optimises.
+        batch_size: the clean batch size used: the config's, capped at the clean set's size.
         loss_curve: ``{'step': ..., 'loss': ..., <components>}`` every ``log_every`` steps.
         clean_accuracy: eval-mode accuracy on the clean set after the defense (no test data).
         extra: method-specific facts (thresholds chosen on D_v, Fisher statistics, ...).
@@ -83,6 +85,7 @@ class PurifyReport:
     step_time_s: float = 0.0
     resumed_from_step: int = 0
     tunable_parameters: int = 0
+    batch_size: int = 0
     loss_curve: list[dict[str, float]] = dataclasses.field(default_factory=list)
     clean_accuracy: float | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -420,6 +423,19 @@ def device_clean_set(clean_set: ImageDataset) -> tuple[Array, Array]:
     return jax.device_put(clean_set.images), jax.device_put(clean_set.labels.astype(np.int32))
 
 
+def device_variables(variables: Variables) -> Variables:
+    """``variables`` with every array on device (arrays already there are not copied). Host
+    arrays (NumPy, as ``flax.serialization`` restores them) would otherwise be uploaded again
+    at every step that takes the weights as an argument."""
+    return jax.device_put(variables)
+
+
+def batchnorm_modules(variables: Variables) -> set[tuple[str, ...]]:
+    """The module paths of the layers that keep ``batch_stats``: the BatchNorms (a LayerNorm
+    also has a ``scale`` and a ``bias``, but no statistics)."""
+    return {path[:-1] for path in traverse_util.flatten_dict(variables.get("batch_stats", {}))}
+
+
 def config_dict(config: Any) -> dict[str, Any]:
     """A JSON-able dict of a config dataclass."""
     return {
@@ -448,6 +464,14 @@ def apply_model(
         )
         return logits, updates["batch_stats"]
     return model.apply(as_variables(params, batch_stats), inputs, train=False), batch_stats
+
+
+def anchor_penalty(eta_r: float, fisher_diag: Any, params: Any, anchor: Any) -> Array:
+    """The Fisher anchor's value ``(eta_r / 2) * sum_j Fbar_j (theta_j - theta0_j)^2``, for the
+    loss curve (its gradient comes from :func:`fippure.optim.fisher_anchor` in the update)."""
+    leaves = jax.tree_util.tree_leaves
+    terms = zip(leaves(fisher_diag), leaves(params), leaves(anchor), strict=True)
+    return 0.5 * eta_r * sum(jnp.sum(f * (a - b) ** 2) for f, a, b in terms)
 
 
 def zeros_like_tree(tree: Any) -> Any:

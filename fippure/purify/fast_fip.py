@@ -53,12 +53,13 @@ from jaxtyping import PRNGKeyArray
 
 from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError
-from fippure.models.registry import Variables
+from fippure.models.registry import Variables, variables_must_fit
 from fippure.optim.spectral import (
     KERNEL_PATTERN,
     decompose,
     factored,
     init_shifts,
+    layer_input_axes,
     rebuild_params,
 )
 from fippure.purify.common import (
@@ -66,8 +67,10 @@ from fippure.purify.common import (
     PurifyReport,
     apply_model,
     as_variables,
+    batchnorm_modules,
     check_input_types,
     defense_arguments,
+    device_variables,
 )
 from fippure.purify.fip import FIPConfig, fisher_guided_purify
 from fippure.purify.resume import Checkpointing
@@ -112,8 +115,11 @@ def purify(
     """
     key = defense_arguments("fast_fip", config, FastFIPConfig, key)
     check_input_types(clean_set, variables)
+    variables = device_variables(variables)
     params = variables["params"]
-    factors = decompose(params, config.kernel_pattern)
+    with variables_must_fit(model):  # each DenseGeneral's input axes, read from the model
+        input_axes = layer_input_axes(model, variables, clean_set.spec.image_shape)
+    factors = decompose(params, config.kernel_pattern, input_axes=input_axes)
     # The tunable tree: the shifts alone, or {"shifts", "bn_affine"} with tune_bn_affine.
     tunable = init_shifts(factors)
     if config.tune_bn_affine:
@@ -182,8 +188,7 @@ class FactoredApply:
 def batchnorm_affine(variables: Variables) -> dict:
     """The ``scale`` and ``bias`` of every BatchNorm, i.e. of each module that keeps
     ``batch_stats``, nested as in ``params``."""
-    stats = traverse_util.flatten_dict(variables.get("batch_stats", {}))
-    modules = {path[:-1] for path in stats}
+    modules = batchnorm_modules(variables)
     if not modules:
         raise InvalidInputError("tune_bn_affine: the model has no BatchNorm layers")
     flat = traverse_util.flatten_dict(variables["params"])

@@ -66,6 +66,7 @@ from fippure.purify.common import (
     Observer,
     PurifyReport,
     Schedule,
+    anchor_penalty,
     apply_model,
     as_variables,
     check_input_types,
@@ -74,6 +75,7 @@ from fippure.purify.common import (
     config_dict,
     defense_arguments,
     device_clean_set,
+    device_variables,
     run_steps,
     sample_clean_batch,
     scheduled_sgd,
@@ -349,19 +351,7 @@ def _fip_step(carry, key, images, labels, fisher_diag, tunable0, frozen, strengt
     (loss, (new_stats, terms)), grads = jax.value_and_grad(objective, has_aux=True)(t)
     # the anchor's value at the same iterate as CE and the trace (its gradient comes from
     # fisher_anchor in the chain)
-    anchor = (
-        0.5
-        * config.eta_r
-        * sum(
-            jnp.sum(f * (a - b) ** 2)
-            for f, a, b in zip(
-                jax.tree_util.tree_leaves(fisher_diag),
-                jax.tree_util.tree_leaves(t),
-                jax.tree_util.tree_leaves(tunable0),
-                strict=True,
-            )
-        )
-    )
+    anchor = anchor_penalty(config.eta_r, fisher_diag, t, tunable0)
     updates, opt_state = tx.update(grads, opt_state, t)
     t = optax.apply_updates(t, updates)
     if config.average_last > 1:
@@ -513,6 +503,7 @@ def fisher_guided_purify(
         step_time_s=step_time,
         resumed_from_step=resumed,
         tunable_parameters=tree_size(tunable0),
+        batch_size=batch_size,
         loss_curve=curve,
         clean_accuracy=clean_accuracy(
             model, as_variables(to_params(tunable, frozen), stats), clean_set
@@ -585,6 +576,7 @@ def purify(
     """FIP over every parameter; returns ``(variables, report)``."""
     key = defense_arguments("fip", config, FIPConfig, key)
     check_input_types(clean_set, variables)
+    variables = device_variables(variables)
     params, stats, report = fisher_guided_purify(
         model,
         variables,

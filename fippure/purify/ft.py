@@ -41,6 +41,7 @@ from fippure.purify.common import (
     config_dict,
     defense_arguments,
     device_clean_set,
+    device_variables,
     run_steps,
     sample_clean_batch,
     scheduled_sgd,
@@ -157,6 +158,7 @@ def purify(
     """
     started = time.perf_counter()
     validate_clean_set(clean_set, model, variables)
+    variables = device_variables(variables)
     key = defense_arguments("ft", config, (FTConfig, FTSAMConfig), key)
     method = "ft_sam" if isinstance(config, FTSAMConfig) else "ft"
     batch_size = clean_batch_size(config.batch_size, clean_set)
@@ -202,6 +204,7 @@ def purify(
         step_time_s=step_time,
         resumed_from_step=resumed,
         tunable_parameters=tree_size(params),
+        batch_size=batch_size,
         loss_curve=curve,
         clean_accuracy=clean_accuracy(model, out, clean_set),
     )

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from jaxtyping import PRNGKeyArray
 
 from fippure.config_checks import (
@@ -60,11 +61,13 @@ from fippure.purify.common import (
     PurifyReport,
     apply_model,
     as_variables,
+    batchnorm_modules,
     clean_accuracy,
     clean_batch_size,
     config_dict,
     defense_arguments,
     device_clean_set,
+    device_variables,
     run_steps,
     sample_clean_batch,
     steps_taken,
@@ -203,6 +206,25 @@ def _nft_step(
     return (masks, new_stats, opt_state), {"loss": loss, "mixup_ce": mixup, "l1": l1}
 
 
+def _batchnorm_masks(variables: Variables, pattern: str) -> dict:
+    """Masks of ones for the BatchNorms that ``pattern`` chooses; a model without BatchNorm,
+    or a pattern that also chooses other layers with a scale (LayerNorms), is refused."""
+    modules = batchnorm_modules(variables)
+    if not modules:
+        raise InvalidInputError(
+            "nft masks BatchNorm channels, but the model has no BatchNorm layer (its variables "
+            "hold no batch_stats); use a defense that tunes weights, such as fip or ft"
+        )
+    masks = init_masks(variables["params"], pattern)
+    others = sorted("/".join(m) for m in traverse_util.flatten_dict(masks) if m not in modules)
+    if others:
+        raise InvalidInputError(
+            f"the mask_pattern {pattern!r} chooses {', '.join(others)}, which keep no "
+            "batch_stats; nft masks BatchNorm channels only"
+        )
+    return masks
+
+
 def purify(
     model: nn.Module,
     variables: Variables,
@@ -218,9 +240,10 @@ def purify(
     """NFT; returns ``(variables with masks folded into gamma, report)``."""
     started = time.perf_counter()
     validate_clean_set(clean_set, model, variables)
+    variables = device_variables(variables)
     key = defense_arguments("nft", config, NFTConfig, key)
     params, stats0 = variables["params"], variables.get("batch_stats", {})
-    masks = init_masks(params, config.mask_pattern)
+    masks = _batchnorm_masks(variables, config.mask_pattern)
     floors = layer_floors(masks, config.floor_schedule, config.floor_a, config.floor_b)
     per_class = len(clean_set) / clean_set.num_classes  # N_c
     l1_strength = config.eta / per_class
@@ -273,6 +296,7 @@ def purify(
         step_time_s=step_time,
         resumed_from_step=resumed,
         tunable_parameters=tree_size(masks),
+        batch_size=batch_size,
         loss_curve=curve,
         clean_accuracy=clean_accuracy(model, out, clean_set),
         extra={

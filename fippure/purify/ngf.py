@@ -68,11 +68,13 @@ from fippure.purify.common import (
     SHARED_RULES,
     Observer,
     PurifyReport,
+    anchor_penalty,
     clean_accuracy,
     clean_batch_size,
     config_dict,
     defense_arguments,
     device_clean_set,
+    device_variables,
     run_steps,
     sample_clean_batch,
     tree_size,
@@ -238,14 +240,16 @@ def _ngf_step(
     def loss_fn(layer):
         return cross_entropy(bound(layer, x), y)
 
-    loss, grads = jax.value_and_grad(loss_fn)(layer)
+    ce, grads = jax.value_and_grad(loss_fn)(layer)
     extras = (
         {"features": data, "logits": bound(layer, data)}
         if solver == "dense"
         else {"fvp_fn": make_ggn_operator(bound, layer, x)}
     )
     updates, opt_state = tx.update(grads, opt_state, layer, **extras)
-    metrics = {"loss": loss}
+    # the objective at the same iterate: CE and the anchor, whose gradient fisher_anchor adds
+    anchor = anchor_penalty(config.eta_r, fisher_diag, layer, layer0)
+    metrics = {"loss": ce + anchor, "ce": ce, "anchor": anchor}
     if config.kl_clip:
         fisher = make_ggn_operator(bound, layer, data if solver == "dense" else x)
         kl = 0.5 * tree_dot(updates, fisher(updates))
@@ -270,6 +274,7 @@ def purify(
     """NGF; returns ``(variables with the tuned layer, report)``."""
     started = time.perf_counter()
     validate_clean_set(clean_set, model, variables)
+    variables = device_variables(variables)
     key = defense_arguments("ngf", config, NGFConfig, key)
     params = flax.core.unfreeze(variables["params"])
     path = _layer_path(params, config.layer)
@@ -340,6 +345,7 @@ def purify(
         step_time_s=step_time,
         resumed_from_step=resumed,
         tunable_parameters=tree_size(layer0),
+        batch_size=batch_size,
         loss_curve=curve,
         clean_accuracy=clean_accuracy(model, out, clean_set),
         extra={"solver": solver, "layer": "/".join(path)},

@@ -3,6 +3,8 @@ factored layer form equals the rebuilt kernels."""
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -273,3 +275,23 @@ def test_bfloat16_kernels_are_decomposed_in_float32_and_keep_their_dtype():
     np.testing.assert_allclose(
         rebuilt, spectral.as_matrix(kernel).astype(jnp.float32), rtol=0.05, atol=0.05
     )
+
+
+def test_attention_kernels_are_decomposed_as_their_layers_maps():
+    """A query/key/value kernel ``(in, heads, head_dim)`` maps ``in`` to ``heads * head_dim``,
+    the output projection ``(heads, head_dim, out)`` maps ``heads * head_dim`` to ``out``:
+    the model tells which (the shapes alone do not), and the singular values are the maps'."""
+    model = create_model("vit_small", 10, width=8, depth=1, num_heads=2, patch_size=4)
+    variables = init_variables(model, jax.random.key(0), (8, 8, 3))
+    axes = spectral.layer_input_axes(model, variables, (8, 8, 3))
+    attention = {k.rsplit("/", 2)[-2]: v for k, v in axes.items()}
+    assert attention == {"query": 1, "key": 1, "value": 1, "out": 2}
+    factors = spectral.decompose(variables["params"], input_axes=axes)
+    for path, n_in in axes.items():
+        kernel = functools.reduce(dict.get, path.split("/"), variables["params"])
+        factor = functools.reduce(dict.get, path.split("/"), factors)
+        matrix = kernel.reshape(int(np.prod(kernel.shape[:n_in])), -1)
+        np.testing.assert_allclose(factor.s, np.linalg.svd(matrix, compute_uv=False), rtol=1e-5)
+        assert factor.s.shape == (min(matrix.shape),)
+        rebuilt = spectral.rebuild_kernel(factor, jnp.zeros_like(factor.s))
+        np.testing.assert_allclose(rebuilt, kernel, atol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +21,7 @@ from fippure.optim.spectral import decompose, init_shifts, num_shifts, rebuild_p
 from fippure.purify import fast_fip, fip, nft, ngf
 from fippure.purify.common import apply_model
 from fippure.purify.fip import trace_term
+from fippure.purify.registry import get_defense, make_config
 
 
 @pytest.fixture(scope="module")
@@ -466,6 +468,37 @@ def test_nft_masks_stay_between_their_floor_and_one(tiny):
         )
 
 
+class _BatchNormThenLayerNorm(nn.Module):
+    """A BatchNorm and a LayerNorm: both have a ``scale`` and a ``bias``, only one keeps
+    ``batch_stats``."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.BatchNorm(use_running_average=not train, name="bn")(x)
+        x = nn.LayerNorm(name="ln")(x)
+        return nn.Dense(10, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
+@pytest.mark.parametrize(
+    ("model", "pattern", "fragment"),
+    [
+        (create_model("vit_small", 10, width=8, depth=1, num_heads=2), r"^bn\d+$", "no BatchNorm"),
+        (create_model("vit_small", 10, width=8, depth=1, num_heads=2), "ln", "no BatchNorm"),
+        (_BatchNormThenLayerNorm(), "n$", "chooses ln, which keep no batch_stats"),
+    ],
+    ids=["vit", "vit_layernorms", "layernorm_next_to_batchnorm"],
+)
+def test_nft_masks_batchnorm_channels_only(tiny, model, pattern, fragment):
+    """SPEC section 4: one mask per BatchNorm channel. A model without BatchNorm (the ViT) is
+    refused, and so is a pattern that chooses a LayerNorm, whose scale would otherwise be
+    masked as if it were a BatchNorm's."""
+    clean = tiny[2]
+    variables = init_variables(model, jax.random.key(0), clean.spec.image_shape)
+    config = nft.NFTConfig(steps=1, mask_pattern=pattern)
+    with pytest.raises(InvalidInputError, match=fragment):
+        nft.purify(model, variables, clean, config, progress=False)
+
+
 @pytest.mark.parametrize("rate", [0.01, 0.02])
 def test_nft_learning_rate_below_the_floor_is_kept_not_raised_to_the_floor(rate):
     schedule = nft.learning_rate_schedule(nft.NFTConfig(steps=1000, learning_rate=rate))
@@ -517,6 +550,20 @@ def test_ngf_step_on_the_head_is_the_damped_newton_step(tiny):
     assert report.tunable_parameters == flat.size and report.extra["solver"] == "dense"
 
 
+def _head_as_vector(model, variables, inputs, labels):
+    """The head's parameters as one vector, and the per-example CE of the head as a function
+    of that vector (the penultimate features held fixed)."""
+    features = penultimate_features(model, variables, inputs)
+    flat, unravel = ravel_pytree(variables["params"]["head"])
+
+    def per_example(vector):
+        head = unravel(vector)
+        logits = features @ head["kernel"] + head["bias"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+    return flat, per_example
+
+
 @pytest.mark.parametrize("anchor_curvature", [True, False])
 def test_ngf_step_with_the_anchor_preconditions_by_its_curvature_too(tiny, anchor_curvature):
     # SPEC section 5 with the anchor: one step is
@@ -536,14 +583,7 @@ def test_ngf_step_with_the_anchor_preconditions_by_its_curvature_too(tiny, ancho
         log_every=1,
     )
     out, _ = ngf.purify(model, variables, clean, config, progress=False)
-    features = penultimate_features(model, variables, inputs)
-    flat, unravel = ravel_pytree(variables["params"]["head"])
-
-    def per_example(vector):
-        head = unravel(vector)
-        logits = features @ head["kernel"] + head["bias"]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
+    flat, per_example = _head_as_vector(model, variables, inputs, labels)
     loss = lambda vector: jnp.mean(per_example(vector))  # noqa: E731
     fisher_diag = jnp.mean(jax.jacrev(per_example)(flat) ** 2, axis=0)
     curvature = jax.hessian(loss)(flat) + damping * jnp.eye(flat.size)
@@ -563,6 +603,35 @@ def test_ngf_kl_trust_region_bounds_each_step(tiny):
     _, report = ngf.purify(model, variables, clean, config, progress=False)
     for entry in report.loss_curve:
         assert entry["kl"] * entry["trust_scale"] ** 2 <= 1e-3 * (1 + 1e-3)
+
+
+def test_ngf_loss_curve_is_the_objective_cross_entropy_plus_the_anchor(tiny):
+    """SPEC section 5: NGF descends CE + (eta_r / 2) sum Fbar (theta - theta0)^2; the curve's
+    ``loss`` is that objective at the step's iterate, with ``ce`` and ``anchor`` beside it."""
+    model, variables, clean, inputs, labels = tiny
+    eta_r = 3.0
+    config = ngf.NGFConfig(
+        steps=2, batch_size=len(clean), eta_r=eta_r, kl_clip=None, refresh_every=1, log_every=1
+    )
+    seen = []
+    _, report = ngf.purify(
+        model,
+        variables,
+        clean,
+        config,
+        progress=False,
+        observer=lambda step, v: seen.append(v["params"]["head"]),
+        observe_every=1,
+    )
+    flat, per_example = _head_as_vector(model, variables, inputs, labels)
+    fisher_diag = jax.jit(lambda v: jnp.mean(jax.jacrev(per_example)(v) ** 2, axis=0))(flat)
+    theta1 = ravel_pytree(seen[0])[0]
+    first, second = report.loss_curve
+    assert first["anchor"] == 0.0 and first["loss"] == pytest.approx(first["ce"])
+    assert second["ce"] == pytest.approx(float(jnp.mean(per_example(theta1))), rel=1e-5)
+    want = 0.5 * eta_r * float(jnp.sum(fisher_diag * (theta1 - flat) ** 2))
+    assert want > 0 and second["anchor"] == pytest.approx(want, rel=1e-3)
+    assert second["loss"] == pytest.approx(second["ce"] + second["anchor"], rel=1e-6)
 
 
 def test_ngf_trains_any_layer_by_conjugate_gradient(tiny):
@@ -587,3 +656,17 @@ def test_ngf_names_the_layers_when_the_layer_is_not_one(tiny, layer):
 def test_ngf_refuses_zero_damping_in_its_config():
     with pytest.raises(InvalidInputError, match="damping"):
         ngf.NGFConfig(damping=0.0)
+
+
+@pytest.mark.parametrize("method", ["fip", "nft", "ngf", "ft"])
+def test_the_report_gives_the_batch_size_used_when_the_clean_set_is_smaller(tiny, method):
+    """A batch larger than the clean set is capped at its size (SPEC's 10-image ablation): the
+    config keeps the request and the report says what was used."""
+    model, variables, clean, _, _ = tiny
+    overrides = {"steps": "1", "batch_size": "64"}
+    overrides |= {"fip": {"calibration_probes": "1"}, "nft": {"mask_pattern": r"^bn\d+$"}}.get(
+        method, {}
+    )
+    config = make_config(method, overrides)
+    _, report = get_defense(method).purify(model, variables, clean, config, 0, progress=False)
+    assert report.config["batch_size"] == 64 and report.batch_size == len(clean) == 40
