@@ -50,7 +50,9 @@ def masked_modules(params: PyTree, pattern: str = RESIDUAL_BN_PATTERN) -> list[t
 
 
 def batch_norm_modules(params: PyTree) -> list[tuple[str, ...]]:
-    """Paths of every BatchNorm module (a dict with ``scale`` and ``bias``), in network order."""
+    """Paths of every module with a ``scale`` and a ``bias``, in network order: the BatchNorms,
+    but also any LayerNorm or GroupNorm, which ``params`` alone cannot tell apart (NFT keeps the
+    modules that also hold ``batch_stats``)."""
     flat = traverse_util.flatten_dict(flax.core.unfreeze(params))
     modules = {path[:-1] for path in flat if path[-1] == "scale" and path[:-1] + ("bias",) in flat}
     return sorted(modules, key=lambda p: _natural_key("/".join(p)))
