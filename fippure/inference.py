@@ -12,7 +12,7 @@ import numpy as np
 from fippure.data.catalog import DatasetSpec
 from fippure.data.pipeline import normalize, to_unit_range
 from fippure.errors import InvalidInputError, NonFiniteLossError
-from fippure.models.registry import Variables, variables_must_fit
+from fippure.models.registry import Variables, output_shape, variables_must_fit
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec"))
@@ -50,10 +50,7 @@ def predict_logits(
     batch_size = max(1, min(int(batch_size), 1 << max(n - 1, 0).bit_length()))
     variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
     if n == 0:  # an empty subset (say, a filtered triggered set): no rows
-        probe = jnp.zeros((1, *images.shape[1:]), images.dtype)
-        with variables_must_fit(model):
-            shape = jax.eval_shape(lambda: _logits(model, spec, variables, probe)).shape
-        return np.zeros((0, shape[-1]), np.float32)
+        return np.zeros((0, *output_shape(model, variables, spec.image_shape)), np.float32)
     out = []
     for start in range(0, n, batch_size):
         chunk = images[start : start + batch_size]

@@ -99,6 +99,13 @@ def sum_metrics(entries: Sequence[Mapping[str, Array]]) -> dict[str, Array]:
     return {k: sum(entry[k] for entry in entries) for k in entries[0]}
 
 
+def private_copy(tree: Any) -> Any:
+    """``tree`` with every array leaf copied into a buffer of its own (other leaves kept): what
+    a loop whose step donates its carry hands out, or starts from, so that no caller's arrays
+    are donated."""
+    return jax.tree_util.tree_map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, tree)
+
+
 def epoch_metrics_to_save(
     epoch_metrics: list[dict[str, Array]], done: int
 ) -> dict[str, Any] | None:

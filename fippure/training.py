@@ -52,6 +52,7 @@ from fippure.models.registry import Variables, output_shape
 from fippure.step_inputs import (
     device_indices,
     epoch_metrics_to_save,
+    private_copy,
     restore_epoch_metrics,
     step_guard,
     sum_metrics,
@@ -406,7 +407,9 @@ def train(
             epoch_metrics = []
             last = done == total_steps
             if evaluate is not None and (entry["epoch"] % config.eval_every == 0 or last):
-                entry.update({k: float(v) for k, v in evaluate(_copy(state.variables())).items()})
+                entry.update(
+                    {k: float(v) for k, v in evaluate(private_copy(state.variables())).items()}
+                )
                 bar.write(" ".join(f"{k}={v:.4g}" for k, v in entry.items()), file=sys.stderr)
                 report.final = {k: v for k, v in entry.items() if k != "epoch"}
             report.history.append(entry)
@@ -446,11 +449,6 @@ def _prepare_workdir(workdir, model, data, config, report):
             report.total_wall_time_s = saved["elapsed_s"]
             epoch_so_far = saved.get("epoch_so_far")
     return report, epoch_so_far
-
-
-def _copy(tree: Any) -> Any:
-    """``tree`` with every array in a buffer of its own (safe from the step's donation)."""
-    return jax.tree_util.tree_map(jnp.copy, tree)
 
 
 def _write_history(

@@ -13,7 +13,7 @@ Curvature-based transformations (``natural_gradient``) must stay outside ``optax
 ``fisher_anchor`` and ``project_box`` are mask-aware (frozen leaves pass through).
 """
 
-from fippure.optim.anchor import FisherAnchorState, fisher_anchor
+from fippure.optim.anchor import FisherAnchorState, anchor_penalty, fisher_anchor
 from fippure.optim.masks import (
     RESIDUAL_BN_PATTERN,
     apply_masks,
@@ -47,6 +47,7 @@ __all__ = [
     "ProjectBoxState",
     "SpectralFactor",
     "adaptive_sam",
+    "anchor_penalty",
     "apply_masks",
     "asam_gradient",
     "asam_perturbation",

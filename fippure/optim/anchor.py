@@ -99,3 +99,13 @@ def fisher_anchor(
         return updates, state._replace(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def anchor_penalty(
+    strength: float | Array, fisher_diag: PyTree, params: PyTree, anchor_params: PyTree
+) -> Array:
+    """The anchor's value ``(strength / 2) sum_j F_j (theta_j - theta0_j)^2``, whose gradient
+    :func:`fisher_anchor` adds to the updates (for a loss curve that reports the objective)."""
+    leaves = jax.tree_util.tree_leaves
+    terms = zip(leaves(fisher_diag), leaves(params), leaves(anchor_params), strict=True)
+    return 0.5 * strength * sum(jnp.sum(f * (p - a) ** 2) for f, p, a in terms)

@@ -37,7 +37,7 @@ from fippure.data.splits import check_clean_set
 from fippure.errors import CheckpointError, InvalidInputError, NonFiniteLossError
 from fippure.models.registry import Variables
 from fippure.purify.resume import Checkpointing, ProgressStore
-from fippure.step_inputs import folded_keys, step_guard
+from fippure.step_inputs import folded_keys, private_copy, step_guard
 
 #: Learning-rate schedules of the SGD-based defenses.
 Schedule = Literal["cosine", "constant"]
@@ -329,7 +329,7 @@ def run_steps(
                 file=sys.stderr,
             )
     # a private copy: a step may donate its carry, which must never be the caller's arrays
-    carry = _private_copy(carry)
+    carry = private_copy(carry)
     try:
         for t, step_key in zip(range(start, steps), folded_keys(key, start, steps), strict=True):
             with step_guard():
@@ -357,7 +357,7 @@ def run_steps(
                 begin = time.perf_counter()
                 try:
                     # a copy: the next step donates the carry's buffers
-                    observer(done, _private_copy(to_variables(carry)))
+                    observer(done, private_copy(to_variables(carry)))
                 except StopEarly:
                     stopping = True
                 spent = time.perf_counter() - begin
@@ -392,11 +392,6 @@ def run_steps(
     median = float(np.median(durations)) if durations else 0.0
     done = steps if start == steps else done
     return StepsRun(carry, curve, median, observe_seconds, start, done)
-
-
-def _private_copy(tree: Any) -> Any:
-    """``tree`` with every array leaf copied into a buffer of its own (other leaves kept)."""
-    return jax.tree_util.tree_map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, tree)
 
 
 @jax.jit
@@ -464,14 +459,6 @@ def apply_model(
         )
         return logits, updates["batch_stats"]
     return model.apply(as_variables(params, batch_stats), inputs, train=False), batch_stats
-
-
-def anchor_penalty(eta_r: float, fisher_diag: Any, params: Any, anchor: Any) -> Array:
-    """The Fisher anchor's value ``(eta_r / 2) * sum_j Fbar_j (theta_j - theta0_j)^2``, for the
-    loss curve (its gradient comes from :func:`fippure.optim.fisher_anchor` in the update)."""
-    leaves = jax.tree_util.tree_leaves
-    terms = zip(leaves(fisher_diag), leaves(params), leaves(anchor), strict=True)
-    return 0.5 * eta_r * sum(jnp.sum(f * (a - b) ** 2) for f, a, b in terms)
 
 
 def zeros_like_tree(tree: Any) -> Any:

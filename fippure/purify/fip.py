@@ -56,7 +56,7 @@ from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError
 from fippure.losses import cross_entropy
 from fippure.models.registry import Variables
-from fippure.optim.anchor import fisher_anchor
+from fippure.optim.anchor import anchor_penalty, fisher_anchor
 from fippure.purify.batch_stats import (
     FinalBatchStats,
     finalise_from_config,
@@ -66,7 +66,6 @@ from fippure.purify.common import (
     Observer,
     PurifyReport,
     Schedule,
-    anchor_penalty,
     apply_model,
     as_variables,
     check_input_types,

@@ -62,13 +62,12 @@ from fippure.errors import InvalidInputError
 from fippure.losses import cross_entropy
 from fippure.models.layers import FEATURES
 from fippure.models.registry import Variables
-from fippure.optim.anchor import fisher_anchor
+from fippure.optim.anchor import anchor_penalty, fisher_anchor
 from fippure.optim.natural_gradient import natural_gradient
 from fippure.purify.common import (
     SHARED_RULES,
     Observer,
     PurifyReport,
-    anchor_penalty,
     clean_accuracy,
     clean_batch_size,
     config_dict,
