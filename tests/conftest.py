@@ -13,6 +13,8 @@ import os
 import pathlib
 import pickle
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -21,6 +23,9 @@ _CREATED_CACHE: list[str] = []
 
 # Compiles that took longer than this are written to the run's compilation cache.
 _PERSISTENT_CACHE_MIN_COMPILE_SECONDS = 0.2
+
+# Faster compiles of small CPU programs (see pytest_configure).
+_CPU_COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 
 
 def pytest_configure(config):
@@ -40,6 +45,28 @@ def pytest_configure(config):
     os.environ.setdefault(
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(_PERSISTENT_CACHE_MIN_COMPILE_SECONDS)
     )
+    # XLA's CPU backend compiles the suite's many small programs about 40% faster with its
+    # classic loop emitters than with its MLIR fusion emitters (the compiled-steps tests: 25 s
+    # -> 15 s of backend compile; the whole suite under -n 2: 931 s -> 665 s). XLA reads the
+    # flag when the backend starts, after this hook; xdist workers, the notebook's kernel and
+    # CLI subprocesses inherit it. A developer's own choice is kept, and a jaxlib that no
+    # longer knows the flag (XLA aborts on an unknown one) runs without it.
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_use_fusion_emitters" not in flags:
+        candidate = f"{flags} {_CPU_COMPILE_FLAGS}".strip()
+        if _xla_accepts(candidate):
+            os.environ["XLA_FLAGS"] = candidate
+
+
+def _xla_accepts(flags: str) -> bool:
+    """Whether XLA starts with ``flags`` (tried in a subprocess, about a second)."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.numpy.zeros(()).block_until_ready()"],
+        env={**os.environ, "XLA_FLAGS": flags},
+        capture_output=True,
+        timeout=300,
+    )
+    return probe.returncode == 0
 
 
 def pytest_unconfigure(config):
