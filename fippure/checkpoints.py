@@ -30,8 +30,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fippure import __version__
-from fippure.errors import CheckpointError, InvalidInputError
-from fippure.models.registry import create_model, init_variables
+from fippure.errors import CheckpointError, InvalidInputError, UnknownNameError
+from fippure.models.registry import MODELS, create_model, init_variables
 from fippure.provenance import code_revision
 
 METADATA = "metadata.json"
@@ -83,6 +83,7 @@ def save_checkpoint(
     *,
     extras: Mapping[str, Any] | None = None,
     overwrite: bool = True,
+    model: nn.Module | None = None,
 ) -> pathlib.Path:
     """Writes a checkpoint directory.
 
@@ -95,6 +96,15 @@ def save_checkpoint(
             are skipped.
         overwrite: replace an existing checkpoint at ``path`` (other files in the directory,
             such as reports or training state, are left alone).
+        model: the module the variables belong to; by default it is rebuilt from the
+            metadata's ``model`` entry when that names a registered model.
+
+    Raises:
+        CheckpointError: the metadata has no model name, the checkpoint exists and
+            ``overwrite`` is false, or the variables do not fit the model (checked on shapes
+            before anything is written, where the image shape is known from ``image_shape``
+            or a catalogued ``dataset`` in the metadata), so that a checkpoint written can
+            be loaded.
 
     Returns:
         The absolute path.
@@ -104,6 +114,8 @@ def save_checkpoint(
         raise CheckpointError("checkpoint metadata needs a 'model' entry with its 'name'")
     if (path / METADATA).exists() and not overwrite:
         raise CheckpointError(f"{path} already holds a checkpoint")
+    kept = {k: v for k, v in variables.items() if k in ("params", "batch_stats") and v}
+    _check_variables_to_save(path, kept, metadata, model)
     for part in (METADATA, "variables", "extras"):
         target = path / part
         if target.is_dir():
@@ -111,7 +123,6 @@ def save_checkpoint(
         elif target.exists():
             target.unlink()
     path.mkdir(parents=True, exist_ok=True)
-    kept = {k: v for k, v in variables.items() if k in ("params", "batch_stats") and v}
     extras = {k: v for k, v in (extras or {}).items() if jax.tree_util.tree_leaves(v)}
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / "variables", jax.device_get(kept))
@@ -429,21 +440,59 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _check_shapes(path, expected, stored, stored_name, model_class) -> None:
+def _shape_mismatch(expected, stored, stored_word: str = "stored") -> str:
+    """How ``stored``'s array shapes differ from ``expected``'s ("" when they agree)."""
     want, have = _shapes(expected), _shapes(dict(stored))
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
     wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-    if missing or extra or wrong:
-        parts = []
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} shape(s) differ, e.g. {k}: {have[k]} stored vs {want[k]}")
-        if missing:
-            parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
-        if extra:
-            parts.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
+    parts = []
+    if wrong:
+        k = wrong[0]
+        parts.append(
+            f"{len(wrong)} shape(s) differ, e.g. {k}: {have[k]} {stored_word} vs {want[k]}"
+        )
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if extra:
+        parts.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
+    return "; ".join(parts)
+
+
+def _check_shapes(path, expected, stored, stored_name, model_class) -> None:
+    mismatch = _shape_mismatch(expected, stored)
+    if mismatch:
         raise CheckpointError(
             f"checkpoint {path} (a {stored_name}) does not fit the {model_class} it is loaded "
-            f"into: {'; '.join(parts)}"
+            f"into: {mismatch}"
+        )
+
+
+def _check_variables_to_save(path, kept, metadata, model) -> None:
+    """Refuses, before writing, variables that :func:`load_checkpoint` could not load into the
+    model the metadata describes (or ``model``). A model name outside the registry without
+    ``model``, or metadata without a known image shape, leaves nothing to check against: such
+    a checkpoint is loaded with ``load_checkpoint(model=..., image_shape=...)``."""
+    spec = metadata["model"]
+    if model is None:
+        if spec["name"] not in MODELS:
+            return
+        try:
+            model = create_model(spec["name"], spec.get("num_classes"), **spec.get("kwargs", {}))
+        except (InvalidInputError, UnknownNameError, TypeError) as error:
+            raise CheckpointError(
+                f"cannot write checkpoint {path}: its metadata's model entry does not build a "
+                f"model ({error})"
+            ) from None
+    try:
+        image_shape = tuple(metadata.get("image_shape") or _dataset_shape(metadata))
+    except (CheckpointError, UnknownNameError):
+        return
+    expected = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), image_shape))
+    expected = {k: v for k, v in expected.items() if k in ("params", "batch_stats")}
+    mismatch = _shape_mismatch(expected, kept, stored_word="given")
+    if mismatch:
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: the variables do not fit the model its metadata "
+            f"names, {spec['name']} (a {type(model).__name__} on {image_shape} images): {mismatch}"
         )

@@ -113,6 +113,61 @@ def test_wrong_number_of_classes(saved):
         load_checkpoint(saved, model=create_model("small_cnn", 43, width=4))
 
 
+@pytest.mark.parametrize(
+    ("model_entry", "extra", "match"),
+    [
+        (
+            model_metadata("small_cnn", 10, width=8),
+            {},
+            r"cannot write checkpoint .*: the variables do not fit the model its metadata names, "
+            r"small_cnn \(a SmallCNN on \(8, 8, 1\) images\): 16 shape\(s\) differ, e\.g\. "
+            r"batch_stats/bn1/mean: \(4,\) given vs \(8,\)",
+        ),
+        (
+            model_metadata("small_cnn", 43, width=4),
+            {},
+            r"params/head/bias: \(10,\) given vs \(43,\)",
+        ),
+        (
+            model_metadata("small_cnn", 10, width=4),
+            {"image_shape": [32, 32, 3]},
+            r"a SmallCNN on \(32, 32, 3\) images",
+        ),
+        (
+            model_metadata("small_cnn", 10, depth=4),
+            {},
+            r"its metadata's model entry does not build a model \(model small_cnn takes no "
+            r"argument",
+        ),
+    ],
+)
+def test_variables_that_the_metadata_could_not_load_are_refused_before_writing(
+    tmp_path, small, model_entry, extra, match
+):
+    """What :func:`load_checkpoint` would refuse is refused by ``save_checkpoint`` already, and
+    nothing is written."""
+    _, variables = small
+    metadata = {"model": model_entry, "dataset": "digits", **extra}
+    with pytest.raises(CheckpointError, match=match) as error:
+        save_checkpoint(tmp_path / "ckpt", variables, metadata)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_model_outside_the_registry_is_saved_and_loaded_with_its_module(tmp_path, small):
+    """Without a registered name there is nothing to rebuild: the module passed to
+    ``save_checkpoint`` is checked, and ``load_checkpoint(model=...)`` loads it."""
+    model, variables = small
+    metadata = {"model": model_metadata("my_own_cnn", 10), "image_shape": [8, 8, 1]}
+    with pytest.raises(CheckpointError, match="names, my_own_cnn \\(a SmallCNN"):
+        save_checkpoint(
+            tmp_path / "wrong", variables, metadata, model=create_model("small_cnn", 10, width=8)
+        )
+    path = save_checkpoint(tmp_path / "own", variables, metadata)  # unchecked: nothing to check
+    path = save_checkpoint(tmp_path / "own", variables, metadata, model=model)
+    _assert_trees_equal(load_checkpoint(path, model=model).variables, variables)
+
+
 def _corrupt_metadata(path):
     (path / "metadata.json").write_text('{"model": {"name": "small_')
 
