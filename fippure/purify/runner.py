@@ -228,7 +228,7 @@ def run_defense(
             **({"clean_stop": dataclasses.asdict(clean_stop)} if clean_stop else {}),
         }
         extras = {"attack_state": backdoored.attack_state, **report.artifacts}
-        save_checkpoint(out, variables, metadata, extras=extras)
+        save_checkpoint(out, variables, metadata, extras=extras, model=backdoored.model)
         (out / "report.json").write_text(json.dumps(result, indent=1))
         if progress_dir is not None:
             shutil.rmtree(progress_dir, ignore_errors=True)
