@@ -10,7 +10,6 @@ run killed at any checkpoint resumes to the same final parameters as an uninterr
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import sys
@@ -28,7 +27,7 @@ import orbax.checkpoint as ocp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from tqdm.auto import tqdm
 
-from fippure.checkpoints import claim_run_directory, write_json_atomically
+from fippure.checkpoints import claim_run_directory
 from fippure.config_checks import (
     AT_LEAST_ONE,
     BELOW_ONE,
@@ -49,6 +48,7 @@ from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.losses import cross_entropy
 from fippure.models.registry import Variables, output_shape
+from fippure.progress_records import empty_progress, read_progress, resume_from, write_progress
 from fippure.step_inputs import (
     device_indices,
     epoch_metrics_to_save,
@@ -336,20 +336,21 @@ def train(
     state = create_train_state(variables, optimizer)
     manager = None
     report = TrainReport(steps=total_steps, epochs=config.epochs)
-    epoch_so_far = None
+    record, saves = {}, []
     if workdir is not None:
-        report, epoch_so_far = _prepare_workdir(workdir, model, data, config, report)
+        saved = _prepare_workdir(workdir, model, data, config)
         manager = _checkpoint_manager(workdir)
         if manager.latest_step() is not None:
             step = manager.latest_step()
             state = manager.restore(step, args=ocp.args.StandardRestore(state))
             report.resumed_from_step = int(step)
-            report.history = [
-                h for h in report.history if h["epoch"] * steps_per_epoch <= int(step)
-            ]
-            evaluated = [h for h in report.history if set(h) - {"epoch", "loss", "train_accuracy"}]
-            if evaluated:  # the last evaluation so far, as an uninterrupted run reports it
-                report.final = {k: v for k, v in evaluated[-1].items() if k != "epoch"}
+        report.history, record, saves = resume_from(
+            saved, report.resumed_from_step, steps_per_epoch
+        )
+        report.total_wall_time_s = record.get("elapsed_s", 0.0)
+        evaluated = [h for h in report.history if set(h) - {"epoch", "loss", "train_accuracy"}]
+        if evaluated:  # the last evaluation so far, as an uninterrupted run reports it
+            report.final = {k: v for k, v in evaluated[-1].items() if k != "epoch"}
     previous_elapsed = report.total_wall_time_s
     train_step = make_train_step(model, data.spec, config, optimizer, batch_transform)
     images, labels = jax.device_put(data.images), jax.device_put(data.labels.astype(np.int32))
@@ -360,7 +361,7 @@ def train(
     checkpoint_every = config.checkpoint_every or steps_per_epoch
     permutation = epoch_permutation(order_key, start // steps_per_epoch, n)
     # kept on the device until the epoch ends; a run resumed mid-epoch starts from the saved ones
-    epoch_metrics = restore_epoch_metrics(epoch_so_far, start, steps_per_epoch)
+    epoch_metrics = restore_epoch_metrics(record.get("epoch_so_far"), start, steps_per_epoch)
     step_seconds, timed_steps, last_mark = 0.0, 0, start
     bar = tqdm(
         total=total_steps,
@@ -416,11 +417,13 @@ def train(
             tick, last_mark = time.perf_counter(), max(last_mark, done)
         if manager is not None and (done % checkpoint_every == 0 or done == stop):
             manager.save(done, args=ocp.args.StandardSave(state))
-            _write_history(
+            saves = write_progress(
                 workdir,
-                report,
-                previous_elapsed + time.perf_counter() - started,
-                epoch_metrics_to_save(epoch_metrics, done),
+                report.history,
+                saves,
+                done,
+                elapsed_s=previous_elapsed + time.perf_counter() - started,
+                epoch_so_far=epoch_metrics_to_save(epoch_metrics, done),
             )
             tick, last_mark = time.perf_counter(), max(last_mark, done)
     bar.close()
@@ -434,26 +437,10 @@ def train(
     return state.variables(), report
 
 
-def _prepare_workdir(workdir, model, data, config, report):
-    """Claims ``workdir``; returns the report with the saved history and the saved metrics of
-    the unfinished epoch (see :func:`~fippure.step_inputs.epoch_metrics_to_save`), if any."""
+def _prepare_workdir(workdir, model, data, config) -> dict[str, Any]:
+    """Claims ``workdir``; returns what the run it resumes saved beside its checkpoints
+    (:func:`~fippure.progress_records.read_progress`), or an empty record."""
     directory = pathlib.Path(workdir).resolve()
-    epoch_so_far = None
     if claim_run_directory(directory, _run_fingerprint(model, data, config)):
-        history = directory / "history.json"
-        if history.exists():
-            saved = json.loads(history.read_text())
-            if isinstance(saved, list):  # written by fippure before 0.1.0's elapsed time
-                saved = {"history": saved, "elapsed_s": 0.0}
-            report.history = saved["history"]
-            report.total_wall_time_s = saved["elapsed_s"]
-            epoch_so_far = saved.get("epoch_so_far")
-    return report, epoch_so_far
-
-
-def _write_history(
-    workdir, report: TrainReport, elapsed_s: float, epoch_so_far: dict[str, Any] | None
-) -> None:
-    path = pathlib.Path(workdir).resolve() / "history.json"
-    saved = {"history": report.history, "elapsed_s": elapsed_s, "epoch_so_far": epoch_so_far}
-    write_json_atomically(path, saved)
+        return read_progress(directory)
+    return empty_progress()

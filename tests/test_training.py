@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,6 +225,37 @@ def test_resume_from_a_stopped_run_in_process(digits, small_cnn, tmp_path, resum
     assert not jnp.array_equal(
         partial["params"]["head"]["kernel"], whole["params"]["head"]["kernel"]
     )
+
+
+@pytest.mark.parametrize("lost", [[28], [21, 28]])
+def test_a_run_killed_while_orbax_finished_a_save_resumes_from_the_one_before(
+    digits, small_cnn, tmp_path, lost
+):
+    """Orbax writes a checkpoint in the background, and ``history.json`` is written when the
+    save begins: a kill in between leaves the file one save ahead of the checkpoints (here the
+    save at step 28, in epoch 2, is lost and the run resumes at step 21, in epoch 1; or both
+    are lost and it starts afresh). The resumed run still reports what an uninterrupted run
+    reports, with no epoch twice and the unfinished epoch's mean over all its steps."""
+    (train_set, _), (model, variables) = digits, small_cnn
+    config = _config(epochs=2, checkpoint_every=7)
+    whole, expected = train(model, train_set, config, variables=variables, progress=False)
+    train(
+        model,
+        train_set,
+        config,
+        variables=variables,
+        workdir=tmp_path,
+        progress=False,
+        stop_after_steps=28,
+    )
+    for step in lost:  # as if the kill came before orbax finished writing them
+        shutil.rmtree(tmp_path / "checkpoints" / str(step))
+    resumed, report = train(
+        model, train_set, config, variables=variables, workdir=tmp_path, progress=False
+    )
+    assert report.resumed_from_step == (0 if 21 in lost else 21)
+    assert report.history == expected.history and report.final == expected.final
+    _assert_trees_equal(resumed, whole)
 
 
 def test_workdir_of_another_run_is_an_error(digits, small_cnn, tmp_path):

@@ -14,7 +14,6 @@ resumed run ends with the same parameters as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import sys
@@ -31,11 +30,12 @@ import orbax.checkpoint as ocp
 from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
-from fippure.checkpoints import claim_run_directory, write_json_atomically
+from fippure.checkpoints import claim_run_directory
 from fippure.data.pipeline import batch_from_permutation, epoch_permutation, to_unit_range
 from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.losses import cross_entropy
+from fippure.progress_records import empty_progress, read_progress, resume_from, write_progress
 from fippure.step_inputs import (
     device_indices,
     epoch_metrics_to_save,
@@ -118,12 +118,12 @@ def run_phases(
     classifier_epochs = sum(p.epochs for p in phases if p.trains_classifier)
     report = TrainReport(steps=total_steps, epochs=classifier_epochs)
     manager = None
-    saved: dict[str, Any] = {}
+    record: dict[str, Any] = {}
+    saves: list[dict[str, Any]] = []
     if workdir is not None:
         workdir = pathlib.Path(workdir).resolve()
-        saved = _prepare_workdir(workdir, dict(fingerprint))
-        report.history, report.total_wall_time_s = saved["history"], saved["elapsed_s"]
-        report.final = saved.get("final") or {}
+        claimed = claim_run_directory(workdir, dict(fingerprint))  # True: resuming this run
+        saved = read_progress(workdir) if claimed else empty_progress()
         manager = ocp.CheckpointManager(
             workdir / "checkpoints",
             options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
@@ -132,9 +132,11 @@ def run_phases(
         if latest is not None:
             carry = manager.restore(latest, args=ocp.args.StandardRestore(carry))
             report.resumed_from_step = int(latest)
-            report.history = [
-                h for h in report.history if h["epoch"] * steps_per_epoch <= int(latest)
-            ]
+        report.history, record, saves = resume_from(
+            saved, report.resumed_from_step, steps_per_epoch
+        )
+        report.total_wall_time_s = record.get("elapsed_s", 0.0)
+        report.final = record.get("final") or {}
     previous_elapsed = report.total_wall_time_s
     images, labels = jax.device_put(data.images), jax.device_put(data.labels.astype(np.int32))
     order_key, step_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1))
@@ -150,7 +152,7 @@ def run_phases(
         mininterval=2.0,
     )
     # kept on the device until the epoch ends; a run resumed mid-epoch starts from the saved ones
-    epoch_metrics = restore_epoch_metrics(saved.get("epoch_so_far"), start, steps_per_epoch)
+    epoch_metrics = restore_epoch_metrics(record.get("epoch_so_far"), start, steps_per_epoch)
     step_seconds, timed_steps, last_mark = 0.0, 0, start
     tick = time.perf_counter()
     permutation = None
@@ -204,11 +206,14 @@ def run_phases(
             tick, last_mark = time.perf_counter(), max(last_mark, done)
         if manager is not None and (end_of_epoch or done == stop):
             manager.save(done, args=ocp.args.StandardSave(carry))
-            _write_history(
+            saves = write_progress(
                 workdir,
-                report,
-                previous_elapsed + time.perf_counter() - started,
-                epoch_metrics_to_save(epoch_metrics, done),
+                report.history,
+                saves,
+                done,
+                elapsed_s=previous_elapsed + time.perf_counter() - started,
+                epoch_so_far=epoch_metrics_to_save(epoch_metrics, done),
+                final=report.final,
             )
             tick, last_mark = time.perf_counter(), max(last_mark, done)
     bar.close()
@@ -299,28 +304,3 @@ def run_fingerprint(
 
 def _fmt(key: str, value: Any) -> str:
     return f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-
-
-def _prepare_workdir(workdir: pathlib.Path, fingerprint: dict) -> dict[str, Any]:
-    """Claims ``workdir`` for this fit (:func:`claim_run_directory`); returns what the run it
-    resumes saved (history, elapsed seconds, last evaluation, the unfinished epoch's step
-    metrics), or an empty record."""
-    history = workdir / "history.json"
-    if claim_run_directory(workdir, fingerprint) and history.exists():
-        return json.loads(history.read_text())
-    return {"history": [], "elapsed_s": 0.0}
-
-
-def _write_history(
-    workdir: pathlib.Path,
-    report: TrainReport,
-    elapsed_s: float,
-    epoch_so_far: dict[str, Any] | None,
-) -> None:
-    saved = {
-        "history": report.history,
-        "elapsed_s": elapsed_s,
-        "final": report.final,
-        "epoch_so_far": epoch_so_far,
-    }
-    write_json_atomically(workdir / "history.json", saved)
