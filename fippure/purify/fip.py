@@ -420,18 +420,22 @@ def fisher_guided_purify(
         chunk_size=config.fisher_chunk,
         share_compilation=True,
     )
+    # TrF0 only scales the trace penalty: with eta_F = 0 (FT with FIP's anchor, an ablation)
+    # there is none to scale, and the calibration's probes and compile are skipped.
     calibration_train = config.trace_calibration == "penalty" and config.trace_bn_train
-    trace0 = _calibrate_trace(
-        _Logits(apply_tunable, calibration_train),
-        (frozen, stats0),
-        tunable0,
-        inputs,
-        labels,
-        batch_size,
-        config,
-        key,
-    )
-    scale = 1.0 / trace0 if config.trace_scale == "relative" else 1.0
+    trace0 = None
+    if config.eta_F > 0:
+        trace0 = _calibrate_trace(
+            _Logits(apply_tunable, calibration_train),
+            (frozen, stats0),
+            tunable0,
+            inputs,
+            labels,
+            batch_size,
+            config,
+            key,
+        )
+    scale = 1.0 / trace0 if trace0 is not None and config.trace_scale == "relative" else 1.0
     strength = config.eta_F * scale
 
     # The carry is donated (updated in place); Fbar, theta0, the frozen arrays, the clean set
@@ -474,7 +478,7 @@ def fisher_guided_purify(
         without_trace = _fip_step.lower(inner, key, *arguments, program=programs[False]).compile()
     carry, curve, step_time, observe_time, resumed, done = run_steps(
         step,
-        (inner, 0, (jnp.zeros_like(trace0), 0)),
+        (inner, 0, (jnp.zeros_like(0.0), 0)),  # the last trace computed, and its step
         steps=config.steps,
         key=key,
         desc=method.upper().replace("_", " "),
@@ -508,7 +512,7 @@ def fisher_guided_purify(
             model, as_variables(to_params(tunable, frozen), stats), clean_set
         ),
         extra={
-            "trace0": float(trace0),
+            "trace0": None if trace0 is None else float(trace0),
             "penalty_strength": float(strength),
             "fisher_diag_sum": float(
                 sum(np.sum(x) for x in jax.tree_util.tree_leaves(fisher_diag))

@@ -88,6 +88,8 @@ def test_fip_steps_are_sgd_on_cross_entropy_plus_the_fisher_anchor(tiny, schedul
     got, want = ravel_pytree(out["params"])[0], ravel_pytree(two_steps(variables["params"]))[0]
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6)
     assert report.tunable_parameters == want.size
+    # no trace penalty, so TrF0 is not calibrated
+    assert report.extra["trace0"] is None and report.extra["penalty_strength"] == 0.0
 
 
 def test_fip_tail_averaging_returns_the_mean_of_the_last_iterates(tiny):
