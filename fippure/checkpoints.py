@@ -370,12 +370,19 @@ def load_checkpoint(
             dataset's shape from the metadata.
 
     Raises:
-        CheckpointError: missing, corrupt, or for another model.
+        CheckpointError: missing, corrupt, for another model, or naming a model outside the
+            registry when ``model`` is not given.
     """
     path = pathlib.Path(path).resolve()
     metadata = read_metadata(path)
     spec = metadata["model"]
     if model is None:
+        if spec["name"] not in MODELS:
+            raise CheckpointError(
+                f"checkpoint {path} holds a {spec['name']!r}, which is not a registered model "
+                f"({', '.join(sorted(MODELS))}); load it into its module with "
+                "load_checkpoint(path, model=...)"
+            )
         model = create_model(spec["name"], spec["num_classes"], **spec.get("kwargs", {}))
     if image_shape is None:
         image_shape = tuple(metadata.get("image_shape") or _dataset_shape(metadata))

@@ -156,7 +156,8 @@ def test_variables_that_the_metadata_could_not_load_are_refused_before_writing(
 
 def test_a_model_outside_the_registry_is_saved_and_loaded_with_its_module(tmp_path, small):
     """Without a registered name there is nothing to rebuild: the module passed to
-    ``save_checkpoint`` is checked, and ``load_checkpoint(model=...)`` loads it."""
+    ``save_checkpoint`` is checked, ``load_checkpoint(model=...)`` loads it, and loading it
+    without the module says to pass it."""
     model, variables = small
     metadata = {"model": model_metadata("my_own_cnn", 10), "image_shape": [8, 8, 1]}
     with pytest.raises(CheckpointError, match="names, my_own_cnn \\(a SmallCNN"):
@@ -166,6 +167,10 @@ def test_a_model_outside_the_registry_is_saved_and_loaded_with_its_module(tmp_pa
     path = save_checkpoint(tmp_path / "own", variables, metadata)  # unchecked: nothing to check
     path = save_checkpoint(tmp_path / "own", variables, metadata, model=model)
     _assert_trees_equal(load_checkpoint(path, model=model).variables, variables)
+    with pytest.raises(
+        CheckpointError, match=r"holds a 'my_own_cnn', which is not a regis.*model=\.\.\.\)"
+    ):
+        load_checkpoint(path)
 
 
 def _corrupt_metadata(path):
