@@ -21,9 +21,16 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jaxtyping import Array
+
 from fippure.checkpoints import write_json_atomically
 
-#: Saves whose records the file keeps: the latest, and the finished one before it.
+#: Saves whose records the file keeps, and checkpoints the manager keeps: the latest, and the
+#: finished one before it.
 KEPT_SAVES = 2
 
 FILE_NAME = "history.json"
@@ -87,3 +94,62 @@ def write_progress(
         pathlib.Path(workdir) / FILE_NAME, {"history": list(history), "saves": written}
     )
     return written
+
+
+def checkpoint_manager(workdir: str | pathlib.Path) -> ocp.CheckpointManager:
+    """The orbax manager of ``workdir/checkpoints``, keeping the last :data:`KEPT_SAVES` steps."""
+    return ocp.CheckpointManager(
+        pathlib.Path(workdir).resolve() / "checkpoints",
+        options=ocp.CheckpointManagerOptions(max_to_keep=KEPT_SAVES, create=True),
+    )
+
+
+def restore_latest(manager: ocp.CheckpointManager, tree: Any) -> tuple[Any, int]:
+    """``(tree restored from the last finished checkpoint, its step)``, or ``(tree, 0)``."""
+    step = manager.latest_step()
+    if step is None:
+        return tree, 0
+    return manager.restore(step, args=ocp.args.StandardRestore(tree)), int(step)
+
+
+def save_progress(
+    manager: ocp.CheckpointManager,
+    workdir: str | pathlib.Path,
+    step: int,
+    tree: Any,
+    history: Sequence[Mapping[str, Any]],
+    saves: Sequence[Mapping[str, Any]],
+    **record: Any,
+) -> list[dict[str, Any]]:
+    """Begins orbax's save of ``tree`` at ``step`` and writes its record
+    (:func:`write_progress`); returns the records written."""
+    manager.save(step, args=ocp.args.StandardSave(tree))
+    return write_progress(workdir, history, saves, step, **record)
+
+
+def epoch_metrics_to_save(
+    epoch_metrics: list[dict[str, Array]], done: int
+) -> dict[str, Any] | None:
+    """The per-step metrics of the unfinished epoch as JSON (one fetch, at a save), so that a
+    run resumed mid-epoch reports that epoch as an uninterrupted run does."""
+    if not epoch_metrics:
+        return None
+    values = jax.device_get(epoch_metrics)
+    columns = {k: [float(entry[k]) for entry in values] for k in values[0]}
+    return {"first_step": done - len(values), **columns}
+
+
+def restore_epoch_metrics(
+    saved: Mapping[str, Any] | None, step: int, steps_per_epoch: int
+) -> list[dict[str, Array]]:
+    """The device metrics of the steps of ``step``'s epoch before ``step``, from what
+    :func:`epoch_metrics_to_save` saved (at ``step`` or later in the same epoch: the run is
+    deterministic); empty where they were not saved."""
+    done_in_epoch = step % steps_per_epoch
+    if not done_in_epoch or not saved or saved.get("first_step") != step - done_in_epoch:
+        return []
+    columns = {k: v for k, v in saved.items() if k != "first_step"}
+    if any(len(v) < done_in_epoch for v in columns.values()):
+        return []
+    arrays = {k: jnp.asarray(np.asarray(v[:done_in_epoch], np.float32)) for k, v in columns.items()}
+    return [{k: a[i] for k, a in arrays.items()} for i in range(done_in_epoch)]

@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
 from fippure.errors import InvalidInputError
@@ -104,31 +103,3 @@ def private_copy(tree: Any) -> Any:
     a loop whose step donates its carry hands out, or starts from, so that no caller's arrays
     are donated."""
     return jax.tree_util.tree_map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, tree)
-
-
-def epoch_metrics_to_save(
-    epoch_metrics: list[dict[str, Array]], done: int
-) -> dict[str, Any] | None:
-    """The per-step metrics of the unfinished epoch as JSON (one fetch, at a save), so that a
-    run resumed mid-epoch reports that epoch as an uninterrupted run does."""
-    if not epoch_metrics:
-        return None
-    values = jax.device_get(epoch_metrics)
-    columns = {k: [float(entry[k]) for entry in values] for k in values[0]}
-    return {"first_step": done - len(values), **columns}
-
-
-def restore_epoch_metrics(
-    saved: Mapping[str, Any] | None, step: int, steps_per_epoch: int
-) -> list[dict[str, Array]]:
-    """The device metrics of the steps of ``step``'s epoch before ``step``, from what
-    :func:`epoch_metrics_to_save` saved (at ``step`` or later in the same epoch: the run is
-    deterministic); empty where they were not saved."""
-    done_in_epoch = step % steps_per_epoch
-    if not done_in_epoch or not saved or saved.get("first_step") != step - done_in_epoch:
-        return []
-    columns = {k: v for k, v in saved.items() if k != "first_step"}
-    if any(len(v) < done_in_epoch for v in columns.values()):
-        return []
-    arrays = {k: jnp.asarray(np.asarray(v[:done_in_epoch], np.float32)) for k, v in columns.items()}
-    return [{k: a[i] for k, a in arrays.items()} for i in range(done_in_epoch)]

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from tqdm.auto import tqdm
 
@@ -48,12 +47,19 @@ from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.losses import cross_entropy
 from fippure.models.registry import Variables, output_shape
-from fippure.progress_records import empty_progress, read_progress, resume_from, write_progress
+from fippure.progress_records import (
+    checkpoint_manager,
+    empty_progress,
+    epoch_metrics_to_save,
+    read_progress,
+    restore_epoch_metrics,
+    restore_latest,
+    resume_from,
+    save_progress,
+)
 from fippure.step_inputs import (
     device_indices,
-    epoch_metrics_to_save,
     private_copy,
-    restore_epoch_metrics,
     step_guard,
     sum_metrics,
 )
@@ -268,13 +274,6 @@ def _run_fingerprint(model: nn.Module, data: ImageDataset, config: TrainConfig) 
     }
 
 
-def _checkpoint_manager(workdir: str | os.PathLike) -> ocp.CheckpointManager:
-    directory = pathlib.Path(workdir).resolve() / "checkpoints"
-    return ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-    )
-
-
 def train(
     model: nn.Module,
     data: ImageDataset,
@@ -339,11 +338,8 @@ def train(
     record, saves = {}, []
     if workdir is not None:
         saved = _prepare_workdir(workdir, model, data, config)
-        manager = _checkpoint_manager(workdir)
-        if manager.latest_step() is not None:
-            step = manager.latest_step()
-            state = manager.restore(step, args=ocp.args.StandardRestore(state))
-            report.resumed_from_step = int(step)
+        manager = checkpoint_manager(workdir)
+        state, report.resumed_from_step = restore_latest(manager, state)
         report.history, record, saves = resume_from(
             saved, report.resumed_from_step, steps_per_epoch
         )
@@ -416,12 +412,13 @@ def train(
             report.history.append(entry)
             tick, last_mark = time.perf_counter(), max(last_mark, done)
         if manager is not None and (done % checkpoint_every == 0 or done == stop):
-            manager.save(done, args=ocp.args.StandardSave(state))
-            saves = write_progress(
+            saves = save_progress(
+                manager,
                 workdir,
+                done,
+                state,
                 report.history,
                 saves,
-                done,
                 elapsed_s=previous_elapsed + time.perf_counter() - started,
                 epoch_so_far=epoch_metrics_to_save(epoch_metrics, done),
             )

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
@@ -35,12 +34,19 @@ from fippure.data.pipeline import batch_from_permutation, epoch_permutation, to_
 from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.losses import cross_entropy
-from fippure.progress_records import empty_progress, read_progress, resume_from, write_progress
+from fippure.progress_records import (
+    checkpoint_manager,
+    empty_progress,
+    epoch_metrics_to_save,
+    read_progress,
+    restore_epoch_metrics,
+    restore_latest,
+    resume_from,
+    save_progress,
+)
 from fippure.step_inputs import (
     device_indices,
-    epoch_metrics_to_save,
     folded_keys,
-    restore_epoch_metrics,
     step_guard,
     sum_metrics,
 )
@@ -124,14 +130,8 @@ def run_phases(
         workdir = pathlib.Path(workdir).resolve()
         claimed = claim_run_directory(workdir, dict(fingerprint))  # True: resuming this run
         saved = read_progress(workdir) if claimed else empty_progress()
-        manager = ocp.CheckpointManager(
-            workdir / "checkpoints",
-            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
-        )
-        latest = manager.latest_step()
-        if latest is not None:
-            carry = manager.restore(latest, args=ocp.args.StandardRestore(carry))
-            report.resumed_from_step = int(latest)
+        manager = checkpoint_manager(workdir)
+        carry, report.resumed_from_step = restore_latest(manager, carry)
         report.history, record, saves = resume_from(
             saved, report.resumed_from_step, steps_per_epoch
         )
@@ -205,12 +205,13 @@ def run_phases(
             report.history.append(entry)
             tick, last_mark = time.perf_counter(), max(last_mark, done)
         if manager is not None and (end_of_epoch or done == stop):
-            manager.save(done, args=ocp.args.StandardSave(carry))
-            saves = write_progress(
+            saves = save_progress(
+                manager,
                 workdir,
+                done,
+                carry,
                 report.history,
                 saves,
-                done,
                 elapsed_s=previous_elapsed + time.perf_counter() - started,
                 epoch_so_far=epoch_metrics_to_save(epoch_metrics, done),
                 final=report.final,
