@@ -114,7 +114,7 @@ def save_checkpoint(
         raise CheckpointError("checkpoint metadata needs a 'model' entry with its 'name'")
     if (path / METADATA).exists() and not overwrite:
         raise CheckpointError(f"{path} already holds a checkpoint")
-    kept = {k: v for k, v in variables.items() if k in ("params", "batch_stats") and v}
+    kept = _saved_collections(variables)
     _check_variables_to_save(path, kept, metadata, model)
     for part in (METADATA, "variables", "extras"):
         target = path / part
@@ -385,8 +385,8 @@ def load_checkpoint(
             )
         model = create_model(spec["name"], spec["num_classes"], **spec.get("kwargs", {}))
     if image_shape is None:
-        image_shape = tuple(metadata.get("image_shape") or _dataset_shape(metadata))
-    expected = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), image_shape))
+        image_shape = _metadata_image_shape(metadata)
+    expected = _abstract_variables(model, image_shape)
     if not (path / "variables").is_dir():
         raise CheckpointError(f"corrupt checkpoint {path}: its variables/ directory is missing")
     stored_files = {item.name for item in (path / "variables").iterdir()}
@@ -429,6 +429,24 @@ def _first_line(error: Exception) -> str:
     """``Type: first line of the message``, so that fippure's errors stay one line."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _saved_collections(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """The collections a checkpoint holds: ``params`` and ``batch_stats``, where not empty."""
+    return {k: v for k, v in variables.items() if k in ("params", "batch_stats") and v}
+
+
+def _abstract_variables(model: nn.Module, image_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The saved collections of ``model`` on ``image_shape`` images, as shapes (nothing is
+    computed)."""
+    return _saved_collections(
+        jax.eval_shape(lambda: init_variables(model, jax.random.key(0), image_shape))
+    )
+
+
+def _metadata_image_shape(metadata: Mapping[str, Any]) -> tuple[int, ...]:
+    """The image shape the metadata gives, or its dataset's."""
+    return tuple(metadata.get("image_shape") or _dataset_shape(metadata))
 
 
 def _dataset_shape(metadata: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -492,12 +510,10 @@ def _check_variables_to_save(path, kept, metadata, model) -> None:
                 f"model ({error})"
             ) from None
     try:
-        image_shape = tuple(metadata.get("image_shape") or _dataset_shape(metadata))
+        image_shape = _metadata_image_shape(metadata)
     except (CheckpointError, UnknownNameError):
         return
-    expected = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), image_shape))
-    expected = {k: v for k, v in expected.items() if k in ("params", "batch_stats")}
-    mismatch = _shape_mismatch(expected, kept, stored_word="given")
+    mismatch = _shape_mismatch(_abstract_variables(model, image_shape), kept, stored_word="given")
     if mismatch:
         raise CheckpointError(
             f"cannot write checkpoint {path}: the variables do not fit the model its metadata "
