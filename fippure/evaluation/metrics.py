@@ -99,7 +99,8 @@ def defense_effectiveness_rating(
 ) -> float:
     """DER in [0, 1]: 1 when ASR falls from 1 to 0 at no accuracy cost, 0.5 for no change.
 
-    Rates are fractions in [0, 1]. A NaN rate (an empty test set) gives NaN.
+    Rates are fractions in [0, 1], as Python, NumPy or JAX scalars; the result is a Python
+    float computed in float64. A NaN rate (an empty test set) gives NaN.
     """
     rates = {
         "acc_before": acc_before,
@@ -130,7 +131,9 @@ def defense_effectiveness_rating(
         raise InvalidInputError(
             f"DER takes rates in [0, 1] (fractions, not percent); got {outside}"
         )
-    return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
+    asr_fall = max(0.0, rates["asr_before"] - rates["asr_after"])
+    acc_drop = max(0.0, rates["acc_before"] - rates["acc_after"])
+    return (asr_fall - acc_drop + 1.0) / 2.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -145,3 +145,16 @@ def test_der_refuses_a_rate_that_is_not_one_number(bad):
     assert defense_effectiveness_rating(
         acc_before=np.float32(0.9), asr_before=1.0, acc_after=0.9, asr_after=0.0
     ) == pytest.approx(1.0)
+
+
+def test_der_of_jax_and_numpy_scalars_is_a_python_float_in_double_precision():
+    import jax.numpy as jnp
+
+    der = defense_effectiveness_rating(
+        acc_before=jnp.float32(0.9), asr_before=np.float32(1.0), acc_after=0.85, asr_after=0.01
+    )
+    # a JAX array here would not go into a JSON report, and float32 arithmetic would round
+    assert type(der) is float
+    assert der == pytest.approx(
+        (1.0 - 0.01 - (float(np.float32(0.9)) - 0.85) + 1.0) / 2.0, rel=0, abs=1e-12
+    )
