@@ -133,15 +133,30 @@ def _label(row: dict[str, str], csv_name: str) -> int:
 
 
 def training_examples(files: _Files) -> list[tuple[str, int]]:
-    """``(image name, label)`` of every training image, sorted by class then file name."""
-    examples = []
+    """``(image name, label)`` of every training image, sorted by class then file name.
+
+    Each class folder is read once. A second copy of the training tree (the zip kept beside
+    an extraction into a sub-folder) would otherwise store every image twice, and a clean set
+    drawn from the split could share images with the attacker's part. Copies that list other
+    images are refused.
+    """
+    copies: dict[str, list[str]] = {}
     for name in files.names:
-        if _TRAIN_CSV.search(name):
-            folder = name.rsplit("/", 1)[0]
-            examples += [
-                (f"{folder}/{row['Filename']}", _label(row, name))
-                for row in _read_rows(files, name)
-            ]
+        match = _TRAIN_CSV.search(name)
+        if match:
+            copies.setdefault(match.group(1), []).append(name)
+    examples = []
+    for class_folder in sorted(copies):
+        first, *others = copies[class_folder]
+        rows = [(row["Filename"], _label(row, first)) for row in _read_rows(files, first)]
+        for other in others:
+            if [(row["Filename"], _label(row, other)) for row in _read_rows(files, other)] != rows:
+                raise DatasetUnavailableError(
+                    f"the manual directory holds two different copies of class folder "
+                    f"{class_folder}: {first} and {other}; keep one"
+                )
+        folder = first.rsplit("/", 1)[0]
+        examples += [(f"{folder}/{filename}", label) for filename, label in rows]
     if not examples:
         raise DatasetUnavailableError(
             "no GTSRB training annotations (GTSRB/Final_Training/Images/000NN/GT-000NN.csv) "

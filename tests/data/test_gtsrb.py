@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -9,7 +11,7 @@ from PIL import Image
 from tiny_gtsrb import write_tiny_gtsrb
 
 from fippure.data import load_dataset
-from fippure.data.gtsrb import NUM_CLASSES, Gtsrb, prepare_gtsrb
+from fippure.data.gtsrb import NUM_CLASSES, Gtsrb, _Files, prepare_gtsrb, training_examples
 from fippure.errors import DatasetUnavailableError
 
 
@@ -97,6 +99,35 @@ def test_missing_or_empty_manual_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetUnavailableError, match="missing or empty"):
         prepare_gtsrb(tmp_path / "empty", tmp_path / "tfds")
+
+
+def test_a_second_copy_of_the_training_tree_is_read_once(tmp_path):
+    # the zip kept beside its extraction into a sub-folder: every image was stored twice, so
+    # a clean set could share images with the attacker's part
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    tiny = write_tiny_gtsrb(manual, "zip")
+    with zipfile.ZipFile(manual / "GTSRB_Final_Training_Images.zip") as archive:
+        archive.extractall(manual / "GTSRB_Final_Training_Images")
+    files = _Files(manual)
+    try:
+        examples = training_examples(files)
+    finally:
+        files.close()
+    assert [label for _, label in examples] == tiny.train_labels
+    assert len({name.split("Final_Training/")[1] for name, _ in examples}) == len(examples)
+
+
+def test_copies_of_a_class_folder_that_differ_are_refused(tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    write_tiny_gtsrb(manual, "zip")
+    with zipfile.ZipFile(manual / "GTSRB_Final_Training_Images.zip") as archive:
+        archive.extractall(manual / "copy")
+    partial = manual / "copy/GTSRB/Final_Training/Images/00005/GT-00005.csv"
+    partial.write_text("".join(partial.read_text().splitlines(keepends=True)[:2]))
+    with pytest.raises(DatasetUnavailableError, match="two different copies of class folder 00005"):
+        prepare_gtsrb(manual, tmp_path / "tfds")
 
 
 def test_missing_test_labels(tiny_gtsrb, tmp_path):
