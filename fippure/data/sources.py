@@ -93,10 +93,13 @@ def cache_dir() -> pathlib.Path:
 
 
 def tfds_data_dir(data_dir: str | os.PathLike | None = None) -> str | None:
-    """The TFDS data directory: the argument, else ``$TFDS_DATA_DIR``, else TFDS's default."""
-    if data_dir is not None:
-        return os.fspath(data_dir)
-    return os.environ.get("TFDS_DATA_DIR") or None
+    """The TFDS data directory: the argument, else ``$TFDS_DATA_DIR``, else TFDS's default.
+
+    A leading ``~`` is expanded (TFDS would read it as a folder named ``~``).
+    """
+    if data_dir is None:
+        data_dir = os.environ.get("TFDS_DATA_DIR") or None
+    return None if data_dir is None else os.path.expanduser(os.fspath(data_dir))
 
 
 def load_dataset(

@@ -77,6 +77,16 @@ def test_data_dir_falls_back_to_environment(monkeypatch, tmp_path):
     assert sources.tfds_data_dir() is None
 
 
+def test_a_data_dir_under_home_is_expanded(gtsrb_tfds_dir, tmp_path, monkeypatch):
+    # TFDS reads "~/tfds" as a folder named "~": prepared data was reported missing
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert sources.tfds_data_dir("~/tfds") == str(tmp_path / "tfds")
+    monkeypatch.setenv("TFDS_DATA_DIR", "~/tfds")
+    assert sources.tfds_data_dir() == str(tmp_path / "tfds")
+    assert len(load_dataset("gtsrb", "test", data_dir="~/tfds", use_cache=False)) == 4
+    assert len(load_dataset("gtsrb", "test", use_cache=False)) == 4
+
+
 def test_cache_is_written_and_reused(gtsrb_tfds_dir, tmp_path, monkeypatch):
     first = load_dataset("gtsrb", "train", data_dir=gtsrb_tfds_dir)
     (cache_file,) = (tmp_path / "cache" / "arrays").glob("gtsrb-1.0.0-train-*.npz")
