@@ -23,7 +23,8 @@ class UnknownNameError(FippureError, KeyError):
     def __init__(self, kind: str, name: str, known: Iterable[str]):
         known = sorted(known)
         same_but_case = [k for k in known if k.lower() == str(name).lower()]
-        close = same_but_case or difflib.get_close_matches(name, known, n=1)
+        # str(): a name that is not a string (None from a config, say) is unknown too
+        close = same_but_case or difflib.get_close_matches(str(name), known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         super().__init__(f"unknown {kind} {name!r}; known: {', '.join(known)}.{hint}")
         self.kind, self.name, self.known = kind, name, known

@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
+
+from fippure.errors import InvalidInputError
+
+
+def _check_batch(images: Array, what: str) -> None:
+    """One-line error for a single image or other non-batch input (a static check)."""
+    if getattr(images, "ndim", None) != 4:
+        raise InvalidInputError(
+            f"{what} takes a batch of images (b, h, w, c), got shape "
+            f"{getattr(images, 'shape', None)} (add a leading axis for one image)"
+        )
 
 
 def random_crop(
     key: PRNGKeyArray, images: Float[Array, "b h w c"], padding: int
 ) -> Float[Array, "b h w c"]:
     """Pads every image with ``padding`` zeros per side and crops a random h x w window."""
+    _check_batch(images, "random_crop")
+    if isinstance(padding, bool) or not isinstance(padding, int | np.integer) or padding < 0:
+        raise InvalidInputError(f"padding must be a non-negative integer, got {padding!r}")
     if padding == 0:
         return images
     b, h, w, c = images.shape
@@ -25,6 +40,7 @@ def random_crop(
 
 def random_flip(key: PRNGKeyArray, images: Float[Array, "b h w c"]) -> Float[Array, "b h w c"]:
     """Mirrors each image left-right with probability 1/2."""
+    _check_batch(images, "random_flip")
     flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
     return jnp.where(flip, images[:, :, ::-1, :], images)
 

@@ -82,5 +82,5 @@ def get_spec(name: str) -> DatasetSpec:
     """Returns the :class:`DatasetSpec` called ``name`` or raises a one-line error."""
     try:
         return DATASETS[name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: an unhashable name, such as a list
         raise UnknownNameError("dataset", name, DATASETS) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from fippure.data.catalog import get_spec
+from fippure.errors import InvalidInputError
 
 TEST_SIZE = 360
 _SPLIT_SEED = 0
@@ -18,8 +19,10 @@ def load_digits(split: str):
     """The ``train`` (1,437 images) or ``test`` (360 images) split of the digits."""
     from sklearn.datasets import load_digits as sklearn_digits
 
-    from fippure.data.sources import ImageDataset
+    from fippure.data.sources import SPLITS, ImageDataset
 
+    if split not in SPLITS:
+        raise InvalidInputError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     raw = sklearn_digits()
     images = np.round(raw.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = raw.target.astype(np.int32)

@@ -146,6 +146,10 @@ def iterate_batches(
     Datasets that fit stay on device and batches are sliced there; larger ones are streamed
     from the host with one batch of prefetch.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
+        raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size}")
     n = len(dataset)
     order = np.arange(n)
     if key is not None:

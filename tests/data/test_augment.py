@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fippure.data import DATASETS, augment, get_spec, random_crop, random_flip
+from fippure.errors import InvalidInputError
 
 
 def _coordinate_images(batch: int, height: int, width: int, channels: int = 3) -> np.ndarray:
@@ -107,3 +108,19 @@ def test_augment_is_deterministic_in_the_key():
     c = augment(jax.random.key(6), images, 2, True)
     np.testing.assert_array_equal(a, b)
     assert not jnp.array_equal(a, c)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda key, image: random_crop(key, image, 1), "batch of images"),
+        (lambda key, image: random_flip(key, image), "batch of images"),
+        (lambda key, image: augment(key, image, 1, True), "batch of images"),
+        (lambda key, image: random_crop(key, image[None], -1), "non-negative integer"),
+    ],
+    ids=["crop_one_image", "flip_one_image", "augment_one_image", "negative_padding"],
+)
+def test_a_single_image_or_a_negative_padding_gets_a_one_line_error(call, message):
+    # were an unpacking ValueError and an error from inside jnp.pad
+    with pytest.raises(InvalidInputError, match=message):
+        call(jax.random.PRNGKey(0), jnp.zeros((8, 8, 1)))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from sklearn.datasets import load_digits
 
 from fippure.data import load_dataset
+from fippure.data.digits import load_digits as load_digits_split
+from fippure.errors import InvalidInputError
 
 
 def test_sizes_and_ranges():
@@ -42,3 +45,8 @@ def test_deterministic():
     a, b = load_dataset("digits", "test"), load_dataset("digits", "test")
     np.testing.assert_array_equal(a.images, b.images)
     np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_an_unknown_split_is_refused_not_read_as_train():
+    with pytest.raises(InvalidInputError, match="unknown split 'validation'"):
+        load_digits_split("validation")

@@ -14,6 +14,7 @@ from fippure.data import (
     epoch_permutation,
     get_spec,
     iterate_batches,
+    load_dataset,
     normalize,
     pipeline,
     to_device,
@@ -133,3 +134,11 @@ def test_an_image_dataset_refuses_labels_outside_the_classes_and_plain_lists():
             ImageDataset(images, np.array(labels, np.int32), spec, "x")
     with pytest.raises(InvalidInputError, match="must be NumPy arrays, got ndarray and list"):
         ImageDataset(images, [0, 1], spec, "x")
+
+
+@pytest.mark.parametrize("batch_size", [0, -32, 2.5, True])
+def test_iterate_batches_refuses_a_batch_size_that_is_not_a_positive_integer(batch_size):
+    # 0 was range()'s ValueError and -32 yielded no batches at all
+    data = load_dataset("digits", "test")
+    with pytest.raises(InvalidInputError, match="batch_size must be a positive integer"):
+        next(iterate_batches(data, batch_size))

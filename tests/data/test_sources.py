@@ -136,3 +136,10 @@ def test_an_image_dataset_refuses_labels_that_are_not_integers():
     images = np.zeros((3, 8, 8, 1), np.uint8)
     with pytest.raises(InvalidInputError, match="labels must be integer class indices"):
         ImageDataset(images, np.array([0.5, 1.5, 2.5]), get_spec("digits"), "train")
+
+
+@pytest.mark.parametrize("name", [None, 10, ["cifar10"]])
+def test_a_dataset_name_that_is_not_a_string_is_unknown(name):
+    # None once failed inside difflib, and a list was unhashable
+    with pytest.raises(UnknownNameError, match="unknown dataset"):
+        load_dataset(name, "train")
