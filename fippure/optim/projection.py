@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fippure.errors import InvalidInputError, is_concrete
@@ -24,7 +25,7 @@ Bound = float | PyTree
 
 
 class ProjectBoxState(NamedTuple):
-    """State of :func:`project_box`: the bounds, one array per parameter leaf.
+    """State of :func:`project_box`: the bounds of the last call, one array per parameter leaf.
 
     Attributes:
         lower: lower bounds, shaped like the parameters (each leaf broadcasts against its
@@ -66,22 +67,36 @@ def project_box(lower: Bound, upper: Bound) -> optax.GradientTransformation:
 
     Returns:
         An ``optax.GradientTransformation`` (needs ``params`` in ``update``) with a
-        :class:`ProjectBoxState`. Works inside ``optax.masked`` (frozen leaves pass through).
+        :class:`ProjectBoxState`. Works inside ``optax.masked`` (frozen leaves pass through),
+        and under ``optax.inject_hyperparams`` (each update clips to the bounds it is given:
+        a schedule anneals a floor).
     """
 
-    def init_fn(params):
+    def bounds(params):
         state = ProjectBoxState(
             _per_leaf(lower, params, "lower", "project_box"),
             _per_leaf(upper, params, "upper", "project_box"),
         )
-        crossed = jax.tree_util.tree_map(lambda low, high: jnp.any(low > high), *state)
-        if is_concrete(crossed) and any(bool(c) for c in jax.tree_util.tree_leaves(crossed)):
-            raise InvalidInputError(f"project_box needs lower <= upper, got {lower} and {upper}")
+        if is_concrete(state):  # judged on the host: a JAX comparison under jit is traced
+            crossed = jax.tree_util.tree_map(
+                lambda low, high: np.any(np.asarray(low) > np.asarray(high)), *state
+            )
+            if any(jax.tree_util.tree_leaves(crossed)):
+                raise InvalidInputError(
+                    f"project_box needs lower <= upper, got {lower} and {upper}"
+                )
         return state
+
+    def init_fn(params):
+        return bounds(params)
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise InvalidInputError("project_box needs params: call update(u, state, params)")
+        # The bounds are this call's (not init's): under optax.inject_hyperparams they follow
+        # a schedule, or a value written into the state's hyperparams.
+        del state
+        state = bounds(params)
 
         def project(update, param, low, high):
             if is_masked(update):

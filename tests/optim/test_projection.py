@@ -68,3 +68,29 @@ def test_a_bound_that_would_reshape_a_parameter_is_refused():
         project_box(column, 1.0).init(params)
     with pytest.raises(InvalidInputError, match="upper must have the pytree structure"):
         clip_to_box(params, 0.0, {"a": 1.0})
+
+
+def test_bounds_follow_inject_hyperparams():
+    # an annealed floor: the bounds of each update are used, not those of init
+    params = {"m": jnp.ones(3)}
+    pull_down = {"m": jnp.full(3, 10.0)}
+    floor = optax.linear_schedule(0.9, 0.1, 4)
+    tx = optax.chain(optax.sgd(1.0), optax.inject_hyperparams(project_box)(floor, 1.0))
+    state = tx.init(params)
+    step = jax.jit(lambda p, s: tx.update(pull_down, s, p))
+    for t in range(5):
+        updates, state = step(params, state)
+        params = optax.apply_updates(params, updates)
+        np.testing.assert_allclose(params["m"], float(floor(t)), rtol=1e-6)
+    # a value written into the state's hyperparams takes effect at the next update
+    tx = optax.inject_hyperparams(project_box)(lower=0.5, upper=1.0)
+    state = tx.init({"m": jnp.ones(3)})
+    state.hyperparams["lower"] = jnp.asarray(0.0)
+    updates, _ = tx.update({"m": -jnp.ones(3)}, state, {"m": jnp.ones(3)})
+    np.testing.assert_allclose(updates["m"], -1.0)
+
+
+@pytest.mark.parametrize("lower", [0.9, {"m": jnp.array([0.0, 0.95, 0.0])}], ids=["scalar", "tree"])
+def test_crossed_bounds_are_refused(lower):
+    with pytest.raises(InvalidInputError, match="lower <= upper"):
+        project_box(lower, 0.9 if isinstance(lower, dict) else 0.1).init({"m": jnp.ones(3)})
