@@ -27,11 +27,15 @@ def is_masked(x: Any) -> bool:
 
 
 def has_negative_entries(tree: PyTree) -> bool:
-    """Whether a concrete ``tree`` holds a negative entry (a traced one is not judged)."""
+    """Whether a concrete ``tree`` holds a negative entry (a traced one is not judged).
+
+    Judged on the host: inside a jit trace, a JAX comparison on even a concrete array is
+    traced, and its truth value cannot be read.
+    """
     leaves = jax.tree_util.tree_leaves(tree)
     if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
         return False
-    return any(bool(jnp.any(jnp.asarray(leaf) < 0)) for leaf in leaves)
+    return any(bool(np.any(np.asarray(leaf) < 0)) for leaf in leaves)
 
 
 def _paths(tree: PyTree) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, Int
 
@@ -67,7 +68,7 @@ def fisher_anchor(
             a ``fisher_diag`` or ``anchor_params`` whose structure or leaf shapes do not fit
             the parameters.
     """
-    if not callable(strength) and is_concrete(strength) and not strength >= 0:
+    if not callable(strength) and is_concrete(strength) and not np.asarray(strength) >= 0:
         raise InvalidInputError(f"fisher_anchor: strength must be >= 0, got {strength}")
     if has_negative_entries(fisher_diag):
         raise InvalidInputError("fisher_anchor: fisher_diag has negative entries (a Fisher is PSD)")

@@ -38,6 +38,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import jax.scipy as jsp
+import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
@@ -173,15 +174,15 @@ def natural_gradient(
     """
     # Only concrete values are checked: under ``optax.inject_hyperparams`` the factory is
     # called inside ``update`` with traced hyper-parameters (a damping schedule).
-    if is_concrete(damping) and not damping > 0:  # also refuses NaN
+    if is_concrete(damping) and not np.asarray(damping) > 0:  # also refuses NaN
         raise InvalidInputError(f"damping must be positive, got {damping}")
     if mode not in ("cg", "dense"):
         raise InvalidInputError(f"unknown natural_gradient mode {mode!r}; use 'cg' or 'dense'")
-    if is_concrete(refresh_every) and not refresh_every >= 1:
+    if is_concrete(refresh_every) and not np.asarray(refresh_every) >= 1:
         raise InvalidInputError(f"refresh_every must be >= 1, got {refresh_every}")
-    if is_concrete(cg_maxiter) and not cg_maxiter >= 1:
+    if is_concrete(cg_maxiter) and not np.asarray(cg_maxiter) >= 1:
         raise InvalidInputError(f"cg_maxiter must be >= 1, got {cg_maxiter}")
-    if is_concrete(cg_tol) and not 0 < cg_tol < 1:
+    if is_concrete(cg_tol) and not 0 < np.asarray(cg_tol) < 1:
         raise InvalidInputError(f"cg_tol must lie in (0, 1), got {cg_tol}")
     if diagonal is not None:
         if mode == "dense":

@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fippure.errors import InvalidInputError, is_concrete
@@ -79,9 +80,9 @@ def normalize_adaptive(eta: float = 0.01, adaptive: bool = True) -> optax.Gradie
 def check_radius(rho: Any, eta: Any) -> None:
     """One-line errors for a negative radius (its perturbation would go downhill, which is not
     SAM) or a negative ``eta`` (concrete values only; traced ones pass)."""
-    if is_concrete(rho) and not rho >= 0:
+    if is_concrete(rho) and not np.asarray(rho) >= 0:
         raise InvalidInputError(f"rho must be >= 0, got {rho}")
-    if is_concrete(eta) and not eta >= 0:
+    if is_concrete(eta) and not np.asarray(eta) >= 0:
         raise InvalidInputError(f"eta must be >= 0, got {eta}")
 
 

@@ -9,7 +9,14 @@ import optax
 import pytest
 
 from fippure.curvature import make_ggn_operator
-from fippure.optim import adaptive_sam, fisher_anchor, natural_gradient, project_box
+from fippure.errors import InvalidInputError
+from fippure.optim import (
+    adaptive_sam,
+    asam_gradient,
+    fisher_anchor,
+    natural_gradient,
+    project_box,
+)
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -97,3 +104,45 @@ def test_chain_under_jit_and_orbax_round_trip(name, round_trip):
         jax.flatten_util.ravel_pytree(step(params, restored)[0])[0],
         jax.flatten_util.ravel_pytree(step(params, state)[0])[0],
     )
+
+
+def _concrete_arguments_inside_jit():
+    """Factories called inside a jitted step with concrete arrays from outside it (closed over,
+    or injected by optax.inject_hyperparams): their checks once raised
+    TracerBoolConversionError, since a JAX comparison inside a trace is traced."""
+    params = {"w": jnp.ones(3)}
+    fisher, anchor = {"w": jnp.ones(3)}, {"w": jnp.zeros(3)}
+
+    def anchor_built_in_step(p):
+        tx = fisher_anchor(fisher, anchor, 1.0)
+        return tx.update(p, tx.init(p), p)[0]
+
+    injected_anchor = optax.inject_hyperparams(fisher_anchor)(fisher, anchor, strength=0.5)
+    injected_ng = optax.inject_hyperparams(natural_gradient)(1e-2, "cg", diagonal=fisher)
+    rho = jnp.asarray(0.5)
+    return params, {
+        "fisher_anchor built in the step": anchor_built_in_step,
+        "inject_hyperparams(fisher_anchor)": lambda p: injected_anchor.update(
+            p, injected_anchor.init(p), p
+        )[0],
+        "inject_hyperparams(natural_gradient, diagonal=...)": lambda p: injected_ng.update(
+            p, injected_ng.init(p), p, fvp_fn=lambda v: v
+        )[0],
+        "asam_gradient(rho=array)": lambda p: asam_gradient(
+            lambda q: jnp.sum(q["w"] ** 2), p, rho=rho
+        )[1],
+    }
+
+
+@pytest.mark.parametrize("case", list(_concrete_arguments_inside_jit()[1]))
+def test_checked_arguments_may_be_concrete_arrays_inside_jit(case):
+    params, steps = _concrete_arguments_inside_jit()
+    eager = steps[case](params)
+    jitted = jax.jit(steps[case])(params)
+    jax.tree_util.tree_map(np.testing.assert_allclose, jitted, eager)
+
+
+def test_a_negative_fisher_is_still_refused_inside_jit():
+    negative = {"w": -jnp.ones(3)}
+    with pytest.raises(InvalidInputError, match="negative entries"):
+        jax.jit(lambda p: fisher_anchor(negative, p, 1.0).init(p))({"w": jnp.ones(3)})
