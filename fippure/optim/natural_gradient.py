@@ -43,7 +43,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from fippure.errors import InvalidInputError, is_concrete
-from fippure.tree_checks import check_fits, has_negative_entries
+from fippure.tree_checks import check_fits, check_operator, has_negative_entries
 
 PyTree = Any
 Mode = Literal["cg", "dense"]
@@ -213,6 +213,7 @@ def natural_gradient(
             )
         if diagonal is not None:
             check_fits(diagonal, updates, "diagonal", "natural_gradient")
+        check_operator(fvp_fn, updates, "natural_gradient (fvp_fn)")
 
         def damped(v):
             fv = fvp_fn(v)

@@ -227,3 +227,21 @@ def test_dense_mode_takes_a_flax_frozen_dict_head():
     )
     assert isinstance(frozen_step, FrozenDict)
     jax.tree_util.tree_map(np.testing.assert_array_equal, dict(frozen_step), step)
+
+
+@pytest.mark.parametrize(
+    "operator",
+    ["another_head", "transposed_output", "one_leaf"],
+)
+def test_cg_mode_refuses_an_fvp_fn_that_does_not_fit_the_updates(operator):
+    # each once failed deep inside jax.scipy's cg (shapes, a linearised function, a dict)
+    params, features, _ = problem(5)
+    other, other_features, _ = problem(6, d=5)
+    fvp_fn = {
+        "another_head": make_ggn_operator(logits_fn, other, other_features),
+        "transposed_output": lambda v: {"kernel": v["kernel"].T, "bias": v["bias"]},
+        "one_leaf": lambda v: v["kernel"],
+    }[operator]
+    tx = natural_gradient(DAMPING)
+    with pytest.raises(InvalidInputError, match=r"natural_gradient \(fvp_fn\)"):
+        tx.update(params, tx.init(params), params, fvp_fn=fvp_fn)
