@@ -56,8 +56,10 @@ def asam_perturbation(
     """
     scale = _normaliser(params, eta, adaptive)
     scaled = jax.tree_util.tree_map(jnp.multiply, scale, grads)
-    norm = optax.tree.norm(scaled)
-    norm = jnp.where(norm > 0, norm, 1.0)
+    # guarded before the square root, whose derivative at 0 is infinite: a zero gradient
+    # then gives eps = 0 with finite derivatives, not NaN ones
+    squared = optax.tree.norm(scaled, squared=True)
+    norm = jnp.sqrt(jnp.where(squared > 0, squared, 1.0))
     return jax.tree_util.tree_map(lambda t, tg: rho * t * tg / norm, scale, scaled)
 
 

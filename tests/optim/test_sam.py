@@ -90,3 +90,24 @@ def test_a_negative_radius_or_a_missing_grad_fn_is_refused():
     params = jnp.ones(3)
     with pytest.raises(InvalidInputError, match="adaptive_sam needs the extra grad_fn="):
         tx.update(params, tx.init(params), params)
+
+
+def test_derivatives_through_the_perturbation_are_finite_at_a_zero_gradient():
+    # the norm's guard once kept the value but not the derivative: sqrt'(0) made them NaN
+    params = {"w": jnp.zeros(3)}
+
+    def loss(q):
+        return jnp.sum(q["w"] ** 2)  # its gradient vanishes at 0
+
+    def perturbation_sum(q):
+        return jnp.sum(asam_perturbation(jax.grad(loss)(q), q, 0.5)["w"])
+
+    def asam_gradient_sum(q):
+        return jnp.sum(asam_gradient(loss, q, rho=0.5)[1]["w"])
+
+    assert np.all(asam_perturbation(jax.grad(loss)(params), params, 0.5)["w"] == 0)
+    for function in (perturbation_sum, asam_gradient_sum):
+        assert np.all(np.isfinite(jax.grad(function)(params)["w"]))
+    # where g = 0 the guard divides by 1, so eps = rho T^2 g there and its derivative is
+    # rho T^2 H: here T = eta (theta = 0) and H = 2 I
+    np.testing.assert_allclose(jax.grad(perturbation_sum)(params)["w"], 0.5 * 0.01**2 * 2)
