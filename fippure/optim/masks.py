@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import flax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from fippure.config_checks import compile_pattern
@@ -84,6 +85,11 @@ def apply_masks(params: PyTree, masks: PyTree) -> dict[str, Any]:
         key = module + ("scale",)
         if key not in flat:
             raise InvalidInputError(f"mask {'/'.join(module)} has no BatchNorm scale in params")
+        if np.shape(mask) != np.shape(flat[key]):  # a (C, 1) mask would broadcast the scale
+            raise InvalidInputError(
+                f"mask {'/'.join(module)} has shape {np.shape(mask)}, but its BatchNorm scale "
+                f"has {np.shape(flat[key])} (masks of another model?)"
+            )
         flat[key] = flat[key] * mask.astype(flat[key].dtype)
     return traverse_util.unflatten_dict(flat)
 

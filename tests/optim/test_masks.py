@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from fippure.errors import InvalidInputError
 from fippure.optim import masks, project_box
 
 
@@ -109,3 +110,15 @@ def test_floors_feed_project_box(resnet):
         np.testing.assert_allclose(
             new[module[0]][module[1]], floors[module[0]][module[1]], rtol=0, atol=1e-7
         )
+
+
+@pytest.mark.parametrize("shape", ["column", "wider"])
+def test_masks_that_do_not_match_their_batchnorm_are_refused(resnet, shape):
+    # a (C, 1) mask broadcast the scale to (C, C); a wider model's masks failed inside jnp
+    _, variables = resnet
+    params = variables["params"]
+    m = masks.init_masks(params)
+    bn = m["stage2_block1"]["bn2"]
+    m["stage2_block1"]["bn2"] = bn[:, None] if shape == "column" else jnp.ones(2 * bn.shape[0])
+    with pytest.raises(InvalidInputError, match="mask stage2_block1/bn2 has shape"):
+        masks.apply_masks(params, m)
