@@ -56,6 +56,18 @@ UNIT_POSITIVE: Rule = interval(0, 1, low_open=True)
 SEED: Rule = interval(0, 2**32, high_open=True)
 
 
+def check_seed(value: Any, name: str = "seed") -> None:
+    """One-line error unless ``value`` is an integer in ``[0, 2**32)`` (not a bool or None).
+
+    ``jax.random.key`` would alias 2**32 to 0 and -1 to 2**32 - 1 (the same run recorded under
+    another seed), and numpy takes ``None`` as "a fresh draw every time" (no run to repeat).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidInputError(f"{name} must be an integer in [0, 2**32), got {value!r}")
+    if not 0 <= value < 2**32:
+        raise InvalidInputError(f"{name} must be an integer in [0, 2**32), got {value!r}")
+
+
 def compile_pattern(pattern: str) -> re.Pattern:
     """``re.compile(pattern)``, with a one-line error for an invalid expression."""
     try:

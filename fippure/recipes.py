@@ -16,6 +16,7 @@ from typing import Any
 import jax
 
 from fippure.checkpoints import claim_run_directory, model_metadata, save_checkpoint
+from fippure.config_checks import check_seed
 from fippure.data.sources import ImageDataset, load_dataset
 from fippure.data.splits import split_clean_set
 from fippure.inference import accuracy
@@ -216,9 +217,8 @@ def train_backdoored(
     if reference is not None and threat.needs_reference:
         _check_reference(reference, dataset, spec)
     threat.check_training(spec, config)  # before the directory is claimed
-    for name, value in (("attack_seed", attack_seed), ("clean_seed", clean_seed)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
-            raise InvalidInputError(f"{name} must be an integer in [0, 2**32), got {value!r}")
+    check_seed(attack_seed, "attack_seed")
+    check_seed(clean_seed, "clean_seed")
     # Everything that shapes the weights: resuming (or reusing attack_fit/) under another
     # attack, target or clean split would relabel a model trained for the old one.
     claim_run_directory(

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
+from fippure.config_checks import check_seed
 from fippure.errors import InvalidInputError
 
 Mode = Literal["all_to_one", "all_to_all"]
@@ -27,6 +28,8 @@ def attack_targets(labels, target: int, mode: Mode, num_classes: int):
 
     Works on numpy and JAX arrays alike.
     """
+    if mode not in MODES:
+        raise InvalidInputError(f"unknown attack mode {mode!r}; use {' or '.join(MODES)}")
     if mode == "all_to_all":
         return (labels + 1) % num_classes
     xp = jnp if isinstance(labels, Array) else np
@@ -106,6 +109,7 @@ def make_poison_plan(
     validate_attack_args(
         ratio=ratio, target=target, mode=mode, num_classes=num_classes, clean_label=clean_label
     )
+    check_seed(seed)
     n = len(labels)
     requested = int(round(ratio * n))
     if requested < 1:
@@ -140,19 +144,25 @@ def validate_attack_args(
     """One-line errors for impossible attack settings."""
     if isinstance(ratio, bool) or not isinstance(ratio, int | float | np.floating):
         raise InvalidInputError(f"poison ratio must be a number in (0, 1), got {ratio!r}")
-    if isinstance(target, bool) or not isinstance(target, int | np.integer):
-        raise InvalidInputError(f"target must be an integer class, got {target!r}")
     if not 0.0 < ratio < 1.0:
         raise InvalidInputError(f"poison ratio must be in (0, 1), got {ratio}")
-    if mode not in MODES:
-        raise InvalidInputError(f"unknown attack mode {mode!r}; use {' or '.join(MODES)}")
-    if not 0 <= target < num_classes:
-        raise InvalidInputError(f"target {target} is out of range for {num_classes} classes")
+    validate_target_and_mode(target, mode, num_classes)
     if clean_label and mode == "all_to_all":
         raise InvalidInputError(
             "a clean-label attack cannot be all-to-all: it keeps the true labels of "
             "target-class images"
         )
+
+
+def validate_target_and_mode(target: int, mode: str, num_classes: int) -> None:
+    """One-line errors for a target that is not a class or an unknown mode (which would
+    otherwise count as all-to-one)."""
+    if isinstance(target, bool) or not isinstance(target, int | np.integer):
+        raise InvalidInputError(f"target must be an integer class, got {target!r}")
+    if mode not in MODES:
+        raise InvalidInputError(f"unknown attack mode {mode!r}; use {' or '.join(MODES)}")
+    if not 0 <= target < num_classes:
+        raise InvalidInputError(f"target {target} is out of range for {num_classes} classes")
 
 
 def poisoned_rows(

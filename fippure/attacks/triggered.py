@@ -13,7 +13,8 @@ import jax
 import numpy as np
 
 from fippure.attacks.base import Attack, State, apply_trigger
-from fippure.attacks.poisoning import Mode, attack_targets
+from fippure.attacks.poisoning import Mode, attack_targets, validate_target_and_mode
+from fippure.config_checks import check_seed
 from fippure.data.sources import ImageDataset
 
 
@@ -60,7 +61,15 @@ def triggered_test_set(
     mode: Mode,
     seed: int = 0,
 ) -> TriggeredSet:
-    """Triggers the test images an attack is measured on (non-target ones for all-to-one)."""
+    """Triggers the test images an attack is measured on (non-target ones for all-to-one).
+
+    Raises:
+        InvalidInputError: a target that is not one of the test set's classes, an unknown
+            mode (``"all2one"`` would keep the target-class images in an all-to-one ASR) or a
+            seed outside ``[0, 2**32)``.
+    """
+    validate_target_and_mode(target, mode, test.num_classes)
+    check_seed(seed)
     labels = test.labels
     keep = np.flatnonzero(labels != target) if mode == "all_to_one" else np.arange(len(labels))
     key = jax.random.fold_in(jax.random.key(seed), 0x7E57)

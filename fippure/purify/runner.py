@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 
 from fippure.checkpoints import (
     METADATA,
@@ -24,6 +23,7 @@ from fippure.checkpoints import (
     read_stamp,
     save_checkpoint,
 )
+from fippure.config_checks import check_seed
 from fippure.errors import CheckpointError, InvalidInputError
 from fippure.evaluation.metrics import (
     accuracy,
@@ -109,10 +109,7 @@ def run_defense(
     """
     spec = get_defense(defense)
     config = make_config(defense, overrides)
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
-        # jax.random.key would alias 2**32 to 0 and -1 to 2**32 - 1 (the same run, recorded
-        # under another seed)
-        raise InvalidInputError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    check_seed(seed)
     if isinstance(checkpoint, BackdooredModel):
         for given, value in (("clean_size", clean_size), ("data_dir", data_dir), ("dtype", dtype)):
             if value is not None:

@@ -184,3 +184,20 @@ def test_a_triggered_set_restricted_to_part_of_the_test_split():
     np.testing.assert_array_equal(part.true_labels, labels[part.source_indices])
     np.testing.assert_array_equal(part.target_labels, 0)
     np.testing.assert_array_equal(part.images, triggered.images[:10])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target": 0, "mode": "all2one"}, "unknown attack mode 'all2one'"),
+        ({"target": 10, "mode": "all_to_one"}, "target 10 is out of range"),
+        ({"target": -1, "mode": "all_to_one"}, "target -1 is out of range"),
+        ({"target": 0, "mode": "all_to_one", "seed": None}, "seed must be an integer"),
+    ],
+)
+def test_a_triggered_set_refuses_an_unknown_mode_target_or_seed(kwargs, message):
+    # "all2one" once kept the target-class images, so the ASR counted them
+    labels = np.arange(20, dtype=np.int32) % 10
+    test = ImageDataset(np.zeros((20, 32, 32, 3), np.uint8), labels, CIFAR, "test")
+    with pytest.raises(InvalidInputError, match=message):
+        triggered_test_set(make_attack("badnets"), {}, test, **kwargs)

@@ -111,3 +111,10 @@ def test_a_target_or_ratio_of_the_wrong_type_is_refused(target, ratio):
         validate_attack_args(
             ratio=ratio, target=target, mode="all_to_one", num_classes=10, clean_label=False
         )
+
+
+@pytest.mark.parametrize("seed", [None, -1, 1.5, 2**32, True])
+def test_a_plan_needs_an_integer_seed(labels, seed):
+    # None drew another plan every call; -1 and 1.5 failed inside numpy
+    with pytest.raises(InvalidInputError, match="seed must be an integer in"):
+        make_poison_plan(labels, ratio=0.1, num_classes=10, seed=seed)
