@@ -97,7 +97,8 @@ class Attack:
     def trigger(self, state: State, images: Images, key: PRNGKeyArray | None = None) -> Images:
         """Applies the trigger (pure, jit-able) to a ``(b, h, w, c)`` batch.
 
-        Float images are taken to be in [0, 1] and keep their dtype. Integer images (uint8
+        Float images are taken to be in [0, 1] and keep their dtype (the trigger is computed in
+        at least float32). Integer images (uint8
         pixels, as :func:`fippure.data.load_dataset` returns them) are first scaled to float32
         [0, 1], so the result is always a float image in [0, 1]. Any other dtype, or a batch
         that is not rank 4, is refused. Subclasses implement :meth:`_trigger`.
@@ -117,8 +118,11 @@ class Attack:
                 f"{self.name} trigger expects float images in [0, 1] or integer pixels "
                 f"0..255, got dtype {images.dtype}"
             )
-        # generators computing in float32 hand back the images' own dtype, as documented
-        return self._trigger(state, images, key).astype(images.dtype)
+        # Computed in at least float32 and rounded once to the images' own dtype: in float16
+        # or bfloat16, BPP's colour levels and FTrojan's DCT round visibly (a pixel a whole
+        # 36/255 level off, half of a 1.5/255 frequency trigger lost).
+        working = jnp.promote_types(images.dtype, jnp.float32)
+        return self._trigger(state, images.astype(working), key).astype(images.dtype)
 
     def _trigger(self, state: State, images: Images, key: PRNGKeyArray | None) -> Images:
         """The trigger itself, on float [0, 1] images of rank 4."""
