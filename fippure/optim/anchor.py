@@ -106,7 +106,14 @@ def anchor_penalty(
     strength: float | Array, fisher_diag: PyTree, params: PyTree, anchor_params: PyTree
 ) -> Array:
     """The anchor's value ``(strength / 2) sum_j F_j (theta_j - theta0_j)^2``, whose gradient
-    :func:`fisher_anchor` adds to the updates (for a loss curve that reports the objective)."""
+    :func:`fisher_anchor` adds to the updates (for a loss curve that reports the objective).
+
+    Raises:
+        InvalidInputError: a ``fisher_diag`` or ``anchor_params`` that does not fit ``params``
+            (structure, or a leaf that would broadcast to another shape).
+    """
+    check_fits(fisher_diag, params, "fisher_diag", "anchor_penalty")
+    check_fits(anchor_params, params, "anchor_params", "anchor_penalty")
     leaves = jax.tree_util.tree_leaves
     terms = zip(leaves(fisher_diag), leaves(params), leaves(anchor_params), strict=True)
     return 0.5 * strength * sum(jnp.sum(f * (p - a) ** 2) for f, p, a in terms)

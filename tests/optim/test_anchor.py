@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from fippure.errors import InvalidInputError
-from fippure.optim import fisher_anchor
+from fippure.optim import anchor_penalty, fisher_anchor
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -91,3 +91,21 @@ def test_a_negative_strength_or_fisher_is_refused():
     negative = jax.tree_util.tree_map(lambda f: -f, fisher)
     with pytest.raises(InvalidInputError, match="negative entries"):
         fisher_anchor(negative, anchor, 1.0)
+
+
+def test_anchor_penalty_is_half_the_weighted_squared_distance_and_checks_its_trees():
+    params = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([[3.0]])}
+    anchor = {"a": jnp.array([0.0, 1.0]), "b": jnp.array([[1.0]])}
+    fisher = {"a": jnp.array([2.0, 4.0]), "b": jnp.array([[0.5]])}
+    value = anchor_penalty(3.0, fisher, params, anchor)
+    np.testing.assert_allclose(value, 0.5 * 3.0 * (2.0 * 1 + 4.0 * 1 + 0.5 * 4))
+    # its gradient is what fisher_anchor adds to the updates
+    tx = fisher_anchor(fisher, anchor, 3.0)
+    added, _ = tx.update(jax.tree_util.tree_map(jnp.zeros_like, params), tx.init(params), params)
+    grad = jax.grad(lambda p: anchor_penalty(3.0, fisher, p, anchor))(params)
+    jax.tree_util.tree_map(np.testing.assert_allclose, grad, added)
+    # trees that do not fit: a raw zip() or broadcasting error before
+    with pytest.raises(InvalidInputError, match="anchor_penalty: fisher_diag must have"):
+        anchor_penalty(1.0, {"a": fisher["a"]}, params, anchor)
+    with pytest.raises(InvalidInputError, match=r"anchor_penalty: anchor_params\['a'\]"):
+        anchor_penalty(1.0, fisher, params, {"a": jnp.zeros((2, 2)), "b": anchor["b"]})
