@@ -58,5 +58,7 @@ def require(condition: bool, message: str) -> None:
 def is_concrete(tree: Any) -> bool:
     """Whether every leaf of ``tree`` holds a value (no :class:`jax.core.Tracer`), so that it
     can be validated eagerly. Under ``jit``, ``grad`` or ``vmap`` (or a schedule injected with
-    ``optax.inject_hyperparams``) the checks are skipped rather than failing on a tracer."""
+    ``optax.inject_hyperparams``) the checks are skipped rather than failing on a tracer.
+    Judge a concrete value with NumPy (``np.asarray(x) > 0``): inside a trace, a JAX
+    comparison on even a concrete array is traced, and its truth value cannot be read."""
     return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
