@@ -28,8 +28,10 @@ takes minutes to compile), so every function here is jit-able. On XLA:CPU the sc
 loop-body cost above: 30 power steps on the Hessian of PreAct-ResNet-18 w8 (64 images) took
 146 s in the scan against 5.3 s unrolled (whose compilation took 52 s against 18 s) and 6.6 s
 called eagerly. On the CPU, call power iteration eagerly (as ``fippure analyze`` does). The
-step updates the basis in place (buffer donation) only when nothing is traced, so both Lanczos
-loops also work under ``jax.grad`` and ``jax.vmap``.
+step updates the basis in place (buffer donation) only when nothing is traced and the operator
+is one of :mod:`~fippure.curvature.products`' (a plain closure can hide captured tracers), so
+both Lanczos loops also work under ``jax.grad`` and ``jax.vmap``. Vectors reach the operator
+in the parameters' dtype, while the basis is kept in at least float32.
 
 :func:`power_iteration` finds the eigenvalue of largest magnitude, as PyHessian-style analyses
 do (Yao et al., 2020); :func:`largest_eigenvalue` adds a spectral shift so that it returns the
@@ -90,20 +92,29 @@ def _as_operator(matvec: Operator) -> Partial:
     return matvec if isinstance(matvec, Partial) else Partial(matvec)
 
 
+def _safe_norm(squared: Array) -> Array:
+    """``sqrt(squared)``, with a zero derivative where ``squared`` is 0 (the square root's is
+    infinite there, and a gradient through an exact breakdown or a zero product was NaN)."""
+    positive = squared > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
 def _orthogonalise(basis: Array, w: Array) -> Array:
     """Classical Gram-Schmidt against all rows of ``basis``, twice ("twice is enough")."""
     w = w - basis.T @ (basis @ w)
     return w - basis.T @ (basis @ w)
 
 
-def _lanczos_step(matvec, unravel, key, state: _LanczosState, i) -> _LanczosState:
+def _lanczos_step(matvec, unravel, key, state: _LanczosState, i, vector_dtype) -> _LanczosState:
     basis = state.basis
     q = basis[i]
-    w = ravel_pytree(matvec(unravel(q)))[0].astype(basis.dtype)
+    # the basis is at least float32; the operator takes vectors of the parameters' dtype
+    # (one linearised at bfloat16 parameters refuses float32 tangents)
+    w = ravel_pytree(matvec(unravel(q.astype(vector_dtype))))[0].astype(basis.dtype)
     alpha = jnp.vdot(q, w)
-    scale = jnp.maximum(state.scale, jnp.linalg.norm(w))
+    scale = jnp.maximum(state.scale, _safe_norm(jnp.vdot(w, w)))
     w = _orthogonalise(basis, w)
-    beta = jnp.linalg.norm(w)
+    beta = _safe_norm(jnp.vdot(w, w))
     tol = jnp.sqrt(jnp.finfo(basis.dtype).eps) * jnp.maximum(scale, jnp.finfo(basis.dtype).tiny)
     broken = beta <= tol
 
@@ -112,7 +123,7 @@ def _lanczos_step(matvec, unravel, key, state: _LanczosState, i) -> _LanczosStat
         fresh = _orthogonalise(basis, fresh)
         return fresh / jnp.linalg.norm(fresh)
 
-    following = jax.lax.cond(broken, restart, lambda: w / beta)
+    following = jax.lax.cond(broken, restart, lambda: w / jnp.where(broken, 1.0, beta))
     return _LanczosState(
         basis=basis.at[i + 1].set(following, mode="drop"),
         alphas=state.alphas.at[i].set(alpha),
@@ -121,15 +132,16 @@ def _lanczos_step(matvec, unravel, key, state: _LanczosState, i) -> _LanczosStat
     )
 
 
-def _lanczos_step_call(matvec, key, state, i, *, unravel):
-    return _lanczos_step(matvec, unravel, key, state, i)
+def _lanczos_step_call(matvec, key, state, i, *, unravel, vector_dtype):
+    return _lanczos_step(matvec, unravel, key, state, i, vector_dtype)
 
 
-_lanczos_step_jit = jax.jit(_lanczos_step_call, static_argnames=("unravel",))
+_STATIC = ("unravel", "vector_dtype")
+_lanczos_step_jit = jax.jit(_lanczos_step_call, static_argnames=_STATIC)
 # Donating the state updates the (m, P) basis in place instead of copying it every step. Only
 # for concrete arrays: autodiff keeps the inputs as residuals, and vmap changes their shapes.
 _lanczos_step_donating = jax.jit(
-    _lanczos_step_call, static_argnames=("unravel",), donate_argnames=("state",)
+    _lanczos_step_call, static_argnames=_STATIC, donate_argnames=("state",)
 )
 
 
@@ -143,10 +155,10 @@ def _materialise(like: PyTree) -> PyTree:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("unravel",))
-def _lanczos_fori(matvec, key, state, *, unravel):
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _lanczos_fori(matvec, key, state, *, unravel, vector_dtype):
     num_iters = state.alphas.shape[0]
-    body = lambda i, s: _lanczos_step(matvec, unravel, key, s, i)
+    body = lambda i, s: _lanczos_step(matvec, unravel, key, s, i, vector_dtype)
     return jax.lax.fori_loop(0, num_iters, body, state)
 
 
@@ -163,7 +175,8 @@ def lanczos(
     Args:
         matvec: symmetric ``v -> A v`` on pytrees shaped like ``like`` (an operator from
             ``make_*_operator`` is passed into the jitted steps as an argument; a plain
-            closure works too but its captured arrays are compiled in as constants).
+            closure works too, but its captured arrays are compiled in as constants and its
+            steps copy the basis instead of updating it in place).
         like: a pytree with the parameters' structure, shapes and dtypes (arrays or
             ``jax.ShapeDtypeStruct``).
         key: random key (start vector and restarts).
@@ -190,17 +203,21 @@ def lanczos(
         scale=jnp.zeros((), dtype),
     )
     operator = _as_operator(matvec)
+    static = {"unravel": unravel, "vector_dtype": flat_like.dtype}
     if loop == "fori":
-        state = _lanczos_fori(operator, restart_key, state, unravel=unravel)
+        state = _lanczos_fori(operator, restart_key, state, **static)
     elif loop == "python":
-        if is_concrete((operator, restart_key, state)):
+        # Donation only where nothing can be traced: an operator of ours carries its arrays
+        # as leaves, but a plain closure may capture tracers of an outer jax.grad or jax.vmap
+        # that no check can see (autodiff keeps the donated inputs as residuals).
+        if isinstance(matvec, Partial) and is_concrete((operator, restart_key, state)):
             # the indices are made on the device ahead (no upload per iteration)
             for i in device_indices(0, num_iters):
                 with step_guard():
-                    state = _lanczos_step_donating(operator, restart_key, state, i, unravel=unravel)
+                    state = _lanczos_step_donating(operator, restart_key, state, i, **static)
         else:
             for i in range(num_iters):
-                state = _lanczos_step_jit(operator, restart_key, state, i, unravel=unravel)
+                state = _lanczos_step_jit(operator, restart_key, state, i, **static)
     else:
         raise InvalidInputError(f"unknown loop {loop!r}; use 'python' or 'fori'")
     return Tridiagonal(state.alphas, state.betas[:-1])
@@ -259,8 +276,14 @@ class PowerIterationResult(NamedTuple):
 def _power_step(matvec, vector):
     product = matvec(vector)
     eigenvalue = tree_dot(vector, product)
-    norm = tree_norm(product)
-    return eigenvalue, jax.tree_util.tree_map(lambda x: x / norm, product)
+    squared = tree_dot(product, product)
+    # A v = 0 (a zero operator, or v in its null space): v is an eigenvector for 0, so it is
+    # kept; dividing would give NaN, which a traced loop carries to its end
+    norm = _safe_norm(squared)
+    safe = jnp.where(squared > 0, norm, 1.0)
+    return eigenvalue, jax.tree_util.tree_map(
+        lambda x, v: jnp.where(squared > 0, x / safe, v).astype(v.dtype), product, vector
+    )
 
 
 def _relative_change(value, previous, shift):
@@ -335,32 +358,37 @@ def power_iteration(
     eigenvalue = jnp.zeros((), jnp.result_type(*jax.tree_util.tree_leaves(start)))
     shift = jnp.asarray(shift, eigenvalue.dtype)  # on the device once, not at every step
     if not is_concrete((operator, start, shift)):
-        return _power_scan(operator, start, eigenvalue, num_iters, shift)
+        carry = (eigenvalue, start, start, jnp.asarray(jnp.inf, eigenvalue.dtype))
+        return _power_scan(operator, carry, num_iters, num_iters, shift)
     change, count = jnp.inf, 0
     vector = following = start
     for count in range(1, num_iters + 1):  # noqa: B007 (count is used after the loop)
         vector = following
         with step_guard():
             eigenvalue, following, change = _power_step_jit(operator, vector, eigenvalue, shift)
+        if not is_concrete(change):
+            # a plain closure that captures tracers of an outer jax.grad or jax.vmap, which
+            # the check above cannot see: the remaining steps run in the scan
+            carry = (eigenvalue, vector, following, change)
+            return _power_scan(operator, carry, num_iters, num_iters - count, shift)
         if float(change) < tol:
             break
     return PowerIterationResult(eigenvalue, vector, jnp.asarray(count), jnp.asarray(change))
 
 
-def _power_scan(matvec, start, eigenvalue, num_iters: int, shift) -> PowerIterationResult:
-    """``num_iters`` power steps in one ``lax.scan``: the ``"python"`` loop under an outer
-    transformation. The stopping test needs the host, so every step runs; one traced step
-    keeps the compile time flat in ``num_iters`` (unrolled, 4000 steps of a 4x4 matrix took
-    minutes to compile), and ``scan``, unlike ``while_loop``, can be reverse-differentiated."""
+def _power_scan(matvec, carry, num_iters: int, remaining: int, shift) -> PowerIterationResult:
+    """The last ``remaining`` of ``num_iters`` power steps in one ``lax.scan``: the
+    ``"python"`` loop under an outer transformation. The stopping test needs the host, so every
+    step runs; one traced step keeps the compile time flat in ``num_iters`` (unrolled, 4000
+    steps of a 4x4 matrix took minutes to compile), and ``scan``, unlike ``while_loop``, can
+    be reverse-differentiated. ``carry`` is ``(eigenvalue, vector, following, change)``."""
 
     def body(carry, _):
         previous, _, following, _ = carry
         value, after, change = _power_step_with_change(matvec, following, previous, shift)
         return (value, following, after, change), None
 
-    infinite = jnp.asarray(jnp.inf, eigenvalue.dtype)
-    carry = (eigenvalue, start, start, infinite)
-    (eigenvalue, vector, _, change), _ = jax.lax.scan(body, carry, None, length=num_iters)
+    (eigenvalue, vector, _, change), _ = jax.lax.scan(body, carry, None, length=remaining)
     return PowerIterationResult(eigenvalue, vector, jnp.asarray(num_iters), change)
 
 

@@ -389,3 +389,74 @@ def test_lambda_max_warnings_name_an_unconverged_or_disputed_estimate():
     first, second = lambda_max_warnings(bad, config)
     assert "did not converge in 12 power-iteration steps" in first
     assert "differ by 99%" in second
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_lanczos_takes_the_librarys_operators_at_bfloat16_parameters(problem, dense, kind):
+    # the float32 basis once reached an operator linearised at bfloat16: JAX refused it
+    params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), problem.params)
+    batch = (problem.batch[0].astype(jnp.bfloat16), problem.batch[1])
+    low = problem._replace(params=params, batch=batch)
+    top = eigenvalues.top_eigenvalues(
+        operator(low, kind), params, jax.random.key(0), k=1, num_iters=30
+    )
+    assert top.dtype == jnp.float32
+    matrix = dense.hessian if kind == "hessian" else dense.ggn
+    np.testing.assert_allclose(top[0], np.linalg.eigvalsh(matrix)[-1], rtol=0.1)
+
+
+def _closure_and_partial(problem):
+    """The same Hessian operator as a plain closure and as one of the library's operators."""
+    closure = lambda q: lambda v: products.hvp(problem.loss_fn, q, problem.batch, v)  # noqa: E731
+    built = lambda q: products.make_hvp_operator(problem.loss_fn, q, problem.batch)  # noqa: E731
+    return closure, built
+
+
+@pytest.mark.parametrize(
+    "estimate",
+    [
+        lambda op, q: eigenvalues.power_iteration(op, q, jax.random.key(0), 15).eigenvalue,
+        lambda op, q: eigenvalues.largest_eigenvalue(op, q, jax.random.key(0), 15).eigenvalue,
+        lambda op, q: eigenvalues.lanczos(op, q, jax.random.key(0), 4).alphas.sum(),
+    ],
+    ids=["power_iteration", "largest_eigenvalue", "lanczos"],
+)
+def test_a_plain_closure_operator_works_under_grad_and_vmap(problem, estimate):
+    # a closure hides the tracers it captures: power iteration read a traced stopping test
+    # and Lanczos donated buffers that autodiff still needed ("Array has been deleted")
+    closure, built = _closure_and_partial(problem)
+    for transform in (jax.grad, lambda f: jax.vmap(f)):
+        params = problem.params
+        if transform is not jax.grad:
+            params = jax.tree_util.tree_map(lambda x: jnp.stack([x, 1.1 * x]), params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "donated buffers were not usable"
+            got = transform(lambda q: estimate(closure(q), q))(params)
+        want = transform(lambda q: estimate(built(q), q))(params)
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10), got, want
+        )
+
+
+def test_power_iteration_of_a_zero_operator_is_zero_also_under_jit(x64):
+    # the traced loop divided 0 by 0 and carried the NaN to its end
+    like = {"w": jnp.ones(5)}
+    zero = Partial(lambda v: jax.tree_util.tree_map(jnp.zeros_like, v))
+    for function in (eigenvalues.power_iteration, eigenvalues.largest_eigenvalue):
+        for run in (function, jax.jit(function, static_argnums=(3,))):
+            result = run(zero, like, jax.random.key(0), 10)
+            assert float(result.eigenvalue) == 0.0
+            assert np.all(np.isfinite(result.eigenvector["w"]))
+
+
+@pytest.mark.parametrize("loop", ["python", "fori"])
+def test_gradients_through_an_exact_lanczos_breakdown_are_finite(x64, loop):
+    # A = s I: the Krylov space is exhausted after one step, the norm of a zero residual
+    # had an infinite derivative, and the gradient was NaN
+    like = {"w": jnp.zeros(8)}
+
+    def top(s):
+        scaled = Partial(lambda s, v: jax.tree_util.tree_map(lambda x: s * x, v), s)
+        return eigenvalues.top_eigenvalues(scaled, like, jax.random.key(0), 1, 3, loop=loop)[0]
+
+    np.testing.assert_allclose(jax.grad(top)(jnp.asarray(2.0)), 1.0, rtol=1e-12)
