@@ -52,6 +52,7 @@ from fippure.inference import accuracy
 from fippure.models.registry import Variables
 from fippure.purify.batch_stats import finalise_from_config
 from fippure.purify.common import (
+    LAST_ITERATE_EXTRAS,
     Observer,
     PurifyReport,
     StopEarly,
@@ -313,9 +314,12 @@ def purify_with_clean_stop(
             steps=chosen,
             clean_accuracy=clean_accuracy(model, out, fit),
             loss_curve=[p for p in searched_report.loss_curve if p["step"] <= chosen],
-            # the masks or shifts a defense reports are those of its last step, not of the
-            # iterate returned
+            # the masks or shifts a defense reports, and the statistics of them, are those
+            # of its last step, not of the iterate returned
             artifacts={},
+            extra={
+                k: v for k, v in searched_report.extra.items() if k not in LAST_ITERATE_EXTRAS
+            },
         )
     summary = {
         "config": dataclasses.asdict(stop),

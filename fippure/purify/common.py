@@ -57,6 +57,12 @@ SHARED_RULES: dict[str, Rule] = {
 }
 
 
+#: Keys of :attr:`PurifyReport.extra` that describe the last iterate's artifacts (NFT's mask
+#: statistics). A report of an earlier iterate (a stop chosen on the clean set) drops them
+#: together with the artifacts.
+LAST_ITERATE_EXTRAS = frozenset({"mask_mean", "mask_min", "masks_below_half"})
+
+
 @dataclasses.dataclass
 class PurifyReport:
     """What a defense did.

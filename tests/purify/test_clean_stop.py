@@ -21,9 +21,10 @@ from fippure.purify.clean_stop import (
     make_clean_stop_config,
     purify_with_clean_stop,
 )
+from fippure.purify.common import LAST_ITERATE_EXTRAS
 from fippure.purify.ft import FTConfig
 from fippure.purify.ft import purify as fine_tune
-from fippure.purify.registry import make_config
+from fippure.purify.registry import get_defense, make_config
 from fippure.purify.trigger_inversion import synthesized_asr
 
 #: FIP on the digits CNN with the demo's setting (the search sets the budget). Over defense
@@ -258,3 +259,26 @@ def test_purify_command_stops_on_the_clean_set(
     ):
         assert cli.main([*argv, *bad, "--out", str(tmp_path / "bad")]) != 0
         assert message in capsys.readouterr().err
+
+
+def test_an_earlier_iterate_is_reported_without_the_last_steps_mask_statistics(
+    digits_badnets, digits_trigger
+):
+    # NFT's report described the masks of its last step, not those of the iterate returned
+    b = digits_badnets
+    config = make_config("nft", {"mask_pattern": "^bn[23]$", "learning_rate": 0.5})
+    stop = CleanStopConfig(
+        max_steps=6, every=2, validation_per_class=4, threshold=1.0, halt_when_reached=False
+    )
+    _, report = purify_with_clean_stop(
+        "nft", b.model, b.variables, b.clean, config, 0, stop, trigger=digits_trigger,
+        progress=False,
+    )  # fmt: skip
+    assert report.extra["clean_stop"]["chosen_step"] == report.steps == 2
+    assert not LAST_ITERATE_EXTRAS & set(report.extra) and report.artifacts == {}
+    assert "clean_per_class" in report.extra  # a fact about the clean set stays
+    # the defense's own report has them
+    _, own = get_defense("nft").purify(
+        b.model, b.variables, b.clean, dataclasses.replace(config, steps=2), 0, progress=False
+    )
+    assert LAST_ITERATE_EXTRAS <= set(own.extra)
