@@ -208,6 +208,12 @@ class FIPConfig:
                 raise InvalidInputError(
                     "trace_estimator=per_example uses no probes; leave trace_probes at 1"
                 )
+            default_probes = type(self).__dataclass_fields__["calibration_probes"].default
+            if self.calibration_probes != default_probes:
+                raise InvalidInputError(
+                    "trace_estimator=per_example calibrates TrF0 exactly, with no probes; "
+                    f"leave calibration_probes at {default_probes}"
+                )
         if self.average_last > self.steps:
             raise InvalidInputError(
                 f"average_last must lie in [0, steps={self.steps}], got {self.average_last}"

@@ -316,6 +316,7 @@ def test_trace_variants_have_the_expectations_the_spec_gives(float64):
         ({"trace_variant": "true"}, "trace_variant=true needs trace_estimator=hutchinson"),
         ({"trace_bn_train": True}, "needs trace_bn_train=false"),
         ({"trace_probes": 4}, "uses no probes"),
+        ({"calibration_probes": 64}, "leave calibration_probes at 8"),  # was ignored
     ],
 )
 def test_the_per_example_trace_estimator_refuses_settings_it_cannot_honour(overrides, fragment):
