@@ -187,11 +187,22 @@ def forward(
 def penultimate_features(
     model: nn.Module, variables: Variables, inputs: Float[Array, "b h w c"], train: bool = False
 ) -> Float[Array, "b d"]:
-    """The inputs of the ``head`` layer (eval mode by default)."""
+    """The inputs of the ``head`` layer (eval mode by default), which the model records with
+    ``self.sow("intermediates", FEATURES, h)`` (fippure's models do).
+
+    Raises:
+        InvalidInputError: a model that does not record them.
+    """
     mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
     with variables_must_fit(model):
         _, state = model.apply(variables, inputs, train=train, mutable=mutable)
-    return state["intermediates"][FEATURES][0]
+    recorded = state.get("intermediates", {}).get(FEATURES)
+    if recorded is None:
+        raise InvalidInputError(
+            f"{type(model).__name__} does not record its head's inputs; sow them before the "
+            f"head with self.sow('intermediates', {FEATURES!r}, h), as fippure's models do"
+        )
+    return recorded[0]
 
 
 def activations(

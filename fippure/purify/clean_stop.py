@@ -317,9 +317,7 @@ def purify_with_clean_stop(
             # the masks or shifts a defense reports, and the statistics of them, are those
             # of its last step, not of the iterate returned
             artifacts={},
-            extra={
-                k: v for k, v in searched_report.extra.items() if k not in LAST_ITERATE_EXTRAS
-            },
+            extra={k: v for k, v in searched_report.extra.items() if k not in LAST_ITERATE_EXTRAS},
         )
     summary = {
         "config": dataclasses.asdict(stop),

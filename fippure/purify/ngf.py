@@ -60,8 +60,7 @@ from fippure.data.pipeline import normalize, to_unit_range
 from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError
 from fippure.losses import cross_entropy
-from fippure.models.layers import FEATURES
-from fippure.models.registry import Variables
+from fippure.models.registry import Variables, penultimate_features
 from fippure.optim.anchor import anchor_penalty, fisher_anchor
 from fippure.optim.natural_gradient import natural_gradient
 from fippure.purify.common import (
@@ -291,8 +290,12 @@ def purify(
     # constants baked into the program, so every run of a configuration on an architecture
     # shares it.
     if solver == "dense":
-        _, state = model.apply(variables, inputs, train=False, mutable=["intermediates"])
-        features = state["intermediates"][FEATURES][0]
+        try:
+            features = penultimate_features(model, variables, inputs)
+        except InvalidInputError as error:
+            raise InvalidInputError(
+                f"NGF's dense solver reads the head's inputs: {error} (or set solver=cg)"
+            ) from None
         frozen = None
         logits_fn = _head_logits
         fisher_inputs, data = features, features

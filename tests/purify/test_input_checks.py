@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -142,3 +143,27 @@ def test_a_key_given_twice_is_refused(digits_badnets_path, tmp_path, capsys, fla
     assert cli.main(argv) == 2
     assert f"{flag} {key} given more than once" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+class _HeadWithoutFeatures(nn.Module):
+    """A user's model with a dense ``head`` that does not sow the head's inputs."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(8, (3, 3))(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        return nn.Dense(10, name="head")(x.mean((1, 2)))
+
+
+def test_ngf_names_the_head_inputs_a_users_model_does_not_record(digits_badnets):
+    # the dense head solver read them with a bare KeyError: 'intermediates'
+    model = _HeadWithoutFeatures()
+    variables = model.init(jax.random.key(0), digits_badnets.clean.images[:1] / 255.0)
+    config = make_config("ngf", {"steps": 2})
+    with pytest.raises(InvalidInputError, match=r"does not record its head's inputs.*solver=cg"):
+        get_defense("ngf").purify(model, variables, digits_badnets.clean, config, 0, progress=False)
+    cg = make_config("ngf", {"steps": 2, "solver": "cg"})
+    _, report = get_defense("ngf").purify(
+        model, variables, digits_badnets.clean, cg, 0, progress=False
+    )
+    assert report.steps == 2 and report.extra["solver"] == "cg"
