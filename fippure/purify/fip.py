@@ -494,7 +494,7 @@ def fisher_guided_purify(
         observe_every=observe_every,
         to_variables=to_variables,
         checkpointing=checkpointing,
-        fingerprint=lambda: run_fingerprint(method, config, variables, images, labels, key),
+        fingerprint=lambda: run_fingerprint(method, model, config, variables, images, labels, key),
     )
     inner = carry[0]
     # a run stopped early by its observer returns the iterate the observer saw, not a tail

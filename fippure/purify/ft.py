@@ -191,7 +191,7 @@ def purify(
         observe_every=observe_every,
         to_variables=to_variables,
         checkpointing=checkpointing,
-        fingerprint=lambda: run_fingerprint(method, config, variables, images, labels, key),
+        fingerprint=lambda: run_fingerprint(method, model, config, variables, images, labels, key),
     )
     out = finalise_from_config(
         steps_taken(config, done), model, variables, to_variables(carry), clean_set, key

@@ -278,7 +278,7 @@ def purify(
         observe_every=observe_every,
         to_variables=to_variables,
         checkpointing=checkpointing,
-        fingerprint=lambda: run_fingerprint("nft", config, variables, images, labels, key),
+        fingerprint=lambda: run_fingerprint("nft", model, config, variables, images, labels, key),
     )
     # project_box's update lands on the box up to one rounding of the addition; the returned
     # masks lie exactly in [mu(l), 1]

@@ -336,7 +336,7 @@ def purify(
         observe_every=observe_every,
         to_variables=to_variables,
         checkpointing=checkpointing,
-        fingerprint=lambda: run_fingerprint("ngf", config, variables, images, labels, key),
+        fingerprint=lambda: run_fingerprint("ngf", model, config, variables, images, labels, key),
     )
     out = to_variables(carry)
     report = PurifyReport(

@@ -43,13 +43,21 @@ class Checkpointing:
 
 
 def run_fingerprint(
-    method: str, config: Any, variables: Any, images: Any, labels: Any, key: jax.Array
+    method: str,
+    model: Any,
+    config: Any,
+    variables: Any,
+    images: Any,
+    labels: Any,
+    key: jax.Array,
 ) -> dict[str, Any]:
-    """What identifies a defense run: its name, config, key, clean set and starting variables
-    (the arrays as SHA-1 digests). :func:`fippure.checkpoints.claim_run_directory` writes it as
-    JSON."""
+    """What identifies a defense run: its name, model (the module's fields, e.g. its compute
+    dtype: the same variables fit another module), config, key, clean set and starting
+    variables (the arrays as SHA-1 digests). :func:`fippure.checkpoints.claim_run_directory`
+    writes it as JSON."""
     return {
         "method": method,
+        "model": repr(model),
         "config": dataclasses.asdict(config),
         "key": jax.random.key_data(key),
         "clean_set": array_digest([images, labels]),

@@ -92,6 +92,10 @@ def test_progress_of_another_run_is_refused(tiny, tmp_path):
     ]:
         with pytest.raises(CheckpointError, match="holds a run with a different (config|key)"):
             purify(model, variables, clean, config, key, progress=False, checkpointing=saving)
+    # the same variables fit a module that computes in bfloat16: its run is another run
+    low = create_model("small_cnn", 10, width=4, dtype="bfloat16")
+    with pytest.raises(CheckpointError, match="holds a run with a different model"):
+        purify(low, variables, clean, _config("ft"), jax.random.key(0), checkpointing=saving)
 
 
 def test_the_runner_resumes_with_a_whole_trajectory_and_then_tidies_up(
