@@ -159,11 +159,19 @@ def check_input_types(clean_set: Any, variables: Any) -> None:
             "variables must be the model's collections {'params': ..., 'batch_stats': ...} "
             f"as model.init returns them, got {keys}"
         )
+    if extra := sorted(set(variables) - {"params", "batch_stats"}):
+        raise InvalidInputError(
+            f"the variables hold collections the defenses do not carry: {', '.join(extra)}; "
+            "fippure trains models whose state is params and batch_stats"
+        )
 
 
-def validate_clean_set(clean_set: ImageDataset, model: nn.Module, variables: Variables) -> None:
+def validate_clean_set(
+    clean_set: ImageDataset, model: nn.Module, variables: Variables, *, train: bool = True
+) -> None:
     """Clear errors for a clean set a defense cannot use: a missing class, images the model's
-    variables do not fit, or a class count other than the model's outputs.
+    variables do not fit, or a class count other than the model's outputs; and, with
+    ``train``, for a model that cannot run in train mode as the defenses run it.
 
     The model is applied abstractly (:func:`jax.eval_shape`), so the check computes nothing.
     """
@@ -184,6 +192,19 @@ def validate_clean_set(clean_set: ImageDataset, model: nn.Module, variables: Var
             f"the model has {logits.shape[-1]} outputs but the clean set has "
             f"{clean_set.num_classes} classes"
         )
+    if not train:
+        return
+    try:  # the defenses that train run it with no random streams
+        jax.eval_shape(
+            lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, probe
+        )
+    except flax.errors.FlaxError as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InvalidInputError(
+            "the model cannot run in train mode as the defenses run it, "
+            f"model.apply(variables, x, train=True, mutable=['batch_stats']) without rngs "
+            f"(Dropout needs a 'dropout' stream): {reason}"
+        ) from None
 
 
 def sample_clean_batch(

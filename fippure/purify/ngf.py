@@ -271,7 +271,7 @@ def purify(
 ) -> tuple[dict, PurifyReport]:
     """NGF; returns ``(variables with the tuned layer, report)``."""
     started = time.perf_counter()
-    validate_clean_set(clean_set, model, variables)
+    validate_clean_set(clean_set, model, variables, train=False)  # eval mode only
     variables = device_variables(variables)
     key = defense_arguments("ngf", config, NGFConfig, key)
     params = flax.core.unfreeze(variables["params"])

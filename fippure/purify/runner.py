@@ -125,7 +125,9 @@ def run_defense(
     model_dtype = getattr(backdoored.model, "dtype", None)
     # before the output directory is claimed and the model evaluated: a checkpoint whose
     # model does not fit its dataset's images gets one line, not Flax's shape error
-    validate_clean_set(backdoored.clean, backdoored.model, backdoored.variables)
+    validate_clean_set(
+        backdoored.clean, backdoored.model, backdoored.variables, train=False
+    )  # the defense checks its own mode
     if out is not None:
         claim_output_directory(
             out,

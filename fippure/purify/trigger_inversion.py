@@ -292,7 +292,7 @@ def invert_trigger(
         NonFiniteLossError: the optimisation diverged.
     """
     config, key = inversion_arguments("invert_trigger", config, key)
-    validate_clean_set(clean_set, model, variables)
+    validate_clean_set(clean_set, model, variables, train=False)  # eval mode only
     if isinstance(target, bool) or not isinstance(target, int | np.integer):
         raise InvalidInputError(f"target must be a class index, got {target!r}")
     if not 0 <= target < clean_set.num_classes:

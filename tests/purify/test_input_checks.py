@@ -167,3 +167,29 @@ def test_ngf_names_the_head_inputs_a_users_model_does_not_record(digits_badnets)
         model, variables, digits_badnets.clean, cg, 0, progress=False
     )
     assert report.steps == 2 and report.extra["solver"] == "cg"
+
+
+class _WithDropout(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(8, (3, 3))(x)).mean((1, 2))
+        return nn.Dense(10)(nn.Dropout(0.1, deterministic=not train)(x))
+
+
+@pytest.mark.parametrize("defense", ["ft", "fip", "nft"])
+def test_a_model_the_defenses_cannot_train_is_refused_in_one_line(digits_badnets, defense):
+    # a Dropout layer (InvalidRngError) and an extra collection (ScopeCollectionNotFound)
+    # once failed deep inside Flax, in the jitted step
+    clean = digits_badnets.clean
+    config = make_config(defense, {"steps": 1})
+    model = _WithDropout()
+    variables = model.init(jax.random.key(0), clean.images[:1] / 255.0)
+    with pytest.raises(InvalidInputError, match="cannot run in train mode.*dropout"):
+        get_defense(defense).purify(model, variables, clean, config, 0, progress=False)
+    if defense == "ft":  # NGF runs the model in eval mode only, where Dropout is the identity
+        ngf_config = make_config("ngf", {"steps": 1, "layer": "Dense_0", "solver": "cg"})
+        get_defense("ngf").purify(model, variables, clean, ngf_config, 0, progress=False)
+    b = digits_badnets
+    extra = {**b.variables, "cache": {"x": np.zeros(1)}}
+    with pytest.raises(InvalidInputError, match="collections the defenses do not carry: cache"):
+        get_defense(defense).purify(b.model, extra, clean, config, 0, progress=False)
