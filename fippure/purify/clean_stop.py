@@ -271,7 +271,9 @@ def purify_with_clean_stop(
             raise StopEarly  # the first check under the threshold: the choice is made
 
     def check(step: int, iterate: Variables) -> None:
-        # scored with the BatchNorm statistics a run of `step` steps would return
+        # scored with the BatchNorm statistics a run of `step` steps would return: their
+        # batches come from fold_in(key, step), as that run's would. The search's own step
+        # `step` draws from the same key, but the iterate scored is the one before it.
         at_step = dataclasses.replace(searched, steps=step)
         final = (
             finalise_from_config(at_step, model, variables, iterate, fit, key)
