@@ -129,13 +129,15 @@ def save_checkpoint(
         for name, tree in extras.items():
             checkpointer.save(path / "extras" / name, jax.device_get(tree))
         checkpointer.wait_until_finished()
+    # the keys this writer knows best come last: metadata copied from a loaded checkpoint
+    # would otherwise keep its creation date and revision, and list extras not written here
     full = {
+        **_to_jsonable(dict(metadata)),
         "format_version": FORMAT_VERSION,
         "fippure_version": __version__,
         "git_revision": code_revision(),
         "created": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "extras": sorted(extras),
-        **_to_jsonable(dict(metadata)),
     }
     (path / METADATA).write_text(json.dumps(full, indent=1))
     return path
