@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import shlex
 import subprocess
 import sys
 
@@ -59,13 +60,26 @@ def code_revision() -> str:
     return _IMPORTED_REVISION
 
 
+def command_line(argv: list[str] | None = None) -> str:
+    """The running command as it can be typed again: quoted (``shlex``), and ``python -m
+    fippure ...`` for a run started that way (``sys.argv[0]`` is then ``.../__main__.py``)."""
+    argv = list(sys.argv if argv is None else argv)
+    program = os.path.basename(argv[0]) if argv else "python"
+    if program == "__main__.py":
+        package = os.path.basename(os.path.dirname(os.path.abspath(argv[0])))
+        return shlex.join(["python", "-m", package, *argv[1:]])
+    return shlex.join([program, *argv[1:]])
+
+
 def provenance() -> dict[str, str]:
-    """Command, git revision of the running code, machine and UTC date, for result files.
-    If the checkout has moved on since fippure was imported, ``git_revision_at_write`` gives
-    the revision at the time of writing as well."""
+    """Command (as typed again, see :func:`command_line`), the directory it ran in, git
+    revision of the running code, machine and UTC date, for result files. If the checkout has
+    moved on since fippure was imported, ``git_revision_at_write`` gives the revision at the
+    time of writing as well."""
     now = git_revision()
     return {
-        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "command": command_line(),
+        "cwd": os.getcwd(),
         "git_revision": _IMPORTED_REVISION,
         **({"git_revision_at_write": now} if now != _IMPORTED_REVISION else {}),
         "machine": machine(),

@@ -299,3 +299,29 @@ def test_a_stamp_left_empty_by_a_kill_is_replaced_not_a_traceback(tmp_path):
     (tmp_path / "progress").mkdir()
     with pytest.raises(CheckpointError, match="run.json is unreadable"):
         claim_run_directory(tmp_path, {"lr": 0.1})
+
+
+def test_a_checkpoint_saved_again_with_its_loaded_metadata_is_stamped_anew(
+    saved, tmp_path, monkeypatch
+):
+    # the copied metadata once won: the old date and revision stayed, and the list of extras
+    # named ones the new save did not write, so the checkpoint could not be loaded
+    from fippure import checkpoints
+
+    loaded = load_checkpoint(saved)
+    monkeypatch.setattr(checkpoints, "code_revision", lambda: "new-revision")
+    again = save_checkpoint(tmp_path / "again", loaded.variables, loaded.metadata)
+    meta = read_metadata(again)
+    assert meta["extras"] == [] and meta["git_revision"] == "new-revision"
+    assert meta["attack"] == loaded.metadata["attack"]  # the caller's own keys are kept
+    _assert_trees_equal(load_checkpoint(again).variables, loaded.variables)
+
+
+def test_the_recorded_command_can_be_typed_again():
+    from fippure.provenance import command_line
+
+    main = "/site-packages/fippure/__main__.py"
+    assert command_line([main, "train", "--out", "my runs/a"]) == (
+        "python -m fippure train --out 'my runs/a'"
+    )
+    assert command_line(["/venv/bin/fippure", "demo"]) == "fippure demo"
