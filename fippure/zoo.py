@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -18,7 +19,8 @@ import numpy as np
 from fippure.attacks import Attack, TriggeredSet, make_attack, triggered_test_set
 from fippure.attacks.poisoning import validate_attack_args
 from fippure.checkpoints import Checkpoint, load_checkpoint
-from fippure.data.catalog import get_spec
+from fippure.config_checks import check_seed
+from fippure.data.catalog import DatasetSpec, get_spec
 from fippure.data.sources import ImageDataset, load_dataset
 from fippure.errors import CheckpointError, InvalidInputError
 from fippure.models.registry import with_dtype
@@ -103,6 +105,17 @@ def check_attack_metadata(attack_meta: Any, path: Any, num_classes: int) -> None
         raise CheckpointError(f"corrupt checkpoint {path}: {error}") from None
 
 
+def check_image_shape(meta: Mapping[str, Any], path: Any, spec: DatasetSpec) -> None:
+    """A one-line :class:`CheckpointError` for a checkpoint whose metadata names images of
+    another shape than its dataset's (the model would fail deep inside Flax)."""
+    stored_shape = meta.get("image_shape")
+    if stored_shape is not None and tuple(stored_shape) != tuple(spec.image_shape):
+        raise CheckpointError(
+            f"{path} was made for {tuple(stored_shape)} images, but {spec.name} has "
+            f"{tuple(spec.image_shape)}"
+        )
+
+
 def load_backdoored(
     path: str | os.PathLike,
     *,
@@ -134,12 +147,9 @@ def load_backdoored(
     if dataset is None or "clean_indices" not in meta:
         raise CheckpointError(f"{path} has no dataset or clean-set indices in its metadata")
     spec = get_spec(dataset)
-    stored_shape = meta.get("image_shape")
-    if stored_shape is not None and tuple(stored_shape) != tuple(spec.image_shape):
-        raise CheckpointError(
-            f"{path} was made for {tuple(stored_shape)} images, but {dataset} has "
-            f"{tuple(spec.image_shape)}"
-        )
+    check_image_shape(meta, path, spec)
+    if clean_seed is not None:
+        check_seed(clean_seed, "clean_seed")
     stored_norm = meta.get("normalization")
     if stored_norm:
         stored = (tuple(stored_norm["mean"]), tuple(stored_norm["std"]))

@@ -144,12 +144,14 @@ def analyze_checkpoint(checkpoint, out: pathlib.Path, config, args, train_splits
     from fippure.data.sources import load_dataset
     from fippure.errors import InvalidInputError
     from fippure.provenance import provenance
+    from fippure.zoo import check_image_shape
 
     metadata = checkpoint.metadata
     dataset = metadata.get("dataset")
     if not dataset:
         raise InvalidInputError(f"checkpoint {checkpoint.path} names no dataset in its metadata")
     spec = get_spec(dataset)
+    check_image_shape(metadata, checkpoint.path, spec)
     stored_norm = metadata.get("normalization") or {}
     if stored_norm.get("mean") and stored_norm.get("std"):
         spec = dataclasses.replace(

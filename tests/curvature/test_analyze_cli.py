@@ -137,3 +137,25 @@ def test_analyze_json_is_strict_and_a_capped_image_count_is_noted(
     assert "NaN" not in text
     report = json.loads(text)
     assert report["num_images"] == 30
+
+
+def test_analyze_refuses_a_checkpoint_made_for_other_images_in_one_line(tmp_path, capsys):
+    # its model then failed deep inside Flax with a traceback
+    import jax
+
+    from fippure.checkpoints import model_metadata, save_checkpoint
+    from fippure.models import create_model, init_variables
+
+    model = create_model("small_cnn", 10, width=4)
+    variables = init_variables(model, jax.random.key(0), (32, 32, 3))
+    metadata = {
+        "model": model_metadata("small_cnn", 10, width=4),
+        "dataset": "digits",
+        "image_shape": [32, 32, 3],
+        "clean_indices": list(range(50)),
+    }
+    path = save_checkpoint(tmp_path / "cifar_shaped", variables, metadata)
+    assert cli.main(["analyze", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "was made for (32, 32, 3) images, but digits has (8, 8, 1)" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

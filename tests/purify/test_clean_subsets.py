@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fippure.errors import CheckpointError
+from fippure.errors import CheckpointError, InvalidInputError
 from fippure.zoo import load_backdoored
 
 
@@ -35,3 +35,10 @@ def test_a_checkpoint_trained_with_other_normalisation_is_refused(digits_badnets
     (copy / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="trained with normalisation mean"):
         load_backdoored(copy)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True])
+def test_a_sub_draws_seed_must_be_an_integer(digits_badnets_path, seed):
+    # -1 was numpy's bare ValueError
+    with pytest.raises(InvalidInputError, match="clean_seed must be an integer"):
+        load_backdoored(digits_badnets_path, clean_size=50, clean_seed=seed)
