@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from fippure.checkpoints import read_metadata
     from fippure.cli import unique_pairs
     from fippure.commands.output import prepare_output
+    from fippure.provenance import provenance
     from fippure.purify.trigger_inversion import scan_classes
     from fippure.zoo import load_backdoored
 
@@ -60,7 +61,14 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(format_scan(scan))
-    summary = {**scan.to_dict(), "config": dataclasses.asdict(config), "seed": args.seed}
+    summary = {
+        "checkpoint": str(args.checkpoint),
+        "clean_examples": len(backdoored.clean),
+        **scan.to_dict(),
+        "config": dataclasses.asdict(config),
+        "seed": args.seed,
+        **provenance(),
+    }
     if out is not None:
         (out / "scan.json").write_text(json.dumps(summary, indent=1))
         np.savez(

@@ -112,6 +112,9 @@ def test_detect_command_writes_the_scan(
     assert "mask px" in printed and "flagged" in printed
     scan = json.loads((out / "scan.json").read_text())
     assert len(scan["mask_l1"]) == 10 and scan["config"]["steps"] == 5
+    # which model was scanned, on how many clean images, and the run's provenance
+    assert scan["checkpoint"] == str(digits_badnets_path) and scan["clean_examples"] > 0
+    assert {"command", "git_revision", "machine", "date"} <= set(scan)
     with np.load(out / "triggers.npz") as saved:
         assert saved["masks"].shape == (10, 8, 8, 1)
         assert saved["patterns"].shape == (10, 8, 8, 1)
