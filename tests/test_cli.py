@@ -93,6 +93,10 @@ def test_bad_values(capsys, tmp_path, extra, message):
             ["--attack", "blend", "--reference", "somewhere"],
             "attack blend does not use a reference model",
         ),
+        (  # it was ignored, yet recorded as the attack's target
+            ["--attack", "trojan", "--mode", "all_to_all", "--target", "3"],
+            "--target does not apply to --mode all_to_all",
+        ),
     ],
 )
 def test_bad_attack_arguments(capsys, tmp_path, extra, message):

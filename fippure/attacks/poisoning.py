@@ -163,6 +163,12 @@ def validate_target_and_mode(target: int, mode: str, num_classes: int) -> None:
         raise InvalidInputError(f"unknown attack mode {mode!r}; use {' or '.join(MODES)}")
     if not 0 <= target < num_classes:
         raise InvalidInputError(f"target {target} is out of range for {num_classes} classes")
+    if mode == "all_to_all" and target != 0:
+        # it would be recorded as the attack's target, but no image is sent there
+        raise InvalidInputError(
+            f"an all-to-all attack has no single target (y -> (y + 1) mod K); leave target "
+            f"at 0, got {target}"
+        )
 
 
 def poisoned_rows(

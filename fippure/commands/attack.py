@@ -28,7 +28,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_common_model_args(parser)
     parser.add_argument("--attack", required=True, help="attack name (badnets, blend, ...)")
     parser.add_argument("--ratio", type=float, default=0.1, help="poisoned / training set")
-    parser.add_argument("--target", type=int, default=0, help="target class (all-to-one)")
+    parser.add_argument(
+        "--target", type=int, default=None, help="target class (all-to-one; default 0)"
+    )
     parser.add_argument("--mode", default="all_to_one", help="all_to_one or all_to_all")
     parser.add_argument("--attack-seed", type=seed_int, default=0)
     parser.add_argument(
@@ -49,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from fippure.cli import unique_pairs
     from fippure.commands.train import train_config
     from fippure.data.catalog import get_spec
+    from fippure.errors import InvalidInputError
     from fippure.models.registry import create_model
     from fippure.recipes import train_backdoored
 
@@ -56,9 +59,14 @@ def run(args: argparse.Namespace) -> int:
     create_model(args.model, spec.num_classes, width=args.width, dtype=args.dtype)
     options = unique_pairs(args.option, "--option")
     threat = make_attack(args.attack, **options)
+    if args.target is not None and args.mode == "all_to_all":
+        raise InvalidInputError(
+            "--target does not apply to --mode all_to_all (each class y goes to (y + 1) mod K)"
+        )
+    target = 0 if args.target is None else args.target
     validate_attack_args(
         ratio=args.ratio,
-        target=args.target,
+        target=target,
         mode=args.mode,
         num_classes=spec.num_classes,
         clean_label=threat.clean_label,
@@ -70,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         config=train_config(args),
         attack=args.attack,
         attack_options=options,
-        target=args.target,
+        target=target,
         ratio=args.ratio,
         mode=args.mode,
         attack_seed=args.attack_seed,

@@ -85,6 +85,7 @@ def test_same_seed_same_plan_other_seed_other_plan(labels):
             {"ratio": 0.1, "mode": "all_to_all", "clean_label": True},
             "clean-label attack cannot be all-to-all",
         ),
+        ({"ratio": 0.1, "mode": "all_to_all", "target": 3}, "no single target"),
         ({"ratio": 0.0001}, "poisons no example"),
         ({"ratio": 0.95}, "only .* are eligible"),
     ],
