@@ -159,7 +159,8 @@ def test_trojan_triggered_test_set(mode):
     test = ImageDataset(images, labels, CIFAR, "test")
     attack = make_attack("trojan")
     state = attack.init_state(jax.random.key(0), CIFAR)
-    triggered = triggered_test_set(attack, state, test, target=2, mode=mode)
+    target = 2 if mode == "all_to_one" else 0  # all-to-all has no single target
+    triggered = triggered_test_set(attack, state, test, target=target, mode=mode)
     if mode == "all_to_one":  # target-class images are left out
         np.testing.assert_array_equal(triggered.source_indices, np.flatnonzero(labels != 2))
         np.testing.assert_array_equal(triggered.target_labels, 2)
