@@ -50,7 +50,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--probes", type=positive_int, default=20, help="Hutchinson probes for Tr(H)"
     )
     parser.add_argument(
-        "--power-iters", type=positive_int, default=50, help="power-iteration steps"
+        "--power-iters",
+        type=positive_int,
+        default=50,
+        help="power-iteration steps per run (a second, shifted run when negative eigenvalues "
+        "dominate: up to 2N+1 products)",
     )
     parser.add_argument(
         "--lanczos-iters", type=positive_int, default=40, help="Lanczos steps per probe"

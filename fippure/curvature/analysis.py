@@ -53,7 +53,10 @@ class AnalysisConfig:
         hutchinson_probes: Rademacher probes for ``Tr(H)`` and ``Tr(G)``.
         probe_chunk: probes per compiled call (a loop inside one jit; compile time grows
             with it).
-        power_iters: maximum power-iteration steps for ``lambda_max``.
+        power_iters: maximum power-iteration steps for ``lambda_max``, per run: where
+            negative eigenvalues dominate, a second run on the shifted operator follows
+            (:func:`~fippure.curvature.largest_eigenvalue`), up to ``2 power_iters + 1``
+            products in all.
         power_tol: relative tolerance that stops power iteration.
         lanczos_iters: Lanczos steps per SLQ probe (also gives the top-k eigenvalues).
         slq_probes: SLQ probes for the spectral density.
@@ -298,7 +301,8 @@ def lambda_max_warnings(report: dict, config: AnalysisConfig) -> list[str]:
     if not report["lambda_max_relative_change"] < config.power_tol:
         lines.append(
             f"lambda_max {report['lambda_max']:.4g} did not converge in "
-            f"{report['lambda_max_power_iters']} power-iteration steps (relative change "
+            f"{report['lambda_max_power_iters']} operator products (power iteration, "
+            f"{config.power_iters} steps per run; relative change "
             f"{report['lambda_max_relative_change']:.2g} >= power_tol {config.power_tol:g}); "
             "raise power_iters (--power-iters)"
         )

@@ -387,7 +387,7 @@ def test_lambda_max_warnings_name_an_unconverged_or_disputed_estimate():
     bad = {**good, "lambda_max": 0.91, "lambda_max_relative_change": 0.74,
            "lambda_max_disagreement": 0.99}  # fmt: skip
     first, second = lambda_max_warnings(bad, config)
-    assert "did not converge in 12 power-iteration steps" in first
+    assert "did not converge in 12 operator products (power iteration, 50 steps per run" in first
     assert "differ by 99%" in second
 
 
