@@ -245,6 +245,8 @@ def purify(
     params, stats0 = variables["params"], variables.get("batch_stats", {})
     masks = _batchnorm_masks(variables, config.mask_pattern)
     floors = layer_floors(masks, config.floor_schedule, config.floor_a, config.floor_b)
+    # on the device once, in the masks' dtype: the steps take them as an argument
+    floors = jax.tree_util.tree_map(lambda f, m: jnp.asarray(f, m.dtype), floors, masks)
     per_class = len(clean_set) / clean_set.num_classes  # N_c
     l1_strength = config.eta / per_class
     batch_size = clean_batch_size(config.batch_size, clean_set)

@@ -338,7 +338,6 @@ def test_fast_fip_per_example_trace_is_the_same_in_factored_and_rebuilt_form(tin
             log_every=1,
             kernel_form=form,
             trace_estimator="per_example",
-            calibration_probes=1,
         )
         runs[form] = fast_fip.purify(
             model, variables, clean, config, jax.random.key(2), progress=False
