@@ -153,8 +153,8 @@ class TrainReport:
     """What happened during :func:`train`.
 
     Attributes:
-        history: one dict per evaluated epoch: ``epoch``, ``loss``, ``train_accuracy`` and the
-            evaluator's metrics.
+        history: one dict per epoch: ``epoch``, ``loss``, ``train_accuracy``, and the
+            evaluator's metrics on the epochs it ran (every ``eval_every`` and the last).
         steps: total optimisation steps of the run.
         epochs: epochs of the run.
         resumed_from_step: the step the run resumed from (0 for a fresh start).
@@ -274,6 +274,18 @@ def _run_fingerprint(model: nn.Module, data: ImageDataset, config: TrainConfig) 
     }
 
 
+def check_classifier(model: nn.Module, variables: Variables, data: ImageDataset) -> None:
+    """One-line errors for variables that are not ``model``'s, or a model whose outputs are
+    not one logit per class of ``data`` (labels past the last logit would make the loss NaN,
+    reported as a too-high rate, or be ignored)."""
+    outputs = output_shape(model, variables, data.spec.image_shape)
+    if outputs != (data.num_classes,):
+        raise InvalidInputError(
+            f"the model's outputs have shape {outputs} but {data.spec.name} has "
+            f"{data.num_classes} classes; build it with num_classes={data.num_classes}"
+        )
+
+
 def train(
     model: nn.Module,
     data: ImageDataset,
@@ -323,13 +335,7 @@ def train(
         raise InvalidInputError(
             f"stop_after_steps must be a positive integer or None, got {stop_after_steps!r}"
         )
-    outputs = output_shape(model, variables, data.spec.image_shape)
-    if outputs != (data.num_classes,):
-        # labels past the last logit would make the loss NaN, reported as a too-high rate
-        raise InvalidInputError(
-            f"the model's outputs have shape {outputs} but {data.spec.name} has "
-            f"{data.num_classes} classes; build it with num_classes={data.num_classes}"
-        )
+    check_classifier(model, variables, data)
     total_steps = steps_per_epoch * config.epochs
     optimizer = make_optimizer(config, total_steps)
     state = create_train_state(variables, optimizer)

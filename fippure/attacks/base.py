@@ -69,6 +69,14 @@ class AttackContext:
     reference: tuple[nn.Module, Variables] | None = None
     progress: bool = True
 
+    def __post_init__(self):
+        if self.plan.num_examples != len(self.train):
+            # its rows would index another set: other images poisoned, some out of range
+            raise InvalidInputError(
+                f"the poisoning plan was made for {self.plan.num_examples} examples, but the "
+                f"training set has {len(self.train)}; make it from this set's labels"
+            )
+
 
 @dataclasses.dataclass(frozen=True)
 class Attack:
@@ -132,6 +140,17 @@ class Attack:
         """What a poisoned *training* image looks like. Default: the test-time trigger."""
         return self.trigger(state, images, key)
 
+    def check_plan(self, plan: PoisonPlan) -> None:
+        """One-line error for a plan of the other kind: a clean-label attack (SIG, CLB) with
+        a dirty-label plan would poison non-target images relabelled to the target, and the
+        other way round."""
+        if plan.clean_label != self.clean_label:
+            kind = "clean-label" if self.clean_label else "dirty-label"
+            raise InvalidInputError(
+                f"{self.name} is a {kind} attack but the poisoning plan is not; make it with "
+                f"make_poison_plan(..., clean_label={self.clean_label})"
+            )
+
     def check_training(self, spec: DatasetSpec, config: Any) -> None:
         """One-line errors for settings this attack cannot train with, raised before a run
         claims its output directory. Default: traces the trigger once on one blank image
@@ -169,6 +188,7 @@ class Attack:
     ) -> Callable[..., tuple[Images, Array]]:
         """In-graph poisoning ``(key, images, labels, rows) -> (images, labels)``."""
         del context
+        self.check_plan(plan)
         is_poisoned, poison_label = (jnp.asarray(a) for a in plan.dense())
 
         def transform(key, images, labels, rows):

@@ -144,9 +144,10 @@ class CLB(Attack):
                 returning the images done so far; for tests and for splitting a long fit.
 
         Raises:
-            InvalidInputError: no reference model.
+            InvalidInputError: no reference model, or a dirty-label plan.
             CheckpointError: ``workdir`` holds the progress of another fit.
         """
+        self.check_plan(context.plan)
         if context.reference is None:
             raise InvalidInputError("clb needs a clean reference model (--reference)")
         model, variables = context.reference

@@ -47,6 +47,7 @@ from fippure.progress_records import (
 from fippure.step_inputs import (
     device_indices,
     folded_keys,
+    private_copy,
     step_guard,
     sum_metrics,
 )
@@ -87,6 +88,7 @@ def run_phases(
     evaluate: Callable[[Any], Mapping[str, float]] | None = None,
     eval_every: int = 5,
     log_every: int = 50,
+    checkpoint_every: int = 0,
     progress: bool = True,
     desc: str = "train",
     stop_after_steps: int | None = None,
@@ -106,6 +108,7 @@ def run_phases(
             last one.
         eval_every: evaluation interval in classifier epochs.
         log_every: host-sync interval (loss check, progress bar) in steps.
+        checkpoint_every: save every this many steps; 0 saves at the end of every epoch.
         progress: show a progress bar.
         desc: progress bar label.
         stop_after_steps: stop (after checkpointing) once this many steps are done.
@@ -119,6 +122,7 @@ def run_phases(
     steps_per_epoch = n // batch_size
     if steps_per_epoch == 0:
         raise InvalidInputError(f"batch_size {batch_size} exceeds the {n} training images")
+    save_every = checkpoint_every or steps_per_epoch
     bounds = np.cumsum([0] + [p.epochs * steps_per_epoch for p in phases])
     total_steps = int(bounds[-1])
     classifier_epochs = sum(p.epochs for p in phases if p.trains_classifier)
@@ -190,8 +194,7 @@ def run_phases(
             tick, last_mark = now, done
         if end_of_epoch:
             entry: dict[str, Any] = {"epoch": done // steps_per_epoch, "phase": phase.name}
-            totals = sum_metrics(epoch_metrics)
-            entry.update({k: float(v) / len(epoch_metrics) for k, v in totals.items()})
+            entry.update(epoch_means(sum_metrics(epoch_metrics), len(epoch_metrics)))
             epoch_metrics = []
             if phase.trains_classifier:
                 previous = sum(p.epochs for p in phases[:phase_index] if p.trains_classifier)
@@ -199,12 +202,13 @@ def run_phases(
                 entry["classifier_epoch"] = classifier_epoch
                 last = classifier_epoch == classifier_epochs
                 if evaluate is not None and (classifier_epoch % eval_every == 0 or last):
-                    entry.update({k: float(v) for k, v in evaluate(carry).items()})
+                    # a copy: the next step donates the carry, and the callback may keep it
+                    entry.update({k: float(v) for k, v in evaluate(private_copy(carry)).items()})
                     report.final = {k: v for k, v in entry.items() if k not in ("epoch", "phase")}
             bar.write(" ".join(_fmt(k, v) for k, v in entry.items()), file=sys.stderr)
             report.history.append(entry)
             tick, last_mark = time.perf_counter(), max(last_mark, done)
-        if manager is not None and (end_of_epoch or done == stop):
+        if manager is not None and (done % save_every == 0 or done == stop):
             saves = save_progress(
                 manager,
                 workdir,
@@ -226,6 +230,24 @@ def run_phases(
     if timed_steps:
         report.train_images_per_s = timed_steps * batch_size / step_seconds
     return carry, report
+
+
+def epoch_means(totals: Mapping[str, Array], steps: int) -> dict[str, float]:
+    """An epoch's metrics from their per-step sums: the mean over its steps, except a rate a
+    step reports as ``<name>_correct`` and ``<name>_count`` (counts of the rows it concerns),
+    which becomes ``<name>`` = correct / count over the whole epoch (a mean of per-step ratios
+    would count a step without such a row as 0; NaN if the epoch had none)."""
+    totals = {k: float(v) for k, v in totals.items()}
+    out = {}
+    for key, value in totals.items():
+        if key.endswith("_count") and key[: -len("_count")] + "_correct" in totals:
+            continue
+        if key.endswith("_correct") and (name := key[: -len("_correct")]) + "_count" in totals:
+            count = totals[name + "_count"]
+            out[name] = value / count if count else float("nan")
+        else:
+            out[key] = value / steps
+    return out
 
 
 def adam(learning_rate: float | optax.Schedule) -> optax.GradientTransformation:

@@ -77,7 +77,7 @@ from fippure.errors import InvalidInputError
 from fippure.losses import cross_entropy
 from fippure.models.generators import ConvAutoencoder
 from fippure.models.registry import Variables
-from fippure.training import create_train_state, make_optimizer
+from fippure.training import check_classifier, create_train_state, make_optimizer
 
 
 def row_weights(num_clean: int, copied: Bool[Array, " c"], alpha: float) -> Float[Array, " n"]:
@@ -173,6 +173,8 @@ class LIRA(Attack):
     ):
         """Joint stage, then fine-tuning (see the module docstring); resumable."""
         data, plan, spec = context.train, context.plan, context.spec
+        check_classifier(model, variables, data)
+        self.check_plan(plan)
         joint_epochs = config.epochs - self.finetune_epochs
         if joint_epochs < 1:
             raise InvalidInputError(
@@ -227,8 +229,9 @@ class LIRA(Attack):
             metrics = {
                 "loss": loss,
                 "accuracy": jnp.mean(correct[: y.shape[0]]),
-                "backdoor_accuracy": jnp.sum(correct[y.shape[0] :] & copied)
-                / jnp.maximum(jnp.sum(copied), 1),
+                # summed over the epoch, then divided (joint.epoch_means)
+                "backdoor_accuracy_correct": jnp.sum(correct[y.shape[0] :] & copied),
+                "backdoor_accuracy_count": jnp.sum(copied),
             }
             return carry, metrics
 
@@ -278,6 +281,7 @@ class LIRA(Attack):
             else lambda c: evaluate(c["classifier"].variables(), {"generator": c["generator"]}),
             eval_every=config.eval_every,
             log_every=config.log_every,
+            checkpoint_every=config.checkpoint_every,
             progress=context.progress,
             desc=f"{self.name} {spec.name}",
         )

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fippure.attacks.joint import Phase, run_phases, unit_batch
+from fippure.attacks.joint import Phase, epoch_means, run_phases, unit_batch
 from fippure.data.sources import load_dataset
 from fippure.errors import CheckpointError
+from fippure.progress_records import checkpoint_manager
 
 BATCH = 128
 
@@ -106,3 +107,49 @@ def test_another_run_in_the_same_workdir_is_refused(digits, tmp_path):
             workdir=tmp_path,
             progress=False,
         )
+
+
+def test_a_rate_reported_as_correct_and_count_is_divided_once_per_epoch():
+    # a mean of per-step ratios counted a step without a poisoned row as 0
+    totals = {
+        "loss": jnp.asarray(6.0),
+        "backdoor_accuracy_correct": jnp.asarray(13),
+        "backdoor_accuracy_count": jnp.asarray(13),
+    }
+    assert epoch_means(totals, 3) == {"loss": 2.0, "backdoor_accuracy": 1.0}
+    none = epoch_means({**totals, "backdoor_accuracy_count": jnp.asarray(0)}, 3)
+    assert np.isnan(none["backdoor_accuracy"])
+
+
+def test_the_evaluator_may_keep_what_it_is_given_though_the_steps_donate(digits):
+    # it got the live carry, which the next step deleted ("Array has been deleted")
+    donating = [
+        Phase(p.name, p.epochs, jax.jit(p.step, donate_argnums=0), p.trains_classifier)
+        for p in _phases()
+    ]
+    kept = []
+
+    def evaluate(carry):
+        kept.append(carry)
+        return {}
+
+    run_phases(
+        donating, _carry(), digits, batch_size=BATCH, seed=3, fingerprint={"test": 1},
+        evaluate=evaluate, eval_every=1, progress=False,
+    )  # fmt: skip
+    assert len(kept) == 2 and all(np.isfinite(float(c["w"])) for c in kept)
+
+
+def test_checkpoint_every_saves_inside_an_epoch_and_resumes_there(digits, tmp_path):
+    # the joint attacks took TrainConfig.checkpoint_every and saved at epoch ends only
+    reference, expected = _run(digits)
+    _, stopped = _run(digits, tmp_path, checkpoint_every=3, stop_after_steps=7)
+    manager = checkpoint_manager(tmp_path)
+    assert manager.all_steps() == [6, 7]  # the last two saves: every 3 steps and the stop
+    manager.close()
+    carry, report = _run(digits, tmp_path, checkpoint_every=3)
+    assert report.resumed_from_step == 7
+    np.testing.assert_allclose(float(carry["w"]), float(reference["w"]), rtol=1e-6)
+    assert [h["loss"] for h in report.history] == pytest.approx(
+        [h["loss"] for h in expected.history]
+    )

@@ -67,9 +67,13 @@ def test_finetuning_needs_joint_epochs(tmp_path):
         )
 
 
-def _attack_digits(out, epochs=8):
+def _attack_digits(out, epochs=8, checkpoint_every=10**6):
     config = TrainConfig(
-        epochs=epochs, batch_size=64, learning_rate=0.1, eval_every=100, checkpoint_every=10**6
+        epochs=epochs,
+        batch_size=64,
+        learning_rate=0.1,
+        eval_every=100,
+        checkpoint_every=checkpoint_every,
     )
     return train_backdoored(
         dataset="digits",
@@ -102,7 +106,7 @@ def test_rerun_resumes_from_the_checkpoint(tmp_path):
     """A finished run is not retrained; one whose last checkpoint is lost resumes from the
     one before and ends with the same model."""
     out = tmp_path / "lira"
-    first = _attack_digits(out, epochs=3)
+    first = _attack_digits(out, epochs=3, checkpoint_every=0)  # a save at every epoch's end
     again = _attack_digits(out, epochs=3)
     assert again["resumed_from_step"] == 3 * (first["train_examples"] // 64)
     assert again["asr"] == first["asr"] and again["test_accuracy"] == first["test_accuracy"]
