@@ -48,7 +48,10 @@ def predict_logits(
     # Fewer images than a batch run in the next power of two (padded), so inputs of many
     # sizes share a few compiled shapes.
     batch_size = max(1, min(int(batch_size), 1 << max(n - 1, 0).bit_length()))
-    variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+    # on the device once (NumPy weights would be uploaded with every batch)
+    variables = jax.device_put(
+        {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+    )
     if n == 0:  # an empty subset (say, a filtered triggered set): no rows
         return np.zeros((0, *output_shape(model, variables, spec.image_shape)), np.float32)
     out = []

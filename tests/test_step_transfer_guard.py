@@ -90,9 +90,17 @@ def test_joint_attack_phases_take_device_inputs_only(digits):
         ("clb", {**CLB, "steps": 2}, True),
     ],
 )
-def test_attack_fits_take_device_inputs_only(digits, small_cnn, name, options, clean_label):
+@pytest.mark.parametrize("weights", ["device", "numpy"])
+def test_attack_fits_take_device_inputs_only(
+    digits, small_cnn, name, options, clean_label, weights
+):
+    # NumPy reference weights (as flax.serialization restores them) were uploaded by LF's
+    # fit at every step
     attack = make_attack(name, **options)
-    context = poisoned_context(digits, small_cnn, clean_label=clean_label)
+    model, variables = small_cnn
+    if weights == "numpy":
+        variables = jax.tree_util.tree_map(np.asarray, variables)
+    context = poisoned_context(digits, (model, variables), clean_label=clean_label)
     state = attack.init_state(jax.random.key(1), context.spec)
     with guard_step_transfers("disallow"):
         fitted = attack.fit(state, context)

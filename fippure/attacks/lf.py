@@ -145,7 +145,10 @@ class LF(Attack):
         if context.reference is None:
             raise InvalidInputError("attack lf needs a clean reference model (--reference)")
         model, variables = context.reference
-        variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+        # on the device once, not with every step (NumPy weights were uploaded at each one)
+        variables = jax.device_put(
+            {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+        )
         spec, plan = context.spec, context.plan
         h, w, _ = spec.image_shape
         labels = np.asarray(context.train.labels)
