@@ -92,6 +92,13 @@ def folded_keys(key: PRNGKeyArray, start: int, stop: int, chunk: int = CHUNK) ->
 
 
 @jax.jit
+def all_finite(tree: Any) -> Array:
+    """Whether every floating-point leaf of ``tree`` is finite (one device reduction)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
+
+
+@jax.jit
 def sum_metrics(entries: Sequence[Mapping[str, Array]]) -> dict[str, Array]:
     """The per-key sums of a list of metric dicts (one compiled call per list length), so a
     loop can keep each step's metrics on the device and total them once per epoch."""

@@ -58,6 +58,7 @@ from fippure.progress_records import (
     save_progress,
 )
 from fippure.step_inputs import (
+    all_finite,
     device_indices,
     private_copy,
     step_guard,
@@ -392,7 +393,8 @@ def train(
             if not np.isfinite(loss):
                 bar.close()
                 raise NonFiniteLossError(
-                    f"training loss became {loss} at step {done}; lower the learning rate"
+                    f"training loss was {loss} at step {done} (it is read every "
+                    f"{config.log_every} steps and at epoch ends); lower the learning rate"
                 )
             bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch + 1)
             now = time.perf_counter()
@@ -417,7 +419,16 @@ def train(
                 report.final = {k: v for k, v in entry.items() if k != "epoch"}
             report.history.append(entry)
             tick, last_mark = time.perf_counter(), max(last_mark, done)
-        if manager is not None and (done % checkpoint_every == 0 or done == stop):
+        saving = manager is not None and (done % checkpoint_every == 0 or done == stop)
+        if (saving or done == stop) and not bool(all_finite(state)):
+            # the loss of a step is taken before its update, so it cannot see the last one;
+            # and no progress is saved with NaNs in it (a rerun would resume them)
+            bar.close()
+            raise NonFiniteLossError(
+                f"training's parameters or optimiser state became non-finite by step {done}; "
+                "lower the learning rate"
+            )
+        if saving:
             saves = save_progress(
                 manager,
                 workdir,

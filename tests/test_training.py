@@ -85,8 +85,34 @@ def test_non_finite_loss_is_an_error(digits, small_cnn, cause):
         config = _config(epochs=1, log_every=5)
     else:
         config = _config(epochs=2, learning_rate=1e6, schedule="constant", log_every=5)
-    with pytest.raises(NonFiniteLossError, match=r"training loss became (nan|inf) at step \d+"):
+    with pytest.raises(NonFiniteLossError, match=r"training loss was (nan|inf) at step \d+ \("):
         train(model, train_set, config, variables=variables, progress=False)
+
+
+def test_a_last_update_that_diverges_is_an_error(digits, small_cnn, tmp_path, monkeypatch):
+    # the loss of a step is measured before its update: an update to non-finite weights in
+    # the last step went unnoticed, and the broken weights were returned and saved
+    from fippure import training
+
+    (train_set, _), (model, variables) = digits, small_cnn
+    made = training.make_train_step
+
+    def diverging(*args, **kwargs):
+        step = made(*args, **kwargs)
+
+        def last_step_diverges(state, *inputs):
+            state, metrics = step(state, *inputs)
+            head = state.params["head"]
+            params = {**state.params, "head": {**head, "bias": head["bias"] * jnp.inf}}
+            return state.replace(params=params), metrics
+
+        return last_step_diverges
+
+    monkeypatch.setattr(training, "make_train_step", diverging)
+    part = train_set.subset(np.arange(64))  # one step
+    with pytest.raises(NonFiniteLossError, match="non-finite by step 1"):
+        train(model, part, _config(epochs=1), variables=variables, workdir=tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints" / "1").exists()  # nothing saved with NaNs in it
 
 
 def test_schedules():

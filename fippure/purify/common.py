@@ -37,7 +37,7 @@ from fippure.data.splits import check_clean_set
 from fippure.errors import CheckpointError, InvalidInputError, NonFiniteLossError
 from fippure.models.registry import Variables
 from fippure.purify.resume import Checkpointing, ProgressStore
-from fippure.step_inputs import folded_keys, private_copy, step_guard
+from fippure.step_inputs import all_finite, folded_keys, private_copy, step_guard
 
 #: Learning-rate schedules of the SGD-based defenses.
 Schedule = Literal["cosine", "constant"]
@@ -369,8 +369,9 @@ def run_steps(
                 values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
                 if not np.isfinite(values["loss"]):
                     raise NonFiniteLossError(
-                        f"{desc}: the loss became {values['loss']} at step {done}; lower the "
-                        "learning rate or the regularisation strengths"
+                        f"{desc}: the loss was {values['loss']} at step {done} (it is read "
+                        f"every {log_every} steps); lower the learning rate or the "
+                        "regularisation strengths"
                     )
                 if logged:
                     curve.append({"step": done, **values})
@@ -394,7 +395,7 @@ def run_steps(
                     values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
                     curve.append({"step": done, **values})
             saving = store is not None and (done % store.every == 0 or done == steps)
-            if (saving or done == steps or stopping) and not bool(_all_finite(carry)):
+            if (saving or done == steps or stopping) and not bool(all_finite(carry)):
                 # the loss of step t is taken before its update, so it cannot see the last
                 # update; and progress is never saved with NaNs in it (a resume would return
                 # to them, and the directory would refuse the corrected run)
@@ -419,13 +420,6 @@ def run_steps(
     median = float(np.median(durations)) if durations else 0.0
     done = steps if start == steps else done
     return StepsRun(carry, curve, median, observe_seconds, start, done)
-
-
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-    """Whether every floating-point leaf of ``tree`` is finite (one device reduction)."""
-    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
 
 
 def tree_size(tree: Any) -> int:
