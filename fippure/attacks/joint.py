@@ -45,6 +45,7 @@ from fippure.progress_records import (
     save_progress,
 )
 from fippure.step_inputs import (
+    all_finite,
     device_indices,
     folded_keys,
     private_copy,
@@ -184,7 +185,8 @@ def run_phases(
             if not np.isfinite(loss):
                 bar.close()
                 raise NonFiniteLossError(
-                    f"{phase.name} loss became {loss} at step {done}; lower the learning rate"
+                    f"{phase.name} loss was {loss} at step {done} (it is read every "
+                    f"{log_every} steps and at epoch ends); lower the learning rate"
                 )
             bar.set_postfix(phase=phase.name, loss=f"{loss:.3f}", epoch=epoch + 1)
             now = time.perf_counter()
@@ -208,7 +210,15 @@ def run_phases(
             bar.write(" ".join(_fmt(k, v) for k, v in entry.items()), file=sys.stderr)
             report.history.append(entry)
             tick, last_mark = time.perf_counter(), max(last_mark, done)
-        if manager is not None and (done % save_every == 0 or done == stop):
+        saving = manager is not None and (done % save_every == 0 or done == stop)
+        if (saving or done == stop) and not bool(all_finite(carry)):
+            # a step's loss is taken before its update; no progress is saved with NaNs in it
+            bar.close()
+            raise NonFiniteLossError(
+                f"{phase.name}: the carry (classifier, generators, optimiser states) became "
+                f"non-finite by step {done}; lower the learning rate"
+            )
+        if saving:
             saves = save_progress(
                 manager,
                 workdir,

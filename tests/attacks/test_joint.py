@@ -9,7 +9,7 @@ import pytest
 
 from fippure.attacks.joint import Phase, epoch_means, run_phases, unit_batch
 from fippure.data.sources import load_dataset
-from fippure.errors import CheckpointError
+from fippure.errors import CheckpointError, NonFiniteLossError
 from fippure.progress_records import checkpoint_manager
 
 BATCH = 128
@@ -153,3 +153,20 @@ def test_checkpoint_every_saves_inside_an_epoch_and_resumes_there(digits, tmp_pa
     assert [h["loss"] for h in report.history] == pytest.approx(
         [h["loss"] for h in expected.history]
     )
+
+
+def test_a_carry_that_becomes_non_finite_is_an_error(digits, tmp_path):
+    # a step's loss is read before its update: an overflow in the last update went unnoticed
+    @jax.jit
+    def overflowing(carry, images, labels, permutation, index, key):
+        last = carry["steps"] == len(digits) // BATCH - 1
+        w = jnp.where(last, jnp.inf, carry["w"])
+        return {"w": w, "steps": carry["steps"] + 1}, {"loss": carry["w"]}
+
+    phases = [Phase("only", 1, overflowing)]
+    with pytest.raises(NonFiniteLossError, match="non-finite by step"):
+        run_phases(
+            phases, {"w": jnp.ones(()), "steps": jnp.zeros((), jnp.int32)}, digits,
+            batch_size=BATCH, seed=0, fingerprint={}, workdir=tmp_path, progress=False,
+        )  # fmt: skip
+    assert checkpoint_manager(tmp_path).all_steps() == []  # nothing saved with NaNs in it
