@@ -555,8 +555,12 @@ def _calibrate_trace(logits_fn, bound, tunable, inputs, labels, batch_size, conf
         values.append(float(estimate(bound, tunable, batch, jax.random.fold_in(key, 10_000 + i))))
         weights.append(batch_size)
     trace0 = float(np.average(values, weights=weights))
-    if not np.isfinite(trace0) or trace0 <= 0:
-        raise InvalidInputError(f"the Fisher trace at theta0 is {trace0}; cannot calibrate eta_F")
+    # only the relative scale divides by it; the absolute one just reports it
+    if config.trace_scale == "relative" and (not np.isfinite(trace0) or trace0 <= 0):
+        raise InvalidInputError(
+            f"the Fisher trace at theta0 is {trace0}; cannot calibrate eta_F (trace_scale="
+            "relative divides by it; trace_scale=absolute takes eta_F as it is)"
+        )
     return trace0
 
 

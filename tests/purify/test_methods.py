@@ -690,3 +690,20 @@ def test_fast_fips_wall_time_includes_its_svds(tiny, monkeypatch):
     monkeypatch.setattr(fast_fip, "decompose", slow_decompose)
     _, report = fast_fip.purify(model, variables, clean, config, 0, progress=False)
     assert report.wall_time_s >= svd_seconds
+
+
+@pytest.mark.parametrize("trace_scale", ["relative", "absolute"])
+def test_a_zero_fisher_trace_at_theta0_stops_only_the_relative_scale(
+    tiny, monkeypatch, trace_scale
+):
+    # a saturated model has zero per-example gradients; the absolute scale, which does not
+    # divide by TrF0, was refused as well
+    model, variables, clean, _, _ = tiny
+    monkeypatch.setattr(fip, "_trace_estimate", lambda *args, **kwargs: jnp.zeros(()))
+    config = make_config("fip", {"steps": 1, "batch_size": 16, "trace_scale": trace_scale})
+    if trace_scale == "relative":
+        with pytest.raises(InvalidInputError, match="Fisher trace at theta0 is 0.0"):
+            fip.purify(model, variables, clean, config, 0, progress=False)
+    else:
+        _, report = fip.purify(model, variables, clean, config, 0, progress=False)
+        assert report.extra["trace0"] == 0.0 and report.steps == 1
