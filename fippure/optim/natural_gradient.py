@@ -85,12 +85,18 @@ def head_fisher(
     probs = jax.nn.softmax(logits, axis=-1)
     n, d = features.shape
     k = probs.shape[-1]
-    # F[j, a, l, b] = sum_i h_ij h_il (p_ia delta_ab - p_ia p_ib), no per-example Hessians.
-    diagonal = jnp.einsum("ij,il,ia->jal", features, features, probs)  # (d, K, d)
-    scaled = features[:, :, None] * probs[:, None, :]  # (n, d, K): h_ij p_ia
-    outer = jnp.einsum("ija,ilb->jalb", scaled, scaled)
-    eye = jnp.eye(k, dtype=probs.dtype)
-    fisher = diagonal[:, :, :, None] * eye[None, :, None, :] - outer
+    # Each example's softmax block A_i = diag(p_i) - p_i p_i^T, with its diagonal written as
+    # p_ia * sum_{b != a} p_ib: no difference of nearly equal terms (p_ia - p_ia^2 for a
+    # confident prediction), so every block stays diagonally dominant, hence PSD, in float32.
+    # (Summing diag(p) and p p^T over the examples first and subtracting once lost the
+    # small curvature of confident predictions: eigenvalues of -1e-7 at a trained head.)
+    off = 1.0 - jnp.eye(k, dtype=probs.dtype)
+    others = probs @ off  # (n, K): sum_{b != a} p_ib
+    blocks = jnp.eye(k, dtype=probs.dtype) * (probs * others)[:, :, None] - off * (
+        probs[:, :, None] * probs[:, None, :]
+    )
+    # F[j, a, l, b] = mean_i h_ij h_il A_i[a, b], no per-example Hessians.
+    fisher = jnp.einsum("ij,il,iab->jalb", features, features, blocks)
     return fisher.reshape(d * k, d * k) / n
 
 

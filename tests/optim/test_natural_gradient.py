@@ -245,3 +245,26 @@ def test_cg_mode_refuses_an_fvp_fn_that_does_not_fit_the_updates(operator):
     tx = natural_gradient(DAMPING)
     with pytest.raises(InvalidInputError, match=r"natural_gradient \(fvp_fn\)"):
         tx.update(params, tx.init(params), params, fvp_fn=fvp_fn)
+
+
+def test_head_fisher_keeps_a_confident_heads_small_curvature_in_float32():
+    # the sum of diag(p) minus the sum of p p^T cancelled in float32: at confident predictions
+    # the Fisher had eigenvalues of -1e-7, and a small damping gave a NaN Cholesky factor
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(200, 8)).astype(np.float32)
+    logits = (12.0 * np.eye(5)[rng.integers(0, 5, 200)] + rng.normal(size=(200, 5))).astype(
+        np.float32
+    )
+    got = np.asarray(head_fisher(jnp.asarray(features), jnp.asarray(logits)), np.float64)
+    h = np.concatenate([features, np.ones((200, 1))], axis=1).astype(np.float64)
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    want = sum(
+        np.kron(np.outer(hi, hi), np.diag(pi) - np.outer(pi, pi))
+        for hi, pi in zip(h, p, strict=True)
+    )
+    want /= len(h)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * scale)
+    assert np.linalg.eigvalsh(got).min() > -1e-7 * np.linalg.eigvalsh(want).max()
