@@ -10,6 +10,7 @@ run killed at any checkpoint resumes to the same final parameters as an uninterr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 import sys
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.tree_util import Partial
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from tqdm.auto import tqdm
 
@@ -218,6 +220,24 @@ def create_train_state(variables: Variables, optimizer: optax.GradientTransforma
     )
 
 
+def hoist_constants(function: Callable, *example: Any) -> Partial:
+    """``function`` as a :class:`jax.tree_util.Partial` whose leaves are the arrays it closes
+    over, on the device once: passed to a jitted step as an argument, they are not baked into
+    the compiled program as constants. An attack's poisoning transform closes over its plan
+    (one entry per training example) and its trigger state; as constants they made the program
+    grow with the dataset, and every plan or seed a program of its own. ``example``: arguments
+    (arrays or :class:`jax.ShapeDtypeStruct`) of the shapes ``function`` is called with."""
+    closed, shapes = jax.make_jaxpr(function, return_shape=True)(*example)
+    # the traced program is the Partial's static part (one object: one compiled step)
+    program = functools.partial(_evaluate_jaxpr, closed.jaxpr, jax.tree_util.tree_structure(shapes))
+    return Partial(program, jax.device_put(list(closed.consts)))
+
+
+def _evaluate_jaxpr(jaxpr, out_tree, constants, *args):
+    outputs = jax.core.eval_jaxpr(jaxpr, constants, *jax.tree_util.tree_leaves(args))
+    return jax.tree_util.tree_unflatten(out_tree, outputs)
+
+
 def make_train_step(
     model: nn.Module,
     spec: DatasetSpec,
@@ -228,16 +248,18 @@ def make_train_step(
     """The jitted step ``(state, images, labels, permutation, index, key) -> (state, metrics)``.
 
     ``images``/``labels`` are the whole device-resident training set, ``permutation`` the
-    epoch's order and ``index`` the batch number within the epoch.
+    epoch's order and ``index`` the batch number within the epoch. The arrays
+    ``batch_transform`` closes over are hoisted into an argument of the compiled step at the
+    first call (:func:`hoist_constants`), not compiled in.
     """
 
-    def step(state: TrainState, images, labels, permutation, index, key):
+    def step(state: TrainState, images, labels, permutation, index, key, transform=None):
         key = jax.random.fold_in(key, state.step)
         transform_key, augment_key = jax.random.split(key)
         x, y, rows = batch_from_permutation(images, labels, permutation, index, config.batch_size)
         x = to_unit_range(x)
-        if batch_transform is not None:
-            x, y = batch_transform(transform_key, x, y, rows)
+        if transform is not None:
+            x, y = transform(transform_key, x, y, rows)
         if config.augment:
             x = augment(augment_key, x, spec.crop_padding, spec.flip)
         x = normalize(x, spec)
@@ -263,7 +285,23 @@ def make_train_step(
         metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
         return state, metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    compiled = jax.jit(step, donate_argnums=(0,))
+    if batch_transform is None:
+        return compiled
+    hoisted: list[Partial] = []
+
+    def step_with_transform(state, images, labels, permutation, index, key):
+        if not hoisted:  # traced once, on the first batch's shapes
+            batch = jax.eval_shape(
+                lambda: batch_from_permutation(
+                    images, labels, permutation, index, config.batch_size
+                )
+            )
+            x = jax.ShapeDtypeStruct(batch[0].shape, jnp.float32)  # after to_unit_range
+            hoisted.append(hoist_constants(batch_transform, key, x, batch[1], batch[2]))
+        return compiled(state, images, labels, permutation, index, key, hoisted[0])
+
+    return step_with_transform
 
 
 def _run_fingerprint(model: nn.Module, data: ImageDataset, config: TrainConfig) -> dict:

@@ -377,3 +377,29 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     _assert_trees_equal(a.variables, b.variables)
     assert a.metadata["clean_indices"] == b.metadata["clean_indices"]
     assert report["test_accuracy"] > 0.9
+
+
+@pytest.mark.parametrize("attack_name", ["badnets", "wanet"])
+def test_a_poisoning_transform_is_not_compiled_in_as_constants(digits, attack_name):
+    # the plan (one entry per training example) and the trigger state were baked into the
+    # compiled step: a program that grew with the dataset, one per plan or seed
+    import warnings
+
+    from fippure.attacks import AttackContext, make_attack, make_poison_plan
+
+    (train_set, _) = digits
+    attack = make_attack(attack_name)
+    plan = make_poison_plan(train_set.labels, ratio=0.1, num_classes=10)
+    context = AttackContext(train_set, plan, train_set.spec, jax.random.key(0), progress=False)
+    model = create_model("small_cnn", 10, width=4)
+    variables = init_variables(model, jax.random.key(0), train_set.spec.image_shape)
+    state = attack.init_state(jax.random.key(1), train_set.spec)
+    previous = jax.config.jax_captured_constants_warn_bytes
+    jax.config.update("jax_captured_constants_warn_bytes", 512)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*constants were captured")
+            config = _config(epochs=1, batch_size=128)
+            attack.train_backdoored(state, context, model, variables, config)
+    finally:
+        jax.config.update("jax_captured_constants_warn_bytes", previous)
