@@ -288,8 +288,9 @@ class InputAware(Attack):
             return carry, metrics
 
         phases = [
-            Phase("mask", self.mask_epochs, jax.jit(mask_step, donate_argnums=0), False),
-            Phase("joint", config.epochs, jax.jit(joint_step, donate_argnums=0)),
+            # compiled by run_phases, with the plan as an argument (not a constant)
+            Phase("mask", self.mask_epochs, mask_step, False),
+            Phase("joint", config.epochs, joint_step),
         ]
         carry, report = run_phases(
             phases,

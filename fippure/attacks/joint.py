@@ -14,6 +14,7 @@ resumed run ends with the same parameters as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 import sys
@@ -52,7 +53,7 @@ from fippure.step_inputs import (
     step_guard,
     sum_metrics,
 )
-from fippure.training import TrainReport, TrainState
+from fippure.training import TrainReport, TrainState, hoist_constants
 
 #: ``(carry, images, labels, permutation, index, key) -> (carry, metrics)``; ``images`` and
 #: ``labels`` are the whole device-resident training set, ``index`` the batch of the epoch.
@@ -66,7 +67,10 @@ class Phase:
     Attributes:
         name: shown in the progress bar and the history.
         epochs: passes over the training set (0 skips the phase).
-        step: the jitted step; its metrics must include ``loss``.
+        step: the step; its metrics must include ``loss``. A plain function is compiled by
+            :func:`run_phases`, with the arrays it closes over (a poisoning plan, one entry per
+            training example) as an argument rather than baked-in constants, and its carry
+            donated; a function already jitted is called as it is.
         trains_classifier: whether these epochs train the classifier (they are counted as
             classifier epochs and evaluated).
     """
@@ -161,6 +165,7 @@ def run_phases(
     step_seconds, timed_steps, last_mark = 0.0, 0, start
     tick = time.perf_counter()
     permutation = None
+    compiled: dict[int, Callable] = {}
     # the batch of the epoch and fold_in(step_key, step), made on the device ahead
     per_step = zip(
         range(start, stop),
@@ -175,7 +180,11 @@ def run_phases(
         if step % steps_per_epoch == 0 or permutation is None:
             permutation = epoch_permutation(order_key, epoch, n)
         with step_guard():
-            carry, metrics = phase.step(carry, images, labels, permutation, index, key)
+            if phase_index not in compiled:  # traced once, on the first call's arguments
+                compiled[phase_index] = _compiled_step(
+                    phase.step, carry, images, labels, permutation, index, key
+                )
+            carry, metrics = compiled[phase_index](carry, images, labels, permutation, index, key)
         epoch_metrics.append(metrics)
         bar.update(1)
         done = step + 1
@@ -240,6 +249,19 @@ def run_phases(
     if timed_steps:
         report.train_images_per_s = timed_steps * batch_size / step_seconds
     return carry, report
+
+
+def _compiled_step(step: PhaseStep, *example: Any) -> PhaseStep:
+    """``step`` compiled with its carry donated and its closed-over arrays passed in as an
+    argument (:func:`fippure.training.hoist_constants`); a jitted ``step`` as it is."""
+    if hasattr(step, "lower"):
+        return step
+    return functools.partial(_run_hoisted, hoist_constants(step, *example))
+
+
+@functools.partial(jax.jit, donate_argnums=1)
+def _run_hoisted(program, carry, images, labels, permutation, index, key):
+    return program(carry, images, labels, permutation, index, key)
 
 
 def epoch_means(totals: Mapping[str, Array], steps: int) -> dict[str, float]:

@@ -265,8 +265,9 @@ class LIRA(Attack):
             return classifier_step(carry, x, y, rows, key)
 
         phases = [
-            Phase("joint", joint_epochs, jax.jit(joint_step, donate_argnums=0)),
-            Phase("finetune", self.finetune_epochs, jax.jit(finetune_step, donate_argnums=0)),
+            # compiled by run_phases, with the plan as an argument (not a constant)
+            Phase("joint", joint_epochs, joint_step),
+            Phase("finetune", self.finetune_epochs, finetune_step),
         ]
         carry, report = run_phases(
             phases,

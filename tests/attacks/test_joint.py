@@ -170,3 +170,30 @@ def test_a_carry_that_becomes_non_finite_is_an_error(digits, tmp_path):
             batch_size=BATCH, seed=0, fingerprint={}, workdir=tmp_path, progress=False,
         )  # fmt: skip
     assert checkpoint_manager(tmp_path).all_steps() == []  # nothing saved with NaNs in it
+
+
+def test_a_plain_step_is_compiled_with_its_closed_over_arrays_as_an_argument(digits):
+    # the joint attacks' steps closed over the poisoning plan (one entry per training
+    # example), which was baked into each compiled program
+    import warnings
+
+    plan = jnp.arange(len(digits), dtype=jnp.float32)
+
+    def step(carry, images, labels, permutation, index, key):
+        _, _, rows = unit_batch(images, labels, permutation, index, BATCH)
+        return {"w": carry["w"] + jnp.sum(plan[rows]), "steps": carry["steps"] + 1}, {
+            "loss": carry["w"]
+        }
+
+    previous = jax.config.jax_captured_constants_warn_bytes
+    jax.config.update("jax_captured_constants_warn_bytes", 512)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*constants were captured")
+            carry, _ = run_phases(
+                [Phase("only", 1, step)], _carry(), digits, batch_size=BATCH, seed=0,
+                fingerprint={}, progress=False,
+            )  # fmt: skip
+    finally:
+        jax.config.update("jax_captured_constants_warn_bytes", previous)
+    assert int(carry["steps"]) == len(digits) // BATCH
