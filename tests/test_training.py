@@ -379,8 +379,12 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert report["test_accuracy"] > 0.9
 
 
-@pytest.mark.parametrize("attack_name", ["badnets", "wanet"])
-def test_a_poisoning_transform_is_not_compiled_in_as_constants(digits, attack_name):
+@pytest.mark.parametrize(
+    ("attack_name", "options"),
+    [("badnets", {}), ("wanet", {}), ("input_aware", {"mask_epochs": 1}),
+     ("lira", {"finetune_epochs": 0})],
+)  # fmt: skip
+def test_a_poisoning_transform_is_not_compiled_in_as_constants(digits, attack_name, options):
     # the plan (one entry per training example) and the trigger state were baked into the
     # compiled step: a program that grew with the dataset, one per plan or seed
     import warnings
@@ -388,7 +392,7 @@ def test_a_poisoning_transform_is_not_compiled_in_as_constants(digits, attack_na
     from fippure.attacks import AttackContext, make_attack, make_poison_plan
 
     (train_set, _) = digits
-    attack = make_attack(attack_name)
+    attack = make_attack(attack_name, **options)
     plan = make_poison_plan(train_set.labels, ratio=0.1, num_classes=10)
     context = AttackContext(train_set, plan, train_set.spec, jax.random.key(0), progress=False)
     model = create_model("small_cnn", 10, width=4)
