@@ -62,9 +62,8 @@ def check_seed(value: Any, name: str = "seed") -> None:
     ``jax.random.key`` would alias 2**32 to 0 and -1 to 2**32 - 1 (the same run recorded under
     another seed), and numpy takes ``None`` as "a fresh draw every time" (no run to repeat).
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InvalidInputError(f"{name} must be an integer in [0, 2**32), got {value!r}")
-    if not 0 <= value < 2**32:
+    in_range, _ = SEED
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not in_range(value):
         raise InvalidInputError(f"{name} must be an integer in [0, 2**32), got {value!r}")
 
 

@@ -292,13 +292,14 @@ def make_train_step(
 
     def step_with_transform(state, images, labels, permutation, index, key):
         if not hoisted:  # traced once, on the first batch's shapes
-            batch = jax.eval_shape(
-                lambda: batch_from_permutation(
+
+            def first_batch():
+                x, y, rows = batch_from_permutation(
                     images, labels, permutation, index, config.batch_size
                 )
-            )
-            x = jax.ShapeDtypeStruct(batch[0].shape, jnp.float32)  # after to_unit_range
-            hoisted.append(hoist_constants(batch_transform, key, x, batch[1], batch[2]))
+                return to_unit_range(x), y, rows
+
+            hoisted.append(hoist_constants(batch_transform, key, *jax.eval_shape(first_batch)))
         return compiled(state, images, labels, permutation, index, key, hoisted[0])
 
     return step_with_transform
