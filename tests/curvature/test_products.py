@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -155,3 +156,19 @@ def test_tree_dot_refuses_leaves_that_would_broadcast():
     with pytest.raises(InvalidInputError, match=r"tree_dot: b\['w'\] has shape \(3, 1\)"):
         tree_dot(a, {"w": np.ones((3, 1))})
     assert float(tree_dot(a, {"w": np.arange(3.0)})) == 3.0
+
+
+def test_softmax_hessian_vp_keeps_a_confident_rows_small_curvature_in_float32():
+    # p * (u - <p, u>) subtracted two nearly equal numbers when one p_a was near 1: the
+    # confident class's entry came out 0 or a whole rounding step off in float32
+    rng = np.random.default_rng(0)
+    logits = (16.0 * np.eye(6)[rng.integers(0, 6, 32)] + rng.normal(size=(32, 6))).astype(
+        np.float32
+    )
+    u = rng.normal(size=(32, 6)).astype(np.float32)
+    got = np.asarray(products.softmax_hessian_vp(jnp.asarray(logits), jnp.asarray(u)), np.float64)
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    want = np.stack([(np.diag(q) - np.outer(q, q)) @ x for q, x in zip(p, u, strict=True)])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=0)
