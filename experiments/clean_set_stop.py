@@ -145,13 +145,7 @@ def run_attack(
         "suspect_flagged": flagged,
         "seed": seed,
         "rerun": rerun,
-        "rule": {
-            "threshold": threshold,
-            "every": every,
-            "max_steps": max_steps,
-            "max_accuracy_drop": stop.max_accuracy_drop,
-            "halt_when_reached": halt,
-        },
+        "rule": stop_rule(threshold, every, max_steps, halt),
         "undefended_validation_acc": summary["undefended_validation_acc"],
         "checks": checks,
         "chosen_step": summary["chosen_step"],
@@ -159,6 +153,19 @@ def run_attack(
         "chosen_test": evaluate(backdoored, variables),
         "before_test": evaluate(backdoored, backdoored.variables),
         "wall_time_s": report.wall_time_s,
+    }
+
+
+def stop_rule(threshold: float, every: int, max_steps: int, halt: bool) -> dict:
+    """The stop rule a result records (``max_accuracy_drop``: :class:`CleanStopConfig`'s)."""
+    from fippure.purify.clean_stop import CleanStopConfig
+
+    return {
+        "threshold": threshold,
+        "every": every,
+        "max_steps": max_steps,
+        "max_accuracy_drop": CleanStopConfig().max_accuracy_drop,
+        "halt_when_reached": halt,
     }
 
 
@@ -359,7 +366,13 @@ def write_summary(all_results: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attacks", nargs="*", default=list(CORE_ATTACKS))
-    parser.add_argument("--max-steps", type=int, default=200)
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=150,
+        help="checks up to this step (150 in the committed FIP, Fast FIP and FT runs, 300 in "
+        "NFT's)",
+    )
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--threshold", type=float, default=0.05)
     parser.add_argument(
@@ -398,6 +411,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     overrides = parse_overrides(args.overrides)
+    rule = stop_rule(args.threshold, args.every, args.max_steps, not args.full_run)
 
     def run(attack: str) -> dict:
         return run_attack(
@@ -413,9 +427,26 @@ def main() -> None:
             halt=not args.full_run,
         )
 
-    out = result_directory(args.method, args.setting, args.seed, not args.scored_iterate, overrides)
+    rerun = not args.scored_iterate
+    out = result_directory(args.method, args.setting, args.seed, rerun, overrides)
+    if not args.report_only:
+        check_rule(args.attacks, args.method, variant_name(args.setting, overrides), rerun, rule)
     scans.per_attack(args.attacks, out, run, args.report_only)
-    write_summary(all_results(args.attacks))
+    write_summary(all_results(scans.stored_attacks(CORE_ATTACKS, args.attacks, OUT)))
+
+
+def check_rule(attacks, method: str, variant: str, rerun: bool, rule: dict) -> None:
+    """Stops the script (one line) where a stored result of this variant, any seed, was
+    measured under another stop rule: a stored attack would be skipped as done, and a new seed
+    pooled with the others in the mean over seeds, under different rules."""
+    for result in collect_seeds(attacks, method, variant, rerun):
+        mismatch = scans.stored_mismatch(result, {"rule": rule})
+        if mismatch is not None:
+            where = result_directory(method, variant, result["seed"], rerun)
+            raise SystemExit(
+                f"clean_set_stop: {where / (result['attack'] + '.json')} was measured with "
+                f"{mismatch}; give the stored rule's flags, or move the results away"
+            )
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:

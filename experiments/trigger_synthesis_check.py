@@ -76,13 +76,42 @@ def defender_view(model, variables, validation, trigger, spec, config, key, fit)
 
 
 def save_scan(path: pathlib.Path, scan, **extra) -> None:
-    """The scan's masks and patterns (and ``extra`` arrays) as ``path`` (``.npz``)."""
+    """The scan's masks and patterns (and ``extra`` arrays) as ``path`` (``.npz``), with the
+    :data:`INVERSION` settings that made it."""
     np.savez(
         path,
         masks=np.stack([t.mask for t in scan.triggers]),
         patterns=np.stack([t.pattern for t in scan.triggers]),
+        inversion=np.asarray(json.dumps(INVERSION, sort_keys=True)),
         **extra,
     )
+
+
+def stored_mismatch(stored: dict, expected: dict) -> str | None:
+    """The first of ``expected``'s fields that ``stored`` holds with another value, as
+    ``"key = stored, not expected"``; ``None`` where all agree. A field ``stored`` lacks (saved
+    before the field was recorded) is not compared; dicts are compared key by key, the same
+    way."""
+    expected = json.loads(json.dumps(expected))  # tuples as lists, as a saved result has them
+    for key, want in expected.items():
+        if key not in stored:
+            continue
+        have = stored[key]
+        if isinstance(want, dict) and isinstance(have, dict):
+            inner = stored_mismatch(have, want)
+            if inner is not None:
+                return f"{key}.{inner}"
+        elif have != want:
+            return f"{key} = {have!r}, not {want!r}"
+    return None
+
+
+def stored_attacks(defaults, named, out: pathlib.Path) -> list[str]:
+    """The attacks a summary covers: ``defaults``, then those ``named`` on the command line,
+    then any other with a result (``<attack>.json``) anywhere under ``out``; so a run on some
+    attacks rewrites the summary without dropping the others' rows."""
+    stored = sorted(p.stem for p in out.rglob("*.json")) if out.exists() else []
+    return list(dict.fromkeys([*defaults, *named, *stored]))
 
 
 def load_scan(path: pathlib.Path, model, variables, fit, config):
@@ -98,6 +127,12 @@ def load_scan(path: pathlib.Path, model, variables, fit, config):
 
     with np.load(path) as arrays:
         masks, patterns = arrays["masks"], arrays["patterns"]
+        made_with = json.loads(str(arrays["inversion"])) if "inversion" in arrays else None
+    mismatch = None if made_with is None else stored_mismatch(made_with, INVERSION)
+    if mismatch is not None:
+        raise SystemExit(
+            f"{path} was scanned with {mismatch} (INVERSION); move it away to scan again"
+        )
     triggers = []
     for k, (mask, pattern) in enumerate(zip(masks, patterns, strict=True)):
         trigger = InvertedTrigger(k, mask, pattern, float(mask.sum()), float("nan"), True)
@@ -107,6 +142,11 @@ def load_scan(path: pathlib.Path, model, variables, fit, config):
     return TriggerScan(
         tuple(triggers), anomaly_index(norms), flagged_classes(norms, config.anomaly_threshold)
     )
+
+
+def measured_with() -> dict:
+    """The settings a result of :func:`run_attack` records, and a stored one must match."""
+    return {"inversion": dict(INVERSION), "purifications": [list(p) for p in PURIFICATIONS]}
 
 
 def run_attack(attack: str) -> dict:
@@ -162,6 +202,7 @@ def run_attack(attack: str) -> dict:
     result = {
         "attack": attack,
         "target": backdoored.target,
+        **measured_with(),
         "scan": scan.to_dict(),
         "scan_seconds": scan_seconds,
         "suspect": suspect,
@@ -279,16 +320,28 @@ def write_report(
     )
 
 
-def per_attack(attacks, out: pathlib.Path, run, report_only: bool) -> list[dict]:
+def per_attack(
+    attacks, out: pathlib.Path, run, report_only: bool, expected: dict | None = None
+) -> list[dict]:
     """``run(attack)`` for each attack without a result in ``out/<attack>.json`` yet (each
     saved as it finishes, with provenance, so a killed run resumes at the next attack); the
-    results of all ``attacks`` that have one."""
+    results of all ``attacks`` that have one.
+
+    Unless ``report_only``, a stored result that disagrees with ``expected`` (the fields of a
+    result that say how it was measured, :func:`stored_mismatch`) stops the script with a
+    one-line message instead of standing in for a run with other settings."""
     from fippure.provenance import provenance
 
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for attack in attacks:
         path = out / f"{attack}.json"
+        if path.exists() and not report_only and expected:
+            mismatch = stored_mismatch(json.loads(path.read_text()), expected)
+            if mismatch is not None:
+                raise SystemExit(
+                    f"{path} was measured with {mismatch}; move it away to measure again"
+                )
         if not path.exists():
             if report_only:
                 continue
@@ -303,7 +356,8 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="*", default=list(ATTACKS))
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
-    write_summary(per_attack(args.attacks, OUT, run_attack, args.report_only))
+    per_attack(args.attacks, OUT, run_attack, args.report_only, measured_with())
+    write_summary(per_attack(stored_attacks(ATTACKS, args.attacks, OUT), OUT, None, True))
 
 
 if __name__ == "__main__":

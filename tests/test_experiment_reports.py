@@ -11,6 +11,7 @@ import sys
 import types
 
 import numpy as np
+import pytest
 
 import fippure.purify.runner as runner
 
@@ -91,3 +92,69 @@ def test_a_stored_run_on_another_clean_set_is_run_again(tmp_path, monkeypatch):
     assert stored["clean_set"]["size"] == 3
     assert run([3, 1, 4]) == stored and len(calls) == 1  # the stored run is reused
     assert run([3, 1, 5])["clean_set"] != stored["clean_set"] and len(calls) == 2
+
+
+def test_a_stored_result_measured_under_another_rule_stops_the_script(tmp_path):
+    import trigger_synthesis_check as scans
+
+    rule = {"threshold": 0.05, "every": 10, "max_steps": 150}
+    (tmp_path / "badnets.json").write_text(json.dumps({"attack": "badnets", "rule": rule}))
+
+    def run(attack):
+        raise AssertionError("a stored attack is not run again")
+
+    assert scans.per_attack(["badnets"], tmp_path, run, False, {"rule": rule})
+    # a field the stored result lacks (recorded only later) is not compared
+    assert scans.per_attack(["badnets"], tmp_path, run, False, {"rule": {**rule, "new": 1}})
+    with pytest.raises(SystemExit, match=r"rule\.threshold = 0\.05, not 0\.5"):
+        scans.per_attack(["badnets"], tmp_path, run, False, {"rule": {**rule, "threshold": 0.5}})
+    # --report-only only reads what is stored
+    assert scans.per_attack(["badnets"], tmp_path, run, True, {"rule": {"threshold": 0.5}})
+
+
+def test_a_new_seed_is_refused_where_the_variants_other_seeds_ran_under_another_rule(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(clean_set_stop, "OUT", tmp_path)
+    stored = clean_set_stop.stop_rule(0.05, 10, 150, True)
+    (tmp_path / "badnets.json").write_text(json.dumps({"attack": "badnets", "rule": stored}))
+    clean_set_stop.check_rule(
+        ["badnets"], clean_set_stop.METHOD, clean_set_stop.SETTING, True, stored
+    )
+    with pytest.raises(SystemExit, match=r"badnets\.json was measured with rule\.max_steps = 150"):
+        clean_set_stop.check_rule(
+            ["badnets"],
+            clean_set_stop.METHOD,
+            clean_set_stop.SETTING,
+            True,
+            clean_set_stop.stop_rule(0.05, 10, 200, True),
+        )
+
+
+def test_a_summary_of_some_attacks_keeps_every_stored_attacks_rows(tmp_path):
+    import trigger_synthesis_check as scans
+
+    (tmp_path / "seed1").mkdir()
+    for path in (tmp_path / "sig.json", tmp_path / "seed1" / "lf.json"):
+        path.write_text("{}")
+    assert scans.stored_attacks(["badnets", "blend"], ["wanet"], tmp_path) == [
+        "badnets",
+        "blend",
+        "wanet",
+        "lf",
+        "sig",
+    ]
+
+
+def test_a_scan_saved_with_other_inversion_settings_is_not_reused(tmp_path, monkeypatch):
+    import trigger_synthesis_check as scans
+
+    path = tmp_path / "badnets_triggers.npz"
+    scan = types.SimpleNamespace(
+        triggers=[types.SimpleNamespace(mask=np.zeros((2, 2)), pattern=np.zeros((2, 2, 3)))]
+    )
+    monkeypatch.setattr(scans, "INVERSION", {"steps": 10, "batch_size": 4})
+    scans.save_scan(path, scan)
+    monkeypatch.setattr(scans, "INVERSION", {"steps": 20, "batch_size": 4})
+    with pytest.raises(SystemExit, match=r"scanned with steps = 10, not 20"):
+        scans.load_scan(path, None, None, None, None)
