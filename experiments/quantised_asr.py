@@ -22,6 +22,8 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ZOO = ROOT / "zoo" / "cifar10" / "preact_resnet18_w16"
 RESULTS = ROOT / "experiments" / "results"
+#: What :func:`fippure.provenance.provenance` records, kept with each row.
+PROVENANCE_KEYS = ("command", "git_revision", "machine", "date")
 
 
 def measure(entry: str) -> dict:
@@ -45,8 +47,43 @@ def measure(entry: str) -> dict:
     return row
 
 
+def stored_rows() -> list[dict]:
+    """The committed table's rows, each with its ``provenance`` (rows written before each
+    carried its own share the file's)."""
+    path = RESULTS / "quantised_asr.json"
+    if not path.exists():
+        return []
+    stored = json.loads(path.read_text())
+    shared = {k: stored[k] for k in PROVENANCE_KEYS if k in stored}
+    return [{"provenance": shared, **row} for row in stored["rows"]]
+
+
+def merge_rows(stored: list[dict], measured: dict[str, dict], order: list[str]) -> list[dict]:
+    """``stored`` with the entries just ``measured`` replaced or added, in zoo order: a run on
+    some entries keeps the others' rows."""
+    rows = {r["entry"]: r for r in stored} | measured
+    return [rows[e] for e in order if e in rows] + [rows[e] for e in sorted(rows) if e not in order]
+
+
+def provenance_lines(rows: list[dict]) -> list[str]:
+    """One "Measured by ..." line per command, revision, machine and date, naming its entries."""
+    from fippure.provenance import measured_by
+
+    groups: dict[tuple, list[str]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r["provenance"].get(k) for k in PROVENANCE_KEYS), []).append(
+            r["entry"]
+        )
+    lines = [measured_by(dict(zip(PROVENANCE_KEYS, key, strict=True))) for key in groups]
+    if len(lines) == 1:
+        return lines
+    return [
+        f"- {', '.join(names)}: {line}" for names, line in zip(groups.values(), lines, strict=True)
+    ]
+
+
 def main() -> None:
-    from fippure.provenance import measured_by, provenance
+    from fippure.provenance import provenance
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("entries", nargs="*", help="zoo entries (default: all but clean)")
@@ -57,12 +94,12 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"quantised_asr: unknown zoo entries {unknown}; known: {known}")
 
-    rows = []
-    for entry in entries:
-        rows.append(measure(entry))
-        r = rows[-1]
-        print(f"{entry}: ASR {r['asr_float32']:.4f} -> {r['asr_uint8']:.4f}", flush=True)
     meta = provenance()
+    measured = {}
+    for entry in entries:
+        r = measured[entry] = {**measure(entry), "provenance": meta}
+        print(f"{entry}: ASR {r['asr_float32']:.4f} -> {r['asr_uint8']:.4f}", flush=True)
+    rows = merge_rows(stored_rows(), measured, known)
     lines = [
         "# ASR on float32 triggered images against the same images rounded to 8 bits",
         "",
@@ -85,7 +122,7 @@ def main() -> None:
         + (", ".join(below) if below else "none")
         + ".",
         "",
-        measured_by(meta),
+        *provenance_lines(rows),
     ]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quantised_asr.json").write_text(json.dumps({"rows": rows, **meta}, indent=1))

@@ -158,3 +158,25 @@ def test_a_scan_saved_with_other_inversion_settings_is_not_reused(tmp_path, monk
     monkeypatch.setattr(scans, "INVERSION", {"steps": 20, "batch_size": 4})
     with pytest.raises(SystemExit, match=r"scanned with steps = 10, not 20"):
         scans.load_scan(path, None, None, None, None)
+
+
+def test_quantised_asr_on_some_entries_keeps_the_others_rows_and_their_provenance(
+    tmp_path, monkeypatch
+):
+    import quantised_asr
+
+    old = {"command": "quantised_asr.py", "git_revision": "a", "machine": "m", "date": "d1"}
+    rows = [{"entry": e, "asr_float32": 0.9} for e in ("badnets", "wanet")]
+    (tmp_path / "quantised_asr.json").write_text(json.dumps({"rows": rows, **old}))
+    monkeypatch.setattr(quantised_asr, "RESULTS", tmp_path)
+    new = {**old, "command": "quantised_asr.py wanet", "git_revision": "b", "date": "d2"}
+    measured = {"wanet": {"entry": "wanet", "asr_float32": 0.8, "provenance": new}}
+    merged = quantised_asr.merge_rows(
+        quantised_asr.stored_rows(), measured, ["badnets", "blend", "wanet"]
+    )
+    assert [(r["entry"], r["asr_float32"]) for r in merged] == [("badnets", 0.9), ("wanet", 0.8)]
+    assert merged[0]["provenance"] == old
+    lines = quantised_asr.provenance_lines(merged)
+    assert len(lines) == 2
+    assert lines[0].startswith("- badnets: Measured by `quantised_asr.py` at a")
+    assert lines[1].startswith("- wanet: Measured by `quantised_asr.py wanet` at b")
