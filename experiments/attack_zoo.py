@@ -55,11 +55,10 @@ ENTRIES: dict[str, dict] = {
         "attack": "input_aware",
         "options": {"mask_density": 0.15, "generator_lr": 0.001},
     },
-    "lira": {"attack": "lira"},
+    "lira": {"attack": "lira"},  # the eps (retired, see RETIRED)
     "lira_eps0.03": {"attack": "lira", "options": {"eps": 0.03}},
     "lira_eps0.03_alpha0.75": {"attack": "lira", "options": {"eps": 0.03, "alpha": 0.75}},
-    # The eps with alpha 0.75: stopped after epoch 5 of 15 (ASR 0.14 and falling; see
-    # the lira_eps0.03 note), so it has no row and no zoo checkpoint.
+    # the eps with alpha 0.75 (retired, see RETIRED)
     "lira_alpha0.75": {"attack": "lira", "options": {"alpha": 0.75}},
     "issba": {"attack": "issba"},
     "bpp": {"attack": "bpp"},
@@ -67,6 +66,14 @@ ENTRIES: dict[str, dict] = {
     "ftrojan": {"attack": "ftrojan"},
     "trojan_all_to_all": {"attack": "trojan", "mode": "all_to_all"},
 }
+
+#: Entries tried and given up (see the ``lira_eps0.03`` note): the issue's eps 0.01, with the
+#: default alpha (ASR 0.089 at epoch 10) and with alpha 0.75 (stopped after epoch 5 of 15, ASR
+#: 0.14 and falling). They have no row and no zoo checkpoint, and a run with no ``--entries``
+#: leaves them out; naming one trains it.
+RETIRED = frozenset({"lira", "lira_alpha0.75"})
+#: What a run with no ``--entries`` trains (where the zoo lacks it) and tabulates.
+DEFAULT_ENTRIES = tuple(e for e in ENTRIES if e not in RETIRED)
 
 
 #: What the table alone does not say, printed under it.
@@ -432,7 +439,11 @@ def write_figure(entries: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--entries", default=",".join(ENTRIES), help="comma-separated entries")
+    parser.add_argument(
+        "--entries",
+        default=",".join(DEFAULT_ENTRIES),
+        help=f"comma-separated entries (default: all but the retired {', '.join(sorted(RETIRED))})",
+    )
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
         "--retrain",

@@ -180,3 +180,13 @@ def test_quantised_asr_on_some_entries_keeps_the_others_rows_and_their_provenanc
     assert len(lines) == 2
     assert lines[0].startswith("- badnets: Measured by `quantised_asr.py` at a")
     assert lines[1].startswith("- wanet: Measured by `quantised_asr.py wanet` at b")
+
+
+def test_the_zoo_scripts_default_run_leaves_the_retired_entries_out():
+    import attack_zoo
+
+    zoo = pathlib.Path(attack_zoo.__file__).resolve().parents[1] / "zoo" / "cifar10"
+    assert attack_zoo.RETIRED <= set(attack_zoo.ENTRIES)
+    assert not attack_zoo.RETIRED & set(attack_zoo.DEFAULT_ENTRIES)
+    for entry in attack_zoo.DEFAULT_ENTRIES:  # everything else is in the zoo already
+        assert (zoo / "preact_resnet18_w16" / entry / "metadata.json").exists(), entry
