@@ -118,7 +118,40 @@ class InvertedTrigger:
     def stamp(self, images: np.ndarray | Array) -> Array:
         """``(1 - m) x + m p`` for images of pixels 0-255 or floats in [0, 1]; floats in
         [0, 1]."""
-        return stamp(to_unit_range(jnp.asarray(images)), self.mask, self.pattern)
+        images = jnp.asarray(images)
+        h, w, c = np.shape(self.pattern)
+        if images.ndim != 4 or tuple(images.shape[1:]) != (h, w, c):
+            raise InvalidInputError(
+                f"a {h}x{w}x{c} trigger stamps a batch of shape (n, {h}, {w}, {c}), got "
+                f"{tuple(images.shape)}"
+            )
+        return stamp(to_unit_range(images), self.mask, self.pattern)
+
+
+def check_trigger(trigger: Any, spec: DatasetSpec, num_classes: int | None = None) -> None:
+    """Raises a one-line :class:`InvalidInputError` unless ``trigger`` is an
+    :class:`InvertedTrigger` for ``spec``'s images (mask ``(H, W, 1)``, pattern ``(H, W, C)``)
+    with an integer target (below ``num_classes`` where given)."""
+    if not isinstance(trigger, InvertedTrigger):
+        raise InvalidInputError(
+            f"a trigger must be an InvertedTrigger (from invert_trigger or scan_classes), got "
+            f"{type(trigger).__name__}"
+        )
+    h, w, c = spec.image_shape
+    for name, want in (("mask", (h, w, 1)), ("pattern", (h, w, c))):
+        got = tuple(np.shape(getattr(trigger, name)))
+        if got != want:
+            raise InvalidInputError(
+                f"the trigger's {name} has shape {got}; {spec.name} images need {want}"
+            )
+    if isinstance(trigger.target, bool) or not isinstance(trigger.target, (int, np.integer)):
+        raise InvalidInputError(
+            f"the trigger's target must be a class index, got {trigger.target!r}"
+        )
+    if num_classes is not None and not 0 <= trigger.target < num_classes:
+        raise InvalidInputError(
+            f"the trigger's target {trigger.target} is not a class of {spec.name}"
+        )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -163,13 +196,19 @@ def stamp(
 
 
 def anomaly_index(norms: np.ndarray) -> np.ndarray:
-    """The MAD-based anomaly index of each value (NC section IV.C); zero where all are equal."""
+    """The MAD-based anomaly index of each value (NC section IV.C).
+
+    Where more than half the values are equal (several classes' masks saturated to the same
+    norm, say) the MAD is 0: a value equal to the median then has index 0 and any other an
+    infinite one, the limit of a vanishing spread, so a lone small mask is still flagged.
+    """
     norms = np.asarray(norms, dtype=np.float64)
     median = np.median(norms)
-    mad = MAD_CONSISTENCY * np.median(np.abs(norms - median))
+    deviation = np.abs(norms - median)
+    mad = MAD_CONSISTENCY * np.median(deviation)
     if mad == 0:
-        return np.zeros_like(norms)
-    return np.abs(norms - median) / mad
+        return np.where(deviation == 0, 0.0, np.inf)
+    return deviation / mad
 
 
 def flagged_classes(norms: np.ndarray, threshold: float) -> tuple[int, ...]:
@@ -198,9 +237,11 @@ def _optimise_trigger(
     h, w, c = spec.image_shape
     init_key, steps_key = jax.random.split(key)
     mask_key, pattern_key = jax.random.split(init_key)
+    # float32 whatever the default dtype: the scan's carry holds float32 scalars (jax_enable_x64
+    # would otherwise make the logits float64 and the carry's types differ)
     logits0 = {
-        "mask": jax.random.normal(mask_key, (h, w, 1)),
-        "pattern": jax.random.normal(pattern_key, (h, w, c)),
+        "mask": jax.random.normal(mask_key, (h, w, 1), jnp.float32),
+        "pattern": jax.random.normal(pattern_key, (h, w, c), jnp.float32),
     }
     optimizer = optax.adam(config.learning_rate, b1=0.5, b2=0.9)
     others = (labels != target).astype(jnp.float32)
@@ -374,6 +415,7 @@ def synthesized_asr(
     """Fraction of the images *not* of the trigger's target class that its stamp sends there
     (SPEC section 1's ASR, with a synthesized trigger on defender-held images; NaN when every
     image is of the target class)."""
+    check_trigger(trigger, spec)
     labels = np.asarray(labels)
     if labels.shape != (int(np.shape(images)[0]),):
         raise InvalidInputError(f"{labels.shape} labels for {np.shape(images)[0]} images")

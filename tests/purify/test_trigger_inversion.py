@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 
 from fippure.errors import InvalidInputError
+from fippure.inference import predict
 from fippure.purify.trigger_inversion import (
     InversionConfig,
+    InvertedTrigger,
     anomaly_index,
+    check_trigger,
     flagged_classes,
     invert_trigger,
     stamp,
@@ -43,6 +46,15 @@ def test_anomaly_index_is_the_distance_from_the_median_in_mad_units():
     np.testing.assert_array_equal(anomaly_index(np.full(4, 3.0)), 0.0)
 
 
+def test_a_lone_small_mask_is_flagged_where_most_masks_share_one_norm():
+    # nine masks saturated to the same norm: the MAD is 0, and the index of the lone small
+    # one was 0 too, so nothing was flagged
+    norms = np.array([10.0] * 9 + [1.0])
+    np.testing.assert_array_equal(anomaly_index(norms), [0.0] * 9 + [np.inf])
+    assert flagged_classes(norms, 2.0) == (9,)
+    assert flagged_classes(np.array([10.0] * 6 + [11.0, 12.0, 1.0, 1.0]), 2.0) == (8, 9)
+
+
 def test_the_backdoor_target_needs_the_smallest_trigger(digits_badnets, digits_scan):
     """On 8x8 digits BadNets' target gets the smallest mask of the ten classes, and that
     trigger, found on 104 clean images only (``digits_scan``), also fires on the test split."""
@@ -65,7 +77,10 @@ def test_inversion_is_reproducible_from_its_key(digits_badnets, optimized_compil
         invert_trigger(b.model, b.variables, b.clean, 3, BRIEF, jax.random.key(7)) for _ in range(2)
     )
     np.testing.assert_array_equal(first.mask, second.mask)
+    np.testing.assert_array_equal(first.pattern, second.pattern)
     assert first.mask_l1 == second.mask_l1
+    other = invert_trigger(b.model, b.variables, b.clean, 3, BRIEF, jax.random.key(8))
+    assert not np.array_equal(first.mask, other.mask)  # the key is used
 
 
 def test_synthesized_asr_counts_only_images_outside_the_target(digits_badnets, digits_scan):
@@ -82,6 +97,43 @@ def test_synthesized_asr_counts_only_images_outside_the_target(digits_badnets, d
             b.spec,
         )
     )
+    # on a mixed set: the share of the non-target images sent to the target, counted by hand
+    images, labels = b.clean.images, b.clean.labels
+    sent = np.asarray(predict(b.model, b.variables, trigger.stamp(images), b.spec)) == b.target
+    others = labels != b.target
+    assert 0 < others.sum() < len(labels) and 0 < sent[~others].sum()  # both kinds present
+    asr = synthesized_asr(b.model, b.variables, images, labels, trigger, b.spec)
+    assert asr == pytest.approx(sent[others].mean())
+    assert asr != pytest.approx(sent.mean())
+
+
+def test_a_trigger_for_other_images_gets_a_one_line_error(digits_badnets, digits_scan):
+    b = digits_badnets
+    trigger = digits_scan.triggers[b.target]
+    cifar_sized = InvertedTrigger(
+        0, np.zeros((32, 32, 1), np.float32), np.zeros((32, 32, 3), np.float32), 0.0, 0.0, False
+    )
+    args = (b.model, b.variables, b.clean.images, b.clean.labels)
+    with pytest.raises(InvalidInputError, match=r"mask has shape \(32, 32, 1\)"):
+        synthesized_asr(*args, cifar_sized, b.spec)
+    with pytest.raises(InvalidInputError, match="must be an InvertedTrigger"):
+        synthesized_asr(*args, {"target": 0}, b.spec)
+    with pytest.raises(InvalidInputError, match="stamps a batch of shape"):
+        trigger.stamp(b.clean.images[0])
+    with pytest.raises(InvalidInputError, match="not a class"):
+        check_trigger(trigger, b.spec, num_classes=b.target)
+
+
+def test_inversion_runs_with_float64_enabled(digits_badnets):
+    # the scan's carry mixed float32 scalars with float64 logits and failed to trace
+    b = digits_badnets
+    previous = jax.config.read("jax_enable_x64")
+    jax.config.update("jax_enable_x64", True)
+    try:
+        trigger = invert_trigger(b.model, b.variables, b.clean, 3, BRIEF, jax.random.key(7))
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+    assert trigger.mask.shape == (8, 8, 1) and np.isfinite(trigger.mask_l1)
 
 
 def test_bad_inputs_get_one_line_errors(digits_badnets):
