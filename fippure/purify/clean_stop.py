@@ -20,6 +20,9 @@ configurable in :class:`CleanStopConfig`):
    ``max_accuracy_drop`` of the undefended model's:
    - ``first_below``: the first check whose ASR is at most ``threshold``, else the lowest ASR;
    - ``lowest``: the lowest ASR, with the earliest check winning a tie.
+   A trigger whose ASR on the undefended model is already at most ``threshold`` cannot tell a
+   purified iterate from another: the search then runs to ``max_steps`` and the last eligible
+   check is taken, with a warning, and the report says the threshold was not reached.
 5. By default the scored iterate at the chosen step is returned: the model that was validated.
    With ``rerun`` the defense instead runs again for exactly that many steps, so that its
    learning-rate schedule spans the chosen length. Where the schedule depends on the step count
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Any, Literal, get_args
 
 import flax.linen as nn
@@ -64,6 +68,7 @@ from fippure.purify.registry import Defense, get_defense
 from fippure.purify.trigger_inversion import (
     InversionConfig,
     InvertedTrigger,
+    check_trigger,
     scan_classes,
     synthesized_asr,
 )
@@ -72,8 +77,10 @@ from fippure.purify.trigger_inversion import (
 StopRule = Literal["first_below", "lowest"]
 
 #: Folded into the caller's key for the Neural Cleanse scan, so that the scan's randomness is
-#: not the defense's (the defense itself gets the caller's key unchanged).
-SCAN_STREAM = 0x5CA7
+#: not the defense's (the defense itself gets the caller's key unchanged). A defense's step t
+#: draws from ``fold_in(key, t)``, so the stream is the largest uint32, a step no run reaches
+#: (it was 0x5CA7, which step 23,719 of a long search shared).
+SCAN_STREAM = 0xFFFF_FFFF
 
 CLEAN_STOP_RULES: dict[str, Rule] = {
     "max_steps": AT_LEAST_ONE,
@@ -105,6 +112,11 @@ class CleanStopConfig:
         halt_when_reached: under ``first_below``, end the search at the first eligible check
             that reaches the threshold, as the choice is then made (**choice**: True; False
             runs to ``max_steps``, to chart every check).
+        require_firing_trigger: judge the checks only with a trigger that fires on the
+            undefended model (its validation ASR above ``threshold``); with one that does not,
+            the search runs to ``max_steps`` and the last eligible check is taken (step 4
+            above). (**choice**: True; False scores any trigger, as a test of the search's
+            mechanics with ``threshold=1`` does.)
         inversion: the Neural Cleanse settings for the scan. (**choice**: 150 steps of
             32 images per class, which is about 40 s a class for a CIFAR-10 ResNet on 2 CPU
             cores.)
@@ -118,6 +130,7 @@ class CleanStopConfig:
     validation_per_class: int = 10
     rerun: bool = False
     halt_when_reached: bool = True
+    require_firing_trigger: bool = True
     inversion: InversionConfig = InversionConfig(steps=150, batch_size=32)
 
     def __post_init__(self):
@@ -160,6 +173,17 @@ def choose_stop(
         return int(checks[below[0]]["step"]), True
     best = int(np.argmin(np.where(eligible, asr, np.inf)))
     return int(checks[best]["step"]), bool(asr[best] <= threshold)
+
+
+def last_eligible(checks: list[dict[str, Any]], min_accuracy: float = 0.0) -> int:
+    """The step of the last check whose accuracy is at least ``min_accuracy`` (the most
+    accurate check where none is): the stop taken when the trigger cannot judge the checks."""
+    if not checks:
+        raise InvalidInputError("no checks to choose a stop from")
+    eligible = [c for c in checks if c["validation_acc"] >= min_accuracy]
+    if not eligible:
+        return int(max(checks, key=lambda c: c["validation_acc"])["step"])
+    return int(eligible[-1]["step"])
 
 
 def purify_with_clean_stop(
@@ -229,18 +253,35 @@ def purify_with_clean_stop(
             progress=progress,
         )
         trigger = scan.suspect
-    elif not 0 <= trigger.target < clean_set.num_classes:
-        raise InvalidInputError(
-            f"the trigger's target {trigger.target} is not a class of {clean_set.spec.name}"
-        )
+    else:
+        check_trigger(trigger, clean_set.spec, clean_set.num_classes)
     undefended_accuracy = accuracy(
         model, variables, validation.images, validation.labels, clean_set.spec
     )
+    undefended_asr = synthesized_asr(
+        model, variables, validation.images, validation.labels, trigger, clean_set.spec
+    )
+    # a trigger that does not fire on the undefended model says nothing about purification:
+    # every check would "reach" the threshold, and the first one would be taken
+    informative = not (stop.require_firing_trigger and undefended_asr <= stop.threshold)
+    if not informative:
+        warnings.warn(
+            f"the suspect trigger (class {trigger.target}) sends only {undefended_asr:.3f} of "
+            f"the validation images there before the defense, not above the threshold "
+            f"{stop.threshold}: it cannot judge purification, so the search runs to max_steps "
+            "and the last check within the accuracy guard is taken",
+            stacklevel=2,
+        )
     # a drop of exactly max_accuracy_drop is allowed (k/n accuracies round in the subtraction)
     min_accuracy = undefended_accuracy - stop.max_accuracy_drop - 1e-9
     searched = dataclasses.replace(config, steps=stop.max_steps)
     checks: list[dict[str, Any]] = []
     kept: Variables | None = None  # without rerun: the iterate of the current choice
+
+    def choose(checks: list[dict[str, Any]]) -> tuple[int, bool]:
+        if informative:
+            return choose_stop(checks, stop.threshold, stop.rule, min_accuracy)
+        return last_eligible(checks, min_accuracy), False
 
     def score(step: int, candidate: Variables) -> None:
         nonlocal kept
@@ -260,7 +301,7 @@ def purify_with_clean_stop(
                 ),
             }
         )
-        chosen, reached = choose_stop(checks, stop.threshold, stop.rule, min_accuracy)
+        chosen, reached = choose(checks)
         if not stop.rerun and chosen == step:
             # a later check can only displace the current choice by becoming the choice itself,
             # so one copy of the variables is enough
@@ -298,7 +339,7 @@ def purify_with_clean_stop(
             score(stop.max_steps, searched_variables)
         except StopEarly:
             pass  # the last check reached the threshold: nothing is left to stop
-    chosen, reached = choose_stop(checks, stop.threshold, stop.rule, min_accuracy)
+    chosen, reached = choose(checks)
     if chosen == stop.max_steps:
         out, report = searched_variables, searched_report
     elif stop.rerun:
@@ -326,6 +367,8 @@ def purify_with_clean_stop(
         "fit_examples": len(fit),
         "validation_examples": len(validation),
         "undefended_validation_acc": undefended_accuracy,
+        "undefended_validation_synth_asr": undefended_asr,
+        "trigger_informative": informative,
         "suspect_target": trigger.target,
         "suspect_mask_l1": trigger.mask_l1,
         "scan": scan.to_dict() if scan is not None else None,

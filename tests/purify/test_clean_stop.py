@@ -33,6 +33,9 @@ from fippure.purify.trigger_inversion import synthesized_asr
 #: setting of test_purification.py (eta_F 0.05, recomputed statistics) never reached it on
 #: one machine: its validation ACC fell to 0.13-0.25 at some checks.
 DIGITS_FIP = {k: v for k, v in DEMO_DIGITS_FIP.items() if k != "steps"}
+#: The tests of the search's mechanics take threshold 1 (every check reaches it), which no
+#: trigger exceeds on the undefended model.
+ANY_TRIGGER = {"require_firing_trigger": False}
 
 
 def check(step, asr, acc=0.9):
@@ -143,7 +146,9 @@ def test_a_rerun_is_the_defense_run_for_the_chosen_steps(digits_badnets, digits_
     training part, from the same key."""
     b = digits_badnets
     config = FTConfig(steps=1, batch_size=16, learning_rate=0.02)
-    stop = CleanStopConfig(max_steps=6, every=2, validation_per_class=4, threshold=1.0, rerun=True)
+    stop = CleanStopConfig(
+        max_steps=6, every=2, validation_per_class=4, threshold=1.0, rerun=True, **ANY_TRIGGER
+    )
     variables, report = purify_with_clean_stop(
         "ft", b.model, b.variables, b.clean, config, 5, stop, trigger=digits_trigger,
         progress=False,
@@ -194,7 +199,9 @@ def test_the_search_halts_at_the_first_check_under_the_threshold(digits_badnets,
     recomputed; the cosine schedule kept the search's length), and the same as without the halt."""
     b = digits_badnets
     config = FTConfig(steps=1, batch_size=16, learning_rate=0.05, final_batch_stats="recompute")
-    stop = CleanStopConfig(max_steps=8, every=2, validation_per_class=4, threshold=1.0)
+    stop = CleanStopConfig(
+        max_steps=8, every=2, validation_per_class=4, threshold=1.0, **ANY_TRIGGER
+    )
     variables, report, scored = search_with_ft(b, digits_trigger, config, stop)
     summary = report.extra["clean_stop"]
     assert sorted(scored) == [2] and [c["step"] for c in summary["checks"]] == [2]
@@ -207,6 +214,40 @@ def test_the_search_halts_at_the_first_check_under_the_threshold(digits_badnets,
     assert [c["step"] for c in full_report.extra["clean_stop"]["checks"]] == [2, 4, 6, 8]
     assert full_report.steps == 2 and full_report.loss_curve[-1]["step"] <= 2
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, full)
+
+
+def test_a_trigger_that_does_not_fire_before_the_defense_cannot_stop_it(
+    digits_badnets, digits_trigger
+):
+    # a trigger whose ASR was already under the threshold made the first check "reach" it,
+    # and the search stopped there as if the model were purified
+    b = digits_badnets
+    silent = dataclasses.replace(digits_trigger, mask=np.zeros_like(digits_trigger.mask))
+    config = FTConfig(steps=1, batch_size=16, learning_rate=0.05)
+    stop = CleanStopConfig(max_steps=6, every=2, validation_per_class=4)
+    with pytest.warns(UserWarning, match="cannot judge purification"):
+        _, report, scored = search_with_ft(b, silent, config, stop)
+    summary = report.extra["clean_stop"]
+    assert summary["undefended_validation_synth_asr"] <= stop.threshold
+    assert not summary["trigger_informative"] and not summary["reached_threshold"]
+    assert sorted(scored) == [2, 4, 6] and summary["steps_run"] == 6
+    eligible = [
+        c["step"]
+        for c in summary["checks"]
+        if c["validation_acc"] >= summary["undefended_validation_acc"] - stop.max_accuracy_drop
+    ]
+    assert summary["chosen_step"] == (eligible[-1] if eligible else summary["chosen_step"])
+    # the real trigger fires on the undefended model: it is informative
+    _, fired, _ = search_with_ft(b, digits_trigger, config, stop)
+    assert fired.extra["clean_stop"]["undefended_validation_synth_asr"] > stop.threshold
+    assert fired.extra["clean_stop"]["trigger_informative"]
+
+
+def test_a_trigger_for_other_images_is_refused_before_the_search(digits_badnets, digits_trigger):
+    b = digits_badnets
+    wide = dataclasses.replace(digits_trigger, mask=np.zeros((32, 32, 1), np.float32))
+    with pytest.raises(InvalidInputError, match=r"mask has shape \(32, 32, 1\)"):
+        search_with_ft(b, wide, FTConfig(steps=1), CleanStopConfig(max_steps=2, every=1))
 
 
 def test_bad_calls_get_one_line_errors(digits_badnets, digits_trigger):
@@ -268,7 +309,12 @@ def test_an_earlier_iterate_is_reported_without_the_last_steps_mask_statistics(
     b = digits_badnets
     config = make_config("nft", {"mask_pattern": "^bn[23]$", "learning_rate": 0.5})
     stop = CleanStopConfig(
-        max_steps=6, every=2, validation_per_class=4, threshold=1.0, halt_when_reached=False
+        max_steps=6,
+        every=2,
+        validation_per_class=4,
+        threshold=1.0,
+        halt_when_reached=False,
+        **ANY_TRIGGER,
     )
     _, report = purify_with_clean_stop(
         "nft", b.model, b.variables, b.clean, config, 0, stop, trigger=digits_trigger,
