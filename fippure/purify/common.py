@@ -274,10 +274,14 @@ class StepsRun(NamedTuple):
 def steps_taken(config: Any, steps_done: int) -> Any:
     """``config`` with ``steps`` set to ``steps_done`` (unchanged for a full run): what a run
     that an observer stopped early is finalised with (the finalising batches are drawn from
-    ``fold_in(key, steps)``)."""
+    ``fold_in(key, steps)``). Such a run returns its last iterate, not a tail average, so an
+    ``average_last`` is dropped (a window longer than the steps done is not a valid config)."""
     if steps_done == config.steps:
         return config
-    return dataclasses.replace(config, steps=steps_done)
+    changes = {"steps": steps_done}
+    if getattr(config, "average_last", 0):
+        changes["average_last"] = 0
+    return dataclasses.replace(config, **changes)
 
 
 def run_steps(

@@ -288,3 +288,26 @@ def test_an_observer_that_raises_stop_early_ends_the_defense_at_that_step(digits
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), variables, seen[2]
     )
+
+
+@pytest.mark.parametrize("defense", ["fip", "fast_fip"])
+def test_a_tail_average_longer_than_the_steps_done_does_not_fail_an_early_stop(
+    digits_badnets, defense
+):
+    # finalising rebuilt the config with steps=2 and average_last=4, which its checks refused
+    # after every step had run
+    overrides = {"steps": "6", "batch_size": "32", "eta_F": "0.05", "average_last": "4"}
+    seen = {}
+
+    def stop_at_two(step, variables):
+        seen[step] = variables
+        if step == 2:
+            raise StopEarly
+
+    b = digits_badnets
+    variables, report = get_defense(defense).purify(
+        b.model, b.variables, b.clean, make_config(defense, overrides), jax.random.key(0),
+        progress=False, observer=stop_at_two, observe_every=2,
+    )  # fmt: skip
+    assert report.steps == 2 and report.config["average_last"] == 4
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, seen[2])
