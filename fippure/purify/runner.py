@@ -147,18 +147,22 @@ def run_defense(
     saves_progress = out is not None and clean_stop is None
     progress_dir = pathlib.Path(out).resolve() / PROGRESS if saves_progress else None
     saved_trajectory = progress_dir / TRAJECTORY if progress_dir is not None else None
-    trajectory: list[dict[str, Any]] = (
-        json.loads(saved_trajectory.read_text())
-        if saved_trajectory is not None and saved_trajectory.exists()
-        else []
-    )
+    trajectory: list[dict[str, Any]] = []
+    if observe_every > 0 and saved_trajectory is not None and saved_trajectory.exists():
+        saved = json.loads(saved_trajectory.read_text())
+        # the points of a killed run, where it observed at the same interval (a run resumed
+        # with another observe_every starts its trajectory afresh, not as a mix of intervals)
+        if isinstance(saved, dict) and saved.get("observe_every") == observe_every:
+            trajectory = saved["points"]
 
     def observer(step: int, variables) -> None:
         # a resumed run observes again the steps after its last save
         trajectory[:] = [point for point in trajectory if point["step"] < step]
         trajectory.append({"step": step, **evaluate(backdoored, variables)})
         if saved_trajectory is not None:
-            saved_trajectory.write_text(json.dumps(trajectory))
+            saved_trajectory.write_text(
+                json.dumps({"observe_every": observe_every, "points": trajectory})
+            )
 
     if clean_stop is not None:
         variables, report = purify_with_clean_stop(

@@ -128,3 +128,43 @@ def test_the_runner_resumes_with_a_whole_trajectory_and_then_tidies_up(
         assert mine == pytest.approx(theirs, abs=1e-6)
     assert got["after"] == pytest.approx(want["after"], abs=1e-6)
     assert not (tmp_path / PROGRESS).exists() and (tmp_path / "report.json").exists()
+
+
+@pytest.mark.parametrize("resumed_every, steps", [(0, None), (3, [3, 6])])
+def test_a_run_resumed_with_another_observe_interval_keeps_no_points_of_the_old_one(
+    digits_badnets, tmp_path, monkeypatch, resumed_every, steps
+):
+    # the killed run's points were returned beside the new interval's ([2, 4, 6] at 3), or
+    # alone without a final point where the resumed run observed nothing
+    from fippure.purify import runner
+
+    options = dict(overrides={"steps": "6", "batch_size": "32"}, progress=False)
+    evaluate = runner.evaluate
+    calls = []
+
+    def dying_evaluate(backdoored, variables):
+        calls.append(1)
+        if len(calls) == 3:  # before, step 2, then dies while evaluating step 4
+            raise _Killed
+        return evaluate(backdoored, variables)
+
+    monkeypatch.setattr(runner, "evaluate", dying_evaluate)
+    with pytest.raises(_Killed):
+        run_defense(
+            digits_badnets, "ft", out=tmp_path, checkpoint_every=2, observe_every=2, **options
+        )
+    monkeypatch.setattr(runner, "evaluate", evaluate)
+    got = run_defense(
+        digits_badnets,
+        "ft",
+        out=tmp_path,
+        checkpoint_every=2,
+        observe_every=resumed_every,
+        **options,
+    )
+    assert got["report"]["resumed_from_step"] == 2
+    if steps is None:
+        assert "trajectory" not in got
+    else:
+        # resumed at step 2, it observes step 3 and the final step 6 at the new interval
+        assert [p["step"] for p in got["trajectory"]] == steps
