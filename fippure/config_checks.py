@@ -67,6 +67,13 @@ def check_seed(value: Any, name: str = "seed") -> None:
         raise InvalidInputError(f"{name} must be an integer in [0, 2**32), got {value!r}")
 
 
+def check_count(value: Any, name: str, minimum: int = 0) -> None:
+    """One-line error unless ``value`` is an integer (not a bool) of at least ``minimum``: a
+    step interval such as ``observe_every``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise InvalidInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
 def compile_pattern(pattern: str) -> re.Pattern:
     """``re.compile(pattern)``, with a one-line error for an invalid expression."""
     try:

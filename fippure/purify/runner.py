@@ -23,7 +23,7 @@ from fippure.checkpoints import (
     read_stamp,
     save_checkpoint,
 )
-from fippure.config_checks import check_seed
+from fippure.config_checks import check_count, check_seed
 from fippure.errors import CheckpointError, InvalidInputError
 from fippure.evaluation.metrics import (
     accuracy,
@@ -110,6 +110,9 @@ def run_defense(
     spec = get_defense(defense)
     config = make_config(defense, overrides)
     check_seed(seed)
+    # before the output directory is claimed and the undefended model evaluated
+    check_count(observe_every, "observe_every", 0)
+    check_count(checkpoint_every, "checkpoint_every", 1)
     if isinstance(checkpoint, BackdooredModel):
         for given, value in (("clean_size", clean_size), ("data_dir", data_dir), ("dtype", dtype)):
             if value is not None:

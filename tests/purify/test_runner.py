@@ -311,3 +311,27 @@ def test_a_tail_average_longer_than_the_steps_done_does_not_fail_an_early_stop(
     )  # fmt: skip
     assert report.steps == 2 and report.config["average_last"] == 4
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, seen[2])
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("observe_every", -3),
+        ("observe_every", 1.5),
+        ("checkpoint_every", 0),
+        ("checkpoint_every", 2.5),
+    ],
+)
+def test_bad_intervals_are_refused_before_the_output_is_claimed(
+    digits_badnets, tmp_path, monkeypatch, option, value
+):
+    # a negative observe_every was taken as "off", a fractional one observed where
+    # done % 1.5 == 0, and a bad checkpoint_every failed only after the directory was claimed
+    # and the undefended model evaluated on the whole test split
+    from fippure.purify import runner
+
+    monkeypatch.setattr(runner, "evaluate", lambda *a: pytest.fail("evaluated before the check"))
+    out = tmp_path / "run"
+    with pytest.raises(InvalidInputError, match=f"{option} must be an integer >= "):
+        run_defense(digits_badnets, "ft", out=out, progress=False, **{option: value})
+    assert not out.exists()
