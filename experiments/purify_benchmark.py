@@ -671,6 +671,35 @@ def write_tradeoff_figure(points: dict[str, dict[str, dict]]) -> pathlib.Path:
     return path
 
 
+def replaced_since_rerun(record: dict) -> dict | None:
+    """The run file a re-run record (``reruns/<name>.json``) compared against, where it has been
+    replaced since (another revision or date); ``None`` where it is the one compared."""
+    path = RUNS / f"{record['name']}.json"
+    if not path.exists():
+        return None
+    current = json.loads(path.read_text())
+    stored = record["stored"]
+    if (current.get("git_revision"), current.get("date")) == (
+        stored.get("git_revision"),
+        stored.get("date"),
+    ):
+        return None
+    return current
+
+
+def replaced_note(record: dict) -> str:
+    """`` (stored run since replaced: ...)`` for a re-run record whose run file has been
+    replaced, so that its "stored" numbers are not read as the current file's; else ``""``."""
+    current = replaced_since_rerun(record)
+    if current is None or current.get("after") is None:
+        return ""
+    after = current["after"]
+    return (
+        f" (stored run since replaced: now {after['acc']:.4f} / {after['asr']:.4f}, at "
+        f"{str(current.get('git_revision'))[:12]}, {current.get('date')})"
+    )
+
+
 def write_report() -> None:
     from fippure.provenance import provenance
 
@@ -873,7 +902,7 @@ def write_report() -> None:
             old, new = r["stored"]["after"], r["rerun"]["after"]
             lines.append(
                 f"- {r['name']}: {old['acc']:.4f} / {old['asr']:.4f} -> "
-                f"{new['acc']:.4f} / {new['asr']:.4f}"
+                f"{new['acc']:.4f} / {new['asr']:.4f}{replaced_note(r)}"
             )
     meta = provenance()
     stored = [json.loads(path.read_text()) for path in sorted(RUNS.glob("*.json"))]

@@ -88,7 +88,8 @@ def write_table() -> None:
         r = json.loads(path.read_text())
         s, n = r["stored"], r["rerun"]
         lines.append(
-            f"- {r['name']}: `{s['command']}` on {s['machine']}; `{n['command']}` on {n['machine']}"
+            f"- {r['name']}: `{s['command']}` on {s['machine']}; `{n['command']}` on "
+            f"{n['machine']}{benchmark.replaced_note(r)}"
         )
     meta = provenance()
     lines += [
