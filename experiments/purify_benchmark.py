@@ -461,19 +461,28 @@ def lambda_max_around_fip(backdoored, setting: str = "default") -> None:
 
     from fippure.curvature.analysis import analyze_curvature
     from fippure.data import normalize, to_unit_range
+    from fippure.provenance import provenance
     from fippure.purify.registry import get_defense, make_config
     from fippure.purify.runner import evaluate
 
     path = lambda_max_path(setting)
+    overrides = overrides_for("fip", setting)
     if path.exists():
-        return
-    config = make_config("fip", overrides_for("fip", setting))
+        stored = json.loads(path.read_text()).get("overrides")
+        if stored is None or stored == overrides:  # files from before overrides were kept
+            return
+        print(f"lambda_max: {path.name} was measured with {stored}; measuring again", flush=True)
+    config = make_config("fip", overrides)
     purified, _ = get_defense("fip").purify(
         backdoored.model, backdoored.variables, backdoored.clean, config, jax.random.key(0)
     )
     inputs = normalize(to_unit_range(jnp.asarray(backdoored.clean.images[:200])), backdoored.spec)
     labels = jnp.asarray(backdoored.clean.labels[:200])
-    out = {"setting": setting, "after_metrics": evaluate(backdoored, purified)}
+    out = {
+        "setting": setting,
+        "overrides": overrides,
+        "after_metrics": evaluate(backdoored, purified),
+    }
     for name, variables in (("before", backdoored.variables), ("after", purified)):
         report, _ = analyze_curvature(
             backdoored.model, variables, inputs, labels, jax.random.key(1)
@@ -482,7 +491,7 @@ def lambda_max_around_fip(backdoored, setting: str = "default") -> None:
             k: report[k]
             for k in ("lambda_max", "trace_hessian", "trace_empirical_fisher", "top_eigenvalues")
         }
-    path.write_text(json.dumps(out, indent=1))
+    path.write_text(json.dumps({**out, **provenance()}, indent=1))
 
 
 def collect() -> list[dict]:
