@@ -107,6 +107,18 @@ def batches(backdoored, kind: str):
     ]
 
 
+def check_stored(path: pathlib.Path, expected: dict) -> None:
+    """Stops the script (one line) where a stored measurement disagrees with ``expected`` (the
+    analysis settings, the checkpoint, FIP's overrides): it would be skipped as done."""
+    from trigger_synthesis_check import stored_mismatch
+
+    mismatch = stored_mismatch(json.loads(path.read_text()), expected)
+    if mismatch is not None:
+        raise SystemExit(
+            f"sharpness_zoo: {path} was measured with {mismatch}; move it away to measure again"
+        )
+
+
 def measure(entry: str, state: str, backdoored, variables, extra: dict | None = None) -> None:
     """Stores the curvature of ``variables`` on every batch of every kind not yet measured."""
     import jax
@@ -122,6 +134,7 @@ def measure(entry: str, state: str, backdoored, variables, extra: dict | None = 
         for b, (images, labels) in enumerate(batches(backdoored, kind)):
             path = run_path(entry, state, kind, b)
             if path.exists():
+                check_stored(path, {"analysis_config": ANALYSIS, **(extra or {})})
                 continue
             inputs = normalize(to_unit_range(jnp.asarray(images)), backdoored.spec)
             report, _ = analyze_curvature(
@@ -157,11 +170,12 @@ def after_fip(entry: str, backdoored) -> None:
     from fippure.purify.runner import evaluate
 
     kinds = KINDS if backdoored.attack is not None else ("clean",)
-    if all(
-        run_path(entry, "after_fip", kind, b).exists() for kind in kinds for b in range(BATCHES)
-    ):
-        return
     overrides = overrides_for("fip", FIP_SETTING)
+    paths = [run_path(entry, "after_fip", kind, b) for kind in kinds for b in range(BATCHES)]
+    for path in (p for p in paths if p.exists()):
+        check_stored(path, {"setting": FIP_SETTING, "overrides": overrides})
+    if all(path.exists() for path in paths):
+        return
     config = make_config("fip", overrides)
     purified, _ = get_defense("fip").purify(
         backdoored.model, backdoored.variables, backdoored.clean, config, jax.random.key(0)
@@ -191,6 +205,10 @@ def measure_checkpoint(name: str, path: pathlib.Path) -> None:
             f"sharpness_zoo: {path} holds another clean set than the zoo's D_v, so its "
             "curvature would be measured on other images"
         )
+    for stored in RUNS.glob(f"{name}__before__*.json"):
+        # before the training report is copied: another checkpoint's rows under this name
+        # would be kept beside its report
+        check_stored(stored, {"checkpoint": str(path)})
     trained = {}
     report = path / "report.json"
     if report.exists():
