@@ -17,6 +17,7 @@ This measures quality, not speed: on the CPU bfloat16 is emulated and slower (th
 GPU is ``accelerator_check.py``'s ``speed_w16_bf16``)::
 
     python experiments/mixed_precision.py [--cases digits,cifar10] [--work runs/mixed_precision]
+    python experiments/mixed_precision.py --report-only   # the table from the stored JSON
 """
 
 from __future__ import annotations
@@ -99,13 +100,11 @@ def measure(run: dict, dtype: str, work: pathlib.Path) -> dict:
         "after": result["after"],
         "wall_time_s": result["report"]["wall_time_s"],
         "step_time_s": result["report"]["step_time_s"],
-        "git_revision": result["git_revision"],
+        **{k: result[k] for k in ("command", "git_revision", "machine", "date")},
     }
 
 
 def report_markdown(results: list[dict], meta: dict) -> str:
-    from fippure.provenance import measured_by
-
     lines = [
         "# Purification in bfloat16 against float32",
         "",
@@ -148,14 +147,38 @@ def report_markdown(results: list[dict], meta: dict) -> str:
                 acc = statistics.median(m["acc"] for m in chosen)
                 asr = statistics.median(m["asr"] for m in chosen)
                 lines.append(f"- {dtype}: {acc:.3f} / {asr:.3f} ({len(chosen)} seeds)")
-    revisions = sorted({r["git_revision"] for r in results})
-    lines += [
-        "",
-        f"The runs were made at {', '.join(revisions)} (each saved as it finished, so a rerun "
-        "of the script reuses them).",
-        measured_by(meta),
-    ]
+    lines += ["", *provenance_lines(results), "", written_by(meta)]
     return "\n".join(lines) + "\n"
+
+
+def provenance_lines(results: list[dict]) -> list[str]:
+    """Where the runs come from, one line per command, revision and machine, naming its
+    cases and dtypes and the dates they finished (runs saved before the command, machine and
+    date were kept with each say so)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r.get("command"), r["git_revision"], r.get("machine")), []).append(r)
+    lines = [
+        "Runs (each saved as it finished, so a rerun of the script reuses them; cases "
+        "not asked for keep their rows):",
+        "",
+    ]
+    for (command, revision, machine), runs in groups.items():
+        names = ", ".join(dict.fromkeys(f"{r['case']} {r['dtype']}" for r in runs))
+        if command is None:
+            lines.append(f"- {names}: at {revision} (command, machine and date not recorded)")
+            continue
+        dates = sorted(r["date"] for r in runs)
+        when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+        lines.append(f"- {names}: `{command}` at {revision} on {machine}, {when}")
+    return lines
+
+
+def written_by(meta: dict) -> str:
+    return (
+        f"Table written by `{meta['command']}` at {meta['git_revision']} on {meta['machine']}, "
+        f"{meta['date']}."
+    )
 
 
 def main() -> None:
@@ -163,11 +186,14 @@ def main() -> None:
     parser.add_argument("--cases", default="digits,cifar10")
     parser.add_argument("--work", default=str(ROOT / "runs" / "mixed_precision"))
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite the table from the stored JSON"
+    )
     args = parser.parse_args()
 
     from fippure.provenance import provenance
 
-    cases = set(args.cases.split(","))
+    cases = set() if args.report_only else set(args.cases.split(","))
     work = pathlib.Path(args.work)
     done_dir = work / "done"
     done_dir.mkdir(parents=True, exist_ok=True)
