@@ -14,11 +14,13 @@ import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 
 from fippure.checkpoints import claim_run_directory, model_metadata, save_checkpoint
 from fippure.config_checks import check_seed
 from fippure.data.sources import ImageDataset, load_dataset
 from fippure.data.splits import split_clean_set
+from fippure.errors import InvalidInputError
 from fippure.inference import accuracy
 from fippure.models.registry import create_model, init_variables
 from fippure.provenance import provenance
@@ -51,18 +53,38 @@ def prepare_data(
     clean_seed: int = 0,
     data_dir: str | os.PathLike | None = None,
     download: bool = True,
+    clean_disjoint: bool = True,
 ) -> PreparedData:
-    """Loads ``dataset`` and splits the defender's clean set off its training split."""
+    """Loads ``dataset`` and draws the defender's clean set from its training split.
+
+    ``clean_disjoint`` (SPEC section 1, **choice**: True, as in the seed code): the clean set
+    is held out, and the model trains on the rest. False: the model trains on the whole split,
+    the clean set's images included (the attacker may have poisoned its own copies of them;
+    the defender's ``clean`` holds the clean originals).
+    """
+    _clean_split_stamp(clean_disjoint)  # a one-line error before any data is loaded
     full = load_dataset(dataset, "train", data_dir=data_dir, download=download)
     test = load_dataset(dataset, "test", data_dir=data_dir, download=download)
     split = split_clean_set(full.labels, clean_size, full.num_classes, seed=clean_seed)
+    if clean_disjoint:
+        train_indices, name = split.rest, "train-minus-clean"
+    else:
+        train_indices, name = np.arange(len(full.labels)), "train"
     return PreparedData(
-        train=full.subset(split.rest, "train-minus-clean"),
+        train=full.subset(train_indices, name),
         clean=full.subset(split.clean, "clean"),
         test=test,
         clean_indices=split.clean,
-        train_indices=split.rest,
+        train_indices=train_indices,
     )
+
+
+def _clean_split_stamp(clean_disjoint: bool) -> dict[str, Any]:
+    """What a run directory's stamp and a checkpoint's metadata record of the split: nothing
+    for the default (so runs made before the option match), ``clean_disjoint: False`` else."""
+    if not isinstance(clean_disjoint, bool):
+        raise InvalidInputError(f"clean_disjoint must be True or False, got {clean_disjoint!r}")
+    return {} if clean_disjoint else {"clean_disjoint": False}
 
 
 def train_classifier(
@@ -76,17 +98,24 @@ def train_classifier(
     clean_seed: int = 0,
     data_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    clean_disjoint: bool = True,
 ) -> dict[str, Any]:
     """Trains a clean classifier, checkpoints it in ``out`` and returns the JSON report.
 
     ``out`` receives the final checkpoint (``metadata.json``, ``variables/``), ``report.json``,
     ``run.json`` (what the run is) and ``train/`` (orbax checkpoints of the run; re-running the
     same command resumes). A directory that holds another run is refused
-    (:class:`~fippure.errors.CheckpointError`).
+    (:class:`~fippure.errors.CheckpointError`). ``clean_disjoint``: see :func:`prepare_data`.
     """
     out = pathlib.Path(out).resolve()
     model_kwargs = {k: v for k, v in (model_kwargs or {}).items() if v is not None}
-    data = prepare_data(dataset, clean_size=clean_size, clean_seed=clean_seed, data_dir=data_dir)
+    data = prepare_data(
+        dataset,
+        clean_size=clean_size,
+        clean_seed=clean_seed,
+        data_dir=data_dir,
+        clean_disjoint=clean_disjoint,
+    )
     network = create_model(model, data.train.num_classes, **model_kwargs)
     claim_run_directory(
         out,
@@ -97,6 +126,7 @@ def train_classifier(
             "model_kwargs": model_kwargs,
             "clean_size": clean_size,
             "clean_seed": clean_seed,
+            **_clean_split_stamp(clean_disjoint),
             "train_config": dataclasses.asdict(config),
         },
     )
@@ -125,6 +155,7 @@ def train_classifier(
         "attack": None,
         "clean_indices": data.clean_indices,
         "clean_seed": clean_seed,
+        **_clean_split_stamp(clean_disjoint),
         "train_config": dataclasses.asdict(config),
     }
     save_checkpoint(out, variables, metadata)
@@ -166,6 +197,7 @@ def train_backdoored(
     data_dir: str | os.PathLike | None = None,
     reference: str | os.PathLike | None = None,
     progress: bool = True,
+    clean_disjoint: bool = True,
 ) -> dict[str, Any]:
     """Trains a backdoored classifier (SPEC sections 1 and 7) and checkpoints it in ``out``.
 
@@ -178,6 +210,9 @@ def train_backdoored(
     Args:
         reference: checkpoint of a clean model, for attacks that need one
             (``attack.needs_reference``: label-consistent PGD, LF).
+        clean_disjoint: hold the clean set out of the attacker's training set (SPEC section
+            1's choice); False trains (and poisons) on the whole split, the clean set's images
+            included. See :func:`prepare_data`.
 
     Returns:
         The JSON report (also written to ``out/report.json``).
@@ -236,11 +271,18 @@ def train_backdoored(
             "attack_seed": attack_seed,
             "clean_size": clean_size,
             "clean_seed": clean_seed,
+            **_clean_split_stamp(clean_disjoint),
             "reference": str(pathlib.Path(reference).resolve()) if reference else None,
             "train_config": dataclasses.asdict(config),
         },
     )
-    data = prepare_data(dataset, clean_size=clean_size, clean_seed=clean_seed, data_dir=data_dir)
+    data = prepare_data(
+        dataset,
+        clean_size=clean_size,
+        clean_seed=clean_seed,
+        data_dir=data_dir,
+        clean_disjoint=clean_disjoint,
+    )
     plan = make_poison_plan(
         data.train.labels,
         ratio=ratio,
@@ -298,6 +340,7 @@ def train_backdoored(
         "attack": attack_meta,
         "clean_indices": data.clean_indices,
         "clean_seed": clean_seed,
+        **_clean_split_stamp(clean_disjoint),
         "train_config": dataclasses.asdict(config),
     }
     save_checkpoint(out, variables, metadata, extras={"attack_state": state})

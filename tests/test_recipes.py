@@ -10,7 +10,7 @@ import pytest
 
 from fippure import cli
 from fippure.checkpoints import claim_run_directory
-from fippure.errors import CheckpointError
+from fippure.errors import CheckpointError, InvalidInputError
 from fippure.recipes import train_backdoored, train_classifier
 from fippure.training import TrainConfig
 
@@ -123,3 +123,35 @@ def test_a_reference_model_of_another_dataset_is_refused(tmp_path):
         train_backdoored(
             out=tmp_path / "lf", config=CONFIG, attack="lf", reference=reference, **TINY
         )
+
+
+def test_the_clean_set_is_held_out_unless_asked_to_overlap():
+    # SPEC section 1: disjoint is a choice, and a configurable one
+    import numpy as np
+
+    from fippure.recipes import prepare_data
+
+    held_out = prepare_data("digits", clean_size=0.1)
+    assert not set(held_out.clean_indices) & set(held_out.train_indices)
+    assert len(held_out.train) + len(held_out.clean) == len(held_out.train_indices) + len(
+        held_out.clean_indices
+    )
+    overlap = prepare_data("digits", clean_size=0.1, clean_disjoint=False)
+    np.testing.assert_array_equal(overlap.clean_indices, held_out.clean_indices)
+    assert set(overlap.clean_indices) <= set(overlap.train_indices)
+    assert len(overlap.train) == len(held_out.train) + len(held_out.clean)
+    with pytest.raises(InvalidInputError, match="clean_disjoint must be True or False"):
+        prepare_data("digits", clean_disjoint="no")
+
+
+def test_an_attack_trained_on_the_clean_sets_images_too_says_so(tmp_path, capsys):
+    argv = ["attack", "--dataset", "digits", "--model", "small_cnn", "--width", "4"]
+    argv += ["--epochs", "1", "--attack", "badnets", "--clean-overlap", "--out", str(tmp_path)]
+    assert cli.main([*argv, "--no-progress"]) == 0
+    meta = json.loads((tmp_path / "metadata.json").read_text())
+    assert meta["clean_disjoint"] is False
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["train_examples"] == 1437  # the whole digits training split
+    # the same output without the flag is another run
+    with pytest.raises(CheckpointError, match="different"):
+        train_backdoored(out=tmp_path, config=CONFIG, attack="badnets", **TINY)

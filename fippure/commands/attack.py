@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         model_kwargs={"width": args.width, "dtype": args.dtype},
         clean_size=args.clean,
         clean_seed=args.clean_seed,
+        clean_disjoint=not args.clean_overlap,
         data_dir=args.data_dir,
         reference=args.reference,
         progress=not args.no_progress,

@@ -35,6 +35,11 @@ def add_common_model_args(parser: argparse.ArgumentParser) -> None:
         help="defender's clean set held out from training: count (500) or fraction (0.01)",
     )
     parser.add_argument("--clean-seed", type=seed_int, default=0)
+    parser.add_argument(
+        "--clean-overlap",
+        action="store_true",
+        help="train on the clean set's images too (default: held out, SPEC section 1's choice)",
+    )
     parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--data-dir", default=None, help="TFDS data directory ($TFDS_DATA_DIR)")
     parser.add_argument("--out", required=True, help="output directory (checkpoint + report)")
@@ -74,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         model_kwargs={"width": args.width, "dtype": args.dtype},
         clean_size=args.clean,
         clean_seed=args.clean_seed,
+        clean_disjoint=not args.clean_overlap,
         data_dir=args.data_dir,
         progress=not args.no_progress,
     )

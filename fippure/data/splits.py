@@ -2,7 +2,8 @@
 
 D_v is drawn from the *training* split with a fixed seed, class-balanced, and held out from
 the poisoned training set, so the attacker never trained on it (choice: disjoint, as in the
-seed code). Its indices are saved next to every result.
+seed code; ``fippure.recipes.prepare_data(clean_disjoint=False)``, ``--clean-overlap`` on the
+command line, trains on its images too). Its indices are saved next to every result.
 """
 
 from __future__ import annotations
