@@ -16,7 +16,9 @@ def test_demo_on_digits_attacks_then_purifies(tmp_path, capsys, optimized_compil
     seed 0 lost 0.6 points of ACC on one machine and 6.9 on another. So the bounds leave room."""
     code = cli.main(["demo", "--dataset", "digits", "--out", str(tmp_path), "--no-progress"])
     assert code == 0
-    assert "FIP on badnets (digits, " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "FIP on badnets (digits, " in printed
+    assert "chosen after reading test-split results" in printed  # SPEC section 1, said aloud
     result = json.loads((tmp_path / "fip" / "report.json").read_text())
     before, after = result["before"], result["after"]
     assert before["asr"] > 0.9 and after["asr"] < 0.3

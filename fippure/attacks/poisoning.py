@@ -94,7 +94,10 @@ def make_poison_plan(
             recipes that is the training split without the defender's clean set D_v (49,500
             of CIFAR-10's 50,000 images with 500 clean), so ratio 0.1 poisons 4,950 images:
             0.099 of the whole split.
-        ratio: poisoned examples / that training set, in (0, 1).
+        ratio: poisoned examples / that training set, in (0, 1) (**choice**: SPEC section 1's
+            "whole training set" read as the set the model trains on, all its classes; pass
+            the whole split's labels, or ``ratio * split / len(labels)``, for the other
+            reading). The realised ratio is recorded with the plan.
         num_classes: K.
         target: the target class of all-to-one attacks.
         mode: ``all_to_one`` or ``all_to_all``.

@@ -106,9 +106,10 @@ class NFTConfig:
         floor_schedule: ``exponential``, ``linear`` or ``constant`` mask floor mu(l).
         floor_a: ``a`` of mu(l).
         floor_b: ``b`` of mu(l). The linear schedule ``max(a - b l, 0)`` shares it with the
-            exponential one; at the defaults only the first masked layer then gets a floor
-            (``a``, then 0 from layer 1 on), so a linear ablation should lower ``floor_b``,
-            e.g. to ``floor_a`` / the number of masked layers.
+            exponential one; with layers counted from 1, at the defaults only the first masked
+            layer then gets a floor (``a - b`` = 0.3, then 0 from layer 2 on), so a linear
+            ablation should lower ``floor_b``, e.g. to ``floor_a`` / the number of masked
+            layers.
         mixup_alpha: MixUp's Beta(alpha, alpha) parameter.
         mask_pattern: regular expression choosing the masked BatchNorms by module path.
         augment: random crop + flip before MixUp.
