@@ -93,6 +93,62 @@ def test_fip_steps_are_sgd_on_cross_entropy_plus_the_fisher_anchor(tiny, schedul
     assert report.extra["trace0"] is None and report.extra["penalty_strength"] == 0.0
 
 
+@pytest.mark.parametrize("trace_scale", ["absolute", "relative"])
+def test_fip_step_descends_cross_entropy_plus_eta_f_times_the_fisher_trace(tiny, trace_scale):
+    """SPEC section 2: one step of plain SGD on CE + eta_F * TrF (the exact per-example trace,
+    BN in eval mode), with eta_F divided by TrF0 when relative; the anchor is 0 at theta0."""
+    model, variables, clean, inputs, labels = tiny
+    lr, eta_f = 0.05, 0.3
+    config = fip.FIPConfig(
+        steps=1,
+        batch_size=len(clean),
+        learning_rate=lr,
+        momentum=0.0,
+        eta_F=eta_f,
+        eta_r=0.0,
+        trace_scale=trace_scale,
+        trace_estimator="per_example",
+        augment=False,
+        bn_train=False,
+        log_every=1,
+    )
+    out, report = fip.purify(model, variables, clean, config, jax.random.key(0), progress=False)
+    per_example = _per_example_loss(model, variables)
+
+    @jax.jit
+    def reference(theta0):
+        def fisher_trace(p):  # (1/N) sum_i ||grad l_i||^2 over the whole clean set
+            grads = jax.vmap(
+                lambda x, y: jax.grad(lambda q: per_example(q, (x[None], y[None]))[0])(p)
+            )(inputs, labels)
+            return sum(jnp.sum(g**2) for g in jax.tree_util.tree_leaves(grads)) / len(labels)
+
+        trace0 = fisher_trace(theta0)
+        strength = eta_f if trace_scale == "absolute" else eta_f / trace0
+        objective = lambda p: (
+            jnp.mean(per_example(p, (inputs, labels)))
+            + strength
+            * (  # noqa: E731
+                fisher_trace(p)
+            )
+        )
+        step = jax.tree_util.tree_map(lambda p, g: p - lr * g, theta0, jax.grad(objective)(theta0))
+        return step, trace0, strength
+
+    want, trace0, strength = reference(variables["params"])
+    np.testing.assert_allclose(
+        ravel_pytree(out["params"])[0], ravel_pytree(want)[0], rtol=2e-4, atol=2e-6
+    )
+    assert report.extra["penalty_strength"] == pytest.approx(float(strength), rel=1e-4)
+    # the step moved the weights by more than CE alone would: the trace term is in the step
+    ce_only = jax.tree_util.tree_map(
+        lambda p, g: p - lr * g,
+        variables["params"],
+        jax.grad(lambda p: jnp.mean(per_example(p, (inputs, labels))))(variables["params"]),
+    )
+    assert not np.allclose(ravel_pytree(ce_only)[0], ravel_pytree(want)[0], rtol=1e-3, atol=1e-5)
+
+
 def test_fip_tail_averaging_returns_the_mean_of_the_last_iterates(tiny):
     """``average_last=k`` returns the mean of the last k iterates of the unchanged trajectory
     (the observer sees every iterate but the last, which ``average_last=0`` returns)."""
