@@ -173,6 +173,35 @@ def _optimizer(config: NFTConfig, floors: Any) -> optax.GradientTransformation:
     )
 
 
+def mixup_batch(
+    x: jax.Array, y: jax.Array, lam: jax.Array, partner: jax.Array, num_classes: int
+) -> tuple[jax.Array, jax.Array]:
+    """MixUp (Zhang et al. 2018) of a batch with its permutation ``partner``: the images
+    ``lam x + (1 - lam) x[partner]`` and the soft targets ``lam e_y + (1 - lam) e_y[partner]``
+    (SPEC section 4: one ``lam`` per batch)."""
+    one_hot = jax.nn.one_hot(y, num_classes, dtype=x.dtype)
+    return lam * x + (1.0 - lam) * x[partner], lam * one_hot + (1.0 - lam) * one_hot[partner]
+
+
+def nft_objective(
+    masks: Any,
+    model: nn.Module,
+    params: Any,
+    stats: Any,
+    x_mix: jax.Array,
+    targets: jax.Array,
+    l1_strength: jax.Array | float,
+    bn_train: bool,
+) -> tuple[jax.Array, tuple[Any, jax.Array, jax.Array]]:
+    """NFT's loss in the masks (SPEC section 4): the soft cross-entropy of the masked network
+    on the MixUp batch plus ``l1_strength * sum |1 - m|`` (``l1_strength`` = eta / N_c);
+    returns ``(loss, (new batch_stats, cross-entropy, L1 norm))``."""
+    logits, new_stats = apply_model(model, apply_masks(params, masks), stats, x_mix, bn_train)
+    mixup = soft_cross_entropy(logits, targets)
+    l1 = sum(jnp.sum(jnp.abs(1.0 - leaf)) for leaf in jax.tree_util.tree_leaves(masks))
+    return mixup + l1_strength * l1, (new_stats, mixup, l1)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("model", "config", "batch_size", "spec", "num_classes"),
@@ -189,19 +218,10 @@ def _nft_step(
     x, y = sample_clean_batch(batch_key, images, labels, batch_size, spec, config.augment)
     lam = jax.random.beta(lam_key, config.mixup_alpha, config.mixup_alpha, dtype=x.dtype)
     partner = jax.random.permutation(partner_key, x.shape[0])
-    x_mix = lam * x + (1.0 - lam) * x[partner]
-    one_hot = jax.nn.one_hot(y, num_classes, dtype=x.dtype)
-    targets = lam * one_hot + (1.0 - lam) * one_hot[partner]
-
-    def loss_fn(m):
-        logits, new_stats = apply_model(
-            model, apply_masks(params, m), stats, x_mix, config.bn_train
-        )
-        mixup = soft_cross_entropy(logits, targets)
-        l1 = sum(jnp.sum(jnp.abs(1.0 - leaf)) for leaf in jax.tree_util.tree_leaves(m))
-        return mixup + l1_strength * l1, (new_stats, mixup, l1)
-
-    (loss, (new_stats, mixup, l1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(masks)
+    x_mix, targets = mixup_batch(x, y, lam, partner, num_classes)
+    (loss, (new_stats, mixup, l1)), grads = jax.value_and_grad(nft_objective, has_aux=True)(
+        masks, model, params, stats, x_mix, targets, l1_strength, config.bn_train
+    )
     updates, opt_state = _optimizer(config, floors).update(grads, opt_state, masks)
     masks = optax.apply_updates(masks, updates)
     return (masks, new_stats, opt_state), {"loss": loss, "mixup_ce": mixup, "l1": l1}
@@ -307,6 +327,7 @@ def purify(
             "mask_min": float(leaves.min()),
             "masks_below_half": int((leaves < 0.5).sum()),
             "clean_per_class": per_class,
+            "l1_strength": l1_strength,
         },
         artifacts={"masks": masks},
     )

@@ -538,6 +538,53 @@ class _BatchNormThenLayerNorm(nn.Module):
         return nn.Dense(10, name="head")(jnp.mean(x, axis=(1, 2)))
 
 
+def test_nft_mixup_blends_images_and_one_hot_targets_with_one_lambda():
+    x = jnp.arange(3 * 2 * 2 * 1, dtype=jnp.float32).reshape(3, 2, 2, 1)
+    y = jnp.array([0, 2, 1])
+    partner = jnp.array([2, 0, 1])
+    x_mix, targets = nft.mixup_batch(x, y, jnp.float32(0.3), partner, 4)
+    np.testing.assert_allclose(x_mix, 0.3 * x + 0.7 * x[partner], rtol=1e-6)
+    want = np.zeros((3, 4), np.float32)
+    for row, (a, b) in enumerate(zip([0, 2, 1], [1, 0, 2], strict=True)):  # y, y[partner]
+        want[row, a] += 0.3
+        want[row, b] += 0.7
+    np.testing.assert_allclose(targets, want, rtol=1e-6)
+
+
+def test_nft_objective_is_mixup_cross_entropy_plus_the_scaled_l1_pull_to_one(tiny):
+    """SPEC section 4: lam * CE(y) + (1 - lam) * CE(y[partner]) of the masked network on the
+    mixed images, plus eta / N_c * sum |1 - m|."""
+    model, variables, clean, inputs, labels = tiny
+    masks = nft._batchnorm_masks(variables, r"^bn\d+$")
+    masks = jax.tree_util.tree_map(
+        lambda m: jnp.linspace(0.4, 0.9, m.size, dtype=m.dtype).reshape(m.shape), masks
+    )
+    lam, partner = 0.3, jnp.roll(jnp.arange(len(labels)), 1)
+    x_mix, targets = nft.mixup_batch(inputs, labels, jnp.float32(lam), partner, 10)
+    loss, (_, mixup, l1) = nft.nft_objective(
+        masks, model, variables["params"], variables["batch_stats"], x_mix, targets, 0.25, False
+    )
+    scaled = jax.tree_util.tree_map(lambda a: a, variables["params"])
+    for path, mask in jax.tree_util.tree_flatten_with_path(masks)[0]:
+        module = path[0].key
+        scaled[module] = {**scaled[module], "scale": scaled[module]["scale"] * mask}
+    logits = model.apply({**variables, "params": scaled}, x_mix, train=False)
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    want_ce = jnp.mean(lam * ce(logits, labels) + (1 - lam) * ce(logits, labels[partner]))
+    want_l1 = sum(float(jnp.sum(1.0 - m)) for m in jax.tree_util.tree_leaves(masks))
+    assert float(mixup) == pytest.approx(float(want_ce), rel=1e-5)
+    assert float(l1) == pytest.approx(want_l1, rel=1e-5)
+    assert float(loss) == pytest.approx(float(want_ce) + 0.25 * want_l1, rel=1e-5)
+
+
+def test_nft_l1_strength_is_eta_over_the_clean_images_per_class(tiny):
+    model, variables, clean, _, _ = tiny  # 40 images, 4 per class
+    config = nft.NFTConfig(steps=1, batch_size=8, eta=2.0, mask_pattern="^bn[23]$")
+    _, report = nft.purify(model, variables, clean, config, progress=False)
+    assert report.extra["clean_per_class"] == 4
+    assert report.extra["l1_strength"] == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize(
     ("model", "pattern", "fragment"),
     [
