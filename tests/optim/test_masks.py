@@ -49,6 +49,9 @@ def test_natural_order_beyond_nine():
     }
     order = [p[0] for p in masks.masked_modules(tree)]
     assert order == ["stage1_block1", "stage2_block1", "stage10_block1"]
+    # the floors' layer index l follows the same order (plain sorting put stage10 second)
+    indices = masks.mask_layer_indices({name: {"bn1": jnp.ones(2)} for name in tree})
+    assert [indices[f"stage{i}_block1"]["bn1"] for i in (1, 2, 10)] == [1, 2, 3]
 
 
 def test_apply_ones_is_identity_and_masks_scale_gamma(resnet):

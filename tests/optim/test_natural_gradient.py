@@ -198,6 +198,26 @@ def test_dense_mode_keeps_a_float32_factor_for_bfloat16_heads():
     )
 
 
+def test_cg_mode_adds_the_diagonal_to_the_damped_fisher():
+    """(F + diag(d) + damping I)^-1 g, against the dense solve (NGF's anchor curvature)."""
+    params, features, labels = problem(3)
+    grads = jax.grad(loss_fn)(params, features, labels)
+    diagonal = jax.tree_util.tree_map(
+        lambda p: jnp.linspace(0.5, 2.0, p.size, dtype=p.dtype).reshape(p.shape), params
+    )
+    tx = natural_gradient(DAMPING, "cg", cg_maxiter=200, cg_tol=1e-12, diagonal=diagonal)
+    step, _ = jax.jit(
+        lambda g, s, p: tx.update(g, s, p, fvp_fn=make_ggn_operator(logits_fn, p, features))
+    )(grads, tx.init(params), params)
+    flat, unravel = ravel_pytree(params)
+    hessian = jax.hessian(lambda f: loss_fn(unravel(f), features, labels))(flat)
+    matrix = hessian + jnp.diag(ravel_pytree(diagonal)[0]) + DAMPING * jnp.eye(flat.size)
+    expected = unravel(jnp.linalg.solve(matrix, ravel_pytree(grads)[0]))
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10), step, expected
+    )
+
+
 def test_a_negative_or_misshaped_diagonal_is_refused():
     params, features, labels = problem(7)
     grads = jax.grad(loss_fn)(params, features, labels)
