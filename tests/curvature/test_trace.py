@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -189,3 +190,14 @@ def test_hutchinson_takes_shape_dtype_structs_as_like(problem):
         trace.hutchinson_samples(op, shapes, jax.random.key(2), 3),
         trace.hutchinson_samples(op, problem.params, jax.random.key(2), 3),
     )
+
+
+def test_probes_are_rademacher_signs_in_each_leafs_dtype():
+    """Hutchinson with +-1 probes (SPEC section 8): the estimator's variance is the smallest of
+    the unbiased ones, and a probe's squared norm is exactly the parameter count."""
+    tree = {"w": jnp.zeros((64, 32), jnp.float32), "b": jnp.zeros((32,), jnp.bfloat16)}
+    probe = rademacher_like(jax.random.key(0), tree)
+    for name, leaf in tree.items():
+        assert probe[name].dtype == leaf.dtype and probe[name].shape == leaf.shape
+        values = np.unique(np.asarray(probe[name], np.float32))
+        np.testing.assert_array_equal(values, [-1.0, 1.0])
