@@ -132,6 +132,19 @@ def test_lanczos_takes_shape_dtype_structs_as_like(problem):
     np.testing.assert_array_equal(from_shapes.betas, from_params.betas)
 
 
+@pytest.mark.parametrize("loop", ["python", "fori"])
+def test_lanczos_with_as_many_steps_as_dimensions_finds_every_eigenvalue(x64, loop):
+    """num_iters = P builds the whole P x P tridiagonal: its Ritz values are the spectrum,
+    the bottom of it included (the top-eigenvalue tests converge in fewer steps)."""
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    spectrum = np.array([5.0, 3.0, 2.0, 1.0, -1.0, -4.0])
+    op = matrix_operator(q @ np.diag(spectrum) @ q.T)
+    t = eigenvalues.lanczos(op, {"w": jnp.zeros(6)}, jax.random.key(0), 6, loop=loop)
+    assert t.alphas.shape == (6,)
+    np.testing.assert_allclose(np.sort(t.eigh()[0]), np.sort(spectrum), atol=1e-10)
+
+
 def test_few_lanczos_steps_find_a_separated_top_eigenvalue(x64):
     rng = np.random.default_rng(0)
     size = 200

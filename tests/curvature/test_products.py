@@ -46,6 +46,17 @@ def test_ggn_vector_product(problem, dense, random_tree):
     assert_close(dense.flatten(result), expected)
 
 
+def test_ggn_vp_counts_every_leading_axis_of_the_logits_as_examples(problem, random_tree):
+    """Logits of shape (..., K) (a sequence model's, say) average over all the leading axes:
+    (n, K) logits and the same logits as (1, n, K) are the same n examples."""
+    v = random_tree(1, problem.params)
+    flat = products.ggn_vp(problem.logits_fn, problem.params, problem.batch, v)
+    lifted = products.ggn_vp(
+        lambda p, b: problem.logits_fn(p, b)[None], problem.params, problem.batch, v
+    )
+    jax.tree_util.tree_map(lambda a, b: assert_close(a, b), flat, lifted)
+
+
 def test_ggn_equals_true_fisher(problem, dense, random_tree):
     # The exact expectation over y ~ p of the score outer product is the GGN of softmax CE.
     np.testing.assert_allclose(dense.true_fisher, dense.ggn, rtol=1e-10, atol=1e-12)

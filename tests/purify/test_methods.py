@@ -701,6 +701,54 @@ def test_ngf_step_with_the_anchor_preconditions_by_its_curvature_too(tiny, ancho
     )
 
 
+def test_ngf_second_step_preconditions_with_the_fisher_at_the_current_head(tiny):
+    """refresh_every=1: step 2 is the damped Newton step taken at theta1, not at theta0."""
+    model, variables, clean, inputs, labels = tiny
+    alpha, damping = 0.3, 1e-2
+    config = ngf.NGFConfig(
+        steps=2,
+        batch_size=len(clean),
+        learning_rate=alpha,
+        damping=damping,
+        eta_r=0.0,
+        kl_clip=None,
+        refresh_every=1,
+    )
+    heads = []
+    out, _ = ngf.purify(
+        model, variables, clean, config, progress=False, observe_every=1,
+        observer=lambda step, v: heads.append(v["params"]["head"]),
+    )  # fmt: skip
+    _, per_example = _head_as_vector(model, variables, inputs, labels)
+    theta1, _ = ravel_pytree(heads[0])
+    loss = lambda v: jnp.mean(per_example(v))  # noqa: E731
+    damped = jax.jit(jax.hessian(loss))(theta1) + damping * jnp.eye(theta1.size)
+    want = theta1 - alpha * jnp.linalg.solve(damped, jax.grad(loss)(theta1))
+    np.testing.assert_allclose(ravel_pytree(out["params"]["head"])[0], want, rtol=1e-3, atol=1e-5)
+
+
+def test_ngf_kl_clip_bounds_the_steps_quadratic_kl_half_u_f_u(tiny):
+    """SPEC section 5's trust region: a clipped step u has KL ~ 0.5 u^T F u equal to kl_clip."""
+    model, variables, clean, inputs, labels = tiny
+    clip = 1e-4
+    config = ngf.NGFConfig(
+        steps=1,
+        batch_size=len(clean),
+        learning_rate=1.0,
+        damping=1e-3,
+        eta_r=0.0,
+        kl_clip=clip,
+        refresh_every=1,
+        log_every=1,
+    )
+    out, report = ngf.purify(model, variables, clean, config, progress=False)
+    assert report.loss_curve[0]["trust_scale"] < 1.0  # the clip was active
+    theta0, per_example = _head_as_vector(model, variables, inputs, labels)
+    fisher = jax.jit(jax.hessian(lambda v: jnp.mean(per_example(v))))(theta0)  # linear head
+    u = ravel_pytree(out["params"]["head"])[0] - theta0
+    assert 0.5 * float(u @ fisher @ u) == pytest.approx(clip, rel=2e-3)
+
+
 def test_ngf_kl_trust_region_bounds_each_step(tiny):
     model, variables, clean, _, _ = tiny
     config = ngf.NGFConfig(
