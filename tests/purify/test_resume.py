@@ -98,6 +98,24 @@ def test_progress_of_another_run_is_refused(tiny, tmp_path):
         purify(low, variables, clean, _config("ft"), jax.random.key(0), checkpointing=saving)
 
 
+def _die_at_the_third_evaluation(monkeypatch):
+    """Patches the runner's evaluation to raise _Killed on its third call (the undefended
+    model, step 2, then step 4: killed before step 4's save); returns the real one."""
+    from fippure.purify import runner
+
+    evaluate = runner.evaluate
+    calls = []
+
+    def dying_evaluate(backdoored, variables):
+        calls.append(1)
+        if len(calls) == 3:
+            raise _Killed
+        return evaluate(backdoored, variables)
+
+    monkeypatch.setattr(runner, "evaluate", dying_evaluate)
+    return evaluate
+
+
 def test_the_runner_resumes_with_a_whole_trajectory_and_then_tidies_up(
     digits_badnets, tmp_path, monkeypatch
 ):
@@ -106,16 +124,7 @@ def test_the_runner_resumes_with_a_whole_trajectory_and_then_tidies_up(
     options = dict(overrides={"steps": "6", "batch_size": "32"}, observe_every=2, progress=False)
     want = run_defense(digits_badnets, "ft", **options)
 
-    evaluate = runner.evaluate
-    calls = []
-
-    def dying_evaluate(backdoored, variables):
-        calls.append(1)
-        if len(calls) == 3:  # before, step 2, then dies while evaluating step 4
-            raise _Killed
-        return evaluate(backdoored, variables)
-
-    monkeypatch.setattr(runner, "evaluate", dying_evaluate)
+    evaluate = _die_at_the_third_evaluation(monkeypatch)
     with pytest.raises(_Killed):
         run_defense(digits_badnets, "ft", out=tmp_path, checkpoint_every=2, **options)
     assert (tmp_path / PROGRESS).is_dir()
@@ -139,16 +148,7 @@ def test_a_run_resumed_with_another_observe_interval_keeps_no_points_of_the_old_
     from fippure.purify import runner
 
     options = dict(overrides={"steps": "6", "batch_size": "32"}, progress=False)
-    evaluate = runner.evaluate
-    calls = []
-
-    def dying_evaluate(backdoored, variables):
-        calls.append(1)
-        if len(calls) == 3:  # before, step 2, then dies while evaluating step 4
-            raise _Killed
-        return evaluate(backdoored, variables)
-
-    monkeypatch.setattr(runner, "evaluate", dying_evaluate)
+    evaluate = _die_at_the_third_evaluation(monkeypatch)
     with pytest.raises(_Killed):
         run_defense(
             digits_badnets, "ft", out=tmp_path, checkpoint_every=2, observe_every=2, **options

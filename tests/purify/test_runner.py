@@ -260,6 +260,24 @@ def test_observing_a_defense_charts_test_metrics_without_changing_it(digits_badn
     assert "trajectory" not in plain
 
 
+def _stopped_at_step_two(backdoored, defense, overrides):
+    """``defense`` on ``backdoored`` with an observer that raises StopEarly at step 2:
+    ``(variables, report, {step: variables seen})``."""
+    seen = {}
+
+    def stop_at_two(step, variables):
+        seen[step] = variables
+        if step == 2:
+            raise StopEarly
+
+    b = backdoored
+    variables, report = get_defense(defense).purify(
+        b.model, b.variables, b.clean, make_config(defense, overrides), jax.random.key(0),
+        progress=False, observer=stop_at_two, observe_every=2,
+    )  # fmt: skip
+    return variables, report, seen
+
+
 @pytest.mark.parametrize("defense", ["fip", "fast_fip", "nft", "ngf", "ft"])
 def test_an_observer_that_raises_stop_early_ends_the_defense_at_that_step(digits_badnets, defense):
     """The defense returns the iterate the observer saw (finalised as a run of that length)
@@ -269,18 +287,7 @@ def test_an_observer_that_raises_stop_early_ends_the_defense_at_that_step(digits
         overrides["eta_F"] = "0.05"
     if defense == "nft":
         overrides["mask_pattern"] = "bn[23]$"
-    seen = {}
-
-    def stop_at_two(step, variables):
-        seen[step] = variables
-        if step == 2:
-            raise StopEarly
-
-    b = digits_badnets
-    variables, report = get_defense(defense).purify(
-        b.model, b.variables, b.clean, make_config(defense, overrides), jax.random.key(0),
-        progress=False, observer=stop_at_two, observe_every=2,
-    )  # fmt: skip
+    variables, report, seen = _stopped_at_step_two(digits_badnets, defense, overrides)
     assert sorted(seen) == [2]
     assert report.steps == 2 and report.loss_curve[-1]["step"] == 2
     assert report.config["steps"] == 6  # the schedule kept the configured length
@@ -297,18 +304,7 @@ def test_a_tail_average_longer_than_the_steps_done_does_not_fail_an_early_stop(
     # finalising rebuilt the config with steps=2 and average_last=4, which its checks refused
     # after every step had run
     overrides = {"steps": "6", "batch_size": "32", "eta_F": "0.05", "average_last": "4"}
-    seen = {}
-
-    def stop_at_two(step, variables):
-        seen[step] = variables
-        if step == 2:
-            raise StopEarly
-
-    b = digits_badnets
-    variables, report = get_defense(defense).purify(
-        b.model, b.variables, b.clean, make_config(defense, overrides), jax.random.key(0),
-        progress=False, observer=stop_at_two, observe_every=2,
-    )  # fmt: skip
+    variables, report, seen = _stopped_at_step_two(digits_badnets, defense, overrides)
     assert report.steps == 2 and report.config["average_last"] == 4
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables, seen[2])
 
