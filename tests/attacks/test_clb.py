@@ -99,6 +99,25 @@ def test_only_target_images_are_poisoned_and_labels_kept(fitted):
     assert set(differs) <= set(plan.indices) and len(differs) > 0.9 * len(plan.indices)
 
 
+def test_each_adversarial_image_replaces_its_own_planned_row(fitted):
+    # the adversarial images are stored in plan order: written back reversed, every row
+    # would still change, but into another image
+    attack, context, state = fitted
+    poisoned = attack.poisoned_dataset(state, context)
+    rows = context.plan.indices
+    np.testing.assert_array_equal(poisoned.images[rows], state["adversarial_images"])
+    change = poisoned.images[rows].astype(int) - context.train.images[rows].astype(int)
+    assert np.abs(change).max() <= 8
+
+
+def test_quantised_images_stay_within_the_whole_grey_levels_of_eps():
+    # eps 0.03 is 7.65 grey levels: the rounded images move by 7 at most, never 8
+    attack = make_attack("clb", eps=0.03)
+    images = np.full((2, 8, 8, 1), 100, np.uint8)
+    out = attack._quantise(images, images / 255.0 + 0.03)
+    assert np.abs(out.astype(int) - 100).max() == 7
+
+
 def test_training_images_are_test_triggers_plus_at_most_eps(fitted):
     """Outside the corners a poisoned training image is its triggered test image + <= eps;
     inside them (amplitude 1) both are the pattern."""

@@ -33,6 +33,12 @@ def test_badnets_changes_only_the_bottom_right_3x3_corner():
     np.testing.assert_array_equal(np.asarray(out[:, -3:, -3:]), 1.0)
 
 
+def test_badnets_patch_takes_its_value():
+    out = make_attack("badnets", value=0.25).trigger({}, jnp.zeros((2, 32, 32, 3)), None)
+    np.testing.assert_array_equal(np.asarray(out[:, -3:, -3:]), 0.25)
+    assert float(jnp.abs(out[:, :-3]).max()) == 0.0
+
+
 def test_blend_is_exact_convex_combination():
     attack = make_attack("blend", alpha=0.2)
     state = attack.init_state(jax.random.key(5), CIFAR)

@@ -119,3 +119,10 @@ def test_a_plan_needs_an_integer_seed(labels, seed):
     # None drew another plan every call; -1 and 1.5 failed inside numpy
     with pytest.raises(InvalidInputError, match="seed must be an integer in"):
         make_poison_plan(labels, ratio=0.1, num_classes=10, seed=seed)
+
+
+def test_the_poisoned_count_is_the_ratio_rounded_to_the_nearest_image():
+    # 10% of digits' 1,437 attacker images is 143.7: 144 poisoned, not 143
+    labels = np.arange(1437) % 10
+    plan = make_poison_plan(labels, ratio=0.1, num_classes=10, target=0, seed=0)
+    assert len(plan.indices) == 144

@@ -50,3 +50,12 @@ def test_deterministic():
 def test_an_unknown_split_is_refused_not_read_as_train():
     with pytest.raises(InvalidInputError, match="unknown split 'validation'"):
         load_digits_split("validation")
+
+
+def test_the_normalisation_constants_are_the_training_splits_statistics():
+    from fippure.data.catalog import get_spec
+
+    spec = get_spec("digits")
+    pixels = load_dataset("digits", "train").images.astype(np.float64) / 255.0
+    assert pixels.mean() == pytest.approx(spec.mean[0], abs=2e-3)
+    assert pixels.std() == pytest.approx(spec.std[0], abs=2e-3)

@@ -47,6 +47,13 @@ def test_normalize_round_trip(name):
     np.testing.assert_allclose(denormalize(z, spec), x, atol=1e-6)
 
 
+def test_cifar10_normalisation_is_the_specs():
+    # SPEC section 1's constants (a swapped mean and std went unnoticed without CIFAR data)
+    spec = get_spec("cifar10")
+    assert spec.mean == (0.4914, 0.4822, 0.4465)
+    assert spec.std == (0.2470, 0.2435, 0.2616)
+
+
 def test_epoch_permutation_is_a_pure_function_of_key_and_epoch():
     key = jax.random.key(0)
     p0 = np.asarray(epoch_permutation(key, 0, 100))
@@ -78,20 +85,25 @@ def test_batch_from_permutation_refuses_a_batch_past_the_epoch(index, batch_size
 
 @pytest.mark.parametrize("on_device", [True, False])
 @pytest.mark.parametrize(
-    ("batch_size", "drop", "sizes"),
-    [(16, False, [16, 16, 16, 2]), (16, True, [16] * 3), (50, False, [50])],
+    ("batch_size", "drop", "sizes", "n"),
+    [
+        (16, False, [16, 16, 16, 2], 50),
+        (16, True, [16] * 3, 50),
+        (50, False, [50], 50),
+        (16, True, [16] * 3, 48),  # a count the batch size divides: no batch dropped
+    ],
 )
-def test_iterate_batches(monkeypatch, on_device, batch_size, drop, sizes):
-    data = _dataset(50)
+def test_iterate_batches(monkeypatch, on_device, batch_size, drop, sizes, n):
+    data = _dataset(n)
     if not on_device:  # force the host-streaming path
         monkeypatch.setattr(pipeline, "fits_on_device", lambda dataset, limit=0: False)
     batches = list(iterate_batches(data, batch_size, key=jax.random.key(0), drop_remainder=drop))
     assert [len(y) for _, y in batches] == sizes
     ids = np.concatenate([np.asarray(x[:, 0, 0, 0]) for x, _ in batches])
     assert len(set(ids.tolist())) == len(ids)  # no example twice
-    if not drop:
-        np.testing.assert_array_equal(np.sort(ids), np.arange(50))
-        assert not np.array_equal(ids, np.arange(50))  # shuffled
+    if not drop or n % batch_size == 0:
+        np.testing.assert_array_equal(np.sort(ids), np.arange(n))
+        assert not np.array_equal(ids, np.arange(n))  # shuffled
     for x, y in batches:  # labels travel with their images
         np.testing.assert_array_equal(y, data.labels[np.asarray(x[:, 0, 0, 0])])
 
