@@ -70,3 +70,26 @@ def test_the_joint_attacks_check_the_classifier_like_training_does(
     config = TrainConfig(epochs=1, batch_size=128)
     with pytest.raises(InvalidInputError, match=message):
         attack.train_backdoored(state, _context(digits), model, variables, config)
+
+
+def test_the_training_transform_poisons_the_planned_rows_of_a_batch_only():
+    """In-graph poisoning reads the plan by dataset row, not by position in the batch: the
+    planned rows are triggered and relabelled, the others pass unchanged."""
+    import jax.numpy as jnp
+
+    from fippure.data.catalog import get_spec
+
+    labels = np.arange(40) % 10
+    plan = make_poison_plan(labels, ratio=0.25, num_classes=10, target=0, seed=0)
+    attack = make_attack("badnets")
+    spec = get_spec("cifar10")
+    transform = attack.training_transform({}, plan, None)
+    rows = np.array([plan.indices[0], 1, plan.indices[1], 3, 5, plan.indices[2]])
+    rows = np.array([r for r in dict.fromkeys(rows.tolist())])
+    images = jnp.full((len(rows), *spec.image_shape), 0.5)
+    out, new_labels = transform(jax.random.key(0), images, jnp.asarray(labels[rows]), rows)
+    planned = np.isin(rows, plan.indices)
+    assert planned.any() and (~planned).any()
+    corner = np.asarray(out[:, -1, -1, 0])
+    np.testing.assert_array_equal(corner, np.where(planned, 1.0, 0.5))
+    np.testing.assert_array_equal(np.asarray(new_labels), np.where(planned, 0, labels[rows]))

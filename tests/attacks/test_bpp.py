@@ -100,3 +100,12 @@ def test_a_batch_of_one_has_no_negatives():
         out, _ = transform(jax.random.key(seed), x, jnp.asarray(labels[[clean_row]]),
                            jnp.array([clean_row]))  # fmt: skip
         np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
+
+
+def test_negatives_are_drawn_among_the_clean_rows_at_neg_ratio_of_the_whole_set():
+    # neg_ratio counts against the whole training set; negatives come from the clean rows
+    # only, so their probability is neg_ratio / (1 - poison ratio)
+    labels = np.arange(1000) % 10
+    plan = make_poison_plan(labels, ratio=0.1, num_classes=10, target=0, seed=0)
+    assert make_attack("bpp", neg_ratio=0.1).negative_probability(plan) == pytest.approx(0.1 / 0.9)
+    assert make_attack("bpp", neg_ratio=0.95).negative_probability(plan) == 1.0

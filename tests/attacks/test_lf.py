@@ -56,6 +56,21 @@ def test_fit_needs_a_reference():
         attack.fit(attack.init_state(jax.random.key(0), data.spec), context)
 
 
+def test_fit_is_computed_on_non_target_images_only(digits_reference):
+    """LF fools the reference into the target class on images of the other classes; a set of
+    target-class images alone leaves it nothing to fit on."""
+    from fippure.attacks.poisoning import PoisonPlan
+
+    data = load_dataset("digits", "train")
+    zeros = data.subset(np.flatnonzero(data.labels == 0)[:10], "zeros")
+    plan = PoisonPlan(np.array([0]), np.array([0]), 10, 0, "all_to_one", False, 1)
+    reference = (digits_reference.model, digits_reference.variables)
+    context = AttackContext(zeros, plan, data.spec, jax.random.key(0), reference=reference)
+    attack = make_attack("lf")
+    with pytest.raises(InvalidInputError, match="no training image outside the target class"):
+        attack.fit(attack.init_state(jax.random.key(0), data.spec), context)
+
+
 def test_fit_fools_the_reference_within_the_bound(digits_reference):
     data = load_dataset("digits", "train")
     spec = get_spec("digits")

@@ -158,3 +158,32 @@ def test_der_of_jax_and_numpy_scalars_is_a_python_float_in_double_precision():
     assert der == pytest.approx(
         (1.0 - 0.01 - (float(np.float32(0.9)) - 0.85) + 1.0) / 2.0, rel=0, abs=1e-12
     )
+
+
+def test_evaluate_backdoor_scores_clean_and_triggered_predictions_against_their_labels(
+    monkeypatch,
+):
+    """ACC from the clean test images against their labels; ASR and RA from the triggered
+    images against their target and true labels (predictions stubbed by the images given)."""
+    from fippure.attacks.triggered import TriggeredSet
+    from fippure.data.catalog import get_spec
+    from fippure.data.sources import ImageDataset
+    from fippure.evaluation import metrics
+
+    spec = get_spec("digits")
+    test = ImageDataset(np.zeros((5, 8, 8, 1), np.uint8), np.array([0, 1, 2, 3, 4]), spec, "test")
+    triggered = TriggeredSet(
+        np.ones((4, 8, 8, 1), np.float32),
+        true_labels=np.array([1, 2, 3, 4]),
+        target_labels=np.zeros(4, np.int64),
+        source_indices=np.array([1, 2, 3, 4]),
+    )
+    clean_pred = np.array([0, 1, 2, 0, 0])  # 3 of 5 right
+    bad_pred = np.array([0, 0, 3, 1])  # 2 sent to the target, 1 kept its true label
+
+    def predict(model, variables, images, spec):
+        return clean_pred if np.asarray(images).max() == 0 else bad_pred
+
+    monkeypatch.setattr(metrics, "predict", predict)
+    result = evaluate_backdoor(None, {}, test, triggered)
+    assert (result.acc, result.asr, result.ra) == pytest.approx((0.6, 0.5, 0.25))
