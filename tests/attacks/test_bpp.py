@@ -109,3 +109,30 @@ def test_negatives_are_drawn_among_the_clean_rows_at_neg_ratio_of_the_whole_set(
     plan = make_poison_plan(labels, ratio=0.1, num_classes=10, target=0, seed=0)
     assert make_attack("bpp", neg_ratio=0.1).negative_probability(plan) == pytest.approx(0.1 / 0.9)
     assert make_attack("bpp", neg_ratio=0.95).negative_probability(plan) == 1.0
+
+
+def _dithered_by_hand(image: np.ndarray, levels: int) -> np.ndarray:
+    """Floyd-Steinberg written out pixel by pixel (one image, float64): error 7/16 right,
+    3/16 below left, 5/16 below, 1/16 below right; what falls off the image is dropped."""
+    work = image.astype(np.float64).copy()
+    out = np.zeros_like(work)
+    h, w, _ = work.shape
+    steps = levels - 1
+    for y in range(h):
+        for x in range(w):
+            new = np.clip(np.round(work[y, x] * steps) / steps, 0.0, 1.0)
+            error = work[y, x] - new
+            out[y, x] = new
+            for dy, dx, weight in ((0, 1, 7), (1, -1, 3), (1, 0, 5), (1, 1, 1)):
+                if 0 <= y + dy < h and 0 <= x + dx < w:
+                    work[y + dy, x + dx] += error * weight / 16
+    return out
+
+
+def test_dithering_diffuses_the_error_with_floyd_steinbergs_weights():
+    images = np.asarray(
+        jax.random.uniform(jax.random.key(3), (2, 6, 6, 3), jnp.float32), np.float64
+    )
+    got = np.asarray(floyd_steinberg(jnp.asarray(images, jnp.float32), 4))
+    for image, mine in zip(images, got, strict=True):
+        np.testing.assert_allclose(mine, _dithered_by_hand(image, 4), atol=1e-6)
