@@ -407,3 +407,24 @@ def test_a_poisoning_transform_is_not_compiled_in_as_constants(digits, attack_na
             attack.train_backdoored(state, context, model, variables, config)
     finally:
         jax.config.update("jax_captured_constants_warn_bytes", previous)
+
+
+def test_the_poisoning_transform_sees_the_batch_before_augmentation(digits, small_cnn):
+    """SPEC section 1: the trigger is stamped on the stored image, then the batch is cropped
+    and flipped like any other (a trigger stamped after the crop would never move)."""
+    (train_set, _), (model, variables) = digits, small_cnn
+    seen = []
+
+    def record(x, rows):
+        stored = train_set.images[np.asarray(rows)].astype(np.float32) / 255.0
+        seen.append(bool(np.allclose(np.asarray(x), stored, atol=1e-6)))
+
+    def spy(key, x, y, rows):
+        jax.debug.callback(record, x, rows)
+        return x, y
+
+    train(
+        model, train_set, _config(epochs=1, augment=True), variables=variables,
+        batch_transform=spy, stop_after_steps=3, progress=False,
+    )  # fmt: skip
+    assert seen == [True, True, True]
