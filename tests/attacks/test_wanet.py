@@ -71,6 +71,35 @@ def test_noise_field_is_normalised_and_seeded():
     assert not np.allclose(noise, other)
 
 
+def test_noise_field_is_uniform_control_values_scaled_to_mean_magnitude_one():
+    """WaNet's field: k x k x 2 uniform values in [-1, 1] divided by their mean magnitude, then
+    upsampled with the corners aligned (so the corner values are the control values)."""
+    attack = make_attack("wanet")
+    key = jax.random.key(0)
+    noise = np.asarray(attack.init_state(key, CIFAR)["noise_grid"])
+    field = np.asarray(jax.random.uniform(key, (4, 4, 2), jnp.float32, -1.0, 1.0))
+    field = field / np.abs(field).mean()
+    np.testing.assert_allclose(
+        noise[[0, -1]][:, [0, -1]], field[[0, -1]][:, [0, -1]], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_cross_images_move_each_sample_by_at_most_half_a_pixel_from_the_warp():
+    """Noise mode's extra perturbation is uniform in [-1, 1] / size in grid units: half a
+    pixel at most. On a horizontal ramp the cross image stays within half a grey step of the
+    ramp from the backdoor's warp (doubled noise left it)."""
+    attack = make_attack("wanet")
+    state = attack.init_state(jax.random.key(0), CIFAR)
+    ramp = jnp.broadcast_to(jnp.arange(32, dtype=jnp.float32) / 31, (8, 32, 32))
+    images = jnp.stack([ramp] * 3, axis=-1)
+    warped = np.asarray(attack.trigger(state, images))
+    crossed = np.asarray(attack.cross(state, images, jax.random.key(1)))
+    inner = (slice(None), slice(2, -2), slice(2, -2))  # away from the clipped border
+    gap = np.abs(crossed - warped)[inner]
+    assert gap.max() <= 0.5 / 31 + 1e-5
+    assert gap.max() > 0.25 / 31  # the noise is there
+
+
 def test_zero_strength_is_the_identity():
     attack = make_attack("wanet", s=0.0)
     state = attack.init_state(jax.random.key(0), CIFAR)
