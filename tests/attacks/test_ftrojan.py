@@ -89,6 +89,17 @@ def test_grey_small_images_use_the_only_channel_and_a_smaller_window():
     np.testing.assert_allclose(delta, 30 / 255 * np.broadcast_to(mask, delta.shape), atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("frequency", "cell"), [((16, 16), (3, 3)), ((0, 3), (0, 0)), ((8, 31), (1, 7))]
+)
+def test_a_smaller_window_keeps_each_frequencys_band(frequency, cell):
+    """Frequency f of the 32-pixel window maps to the cell (f + 1) * 8 // 32 - 1 of an 8-pixel
+    window: the band of the 8 that holds it (16 -> 3, not 4)."""
+    window, mask = make_attack("ftrojan", frequencies=(frequency,)).layout(8, 8, 1)
+    assert window == 8
+    np.testing.assert_array_equal(np.argwhere(mask[..., 0]), [cell])
+
+
 def test_options_from_json_lists_stay_hashable():
     attack = make_attack("ftrojan", frequencies=[[1, 2]], channels=[1])
     assert attack.frequencies == ((1, 2),) and attack.channels == (1,)
