@@ -1,11 +1,13 @@
 """Pre-activation ResNet-18 (He et al., "Identity Mappings in Deep Residual Networks", 2016).
 
-The CIFAR variant used by BackdoorBench and the seed papers: a 3x3 stem, four stages of two
-pre-activation blocks, a final BN-ReLU, global average pooling and a dense ``head``.
-``width`` is the stem width (64 in the papers, 16 at fippure's CPU scale: 0.7M parameters).
-Weights start from Flax's default initialisers (LeCun normal for convolutions and the dense
-layer), not PyTorch's (Kaiming uniform with a = sqrt(5)); the architecture and parameter count
-match BackdoorBench's (11,172,170 at width 64).
+The CIFAR variant of the seed papers: a 3x3 stem, four stages of two pre-activation blocks,
+a final BN-ReLU, global average pooling and a dense ``head``. ``width`` is the stem width (64
+in the papers, 16 at fippure's CPU scale: 0.7M parameters). Weights start from Flax's default
+initialisers (LeCun normal for convolutions and the dense layer), not PyTorch's (Kaiming
+uniform with a = sqrt(5)). 11,172,170 parameters at width 64. BackdoorBench's PreAct-ResNet-18
+has the same blocks and shortcuts but no final BN-ReLU (it pools the last block's output
+directly), so it has 1,024 parameters fewer (11,171,146) and its weights do not map one to one
+onto this module's ``bn_final``.
 """
 
 from __future__ import annotations
