@@ -353,7 +353,56 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(
             f"corrupt checkpoint {path}: {METADATA} has no 'model' entry with name and num_classes"
         )
+    problem = _metadata_type_problem(metadata)
+    if problem is not None:
+        raise CheckpointError(f"corrupt checkpoint {path}: {METADATA} {problem}")
     return metadata
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _metadata_type_problem(metadata: dict[str, Any]) -> str | None:
+    """What is of the wrong type among the metadata fields the loaders read (a hand-edited or
+    truncated file), as the end of a sentence; ``None`` where all are right."""
+    model = metadata["model"]
+    attack = metadata.get("attack")
+    normalization = metadata.get("normalization")
+    checks = [
+        (isinstance(model["name"], str), "model.name must be a string"),
+        (_is_int(model["num_classes"]), "model.num_classes must be an integer"),
+        (isinstance(model.get("kwargs", {}), dict), "model.kwargs must be a mapping"),
+        (
+            isinstance(metadata.get("extras", []), list)
+            and all(isinstance(e, str) for e in metadata.get("extras", [])),
+            "extras must be a list of names",
+        ),
+        (
+            metadata.get("image_shape") is None
+            or (
+                isinstance(metadata["image_shape"], list)
+                and len(metadata["image_shape"]) == 3
+                and all(_is_int(v) for v in metadata["image_shape"])
+            ),
+            "image_shape must be a list of three integers",
+        ),
+        (
+            normalization is None
+            or (isinstance(normalization, dict) and {"mean", "std"} <= set(normalization)),
+            "normalization must hold mean and std",
+        ),
+        (
+            metadata.get("clean_seed") is None or _is_int(metadata["clean_seed"]),
+            "clean_seed must be an integer",
+        ),
+        (attack is None or isinstance(attack, dict), "attack must be a mapping"),
+        (
+            not isinstance(attack, dict) or isinstance(attack.get("options", {}), dict),
+            "attack.options must be a mapping",
+        ),
+    ]
+    return next((message for ok, message in checks if not ok), None)
 
 
 def load_checkpoint(

@@ -237,6 +237,32 @@ def test_corrupt_checkpoint(saved, damage, match):
     assert "\n" not in message and str(saved) in message
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        (("model", "kwargs"), [16], "model.kwargs must be a mapping"),
+        (("model", "name"), ["small_cnn"], "model.name must be a string"),
+        (("image_shape",), 32, "image_shape must be a list of three integers"),
+        (("extras",), "trigger", "extras must be a list of names"),
+        (("normalization",), {"mean": [0.5]}, "normalization must hold mean and std"),
+        (("clean_seed",), "x", "clean_seed must be an integer"),
+        (("attack",), {"name": "badnets", "options": [1]}, "attack.options must be a mapping"),
+    ],
+)
+def test_metadata_fields_of_the_wrong_type_are_a_corrupt_checkpoint(saved, field, value, match):
+    # each escaped as a TypeError or KeyError from deep inside the loaders
+    meta = json.loads((saved / "metadata.json").read_text())
+    *parents, name = field
+    target = meta
+    for key in parents:
+        target = target[key]
+    target[name] = value
+    (saved / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=f"corrupt checkpoint .*{match}") as error:
+        load_checkpoint(saved)
+    assert "\n" not in str(error.value)
+
+
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match=f"no checkpoint at {tmp_path / 'absent'}"):
         load_checkpoint(tmp_path / "absent")
