@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -110,8 +111,18 @@ def _both_forms(model, variables, factors, shifts, images, train):
 
 @pytest.mark.parametrize("train", [False, True])
 def test_factored_form_equals_the_rebuilt_kernels(resnet, train):
-    """((x * U) * relu(s + d)) V^T is the layer with W(d): logits and re-estimated BN stats."""
+    """((x * U) * relu(s + d)) V^T is the layer with W(d): logits and re-estimated BN stats.
+    The biases are made non-zero (they start at 0, which hid a factored layer that dropped its
+    bias)."""
     model, variables = resnet
+    flat = flax.traverse_util.flatten_dict(variables["params"])
+    keys = jax.random.split(jax.random.key(5), len(flat))
+    flat = {
+        path: 0.1 * jax.random.normal(k, leaf.shape) if path[-1] == "bias" else leaf
+        for k, (path, leaf) in zip(keys, flat.items(), strict=True)
+    }
+    assert any(path[-1] == "bias" for path in flat)
+    variables = {**variables, "params": flax.traverse_util.unflatten_dict(flat)}
     factors = spectral.decompose(variables["params"])
     shifts = _random_shifts(factors, jax.random.key(3))
     images = jax.random.normal(jax.random.key(4), (3, 32, 32, 3))

@@ -19,6 +19,7 @@ from fippure.inference import accuracy
 from fippure.purify.clean_stop import (
     CleanStopConfig,
     choose_stop,
+    last_eligible,
     make_clean_stop_config,
     purify_with_clean_stop,
 )
@@ -62,6 +63,12 @@ def test_a_collapsed_model_is_not_purified():
     assert choose_stop(checks, 0.05, "lowest", min_accuracy=0.83) == (30, True)
     # none eligible: the most accurate check
     assert choose_stop(checks, 0.05, "first_below", min_accuracy=0.9) == (20, False)
+
+
+def test_a_check_exactly_at_the_accuracy_guard_is_eligible():
+    checks = [check(10, 0.01, acc=0.8), check(20, 0.0, acc=0.5)]
+    assert choose_stop(checks, 0.05, "first_below", min_accuracy=0.8) == (10, True)
+    assert last_eligible(checks, min_accuracy=0.8) == 10
 
 
 def test_a_nan_asr_never_counts():

@@ -331,3 +331,16 @@ def test_bad_intervals_are_refused_before_the_output_is_claimed(
     with pytest.raises(InvalidInputError, match=f"{option} must be an integer >= "):
         run_defense(digits_badnets, "ft", out=out, progress=False, **{option: value})
     assert not out.exists()
+
+
+def test_der_is_computed_from_the_before_and_after_metrics(digits_badnets, monkeypatch):
+    """SPEC section 1's DER from the undefended model's metrics and the purified one's (a
+    short digits run barely moves either, so the metrics are stubbed apart)."""
+    from fippure.purify import runner
+
+    metrics = iter([{"acc": 0.9, "asr": 0.95, "ra": 0.0}, {"acc": 0.8, "asr": 0.1, "ra": 0.7}])
+    monkeypatch.setattr(runner, "evaluate", lambda backdoored, variables: next(metrics))
+    result = run_defense(
+        digits_badnets, "ft", overrides={"steps": "1", "batch_size": "8"}, progress=False
+    )
+    assert result["der"] == pytest.approx((0.85 - 0.1 + 1) / 2)
