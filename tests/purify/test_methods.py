@@ -19,7 +19,7 @@ from fippure.errors import InvalidInputError
 from fippure.models import create_model, init_variables, penultimate_features
 from fippure.optim.masks import layer_floors
 from fippure.optim.spectral import decompose, init_shifts, num_shifts, rebuild_params
-from fippure.purify import fast_fip, fip, nft, ngf
+from fippure.purify import fast_fip, fip, ft, nft, ngf
 from fippure.purify.common import apply_model
 from fippure.purify.fip import trace_term
 from fippure.purify.registry import get_defense, make_config
@@ -858,3 +858,67 @@ def test_a_zero_fisher_trace_at_theta0_stops_only_the_relative_scale(
     else:
         _, report = fip.purify(model, variables, clean, config, 0, progress=False)
         assert report.extra["trace0"] == 0.0 and report.steps == 1
+
+
+def _smoothed_ce(model, variables, inputs, labels, smoothing):
+    """Mean CE of the model (BN in eval mode) against labels smoothed by hand: (1 - a) e_y + a/K."""
+
+    def loss(params):
+        logits = model.apply({**variables, "params": params}, inputs, train=False)
+        targets = (1 - smoothing) * jax.nn.one_hot(labels, 10) + smoothing / 10
+        return jnp.mean(-jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1))
+
+    return loss
+
+
+def test_ft_steps_are_sgd_with_coupled_weight_decay_on_a_cosine_schedule(tiny):
+    """SPEC section 6: FT is SGD on CE plus L2 decay; the cosine schedule halves step 2 of 2."""
+    model, variables, clean, inputs, labels = tiny
+    lr, wd, smoothing = 0.05, 0.01, 0.2
+    config = ft.FTConfig(
+        steps=2, batch_size=len(clean), learning_rate=lr, momentum=0.0, weight_decay=wd,
+        label_smoothing=smoothing, augment=False, bn_train=False,
+    )  # fmt: skip
+    out, _ = ft.purify(model, variables, clean, config, jax.random.key(0), progress=False)
+    loss = _smoothed_ce(model, variables, inputs, labels, smoothing)
+
+    @jax.jit
+    def two_steps(theta0):
+        def step(theta, rate):
+            return jax.tree_util.tree_map(
+                lambda p, g: p - rate * (g + wd * p), theta, jax.grad(loss)(theta)
+            )
+
+        return step(step(theta0, lr), lr / 2)
+
+    want = two_steps(variables["params"])
+    np.testing.assert_allclose(
+        ravel_pytree(out["params"])[0], ravel_pytree(want)[0], rtol=2e-4, atol=2e-6
+    )
+
+
+def test_ft_sam_step_takes_the_gradient_at_the_adaptive_sam_point(tiny):
+    """FT-SAM (ASAM, Kwon et al. 2021): the gradient at theta + rho T^2 g / ||T g||, with
+    T = |theta| + eta, then FT's update; label smoothing 0.1 by default."""
+    model, variables, clean, inputs, labels = tiny
+    lr, rho, eta = 0.05, 0.5, 0.01
+    config = ft.FTSAMConfig(
+        steps=1, batch_size=len(clean), learning_rate=lr, momentum=0.0, weight_decay=0.0,
+        rho=rho, eta=eta, augment=False, bn_train=False, schedule="constant",
+    )  # fmt: skip
+    out, _ = ft.purify(model, variables, clean, config, jax.random.key(0), progress=False)
+    loss = _smoothed_ce(model, variables, inputs, labels, 0.1)
+
+    @jax.jit
+    def step(theta):
+        g = jax.grad(loss)(theta)
+        scale = jax.tree_util.tree_map(lambda p: jnp.abs(p) + eta, theta)
+        tg = jax.tree_util.tree_map(lambda t, gi: t * gi, scale, g)
+        norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(tg)))
+        point = jax.tree_util.tree_map(lambda p, t, x: p + rho * t * x / norm, theta, scale, tg)
+        return jax.tree_util.tree_map(lambda p, gs: p - lr * gs, theta, jax.grad(loss)(point))
+
+    want = step(variables["params"])
+    np.testing.assert_allclose(
+        ravel_pytree(out["params"])[0], ravel_pytree(want)[0], rtol=2e-4, atol=2e-6
+    )
