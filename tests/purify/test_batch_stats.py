@@ -18,6 +18,7 @@ from fippure.purify.batch_stats import (
     recompute_batch_stats,
     transfer_batch_stats,
 )
+from fippure.purify.common import sample_clean_batch
 
 
 class NormalisedLinear(nn.Module):
@@ -65,6 +66,26 @@ def test_small_batches_average_their_statistics(clean_set):
     # a batch variance underestimates the population's by (n - 1) / n on average
     ratio = np.asarray(stats["var"]).mean() / float(x.var(0).mean())
     assert 0.85 < ratio < 0.97
+
+
+def test_the_estimate_averages_each_of_its_batches_once(clean_set):
+    """The mean of the statistics of the batches drawn with ``split(key, batches)``, each
+    counted once (a loop that counted the first twice and dropped the last passed the
+    population-level tests)."""
+    model = NormalisedLinear()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    key = jax.random.key(3)
+    new = recompute_batch_stats(
+        model, variables, clean_set, key, batches=3, batch_size=8, augment=False
+    )
+    images, labels = jnp.asarray(clean_set.images), jnp.asarray(clean_set.labels)
+    batches = [
+        sample_clean_batch(k, images, labels, 8, clean_set.spec, False)[0].reshape(8, -1)
+        for k in jax.random.split(key, 3)
+    ]
+    stats = new["batch_stats"]["BatchNorm_0"]
+    np.testing.assert_allclose(stats["mean"], np.mean([x.mean(0) for x in batches], 0), atol=1e-5)
+    np.testing.assert_allclose(stats["var"], np.mean([x.var(0) for x in batches], 0), atol=1e-5)
 
 
 def test_same_key_same_statistics_and_no_batch_stats_is_a_no_op(clean_set):
