@@ -220,6 +220,28 @@ def flagged_classes(norms: np.ndarray, threshold: float) -> tuple[int, ...]:
     return tuple(sorted(low, key=lambda k: norms[k]))
 
 
+def adapt_cost(
+    cost: jax.Array,
+    window: jax.Array,
+    index: jax.Array,
+    success: jax.Array,
+    config: InversionConfig,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Neural Cleanse's schedule of the L1 weight lambda (NC section IV.B): after every
+    ``adapt_every`` steps, lambda is multiplied by ``cost_multiplier`` if the window's mean
+    batch success reached ``success_threshold`` and divided by its 1.5th power otherwise, and
+    the window restarts. Returns ``(cost, window, index)`` after a step of ``success``."""
+    window = window + success
+    index = index + 1
+    end = index % config.adapt_every == 0
+    factor = jnp.where(
+        window / config.adapt_every >= config.success_threshold,
+        config.cost_multiplier,
+        1.0 / config.cost_multiplier**1.5,
+    )
+    return jnp.where(end, cost * factor, cost), jnp.where(end, 0.0, window), index
+
+
 @functools.partial(jax.jit, static_argnames=("model", "spec", "config", "batch_size"))
 def _optimise_trigger(
     model: nn.Module,
@@ -270,17 +292,7 @@ def _optimise_trigger(
         )
         updates, opt_state = optimizer.update(grads, opt_state, raw)
         raw = optax.apply_updates(raw, updates)
-        window = window + success
-        index = index + 1
-        end = index % config.adapt_every == 0
-        mean_success = window / config.adapt_every
-        factor = jnp.where(
-            mean_success >= config.success_threshold,
-            config.cost_multiplier,
-            1.0 / config.cost_multiplier**1.5,
-        )
-        cost = jnp.where(end, cost * factor, cost)
-        window = jnp.where(end, 0.0, window)
+        cost, window, index = adapt_cost(cost, window, index, success, config)
         return (raw, opt_state, cost, window, index, best), loss
 
     best0 = {"raw": logits0, "l1": jnp.float32(jnp.inf), "found": jnp.bool_(False)}

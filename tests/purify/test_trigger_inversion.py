@@ -14,6 +14,7 @@ from fippure.inference import predict
 from fippure.purify.trigger_inversion import (
     InversionConfig,
     InvertedTrigger,
+    adapt_cost,
     anomaly_index,
     check_trigger,
     flagged_classes,
@@ -53,6 +54,19 @@ def test_a_lone_small_mask_is_flagged_where_most_masks_share_one_norm():
     np.testing.assert_array_equal(anomaly_index(norms), [0.0] * 9 + [np.inf])
     assert flagged_classes(norms, 2.0) == (9,)
     assert flagged_classes(np.array([10.0] * 6 + [11.0, 12.0, 1.0, 1.0]), 2.0) == (8, 9)
+
+
+def test_the_l1_weight_rises_after_a_successful_window_and_falls_faster_after_a_failed_one():
+    """NC section IV.B: every adapt_every steps, lambda * 1.5 if the window's mean success
+    reached the threshold, lambda / 1.5**1.5 otherwise; the window then restarts."""
+    config = InversionConfig(adapt_every=2, init_cost=1e-3, cost_multiplier=1.5)
+    cost, window, index = jnp.float32(1e-3), jnp.float32(0.0), jnp.int32(0)
+    costs = []
+    for success in (1.0, 1.0, 0.0, 0.0, 1.0, 0.5):
+        cost, window, index = adapt_cost(cost, window, index, jnp.float32(success), config)
+        costs.append(float(cost))
+    up, down = 1e-3 * 1.5, 1e-3 * 1.5 * 1.5**-1.5
+    np.testing.assert_allclose(costs, [1e-3, up, up, down, down, down * 1.5**-1.5], rtol=1e-6)
 
 
 def test_the_backdoor_target_needs_the_smallest_trigger(digits_badnets, digits_scan):
