@@ -220,6 +220,30 @@ def flagged_classes(norms: np.ndarray, threshold: float) -> tuple[int, ...]:
     return tuple(sorted(low, key=lambda k: norms[k]))
 
 
+def inversion_loss(
+    raw: dict[str, jax.Array],
+    cost: jax.Array,
+    model: nn.Module,
+    variables: Variables,
+    spec: DatasetSpec,
+    images: Float[Array, "b h w c"],
+    weight: Float[Array, " b"],
+    target: jax.Array,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Neural Cleanse's objective for one batch (NC Eq. 2): the cross-entropy towards
+    ``target`` of the stamped images, averaged over the rows of ``weight`` 1 (those not of
+    the target class), plus ``cost * |m|_1``. ``raw`` holds the mask's and the pattern's
+    logits; ``images`` are in [0, 1]. Returns ``(loss, (success on those rows, |m|_1))``."""
+    mask, pattern = jax.nn.sigmoid(raw["mask"]), jax.nn.sigmoid(raw["pattern"])
+    logits = model.apply(variables, normalize(stamp(images, mask, pattern), spec), train=False)
+    count = jnp.maximum(weight.sum(), 1.0)
+    targets = jnp.full(images.shape[:1], target)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    hits = (jnp.argmax(logits, -1) == target).astype(jnp.float32)
+    l1 = mask.sum()
+    return (weight * ce).sum() / count + cost * l1, ((weight * hits).sum() / count, l1)
+
+
 def adapt_cost(
     cost: jax.Array,
     window: jax.Array,
@@ -268,21 +292,12 @@ def _optimise_trigger(
     optimizer = optax.adam(config.learning_rate, b1=0.5, b2=0.9)
     others = (labels != target).astype(jnp.float32)
 
-    def batch_loss(raw, cost, rows):
-        mask, pattern = jax.nn.sigmoid(raw["mask"]), jax.nn.sigmoid(raw["pattern"])
-        x = stamp(to_unit_range(images[rows]), mask, pattern)
-        logits = model.apply(variables, normalize(x, spec), train=False)
-        weight = others[rows]
-        count = jnp.maximum(weight.sum(), 1.0)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full(rows.shape, target))
-        hits = (jnp.argmax(logits, -1) == target).astype(jnp.float32)
-        l1 = mask.sum()
-        return (weight * ce).sum() / count + cost * l1, ((weight * hits).sum() / count, l1)
-
     def step(carry, step_key):
         raw, opt_state, cost, window, index, best = carry
         rows = jax.random.choice(step_key, labels.shape[0], (batch_size,), replace=False)
-        (loss, (success, l1)), grads = jax.value_and_grad(batch_loss, has_aux=True)(raw, cost, rows)
+        (loss, (success, l1)), grads = jax.value_and_grad(inversion_loss, has_aux=True)(
+            raw, cost, model, variables, spec, to_unit_range(images[rows]), others[rows], target
+        )
         # the trigger scored is the one the gradient was taken at
         better = (success >= config.success_threshold) & (l1 < best["l1"])
         best = jax.tree_util.tree_map(

@@ -18,6 +18,7 @@ from fippure.purify.trigger_inversion import (
     anomaly_index,
     check_trigger,
     flagged_classes,
+    inversion_loss,
     invert_trigger,
     stamp,
     synthesized_asr,
@@ -67,6 +68,38 @@ def test_the_l1_weight_rises_after_a_successful_window_and_falls_faster_after_a_
         costs.append(float(cost))
     up, down = 1e-3 * 1.5, 1e-3 * 1.5 * 1.5**-1.5
     np.testing.assert_allclose(costs, [1e-3, up, up, down, down, down * 1.5**-1.5], rtol=1e-6)
+
+
+def test_the_inversion_loss_averages_the_cross_entropy_over_non_target_images_only(
+    digits_badnets,
+):
+    """NC Eq. 2 on a batch that mixes target-class images in: they carry no weight, so
+    changing them leaves the loss as it was."""
+    import optax
+
+    from fippure.data import normalize, to_unit_range
+
+    b = digits_badnets
+    images = to_unit_range(jnp.asarray(b.clean.images[:20]))
+    labels = np.asarray(b.clean.labels[:20])
+    weight = jnp.asarray(labels != b.target, jnp.float32)
+    assert 0 < float(weight.sum()) < 20
+    raw = {"mask": jnp.full((8, 8, 1), -1.0), "pattern": jnp.zeros((8, 8, 1))}
+    args = (b.model, b.variables, b.spec)
+    loss, (success, l1) = inversion_loss(raw, 0.01, *args, images, weight, b.target)
+    mask = jax.nn.sigmoid(raw["mask"])
+    stamped = (1 - mask) * images + mask * 0.5
+    logits = b.model.apply(b.variables, normalize(stamped, b.spec), train=False)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full(20, b.target))
+    keep = labels != b.target
+    assert float(l1) == pytest.approx(float(mask.sum()), rel=1e-6)
+    assert float(loss) == pytest.approx(float(ce[keep].mean()) + 0.01 * float(l1), rel=1e-5)
+    hits = np.asarray(jnp.argmax(logits, -1) == b.target)
+    assert float(success) == pytest.approx(hits[keep].mean())
+    others = images.at[~keep].set(0.0)
+    assert float(inversion_loss(raw, 0.01, *args, others, weight, b.target)[0]) == pytest.approx(
+        float(loss), rel=1e-6
+    )
 
 
 def test_the_backdoor_target_needs_the_smallest_trigger(digits_badnets, digits_scan):
