@@ -244,6 +244,32 @@ def inversion_loss(
     return (weight * ce).sum() / count + cost * l1, ((weight * hits).sum() / count, l1)
 
 
+def keep_best(
+    best: dict[str, Any],
+    raw: dict[str, jax.Array],
+    success: jax.Array,
+    l1: jax.Array,
+    threshold: float,
+) -> dict[str, Any]:
+    """The best trigger so far (NC section IV.B): ``raw`` replaces ``best`` when its batch
+    success reached ``threshold`` and its mask is smaller; ``best`` holds ``raw``, ``l1`` and
+    ``found`` (start: ``l1`` infinite, ``found`` False)."""
+    better = (success >= threshold) & (l1 < best["l1"])
+    return jax.tree_util.tree_map(
+        lambda new, old: jnp.where(better, new, old),
+        {"raw": raw, "l1": l1, "found": jnp.bool_(True)},
+        best,
+    )
+
+
+def chosen_trigger(best: dict[str, Any], last: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The logits returned: the best trigger, or the last iterate where no step reached the
+    success threshold."""
+    return jax.tree_util.tree_map(
+        lambda kept, now: jnp.where(best["found"], kept, now), best["raw"], last
+    )
+
+
 def adapt_cost(
     cost: jax.Array,
     window: jax.Array,
@@ -299,12 +325,7 @@ def _optimise_trigger(
             raw, cost, model, variables, spec, to_unit_range(images[rows]), others[rows], target
         )
         # the trigger scored is the one the gradient was taken at
-        better = (success >= config.success_threshold) & (l1 < best["l1"])
-        best = jax.tree_util.tree_map(
-            lambda new, old: jnp.where(better, new, old),
-            {"raw": raw, "l1": l1, "found": jnp.bool_(True)},
-            best,
-        )
+        best = keep_best(best, raw, success, l1, config.success_threshold)
         updates, opt_state = optimizer.update(grads, opt_state, raw)
         raw = optax.apply_updates(raw, updates)
         cost, window, index = adapt_cost(cost, window, index, success, config)
@@ -321,9 +342,7 @@ def _optimise_trigger(
     )
     keys = jax.random.split(steps_key, config.steps)
     (raw, _, cost, _, _, best), losses = jax.lax.scan(step, carry0, keys)
-    chosen = jax.tree_util.tree_map(
-        lambda b, last: jnp.where(best["found"], b, last), best["raw"], raw
-    )
+    chosen = chosen_trigger(best, raw)
     return (
         jax.nn.sigmoid(chosen["mask"]),
         jax.nn.sigmoid(chosen["pattern"]),

@@ -17,9 +17,11 @@ from fippure.purify.trigger_inversion import (
     adapt_cost,
     anomaly_index,
     check_trigger,
+    chosen_trigger,
     flagged_classes,
     inversion_loss,
     invert_trigger,
+    keep_best,
     stamp,
     synthesized_asr,
 )
@@ -100,6 +102,22 @@ def test_the_inversion_loss_averages_the_cross_entropy_over_non_target_images_on
     assert float(inversion_loss(raw, 0.01, *args, others, weight, b.target)[0]) == pytest.approx(
         float(loss), rel=1e-6
     )
+
+
+def test_the_trigger_kept_is_the_smallest_that_reached_the_success_threshold():
+    steps = [(0.5, 3.0), (1.0, 9.0), (0.995, 6.0), (0.9, 2.0), (1.0, 7.0)]  # (success, l1)
+    best = {"raw": {"mask": jnp.float32(-1.0)}, "l1": jnp.float32(jnp.inf), "found": False}
+    for i, (success, l1) in enumerate(steps):
+        raw = {"mask": jnp.float32(i)}
+        best = keep_best(best, raw, jnp.float32(success), jnp.float32(l1), 0.99)
+    assert bool(best["found"]) and float(best["l1"]) == 6.0
+    assert float(chosen_trigger(best, {"mask": jnp.float32(4.0)})["mask"]) == 2.0  # step 2
+    # no step reached the threshold: the last iterate is returned
+    none = {"raw": {"mask": jnp.float32(-1.0)}, "l1": jnp.float32(jnp.inf), "found": False}
+    for i, (success, l1) in enumerate(steps):
+        none = keep_best(none, {"mask": jnp.float32(i)}, jnp.float32(success / 2), l1, 0.99)
+    assert not bool(none["found"])
+    assert float(chosen_trigger(none, {"mask": jnp.float32(4.0)})["mask"]) == 4.0
 
 
 def test_the_backdoor_target_needs_the_smallest_trigger(digits_badnets, digits_scan):
