@@ -121,7 +121,7 @@ def main() -> None:
         scans.per_attack(args.attacks, out, run, args.report_only)
         # the choice is made over the core attacks whatever --attacks ran now, so a run on
         # some of them does not rewrite the report as a choice over those alone
-        results = scans.per_attack(CORE_ATTACKS, out, run, True)
+        results = scans.stored_results(CORE_ATTACKS, out)
         search = {"max_steps": MAX_STEPS[args.method], "every": EVERY, "threshold": THRESHOLD}
         other = [r["attack"] for r in results if {k: r["rule"][k] for k in search} != search]
         if other:

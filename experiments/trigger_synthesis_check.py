@@ -333,7 +333,6 @@ def per_attack(
     from fippure.provenance import provenance
 
     out.mkdir(parents=True, exist_ok=True)
-    results = []
     for attack in attacks:
         path = out / f"{attack}.json"
         if path.exists() and not report_only and expected:
@@ -342,13 +341,16 @@ def per_attack(
                 raise SystemExit(
                     f"{path} was measured with {mismatch}; move it away to measure again"
                 )
-        if not path.exists():
-            if report_only:
-                continue
+        if not path.exists() and not report_only:
             path.write_text(json.dumps({**run(attack), **provenance()}, indent=1, default=float))
             print(f"{attack}: done", flush=True)
-        results.append(json.loads(path.read_text()))
-    return results
+    return stored_results(attacks, out)
+
+
+def stored_results(attacks, out: pathlib.Path) -> list[dict]:
+    """The stored results ``out/<attack>.json`` of those of ``attacks`` that have one."""
+    paths = (out / f"{attack}.json" for attack in attacks)
+    return [json.loads(path.read_text()) for path in paths if path.exists()]
 
 
 def main() -> None:
@@ -357,7 +359,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     per_attack(args.attacks, OUT, run_attack, args.report_only, measured_with())
-    write_summary(per_attack(stored_attacks(ATTACKS, args.attacks, OUT), OUT, None, True))
+    write_summary(stored_results(stored_attacks(ATTACKS, args.attacks, OUT), OUT))
 
 
 if __name__ == "__main__":
