@@ -621,19 +621,19 @@ def test_nft_learning_rate_follows_five_floored_cosine_blocks():
     )
 
 
+def _ngf_newton_config(clean, **changes) -> ngf.NGFConfig:
+    """NGF as a damped Newton step on the head: one step on the whole clean set, the Fisher
+    refreshed every step, no anchor and no trust region, unless ``changes`` say otherwise."""
+    base = dict(
+        steps=1, batch_size=len(clean), eta_r=0.0, kl_clip=None, refresh_every=1, log_every=1
+    )
+    return ngf.NGFConfig(**{**base, **changes})
+
+
 def test_ngf_step_on_the_head_is_the_damped_newton_step(tiny):
     model, variables, clean, inputs, labels = tiny
     alpha, damping = 0.3, 1e-2
-    config = ngf.NGFConfig(
-        steps=1,
-        batch_size=len(clean),
-        learning_rate=alpha,
-        damping=damping,
-        eta_r=0.0,
-        kl_clip=None,
-        refresh_every=1,
-        log_every=1,
-    )
+    config = _ngf_newton_config(clean, learning_rate=alpha, damping=damping)
     out, report = ngf.purify(model, variables, clean, config, progress=False)
     features = penultimate_features(model, variables, inputs)
     head0 = variables["params"]["head"]
@@ -677,16 +677,8 @@ def test_ngf_step_with_the_anchor_preconditions_by_its_curvature_too(tiny, ancho
     # at theta0 the anchor's gradient is zero, so only the preconditioner differs.
     model, variables, clean, inputs, labels = tiny
     alpha, damping, eta_r = 0.3, 1e-2, 5.0
-    config = ngf.NGFConfig(
-        steps=1,
-        batch_size=len(clean),
-        learning_rate=alpha,
-        damping=damping,
-        eta_r=eta_r,
-        anchor_curvature=anchor_curvature,
-        kl_clip=None,
-        refresh_every=1,
-        log_every=1,
+    config = _ngf_newton_config(
+        clean, learning_rate=alpha, damping=damping, eta_r=eta_r, anchor_curvature=anchor_curvature
     )
     out, _ = ngf.purify(model, variables, clean, config, progress=False)
     flat, per_example = _head_as_vector(model, variables, inputs, labels)
@@ -705,15 +697,7 @@ def test_ngf_second_step_preconditions_with_the_fisher_at_the_current_head(tiny)
     """refresh_every=1: step 2 is the damped Newton step taken at theta1, not at theta0."""
     model, variables, clean, inputs, labels = tiny
     alpha, damping = 0.3, 1e-2
-    config = ngf.NGFConfig(
-        steps=2,
-        batch_size=len(clean),
-        learning_rate=alpha,
-        damping=damping,
-        eta_r=0.0,
-        kl_clip=None,
-        refresh_every=1,
-    )
+    config = _ngf_newton_config(clean, steps=2, learning_rate=alpha, damping=damping)
     heads = []
     out, _ = ngf.purify(
         model, variables, clean, config, progress=False, observe_every=1,
@@ -731,16 +715,7 @@ def test_ngf_kl_clip_bounds_the_steps_quadratic_kl_half_u_f_u(tiny):
     """SPEC section 5's trust region: a clipped step u has KL ~ 0.5 u^T F u equal to kl_clip."""
     model, variables, clean, inputs, labels = tiny
     clip = 1e-4
-    config = ngf.NGFConfig(
-        steps=1,
-        batch_size=len(clean),
-        learning_rate=1.0,
-        damping=1e-3,
-        eta_r=0.0,
-        kl_clip=clip,
-        refresh_every=1,
-        log_every=1,
-    )
+    config = _ngf_newton_config(clean, learning_rate=1.0, damping=1e-3, kl_clip=clip)
     out, report = ngf.purify(model, variables, clean, config, progress=False)
     assert report.loss_curve[0]["trust_scale"] < 1.0  # the clip was active
     theta0, per_example = _head_as_vector(model, variables, inputs, labels)
