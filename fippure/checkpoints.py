@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fippure import __version__
+from fippure.config_checks import is_integer
 from fippure.errors import CheckpointError, InvalidInputError, UnknownNameError
 from fippure.models.registry import MODELS, create_model, init_variables
 from fippure.provenance import code_revision
@@ -359,10 +360,6 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return metadata
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _metadata_type_problem(metadata: dict[str, Any]) -> str | None:
     """What is of the wrong type among the metadata fields the loaders read (a hand-edited or
     truncated file), as the end of a sentence; ``None`` where all are right."""
@@ -371,7 +368,7 @@ def _metadata_type_problem(metadata: dict[str, Any]) -> str | None:
     normalization = metadata.get("normalization")
     checks = [
         (isinstance(model["name"], str), "model.name must be a string"),
-        (_is_int(model["num_classes"]), "model.num_classes must be an integer"),
+        (is_integer(model["num_classes"]), "model.num_classes must be an integer"),
         (isinstance(model.get("kwargs", {}), dict), "model.kwargs must be a mapping"),
         (
             isinstance(metadata.get("extras", []), list)
@@ -383,7 +380,7 @@ def _metadata_type_problem(metadata: dict[str, Any]) -> str | None:
             or (
                 isinstance(metadata["image_shape"], list)
                 and len(metadata["image_shape"]) == 3
-                and all(_is_int(v) for v in metadata["image_shape"])
+                and all(is_integer(v) for v in metadata["image_shape"])
             ),
             "image_shape must be a list of three integers",
         ),
@@ -393,7 +390,7 @@ def _metadata_type_problem(metadata: dict[str, Any]) -> str | None:
             "normalization must hold mean and std",
         ),
         (
-            metadata.get("clean_seed") is None or _is_int(metadata["clean_seed"]),
+            metadata.get("clean_seed") is None or is_integer(metadata["clean_seed"]),
             "clean_seed must be an integer",
         ),
         (attack is None or isinstance(attack, dict), "attack must be a mapping"),

@@ -56,6 +56,11 @@ UNIT_POSITIVE: Rule = interval(0, 1, low_open=True)
 SEED: Rule = interval(0, 2**32, high_open=True)
 
 
+def is_integer(value: Any) -> bool:
+    """An integer of any integral type (numpy's included), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_seed(value: Any, name: str = "seed") -> None:
     """One-line error unless ``value`` is an integer in ``[0, 2**32)`` (not a bool or None).
 
@@ -63,14 +68,14 @@ def check_seed(value: Any, name: str = "seed") -> None:
     another seed), and numpy takes ``None`` as "a fresh draw every time" (no run to repeat).
     """
     in_range, _ = SEED
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not in_range(value):
+    if not is_integer(value) or not in_range(value):
         raise InvalidInputError(f"{name} must be an integer in [0, 2**32), got {value!r}")
 
 
 def check_count(value: Any, name: str, minimum: int = 0) -> None:
     """One-line error unless ``value`` is an integer (not a bool) of at least ``minimum``: a
     step interval such as ``observe_every``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if not is_integer(value) or value < minimum:
         raise InvalidInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
@@ -150,7 +155,7 @@ def check_type(value: Any, annotation: Any, where: str) -> None:
         if not isinstance(value, bool):
             raise InvalidInputError(f"{where} must be true or false, got {value!r}")
     elif annotation is int:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if not is_integer(value):
             raise InvalidInputError(f"{where} must be an integer, got {value!r}")
     elif annotation is float:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import numbers
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -23,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from fippure.config_checks import check_type
+from fippure.config_checks import check_type, is_integer
 from fippure.errors import InvalidInputError, UnknownNameError
 from fippure.models.layers import FEATURES, ComputeDtype
 from fippure.models.preact_resnet import PreActResNet18
@@ -50,10 +49,6 @@ def model_fields(name: str) -> set[str]:
     cls = factory.func if isinstance(factory, functools.partial) else factory
     fixed = set(factory.keywords) if isinstance(factory, functools.partial) else set()
     return {f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")} - fixed
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _field_types(name: str) -> dict[str, Any]:
@@ -84,13 +79,13 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
             f"model {name} takes no argument(s) {sorted(unknown)}; "
             f"it takes {sorted(model_fields(name) - {'num_classes'})}"
         )
-    if not _is_int(num_classes) or num_classes < 2:
+    if not is_integer(num_classes) or num_classes < 2:
         raise InvalidInputError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     hints = _field_types(name)
     for key, value in kwargs.items():
         check_type(value, hints.get(key), f"model {name}: {key}")
         # every size-like field (width, depth, heads...) is >= 1
-        if _is_int(value) and value < 1:
+        if is_integer(value) and value < 1:
             raise InvalidInputError(f"model {name}: {key} must be >= 1, got {value}")
     return MODELS[name](num_classes=int(num_classes), **kwargs)
 
@@ -120,7 +115,7 @@ def init_variables(
     """Initial ``{'params': ..., 'batch_stats': ...}`` for inputs of ``image_shape``
     (height, width, channels; no batch dimension)."""
     shape = tuple(image_shape)
-    if len(shape) != 3 or not all(_is_int(d) and d >= 1 for d in shape):
+    if len(shape) != 3 or not all(is_integer(d) and d >= 1 for d in shape):
         raise InvalidInputError(
             f"image_shape must be (height, width, channels) of positive integers, without a "
             f"batch dimension; got {shape}"
