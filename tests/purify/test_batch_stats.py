@@ -25,10 +25,11 @@ class NormalisedLinear(nn.Module):
     """Flatten, BatchNorm with an unusual momentum, dense head."""
 
     momentum: float = 0.7
+    scale: float = 1.0
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = x.reshape((x.shape[0], -1))
+        x = x.reshape((x.shape[0], -1)) * self.scale
         x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum)(x)
         return nn.Dense(10)(x)
 
@@ -50,6 +51,21 @@ def test_full_batch_statistics_are_the_population_mean_and_variance(clean_set, m
     np.testing.assert_allclose(stats["mean"], x.mean(0), atol=1e-5)
     np.testing.assert_allclose(stats["var"], x.var(0), atol=1e-5)
     assert new["params"] is variables["params"]
+
+
+def test_large_statistics_keep_their_precision(clean_set):
+    """Activations of scale 3000 (variances near 1e7, as an unnormalised input gives): reading
+    the momentum as ``(from 1) - (from 0)`` lost it to rounding and gave variances 20% low."""
+    model = NormalisedLinear(momentum=0.9, scale=3e3)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    new = recompute_batch_stats(
+        model, variables, clean_set, jax.random.key(1), batches=3, batch_size=30, augment=False
+    )
+    x = normalize(to_unit_range(jnp.asarray(clean_set.images)), clean_set.spec).reshape(30, -1)
+    x = np.asarray(x, np.float64) * 3e3
+    stats = new["batch_stats"]["BatchNorm_0"]
+    np.testing.assert_allclose(stats["mean"], x.mean(0), rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(stats["var"], x.var(0), rtol=1e-4, atol=1e-2)
 
 
 def test_small_batches_average_their_statistics(clean_set):
