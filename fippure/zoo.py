@@ -165,8 +165,8 @@ def load_backdoored(
     if attack_meta:
         check_attack_metadata(attack_meta, path, train.num_classes)
     if clean_size is not None:
-        is_number = isinstance(clean_size, numbers.Real) and not isinstance(clean_size, bool)
-        if is_number and float(clean_size).is_integer() and clean_size > len(clean_indices):
+        is_count = isinstance(clean_size, numbers.Integral) and not isinstance(clean_size, bool)
+        if is_count and clean_size > len(clean_indices):
             count = int(clean_size)  # a count beyond the stored set: say so, whatever the split
         else:
             count = clean_set_size(clean_size, len(train))

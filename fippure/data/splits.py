@@ -39,14 +39,21 @@ def check_label_range(labels: np.ndarray, num_classes: int, what: str = "labels"
 
 
 def clean_set_size(size: int | float, num_train: int) -> int:
-    """Turns a count (``500``) or a fraction of the training set (``0.01``) into a count."""
+    """Turns a count (``500``, an integer) or a fraction of the training set (``0.01``, a float
+    in (0, 1)) into a count. A float is always a fraction, as on the command line: ``1.0``
+    (meant as the whole set?) and ``500.0`` are refused rather than read as counts."""
     if isinstance(size, bool | np.bool_) or not isinstance(size, numbers.Real):
         raise InvalidInputError(f"clean-set size must be a count or a fraction, got {size!r}")
-    value = float(size)
-    if not value.is_integer():
+    if not isinstance(size, numbers.Integral):
+        value = float(size)
         if not 0.0 < value < 1.0:
+            whole = value >= 1 and value.is_integer()
+            hint = (
+                f"; for a count of {int(value)} images, pass the int {int(value)}" if whole else ""
+            )
             raise InvalidInputError(
-                f"clean-set size must be a whole count or a fraction in (0, 1), got {size}"
+                "clean-set size must be a whole count (an int) or a fraction in (0, 1), "
+                f"got {size!r}{hint}"
             )
         count = max(1, int(round(value * num_train)))
         if count >= num_train:  # 0.999 of 100 images rounds to all of them
@@ -55,7 +62,7 @@ def clean_set_size(size: int | float, num_train: int) -> int:
                 "the attacker's part would be empty"
             )
         return count
-    count = int(value)
+    count = int(size)
     if count < 1 or count >= num_train:
         raise InvalidInputError(f"clean-set count must be in [1, {num_train}), got {count}")
     return count

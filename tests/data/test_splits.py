@@ -66,7 +66,6 @@ def test_unbalanced_labels_still_give_balanced_set():
         (0.01, 50000, 500),
         (0.05, 50000, 2500),
         (10, 50000, 10),
-        (1.0, 50, 1),
         (np.float32(0.05), 50000, 2500),  # numpy scalars are numbers too
         (np.int64(500), 50000, 500),
     ],
@@ -79,6 +78,14 @@ def test_clean_set_size(size, num_train, expected):
 def test_clean_set_size_errors(size):
     with pytest.raises(InvalidInputError, match="clean-set"):
         clean_set_size(size, 500)
+
+
+@pytest.mark.parametrize("size", [1.0, 500.0, np.float64(20.0)])
+def test_a_whole_float_is_not_read_as_a_count(size):
+    """A float is a fraction, as ``--clean 1.0`` is on the command line: ``1.0`` was read as one
+    image, where the caller more likely meant the whole set."""
+    with pytest.raises(InvalidInputError, match="pass the int"):
+        clean_set_size(size, 50000)
 
 
 def test_too_small_for_all_classes():
