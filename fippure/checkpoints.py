@@ -431,7 +431,12 @@ def load_checkpoint(
                 f"({', '.join(sorted(MODELS))}); load it into its module with "
                 "load_checkpoint(path, model=...)"
             )
-        model = create_model(spec["name"], spec["num_classes"], **spec.get("kwargs", {}))
+        try:
+            model = create_model(spec["name"], spec["num_classes"], **spec.get("kwargs", {}))
+        except InvalidInputError as error:
+            raise CheckpointError(
+                f"corrupt checkpoint {path}: its metadata's model options are refused: {error}"
+            ) from None
     if image_shape is None:
         image_shape = _metadata_image_shape(metadata)
     expected = _abstract_variables(model, image_shape)

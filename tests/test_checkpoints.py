@@ -263,6 +263,23 @@ def test_metadata_fields_of_the_wrong_type_are_a_corrupt_checkpoint(saved, field
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"width": 4, "depth": 3}, r"takes no argument\(s\) \['depth'\]"),
+        ({"width": -2}, "width must be >= 1"),
+        ({"width": "x"}, "width must be an integer"),
+    ],
+)
+def test_model_options_the_model_refuses_are_the_checkpoints_fault(saved, kwargs, match):
+    # an InvalidInputError said the model refused them, not that the checkpoint was at fault
+    meta = json.loads((saved / "metadata.json").read_text())
+    meta["model"]["kwargs"] = kwargs
+    (saved / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=f"corrupt checkpoint {saved}.*{match}"):
+        load_checkpoint(saved)
+
+
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match=f"no checkpoint at {tmp_path / 'absent'}"):
         load_checkpoint(tmp_path / "absent")
