@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,7 @@ from scipy import fft
 
 from fippure.attacks import AttackContext, make_attack, make_poison_plan
 from fippure.attacks.lf import bspline_matrix
+from fippure.data import normalize, to_unit_range
 from fippure.data.catalog import get_spec
 from fippure.data.sources import load_dataset
 from fippure.errors import InvalidInputError
@@ -69,6 +71,37 @@ def test_fit_is_computed_on_non_target_images_only(digits_reference):
     attack = make_attack("lf")
     with pytest.raises(InvalidInputError, match="no training image outside the target class"):
         attack.fit(attack.init_state(jax.random.key(0), data.spec), context)
+
+
+_SHOWN: list = []
+
+
+class _RecordingReference(nn.Module):
+    """A linear classifier that records the images it is shown in ``_SHOWN``."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        jax.debug.callback(lambda v: _SHOWN.append(np.asarray(v)), x)
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+def test_fit_shows_the_reference_normalised_images():
+    """The reference model is fitted against as it is applied: to normalised images (a fit on
+    [0, 1] images fooled a model that never sees such inputs)."""
+    data = load_dataset("digits", "train")
+    data = data.subset(np.flatnonzero(data.labels != 0)[:20], "few")
+    plan = make_poison_plan(data.labels, ratio=0.1, num_classes=10, target=0)
+    model = _RecordingReference()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, *data.spec.image_shape)))
+    _SHOWN.clear()
+    context = AttackContext(data, plan, data.spec, jax.random.key(0), (model, variables))
+    attack = make_attack("lf", steps=1, batch_size=4)
+    attack.fit(attack.init_state(jax.random.key(0), data.spec), context)
+    shown = np.concatenate(_SHOWN)  # step 0: the pattern is still zero
+    candidates = np.asarray(normalize(to_unit_range(jnp.asarray(data.images)), data.spec))
+    assert len(shown) == 4
+    for image in shown:
+        assert np.abs(candidates - image).max(axis=(1, 2, 3)).min() < 1e-5
 
 
 def test_fit_fools_the_reference_within_the_bound(digits_reference):
