@@ -102,6 +102,26 @@ def test_a_batch_of_one_has_no_negatives():
         np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
 
 
+def test_a_negative_never_carries_its_own_residual():
+    """In a batch of two clean rows that are both negatives, each carries the other's
+    residual, whatever the key (a shift of 0 would make it its own squeeze, labelled clean)."""
+    labels = np.arange(100, dtype=np.int32) % 10
+    images = np.random.default_rng(2).integers(0, 256, (100, 32, 32, 3)).astype(np.uint8)
+    attack = make_attack("bpp", neg_ratio=0.95)  # probability 1 for the clean rows
+    plan = make_poison_plan(labels, ratio=0.05, num_classes=10, target=0, seed=0)
+    context = AttackContext(ImageDataset(images, labels, CIFAR, "train"), plan, CIFAR, None)
+    transform = jax.jit(attack.training_transform({}, plan, context))
+    rows = np.setdiff1d(np.arange(100), plan.indices)[:2]
+    x = jnp.asarray(images[rows], jnp.float32) / 255.0
+    swapped = np.asarray(x)[::-1]
+    expected = np.clip(
+        np.asarray(x) + np.asarray(quantize(jnp.asarray(swapped), 8)) - swapped, 0, 1
+    )
+    for seed in range(16):
+        out, _ = transform(jax.random.key(seed), x, jnp.asarray(labels[rows]), jnp.asarray(rows))
+        np.testing.assert_allclose(np.asarray(out), expected, atol=1e-6)
+
+
 def test_negatives_are_drawn_among_the_clean_rows_at_neg_ratio_of_the_whole_set():
     # neg_ratio counts against the whole training set; negatives come from the clean rows
     # only, so their probability is neg_ratio / (1 - poison ratio)
