@@ -348,14 +348,16 @@ def power_iteration(
     require(num_iters >= 1, f"num_iters must be positive, got {num_iters}")
     check_operator(matvec, like, "power_iteration")
     start = rademacher_like(key, like)
-    start = jax.tree_util.tree_map(lambda x: x / tree_norm(start), start)
+    norm = tree_norm(start)  # at least float32; the vectors keep the parameters' dtypes
+    start = jax.tree_util.tree_map(lambda x: (x / norm).astype(x.dtype), start)
     operator = _as_operator(matvec)
     if loop == "fori":
         return _power_fori(operator, start, num_iters, tol, shift)
     if loop != "python":
         raise InvalidInputError(f"unknown loop {loop!r}; use 'python' or 'fori'")
-    # the first quotient's "previous" value, in the vectors' dtype (one compilation)
-    eigenvalue = jnp.zeros((), jnp.result_type(*jax.tree_util.tree_leaves(start)))
+    # the first quotient's "previous" value, in tree_dot's dtype (one compilation)
+    wide = jnp.promote_types(jnp.result_type(*jax.tree_util.tree_leaves(start)), jnp.float32)
+    eigenvalue = jnp.zeros((), wide)
     shift = jnp.asarray(shift, eigenvalue.dtype)  # on the device once, not at every step
     if not is_concrete((operator, start, shift)):
         carry = (eigenvalue, start, start, jnp.asarray(jnp.inf, eigenvalue.dtype))

@@ -48,14 +48,20 @@ def rademacher_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
 
 
 def tree_dot(a: PyTree, b: PyTree) -> Float[Array, ""]:
-    """``<a, b>``: the sum over all leaves of the elementwise products.
+    """``<a, b>``: the sum over all leaves of the elementwise products, accumulated and
+    returned in at least float32 (a bfloat16 sum of 1e5 ones read 99840).
 
     Raises:
         InvalidInputError: ``a`` and ``b`` differ in structure or in a leaf's shape (a
             broadcast product would silently give another number).
     """
     check_fits(b, a, "b", "tree_dot", exact=True, reference="a")
-    products = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x, y: jnp.sum(x * y), a, b))
+
+    def leaf_dot(x, y):
+        wide = jnp.promote_types(jnp.result_type(x, y), jnp.float32)
+        return jnp.sum(jnp.asarray(x, wide) * jnp.asarray(y, wide))
+
+    products = jax.tree_util.tree_leaves(jax.tree_util.tree_map(leaf_dot, a, b))
     return functools.reduce(jnp.add, products) if products else jnp.zeros(())
 
 

@@ -418,6 +418,27 @@ def test_lanczos_takes_the_librarys_operators_at_bfloat16_parameters(problem, de
     np.testing.assert_allclose(top[0], np.linalg.eigvalsh(matrix)[-1], rtol=0.1)
 
 
+@pytest.mark.parametrize("loop", ["python", "fori"])
+@pytest.mark.parametrize("method", ["power_iteration", "largest_eigenvalue"])
+def test_power_iteration_takes_parameters_of_mixed_dtypes(problem, dense, method, loop):
+    # normalising the start vector by a float32 norm turned its bfloat16 leaves into float32
+    # ones, which an operator linearised at bfloat16 parameters refuses
+    leaves, tree = jax.tree_util.tree_flatten(problem.params)
+    mixed = [x.astype(jnp.bfloat16 if i % 2 else jnp.float32) for i, x in enumerate(leaves)]
+    params = jax.tree_util.tree_unflatten(tree, mixed)
+    low = problem._replace(
+        params=params, batch=(problem.batch[0].astype(jnp.float32), problem.batch[1])
+    )
+    result = getattr(eigenvalues, method)(
+        operator(low, "ggn"), params, jax.random.key(0), 200, 1e-4, loop=loop
+    )
+    assert result.eigenvalue.dtype == jnp.float32
+    assert jax.tree_util.tree_map(lambda x: x.dtype, result.eigenvector) == jax.tree_util.tree_map(
+        lambda x: x.dtype, params
+    )
+    np.testing.assert_allclose(result.eigenvalue, np.linalg.eigvalsh(dense.ggn)[-1], rtol=0.05)
+
+
 def _closure_and_partial(problem):
     """The same Hessian operator as a plain closure and as one of the library's operators."""
     closure = lambda q: lambda v: products.hvp(problem.loss_fn, q, problem.batch, v)  # noqa: E731

@@ -162,6 +162,14 @@ def test_a_vector_not_shaped_like_params_is_refused_by_name(problem, name):
         getattr(products, name)(fn, problem.params, problem.batch, column)
 
 
+def test_tree_dot_accumulates_bfloat16_leaves_in_float32():
+    # summed in bfloat16, 1e5 ones gave 99840
+    ones = {"a": jnp.ones((100_000,), jnp.bfloat16), "b": jnp.ones((3,), jnp.bfloat16)}
+    total = tree_dot(ones, ones)
+    assert total.dtype == jnp.float32 and float(total) == 100_003.0
+    assert tree_dot({"a": np.ones(3)}, {"a": np.ones(3)}).dtype == jnp.float64  # under x64
+
+
 def test_tree_dot_refuses_leaves_that_would_broadcast():
     a = {"w": np.ones(3)}
     with pytest.raises(InvalidInputError, match=r"tree_dot: b\['w'\] has shape \(3, 1\)"):
