@@ -131,8 +131,9 @@ def ggn_trace_samples(
 ) -> Float[Array, " num_probes"]:
     """Per-probe values ``v^T G v`` of the GGN (true Fisher), computed with jvps only.
 
-    ``v^T G v = (1/n) sum_i [sum_k p_ik u_ik^2 - (sum_k p_ik u_ik)^2]`` with ``u = J v`` from the
-    forward linearisation of the logits (one primal pass shared by all probes).
+    ``v^T G v = (1/n) sum_i sum_k p_ik (u_ik - sum_j p_ij u_ij)^2`` (the variance of ``u_i``
+    under ``p_i``) with ``u = J v`` from the forward linearisation of the logits (one primal
+    pass shared by all probes).
     Differentiable with ``jax.grad``.
 
     Args:
@@ -151,7 +152,10 @@ def ggn_trace_samples(
 
     def one(probe_key):
         u = jvp_fn(rademacher_like(probe_key, params))
-        quad = jnp.sum(probs * u**2, axis=-1) - jnp.sum(probs * u, axis=-1) ** 2
+        # the variance of u under p, centred before squaring: E[u^2] - E[u]^2 cancels
+        # catastrophically at confident predictions (0 in float32 once 1 - max p < 1e-8)
+        centred = u - jnp.sum(probs * u, axis=-1, keepdims=True)
+        quad = jnp.sum(probs * centred**2, axis=-1)
         return jnp.mean(quad)
 
     return map_probes(one, key, num_probes, vmap_probes)

@@ -109,6 +109,21 @@ def test_empirical_fisher_trace_per_probe_is_exact(problem, dense):
     np.testing.assert_allclose(estimate, expected, rtol=1e-9)
 
 
+@pytest.mark.parametrize("margin", [16.0, 20.0, 24.0])
+def test_ggn_trace_keeps_float32_precision_at_confident_predictions(margin):
+    """``sum p u^2 - (sum p u)^2`` lost the per-example variance to cancellation in float32
+    (0 instead of 1.1e-8 once 1 - max p was 4e-9); the centred form keeps it."""
+    w = np.array([[margin, 0.0, 0.5], [0.3, -0.2, 0.1]])
+    x = np.array([[1.0, 1.0], [1.0, -1.0]])
+    logits_fn = lambda p, b: b @ p["w"]  # noqa: E731
+    key = jax.random.key(3)
+    exact = trace.ggn_trace_samples(logits_fn, {"w": jnp.asarray(w)}, jnp.asarray(x), key, 3)
+    low = {"w": jnp.asarray(w, jnp.float32)}
+    got = trace.ggn_trace_samples(logits_fn, low, jnp.asarray(x, jnp.float32), key, 3)
+    assert got.dtype == jnp.float32 and float(exact.max()) < 1e-5
+    np.testing.assert_allclose(got, exact, rtol=1e-4)
+
+
 def test_true_fisher_trace_is_unbiased_for_the_ggn_trace(problem, dense):
     num_probes = 4000
     estimate = jax.jit(
