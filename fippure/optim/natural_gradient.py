@@ -43,7 +43,12 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from fippure.errors import InvalidInputError, is_concrete
-from fippure.tree_checks import check_fits, check_operator, has_negative_entries
+from fippure.tree_checks import (
+    check_fits,
+    check_operator,
+    has_negative_entries,
+    refuse_masked,
+)
 
 PyTree = Any
 Mode = Literal["cg", "dense"]
@@ -144,11 +149,6 @@ def _check_head_inputs(updates: PyTree, features: Array, logits: Array) -> None:
         )
 
 
-def _has_masked_nodes(tree: PyTree) -> bool:
-    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-    return any(isinstance(x, optax.MaskedNode) for x in leaves)
-
-
 def natural_gradient(
     damping: float,
     mode: Mode = "cg",
@@ -203,6 +203,7 @@ def natural_gradient(
         if mode == "cg":
             factor = None
         else:
+            refuse_masked(params, "natural_gradient(mode='dense')", "it factors the whole head")
             _check_head(params)
             size = _head_to_vector(params).shape[0]
             # the factor is kept in at least float32 (no Cholesky in bfloat16 or float16)
@@ -213,10 +214,7 @@ def natural_gradient(
     def cg_update(updates, state, fvp_fn):
         if fvp_fn is None:
             raise InvalidInputError("natural_gradient(mode='cg') needs the extra fvp_fn=")
-        if _has_masked_nodes(updates):
-            raise InvalidInputError(
-                "natural_gradient cannot run inside optax.masked; chain it on the trained subset"
-            )
+        refuse_masked(updates, "natural_gradient", "its placeholders would reach fvp_fn")
         if diagonal is not None:
             check_fits(diagonal, updates, "diagonal", "natural_gradient")
         check_operator(fvp_fn, updates, "natural_gradient (fvp_fn)")
@@ -232,6 +230,7 @@ def natural_gradient(
         return solution, state._replace(count=optax.safe_increment(state.count))
 
     def dense_update(updates, state, features, logits):
+        refuse_masked(updates, "natural_gradient(mode='dense')", "it factors the whole head")
         _check_head(updates)
         if features is None or logits is None:
             raise InvalidInputError(

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from fippure.errors import InvalidInputError, is_concrete
+from fippure.tree_checks import refuse_masked
 
 PyTree = Any
 
@@ -126,6 +127,12 @@ def adaptive_sam(
 
     def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
         del extra_args  # optax.contrib.sam takes only grad_fn; drop what a chain forwards
+        if params is None:
+            raise InvalidInputError(
+                "adaptive_sam needs params (it evaluates grad_fn at params + eps): "
+                "update(grads, state, params, grad_fn=...)"
+            )
+        refuse_masked(params, "adaptive_sam", "grad_fn would receive the masked parameters")
         if opaque_mode and grad_fn is None:
             raise InvalidInputError(
                 "adaptive_sam needs the extra grad_fn=: update(grads, state, params, "

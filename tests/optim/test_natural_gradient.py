@@ -135,6 +135,20 @@ def test_missing_extras_and_masked_use_are_errors():
         natural_gradient(0.0)
 
 
+@pytest.mark.parametrize("wrapper", ["masked", "multi_transform"])
+def test_the_dense_mode_inside_a_partition_is_refused_in_one_line(wrapper):
+    # init indexed the MaskedNode placeholder: "tuple indices must be integers or slices"
+    params, _, _ = problem(4)
+    dense = natural_gradient(DAMPING, "dense")
+    if wrapper == "masked":
+        tx = optax.masked(dense, {"kernel": True, "bias": False})
+    else:
+        labels = {"kernel": "natural", "bias": "plain"}
+        tx = optax.multi_transform({"natural": dense, "plain": optax.sgd(0.1)}, labels)
+    with pytest.raises(InvalidInputError, match=r"natural_gradient\(mode='dense'\) cannot run"):
+        tx.init(params)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

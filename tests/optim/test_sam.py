@@ -92,6 +92,20 @@ def test_a_negative_radius_or_a_missing_grad_fn_is_refused():
         tx.update(params, tx.init(params), params)
 
 
+def test_missing_params_or_a_masked_subset_are_refused_in_one_line():
+    # these ended as "normalize_adaptive needs params" and as a TypeError about adding a
+    # LinearizeTracer and a MaskedNode deep inside optax.contrib.sam
+    params, x, loss = setup(3)
+    grad_fn = lambda p, _: jax.grad(loss)(p, x)
+    tx = adaptive_sam(optax.sgd(LR))
+    with pytest.raises(InvalidInputError, match=r"adaptive_sam needs params .*grad_fn=\.\.\.\)"):
+        tx.update(params, tx.init(params), None, grad_fn=grad_fn)
+    partial = optax.multi_transform({"sam": tx, "frozen": optax.set_to_zero()},
+                                    {"w": "sam", "b": "frozen"})  # fmt: skip
+    with pytest.raises(InvalidInputError, match="adaptive_sam cannot run inside optax.masked"):
+        partial.update(params, partial.init(params), params, grad_fn=grad_fn)
+
+
 def test_derivatives_through_the_perturbation_are_finite_at_a_zero_gradient():
     # the norm's guard once kept the value but not the derivative: sqrt'(0) made them NaN
     params = {"w": jnp.zeros(3)}
