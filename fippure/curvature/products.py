@@ -31,8 +31,9 @@ Each product comes in two forms:
   same Python object) always gives the same static part, and a jitted consumer compiles once
   however often the operator is rebuilt (a curvature check every epoch). A *new* function
   object, e.g. a lambda created inside the loop, means new compiles: create it once.
-  ``batch`` must then be a pytree of arrays (it is traced). A function that cannot be hashed
-  is linearised without the jit.
+  ``batch`` is traced, so its arrays may change between rebuilds; a function that cannot be
+  hashed, or a ``batch`` holding a non-array leaf (a Python flag), is linearised without the
+  jit.
 
 Everything here is jit-able and works on arbitrary parameter pytrees.
 """
@@ -45,6 +46,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.tree_util import Partial
 from jaxtyping import Array, Float
 
@@ -146,10 +148,15 @@ def _build(linearise: Callable, fn: Callable, params: PyTree, batch: Any) -> Ope
     """``linearise(fn, params, batch)``, jitted with ``fn`` static: the same function then always
     gives an operator with the same static part (the traced linearisation), so jitted
     consumers compile once for it, however often the operator is rebuilt eagerly. A function
-    that cannot be hashed (so cannot be static) is linearised without the jit."""
+    that cannot be hashed (so cannot be static), or a ``batch`` with a leaf that is not an
+    array (a Python flag such as ``train=False`` that the function branches on, which the jit
+    would trace), is linearised without the jit."""
     try:
         hash(fn)
     except TypeError:
+        return linearise.__wrapped__(fn, params, batch)
+    arrays = (jax.Array, np.ndarray, np.generic)
+    if not all(isinstance(leaf, arrays) for leaf in jax.tree_util.tree_leaves(batch)):
         return linearise.__wrapped__(fn, params, batch)
     return linearise(fn, params, batch)
 

@@ -137,6 +137,25 @@ def test_an_unhashable_loss_function_still_gives_an_operator(problem, dense, ran
     assert_close(dense.flatten(operator(v)), dense.hessian @ dense.flatten(v))
 
 
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "empirical_fisher"])
+def test_a_batch_with_a_python_flag_still_gives_an_operator(problem, dense, random_tree, kind):
+    # the flag was traced by the factory's jit, and branching on it raised
+    # TracerBoolConversionError (the one-shot hvp, which does not jit, worked)
+    def flagged(fn):
+        return lambda p, b: fn(p, b["data"]) * (2.0 if b["double"] else 1.0)
+
+    batch = {"data": problem.batch, "double": False}
+    if kind == "hessian":
+        operator = products.make_hvp_operator(flagged(problem.loss_fn), problem.params, batch)
+    elif kind == "ggn":
+        operator = products.make_ggn_operator(flagged(problem.logits_fn), problem.params, batch)
+    else:
+        per_example = flagged(problem.per_example_loss_fn)
+        operator = products.make_empirical_fisher_operator(per_example, problem.params, batch)
+    v = random_tree(5, problem.params)
+    assert_close(dense.flatten(operator(v)), getattr(dense, kind) @ dense.flatten(v))
+
+
 def test_softmax_hessian_vp_matches_dense(x64):
     logits = jax.random.normal(jax.random.key(0), (4, 5), np.float64)
     u = jax.random.normal(jax.random.key(1), (4, 5), np.float64)
