@@ -35,7 +35,9 @@ Each product comes in two forms:
   hashed, or a ``batch`` holding a non-array leaf (a Python flag), is linearised without the
   jit.
 
-Everything here is jit-able and works on arbitrary parameter pytrees.
+Everything here is jit-able and differentiable (``jax.grad`` of ``v^T M v`` with respect to the
+parameters is checked against finite differences in float64), and works on arbitrary
+parameter pytrees.
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ the products of :mod:`fippure.curvature.products`.
 
 For the GGN there is a cheaper form that needs forward-mode products only:
 ``v^T G v = (1/n) sum_i u_i^T H_z,i u_i`` with ``u = J v`` (one jvp through the logits) and
-``H_z = diag(p) - p p^T``, so ``u^T H_z u = sum_k p_k u_k^2 - (sum_k p_k u_k)^2`` (this is
-``||H_z^{1/2} J v||^2`` without a square root). The empirical-Fisher analogue is
+``H_z = diag(p) - p p^T``, so ``u^T H_z u = sum_k p_k (u_k - sum_j p_j u_j)^2``, the variance of
+``u`` under ``p`` (this is ``||H_z^{1/2} J v||^2`` without a square root; it is computed
+centred, as written, because ``sum_k p_k u_k^2 - (sum_k p_k u_k)^2`` cancels in float32 at
+confident predictions). The empirical-Fisher analogue is
 :func:`fippure.curvature.fisher.empirical_fisher_trace`.
 
 Probes run one after the other by default (:func:`~fippure.curvature.probes.map_probes`; the

@@ -1,7 +1,8 @@
 """Natural-gradient preconditioning ``(F + damping I)^-1 g`` as an optax transformation.
 
-Amari, "Natural gradient works efficiently in learning" (Neural Computation 1998); NGF (SPEC
-section 5) applies ``theta <- theta - alpha (F + lambda I)^-1 grad`` to one layer. Two modes:
+Amari, "Natural gradient works efficiently in learning" (Neural Computation 1998); NGF (Karim
+et al., "Efficient Backdoor Removal Through Natural Gradient Fine-tuning", 2023; SPEC section 5)
+applies ``theta <- theta - alpha (F + lambda I)^-1 grad`` to one layer. Two modes:
 
 - ``"cg"``: matrix-free. The update receives a Fisher-vector product as the keyword extra
   ``fvp_fn`` (``v -> F v`` on pytrees shaped like the updates, e.g. an operator from

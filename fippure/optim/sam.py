@@ -8,7 +8,9 @@ with the normalisation operator ``T = diag(|theta| + eta)``:
 
     eps = rho T^2 g / ||T g||.
 
-FT-SAM (SPEC section 6) is ASAM fine-tuning with ``rho = 2.0`` (and ``eta = 0.01``).
+FT-SAM (Zhu et al., "Enhancing Fine-Tuning Based Backdoor Defense with Sharpness-Aware
+Minimization", ICCV 2023; SPEC section 6) is ASAM fine-tuning with ``rho = 2.0`` (and
+``eta = 0.01``).
 
 ``optax.contrib.sam`` runs an outer optimiser and an "adversarial" inner optimiser whose
 updates are the perturbation; ASAM only changes how the inner optimiser normalises the

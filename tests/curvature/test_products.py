@@ -156,6 +156,30 @@ def test_a_batch_with_a_python_flag_still_gives_an_operator(problem, dense, rand
     assert_close(dense.flatten(operator(v)), getattr(dense, kind) @ dense.flatten(v))
 
 
+@pytest.mark.parametrize("kind", ["hessian", "ggn", "empirical_fisher"])
+def test_the_quadratic_form_of_each_product_is_differentiable(problem, random_tree, kind):
+    """``jax.grad`` of ``v^T M(theta) v`` agrees with finite differences, through both the
+    one-shot products and the operators."""
+    from jax.test_util import check_grads
+
+    v = random_tree(6, problem.params)
+    one_shot = {
+        "hessian": lambda p: products.hvp(problem.loss_fn, p, problem.batch, v),
+        "ggn": lambda p: products.ggn_vp(problem.logits_fn, p, problem.batch, v),
+        "empirical_fisher": lambda p: products.empirical_fisher_vp(
+            problem.per_example_loss_fn, p, problem.batch, v
+        ),
+    }[kind]
+    factory, fn = {
+        "hessian": (products.make_hvp_operator, problem.loss_fn),
+        "ggn": (products.make_ggn_operator, problem.logits_fn),
+        "empirical_fisher": (products.make_empirical_fisher_operator, problem.per_example_loss_fn),
+    }[kind]
+    for product in (one_shot, lambda p: factory(fn, p, problem.batch)(v)):
+        quadratic = lambda p, product=product: tree_dot(v, product(p))  # noqa: E731
+        check_grads(quadratic, (problem.params,), order=1, modes=("rev",), atol=1e-5, rtol=1e-5)
+
+
 def test_softmax_hessian_vp_matches_dense(x64):
     logits = jax.random.normal(jax.random.key(0), (4, 5), np.float64)
     u = jax.random.normal(jax.random.key(1), (4, 5), np.float64)
