@@ -237,6 +237,10 @@ def top_eigenvalues(
     Extreme eigenvalues converge first; with ``num_iters = P`` the result is exact up to
     rounding. Interior ones need more steps than ``k``.
 
+    Differentiable (``jax.grad`` through the operator's parameters): the gradient is that of
+    the Ritz values, which equals the eigenvalues' own (``u^T (dA) u``) once they have
+    converged; it is undefined where two of the returned eigenvalues coincide.
+
     Args:
         matvec: symmetric ``v -> A v``.
         like: a pytree shaped like the parameters.
