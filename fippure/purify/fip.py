@@ -532,13 +532,6 @@ def fisher_guided_purify(
     return tunable, stats, report
 
 
-#: TrF0's probes come from ``fold_in(fold_in(key, CALIBRATION_STREAM), batch)``. Step ``t`` of
-#: the run draws from ``fold_in(key, t)``, so the stream is a step no run reaches (it was
-#: ``fold_in(key, 10_000 + batch)``, the keys of steps 10,000 on); the clean-set stop's scan
-#: has the largest uint32.
-CALIBRATION_STREAM = 0xFFFF_FFFE
-
-
 def _calibrate_trace(logits_fn, bound, tunable, inputs, labels, batch_size, config, key) -> float:
     """TrF0: the penalised trace at theta0 averaged over the clean set's full batches (a
     trailing partial batch is left out), with many probes. ``logits_fn(*bound, t, x)``; the
@@ -559,8 +552,7 @@ def _calibrate_trace(logits_fn, bound, tunable, inputs, labels, batch_size, conf
     values, weights = [], []
     for i, start in enumerate(range(0, n - batch_size + 1, batch_size)):
         batch = (inputs[start : start + batch_size], labels[start : start + batch_size])
-        batch_key = jax.random.fold_in(jax.random.fold_in(key, CALIBRATION_STREAM), i)
-        values.append(float(estimate(bound, tunable, batch, batch_key)))
+        values.append(float(estimate(bound, tunable, batch, jax.random.fold_in(key, 10_000 + i))))
         weights.append(batch_size)
     trace0 = float(np.average(values, weights=weights))
     # only the relative scale divides by it; the absolute one just reports it

@@ -267,28 +267,6 @@ def test_fip_loss_curve_with_a_sparse_trace_names_the_last_trace_and_its_step(ti
     assert curve[1]["anchor"] == 0.0  # taken at theta0, before the first update
 
 
-def test_fip_calibration_probes_share_no_key_with_a_step(tiny, monkeypatch):
-    """TrF0's probes are drawn from their own stream: they were ``fold_in(key, 10_000 + i)``,
-    the keys a run of 10,000 steps or more gives its steps."""
-    model, variables, clean, _, _ = tiny
-    seen = []
-
-    def spy(bound, t, batch, k, **kwargs):
-        seen.append(np.asarray(jax.random.key_data(k)))
-        return jnp.float32(1.0)
-
-    monkeypatch.setattr(fip, "_trace_estimate", spy)
-    config = fip.FIPConfig(steps=1, batch_size=8, calibration_probes=1)
-    key = jax.random.key(0)
-    fip.purify(model, variables, clean, config, key, progress=False)
-    assert len(seen) == len(clean) // 8 > 1
-    steps = jnp.arange(2**15, dtype=jnp.uint32)
-    step_keys = jax.random.key_data(jax.vmap(lambda t: jax.random.fold_in(key, t))(steps))
-    step_keys = {tuple(row) for row in np.asarray(step_keys).tolist()}
-    calibration_keys = {tuple(k.tolist()) for k in seen}
-    assert len(calibration_keys) == len(seen) and not calibration_keys & step_keys
-
-
 @pytest.mark.parametrize("calibration", ["eval", "penalty"])
 def test_fip_calibrates_trf0_in_eval_mode_or_in_the_penaltys_mode(
     tiny, monkeypatch, retraced_fip, calibration
