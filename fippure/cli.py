@@ -25,15 +25,35 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each flag's text with its default, where it has one worth saying (not
+    ``None``, ``False`` or an empty list, and not already given in the text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unsaid = default is None or default is False or default is argparse.SUPPRESS
+        if unsaid or default == [] or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="fippure",
-        description="Backdoor purification in JAX/Flax: train, attack, purify, analyze.",
+        description="Backdoor purification in JAX/Flax: "
+        + ", ".join(COMMANDS)
+        + " (fippure COMMAND --help for each).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         module = importlib.import_module(f"fippure.commands.{name}")
-        command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        command = sub.add_parser(
+            module.NAME,
+            help=module.HELP,
+            description=module.HELP,
+            formatter_class=DefaultsFormatter,
+        )
         module.configure(command)
         command.set_defaults(handler=module.run)
     return parser

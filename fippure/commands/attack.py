@@ -31,8 +31,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target", type=int, default=None, help="target class (all-to-one; default 0)"
     )
-    parser.add_argument("--mode", default="all_to_one", help="all_to_one or all_to_all")
-    parser.add_argument("--attack-seed", type=seed_int, default=0)
+    parser.add_argument(
+        "--mode", default="all_to_one", choices=("all_to_one", "all_to_all"), help="label mapping"
+    )
+    parser.add_argument(
+        "--attack-seed", type=seed_int, default=0, help="seed of the poisoned rows and trigger"
+    )
     parser.add_argument(
         "--option",
         type=attack_option,

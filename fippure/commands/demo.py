@@ -64,7 +64,12 @@ DIGITS_FIP = {
 def configure(parser: argparse.ArgumentParser) -> None:
     from fippure.cli import add_overrides_flag, seed_int
 
-    parser.add_argument("--dataset", default="cifar10", choices=("cifar10", "digits"))
+    parser.add_argument(
+        "--dataset",
+        default="cifar10",
+        choices=("cifar10", "digits"),
+        help="digits: the embedded dataset, no download",
+    )
     parser.add_argument(
         "--checkpoint",
         default=None,
@@ -73,8 +78,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output directory")
     add_overrides_flag(parser, "override an FIP config value (repeatable)")
     parser.add_argument("--data-dir", default=None, help="TFDS data directory ($TFDS_DATA_DIR)")
-    parser.add_argument("--seed", type=seed_int, default=0)
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the defense")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

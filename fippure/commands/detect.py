@@ -21,12 +21,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_overrides_flag(
         parser, "override an InversionConfig value, e.g. --set steps=150 (repeatable)"
     )
-    parser.add_argument("--seed", type=seed_int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the trigger search")
     parser.add_argument(
         "--out", default=None, help="write the scan (norms, flags, masks and patterns) here"
     )
     parser.add_argument("--data-dir", default=None, help="TFDS data directory ($TFDS_DATA_DIR)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def inversion_config(overrides: dict[str, str]):

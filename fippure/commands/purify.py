@@ -42,14 +42,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="with --stop-on-clean-set: override its settings, e.g. --stop-set max_steps=200 "
         "--stop-set inversion.steps=300 (repeatable)",
     )
-    parser.add_argument("--seed", type=seed_int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the defense")
     parser.add_argument(
         "--out",
         required=True,
-        help="output directory (the run saves its progress there and, killed, resumes from it)",
+        help="output directory (the run saves its progress there and, killed, resumes from it; "
+        "not with --stop-on-clean-set, whose search starts again)",
     )
     parser.add_argument("--data-dir", default=None, help="TFDS data directory ($TFDS_DATA_DIR)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,13 +20,16 @@ def add_common_model_args(parser: argparse.ArgumentParser) -> None:
         parser,
         "computation dtype (bfloat16: mixed precision on GPU/TPU; the weights stay float32)",
     )
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=15, help="training epochs")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step")
     parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
     parser.add_argument(
-        "--schedule", default="onecycle", choices=("onecycle", "cosine", "constant")
+        "--schedule",
+        default="onecycle",
+        choices=("onecycle", "cosine", "constant"),
+        help="learning-rate schedule",
     )
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--weight-decay", type=float, default=5e-4, help="coupled L2 weight decay")
     parser.add_argument("--eval-every", type=int, default=5, help="evaluate every N epochs")
     parser.add_argument(
         "--clean",
@@ -34,13 +37,15 @@ def add_common_model_args(parser: argparse.ArgumentParser) -> None:
         default=0.01,
         help="defender's clean set held out from training: count (500) or fraction (0.01)",
     )
-    parser.add_argument("--clean-seed", type=seed_int, default=0)
+    parser.add_argument("--clean-seed", type=seed_int, default=0, help="seed of the clean-set draw")
     parser.add_argument(
         "--clean-overlap",
         action="store_true",
         help="train on the clean set's images too (default: held out, SPEC section 1's choice)",
     )
-    parser.add_argument("--seed", type=seed_int, default=0)
+    parser.add_argument(
+        "--seed", type=seed_int, default=0, help="seed of the initialisation and batches"
+    )
     parser.add_argument("--data-dir", default=None, help="TFDS data directory ($TFDS_DATA_DIR)")
     parser.add_argument("--out", required=True, help="output directory (checkpoint + report)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
