@@ -2,7 +2,7 @@
 
 - ``fippure demo`` (CIFAR-10 through TFDS): purifies the zoo's BadNets model.
 - ``fippure demo --dataset digits`` (embedded, no download): trains a BadNets-backdoored small
-  CNN on scikit-learn's digits, then purifies it with FIP; under 2 minutes on 2 CPU cores.
+  CNN on scikit-learn's digits, then purifies it with FIP; under a minute on 2 CPU cores.
 
 Both FIP settings below were chosen after reading test-split results, which SPEC section 1
 forbids a defense to do (README, "Protocol caveat"); the demo says so under its table. A
