@@ -105,7 +105,20 @@ def train_classifier(
     ``out`` receives the final checkpoint (``metadata.json``, ``variables/``), ``report.json``,
     ``run.json`` (what the run is) and ``train/`` (orbax checkpoints of the run; re-running the
     same command resumes). A directory that holds another run is refused
-    (:class:`~fippure.errors.CheckpointError`). ``clean_disjoint``: see :func:`prepare_data`.
+    (:class:`~fippure.errors.CheckpointError`).
+
+    Args:
+        dataset: ``cifar10``, ``cifar100``, ``gtsrb`` or ``digits``.
+        model: a registry name (:func:`fippure.models.create_model`).
+        out: the run directory.
+        config: the training configuration (epochs, batch size, schedule, seed...).
+        model_kwargs: the model's options (``{"width": 16}``); ``None`` values are dropped.
+        clean_size: the defender's clean set D_v, a count (int) or a fraction (float in
+            (0, 1)) of the training split.
+        clean_seed: seed of the class-balanced clean-set draw.
+        data_dir: TFDS data directory (default ``$TFDS_DATA_DIR``).
+        progress: show progress bars.
+        clean_disjoint: see :func:`prepare_data`.
     """
     out = pathlib.Path(out).resolve()
     model_kwargs = {k: v for k, v in (model_kwargs or {}).items() if v is not None}
@@ -208,6 +221,15 @@ def train_backdoored(
     (``run.json``) and refuses a directory that holds another run.
 
     Args:
+        dataset, model, out, config, model_kwargs, clean_size, clean_seed, data_dir,
+            progress: as for :func:`train_classifier`.
+        attack: an attack name (:func:`fippure.attacks.make_attack`).
+        attack_options: the attack's hyper-parameters (``{"alpha": 0.1}``).
+        target: the target class (all-to-one).
+        ratio: poisoned images / the attacker's training set (see
+            :func:`fippure.attacks.make_poison_plan`).
+        mode: ``all_to_one`` or ``all_to_all``.
+        attack_seed: seed of the poisoned rows and of the trigger.
         reference: checkpoint of a clean model, for attacks that need one
             (``attack.needs_reference``: label-consistent PGD, LF).
         clean_disjoint: hold the clean set out of the attacker's training set (SPEC section

@@ -80,6 +80,12 @@ DEFENSES: dict[str, Defense] = {
 
 
 def get_defense(name: str) -> Defense:
+    """The registered defense ``name`` (``fip``, ``fast_fip``, ``nft``, ``ngf``, ``ft``,
+    ``ft_sam``): where its ``purify`` function and config class live.
+
+    Raises:
+        UnknownNameError: for an unknown name (the message suggests the close ones).
+    """
     if name not in DEFENSES:
         raise UnknownNameError("defense", name, DEFENSES)
     return DEFENSES[name]
