@@ -39,7 +39,8 @@ CIFAR_FIP = {
 #: original BatchNorm statistics transferred (the CIFAR setting's choices) at eta_F 3, 150 steps
 #: at lr 0.02. Over 14 runs (attack seeds 0-2 with defense seeds 0-5, 0-3 and 0-3; measured
 #: 2026-12-05) it cost 1.4-4.2 points of ACC (median 2.5) and left ASR at 0.00-0.14 (13 of 14
-#: under 0.07; seed 0: 0.950 / 0.012). The setting before it (300 steps at lr 0.01) cost
+#: under 0.07; seed 0: 0.950 / 0.012, and 0.958 / 0.027 at the same revision on the machine
+#: of 2026-12-07). The setting before it (300 steps at lr 0.01) cost
 #: 0.2-6.9 points and left ASR at 0.04-0.39 on attack seeds 0-1: on 144 images one run's
 #: outcome moves with float rounding, and from one machine to another.
 #: Printed under the demo's table (the module docstring says why).
