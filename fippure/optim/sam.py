@@ -130,11 +130,13 @@ def adaptive_sam(
     def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
         del extra_args  # optax.contrib.sam takes only grad_fn; drop what a chain forwards
         if params is None:
+            how = "grad_fn at params + eps" if opaque_mode else "the ascent step from params"
+            call = ", grad_fn=..." if opaque_mode else ""
             raise InvalidInputError(
-                "adaptive_sam needs params (it evaluates grad_fn at params + eps): "
-                "update(grads, state, params, grad_fn=...)"
+                f"adaptive_sam needs params (it takes {how}): update(grads, state, params{call})"
             )
-        refuse_masked(params, "adaptive_sam", "grad_fn would receive the masked parameters")
+        if opaque_mode:  # the transparent mode calls no grad_fn and works on a masked subset
+            refuse_masked(params, "adaptive_sam", "grad_fn would receive the masked parameters")
         if opaque_mode and grad_fn is None:
             raise InvalidInputError(
                 "adaptive_sam needs the extra grad_fn=: update(grads, state, params, "

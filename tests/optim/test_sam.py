@@ -106,6 +106,19 @@ def test_missing_params_or_a_masked_subset_are_refused_in_one_line():
         partial.update(params, partial.init(params), params, grad_fn=grad_fn)
 
 
+def test_the_transparent_mode_works_inside_optax_masked():
+    # it calls no grad_fn, so the frozen leaves' placeholders never reach user code; refusing
+    # them (as the opaque mode must) broke what worked
+    params, x, loss = setup(4)
+    grads = jax.grad(loss)(params, x)
+    tx = adaptive_sam(optax.sgd(LR), rho=RHO, eta=ETA, opaque_mode=False)
+    masked = optax.masked(tx, {"w": True, "b": False})
+    updates, _ = masked.update(grads, masked.init(params), params)
+    head_only, _ = tx.update({"w": grads["w"]}, tx.init({"w": params["w"]}), {"w": params["w"]})
+    np.testing.assert_allclose(updates["w"], head_only["w"])
+    np.testing.assert_allclose(updates["b"], grads["b"])  # masked out: passed through
+
+
 def test_derivatives_through_the_perturbation_are_finite_at_a_zero_gradient():
     # the norm's guard once kept the value but not the derivative: sqrt'(0) made them NaN
     params = {"w": jnp.zeros(3)}
