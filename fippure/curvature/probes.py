@@ -48,8 +48,8 @@ def rademacher_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
 
 
 def tree_dot(a: PyTree, b: PyTree) -> Float[Array, ""]:
-    """``<a, b>``: the sum over all leaves of the elementwise products, accumulated and
-    returned in at least float32 (a bfloat16 sum of 1e5 ones read 99840).
+    """``<a, b>``: the sum over all leaves of the elementwise products; floating leaves are
+    accumulated and returned in at least float32 (a bfloat16 sum of 1e5 ones read 99840).
 
     Raises:
         InvalidInputError: ``a`` and ``b`` differ in structure or in a leaf's shape (a
@@ -58,7 +58,11 @@ def tree_dot(a: PyTree, b: PyTree) -> Float[Array, ""]:
     check_fits(b, a, "b", "tree_dot", exact=True, reference="a")
 
     def leaf_dot(x, y):
-        wide = jnp.promote_types(jnp.result_type(x, y), jnp.float32)
+        dtype = jnp.result_type(x, y)
+        # only inexact leaves are widened: integers stay exact (float32 rounds above 2**24)
+        wide = (
+            jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.inexact) else dtype
+        )
         return jnp.sum(jnp.asarray(x, wide) * jnp.asarray(y, wide))
 
     products = jax.tree_util.tree_leaves(jax.tree_util.tree_map(leaf_dot, a, b))

@@ -157,7 +157,7 @@ def _build(linearise: Callable, fn: Callable, params: PyTree, batch: Any) -> Ope
         hash(fn)
     except TypeError:
         return linearise.__wrapped__(fn, params, batch)
-    arrays = (jax.Array, np.ndarray, np.generic)
+    arrays = (jax.Array, np.ndarray)  # not NumPy scalars: np.bool_(False) is a flag too
     if not all(isinstance(leaf, arrays) for leaf in jax.tree_util.tree_leaves(batch)):
         return linearise.__wrapped__(fn, params, batch)
     return linearise(fn, params, batch)

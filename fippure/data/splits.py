@@ -47,10 +47,8 @@ def clean_set_size(size: int | float, num_train: int) -> int:
     if not isinstance(size, numbers.Integral):
         value = float(size)
         if not 0.0 < value < 1.0:
-            whole = value >= 1 and value.is_integer()
-            hint = (
-                f"; for a count of {int(value)} images, pass the int {int(value)}" if whole else ""
-            )
+            countable = value.is_integer() and 1 <= value < num_train
+            hint = f"; for {int(value)} image(s), pass the int {int(value)}" if countable else ""
             raise InvalidInputError(
                 "clean-set size must be a whole count (an int) or a fraction in (0, 1), "
                 f"got {size!r}{hint}"

@@ -144,7 +144,7 @@ def test_a_batch_with_a_python_flag_still_gives_an_operator(problem, dense, rand
     def flagged(fn):
         return lambda p, b: fn(p, b["data"]) * (2.0 if b["double"] else 1.0)
 
-    batch = {"data": problem.batch, "double": False}
+    batch = {"data": problem.batch, "double": np.bool_(False)}  # a NumPy scalar flag, too
     if kind == "hessian":
         operator = products.make_hvp_operator(flagged(problem.loss_fn), problem.params, batch)
     elif kind == "ggn":
@@ -211,6 +211,9 @@ def test_tree_dot_accumulates_bfloat16_leaves_in_float32():
     total = tree_dot(ones, ones)
     assert total.dtype == jnp.float32 and float(total) == 100_003.0
     assert tree_dot({"a": np.ones(3)}, {"a": np.ones(3)}).dtype == jnp.float64  # under x64
+    # integers stay exact (float32 would round 2**24 + 1 to 2**24)
+    ints = {"a": np.array([2**24 + 1], np.int64)}
+    assert int(tree_dot(ints, {"a": np.array([1], np.int64)})) == 2**24 + 1
 
 
 def test_tree_dot_refuses_leaves_that_would_broadcast():

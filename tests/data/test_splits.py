@@ -84,8 +84,10 @@ def test_clean_set_size_errors(size):
 def test_a_whole_float_is_not_read_as_a_count(size):
     """A float is a fraction, as ``--clean 1.0`` is on the command line: ``1.0`` was read as one
     image, where the caller more likely meant the whole set."""
-    with pytest.raises(InvalidInputError, match="pass the int"):
+    with pytest.raises(InvalidInputError, match=rf"for {int(size)} image\(s\), pass the int"):
         clean_set_size(size, 50000)
+    with pytest.raises(InvalidInputError, match=r"got 5000\.0$"):  # no int would fit either
+        clean_set_size(5000.0, 1000)
 
 
 def test_too_small_for_all_classes():
