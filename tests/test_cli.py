@@ -65,6 +65,24 @@ def test_every_flag_has_help_that_states_its_default():
     assert tuple(mode.choices) == MODES
 
 
+def test_the_name_flags_list_every_registered_name():
+    # the lists are written out (importing the registries would load JAX for --help); this
+    # keeps them in step with the registries
+    from fippure.attacks import ATTACKS
+    from fippure.models.registry import MODELS
+    from fippure.purify.registry import DEFENSES
+
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+
+    def listed(command, dest):
+        action = next(a for a in commands[command]._actions if a.dest == dest)
+        return set(action.help.replace(" or ", ", ").split(", "))
+
+    assert listed("attack", "attack") == set(ATTACKS)
+    assert listed("train", "model") == listed("attack", "model") == set(MODELS)
+    assert listed("purify", "defense") == set(DEFENSES)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

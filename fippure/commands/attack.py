@@ -26,7 +26,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from fippure.commands.train import add_common_model_args
 
     add_common_model_args(parser)
-    parser.add_argument("--attack", required=True, help="attack name (badnets, blend, ...)")
+    parser.add_argument(
+        "--attack",
+        required=True,
+        help="badnets, blend, bpp, clb, ftrojan, input_aware, issba, lf, lira, sig, trojan "
+        "or wanet",
+    )
     parser.add_argument("--ratio", type=float, default=0.1, help="poisoned / training set")
     parser.add_argument(
         "--target", type=int, default=None, help="target class (all-to-one; default 0)"

@@ -19,7 +19,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
     parser.add_argument("--checkpoint", required=True, help="a fippure attack checkpoint")
-    parser.add_argument("--defense", required=True, help="defense name (fip, nft, ...)")
+    parser.add_argument("--defense", required=True, help="fip, fast_fip, nft, ngf, ft or ft_sam")
     add_clean_subset_flag(parser)
     add_overrides_flag(parser, "override a config value, e.g. --set eta_F=0.001 (repeatable)")
     add_dtype_flag(

@@ -14,7 +14,11 @@ def add_common_model_args(parser: argparse.ArgumentParser) -> None:
     from fippure.cli import add_dtype_flag, clean_size, seed_int
 
     parser.add_argument("--dataset", default="cifar10", help="cifar10, cifar100, gtsrb or digits")
-    parser.add_argument("--model", default="preact_resnet18", help="model registry name")
+    parser.add_argument(
+        "--model",
+        default="preact_resnet18",
+        help="preact_resnet18, small_cnn, vgg11_bn, vgg16_bn or vit_small",
+    )
     parser.add_argument("--width", type=int, default=None, help="model width (e.g. 16 or 64)")
     add_dtype_flag(
         parser,
