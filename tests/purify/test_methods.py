@@ -872,14 +872,17 @@ def test_ft_steps_are_sgd_with_coupled_weight_decay_on_a_cosine_schedule(tiny):
     )
 
 
-def test_ft_sam_step_takes_the_gradient_at_the_adaptive_sam_point(tiny):
+@pytest.mark.parametrize(("adaptive", "eta"), [(True, 0.01), (True, 0.3), (False, 0.01)])
+def test_ft_sam_step_takes_the_gradient_at_the_adaptive_sam_point(tiny, adaptive, eta):
     """FT-SAM (ASAM, Kwon et al. 2021): the gradient at theta + rho T^2 g / ||T g||, with
-    T = |theta| + eta, then FT's update; label smoothing 0.1 by default."""
+    T = |theta| + eta (T = I for plain SAM, ``adaptive=False``), then FT's update; label
+    smoothing 0.1 by default. A step that ignored ``eta`` or ``adaptive`` passed at the
+    defaults alone."""
     model, variables, clean, inputs, labels = tiny
-    lr, rho, eta = 0.05, 0.5, 0.01
+    lr, rho = 0.05, 0.5
     config = ft.FTSAMConfig(
         steps=1, batch_size=len(clean), learning_rate=lr, momentum=0.0, weight_decay=0.0,
-        rho=rho, eta=eta, augment=False, bn_train=False, schedule="constant",
+        rho=rho, eta=eta, adaptive=adaptive, augment=False, bn_train=False, schedule="constant",
     )  # fmt: skip
     out, _ = ft.purify(model, variables, clean, config, jax.random.key(0), progress=False)
     loss = _smoothed_ce(model, variables, inputs, labels, 0.1)
@@ -887,7 +890,9 @@ def test_ft_sam_step_takes_the_gradient_at_the_adaptive_sam_point(tiny):
     @jax.jit
     def step(theta):
         g = jax.grad(loss)(theta)
-        scale = jax.tree_util.tree_map(lambda p: jnp.abs(p) + eta, theta)
+        scale = jax.tree_util.tree_map(
+            lambda p: jnp.abs(p) + eta if adaptive else jnp.ones_like(p), theta
+        )
         tg = jax.tree_util.tree_map(lambda t, gi: t * gi, scale, g)
         norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(tg)))
         point = jax.tree_util.tree_map(lambda p, t, x: p + rho * t * x / norm, theta, scale, tg)
@@ -897,3 +902,72 @@ def test_ft_sam_step_takes_the_gradient_at_the_adaptive_sam_point(tiny):
     np.testing.assert_allclose(
         ravel_pytree(out["params"])[0], ravel_pytree(want)[0], rtol=2e-4, atol=2e-6
     )
+
+
+def test_ft_steps_carry_their_momentum(tiny):
+    """Two constant-rate steps with momentum m: theta2 = theta1 - lr (g1 + m g0)."""
+    model, variables, clean, inputs, labels = tiny
+    lr, m = 0.05, 0.9
+    config = ft.FTConfig(
+        steps=2,
+        batch_size=len(clean),
+        learning_rate=lr,
+        schedule="constant",
+        momentum=m,
+        weight_decay=0.0,
+        augment=False,
+        bn_train=False,
+    )
+    out, _ = ft.purify(model, variables, clean, config, jax.random.key(0), progress=False)
+    grad = jax.jit(jax.grad(_smoothed_ce(model, variables, inputs, labels, 0.0)))
+    theta0 = variables["params"]
+    g0 = grad(theta0)
+    theta1 = jax.tree_util.tree_map(lambda p, g: p - lr * g, theta0, g0)
+    g1 = grad(theta1)
+    want = jax.tree_util.tree_map(lambda p, a, b: p - lr * (a + m * b), theta1, g1, g0)
+    np.testing.assert_allclose(
+        ravel_pytree(out["params"])[0], ravel_pytree(want)[0], rtol=2e-4, atol=2e-6
+    )
+
+
+def test_ft_in_bn_train_mode_returns_the_running_statistics_its_steps_updated(tiny):
+    """One train-mode step on the whole clean set: the returned running statistics are the
+    ones BatchNorm's train-mode pass over that batch leaves."""
+    model, variables, clean, inputs, _ = tiny
+    config = ft.FTConfig(
+        steps=1,
+        batch_size=len(clean),
+        learning_rate=0.01,
+        augment=False,
+        bn_train=True,
+        final_batch_stats="running",
+    )
+    out, _ = ft.purify(model, variables, clean, config, jax.random.key(0), progress=False)
+    _, updates = model.apply(variables, inputs, train=True, mutable=["batch_stats"])
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        out["batch_stats"],
+        updates["batch_stats"],
+    )
+    assert any(
+        not np.allclose(a, b)
+        for a, b in zip(
+            jax.tree_util.tree_leaves(out["batch_stats"]),
+            jax.tree_util.tree_leaves(variables["batch_stats"]),
+            strict=True,
+        )
+    )
+
+
+def test_ft_and_ft_sam_defaults_are_the_documented_ones():
+    """BackdoorBench's FT settings; FT-SAM: ASAM with rho 2.0, eta 0.01, label smoothing 0.1."""
+    sam = ft.FTSAMConfig()
+    assert (sam.rho, sam.eta, sam.adaptive, sam.label_smoothing) == (2.0, 0.01, True, 0.1)
+    plain = ft.FTConfig()
+    assert (plain.learning_rate, plain.momentum, plain.weight_decay, plain.schedule) == (
+        0.01,
+        0.9,
+        5e-4,
+        "cosine",
+    )
+    assert plain.label_smoothing == 0.0
