@@ -360,8 +360,7 @@ def power_iteration(
     if loop != "python":
         raise InvalidInputError(f"unknown loop {loop!r}; use 'python' or 'fori'")
     # the first quotient's "previous" value, in tree_dot's dtype (one compilation)
-    wide = jnp.promote_types(jnp.result_type(*jax.tree_util.tree_leaves(start)), jnp.float32)
-    eigenvalue = jnp.zeros((), wide)
+    eigenvalue = jnp.zeros((), jax.eval_shape(tree_dot, start, start).dtype)
     shift = jnp.asarray(shift, eigenvalue.dtype)  # on the device once, not at every step
     if not is_concrete((operator, start, shift)):
         carry = (eigenvalue, start, start, jnp.asarray(jnp.inf, eigenvalue.dtype))
