@@ -26,16 +26,11 @@ def is_masked(x: Any) -> bool:
     return isinstance(x, optax.MaskedNode)
 
 
-def has_masked_nodes(tree: PyTree) -> bool:
-    """Whether ``tree`` holds a placeholder of ``optax.masked``/``optax.multi_transform``."""
-    return any(is_masked(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_masked))
-
-
 def refuse_masked(tree: PyTree, transformation: str, reason: str) -> None:
     """One-line error when a transformation that cannot work on a subset of the parameters
     receives ``optax.masked``/``optax.multi_transform``'s placeholders (they reached deep code
     before, as a ``TypeError`` about tuple indices or ``MaskedNode`` operands)."""
-    if has_masked_nodes(tree):
+    if any(is_masked(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_masked)):
         raise InvalidInputError(
             f"{transformation} cannot run inside optax.masked or optax.multi_transform "
             f"({reason}); compute gradients of the trained subset and chain it on those"
