@@ -8,7 +8,6 @@ judged without retraining anything.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np
 from fippure.attacks import Attack, TriggeredSet, make_attack, triggered_test_set
 from fippure.attacks.poisoning import validate_attack_args
 from fippure.checkpoints import Checkpoint, load_checkpoint
-from fippure.config_checks import check_seed
+from fippure.config_checks import check_seed, is_integer
 from fippure.data.catalog import DatasetSpec, get_spec
 from fippure.data.sources import ImageDataset, load_dataset
 from fippure.errors import CheckpointError, InvalidInputError
@@ -165,8 +164,7 @@ def load_backdoored(
     if attack_meta:
         check_attack_metadata(attack_meta, path, train.num_classes)
     if clean_size is not None:
-        is_count = isinstance(clean_size, numbers.Integral) and not isinstance(clean_size, bool)
-        if is_count and clean_size > len(clean_indices):
+        if is_integer(clean_size) and clean_size > len(clean_indices):
             count = int(clean_size)  # a count beyond the stored set: say so, whatever the split
         else:
             count = clean_set_size(clean_size, len(train))

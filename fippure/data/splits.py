@@ -13,6 +13,7 @@ import numbers
 
 import numpy as np
 
+from fippure.config_checks import is_integer
 from fippure.errors import InvalidInputError
 
 
@@ -144,7 +145,7 @@ def hold_out_per_class(labels: np.ndarray, per_class: int) -> tuple[np.ndarray, 
             (it would leave none to train on).
     """
     labels = np.asarray(labels)
-    if isinstance(per_class, bool) or not isinstance(per_class, numbers.Integral) or per_class < 1:
+    if not is_integer(per_class) or per_class < 1:
         raise InvalidInputError(f"per_class must be a positive integer, got {per_class!r}")
     held = []
     for cls in np.unique(labels):
