@@ -66,6 +66,11 @@ def add_dtype_flag(parser: argparse.ArgumentParser, help: str) -> None:
     )
 
 
+def add_no_progress_flag(parser: argparse.ArgumentParser) -> None:
+    """``--no-progress``: hide the progress bars."""
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
 def add_overrides_flag(parser: argparse.ArgumentParser, help: str) -> None:
     """``--set KEY=VALUE`` (repeatable): configuration overrides, collected as pairs."""
     parser.add_argument(

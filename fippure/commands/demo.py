@@ -63,7 +63,7 @@ DIGITS_FIP = {
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from fippure.cli import add_overrides_flag, seed_int
+    from fippure.cli import add_no_progress_flag, add_overrides_flag, seed_int
 
     parser.add_argument(
         "--dataset",
@@ -80,7 +80,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_overrides_flag(parser, "override an FIP config value (repeatable)")
     parser.add_argument("--data-dir", default=None, help="TFDS data directory ($TFDS_DATA_DIR)")
     parser.add_argument("--seed", type=seed_int, default=0, help="seed of the defense")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_no_progress_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,12 @@ HELP = (
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from fippure.cli import add_clean_subset_flag, add_overrides_flag, seed_int
+    from fippure.cli import (
+        add_clean_subset_flag,
+        add_no_progress_flag,
+        add_overrides_flag,
+        seed_int,
+    )
 
     parser.add_argument("--checkpoint", required=True, help="a fippure checkpoint")
     add_clean_subset_flag(parser)
@@ -26,7 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--out", default=None, help="write the scan (norms, flags, masks and patterns) here"
     )
     parser.add_argument("--data-dir", default=None, help="TFDS data directory ($TFDS_DATA_DIR)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_no_progress_flag(parser)
 
 
 def inversion_config(overrides: dict[str, str]):

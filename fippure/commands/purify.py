@@ -13,6 +13,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from fippure.cli import (
         add_clean_subset_flag,
         add_dtype_flag,
+        add_no_progress_flag,
         add_overrides_flag,
         key_value,
         seed_int,
@@ -50,7 +51,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "not with --stop-on-clean-set, whose search starts again)",
     )
     parser.add_argument("--data-dir", default=None, help="TFDS data directory ($TFDS_DATA_DIR)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_no_progress_flag(parser)
 
 
 def run(args: argparse.Namespace) -> int:

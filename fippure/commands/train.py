@@ -11,7 +11,7 @@ HELP = "train a clean model (resumes if --out holds an interrupted run)"
 
 def add_common_model_args(parser: argparse.ArgumentParser) -> None:
     """Dataset, model and training options shared by ``train`` and ``attack``."""
-    from fippure.cli import add_dtype_flag, clean_size, seed_int
+    from fippure.cli import add_dtype_flag, add_no_progress_flag, clean_size, seed_int
 
     parser.add_argument("--dataset", default="cifar10", help="cifar10, cifar100, gtsrb or digits")
     parser.add_argument(
@@ -52,7 +52,7 @@ def add_common_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data-dir", default=None, help="TFDS data directory ($TFDS_DATA_DIR)")
     parser.add_argument("--out", required=True, help="output directory (checkpoint + report)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_no_progress_flag(parser)
 
 
 def train_config(args: argparse.Namespace):
