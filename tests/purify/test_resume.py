@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from clean_sets import random_digits_clean_set
 
-from fippure.errors import CheckpointError
+from fippure.errors import CheckpointError, InvalidInputError
 from fippure.models import create_model, init_variables
 from fippure.purify import DEFENSES, make_config
 from fippure.purify.resume import Checkpointing
@@ -168,3 +168,39 @@ def test_a_run_resumed_with_another_observe_interval_keeps_no_points_of_the_old_
     else:
         # resumed at step 2, it observes step 3 and the final step 6 at the new interval
         assert [p["step"] for p in got["trajectory"]] == steps
+
+
+def test_a_finished_run_called_again_resumes_from_its_last_step(tiny, tmp_path):
+    """Progress is saved after the last step too (3 is not a multiple of every=2), and a
+    directory that holds every step returns the same result without taking a step."""
+    model, variables, clean = tiny
+    purify, saving, key = DEFENSES["ft"].purify, Checkpointing(tmp_path, every=2), jax.random.key(5)
+    config = _config("ft", steps="3")
+    first, first_report = purify(
+        model, variables, clean, config, key, progress=False, checkpointing=saving
+    )
+    again, report = purify(
+        model, variables, clean, config, key, progress=False, checkpointing=saving
+    )
+    assert first_report.resumed_from_step == 0
+    assert report.resumed_from_step == 3 and report.steps == 3
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, first)
+    assert report.loss_curve == first_report.loss_curve
+
+
+def test_progress_from_other_starting_weights_or_another_clean_set_is_refused(tiny, tmp_path):
+    model, variables, clean = tiny
+    purify, saving = DEFENSES["ft"].purify, Checkpointing(tmp_path, every=2)
+    config = _config("ft", steps="3")
+    purify(model, variables, clean, config, 0, progress=False, checkpointing=saving)
+    other_weights = init_variables(model, jax.random.key(2), clean.spec.image_shape)
+    with pytest.raises(CheckpointError, match="holds a run with a different variables"):
+        purify(model, other_weights, clean, config, 0, progress=False, checkpointing=saving)
+    other_clean = random_digits_clean_set(per_class=4, seed=1)
+    with pytest.raises(CheckpointError, match="holds a run with a different clean_set"):
+        purify(model, variables, other_clean, config, 0, progress=False, checkpointing=saving)
+
+
+def test_a_checkpointing_interval_below_one_is_refused():
+    with pytest.raises(InvalidInputError, match="every"):
+        Checkpointing("somewhere", every=0)
