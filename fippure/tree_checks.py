@@ -9,6 +9,7 @@ they cost nothing under ``jit`` (they run once, at trace time).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import jax
@@ -37,16 +38,45 @@ def refuse_masked(tree: PyTree, transformation: str, reason: str) -> None:
         )
 
 
+#: Concrete ``jax.Array`` leaves already found non-negative, by ``id``, each with a weak
+#: reference that tells a live array from a new one given a freed array's ``id``. JAX arrays
+#: are immutable, so a leaf judged once need not be copied to the host again: a factory
+#: called at every update (``optax.inject_hyperparams`` rebuilds its inner transformation
+#: each step) would otherwise copy a whole Fisher diagonal to the host per step.
+_NON_NEGATIVE: dict[int, weakref.ref] = {}
+
+
+def _known_non_negative(leaf: Any) -> bool:
+    ref = _NON_NEGATIVE.get(id(leaf))
+    return ref is not None and ref() is leaf
+
+
+def _remember_non_negative(leaf: Any) -> None:
+    def forget(ref: weakref.ref, key: int = id(leaf)) -> None:
+        if _NON_NEGATIVE.get(key) is ref:
+            del _NON_NEGATIVE[key]
+
+    _NON_NEGATIVE[id(leaf)] = weakref.ref(leaf, forget)
+
+
 def has_negative_entries(tree: PyTree) -> bool:
     """Whether a concrete ``tree`` holds a negative entry (a traced one is not judged).
 
     Judged on the host: inside a jit trace, a JAX comparison on even a concrete array is
-    traced, and its truth value cannot be read.
+    traced, and its truth value cannot be read. A ``jax.Array`` leaf found non-negative is
+    remembered and not copied again.
     """
     leaves = jax.tree_util.tree_leaves(tree)
     if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
         return False
-    return any(bool(np.any(np.asarray(leaf) < 0)) for leaf in leaves)
+    for leaf in leaves:
+        if _known_non_negative(leaf):
+            continue
+        if np.any(np.asarray(leaf) < 0):
+            return True
+        if isinstance(leaf, jax.Array):
+            _remember_non_negative(leaf)
+    return False
 
 
 def _paths(tree: PyTree) -> list[str]:

@@ -146,3 +146,44 @@ def test_a_negative_fisher_is_still_refused_inside_jit():
     negative = {"w": -jnp.ones(3)}
     with pytest.raises(InvalidInputError, match="negative entries"):
         jax.jit(lambda p: fisher_anchor(negative, p, 1.0).init(p))({"w": jnp.ones(3)})
+
+
+def _count_host_copies(monkeypatch):
+    """Counts the host copies ``has_negative_entries`` makes of its leaves."""
+    import fippure.tree_checks as tree_checks
+
+    copies = []
+    real = tree_checks.np.asarray
+
+    class CountingNumpy:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def asarray(x, *args, **kwargs):
+            copies.append(x)
+            return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(tree_checks, "np", CountingNumpy())
+    return copies
+
+
+def test_an_injected_fisher_is_copied_to_the_host_once_not_every_update(monkeypatch):
+    """optax.inject_hyperparams calls the factory again at every update; the Fisher, an
+    immutable jax.Array judged non-negative once, is not copied to the host again."""
+    copies = _count_host_copies(monkeypatch)
+    params = {"w": jnp.ones(3)}
+    fisher = {"w": jnp.arange(3.0)}
+    tx = optax.inject_hyperparams(fisher_anchor)(fisher, {"w": jnp.zeros(3)}, strength=0.5)
+    state = tx.init(params)
+    for _ in range(5):
+        _, state = tx.update(params, state, params)
+    assert sum(x is fisher["w"] for x in copies) == 1
+
+
+def test_a_numpy_fisher_is_judged_again_since_it_can_change():
+    fisher = {"w": np.ones(3)}
+    fisher_anchor(fisher, {"w": np.zeros(3)}, 1.0)
+    fisher["w"][1] = -1.0
+    with pytest.raises(InvalidInputError, match="negative entries"):
+        fisher_anchor(fisher, {"w": np.zeros(3)}, 1.0)
