@@ -388,14 +388,29 @@ def invert_trigger(
             f"(0..{clean_set.num_classes - 1})"
         )
     variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+    on_device = jax.device_put((variables, clean_set.images, clean_set.labels))
+    return _invert_checked(model, clean_set, on_device, target, config, key)
+
+
+def _invert_checked(
+    model: nn.Module,
+    clean_set: ImageDataset,
+    on_device: tuple[Variables, Array, Array],
+    target: int,
+    config: InversionConfig,
+    key: PRNGKeyArray,
+) -> InvertedTrigger:
+    """:func:`invert_trigger` after its checks, on ``(variables, images, labels)`` already
+    on the device (a scan uploads them once for all its classes)."""
+    variables, images, labels = on_device
     mask, pattern, found, _, losses = _optimise_trigger(
         model,
         clean_set.spec,
         config,
         clean_batch_size(config.batch_size, clean_set),
         variables,
-        jnp.asarray(clean_set.images),
-        jnp.asarray(clean_set.labels),
+        images,
+        labels,
         jnp.int32(target),
         key,
     )
@@ -433,13 +448,17 @@ def scan_classes(
     on which classes were scanned before it.
     """
     config, key = inversion_arguments("scan_classes", config, key)
+    validate_clean_set(clean_set, model, variables, train=False)  # eval mode only
+    variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+    # on the device once for every class (not once per class)
+    on_device = jax.device_put((variables, clean_set.images, clean_set.labels))
     classes = range(clean_set.num_classes)
     if progress:
         from tqdm.auto import tqdm
 
         classes = tqdm(classes, desc="trigger inversion", unit="class")
     triggers = tuple(
-        invert_trigger(model, variables, clean_set, k, config, jax.random.fold_in(key, k))
+        _invert_checked(model, clean_set, on_device, k, config, jax.random.fold_in(key, k))
         for k in classes
     )
     norms = np.array([t.mask_l1 for t in triggers])

@@ -254,3 +254,28 @@ def test_detect_command_rejects_bad_options_in_one_line(
     assert cli.main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and message in err[0], err
+
+
+def test_a_scan_uploads_the_clean_set_once_for_all_its_classes(
+    digits_badnets, monkeypatch, optimized_compilation
+):
+    """Every class's optimisation gets the same device arrays (no upload per class), and
+    each class's trigger is still the one :func:`invert_trigger` finds with its folded key."""
+    import fippure.purify.trigger_inversion as inversion
+
+    b = digits_badnets
+    seen = []
+    real = inversion._optimise_trigger
+
+    def recording(model, spec, config, batch_size, variables, images, labels, *rest):
+        seen.append((images, labels))
+        return real(model, spec, config, batch_size, variables, images, labels, *rest)
+
+    monkeypatch.setattr(inversion, "_optimise_trigger", recording)
+    scan = inversion.scan_classes(b.model, b.variables, b.clean, BRIEF, jax.random.key(5))
+    assert len(seen) == b.clean.num_classes
+    assert all(images is seen[0][0] and labels is seen[0][1] for images, labels in seen)
+    alone = invert_trigger(
+        b.model, b.variables, b.clean, 3, BRIEF, jax.random.fold_in(jax.random.key(5), 3)
+    )
+    np.testing.assert_array_equal(scan.triggers[3].mask, alone.mask)
