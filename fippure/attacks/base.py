@@ -249,6 +249,22 @@ def apply_trigger(
     """Triggers uint8 or [0, 1] float images in jitted batches; returns float32 [0, 1].
 
     Each batch gets ``fold_in(key, batch_index)``, so the result depends on the key only.
+
+    Args:
+        attack: the attack whose ``trigger`` runs (its jitted trigger is cached per attack).
+        state: the attack's trigger state (from ``init_state``/``fit``, or a checkpoint).
+        images: host ``(n, h, w, c)`` images: uint8 pixels 0..255 or floats in [0, 1].
+        key: random key of a trigger that draws randomness; batch ``i`` uses
+            ``fold_in(key, i)``.
+        batch_size: images per jitted call (with the batch index, it decides the key each
+            image's trigger draws from).
+
+    Returns:
+        float32 ``(n, h, w, c)`` triggered images, clipped to [0, 1].
+
+    Raises:
+        InvalidInputError: float images above 1 (pixel values as floats), or images that are
+            not a rank-4 batch.
     """
     from fippure.data.pipeline import to_unit_range
 

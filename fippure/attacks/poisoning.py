@@ -27,6 +27,20 @@ def attack_targets(labels, target: int, mode: Mode, num_classes: int):
     """The label an attack wants for triggered inputs of true label ``labels``.
 
     Works on numpy and JAX arrays alike.
+
+    Args:
+        labels: integer true labels, any shape (a NumPy or JAX array).
+        target: the target class of an all-to-one attack (not used for all-to-all).
+        mode: ``all_to_one`` (every label becomes ``target``) or ``all_to_all``
+            (``y -> (y + 1) mod num_classes``).
+        num_classes: K.
+
+    Returns:
+        The target labels, an array of the shape and dtype of ``labels`` (a JAX array for JAX
+        input).
+
+    Raises:
+        InvalidInputError: an unknown ``mode``.
     """
     if mode not in MODES:
         raise InvalidInputError(f"unknown attack mode {mode!r}; use {' or '.join(MODES)}")
@@ -144,7 +158,20 @@ def make_poison_plan(
 def validate_attack_args(
     *, ratio: float, target: int, mode: str, num_classes: int, clean_label: bool
 ) -> None:
-    """One-line errors for impossible attack settings."""
+    """One-line errors for impossible attack settings.
+
+    Args:
+        ratio: the poison ratio, a number in (0, 1).
+        target: the target class, an integer in ``[0, num_classes)`` (0 for all-to-all).
+        mode: ``all_to_one`` or ``all_to_all``.
+        num_classes: K.
+        clean_label: whether the attack is clean-label.
+
+    Raises:
+        InvalidInputError: a ratio that is not a number in (0, 1), a target that is not an
+            integer class (or is not 0 for all-to-all), an unknown mode, or a clean-label
+            all-to-all attack.
+    """
     if isinstance(ratio, bool) or not isinstance(ratio, int | float | np.floating):
         raise InvalidInputError(f"poison ratio must be a number in (0, 1), got {ratio!r}")
     if not 0.0 < ratio < 1.0:

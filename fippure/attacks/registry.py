@@ -29,9 +29,18 @@ ATTACKS: dict[str, type[Attack]] = {
 def make_attack(name: str, **options: Any) -> Attack:
     """The attack ``name`` with hyper-parameters ``options`` (defaults from SPEC section 7).
 
+    Args:
+        name: registry name, a key of :data:`ATTACKS` (``badnets``, ``blend``, ...).
+        **options: values of the attack's dataclass fields; fields left out keep their
+            defaults.
+
+    Returns:
+        The attack, a frozen (hashable) instance of its :class:`Attack` subclass.
+
     Raises:
         UnknownNameError: for an unknown attack.
-        InvalidInputError: for an option the attack does not have.
+        InvalidInputError: for an option the attack does not have, or a value of the wrong
+            type or out of range.
     """
     if name not in ATTACKS:
         raise UnknownNameError("attack", name, ATTACKS)

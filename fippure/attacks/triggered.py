@@ -63,6 +63,18 @@ def triggered_test_set(
 ) -> TriggeredSet:
     """Triggers the test images an attack is measured on (non-target ones for all-to-one).
 
+    Args:
+        attack: the attack whose trigger is applied.
+        state: the attack's trigger state (as saved with the checkpoint).
+        test: the clean test split.
+        target: the attack's target class (0 for all-to-all).
+        mode: ``all_to_one`` or ``all_to_all``.
+        seed: seed of the trigger's randomness; the same seed re-creates the same set.
+
+    Returns:
+        A :class:`TriggeredSet`: float32 triggered images in [0, 1], their true and target
+        labels (int32), and their indices in ``test``.
+
     Raises:
         InvalidInputError: a target that is not one of the test set's classes, an unknown
             mode (``"all2one"`` would keep the target-class images in an all-to-one ASR) or a

@@ -79,7 +79,17 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def get_spec(name: str) -> DatasetSpec:
-    """Returns the :class:`DatasetSpec` called ``name`` or raises a one-line error."""
+    """Returns the :class:`DatasetSpec` called ``name`` or raises a one-line error.
+
+    Args:
+        name: a key of :data:`DATASETS` (``cifar10``, ``cifar100``, ``gtsrb``, ``digits``).
+
+    Returns:
+        The dataset's :class:`DatasetSpec`.
+
+    Raises:
+        UnknownNameError: for a name that is not in :data:`DATASETS` (or is not hashable).
+    """
     try:
         return DATASETS[name]
     except (KeyError, TypeError):  # TypeError: an unhashable name, such as a list

@@ -26,7 +26,14 @@ DEVICE_BYTES_LIMIT = 2 * 1024**3
 
 def to_unit_range(images: Array) -> Float[Array, "b h w c"]:
     """Integer (uint8, int32, ...) pixels 0..255 -> float32 in [0, 1]; float images are taken
-    to be in [0, 1] already."""
+    to be in [0, 1] already.
+
+    Args:
+        images: an array of pixel values, any shape (usually ``(b, h, w, c)``).
+
+    Returns:
+        A float32 array of the same shape: integers divided by 255, floats only cast.
+    """
     if jnp.issubdtype(images.dtype, jnp.integer):
         return images.astype(jnp.float32) / 255.0
     return images.astype(jnp.float32)
@@ -51,6 +58,13 @@ def _check_float_images(images: Array, spec: DatasetSpec, where: str) -> None:
 def normalize(images: Float[Array, "b h w c"], spec: DatasetSpec) -> Float[Array, "b h w c"]:
     """[0, 1] images -> per-channel standardised inputs, ``(x - mean) / std``.
 
+    Args:
+        images: float images in [0, 1] whose last three axes are the dataset's ``(h, w, c)``.
+        spec: the dataset, whose per-channel ``mean`` and ``std`` are used.
+
+    Returns:
+        The standardised inputs, with the shape and dtype of ``images``.
+
     Raises:
         InvalidInputError: integer images (use :func:`to_unit_range` first) or images whose
             ``(h, w, c)`` are not the dataset's.
@@ -62,7 +76,19 @@ def normalize(images: Float[Array, "b h w c"], spec: DatasetSpec) -> Float[Array
 
 
 def denormalize(inputs: Float[Array, "b h w c"], spec: DatasetSpec) -> Float[Array, "b h w c"]:
-    """Inverse of :func:`normalize` (with the same checks)."""
+    """Inverse of :func:`normalize` (with the same checks).
+
+    Args:
+        inputs: normalised float inputs whose last three axes are the dataset's ``(h, w, c)``.
+        spec: the dataset whose ``mean`` and ``std`` normalised them.
+
+    Returns:
+        ``inputs * std + mean`` (images in [0, 1] for inputs from :func:`normalize`), with the
+        shape and dtype of ``inputs``.
+
+    Raises:
+        InvalidInputError: integer inputs, or inputs whose ``(h, w, c)`` are not the dataset's.
+    """
     _check_float_images(inputs, spec, "denormalize")
     return inputs * jnp.asarray(spec.std, inputs.dtype) + jnp.asarray(spec.mean, inputs.dtype)
 
@@ -91,7 +117,14 @@ def fits_on_device(dataset: ImageDataset, limit: int = DEVICE_BYTES_LIMIT) -> bo
 
 
 def to_device(dataset: ImageDataset) -> DeviceDataset:
-    """Copies a dataset's arrays to the default device once."""
+    """Copies a dataset's arrays to the default device once.
+
+    Args:
+        dataset: a host :class:`ImageDataset`.
+
+    Returns:
+        A :class:`DeviceDataset`: the uint8 images, the labels as int32, the same spec.
+    """
     return DeviceDataset(
         jax.device_put(dataset.images),
         jax.device_put(dataset.labels.astype(np.int32)),
@@ -100,7 +133,16 @@ def to_device(dataset: ImageDataset) -> DeviceDataset:
 
 
 def epoch_permutation(key: PRNGKeyArray, epoch: int | Array, n: int) -> Int[Array, " n"]:
-    """The example order of one epoch; a pure function of (key, epoch) so runs can resume."""
+    """The example order of one epoch; a pure function of (key, epoch) so runs can resume.
+
+    Args:
+        key: the run's data-order key.
+        epoch: the epoch number (an int or a traced integer), folded into ``key``.
+        n: the number of examples.
+
+    Returns:
+        An ``(n,)`` integer array: a permutation of ``0, ..., n - 1``.
+    """
     return jax.random.permutation(jax.random.fold_in(key, epoch), n)
 
 
@@ -117,8 +159,20 @@ def batch_from_permutation(
     A concrete ``index`` out of range is refused; a traced one is not checked, and (as
     ``lax.dynamic_slice`` clamps its start) would repeat the epoch's last full batch.
 
+    Args:
+        images: the dataset's ``(n, ...)`` images (e.g. a :class:`DeviceDataset`'s).
+        labels: the dataset's ``(n,)`` labels.
+        permutation: the epoch's example order (:func:`epoch_permutation`).
+        index: the batch's position in the epoch, a scalar integer (may be traced).
+        batch_size: examples per batch, a static int in ``[1, len(permutation)]``.
+
     Returns:
-        ``(images, labels, example_indices)``.
+        ``(images, labels, example_indices)``: the batch's rows of ``images`` and ``labels``,
+        and the ``(batch_size,)`` indices of those rows in the dataset.
+
+    Raises:
+        InvalidInputError: a ``batch_size`` outside ``[1, len(permutation)]``, or a concrete
+            ``index`` at or past the epoch's number of full batches.
     """
     size = permutation.shape[0]
     if not 1 <= batch_size <= size:
@@ -145,6 +199,20 @@ def iterate_batches(
 
     Datasets that fit stay on device and batches are sliced there; larger ones are streamed
     from the host with one batch of prefetch.
+
+    Args:
+        dataset: a host :class:`ImageDataset` or a :class:`DeviceDataset`.
+        batch_size: examples per batch, a positive integer.
+        key: random key of the shuffle; ``None`` keeps the dataset's order.
+        drop_remainder: leave out the last batch when it is smaller than ``batch_size``.
+
+    Yields:
+        ``(images, labels)``: uint8 ``(b, h, w, c)`` images and their ``(b,)`` labels, on the
+        default device.
+
+    Raises:
+        InvalidInputError: a ``batch_size`` that is not a positive integer (at the first
+            ``next``: this is a generator).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
         raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")

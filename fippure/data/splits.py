@@ -42,7 +42,19 @@ def check_label_range(labels: np.ndarray, num_classes: int, what: str = "labels"
 def clean_set_size(size: int | float, num_train: int) -> int:
     """Turns a count (``500``, an integer) or a fraction of the training set (``0.01``, a float
     in (0, 1)) into a count. A float is always a fraction, as on the command line: ``1.0``
-    (meant as the whole set?) and ``500.0`` are refused rather than read as counts."""
+    (meant as the whole set?) and ``500.0`` are refused rather than read as counts.
+
+    Args:
+        size: an int count, or a float fraction of the training set in (0, 1).
+        num_train: the size of the training set the clean set is drawn from.
+
+    Returns:
+        The count, an int in ``[1, num_train)`` (a fraction is rounded, to at least 1).
+
+    Raises:
+        InvalidInputError: a bool or other non-number, a float outside (0, 1), a count outside
+            ``[1, num_train)``, or a fraction that rounds to the whole training set.
+    """
     if isinstance(size, bool | np.bool_) or not isinstance(size, numbers.Real):
         raise InvalidInputError(f"clean-set size must be a count or a fraction, got {size!r}")
     if not isinstance(size, numbers.Integral):
@@ -118,7 +130,16 @@ def split_clean_set(
 
 
 def check_clean_set(labels: np.ndarray, num_classes: int) -> None:
-    """Raises a clear error if a clean set misses a class or has out-of-range labels."""
+    """Raises a clear error if a clean set misses a class or has out-of-range labels.
+
+    Args:
+        labels: the clean set's labels, a non-empty 1-D integer array.
+        num_classes: K; each class in ``[0, K)`` must appear.
+
+    Raises:
+        InvalidInputError: labels that are empty or not 1-D, a label outside
+            ``[0, num_classes)``, or a class without an example.
+    """
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) == 0:
         raise InvalidInputError(f"the clean set is empty or malformed (labels {labels.shape})")
