@@ -296,7 +296,17 @@ def lambda_max_warnings(report: dict, config: AnalysisConfig) -> list[str]:
     """One line per sign that a report's ``lambda_max`` is not to be trusted: power iteration
     stopped at ``power_iters`` before its relative change fell below ``power_tol``, or its
     value and the top Lanczos Ritz value differ by more than :data:`LAMBDA_MAX_DISAGREEMENT`
-    (either may be short of converged; both grow towards ``lambda_max`` with more steps)."""
+    (either may be short of converged; both grow towards ``lambda_max`` with more steps).
+
+    Args:
+        report: a report of :func:`analyze_curvature` (its ``lambda_max``,
+            ``lambda_max_power_iters``, ``lambda_max_relative_change``, ``lambda_max_lanczos``
+            and ``lambda_max_disagreement`` are read).
+        config: the :class:`AnalysisConfig` the report was made with.
+
+    Returns:
+        The warnings, one line each; empty when both checks pass.
+    """
     lines = []
     if not report["lambda_max_relative_change"] < config.power_tol:
         lines.append(
@@ -319,7 +329,13 @@ def lambda_max_warnings(report: dict, config: AnalysisConfig) -> list[str]:
 def plot_density(
     density: SpectralDensity, path: str | os.PathLike, title: str | None = None
 ) -> None:
-    """Saves the spectral density as a PNG (log-scale density, as in Ghorbani et al.)."""
+    """Saves the spectral density as a PNG (log-scale density, as in Ghorbani et al.).
+
+    Args:
+        density: the :class:`SpectralDensity` to draw (its ``grid`` and ``density``).
+        path: the file to write (matplotlib takes the format from its suffix).
+        title: a title above the plot; ``None`` or empty for none.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

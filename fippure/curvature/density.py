@@ -93,6 +93,15 @@ def gaussian_density(
 ) -> Float[Array, " g"]:
     """``mean_probes sum_j w_j N(grid; theta_j, sigma^2)``.
 
+    Args:
+        nodes: ``(probes, m)`` quadrature nodes ``theta_j`` (Ritz values).
+        weights: ``(probes, m)`` quadrature weights ``w_j``.
+        grid: ``(g,)`` points at which the density is evaluated.
+        sigma: the Gaussian width, positive (may be traced).
+
+    Returns:
+        The ``(g,)`` density values on ``grid``.
+
     Raises:
         InvalidInputError: a concrete ``sigma`` that is not positive.
     """

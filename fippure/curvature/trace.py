@@ -175,6 +175,18 @@ def ggn_trace(
     """Hutchinson's estimate of ``Tr(G)`` (GGN = true Fisher) from jvps only.
 
     See :func:`ggn_trace_samples`.
+
+    Args:
+        logits_fn: ``(params, batch) -> (n, K)`` logits.
+        params: where the GGN is taken.
+        batch: the data ``logits_fn`` reads.
+        key: random key for the Rademacher probes.
+        num_probes: number of probes.
+        vmap_probes: vectorise the probes with ``jax.vmap``.
+
+    Returns:
+        The unbiased estimate (a scalar) of the trace of the GGN of the batch's mean
+        cross-entropy.
     """
     samples = ggn_trace_samples(logits_fn, params, batch, key, num_probes, vmap_probes=vmap_probes)
     return jnp.mean(samples)

@@ -41,7 +41,19 @@ def _class_labels(values: np.ndarray, name: str) -> np.ndarray:
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of ``predictions`` equal to ``labels`` (both vectors of class labels)."""
+    """Fraction of ``predictions`` equal to ``labels`` (both vectors of class labels).
+
+    Args:
+        predictions: ``(n,)`` predicted class labels (integers, or floats of integer value).
+        labels: ``(n,)`` true class labels, likewise.
+
+    Returns:
+        The fraction, a Python float in [0, 1]; NaN when there are no labels.
+
+    Raises:
+        InvalidInputError: inputs that are not vectors of class labels (logits, one-hot rows,
+            non-integral floats) or whose lengths differ.
+    """
     predictions = _class_labels(predictions, "predictions")
     labels = _class_labels(labels, "labels")
     if predictions.shape != labels.shape:
@@ -75,6 +87,19 @@ def attack_success_rate(
 
     Images that already belong to the target class are excluded, whatever the caller passed.
     ``target_labels`` is one label per image, or a single target for all of them.
+
+    Args:
+        predictions: ``(n,)`` predicted labels of the triggered images.
+        true_labels: ``(n,)`` their labels before triggering.
+        target_labels: ``(n,)`` attack-target labels, or one target (scalar or ``(1,)``).
+
+    Returns:
+        The fraction of the kept images predicted as their target, a Python float; NaN when
+        no image is kept.
+
+    Raises:
+        InvalidInputError: labels that are not vectors of class labels, or lengths that
+            differ.
     """
     predictions, true_labels, target_labels = _triggered_arrays(
         predictions, true_labels, target_labels
@@ -86,7 +111,21 @@ def attack_success_rate(
 def robust_accuracy(
     predictions: np.ndarray, true_labels: np.ndarray, target_labels: np.ndarray | int
 ) -> float:
-    """RA: triggered non-target images still classified as their true label."""
+    """RA: triggered non-target images still classified as their true label.
+
+    Args:
+        predictions: ``(n,)`` predicted labels of the triggered images.
+        true_labels: ``(n,)`` their labels before triggering.
+        target_labels: ``(n,)`` attack-target labels, or one target (scalar or ``(1,)``).
+
+    Returns:
+        The fraction of the images whose true label differs from their target that are
+        predicted as their true label, a Python float; NaN when there is none.
+
+    Raises:
+        InvalidInputError: labels that are not vectors of class labels, or lengths that
+            differ.
+    """
     predictions, true_labels, target_labels = _triggered_arrays(
         predictions, true_labels, target_labels
     )
@@ -101,6 +140,19 @@ def defense_effectiveness_rating(
 
     Rates are fractions in [0, 1], as Python, NumPy or JAX scalars; the result is a Python
     float computed in float64. A NaN rate (an empty test set) gives NaN.
+
+    Args:
+        acc_before: clean accuracy of the backdoored model.
+        asr_before: its attack success rate.
+        acc_after: clean accuracy after the defense.
+        asr_after: attack success rate after the defense.
+
+    Returns:
+        ``(max(0, asr_before - asr_after) - max(0, acc_before - acc_after) + 1) / 2``.
+
+    Raises:
+        InvalidInputError: a missing (``None``) rate, one that is not a number (a bool, an
+            array), or one outside [0, 1].
     """
     rates = {
         "acc_before": acc_before,
@@ -151,7 +203,23 @@ class BackdoorMetrics:
 def evaluate_backdoor(
     model: nn.Module, variables: Variables, test: ImageDataset, triggered: TriggeredSet
 ) -> BackdoorMetrics:
-    """ACC on ``test`` and ASR/RA on ``triggered`` (eval-mode predictions)."""
+    """ACC on ``test`` and ASR/RA on ``triggered`` (eval-mode predictions).
+
+    Args:
+        model: the classifier.
+        variables: its variables (``params`` and, for BatchNorm models, ``batch_stats``).
+        test: the clean test split.
+        triggered: the attack's :class:`TriggeredSet` made from ``test``.
+
+    Returns:
+        :class:`BackdoorMetrics` with ``acc``, ``asr`` and ``ra`` as fractions (NaN for an
+        empty set).
+
+    Raises:
+        InvalidInputError: ``triggered`` is ``None`` (a clean model), or images or variables
+            that do not fit the model.
+        NonFiniteLossError: the model's logits are NaN or infinite.
+    """
     if triggered is None:
         raise InvalidInputError(
             "no triggered test set: the model carries no attack (a clean checkpoint); use "

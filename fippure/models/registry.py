@@ -42,7 +42,18 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def model_fields(name: str) -> set[str]:
-    """The keyword arguments that model ``name`` accepts (besides ``num_classes``)."""
+    """The keyword arguments that model ``name`` accepts (besides ``num_classes``).
+
+    Args:
+        name: registry name, a key of :data:`MODELS`.
+
+    Returns:
+        The names of the model's dataclass fields, ``num_classes`` included; ``parent``,
+        ``name`` and the fields its registry entry fixes (the VGGs' ``depth``) are left out.
+
+    Raises:
+        UnknownNameError: for an unknown model name.
+    """
     if name not in MODELS:
         raise UnknownNameError("model", name, MODELS)
     factory = MODELS[name]
@@ -97,6 +108,13 @@ def with_dtype(model: nn.Module, dtype: str | None) -> nn.Module:
     trained in one dtype apply unchanged in another: for example, purify a float32 checkpoint
     with bfloat16 activations on an accelerator. ``None`` returns the model as it is.
 
+    Args:
+        model: a module with a ``dtype`` field (fippure's models have one).
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; ``None`` keeps the model's.
+
+    Returns:
+        A clone of ``model`` with that ``dtype`` (``model`` itself for ``None``).
+
     Raises:
         InvalidInputError: for a dtype outside :data:`ComputeDtype`, or a model without a
             ``dtype`` field.
@@ -113,7 +131,20 @@ def init_variables(
     model: nn.Module, key: PRNGKeyArray, image_shape: tuple[int, int, int]
 ) -> dict[str, Any]:
     """Initial ``{'params': ..., 'batch_stats': ...}`` for inputs of ``image_shape``
-    (height, width, channels; no batch dimension)."""
+    (height, width, channels; no batch dimension).
+
+    Args:
+        model: the module to initialise.
+        key: random key of the initial parameters.
+        image_shape: ``(height, width, channels)``, positive integers.
+
+    Returns:
+        The model's collections (``params``, and ``batch_stats`` for BatchNorm models), without
+        the sown ``intermediates``.
+
+    Raises:
+        InvalidInputError: an ``image_shape`` that is not three positive integers.
+    """
     shape = tuple(image_shape)
     if len(shape) != 3 or not all(is_integer(d) and d >= 1 for d in shape):
         raise InvalidInputError(
@@ -142,7 +173,17 @@ _MISFIT_ERRORS = (
 def variables_must_fit(model: nn.Module) -> Iterator[None]:
     """Within this context, applying ``model`` to variables that are not its own (another
     architecture or width, another image shape for a ViT, no ``batch_stats`` for a BatchNorm
-    model) raises a one-line :class:`InvalidInputError` instead of Flax's traceback."""
+    model) raises a one-line :class:`InvalidInputError` instead of Flax's traceback.
+
+    Args:
+        model: the module applied within the block (named in the message).
+
+    Yields:
+        None.
+
+    Raises:
+        InvalidInputError: when one of Flax's variable-mismatch errors leaves the block.
+    """
     try:
         yield
     except _MISFIT_ERRORS as error:
@@ -157,7 +198,19 @@ def output_shape(
 ) -> tuple[int, ...]:
     """The shape of one image's eval-mode output (``(K,)`` for a classifier), traced without
     computing anything; a one-line error when ``variables`` do not fit (see
-    :func:`variables_must_fit`)."""
+    :func:`variables_must_fit`).
+
+    Args:
+        model: the module.
+        variables: its collections.
+        image_shape: ``(height, width, channels)`` of one image.
+
+    Returns:
+        The output shape without the batch axis.
+
+    Raises:
+        InvalidInputError: ``variables`` that do not fit ``model``.
+    """
     probe = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     with variables_must_fit(model):
         out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, probe)
@@ -171,6 +224,19 @@ def forward(
 
     In train mode BatchNorm normalises with batch statistics and the returned variables carry
     the updated running averages; in eval mode they are returned unchanged.
+
+    Args:
+        model: the classifier.
+        variables: its collections (``params`` and, for BatchNorm models, ``batch_stats``).
+        inputs: a normalised ``(b, h, w, c)`` batch.
+        train: train mode (True) or eval mode (False).
+
+    Returns:
+        ``(logits, variables)``: ``(b, K)`` logits and the variables, with the updated
+        ``batch_stats`` in train mode.
+
+    Raises:
+        InvalidInputError: ``variables`` that do not fit ``model``.
     """
     with variables_must_fit(model):
         if train and "batch_stats" in variables:
@@ -185,8 +251,18 @@ def penultimate_features(
     """The inputs of the ``head`` layer (eval mode by default), which the model records with
     ``self.sow("intermediates", FEATURES, h)`` (fippure's models do).
 
+    Args:
+        model: the classifier.
+        variables: its collections.
+        inputs: a normalised ``(b, h, w, c)`` batch.
+        train: apply in train mode (BatchNorm on batch statistics, which are then discarded).
+
+    Returns:
+        The ``(b, d)`` features the model sowed (the first, if it sowed more than once).
+
     Raises:
-        InvalidInputError: a model that does not record them.
+        InvalidInputError: a model that does not record them, or ``variables`` that do not fit
+            ``model``.
     """
     mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
     with variables_must_fit(model):
@@ -212,6 +288,21 @@ def activations(
 
     Uses Flax's ``capture_intermediates``. By default only convolutions, BatchNorms and dense
     layers are kept; pass ``select(module, method_name) -> bool`` to choose others.
+
+    Args:
+        model: the classifier.
+        variables: its collections.
+        inputs: a normalised ``(b, h, w, c)`` batch.
+        train: apply in train mode (updated BatchNorm statistics are discarded).
+        select: ``(module, method_name) -> bool``, which calls to capture; only ``__call__``
+            outputs are returned. ``None``: the convolutions, BatchNorms and dense layers.
+
+    Returns:
+        ``(logits, outputs)``: the model's output, and each captured module's output keyed by
+        its path (e.g. ``stage1_block1/conv1``).
+
+    Raises:
+        InvalidInputError: ``variables`` that do not fit ``model``.
     """
     if select is None:
 
@@ -235,5 +326,12 @@ def activations(
 
 
 def count_params(tree: Any) -> int:
-    """Number of scalars in a pytree."""
+    """Number of scalars in a pytree.
+
+    Args:
+        tree: a pytree of arrays (e.g. ``variables["params"]``).
+
+    Returns:
+        The total size of its leaves, as an int.
+    """
     return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
