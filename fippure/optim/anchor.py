@@ -108,6 +108,15 @@ def anchor_penalty(
     """The anchor's value ``(strength / 2) sum_j F_j (theta_j - theta0_j)^2``, whose gradient
     :func:`fisher_anchor` adds to the updates (for a loss curve that reports the objective).
 
+    Args:
+        strength: ``eta_r``, a float or scalar array (a schedule's value, not the schedule).
+        fisher_diag: the diagonal Fisher ``F``, shaped like ``params`` (leaves may broadcast).
+        params: the current parameters ``theta``.
+        anchor_params: the anchor ``theta0``, shaped like ``params``.
+
+    Returns:
+        The scalar penalty.
+
     Raises:
         InvalidInputError: a ``fisher_diag`` or ``anchor_params`` that does not fit ``params``
             (structure, or a leaf that would broadcast to another shape).

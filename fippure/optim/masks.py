@@ -45,7 +45,18 @@ def _natural_key(path: str) -> list[Any]:
 
 def masked_modules(params: PyTree, pattern: str = RESIDUAL_BN_PATTERN) -> list[tuple[str, ...]]:
     """Paths of the BatchNorm modules (dicts with ``scale`` and ``bias``) matching ``pattern``,
-    in network order."""
+    in network order.
+
+    Args:
+        params: the model's Flax params (nested dicts).
+        pattern: regular expression searched in each module's '/'-joined path.
+
+    Returns:
+        The matching module paths as key tuples, e.g. ``("stage1_block1", "bn1")``.
+
+    Raises:
+        InvalidInputError: an invalid regular expression.
+    """
     regex = compile_pattern(pattern)
     return [m for m in batch_norm_modules(params) if regex.search("/".join(m))]
 
@@ -62,8 +73,15 @@ def batch_norm_modules(params: PyTree) -> list[tuple[str, ...]]:
 def init_masks(params: PyTree, pattern: str = RESIDUAL_BN_PATTERN) -> dict[str, Any]:
     """Masks of ones, one ``(C,)`` array per matched BatchNorm (dtype of its ``scale``).
 
+    Args:
+        params: the model's Flax params (nested dicts).
+        pattern: regular expression choosing the modules to mask (see :func:`masked_modules`).
+
+    Returns:
+        The masks, nested dicts keyed like the matched modules in ``params``.
+
     Raises:
-        InvalidInputError: when no BatchNorm matches ``pattern``.
+        InvalidInputError: when no BatchNorm matches ``pattern``, or an invalid pattern.
     """
     flat = traverse_util.flatten_dict(flax.core.unfreeze(params))
     modules = masked_modules(params, pattern)
@@ -79,7 +97,20 @@ def init_masks(params: PyTree, pattern: str = RESIDUAL_BN_PATTERN) -> dict[str, 
 
 def apply_masks(params: PyTree, masks: PyTree) -> dict[str, Any]:
     """``params`` with each masked BatchNorm's ``scale`` multiplied by its mask (jit-able and
-    differentiable in ``masks``)."""
+    differentiable in ``masks``).
+
+    Args:
+        params: the model's Flax params (nested dicts).
+        masks: nested dicts of masks (:func:`init_masks`), each shaped like its module's
+            ``scale``.
+
+    Returns:
+        New params (nested dicts); each mask is cast to its ``scale``'s dtype.
+
+    Raises:
+        InvalidInputError: a mask with no BatchNorm ``scale`` at its path in ``params``, or one
+            whose shape is not its ``scale``'s.
+    """
     flat = traverse_util.flatten_dict(flax.core.unfreeze(params))
     for module, mask in traverse_util.flatten_dict(masks).items():
         key = module + ("scale",)
@@ -95,7 +126,14 @@ def apply_masks(params: PyTree, masks: PyTree) -> dict[str, Any]:
 
 
 def mask_layer_indices(masks: PyTree) -> dict[str, Any]:
-    """The network-order index ``l = 1, 2, ...`` of every mask, nested like ``masks``."""
+    """The network-order index ``l = 1, 2, ...`` of every mask, nested like ``masks``.
+
+    Args:
+        masks: nested dicts of masks (:func:`init_masks`).
+
+    Returns:
+        The same nesting with an int per mask.
+    """
     modules = sorted(traverse_util.flatten_dict(masks), key=lambda p: _natural_key("/".join(p)))
     return traverse_util.unflatten_dict({m: i for i, m in enumerate(modules, start=1)})
 
@@ -108,6 +146,18 @@ def mask_floor(
     - ``exponential`` (SPEC default): ``a * exp(-b * l)``;
     - ``linear`` **(choice)**: ``max(a - b * l, 0)``;
     - ``constant``: ``a``.
+
+    Args:
+        layer: ``l``, the masked layer's index in network order, from 1.
+        schedule: ``exponential``, ``linear`` or ``constant``.
+        a: the floor at ``l = 0`` (the ``constant`` floor itself).
+        b: the exponential decay rate, or the linear step per layer.
+
+    Returns:
+        ``mu(l)``, a Python float.
+
+    Raises:
+        InvalidInputError: an unknown schedule.
     """
     if schedule == "exponential":
         return a * math.exp(-b * layer)
@@ -124,7 +174,20 @@ def layer_floors(
     masks: PyTree, schedule: Schedule = "exponential", a: float = 0.8, b: float = 0.5
 ) -> dict[str, Any]:
     """``mu(l)`` as a float per mask, nested like ``masks``: the ``lower`` bound to give
-    :func:`fippure.optim.project_box`."""
+    :func:`fippure.optim.project_box`.
+
+    Args:
+        masks: nested dicts of masks (:func:`init_masks`).
+        schedule: ``exponential``, ``linear`` or ``constant`` (see :func:`mask_floor`).
+        a: :func:`mask_floor`'s ``a``.
+        b: :func:`mask_floor`'s ``b``.
+
+    Returns:
+        The same nesting as ``masks`` with ``mu(l)`` per mask.
+
+    Raises:
+        InvalidInputError: an unknown schedule.
+    """
     indices = traverse_util.flatten_dict(mask_layer_indices(masks))
     return traverse_util.unflatten_dict(
         {path: mask_floor(index, schedule, a, b) for path, index in indices.items()}

@@ -112,7 +112,20 @@ def project_box(lower: Bound, upper: Bound) -> optax.GradientTransformation:
 
 
 def clip_to_box(params: PyTree, lower: Bound, upper: Bound) -> PyTree:
-    """``clip(params, lower, upper)`` leaf by leaf, with bounds as in :func:`project_box`."""
+    """``clip(params, lower, upper)`` leaf by leaf, with bounds as in :func:`project_box`.
+
+    Args:
+        params: a pytree of arrays.
+        lower: a scalar, or a pytree with the structure of ``params`` whose leaves broadcast
+            against its leaves.
+        upper: likewise.
+
+    Returns:
+        ``params`` clipped leaf by leaf (bounds cast to each leaf's dtype).
+
+    Raises:
+        InvalidInputError: a pytree bound that does not fit ``params``.
+    """
     low = _per_leaf(lower, params, "lower", "clip_to_box")
     high = _per_leaf(upper, params, "upper", "clip_to_box")
     return jax.tree_util.tree_map(jnp.clip, params, low, high)

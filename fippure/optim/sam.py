@@ -68,7 +68,18 @@ def asam_perturbation(
 
 def normalize_adaptive(eta: float = 0.01, adaptive: bool = True) -> optax.GradientTransformation:
     """Maps ``g`` to ``T^2 g / ||T g||`` (ASAM's ascent direction; ``optax.contrib.normalize``
-    when ``adaptive`` is False). Needs ``params`` in ``update``."""
+    when ``adaptive`` is False). Needs ``params`` in ``update``.
+
+    Args:
+        eta: ASAM's ``eta`` (``T = |theta| + eta``).
+        adaptive: ASAM (True) or plain SAM's ``g / ||g||`` (False).
+
+    Returns:
+        A stateless ``optax.GradientTransformation``.
+
+    Raises:
+        InvalidInputError: at ``update``, when ``params`` is not given.
+    """
 
     def init_fn(params):
         del params

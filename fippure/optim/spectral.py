@@ -98,7 +98,17 @@ def layer_input_axes(
 ) -> dict[str, int]:
     """How many leading axes of each ``nn.DenseGeneral`` kernel are its layer's inputs, keyed by
     the kernel's '/'-joined path (e.g. ``block1/attention/query/kernel``: 1). Found by tracing
-    ``model`` on shapes only (nothing is computed)."""
+    ``model`` on shapes only (nothing is computed).
+
+    Args:
+        model: the Flax module.
+        variables: its collections (only their shapes are read).
+        image_shape: ``(height, width, channels)`` of one input image.
+
+    Returns:
+        ``{kernel path: input axes}`` for every ``nn.DenseGeneral`` without batch axes; empty
+        for a model without one.
+    """
     found: dict[str, int] = {}
 
     def interceptor(next_fun, args, kwargs, context):
@@ -197,7 +207,17 @@ def _checked_shifts(
 
 
 def init_shifts(factors: PyTree) -> dict[str, Any]:
-    """Zero shifts, one ``(r,)`` array per decomposed kernel (same nesting as ``factors``)."""
+    """Zero shifts, one ``(r,)`` array per decomposed kernel (same nesting as ``factors``).
+
+    Args:
+        factors: from :func:`decompose`.
+
+    Returns:
+        Nested dicts like ``factors``, with zeros of each factor's ``s`` shape and dtype.
+
+    Raises:
+        InvalidInputError: a leaf of ``factors`` that is not a :class:`SpectralFactor`.
+    """
     return jax.tree_util.tree_map(jnp.zeros_like, _map_factors(factors, lambda f: f.s))
 
 
@@ -207,7 +227,15 @@ def _map_factors(factors, fn):
 
 
 def rebuild_kernel(factor: SpectralFactor, shift: Float[Array, " r"]) -> Array:
-    """``U diag(relu(s + d)) V^T`` reshaped to the kernel's original shape."""
+    """``U diag(relu(s + d)) V^T`` reshaped to the kernel's original shape.
+
+    Args:
+        factor: the kernel's :class:`SpectralFactor`.
+        shift: ``d``, one shift per singular value.
+
+    Returns:
+        ``W(d)``, of shape ``factor.shape``.
+    """
     values = jax.nn.relu(factor.s + shift)
     return ((factor.u * values) @ factor.vt).reshape(factor.shape)
 
@@ -239,12 +267,32 @@ def rebuild_params(params: PyTree, factors: PyTree, shifts: PyTree) -> dict[str,
 
 
 def shift_counts(factors: PyTree) -> dict[str, int]:
-    """The number of shifts of each decomposed kernel, keyed by its '/'-joined path."""
+    """The number of shifts of each decomposed kernel, keyed by its '/'-joined path.
+
+    Args:
+        factors: from :func:`decompose`.
+
+    Returns:
+        ``{path: r}``, e.g. ``{"stage1_block1/conv1/kernel": 64}``.
+
+    Raises:
+        InvalidInputError: a leaf of ``factors`` that is not a :class:`SpectralFactor`.
+    """
     return {_path_string(path): int(f.s.shape[0]) for path, f in _flat_factors(factors).items()}
 
 
 def num_shifts(factors: PyTree) -> int:
-    """The total number of tunable shifts (about 4.3k for PreAct-ResNet-18 width 64)."""
+    """The total number of tunable shifts (about 4.3k for PreAct-ResNet-18 width 64).
+
+    Args:
+        factors: from :func:`decompose`.
+
+    Returns:
+        The sum of ``r`` over the decomposed kernels.
+
+    Raises:
+        InvalidInputError: a leaf of ``factors`` that is not a :class:`SpectralFactor`.
+    """
     return sum(shift_counts(factors).values())
 
 
@@ -296,6 +344,18 @@ def factored(factors: PyTree, shifts: PyTree) -> Iterator[None]:
     shifts into the trace and ignore ``f``'s argument; that is refused with an error when the
     layer's kernel is traced and its shift is not. Likewise, the compiled function keeps the
     factored form after the block exits: jit a function that enters the block itself.
+
+    Args:
+        factors: from :func:`decompose`.
+        shifts: ``d``, one ``(r,)`` array per factor, nested like ``factors``.
+
+    Yields:
+        None.
+
+    Raises:
+        InvalidInputError: factors that are not :class:`SpectralFactor` leaves, shifts that
+            are missing or of another shape, or (inside the block) a traced kernel whose shift
+            is a fixed array.
     """
     flat = _flat_factors(factors)
     flat_shifts = _checked_shifts(flat, shifts)

@@ -156,6 +156,19 @@ def choose_stop(
     checks, ``first_below`` takes the first whose ASR is at most ``threshold``, else the
     lowest ASR. ``lowest`` takes the lowest ASR (the earliest on a tie). If no check is
     eligible, the most accurate one is taken. A NaN ASR never counts as reached or lowest.
+
+    Args:
+        checks: dicts with ``step``, ``validation_synth_asr`` and ``validation_acc``.
+        threshold: the ASR at or below which a check counts as purified.
+        rule: ``first_below`` or ``lowest``.
+        min_accuracy: the validation accuracy a check needs to be eligible.
+
+    Returns:
+        ``(step, reached)``: the chosen check's step, and whether its ASR is at most
+        ``threshold`` (False when no check is eligible).
+
+    Raises:
+        InvalidInputError: no checks, or an unknown rule.
     """
     if not checks:
         raise InvalidInputError("no checks to choose a stop from")
@@ -392,9 +405,19 @@ def make_clean_stop_config(overrides: dict[str, Any] | None = None) -> CleanStop
     Keys prefixed with ``inversion.`` (``inversion.steps=300``) set the Neural Cleanse scan's
     :class:`~fippure.purify.trigger_inversion.InversionConfig`.
 
+    Args:
+        overrides: ``{field: value}`` with Python values or strings to parse (``"300"``,
+            ``"true"``); ``inversion.<field>`` keys set the scan's config. ``None``: the
+            defaults.
+
+    Returns:
+        The config; its ``inversion`` is the default one (150 steps of 32 images) with the
+        ``inversion.`` overrides.
+
     Raises:
         UnknownNameError: for an unknown key.
-        InvalidInputError: for a value of the wrong type or out of range.
+        InvalidInputError: for a value of the wrong type or out of range, or a bare
+            ``inversion`` key (its fields are set one by one).
     """
     from fippure.purify.registry import config_with_overrides
 

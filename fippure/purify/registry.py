@@ -83,6 +83,12 @@ def get_defense(name: str) -> Defense:
     """The registered defense ``name`` (``fip``, ``fast_fip``, ``nft``, ``ngf``, ``ft``,
     ``ft_sam``): where its ``purify`` function and config class live.
 
+    Args:
+        name: registry name, a key of :data:`DEFENSES`.
+
+    Returns:
+        The :class:`Defense` record.
+
     Raises:
         UnknownNameError: for an unknown name (the message suggests the close ones).
     """
@@ -94,9 +100,18 @@ def get_defense(name: str) -> Defense:
 def make_config(name: str, overrides: Mapping[str, Any] | None = None) -> Any:
     """The default config of defense ``name`` with ``overrides`` (strings are parsed).
 
+    Args:
+        name: registry name of the defense (``fip``, ``nft``, ...).
+        overrides: ``{field: value}`` for its config; strings are parsed by the field's type
+            (``"0.01"``, ``"true"``, ``"a,b"`` for a tuple, ``"none"`` for an optional field).
+            ``None``: the defaults.
+
+    Returns:
+        An instance of the defense's config class (:attr:`Defense.config_class`).
+
     Raises:
         UnknownNameError: for an unknown defense or config key.
-        InvalidInputError: for a value of the wrong type.
+        InvalidInputError: for a value of the wrong type or out of range.
     """
     return config_with_overrides(get_defense(name).config_class, overrides, name)
 

@@ -373,9 +373,22 @@ def invert_trigger(
 ) -> InvertedTrigger:
     """The smallest trigger Neural Cleanse finds that sends ``clean_set`` to ``target``.
 
+    Args:
+        model: the classifier (applied in eval mode; its variables are not changed).
+        variables: its collections (``params`` and ``batch_stats`` are used).
+        clean_set: the defender's clean images; the loss counts those not of ``target``.
+        target: the candidate target class, in ``[0, num_classes)``.
+        config: the optimisation's settings (default :class:`InversionConfig`).
+        key: a typed or legacy key, or an integer seed (``None``: seed 0).
+
+    Returns:
+        An :class:`InvertedTrigger`: the smallest mask whose batch reached
+        ``success_threshold`` (the last iterate if none did), and its success on ``clean_set``.
+
     Raises:
         InvalidInputError: a target outside the classes, a clean set the model cannot take or
-            with no image outside ``target``.
+            with no image outside ``target``, a config that is not an :class:`InversionConfig`,
+            or a ``key`` that is not a key or a seed in ``[0, 2**32)``.
         NonFiniteLossError: the optimisation diverged.
     """
     config, key = inversion_arguments("invert_trigger", config, key)
@@ -446,6 +459,23 @@ def scan_classes(
 
     Each class gets its own key (folded from ``key``), so one class's trigger does not depend
     on which classes were scanned before it.
+
+    Args:
+        model: the classifier (applied in eval mode).
+        variables: its collections.
+        clean_set: the defender's clean images.
+        config: the settings of every class's inversion (default :class:`InversionConfig`);
+            its ``anomaly_threshold`` sets which classes are flagged.
+        key: a typed or legacy key, or an integer seed (``None``: seed 0).
+        progress: show a progress bar over the classes.
+
+    Returns:
+        A :class:`TriggerScan`: one trigger per class, their anomaly indices and the flagged
+        classes.
+
+    Raises:
+        InvalidInputError: as :func:`invert_trigger`.
+        NonFiniteLossError: a class's optimisation diverged.
     """
     config, key = inversion_arguments("scan_classes", config, key)
     validate_clean_set(clean_set, model, variables, train=False)  # eval mode only
@@ -479,7 +509,23 @@ def synthesized_asr(
 ) -> float:
     """Fraction of the images *not* of the trigger's target class that its stamp sends there
     (SPEC section 1's ASR, with a synthesized trigger on defender-held images; NaN when every
-    image is of the target class)."""
+    image is of the target class).
+
+    Args:
+        model: the classifier (applied in eval mode).
+        variables: its collections.
+        images: ``(n, h, w, c)`` uint8 pixels or floats in [0, 1].
+        labels: their ``(n,)`` true labels.
+        trigger: the trigger to stamp.
+        spec: the dataset (image shape and normalisation).
+
+    Returns:
+        The fraction, a Python float (NaN when every image is of the target class).
+
+    Raises:
+        InvalidInputError: a trigger that does not fit ``spec``'s images, or labels that are
+            not one per image.
+    """
     check_trigger(trigger, spec)
     labels = np.asarray(labels)
     if labels.shape != (int(np.shape(images)[0]),):
