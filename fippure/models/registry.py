@@ -294,12 +294,16 @@ def activations(
         variables: its collections.
         inputs: a normalised ``(b, h, w, c)`` batch.
         train: apply in train mode (updated BatchNorm statistics are discarded).
-        select: ``(module, method_name) -> bool``, which calls to capture; only ``__call__``
-            outputs are returned. ``None``: the convolutions, BatchNorms and dense layers.
+        select: ``(module, method_name) -> bool``, which calls to capture. ``None``: the
+            convolutions', BatchNorms' and dense layers' ``__call__``.
 
     Returns:
-        ``(logits, outputs)``: the model's output, and each captured module's output keyed by
-        its path (e.g. ``stage1_block1/conv1``).
+        ``(logits, outputs)``: the model's output, and each captured output keyed by its
+        module path (e.g. ``stage1_block1/conv1``), with ``.method`` added for a method other
+        than ``__call__``, ``#i`` for the i-th call of a module called more than once (shared
+        weights), and ``[j]`` for the parts of a tuple output (e.g. ``pair#1[0]``). Values the
+        model sows into ``intermediates`` are included: fippure's models sow their penultimate
+        features, in float32, as ``features``.
 
     Raises:
         InvalidInputError: ``variables`` that do not fit ``model``.
@@ -316,13 +320,33 @@ def activations(
         logits, state = model.apply(
             variables, inputs, train=train, capture_intermediates=select, mutable=mutable
         )
-    flat = jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+    return logits, _captured_outputs(state["intermediates"])
+
+
+def _captured_outputs(intermediates: Any) -> dict[str, Array]:
+    """Flax's ``intermediates`` collection, ``{module: {method or sown name: (values, ...)}}``,
+    as one flat dict with a key per array: the module path; ``.name`` for a method other than
+    ``__call__`` or a sown value (a sown value of the model itself is keyed by its bare name);
+    ``#i`` for the i-th call of a module called more than once; ``[j]`` for each part of a
+    tuple or dict output. Nothing is dropped: a second call does not overwrite the first."""
+    captured = []
+    for path, value in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
+        at = next(i for i, p in enumerate(path) if isinstance(p, jax.tree_util.SequenceKey))
+        *modules, method = (p.key for p in path[:at])
+        part = "".join(f"[{getattr(p, 'key', getattr(p, 'idx', p))}]" for p in path[at + 1 :])
+        captured.append(("/".join(modules), method, path[at].idx, part, value))
+    calls: dict[tuple[str, str], int] = {}
+    for module, method, call, _, _ in captured:
+        calls[module, method] = max(calls.get((module, method), 0), call + 1)
     out = {}
-    for path, value in flat:
-        keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
-        if keys and keys[-1] == "__call__":
-            out["/".join(keys[:-1])] = value
-    return logits, out
+    for module, method, call, part, value in captured:
+        if not module and method == "__call__":
+            continue  # the model's own output: the logits, returned beside these
+        key = module if method == "__call__" else f"{module}.{method}".lstrip(".")
+        if calls[module, method] > 1:
+            key += f"#{call}"
+        out[key + part] = value
+    return out
 
 
 def count_params(tree: Any) -> int:

@@ -28,6 +28,7 @@ from fippure.models import (
     with_dtype,
 )
 from fippure.models.generators import ConvAutoencoder
+from fippure.models.registry import FEATURES
 
 # (name, small kwargs, input shape)
 CASES = [
@@ -73,7 +74,9 @@ def test_layers_compute_in_the_dtype_on_the_same_float32_weights(name, dtype):
         return logits, acts, penultimate_features(reduced, v, x), full.apply(v, x)
 
     logits, acts, features, expected = apply(variables, inputs)
-    assert acts and {str(a.dtype) for a in acts.values()} == {dtype}
+    layers = {k: a for k, a in acts.items() if k != FEATURES}
+    assert layers and {str(a.dtype) for a in layers.values()} == {dtype}
+    assert acts[FEATURES].dtype == jnp.float32  # the sown penultimate features, as the head's
     assert logits.dtype == jnp.float32 and features.dtype == jnp.float32
     # the same function up to rounding (bfloat16 keeps 8 significant bits)
     scale = float(jnp.max(jnp.abs(expected)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -223,3 +224,42 @@ def test_the_apply_helpers_refuse_variables_of_another_model_in_one_line(apply):
     with pytest.raises(InvalidInputError, match="do not fit this SmallCNN") as error:
         apply(model, rgb, images, train=False)
     assert "\n" not in str(error.value)
+
+
+class _Pair(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return 2 * x, 3 * x
+
+    def halve(self, x):
+        return x / 2
+
+
+class _SharedLayers(nn.Module):
+    """A dense layer applied twice (shared weights), a tuple output and a method call."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        dense, pair = nn.Dense(3, name="dense"), _Pair(name="pair")
+        hidden = dense(dense(x))
+        double, triple = pair(hidden)
+        return double + triple + pair.halve(hidden)
+
+
+def test_activations_keeps_every_call_part_and_method():
+    """A second call of a shared layer, the parts of a tuple output and a chosen method are
+    each kept under their own key; none overwrites another."""
+    model = _SharedLayers()
+    x = jnp.arange(6.0).reshape(2, 3)
+    variables = model.init(jax.random.key(0), x)
+    _, acts = activations(model, variables, x, select=lambda module, method: True)
+    kernel, bias = variables["params"]["dense"]["kernel"], variables["params"]["dense"]["bias"]
+    first = x @ kernel + bias
+    second = first @ kernel + bias
+    np.testing.assert_allclose(acts["dense#0"], first, rtol=1e-6)
+    np.testing.assert_allclose(acts["dense#1"], second, rtol=1e-6)
+    np.testing.assert_allclose(acts["pair[0]"], 2 * second, rtol=1e-6)
+    np.testing.assert_allclose(acts["pair[1]"], 3 * second, rtol=1e-6)
+    np.testing.assert_allclose(acts["pair.halve"], second / 2, rtol=1e-6)
+    # the model's own output is the logits, returned first
+    assert set(acts) == {"dense#0", "dense#1", "pair[0]", "pair[1]", "pair.halve"}
