@@ -233,7 +233,7 @@ def iterate_batches(
     pending = None
     for start in stops:
         rows = order[start : start + batch_size]
-        batch = jax.device_put((dataset.images[rows], dataset.labels[rows]))
+        batch = jax.device_put((dataset.images[rows], dataset.labels[rows].astype(np.int32)))
         if pending is not None:
             yield pending
         pending = batch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,3 +156,20 @@ def test_iterate_batches_refuses_a_batch_size_that_is_not_a_positive_integer(bat
     data = load_dataset("digits", "test")
     with pytest.raises(InvalidInputError, match="batch_size must be a positive integer"):
         next(iterate_batches(data, batch_size))
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_both_paths_yield_int32_labels_even_with_float64_enabled(monkeypatch, on_device):
+    """The streamed path casts its labels as the on-device one does (to_device): int64 labels
+    with jax_enable_x64 on once reached the step as int64 when streamed only."""
+    data = _dataset(10)
+    data = dataclasses.replace(data, labels=data.labels.astype(np.int64))
+    if not on_device:
+        monkeypatch.setattr(pipeline, "fits_on_device", lambda dataset, limit=0: False)
+    previous = jax.config.read("jax_enable_x64")
+    jax.config.update("jax_enable_x64", True)
+    try:
+        batches = list(iterate_batches(data, 4))
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+    assert {str(y.dtype) for _, y in batches} == {"int32"}
