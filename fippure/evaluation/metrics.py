@@ -172,9 +172,10 @@ def defense_effectiveness_rating(
         if isinstance(v, bool)
         or np.ndim(v) != 0
         or not np.issubdtype(np.asarray(v).dtype, np.number)
+        or np.iscomplexobj(v)
     }
     if kinds:
-        raise InvalidInputError(f"DER takes four numbers; got {kinds}")
+        raise InvalidInputError(f"DER takes four numbers (real scalars); got {kinds}")
     rates = {k: float(v) for k, v in rates.items()}
     if any(np.isnan(v) for v in rates.values()):
         return float("nan")

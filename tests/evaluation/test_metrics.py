@@ -138,7 +138,7 @@ def test_whole_float_labels_are_accepted_as_class_labels():
     assert accuracy(np.array([1.0, 2.0]), [1, 3]) == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("bad", ["0.9", np.array([0.9, 0.8]), True])
+@pytest.mark.parametrize("bad", ["0.9", np.array([0.9, 0.8]), True, 0.9 + 0j, np.complex64(0.9)])
 def test_der_refuses_a_rate_that_is_not_one_number(bad):
     with pytest.raises(InvalidInputError, match="DER takes four numbers"):
         defense_effectiveness_rating(acc_before=bad, asr_before=1.0, acc_after=0.8, asr_after=0.0)
