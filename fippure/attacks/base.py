@@ -248,7 +248,8 @@ def apply_trigger(
 ) -> np.ndarray:
     """Triggers uint8 or [0, 1] float images in jitted batches; returns float32 [0, 1].
 
-    Each batch gets ``fold_in(key, batch_index)``, so the result depends on the key only.
+    Each batch gets ``fold_in(key, batch_index)``, so the result is fixed by the key and
+    ``batch_size`` (none of the built-in triggers draws randomness, so theirs by neither).
 
     Args:
         attack: the attack whose ``trigger`` runs (its jitted trigger is cached per attack).

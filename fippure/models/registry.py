@@ -42,7 +42,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def model_fields(name: str) -> set[str]:
-    """The keyword arguments that model ``name`` accepts (besides ``num_classes``).
+    """The keyword arguments that model ``name`` accepts, ``num_classes`` among them.
 
     Args:
         name: registry name, a key of :data:`MODELS`.
