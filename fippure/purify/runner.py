@@ -22,6 +22,7 @@ from fippure.checkpoints import (
     claim_run_directory,
     read_stamp,
     save_checkpoint,
+    write_json_atomically,
 )
 from fippure.config_checks import check_count, check_seed
 from fippure.errors import CheckpointError, InvalidInputError
@@ -151,8 +152,19 @@ def run_defense(
     progress_dir = pathlib.Path(out).resolve() / PROGRESS if saves_progress else None
     saved_trajectory = progress_dir / TRAJECTORY if progress_dir is not None else None
     trajectory: list[dict[str, Any]] = []
+    if out is not None and (pathlib.Path(out) / "report.json").exists():
+        # a finished run (report.json is written after the checkpoint): progress left beside it
+        # is stale, from a kill while it was being deleted, and a half-deleted orbax step
+        # cannot be restored. The run is made again from the start.
+        shutil.rmtree(pathlib.Path(out).resolve() / PROGRESS, ignore_errors=True)
     if observe_every > 0 and saved_trajectory is not None and saved_trajectory.exists():
-        saved = json.loads(saved_trajectory.read_text())
+        try:
+            saved = json.loads(saved_trajectory.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(
+                f"{saved_trajectory} is damaged (a run killed while an older fippure wrote "
+                f"it); delete {progress_dir} to run again from the start"
+            ) from None
         # the points of a killed run, where it observed at the same interval (a run resumed
         # with another observe_every starts its trajectory afresh, not as a mix of intervals)
         if isinstance(saved, dict) and saved.get("observe_every") == observe_every:
@@ -163,8 +175,9 @@ def run_defense(
         trajectory[:] = [point for point in trajectory if point["step"] < step]
         trajectory.append({"step": step, **evaluate(backdoored, variables)})
         if saved_trajectory is not None:
-            saved_trajectory.write_text(
-                json.dumps({"observe_every": observe_every, "points": trajectory})
+            # atomically: a kill mid-write leaves the old points or the new ones
+            write_json_atomically(
+                saved_trajectory, {"observe_every": observe_every, "points": trajectory}
             )
 
     if clean_stop is not None:

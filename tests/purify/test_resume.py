@@ -204,3 +204,31 @@ def test_progress_from_other_starting_weights_or_another_clean_set_is_refused(ti
 def test_a_checkpointing_interval_below_one_is_refused():
     with pytest.raises(InvalidInputError, match="every"):
         Checkpointing("somewhere", every=0)
+
+
+def test_a_finished_run_killed_while_deleting_its_progress_runs_again(digits_badnets, tmp_path):
+    """Killed while ``progress/`` was being deleted (after the checkpoint and report.json were
+    written), a run left a half-deleted orbax step that every rerun failed to restore; the
+    leftovers of a finished run are now dropped and the same command runs again."""
+    options = dict(overrides={"steps": "4", "batch_size": "32"}, progress=False)
+    first = run_defense(digits_badnets, "ft", out=tmp_path, checkpoint_every=2, **options)
+    half_deleted = tmp_path / PROGRESS / "4"
+    (half_deleted / "carry").mkdir(parents=True)
+    (half_deleted / "commit_success.txt").write_text("")
+    again = run_defense(digits_badnets, "ft", out=tmp_path, checkpoint_every=2, **options)
+    assert again["after"] == first["after"] and again["report"]["resumed_from_step"] == 0
+    assert not (tmp_path / PROGRESS).exists()
+
+
+def test_a_damaged_trajectory_is_refused_in_one_line(digits_badnets, tmp_path, monkeypatch):
+    from fippure.purify import runner
+
+    options = dict(overrides={"steps": "6", "batch_size": "32"}, observe_every=2, progress=False)
+    evaluate = _die_at_the_third_evaluation(monkeypatch)
+    with pytest.raises(_Killed):
+        run_defense(digits_badnets, "ft", out=tmp_path, checkpoint_every=2, **options)
+    monkeypatch.setattr(runner, "evaluate", evaluate)
+    trajectory = tmp_path / PROGRESS / runner.TRAJECTORY
+    trajectory.write_text(trajectory.read_text()[:20])  # torn by a kill mid-write
+    with pytest.raises(CheckpointError, match="damaged.*delete"):
+        run_defense(digits_badnets, "ft", out=tmp_path, checkpoint_every=2, **options)
