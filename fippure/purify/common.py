@@ -323,7 +323,9 @@ def run_steps(
     (``fingerprint()``, called only then: :func:`fippure.purify.resume.run_fingerprint`) is
     resumed from: the
     loop continues at the saved step, and since step ``t`` always uses ``fold_in(key, t)`` it
-    ends where an uninterrupted run would. The observer is not called for steps done before.
+    ends where an uninterrupted run would. The observer is not called for steps done before,
+    except the saved step itself where it falls on ``observe_every``: an observer that stopped
+    the run there stops the resumed run there too, and the same call returns the same result.
 
     Returns:
         a :class:`StepsRun`.
@@ -361,8 +363,24 @@ def run_steps(
             )
     # a private copy: a step may donate its carry, which must never be the caller's arrays
     carry = private_copy(carry)
+    done, stopped = start, False
     try:
-        for t, step_key in zip(range(start, steps), folded_keys(key, start, steps), strict=True):
+        if observing and 0 < start < steps and start % observe_every == 0:
+            # the saved step is observed again: an observer that stopped the run there (a
+            # save due at that step is still made) stops the resumed run there too
+            begin = time.perf_counter()
+            try:
+                observer(start, private_copy(to_variables(carry)))
+            except StopEarly:
+                stopped = True
+                bar.write(
+                    f"{desc}: stopped by its observer after step {start} of {steps}",
+                    file=sys.stderr,
+                )
+            observe_seconds += time.perf_counter() - begin
+        remaining = range(start, start if stopped else steps)
+        keys = () if stopped else folded_keys(key, start, steps)
+        for t, step_key in zip(remaining, keys, strict=True):
             with step_guard():
                 carry, metrics = step(carry, step_key)
             bar.update(1)

@@ -232,3 +232,30 @@ def test_a_damaged_trajectory_is_refused_in_one_line(digits_badnets, tmp_path, m
     trajectory.write_text(trajectory.read_text()[:20])  # torn by a kill mid-write
     with pytest.raises(CheckpointError, match="damaged.*delete"):
         run_defense(digits_badnets, "ft", out=tmp_path, checkpoint_every=2, **options)
+
+
+def test_a_run_its_observer_stopped_on_a_save_step_stops_there_again(tiny, tmp_path):
+    """The stop's step was saved (a save due there is still made); called again with the same
+    checkpointing, the run once resumed there without asking the observer and went on past
+    the stop. The saved step is observed again, so the second call returns the first's result."""
+    from fippure.purify.common import StopEarly
+
+    model, variables, clean = tiny
+    purify, saving, key = DEFENSES["ft"].purify, Checkpointing(tmp_path, every=2), jax.random.key(5)
+    config = _config("ft")  # 6 steps
+
+    def stop_at_four(done, variables):
+        del variables
+        if done >= 4:
+            raise StopEarly
+
+    runs = [
+        purify(
+            model, variables, clean, config, key, progress=False, checkpointing=saving,
+            observer=stop_at_four, observe_every=2,
+        )
+        for _ in range(2)
+    ]  # fmt: skip
+    (first, first_report), (again, report) = runs
+    assert first_report.steps == 4 and report.steps == 4 and report.resumed_from_step == 4
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, first)
