@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -82,13 +83,15 @@ def device_indices(
     """The step indices ``t = start, ..., stop - 1`` (or ``t % modulus``, e.g. the batch of
     the epoch) as int32 device scalars."""
     for first in range(start, stop, chunk):
-        yield from _indices(first, min(chunk, stop - first), modulus)
+        # always a whole chunk (one compilation for every run length), cut on the host
+        yield from itertools.islice(_indices(first, chunk, modulus), min(chunk, stop - first))
 
 
 def folded_keys(key: PRNGKeyArray, start: int, stop: int, chunk: int = CHUNK) -> Iterator[Array]:
     """``jax.random.fold_in(key, t)`` for ``t = start, ..., stop - 1``."""
     for first in range(start, stop, chunk):
-        yield from _folded(key, first, min(chunk, stop - first))
+        # always a whole chunk (one compilation for every run length), cut on the host
+        yield from itertools.islice(_folded(key, first, chunk), min(chunk, stop - first))
 
 
 @jax.jit

@@ -37,3 +37,19 @@ def test_sum_metrics_totals_each_key():
     totals = sum_metrics(entries)
     assert float(totals["loss"]) == pytest.approx(7.5)
     assert float(totals["accuracy"]) == pytest.approx(0.75)
+
+
+def test_another_run_length_compiles_nothing_new(programs_compiled):
+    """Each chunk is computed whole and cut on the host: a sweep over ``steps`` once compiled
+    the key and index programs again for every new length."""
+    key = jax.random.key(3)
+    list(folded_keys(key, 0, 7, chunk=16))
+    list(device_indices(0, 7, chunk=16))
+    with programs_compiled() as compiled:
+        keys = list(folded_keys(key, 2, 11, chunk=16))
+        indices = [int(i) for i in device_indices(5, 9, chunk=16)]
+    assert not compiled, compiled
+    assert len(keys) == 9 and indices == [5, 6, 7, 8]
+    np.testing.assert_array_equal(
+        jax.random.key_data(keys[0]), jax.random.key_data(jax.random.fold_in(key, 2))
+    )
