@@ -12,6 +12,7 @@ host only every ``log_every`` steps (to log the loss and stop on NaN). Given a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import time
@@ -459,6 +460,44 @@ def clean_accuracy(model: nn.Module, variables: Variables, clean_set: ImageDatas
 def device_clean_set(clean_set: ImageDataset) -> tuple[Array, Array]:
     """The clean set's images and labels on device."""
     return jax.device_put(clean_set.images), jax.device_put(clean_set.labels.astype(np.int32))
+
+
+def compile_key(config: Any, *hoisted: str) -> Any:
+    """A copy of ``config`` to hand a compiled step as its static argument, with the fields
+    ``hoisted`` set to ``None``: those the step receives as traced arguments (a learning rate,
+    a penalty's strength) and those it never reads (``log_every``, ``stats_batches``).
+
+    Runs that differ only in those fields then share one compilation: a learning-rate or
+    ``eta_F`` sweep compiles its step once, not once per value (the config is part of the
+    jit cache key, so before, any field changed forced a recompile). A step that read one of
+    them anyway would fail at trace time on ``None``, instead of silently reusing another
+    run's value. The copy skips the config's validation (``None`` is no valid value).
+
+    Args:
+        config: a frozen dataclass configuration.
+        *hoisted: names of its fields.
+
+    Returns:
+        The copy, equal (and of equal hash) for configs that agree outside ``hoisted``.
+
+    Raises:
+        InvalidInputError: a name that is not a field of ``config``.
+    """
+    names = {field.name for field in dataclasses.fields(config)}
+    unknown = sorted(set(hoisted) - names)
+    if unknown:
+        raise InvalidInputError(f"{type(config).__name__} has no field {', '.join(unknown)}")
+    key = copy.copy(config)
+    for name in hoisted:
+        object.__setattr__(key, name, None)
+    return key
+
+
+def step_scalars(**values: float) -> dict[str, Array]:
+    """Float hyper-parameters as device scalars for a compiled step's arguments (uploaded
+    once, not at every step), weakly typed like the Python floats they replace, so they take
+    the dtype of the arrays they meet (a bfloat16 update stays bfloat16)."""
+    return jax.device_put({name: float(value) for name, value in values.items()})
 
 
 def device_variables(variables: Variables) -> Variables:

@@ -71,6 +71,7 @@ from fippure.purify.common import (
     check_input_types,
     clean_accuracy,
     clean_batch_size,
+    compile_key,
     config_dict,
     defense_arguments,
     device_clean_set,
@@ -78,6 +79,7 @@ from fippure.purify.common import (
     run_steps,
     sample_clean_batch,
     scheduled_sgd,
+    step_scalars,
     steps_taken,
     tree_size,
     validate_clean_set,
@@ -310,23 +312,42 @@ class _StepProgram:
     with_trace: bool
 
 
-def _optimizer(config: FIPConfig, fisher_diag: Any, anchor_point: Any):
-    """The update rule: optional clipping, the Fisher anchor, then (scheduled) SGD."""
+def _optimizer(config: FIPConfig, fisher_diag: Any, anchor_point: Any, scalars: dict):
+    """The update rule: optional clipping, the Fisher anchor, then (scheduled) SGD;
+    ``scalars`` holds the ``learning_rate`` (traced in the step)."""
     return optax.chain(
         *([optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm else []),
         fisher_anchor(fisher_diag, anchor_point, config.eta_r),
         scheduled_sgd(
-            config.learning_rate, config.steps, config.schedule, config.momentum,
+            scalars["learning_rate"], config.steps, config.schedule, config.momentum,
             config.weight_decay,
         ),
     )  # fmt: skip
 
 
+def _scalars(config: FIPConfig) -> dict:
+    return {"learning_rate": config.learning_rate}
+
+
+#: The fields the step takes as traced arguments (the learning rate in ``scalars``, eta_F in
+#: ``strength``), as static ones of their own (the batch size; whether the trace term runs) or
+#: never reads: left out of its compilation key (:func:`compile_key`), so a sweep over them
+#: compiles the step once. eta_r stays in the key: traced, it changed the step's rounding
+#: (at eta_r 1, XLA folds the constant away) and with it the stored results.
+_HOISTED = (
+    "learning_rate", "eta_F", "batch_size", "trace_scale", "trace_calibration",
+    "trace_every", "calibration_probes", "fisher_chunk", "final_batch_stats", "stats_batches",
+    "log_every",
+)  # fmt: skip
+
+
 @functools.partial(jax.jit, static_argnames="program", donate_argnums=0)
-def _fip_step(carry, key, images, labels, fisher_diag, tunable0, frozen, strength, *, program):
+def _fip_step(
+    carry, key, images, labels, fisher_diag, tunable0, frozen, strength, scalars, *, program
+):
     """One step of FIP's objective (CE + strength * TrF, the anchor in the update rule)."""
     config, apply_tunable = program.config, program.apply_tunable
-    tx = _optimizer(config, fisher_diag, tunable0)
+    tx = _optimizer(config, fisher_diag, tunable0, scalars)
     t, stats, opt_state, average, count = carry
     batch_key, trace_key = jax.random.split(key)
     x, y = sample_clean_batch(
@@ -339,7 +360,7 @@ def _fip_step(carry, key, images, labels, fisher_diag, tunable0, frozen, strengt
         ce = cross_entropy(logits, y)
         terms = {"ce": ce}
         loss = ce
-        if program.with_trace and config.eta_F > 0:
+        if program.with_trace:
             trace = trace_term(
                 config.trace_variant,
                 *_trace_functions(logits_trace, frozen, stats),
@@ -452,9 +473,15 @@ def fisher_guided_purify(
     # and the penalty's strength enter as arguments, not as constants baked into the compiled
     # program, so a second run of the same configuration on the same architecture (another
     # seed, another backdoored model) reuses the compiled steps.
-    arguments = (images, labels, fisher_diag, tunable0, frozen, jnp.float32(strength))
+    arguments = (
+        images, labels, fisher_diag, tunable0, frozen, jnp.float32(strength),
+        step_scalars(**_scalars(config)),
+    )  # fmt: skip
+    key_config = compile_key(config, *_HOISTED)
     programs = {
-        traced: _StepProgram(apply_tunable, config, batch_size, spec, traced)
+        traced: _StepProgram(
+            apply_tunable, key_config, batch_size, spec, traced and config.eta_F > 0
+        )
         for traced in (True, False)
     }
     with_trace = functools.partial(_fip_step, program=programs[True])
@@ -480,7 +507,7 @@ def fisher_guided_purify(
     def to_variables(carry):
         return as_variables(to_params(carry[0][0], frozen), carry[0][1])
 
-    opt_state = _optimizer(config, fisher_diag, tunable0).init(tunable0)
+    opt_state = _optimizer(config, fisher_diag, tunable0, _scalars(config)).init(tunable0)
     averaging = config.average_last > 1
     inner = (tunable0, stats0, opt_state, tunable0 if averaging else None, jnp.zeros((), jnp.int32))
     if config.trace_every > 1:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -38,6 +39,7 @@ from fippure.purify.common import (
     as_variables,
     clean_accuracy,
     clean_batch_size,
+    compile_key,
     config_dict,
     defense_arguments,
     device_clean_set,
@@ -45,6 +47,7 @@ from fippure.purify.common import (
     run_steps,
     sample_clean_batch,
     scheduled_sgd,
+    step_scalars,
     steps_taken,
     tree_size,
     validate_clean_set,
@@ -110,18 +113,25 @@ class FTSAMConfig(FTConfig):
     adaptive: bool = True
 
 
-def _optimizer(config: FTConfig) -> optax.GradientTransformation:
+def _optimizer(config: FTConfig, learning_rate: Any) -> optax.GradientTransformation:
     return scheduled_sgd(
-        config.learning_rate, config.steps, config.schedule, config.momentum, config.weight_decay
+        learning_rate, config.steps, config.schedule, config.momentum, config.weight_decay
     )
+
+
+#: The fields the step takes as traced arguments (``scalars``) or never reads: left out of its
+#: compilation key (:func:`compile_key`), so a sweep over them compiles the step once.
+_HOISTED = ("learning_rate", "batch_size", "final_batch_stats", "stats_batches", "log_every")
+_HOISTED_SAM = ("rho", "eta")
 
 
 @functools.partial(
     jax.jit, static_argnames=("model", "config", "batch_size", "spec"), donate_argnums=0
 )
-def _ft_step(carry, key, images, labels, *, model, config, batch_size, spec):
+def _ft_step(carry, key, images, labels, scalars, *, model, config, batch_size, spec):
     """One step of fine-tuning (FT-SAM: the adaptive-SAM gradient) on a clean batch; the carry
-    is donated (run_steps hands the step a private copy)."""
+    is donated (run_steps hands the step a private copy). ``scalars`` holds the learning rate
+    (and FT-SAM's ``rho`` and ``eta``) as traced scalars."""
     params, stats, opt_state = carry
     x, y = sample_clean_batch(key, images, labels, batch_size, spec, config.augment)
 
@@ -131,12 +141,14 @@ def _ft_step(carry, key, images, labels, *, model, config, batch_size, spec):
 
     if isinstance(config, FTSAMConfig):
         (loss, new_stats), grads = asam_gradient(
-            loss_fn, params, rho=config.rho, eta=config.eta, adaptive=config.adaptive,
+            loss_fn, params, rho=scalars["rho"], eta=scalars["eta"], adaptive=config.adaptive,
             has_aux=True,
         )  # fmt: skip
     else:
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = _optimizer(config).update(grads, opt_state, params)
+    updates, opt_state = _optimizer(config, scalars["learning_rate"]).update(
+        grads, opt_state, params
+    )
     return (optax.apply_updates(params, updates), new_stats, opt_state), {"loss": loss}
 
 
@@ -162,13 +174,19 @@ def purify(
     key = defense_arguments("ft", config, (FTConfig, FTSAMConfig), key)
     method = "ft_sam" if isinstance(config, FTSAMConfig) else "ft"
     batch_size = clean_batch_size(config.batch_size, clean_set)
-    tx = _optimizer(config)
+    tx = _optimizer(config, config.learning_rate)
     images, labels = device_clean_set(clean_set)
-    # compiled once per configuration and architecture (model, config and shapes are static)
+    sam = isinstance(config, FTSAMConfig)
+    scalars = step_scalars(
+        learning_rate=config.learning_rate,
+        **({"rho": config.rho, "eta": config.eta} if sam else {}),
+    )
+    # compiled once per architecture and configuration, up to the hoisted fields (model,
+    # config and shapes are static)
     step = functools.partial(
         _ft_step,
         model=model,
-        config=config,
+        config=compile_key(config, *_HOISTED, *(_HOISTED_SAM if sam else ())),
         batch_size=batch_size,
         spec=clean_set.spec,
     )
@@ -180,7 +198,7 @@ def purify(
 
     carry = (params, stats, tx.init(params))
     carry, curve, step_time, observe_time, resumed, done = run_steps(
-        lambda c, k: step(c, k, images, labels),
+        lambda c, k: step(c, k, images, labels, scalars),
         carry,
         steps=config.steps,
         key=key,

@@ -64,6 +64,7 @@ from fippure.purify.common import (
     batchnorm_modules,
     clean_accuracy,
     clean_batch_size,
+    compile_key,
     config_dict,
     defense_arguments,
     device_clean_set,
@@ -202,6 +203,15 @@ def nft_objective(
     return mixup + l1_strength * l1, (new_stats, mixup, l1)
 
 
+#: The fields the step never reads (it takes the L1 strength, the floors and the batch size as
+#: arguments of their own): left out of its compilation key (:func:`compile_key`), so runs
+#: that differ only in them share the compiled step.
+_HOISTED = (
+    "eta", "floor_schedule", "floor_a", "floor_b", "mask_pattern", "batch_size",
+    "final_batch_stats", "stats_batches", "log_every",
+)  # fmt: skip
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("model", "config", "batch_size", "spec", "num_classes"),
@@ -279,7 +289,7 @@ def purify(
     step = functools.partial(
         _nft_step,
         model=model,
-        config=config,
+        config=compile_key(config, *_HOISTED),
         batch_size=batch_size,
         spec=clean_set.spec,
         num_classes=clean_set.num_classes,

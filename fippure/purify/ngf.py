@@ -69,6 +69,7 @@ from fippure.purify.common import (
     PurifyReport,
     clean_accuracy,
     clean_batch_size,
+    compile_key,
     config_dict,
     defense_arguments,
     device_clean_set,
@@ -214,6 +215,14 @@ def _optimizer(config: NGFConfig, solver: str, fisher_diag: Any, anchor_point: A
     )
 
 
+#: The fields the step takes as static arguments of their own (``solver``, ``batch_size``) or
+#: never reads: left out of its compilation key (:func:`compile_key`), so runs that differ only
+#: in them share the compiled step. The learning rate, damping and eta_r stay in the key:
+#: passed as traced scalars, they changed the step's rounding (XLA fuses a constant scale
+#: differently), and with it every stored NGF result.
+_HOISTED = ("solver", "batch_size", "steps", "layer", "log_every")
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("logits_fn", "config", "solver", "batch_size", "spec"),
@@ -314,7 +323,7 @@ def purify(
     step = functools.partial(
         _ngf_step,
         logits_fn=logits_fn,
-        config=config,
+        config=compile_key(config, *_HOISTED),
         solver=solver,
         batch_size=batch_size,
         spec=spec,

@@ -138,3 +138,63 @@ def test_a_second_run_of_a_configuration_compiles_nothing_and_matches_a_fresh_co
         jax.tree_util.tree_leaves(reused), jax.tree_util.tree_leaves(fresh), strict=True
     ):
         np.testing.assert_array_equal(a, b)
+
+
+#: Per defense, a sweep over the fields its step takes as traced arguments or never reads
+#: (``compile_key``): none may compile the step again.
+SWEEPS = {
+    "fip": {"learning_rate": "0.003", "eta_F": "0.5", "log_every": "4", "stats_batches": "2"},
+    "fast_fip": {"learning_rate": "0.003", "eta_F": "0.5", "calibration_probes": "4"},
+    "nft": {"eta": "0.5", "floor_a": "0.5", "log_every": "4"},
+    "ngf": {"log_every": "4"},
+    "ngf_cg": {"log_every": "4"},
+    "ft": {"learning_rate": "0.003", "log_every": "4", "stats_batches": "2"},
+    "ft_sam": {"learning_rate": "0.003", "rho": "1.0", "eta": "0.02"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SWEEPS))
+def test_a_hyper_parameter_sweep_compiles_the_step_once(model_and_data, name, programs_compiled):
+    """A learning-rate or eta_F sweep (and a change of log_every or another field the step
+    never reads) reuses the compiled step: those values reach it as traced arguments, not as
+    part of its static configuration. The swept values are used: the result changes."""
+    from fippure.purify import fip, ft, nft, ngf
+
+    model, variables, clean = model_and_data
+    method = name.removesuffix("_cg")
+    base = {"steps": 4, "batch_size": 16, "log_every": 2, **SETTINGS[name]}
+    defense = registry.get_defense(method)
+    first, _ = defense.purify(
+        model, variables, clean, registry.make_config(method, base), jax.random.key(0),
+        progress=False,
+    )  # fmt: skip
+    swept = registry.make_config(method, {**base, **SWEEPS[name]})
+    steps = (fip._fip_step, ft._ft_step, nft._nft_step, ngf._ngf_step)
+    before = [step._cache_size() for step in steps]
+    with programs_compiled() as compiled:
+        second, _ = defense.purify(
+            model, variables, clean, swept, jax.random.key(0), progress=False
+        )
+    assert [step._cache_size() for step in steps] == before
+    if method in ("fip", "fast_fip", "ft", "ft_sam", "nft"):  # values that change the iterate
+        assert not all(
+            np.array_equal(a, b)
+            for a, b in zip(
+                jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(second), strict=True
+            )
+        )
+    step_names = ("_fip_step", "_ft_step", "_nft_step", "_ngf_step")
+    assert not [event for event in compiled if any(s in str(event) for s in step_names)]
+
+
+def test_compile_key_drops_only_the_hoisted_fields():
+    from fippure.errors import InvalidInputError
+    from fippure.purify.common import compile_key
+    from fippure.purify.ft import FTConfig
+
+    a = compile_key(FTConfig(learning_rate=0.1, steps=10), "learning_rate")
+    b = compile_key(FTConfig(learning_rate=0.2, steps=10), "learning_rate")
+    assert a == b and hash(a) == hash(b) and a.learning_rate is None
+    assert compile_key(FTConfig(steps=11), "learning_rate") != a  # other fields still count
+    with pytest.raises(InvalidInputError, match="no field learning_rte"):
+        compile_key(FTConfig(), "learning_rte")
