@@ -46,6 +46,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 from jaxtyping import Array, Float, PRNGKeyArray
@@ -356,7 +357,9 @@ def power_iteration(
     start = jax.tree_util.tree_map(lambda x: (x / norm).astype(x.dtype), start)
     operator = _as_operator(matvec)
     if loop == "fori":
-        return _power_fori(operator, start, num_iters, tol, shift)
+        # on the device explicitly (traced arguments: other values reuse the compiled loop)
+        limits = jax.device_put((np.int32(num_iters), float(tol)))
+        return _power_fori(operator, start, *limits, shift)
     if loop != "python":
         raise InvalidInputError(f"unknown loop {loop!r}; use 'python' or 'fori'")
     # the first quotient's "previous" value, in tree_dot's dtype (one compilation)
@@ -376,7 +379,7 @@ def power_iteration(
             # the check above cannot see: the remaining steps run in the scan
             carry = (eigenvalue, vector, following, change)
             return _power_scan(operator, carry, num_iters, num_iters - count, shift)
-        if float(change) < tol:
+        if tol > 0 and float(change) < tol:  # no host sync when the test can never stop it
             break
     return PowerIterationResult(eigenvalue, vector, jnp.asarray(count), jnp.asarray(change))
 
@@ -397,8 +400,11 @@ def _power_scan(matvec, carry, num_iters: int, remaining: int, shift) -> PowerIt
     return PowerIterationResult(eigenvalue, vector, jnp.asarray(num_iters), change)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
+@jax.jit
 def _power_fori(matvec, start, num_iters, tol, shift):
+    """``num_iters`` and ``tol`` are traced (they only enter the loop's condition), so other
+    values reuse the compiled loop."""
+
     def cond(carry):
         *_, count, change = carry
         return (count < num_iters) & (change >= tol)

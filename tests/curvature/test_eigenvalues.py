@@ -494,3 +494,20 @@ def test_gradients_through_an_exact_lanczos_breakdown_are_finite(x64, loop):
         return eigenvalues.top_eigenvalues(scaled, like, jax.random.key(0), 1, 3, loop=loop)[0]
 
     np.testing.assert_allclose(jax.grad(top)(jnp.asarray(2.0)), 1.0, rtol=1e-12)
+
+
+def test_the_fori_loop_compiles_once_for_every_iteration_count_and_tolerance():
+    """num_iters and tol only enter the while_loop's condition: traced, other values reuse the
+    compiled loop (a sweep compiled it again for each), and each still bounds the loop."""
+    matrix = jnp.diag(jnp.array([4.0, 3.0, 1.0]))
+
+    def operator(v):
+        return matrix @ v
+
+    like, key = jnp.zeros(3), jax.random.key(0)
+    eigenvalues.power_iteration(operator, like, key, 30, 1e-4, loop="fori")
+    compiled = eigenvalues._power_fori._cache_size()
+    few = eigenvalues.power_iteration(operator, like, key, 3, 1e-4, loop="fori")
+    tight = eigenvalues.power_iteration(operator, like, key, 31, 0.0, loop="fori")
+    assert eigenvalues._power_fori._cache_size() == compiled
+    assert int(few.num_iters) == 3 and int(tight.num_iters) == 31

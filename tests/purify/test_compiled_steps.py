@@ -154,7 +154,7 @@ SWEEPS = {
 
 
 @pytest.mark.parametrize("name", sorted(SWEEPS))
-def test_a_hyper_parameter_sweep_compiles_the_step_once(model_and_data, name, programs_compiled):
+def test_a_hyper_parameter_sweep_compiles_the_step_once(model_and_data, name):
     """A learning-rate or eta_F sweep (and a change of log_every or another field the step
     never reads) reuses the compiled step: those values reach it as traced arguments, not as
     part of its static configuration. The swept values are used: the result changes."""
@@ -171,10 +171,7 @@ def test_a_hyper_parameter_sweep_compiles_the_step_once(model_and_data, name, pr
     swept = registry.make_config(method, {**base, **SWEEPS[name]})
     steps = (fip._fip_step, ft._ft_step, nft._nft_step, ngf._ngf_step)
     before = [step._cache_size() for step in steps]
-    with programs_compiled() as compiled:
-        second, _ = defense.purify(
-            model, variables, clean, swept, jax.random.key(0), progress=False
-        )
+    second, _ = defense.purify(model, variables, clean, swept, jax.random.key(0), progress=False)
     assert [step._cache_size() for step in steps] == before
     if method in ("fip", "fast_fip", "ft", "ft_sam", "nft"):  # values that change the iterate
         assert not all(
@@ -183,8 +180,6 @@ def test_a_hyper_parameter_sweep_compiles_the_step_once(model_and_data, name, pr
                 jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(second), strict=True
             )
         )
-    step_names = ("_fip_step", "_ft_step", "_nft_step", "_ngf_step")
-    assert not [event for event in compiled if any(s in str(event) for s in step_names)]
 
 
 def test_compile_key_drops_only_the_hoisted_fields():
