@@ -43,28 +43,27 @@ def predict_logits(
         raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
     if batch_size < 1:
         raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size}")
-    images = check_images(images, spec)  # on the device once; batches are sliced there
-    n = int(images.shape[0])
+    n = int(np.shape(images)[0]) if hasattr(images, "shape") and np.ndim(images) else 0
     # Fewer images than a batch run in the next power of two (padded), so inputs of many
     # sizes share a few compiled shapes.
     batch_size = max(1, min(int(batch_size), 1 << max(n - 1, 0).bit_length()))
+    # on the device once, padded to whole batches (the last row repeated), so that no
+    # program is shaped by the number of images: the range check compiles per batch count,
+    # and the model per batch size
+    images = check_images(images, spec, rows=-(-n // batch_size) * batch_size)
     # on the device once (NumPy weights would be uploaded with every batch)
     variables = jax.device_put(
         {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
     )
     if n == 0:  # an empty subset (say, a filtered triggered set): no rows
         return np.zeros((0, *output_shape(model, variables, spec.image_shape)), np.float32)
+    batches = images.reshape(-1, batch_size, *images.shape[1:])
     out = []
-    for start in range(0, n, batch_size):
-        chunk = images[start : start + batch_size]
-        short = batch_size - chunk.shape[0]
-        if short:
-            chunk = jnp.concatenate(
-                [jnp.asarray(chunk), jnp.repeat(jnp.asarray(chunk[-1:]), short, 0)]
-            )
+    for index in range(batches.shape[0]):
         with variables_must_fit(model):  # the first call of a batch shape traces the model
-            out.append(_logits(model, spec, variables, chunk)[: batch_size - short])
-    logits = np.asarray(jnp.concatenate(out))
+            out.append(_logits(model, spec, variables, batches[index]))
+    # to the host batch by batch (a device concatenate and cut would compile per size)
+    logits = np.concatenate(jax.device_get(out))[:n]
     if not np.isfinite(logits).all():
         # argmax of NaN logits is class 0, which would score as a perfect backdoor
         raise NonFiniteLossError(
@@ -74,9 +73,14 @@ def predict_logits(
     return logits
 
 
-def check_images(images: np.ndarray | jax.Array, spec: DatasetSpec) -> jax.Array:
+def check_images(
+    images: np.ndarray | jax.Array, spec: DatasetSpec, rows: int | None = None
+) -> jax.Array:
     """One-line errors for images that ``spec``'s models cannot take (see
-    :func:`predict_logits`); returns them as a device array (one transfer, one reduction)."""
+    :func:`predict_logits`); returns them as a device array (one transfer, one reduction).
+
+    ``rows``: pad to this many rows, repeating the last (on the host for NumPy images, before
+    the one transfer), so the checks and later programs see a size shared by many inputs."""
     expected = (spec.image_shape[0], spec.image_shape[1], spec.image_shape[2])
     if not hasattr(images, "shape") or not hasattr(images, "dtype"):
         raise InvalidInputError(
@@ -89,9 +93,15 @@ def check_images(images: np.ndarray | jax.Array, spec: DatasetSpec) -> jax.Array
             f"expected {spec.name} images of shape (n, {', '.join(map(str, expected))}), got "
             f"{tuple(np.shape(images))}"
         )
+    n = images.shape[0]
+    if not n:
+        return jnp.asarray(images)
+    if rows is not None and rows > n:
+        if isinstance(images, jax.Array):
+            images = _repeat_last_row(images, rows)
+        else:
+            images = np.concatenate([images, np.repeat(images[-1:], rows - n, axis=0)])
     images = jnp.asarray(images)
-    if not images.shape[0]:
-        return images
     low, top, finite = (float(v) for v in jax.device_get(_value_range(images)))
     if jnp.issubdtype(images.dtype, jnp.floating):
         if not finite:
@@ -111,6 +121,11 @@ def check_images(images: np.ndarray | jax.Array, spec: DatasetSpec) -> jax.Array
             f"integer images are read as pixels 0-255 but these span {int(low)}..{int(top)}"
         )
     return images
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _repeat_last_row(images: jax.Array, rows: int) -> jax.Array:
+    return jnp.concatenate([images, jnp.repeat(images[-1:], rows - images.shape[0], axis=0)])
 
 
 @jax.jit

@@ -99,3 +99,19 @@ def test_variables_of_another_model_are_refused_in_one_line(network):
         with pytest.raises(InvalidInputError, match="variables do not fit this SmallCNN") as error:
             predict_logits(model, rgb, _images(n), SPEC)
         assert "\n" not in str(error.value)
+
+
+def test_another_number_of_images_in_the_same_bucket_compiles_nothing(network, programs_compiled):
+    """Images are padded on the host to whole batches before their one upload, and the logits
+    cut on the host: an evaluation of a set of another size (a filtered triggered set) once
+    compiled about seven small programs for every new size."""
+    model, variables = network
+    for n in (1100, 40):  # buckets: 2 batches of 1000, and one of 64
+        predict_logits(model, variables, _images(n), SPEC)
+    with programs_compiled() as compiled:
+        logits = [predict_logits(model, variables, _images(n, 1), SPEC) for n in (1999, 33, 57)]
+    assert not compiled, compiled
+    assert [len(x) for x in logits] == [1999, 33, 57]
+    np.testing.assert_allclose(
+        logits[1], predict_logits(model, variables, _images(33, 1), SPEC, batch_size=33), atol=1e-5
+    )
