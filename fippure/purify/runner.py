@@ -55,6 +55,15 @@ def evaluate(backdoored: BackdooredModel, variables) -> dict[str, float | None]:
     ).as_dict()
 
 
+def _finished_progress(progress_dir: pathlib.Path, steps: int, out) -> bool:
+    """Whether ``progress_dir`` holds the last step of a run whose ``report.json`` was
+    written: the leftovers of its clean-up, not progress to resume from."""
+    if not (pathlib.Path(out) / "report.json").exists() or not progress_dir.is_dir():
+        return False
+    saved = [int(entry.name) for entry in progress_dir.iterdir() if entry.name.isdigit()]
+    return bool(saved) and max(saved) >= steps
+
+
 def run_defense(
     checkpoint: str | os.PathLike | BackdooredModel,
     defense: str,
@@ -152,11 +161,12 @@ def run_defense(
     progress_dir = pathlib.Path(out).resolve() / PROGRESS if saves_progress else None
     saved_trajectory = progress_dir / TRAJECTORY if progress_dir is not None else None
     trajectory: list[dict[str, Any]] = []
-    if out is not None and (pathlib.Path(out) / "report.json").exists():
-        # a finished run (report.json is written after the checkpoint): progress left beside it
-        # is stale, from a kill while it was being deleted, and a half-deleted orbax step
-        # cannot be restored. The run is made again from the start.
-        shutil.rmtree(pathlib.Path(out).resolve() / PROGRESS, ignore_errors=True)
+    if progress_dir is not None and _finished_progress(progress_dir, config.steps, out):
+        # left by a kill while a finished run deleted it (report.json is written after the
+        # checkpoint, then progress/ is deleted): a half-deleted orbax step cannot be restored,
+        # so the run is made again from the start. A rerun's own progress (killed before its
+        # last step) is kept and resumed.
+        shutil.rmtree(progress_dir, ignore_errors=True)
     if observe_every > 0 and saved_trajectory is not None and saved_trajectory.exists():
         try:
             saved = json.loads(saved_trajectory.read_text())

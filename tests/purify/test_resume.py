@@ -259,3 +259,25 @@ def test_a_run_its_observer_stopped_on_a_save_step_stops_there_again(tiny, tmp_p
     (first, first_report), (again, report) = runs
     assert first_report.steps == 4 and report.steps == 4 and report.resumed_from_step == 4
     jax.tree_util.tree_map(np.testing.assert_array_equal, again, first)
+
+
+def test_a_rerun_into_a_finished_directory_killed_midway_resumes(
+    digits_badnets, tmp_path, monkeypatch
+):
+    """Only a finished run's leftovers (its last step) are dropped: a rerun of the same run
+    into its directory (to chart a trajectory, say), killed before its last step, resumes from
+    its own progress although report.json is there."""
+    from fippure.purify import runner
+
+    options = dict(overrides={"steps": "6", "batch_size": "32"}, progress=False)
+    run_defense(digits_badnets, "ft", out=tmp_path, checkpoint_every=2, **options)
+    evaluate = _die_at_the_third_evaluation(monkeypatch)
+    with pytest.raises(_Killed):
+        run_defense(
+            digits_badnets, "ft", out=tmp_path, checkpoint_every=2, observe_every=2, **options
+        )
+    monkeypatch.setattr(runner, "evaluate", evaluate)
+    got = run_defense(
+        digits_badnets, "ft", out=tmp_path, checkpoint_every=2, observe_every=2, **options
+    )
+    assert got["report"]["resumed_from_step"] == 2
