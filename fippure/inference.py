@@ -30,6 +30,10 @@ def predict_logits(
     """Eval-mode logits of ``images`` (integer pixels 0-255, or floats in [0, 1]), normalised
     with ``spec``.
 
+    The images are padded to whole batches (fewer than a batch: the next power of two), so a
+    new number of NumPy images compiles nothing once its bucket has been seen; a jax array of
+    a new size compiles its (small) padding program.
+
     Returns:
         float32 ``(n, K)`` numpy array.
 

@@ -247,7 +247,9 @@ def clean_batch_size(requested: int, clean_set: ImageDataset) -> int:
 #: variables are the observer's own copy, so it may keep them. Only by raising
 #: :class:`StopEarly` can an observer end a run, which a rule that reads D_v alone may do
 #: (:func:`fippure.purify.clean_stop.purify_with_clean_stop`); a benchmark's test-data observer
-#: must not.
+#: must not. A run resumed from saved progress calls it again at the saved step (so a stop
+#: there repeats): an observer that keeps points across a kill should replace a step's point,
+#: not append a second one.
 Observer = Callable[[int, Variables], None]
 
 
