@@ -98,9 +98,10 @@ def test_progress_of_another_run_is_refused(tiny, tmp_path):
         purify(low, variables, clean, _config("ft"), jax.random.key(0), checkpointing=saving)
 
 
-def _die_at_the_third_evaluation(monkeypatch):
-    """Patches the runner's evaluation to raise _Killed on its third call (the undefended
-    model, step 2, then step 4: killed before step 4's save); returns the real one."""
+def _killed_before_step_four_saved(backdoored, out, monkeypatch, options):
+    """Runs FT into ``out`` (saved every 2 steps, observed every 2) with the runner's
+    evaluation raising _Killed at its third call (the undefended model, step 2, then step 4:
+    killed before step 4's save), then puts the real evaluation back."""
     from fippure.purify import runner
 
     evaluate = runner.evaluate
@@ -113,22 +114,22 @@ def _die_at_the_third_evaluation(monkeypatch):
         return evaluate(backdoored, variables)
 
     monkeypatch.setattr(runner, "evaluate", dying_evaluate)
-    return evaluate
+    with pytest.raises(_Killed):
+        run_defense(
+            backdoored, "ft", out=out, checkpoint_every=2, **{**options, "observe_every": 2}
+        )
+    monkeypatch.setattr(runner, "evaluate", evaluate)
 
 
 def test_the_runner_resumes_with_a_whole_trajectory_and_then_tidies_up(
     digits_badnets, tmp_path, monkeypatch
 ):
-    from fippure.purify import runner
 
     options = dict(overrides={"steps": "6", "batch_size": "32"}, observe_every=2, progress=False)
     want = run_defense(digits_badnets, "ft", **options)
 
-    evaluate = _die_at_the_third_evaluation(monkeypatch)
-    with pytest.raises(_Killed):
-        run_defense(digits_badnets, "ft", out=tmp_path, checkpoint_every=2, **options)
+    _killed_before_step_four_saved(digits_badnets, tmp_path, monkeypatch, options)
     assert (tmp_path / PROGRESS).is_dir()
-    monkeypatch.setattr(runner, "evaluate", evaluate)
     got = run_defense(digits_badnets, "ft", out=tmp_path, checkpoint_every=2, **options)
 
     assert got["report"]["resumed_from_step"] == 2  # step 4 died before its save
@@ -145,15 +146,9 @@ def test_a_run_resumed_with_another_observe_interval_keeps_no_points_of_the_old_
 ):
     # the killed run's points were returned beside the new interval's ([2, 4, 6] at 3), or
     # alone without a final point where the resumed run observed nothing
-    from fippure.purify import runner
 
     options = dict(overrides={"steps": "6", "batch_size": "32"}, progress=False)
-    evaluate = _die_at_the_third_evaluation(monkeypatch)
-    with pytest.raises(_Killed):
-        run_defense(
-            digits_badnets, "ft", out=tmp_path, checkpoint_every=2, observe_every=2, **options
-        )
-    monkeypatch.setattr(runner, "evaluate", evaluate)
+    _killed_before_step_four_saved(digits_badnets, tmp_path, monkeypatch, options)
     got = run_defense(
         digits_badnets,
         "ft",
@@ -224,10 +219,7 @@ def test_a_damaged_trajectory_is_refused_in_one_line(digits_badnets, tmp_path, m
     from fippure.purify import runner
 
     options = dict(overrides={"steps": "6", "batch_size": "32"}, observe_every=2, progress=False)
-    evaluate = _die_at_the_third_evaluation(monkeypatch)
-    with pytest.raises(_Killed):
-        run_defense(digits_badnets, "ft", out=tmp_path, checkpoint_every=2, **options)
-    monkeypatch.setattr(runner, "evaluate", evaluate)
+    _killed_before_step_four_saved(digits_badnets, tmp_path, monkeypatch, options)
     trajectory = tmp_path / PROGRESS / runner.TRAJECTORY
     trajectory.write_text(trajectory.read_text()[:20])  # torn by a kill mid-write
     with pytest.raises(CheckpointError, match="damaged.*delete"):
@@ -267,16 +259,10 @@ def test_a_rerun_into_a_finished_directory_killed_midway_resumes(
     """Only a finished run's leftovers (its last step) are dropped: a rerun of the same run
     into its directory (to chart a trajectory, say), killed before its last step, resumes from
     its own progress although report.json is there."""
-    from fippure.purify import runner
 
     options = dict(overrides={"steps": "6", "batch_size": "32"}, progress=False)
     run_defense(digits_badnets, "ft", out=tmp_path, checkpoint_every=2, **options)
-    evaluate = _die_at_the_third_evaluation(monkeypatch)
-    with pytest.raises(_Killed):
-        run_defense(
-            digits_badnets, "ft", out=tmp_path, checkpoint_every=2, observe_every=2, **options
-        )
-    monkeypatch.setattr(runner, "evaluate", evaluate)
+    _killed_before_step_four_saved(digits_badnets, tmp_path, monkeypatch, options)
     got = run_defense(
         digits_badnets, "ft", out=tmp_path, checkpoint_every=2, observe_every=2, **options
     )
