@@ -55,13 +55,18 @@ def evaluate(backdoored: BackdooredModel, variables) -> dict[str, float | None]:
     ).as_dict()
 
 
+def _saved_steps(progress_dir: pathlib.Path) -> list[int]:
+    """The steps whose progress ``progress_dir`` holds (orbax's step directories)."""
+    if not progress_dir.is_dir():
+        return []
+    return [int(entry.name) for entry in progress_dir.iterdir() if entry.name.isdigit()]
+
+
 def _finished_progress(progress_dir: pathlib.Path, steps: int, out) -> bool:
     """Whether ``progress_dir`` holds the last step of a run whose ``report.json`` was
     written: the leftovers of its clean-up, not progress to resume from."""
-    if not (pathlib.Path(out) / "report.json").exists() or not progress_dir.is_dir():
-        return False
-    saved = [int(entry.name) for entry in progress_dir.iterdir() if entry.name.isdigit()]
-    return bool(saved) and max(saved) >= steps
+    saved = _saved_steps(progress_dir)
+    return bool(saved) and max(saved) >= steps and (pathlib.Path(out) / "report.json").exists()
 
 
 def run_defense(
@@ -297,7 +302,7 @@ def claim_output_directory(
             f"{out} already holds a checkpoint that is not a defense's output (the source "
             "checkpoint or a trained model); use another --out directory"
         )
-    saved = progress.is_dir() and any(entry.name.isdigit() for entry in progress.iterdir())
+    saved = bool(_saved_steps(progress))
     if ours and not (out / METADATA).exists() and not saved:
         # a run that stopped before saving anything (a bad option, say) left nothing to keep
         shutil.rmtree(progress, ignore_errors=True)
