@@ -101,7 +101,7 @@ def run_attack(
     from fippure.data.splits import hold_out_per_class
     from fippure.purify.clean_stop import CleanStopConfig, purify_with_clean_stop
     from fippure.purify.registry import make_config
-    from fippure.purify.runner import evaluate
+    from fippure.purify.runner import evaluate, upload_test_images
     from fippure.zoo import load_backdoored
 
     overrides = dict(overrides or {})
@@ -113,6 +113,7 @@ def run_attack(
         test=backdoored.test.subset(np.arange(CHARTED)),
         triggered=backdoored.triggered.of_test_images(np.arange(CHARTED)),
     )
+    charted_images = upload_test_images(charted)  # once, for all the checks
     charted_tests: dict[int, dict] = {}
     stop = CleanStopConfig(
         max_steps=max_steps,
@@ -131,7 +132,9 @@ def run_attack(
         jax.random.key(seed),
         stop,
         trigger=trigger,
-        observer=lambda step, v: charted_tests.__setitem__(step, evaluate(charted, v)),
+        observer=lambda step, v: charted_tests.__setitem__(
+            step, evaluate(charted, v, charted_images)
+        ),
     )
     summary = report.extra["clean_stop"]
     checks = [{**c, "charted_test": charted_tests[c["step"]]} for c in summary["checks"]]

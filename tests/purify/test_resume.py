@@ -107,11 +107,11 @@ def _killed_before_step_four_saved(backdoored, out, monkeypatch, options):
     evaluate = runner.evaluate
     calls = []
 
-    def dying_evaluate(backdoored, variables):
+    def dying_evaluate(backdoored, variables, images=None):
         calls.append(1)
         if len(calls) == 3:
             raise _Killed
-        return evaluate(backdoored, variables)
+        return evaluate(backdoored, variables, images)
 
     monkeypatch.setattr(runner, "evaluate", dying_evaluate)
     with pytest.raises(_Killed):

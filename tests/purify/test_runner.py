@@ -260,6 +260,37 @@ def test_observing_a_defense_charts_test_metrics_without_changing_it(digits_badn
     assert "trajectory" not in plain
 
 
+def test_a_charted_run_uploads_its_test_images_once_not_at_every_observation(
+    digits_badnets, monkeypatch
+):
+    """CIFAR-10's test and triggered images are about 141 MB; copying them to the device
+    at every observation would dominate a finely charted GPU run. The metrics are those of
+    an evaluation from the host images."""
+    from fippure import inference
+
+    test_sets = (digits_badnets.test.images, digits_badnets.triggered.images)
+    host_images = []
+    check_images = inference.check_images
+
+    def recording(images, spec, rows=None):
+        if any(images is test_set for test_set in test_sets):
+            host_images.append(len(images))
+        return check_images(images, spec, rows)
+
+    monkeypatch.setattr(inference, "check_images", recording)
+    overrides = {"steps": "4", "batch_size": "32"}
+    charted = run_defense(
+        digits_badnets, "ft", overrides=overrides, progress=False, observe_every=1
+    )
+    assert [point["step"] for point in charted["trajectory"]] == [1, 2, 3, 4]
+    assert host_images == []  # before, four observations and after: all from device copies
+    monkeypatch.setattr(inference, "check_images", check_images)
+    assert charted["after"] == evaluate(digits_badnets, get_defense("ft").purify(
+        digits_badnets.model, digits_badnets.variables, digits_badnets.clean,
+        make_config("ft", overrides), jax.random.key(0), progress=False,
+    )[0])  # fmt: skip
+
+
 def _stopped_at_step_two(backdoored, defense, overrides):
     """``defense`` on ``backdoored`` with an observer that raises StopEarly at step 2:
     ``(variables, report, {step: variables seen})``."""
@@ -339,7 +370,9 @@ def test_der_is_computed_from_the_before_and_after_metrics(digits_badnets, monke
     from fippure.purify import runner
 
     metrics = iter([{"acc": 0.9, "asr": 0.95, "ra": 0.0}, {"acc": 0.8, "asr": 0.1, "ra": 0.7}])
-    monkeypatch.setattr(runner, "evaluate", lambda backdoored, variables: next(metrics))
+    monkeypatch.setattr(
+        runner, "evaluate", lambda backdoored, variables, images=None: next(metrics)
+    )
     result = run_defense(
         digits_badnets, "ft", overrides={"steps": "1", "batch_size": "8"}, progress=False
     )

@@ -21,11 +21,11 @@ def test_a_resumed_run_charts_the_steps_after_its_last_save_once(
 
     evaluate, calls = runner.evaluate, []
 
-    def dying(backdoored, variables):
+    def dying(backdoored, variables, images=None):
         calls.append(1)
         if len(calls) == 5:  # the undefended model, steps 1, 2 (saved), 3, then step 4
             raise _Killed
-        return evaluate(backdoored, variables)
+        return evaluate(backdoored, variables, images)
 
     options = dict(
         overrides={"steps": "6", "batch_size": "32"},
