@@ -52,7 +52,8 @@ class AnalysisConfig:
     Attributes:
         hutchinson_probes: Rademacher probes for ``Tr(H)`` and ``Tr(G)``.
         probe_chunk: probes per compiled call (a loop inside one jit; compile time grows
-            with it).
+            with it). A count that is no multiple of it runs its last chunk whole and drops
+            the surplus (at most ``probe_chunk - 1`` probes' work, instead of a compile).
         power_iters: maximum power-iteration steps for ``lambda_max``, per run: where
             negative eigenvalues dominate, a second run on the shifted operator follows
             (:func:`~fippure.curvature.largest_eigenvalue`), up to ``2 power_iters + 1``
@@ -143,11 +144,17 @@ def _hashable(model: nn.Module) -> bool:
 
 
 def _chunked_samples(sample_fn, key: PRNGKeyArray, total: int, chunk: int) -> np.ndarray:
-    """Per-probe samples from ``sample_fn(key, num_probes)`` in chunks of ``chunk`` probes."""
+    """Per-probe samples from ``sample_fn(key, num_probes)`` in chunks of ``chunk`` probes.
+
+    Every call draws ``min(chunk, total)`` probes, so a count that is no multiple of the chunk
+    compiles no second program: the last chunk's surplus samples are dropped. Its probes are
+    the ones a chunk of the remaining size would draw, since a key split in ``m`` is the first
+    ``m`` of one split in more (``jax_threefry_partitionable``, JAX's default)."""
+    chunk = min(chunk, total)
     out, start = [], 0
     while start < total:
         size = min(chunk, total - start)
-        out.append(np.asarray(sample_fn(jax.random.fold_in(key, start), size)))
+        out.append(np.asarray(sample_fn(jax.random.fold_in(key, start), chunk))[:size])
         start += size
     return np.concatenate(out)
 

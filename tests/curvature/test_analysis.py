@@ -3,6 +3,8 @@ and a second checkpoint of the same architecture analysed without compiling agai
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -48,6 +50,41 @@ def test_a_second_checkpoint_of_the_same_model_reuses_the_compiled_analysis(
     hessian = dense_classifier(model, after, inputs, labels).hessian
     assert second["lambda_max"] == pytest.approx(np.linalg.eigvalsh(hessian)[-1], rel=1e-6)
     assert second["lambda_max"] != pytest.approx(first["lambda_max"], rel=1e-3)
+
+
+def test_a_probe_count_off_the_chunk_compiles_no_second_program_and_keeps_its_probes(
+    bn_classifier, programs_compiled
+):
+    """Five probes in chunks of two run three chunks of two and drop the surplus; the fifth
+    probe is the one a chunk of one would have drawn, so the estimate is unchanged."""
+    from fippure.curvature.analysis import _chunked_samples
+    from fippure.curvature.trace import hutchinson_samples
+
+    matrix = jax.random.normal(jax.random.key(1), (6, 6), jax.numpy.float64)
+    matrix = matrix + matrix.T
+    sizes = []
+
+    def samples(key, size):
+        sizes.append(size)
+        return hutchinson_samples(lambda v: matrix @ v, jax.numpy.zeros(6), key, size)
+
+    key = jax.random.key(2)
+    chunked = _chunked_samples(samples, key, 5, 2)
+    assert sizes == [2, 2, 2]
+    fifth = hutchinson_samples(
+        lambda v: matrix @ v, jax.numpy.zeros(6), jax.random.fold_in(key, 4), 1
+    )
+    np.testing.assert_array_equal(chunked[4:], fifth)
+
+    model, variables, inputs, labels = bn_classifier
+    config = AnalysisConfig(
+        hutchinson_probes=6, power_iters=5, lanczos_iters=4, slq_probes=1, top_k=2
+    )
+    analyze_curvature(model, variables, inputs, labels, jax.random.key(0), config)
+    odd = dataclasses.replace(config, hutchinson_probes=5)
+    with programs_compiled() as compiled:
+        analyze_curvature(model, variables, inputs, labels, jax.random.key(0), odd)
+    assert not compiled, compiled
 
 
 def test_a_model_without_a_train_keyword_is_refused_in_one_line():
