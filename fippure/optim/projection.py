@@ -27,14 +27,18 @@ Bound = float | PyTree
 class ProjectBoxState(NamedTuple):
     """State of :func:`project_box`: the bounds of the last call, one array per parameter leaf.
 
+    The fields are not named like :func:`project_box`'s arguments, so that
+    ``optax.tree_utils.tree_get(state, "upper")`` under ``optax.inject_hyperparams`` finds the
+    hyper-parameter alone (and ``tree_set`` changes it without reshaping the state).
+
     Attributes:
-        lower: lower bounds, shaped like the parameters (each leaf broadcasts against its
-            parameter: a scalar per layer or a full array).
-        upper: upper bounds, likewise.
+        lower_bounds: lower bounds, shaped like the parameters (each leaf broadcasts against
+            its parameter: a scalar per layer or a full array).
+        upper_bounds: upper bounds, likewise.
     """
 
-    lower: PyTree
-    upper: PyTree
+    lower_bounds: PyTree
+    upper_bounds: PyTree
 
 
 def _per_leaf(bound: Bound, params: PyTree, name: str, where: str) -> PyTree:
@@ -57,6 +61,20 @@ def _per_leaf(bound: Bound, params: PyTree, name: str, where: str) -> PyTree:
     )
 
 
+def _check_ordered(low: PyTree, high: PyTree, lower: Bound, upper: Bound, where: str) -> None:
+    """One line for bounds per leaf that are NaN or crossed (``lower > upper``); concrete
+    bounds only (judged on the host: a comparison under jit is traced)."""
+    if not is_concrete((low, high)):
+        return
+    ordered = jax.tree_util.tree_map(
+        lambda a, b: bool(np.all(np.asarray(a) <= np.asarray(b))), low, high, is_leaf=is_masked
+    )
+    if not all(jax.tree_util.tree_leaves(ordered)):
+        raise InvalidInputError(
+            f"{where} needs bounds with lower <= upper (and no NaN), got {lower} and {upper}"
+        )
+
+
 def project_box(lower: Bound, upper: Bound) -> optax.GradientTransformation:
     """Keeps ``params + updates`` inside ``[lower, upper]`` (per leaf).
 
@@ -77,14 +95,7 @@ def project_box(lower: Bound, upper: Bound) -> optax.GradientTransformation:
             _per_leaf(lower, params, "lower", "project_box"),
             _per_leaf(upper, params, "upper", "project_box"),
         )
-        if is_concrete(state):  # judged on the host: a JAX comparison under jit is traced
-            crossed = jax.tree_util.tree_map(
-                lambda low, high: np.any(np.asarray(low) > np.asarray(high)), *state
-            )
-            if any(jax.tree_util.tree_leaves(crossed)):
-                raise InvalidInputError(
-                    f"project_box needs lower <= upper, got {lower} and {upper}"
-                )
+        _check_ordered(*state, lower, upper, "project_box")
         return state
 
     def init_fn(params):
@@ -103,9 +114,7 @@ def project_box(lower: Bound, upper: Bound) -> optax.GradientTransformation:
                 return update
             return (jnp.clip(param + update, low, high) - param).astype(update.dtype)
 
-        updates = jax.tree_util.tree_map(
-            project, updates, params, state.lower, state.upper, is_leaf=is_masked
-        )
+        updates = jax.tree_util.tree_map(project, updates, params, *state, is_leaf=is_masked)
         return updates, state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -124,8 +133,10 @@ def clip_to_box(params: PyTree, lower: Bound, upper: Bound) -> PyTree:
         ``params`` clipped leaf by leaf (bounds cast to each leaf's dtype).
 
     Raises:
-        InvalidInputError: a pytree bound that does not fit ``params``.
+        InvalidInputError: a pytree bound that does not fit ``params``, or bounds that are
+            NaN or crossed (``lower > upper``; ``jnp.clip`` would return ``upper`` everywhere).
     """
     low = _per_leaf(lower, params, "lower", "clip_to_box")
     high = _per_leaf(upper, params, "upper", "clip_to_box")
+    _check_ordered(low, high, lower, upper, "clip_to_box")
     return jax.tree_util.tree_map(jnp.clip, params, low, high)

@@ -90,7 +90,30 @@ def test_bounds_follow_inject_hyperparams():
     np.testing.assert_allclose(updates["m"], -1.0)
 
 
-@pytest.mark.parametrize("lower", [0.9, {"m": jnp.array([0.0, 0.95, 0.0])}], ids=["scalar", "tree"])
-def test_crossed_bounds_are_refused(lower):
+def test_optax_tree_utils_find_and_set_the_injected_bounds():
+    """tree_get/tree_set name a hyper-parameter by its key; the state's own fields must not
+    share the arguments' names, or the lookup is ambiguous and tree_set reshapes the state."""
+    params = {"m": jnp.array([0.5, 2.0])}
+    tx = optax.chain(optax.sgd(1.0), optax.inject_hyperparams(project_box)(lower=0.0, upper=1.0))
+    state = tx.init(params)
+    assert float(optax.tree_utils.tree_get(state, "upper")) == 1.0
+    lowered = optax.tree_utils.tree_set(state, upper=jnp.asarray(0.8))
+    assert jax.tree_util.tree_structure(lowered) == jax.tree_util.tree_structure(state)
+    updates, _ = jax.jit(tx.update)({"m": jnp.zeros(2)}, lowered, params)
+    np.testing.assert_allclose(optax.apply_updates(params, updates)["m"], [0.5, 0.8])
+
+
+CROSSED = [
+    (0.9, 0.1),
+    ({"m": jnp.array([0.0, 0.95, 0.0])}, 0.9),
+    (float("nan"), 1.0),  # every parameter would become NaN
+    (0.0, {"m": jnp.array([1.0, jnp.nan, 1.0])}),
+]
+
+
+@pytest.mark.parametrize("lower, upper", CROSSED, ids=["scalar", "tree", "nan", "nan_leaf"])
+def test_crossed_or_nan_bounds_are_refused(lower, upper):
     with pytest.raises(InvalidInputError, match="lower <= upper"):
-        project_box(lower, 0.9 if isinstance(lower, dict) else 0.1).init({"m": jnp.ones(3)})
+        project_box(lower, upper).init({"m": jnp.ones(3)})
+    with pytest.raises(InvalidInputError, match="clip_to_box needs bounds with lower <= upper"):
+        clip_to_box({"m": jnp.ones(3)}, lower, upper)
