@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from fippure.errors import InvalidInputError, is_concrete
-from fippure.tree_checks import refuse_masked
+from fippure.tree_checks import check_fits, refuse_masked
 
 PyTree = Any
 
@@ -78,8 +78,9 @@ def normalize_adaptive(eta: float = 0.01, adaptive: bool = True) -> optax.Gradie
         A stateless ``optax.GradientTransformation``.
 
     Raises:
-        InvalidInputError: at ``update``, when ``params`` is not given.
+        InvalidInputError: a negative ``eta``; at ``update``, when ``params`` is not given.
     """
+    check_radius(0.0, eta)
 
     def init_fn(params):
         del params
@@ -119,8 +120,18 @@ def adaptive_sam(
     ``opaque_mode=False`` the perturbation and the real step alternate over two ``update``
     calls (see ``optax.contrib.sam``).
 
+    **What the step is made of.** The step is ``optimizer`` applied to ``grad_fn(theta +
+    eps)``; the incoming updates only choose the direction of ``eps``. So a transform chained
+    *before* ``adaptive_sam`` (clipping, a Fisher anchor, a scale) steers the perturbation
+    and nothing else: put it inside ``optimizer``, or its term in ``grad_fn``'s loss. For the
+    same reason ``optax.apply_if_finite(adaptive_sam(...))`` judges the incoming gradient,
+    not ``grad_fn``'s, and ``optax.MultiSteps(adaptive_sam(...), k)`` steps with the last
+    micro-batch's ``grad_fn`` alone; accumulate inside ``grad_fn`` (or around ``optimizer``)
+    instead.
+
     Args:
-        optimizer: the outer optimiser (e.g. SGD with momentum and weight decay).
+        optimizer: the outer optimiser (e.g. SGD with momentum and weight decay). Extras
+            other than ``grad_fn`` reach it (e.g. ``natural_gradient``'s ``fvp_fn``).
         rho: neighbourhood radius (FT-SAM: 2.0).
         eta: ASAM's ``eta``.
         adaptive: ASAM (True) or plain SAM (False).
@@ -129,17 +140,38 @@ def adaptive_sam(
 
     Returns:
         An ``optax.GradientTransformationExtraArgs`` (state: ``optax.contrib.SAMState``) whose
-        ``update`` takes ``grad_fn`` and ignores other extras, so it can share an
-        ``optax.chain`` with transforms that need other extras.
+        ``update`` takes ``grad_fn`` and passes other extras on to ``optimizer`` (which
+        ignores them unless it takes extras), so it can share an ``optax.chain`` with
+        transforms that need other extras.
+
+    Raises:
+        InvalidInputError: an ``optimizer`` that is not an optax transformation, a negative
+            ``rho`` or ``eta``; at ``update``, missing ``params`` or ``grad_fn``, or a
+            ``grad_fn`` whose gradients are not shaped like ``params``.
     """
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise InvalidInputError(
+            "adaptive_sam wraps an optax optimizer (e.g. optax.sgd(0.01, momentum=0.9)), got "
+            f"{type(optimizer).__name__}"
+        )
     check_radius(rho, eta)
     adversary = optax.chain(normalize_adaptive(eta, adaptive), optax.sgd(rho))
-    inner = optax.contrib.sam(
-        optimizer, adversary, sync_period=2, reset_state=reset_state, opaque_mode=opaque_mode
-    )
+    outer = optax.with_extra_args_support(optimizer)
+
+    def sam_with(extra_args):
+        # optax.contrib.sam calls the optimizer without extras: these are bound to it
+        def update_outer(updates, state, params=None):
+            return outer.update(updates, state, params, **extra_args)
+
+        return optax.contrib.sam(
+            optax.GradientTransformation(outer.init, update_outer),
+            adversary,
+            sync_period=2,
+            reset_state=reset_state,
+            opaque_mode=opaque_mode,
+        )
 
     def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
-        del extra_args  # optax.contrib.sam takes only grad_fn; drop what a chain forwards
         if params is None:
             how = "grad_fn at params + eps" if opaque_mode else "the ascent step from params"
             call = ", grad_fn=..." if opaque_mode else ""
@@ -153,9 +185,23 @@ def adaptive_sam(
                 "adaptive_sam needs the extra grad_fn=: update(grads, state, params, "
                 "grad_fn=lambda p, i: jax.grad(loss)(p, batch))"
             )
-        return inner.update(updates, state, params, grad_fn=grad_fn)
+        if grad_fn is not None:
+            grad_fn = _shaped_like(grad_fn, params)
+        return sam_with(extra_args).update(updates, state, params, grad_fn=grad_fn)
 
-    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+    return optax.GradientTransformationExtraArgs(sam_with({}).init, update_fn)
+
+
+def _shaped_like(grad_fn: Callable, params: PyTree) -> Callable:
+    """``grad_fn`` with a one-line error for gradients of another structure or shapes than
+    ``params`` (the step would silently take their structure)."""
+
+    def checked(perturbed, i):
+        grads = grad_fn(perturbed, i)
+        check_fits(grads, params, "grad_fn's gradients", "adaptive_sam", exact=True)
+        return grads
+
+    return checked
 
 
 def asam_gradient(

@@ -92,6 +92,40 @@ def test_a_negative_radius_or_a_missing_grad_fn_is_refused():
         tx.update(params, tx.init(params), params)
 
 
+def test_extras_other_than_grad_fn_reach_the_outer_optimizer():
+    """ASAM around a natural-gradient optimiser: the Fisher-vector product passed to the
+    update must reach natural_gradient (optax.contrib.sam forwards no extras)."""
+    from fippure.optim import natural_gradient
+
+    params, x, loss = setup(3)
+    inner = optax.chain(natural_gradient(0.5), optax.sgd(LR))
+    tx = adaptive_sam(inner, rho=RHO, eta=ETA)
+    grads = jax.grad(loss)(params, x)
+    twice = lambda v: jax.tree_util.tree_map(lambda a: 2.0 * a, v)  # noqa: E731
+    updates, _ = jax.jit(
+        lambda g, s, p: tx.update(g, s, p, grad_fn=lambda q, _: jax.grad(loss)(q, x), fvp_fn=twice)
+    )(grads, tx.init(params), params)
+    _, sharp = reference_asam_gradient(params, x, loss)
+    # (F + 0.5 I)^-1 g with F = 2 I
+    expected = jax.tree_util.tree_map(lambda g: -LR * g / 2.5, sharp)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), updates, expected
+    )
+
+
+def test_bad_optimizers_eta_and_gradients_are_refused_in_one_line():
+    from fippure.optim import normalize_adaptive
+
+    with pytest.raises(InvalidInputError, match="adaptive_sam wraps an optax optimizer"):
+        adaptive_sam(0.1)
+    with pytest.raises(InvalidInputError, match="eta must be >= 0"):
+        normalize_adaptive(eta=-1.0)
+    params, x, loss = setup()
+    tx = adaptive_sam(optax.sgd(LR))
+    with pytest.raises(InvalidInputError, match="adaptive_sam.*grad_fn's gradients"):
+        tx.update(params, tx.init(params), params, grad_fn=lambda q, _: {"other": jnp.ones(1)})
+
+
 def test_missing_params_or_a_masked_subset_are_refused_in_one_line():
     # these ended as "normalize_adaptive needs params" and as a TypeError about adding a
     # LinearizeTracer and a MaskedNode deep inside optax.contrib.sam
