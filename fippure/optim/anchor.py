@@ -64,9 +64,10 @@ def fisher_anchor(
         An ``optax.GradientTransformation`` with a :class:`FisherAnchorState`.
 
     Raises:
-        InvalidInputError: a negative ``strength`` or Fisher entry, or (at ``init``/``update``)
-            a ``fisher_diag`` or ``anchor_params`` whose structure or leaf shapes do not fit
-            the parameters.
+        InvalidInputError: a negative ``strength`` or Fisher entry (a schedule's value is
+            judged at each eager ``update``; traced values under ``jit`` are not checked), or
+            (at ``init``/``update``) a ``fisher_diag``, ``anchor_params`` or ``updates`` whose
+            structure or leaf shapes do not fit the parameters.
     """
     if not callable(strength) and is_concrete(strength) and not np.asarray(strength) >= 0:
         raise InvalidInputError(f"fisher_anchor: strength must be >= 0, got {strength}")
@@ -86,7 +87,13 @@ def fisher_anchor(
         if params is None:
             raise InvalidInputError("fisher_anchor needs params: call update(g, state, params)")
         check(params, state.fisher_diag, state.anchor_params)
+        check_fits(updates, params, "updates", "fisher_anchor", exact=True)
         scale = schedule(state.count)
+        if is_concrete(scale) and not np.asarray(scale) >= 0:  # a schedule's value (eager)
+            raise InvalidInputError(
+                f"fisher_anchor: strength must be >= 0, but its schedule gave {scale} at step "
+                f"{state.count}"
+            )
 
         def add(update, param, fisher, anchor):
             if is_masked(update):

@@ -93,6 +93,25 @@ def test_a_negative_strength_or_fisher_is_refused():
         fisher_anchor(negative, anchor, 1.0)
 
 
+def test_updates_that_are_not_shaped_like_the_params_are_refused_in_one_line():
+    params, grads, fisher, anchor = trees(6)
+    transposed = {**grads, "dense": {**grads["dense"], "kernel": grads["dense"]["kernel"].T}}
+    tx = fisher_anchor(fisher, anchor, 1.0)
+    with pytest.raises(InvalidInputError, match="fisher_anchor.*updates"):
+        tx.update(transposed, tx.init(params), params)
+
+
+def test_a_schedule_that_turns_negative_is_refused_at_that_update():
+    """A negative strength would push the parameters away from the anchor."""
+    params, grads, fisher, anchor = trees(7)
+    tx = fisher_anchor(fisher, anchor, optax.linear_schedule(1.0, -1.0, 2))
+    state = tx.init(params)
+    _, state = tx.update(grads, state, params)  # strength 1
+    _, state = tx.update(grads, state, params)  # strength 0
+    with pytest.raises(InvalidInputError, match="schedule gave -1.0 at step 2"):
+        tx.update(grads, state, params)
+
+
 def test_anchor_penalty_is_half_the_weighted_squared_distance_and_checks_its_trees():
     params = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([[3.0]])}
     anchor = {"a": jnp.array([0.0, 1.0]), "b": jnp.array([[1.0]])}
