@@ -167,7 +167,9 @@ def natural_gradient(
             a dense softmax head; needs the extras ``features`` and ``logits``).
         cg_maxiter: conjugate-gradient iterations (``"cg"``).
         cg_tol: relative residual tolerance of conjugate gradient (``"cg"``).
-        refresh_every: recompute the Cholesky factor every this many steps (``"dense"``).
+        refresh_every: recompute the Cholesky factor every this many steps (``"dense"``). A
+            ``damping`` or ``diagonal`` changed in between (by ``optax.inject_hyperparams``,
+            say) takes effect at the next refresh, as in K-FAC's amortised inverses.
         diagonal: an optional non-negative pytree shaped like the parameters added to the
             curvature, e.g. the Hessian ``eta_r * Fbar`` of a Fisher anchor chained before this
             transformation, so that the anchor's own step stays bounded by the learning rate
@@ -185,10 +187,13 @@ def natural_gradient(
         raise InvalidInputError(f"damping must be positive, got {damping}")
     if mode not in ("cg", "dense"):
         raise InvalidInputError(f"unknown natural_gradient mode {mode!r}; use 'cg' or 'dense'")
-    if is_concrete(refresh_every) and not np.asarray(refresh_every) >= 1:
-        raise InvalidInputError(f"refresh_every must be >= 1, got {refresh_every}")
-    if is_concrete(cg_maxiter) and not np.asarray(cg_maxiter) >= 1:
-        raise InvalidInputError(f"cg_maxiter must be >= 1, got {cg_maxiter}")
+    for name, count in (("refresh_every", refresh_every), ("cg_maxiter", cg_maxiter)):
+        # a step count: 1.5 would refresh at steps 0 and 3 only (count % 1.5 == 0)
+        if not is_concrete(count):
+            continue
+        whole = np.issubdtype(np.asarray(count).dtype, np.integer)
+        if not (whole and np.asarray(count) >= 1):
+            raise InvalidInputError(f"{name} must be an integer >= 1, got {count!r}")
     if is_concrete(cg_tol) and not 0 < np.asarray(cg_tol) < 1:
         raise InvalidInputError(f"cg_tol must lie in (0, 1), got {cg_tol}")
     if diagonal is not None:

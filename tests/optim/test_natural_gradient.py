@@ -153,7 +153,10 @@ def test_the_dense_mode_inside_a_partition_is_refused_in_one_line(wrapper):
     ("kwargs", "message"),
     [
         ({"damping": float("nan")}, "damping must be positive"),
-        ({"damping": DAMPING, "cg_maxiter": 0}, "cg_maxiter must be >= 1"),
+        ({"damping": DAMPING, "cg_maxiter": 0}, "cg_maxiter must be an integer >= 1"),
+        ({"damping": DAMPING, "cg_maxiter": 2.5}, "cg_maxiter must be an integer >= 1"),
+        # a fractional interval refreshed at steps 0 and 3 only (count % 1.5 == 0)
+        ({"damping": DAMPING, "refresh_every": 1.5}, "refresh_every must be an integer >= 1"),
         ({"damping": DAMPING, "cg_tol": -1.0}, r"cg_tol must lie in \(0, 1\)"),
         ({"damping": DAMPING, "cg_tol": 0.0}, r"cg_tol must lie in \(0, 1\)"),
     ],
