@@ -144,14 +144,25 @@ def spectral_density(
 
     Returns:
         A :class:`SpectralDensity`. The grid is chosen from the nodes on the host, so this
-        function is not jit-able as a whole; :func:`slq_quadrature` and
-        :func:`gaussian_density` are.
+        function cannot be jitted, differentiated or vmapped as a whole; for a density to
+        differentiate, compose :func:`slq_quadrature` and :func:`gaussian_density` on a
+        fixed grid (both are jit-able and differentiable).
+
+    Raises:
+        InvalidInputError: called under ``jax.jit``, ``jax.grad`` or ``jax.vmap`` (traced
+            nodes), or with bad grid settings.
     """
     require(num_points >= 2, f"num_points must be at least 2, got {num_points}")
     require(relative_sigma > 0, f"relative_sigma must be positive, got {relative_sigma}")
     require(sigma is None or sigma > 0, f"sigma must be positive, got {sigma}")
     require(margin >= 0, f"margin must be non-negative, got {margin}")
     nodes, weights = slq_quadrature(matvec, like, key, num_iters, num_probes, loop=loop)
+    if not is_concrete(nodes):
+        raise InvalidInputError(
+            "spectral_density chooses its grid on the host, so it cannot run under jax.jit, "
+            "jax.grad or jax.vmap; differentiate gaussian_density(*slq_quadrature(...), grid, "
+            "sigma) on a fixed grid instead"
+        )
     low, high = float(jnp.min(nodes)), float(jnp.max(nodes))
     if sigma is None:
         sigma = relative_sigma * max(high - low, abs(high), abs(low))

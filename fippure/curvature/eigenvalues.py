@@ -310,8 +310,10 @@ _power_step_jit = jax.jit(_power_step_with_change)
 
 @jax.jit
 def _norm_of_product(operator: Partial, vector: Any) -> Array:
-    """``||A v||`` in one compiled call (the operator is a pytree argument)."""
-    return tree_norm(operator(vector))
+    """``||A v||`` in one compiled call (the operator is a pytree argument), with a zero
+    derivative where the product is 0 (a zero operator's gradient was NaN)."""
+    product = operator(vector)
+    return _safe_norm(tree_dot(product, product))
 
 
 def power_iteration(

@@ -483,6 +483,35 @@ def test_power_iteration_of_a_zero_operator_is_zero_also_under_jit(x64):
             assert np.all(np.isfinite(result.eigenvector["w"]))
 
 
+def test_lambda_max_of_a_vanishing_operator_has_a_finite_gradient(x64):
+    """lambda_max(s A) at s = 0 (a curvature term whose weight is 0): the shift radius
+    ||A v|| had the square root's infinite derivative at 0, and the gradient was NaN. At
+    s = 1 the gradient is A's largest eigenvalue."""
+    q = jnp.linalg.qr(jax.random.normal(jax.random.key(0), (6, 6), jnp.float64))[0]
+    matrix = (q * jnp.array([-3.0, -1.0, 0.2, 0.5, 1.0, 2.0])) @ q.T
+    like = {"w": jnp.zeros(6)}
+
+    def lambda_max(s):
+        scaled = lambda v: {"w": s * (matrix @ v["w"])}  # noqa: E731
+        return eigenvalues.largest_eigenvalue(scaled, like, jax.random.key(0), 30, 0.0).eigenvalue
+
+    assert np.isfinite(float(jax.grad(lambda_max)(0.0)))
+    assert np.isfinite(float(jax.jit(jax.grad(lambda_max))(0.0)))
+    assert float(jax.grad(lambda_max)(1.0)) == pytest.approx(2.0, rel=1e-4)
+
+
+def test_spectral_density_under_a_transform_says_what_to_differentiate(problem):
+    """Its grid is chosen on the host; the refusal names the differentiable composition."""
+
+    def total_density(scale):
+        scaled = lambda v: jax.tree_util.tree_map(lambda a: scale * a, v)  # noqa: E731
+        return density.spectral_density(scaled, problem.params, jax.random.key(0)).density.sum()
+
+    for transform in (jax.grad, jax.jit):
+        with pytest.raises(InvalidInputError, match=r"gaussian_density\(\*slq_quadrature"):
+            transform(total_density)(1.0)
+
+
 @pytest.mark.parametrize("loop", ["python", "fori"])
 def test_gradients_through_an_exact_lanczos_breakdown_are_finite(x64, loop):
     # A = s I: the Krylov space is exhausted after one step, the norm of a zero residual
