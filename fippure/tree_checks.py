@@ -95,6 +95,7 @@ def check_fits(
     where: str,
     *,
     exact: bool = False,
+    same_dtype: bool = False,
     reference: str = "params",
 ) -> None:
     """Raises :class:`InvalidInputError` unless ``tree`` has the structure of ``params`` and each
@@ -110,6 +111,8 @@ def check_fits(
         reference: the name of ``params`` in the message.
         exact: require each leaf's shape to equal its parameter's (no broadcasting), as a
             vector in a matrix-vector product must.
+        same_dtype: also require each leaf's dtype to be its parameter's, as a ``jax.jvp``
+            tangent must.
     """
     if jax.tree_util.tree_structure(tree, is_leaf=is_masked) != jax.tree_util.tree_structure(
         params, is_leaf=is_masked
@@ -139,6 +142,12 @@ def check_fits(
             raise InvalidInputError(
                 f"{where}: {name}{jax.tree_util.keystr(path)} has shape {leaf_shape}, which "
                 f"{relation} {shape}, the shape of {reference}{jax.tree_util.keystr(path)}"
+            )
+        if same_dtype and jnp.result_type(leaf) != jnp.result_type(param):
+            raise InvalidInputError(
+                f"{where}: {name}{jax.tree_util.keystr(path)} is {jnp.result_type(leaf)}, but "
+                f"{reference}{jax.tree_util.keystr(path)} is {jnp.result_type(param)}; cast it "
+                "to the parameters' dtype"
             )
 
 

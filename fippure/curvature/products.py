@@ -124,7 +124,7 @@ def hvp(loss_fn: LossFn, params: PyTree, batch: Any, vector: PyTree) -> PyTree:
     Returns:
         ``H v``, shaped like ``params``.
     """
-    check_fits(vector, params, "vector", "hvp", exact=True)
+    check_fits(vector, params, "vector", "hvp", exact=True, same_dtype=True)
     grad_fn = jax.grad(loss_fn)
     return jax.jvp(lambda p: grad_fn(p, batch), (params,), (vector,))[1]
 
@@ -218,7 +218,7 @@ def ggn_vp(logits_fn: LogitsFn, params: PyTree, batch: Any, vector: PyTree) -> P
     Returns:
         ``G v``, shaped like ``params``.
     """
-    check_fits(vector, params, "vector", "ggn_vp", exact=True)
+    check_fits(vector, params, "vector", "ggn_vp", exact=True, same_dtype=True)
     return make_ggn_operator(logits_fn, params, batch)(vector)
 
 
@@ -278,5 +278,5 @@ def empirical_fisher_vp(
     Returns:
         ``F_emp v``, shaped like ``params``.
     """
-    check_fits(vector, params, "vector", "empirical_fisher_vp", exact=True)
+    check_fits(vector, params, "vector", "empirical_fisher_vp", exact=True, same_dtype=True)
     return make_empirical_fisher_operator(per_example_loss_fn, params, batch)(vector)

@@ -191,7 +191,7 @@ def test_softmax_hessian_vp_matches_dense(x64):
 
 
 @pytest.mark.parametrize("name", ["hvp", "ggn_vp", "empirical_fisher_vp"])
-def test_a_vector_not_shaped_like_params_is_refused_by_name(problem, name):
+def test_a_vector_not_shaped_or_typed_like_params_is_refused_by_name(problem, name):
     fn = {
         "hvp": problem.loss_fn,
         "ggn_vp": problem.logits_fn,
@@ -203,6 +203,12 @@ def test_a_vector_not_shaped_like_params_is_refused_by_name(problem, name):
     column = jax.tree_util.tree_map(lambda p: p[..., None], problem.params)
     with pytest.raises(InvalidInputError, match=f"{name}: vector.* has shape"):
         getattr(products, name)(fn, problem.params, problem.batch, column)
+    # a jvp tangent must have its primal's dtype (JAX's own error names no leaf)
+    dtype = jax.tree_util.tree_leaves(problem.params)[0].dtype
+    other = jnp.float32 if dtype == jnp.float64 else jnp.float16
+    recast = jax.tree_util.tree_map(lambda p: p.astype(other), problem.params)
+    with pytest.raises(InvalidInputError, match=f"{name}: vector.* is {jnp.dtype(other)}, but"):
+        getattr(products, name)(fn, problem.params, problem.batch, recast)
 
 
 def test_tree_dot_accumulates_bfloat16_leaves_in_float32():
