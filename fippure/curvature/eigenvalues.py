@@ -345,6 +345,9 @@ def power_iteration(
             ``"fori"`` (one ``lax.while_loop`` with the test). Only ``"python"`` can be
             reverse-differentiated (``jax.grad``): JAX cannot transpose a ``while_loop``, whose
             trip count depends on the data; ``"fori"`` supports forward mode (``jax.jvp``).
+            The derivative is that of the returned estimate. Where every product vanishes
+            (``A = 0``) the eigenvector is undefined: the value is 0, and the derivative is
+            the start vector's Rayleigh quotient's, not the limit from nearby operators.
         shift: where ``matvec`` is ``A + shift I`` (as in :func:`largest_eigenvalue`), the
             stopping test measures the change relative to ``|lambda - shift|``, the eigenvalue
             of ``A``; the returned eigenvalue is still ``matvec``'s.
