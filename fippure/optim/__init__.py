@@ -11,6 +11,12 @@
 Curvature-based transformations (``natural_gradient``) must stay outside ``optax.masked`` and
 ``optax.partition``: their ``MaskedNode`` placeholders would reach the Fisher-vector product.
 ``fisher_anchor`` and ``project_box`` are mask-aware (frozen leaves pass through).
+
+The transformations that take extras (``natural_gradient``'s ``fvp_fn`` or ``features`` and
+``logits``, ``adaptive_sam``'s ``grad_fn``) are called as ``tx.update(grads, state, params,
+**extras)``. Flax's ``TrainState.apply_gradients`` cannot pass extras (its keywords replace
+the state's fields): call ``tx.update`` and ``optax.apply_updates``, then
+``state.replace(params=..., opt_state=...)``.
 """
 
 from fippure.optim.anchor import FisherAnchorState, anchor_penalty, fisher_anchor

@@ -85,9 +85,10 @@ def project_box(lower: Bound, upper: Bound) -> optax.GradientTransformation:
 
     Returns:
         An ``optax.GradientTransformation`` (needs ``params`` in ``update``) with a
-        :class:`ProjectBoxState`. Works inside ``optax.masked`` (frozen leaves pass through),
-        and under ``optax.inject_hyperparams`` (each update clips to the bounds it is given:
-        a schedule anneals a floor).
+        :class:`ProjectBoxState`. The bounds are cast to each leaf's dtype (for bfloat16
+        masks a bound of 0.3 becomes 0.30078). Works inside ``optax.masked`` (frozen leaves
+        pass through), and under ``optax.inject_hyperparams`` (each update clips to the
+        bounds it is given: a schedule anneals a floor).
     """
 
     def bounds(params):
