@@ -17,6 +17,7 @@ import numpy as np
 from jaxtyping import Array, Int
 
 from fippure.config_checks import check_seed
+from fippure.data.splits import check_label_range
 from fippure.errors import InvalidInputError
 
 Mode = Literal["all_to_one", "all_to_all"]
@@ -119,14 +120,22 @@ def make_poison_plan(
         seed: seed of the draw.
 
     Raises:
-        InvalidInputError: for a ratio outside (0, 1), a target out of range, an unknown mode,
-            a clean-label all-to-all request, or too few candidate images.
+        InvalidInputError: for labels that are not 1-D integer classes in ``[0, K)``, a ratio
+            outside (0, 1), a target out of range, an unknown mode, a clean-label all-to-all
+            request, or too few candidate images.
     """
     labels = np.asarray(labels)
     validate_attack_args(
         ratio=ratio, target=target, mode=mode, num_classes=num_classes, clean_label=clean_label
     )
     check_seed(seed)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise InvalidInputError(
+            "labels must be a 1-D array of integer class indices, got "
+            f"{labels.dtype} of shape {labels.shape}"
+        )
+    # all-to-all would relabel a label K as (K + 1) mod K = 1
+    check_label_range(labels, num_classes)
     n = len(labels)
     requested = int(round(ratio * n))
     if requested < 1:

@@ -126,3 +126,19 @@ def test_the_poisoned_count_is_the_ratio_rounded_to_the_nearest_image():
     labels = np.arange(1437) % 10
     plan = make_poison_plan(labels, ratio=0.1, num_classes=10, target=0, seed=0)
     assert len(plan.indices) == 144
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.array([0, 1, 10, 3] * 50), r"labels must lie in \[0, 10\), got \[0, 10\]"),
+        (np.array([0, 1, -1, 3] * 50), r"labels must lie in \[0, 10\)"),
+        (np.array([0.5, 1.5] * 100), "1-D array of integer class indices, got float64"),
+        (np.eye(10, dtype=np.int64)[np.arange(200) % 10], r"got int64 of shape \(200, 10\)"),
+    ],
+    ids=["above", "negative", "float", "one_hot"],
+)
+def test_labels_that_are_not_class_indices_are_refused(labels, message):
+    """All-to-all had relabelled a label 10 as 1 and -1 as 0; one-hot rows gave an IndexError."""
+    with pytest.raises(InvalidInputError, match=message):
+        make_poison_plan(labels, ratio=0.1, num_classes=10, mode="all_to_all")
