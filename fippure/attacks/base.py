@@ -27,6 +27,7 @@ can be a static argument of ``jax.jit``). It owns:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -38,10 +39,10 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from fippure.attacks.poisoning import PoisonPlan
-from fippure.config_checks import Rule, check_config
+from fippure.config_checks import Rule, check_config, check_count
 from fippure.data.catalog import DatasetSpec
 from fippure.data.sources import ImageDataset
-from fippure.errors import InvalidInputError
+from fippure.errors import InvalidInputError, is_concrete
 from fippure.models.registry import Variables
 
 State = dict[str, Any]
@@ -109,7 +110,10 @@ class Attack:
         at least float32). Integer images (uint8
         pixels, as :func:`fippure.data.load_dataset` returns them) are first scaled to float32
         [0, 1], so the result is always a float image in [0, 1]. Any other dtype, or a batch
-        that is not rank 4, is refused. Subclasses implement :meth:`_trigger`.
+        that is not rank 4, is refused, and so is a state made for images of another shape
+        (:meth:`check_state_fits`). Called eagerly, it also refuses pixel values outside the
+        dtype's range (floats outside [0, 1], such as 0-255 values or normalised images);
+        under ``jax.jit`` the values are not judged. Subclasses implement :meth:`_trigger`.
         """
         images = jnp.asarray(images)
         if images.ndim != 4:
@@ -117,6 +121,9 @@ class Attack:
                 f"{self.name} trigger expects a (batch, height, width, channels) array, "
                 f"got shape {tuple(images.shape)}"
             )
+        self.check_state_fits(state, tuple(images.shape[1:]))
+        if is_concrete(images):  # eager calls only: a traced batch cannot be judged
+            check_pixel_range(images, f"{self.name} trigger")
         if jnp.issubdtype(images.dtype, jnp.integer):
             from fippure.data.pipeline import to_unit_range
 
@@ -131,6 +138,24 @@ class Attack:
         # 36/255 level off, half of a 1.5/255 frequency trigger lost).
         working = jnp.promote_types(images.dtype, jnp.float32)
         return self._trigger(state, images.astype(working), key).astype(images.dtype)
+
+    def check_state_fits(self, state: State, image_shape: tuple[int, int, int]) -> None:
+        """One-line error for a ``state`` that was made for images of another shape: each of
+        its arrays must have the shape that :meth:`init_state` gives for ``image_shape``
+        (traced once per shape, no compute), and ``init_state``'s own checks apply (a patch
+        larger than the image, say). Arrays that ``init_state`` does not make (added by
+        :meth:`fit`) are not judged."""
+        expected = _state_shapes(self, image_shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+            name = jax.tree_util.keystr(path)
+            want = expected.get(name)
+            if want is not None and tuple(jnp.shape(leaf)) != want:
+                size = "x".join(map(str, image_shape))
+                raise InvalidInputError(
+                    f"the {self.name} state does not fit {size} images: {name} has shape "
+                    f"{tuple(jnp.shape(leaf))}, not {want}; make the state with init_state for "
+                    "these images"
+                )
 
     def _trigger(self, state: State, images: Images, key: PRNGKeyArray | None) -> Images:
         """The trigger itself, on float [0, 1] images of rank 4."""
@@ -264,16 +289,19 @@ def apply_trigger(
         float32 ``(n, h, w, c)`` triggered images, clipped to [0, 1].
 
     Raises:
-        InvalidInputError: float images above 1 (pixel values as floats), or images that are
-            not a rank-4 batch.
+        InvalidInputError: float images outside [0, 1] (pixel values as floats, normalised
+            images) or integers outside 0..255, images that are not a rank-4 batch or that
+            ``state`` was not made for, a ``batch_size`` below 1, or a ``key`` that is not a
+            typed key.
     """
     from fippure.data.pipeline import to_unit_range
 
     images = np.asarray(images)
-    if np.issubdtype(images.dtype, np.floating) and images.size and images.max() > 1.0:
+    check_pixel_range(images, "apply_trigger")
+    check_count(batch_size, "batch_size", 1)
+    if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
         raise InvalidInputError(
-            f"float images are read as [0, 1] but these reach {float(images.max()):g}; pass "
-            "uint8 pixels or divide by 255"
+            f"apply_trigger takes a typed key (jax.random.key(seed)), got {type(key).__name__}"
         )
     run = _jitted_trigger(attack)
     out = []
@@ -283,6 +311,38 @@ def apply_trigger(
     if not out:
         return np.zeros((0, *images.shape[1:]), np.float32)
     return np.clip(np.concatenate(out), 0.0, 1.0).astype(np.float32)
+
+
+def check_pixel_range(images: Any, where: str) -> None:
+    """One-line error for pixel values a trigger would misread: floats outside [0, 1] (0-255
+    values, or normalised images) or integers outside 0..255 (concrete arrays only)."""
+    if not np.size(images):
+        return
+    low, high = (float(v) for v in jax.device_get((jnp.min(images), jnp.max(images))))
+    if jnp.issubdtype(jnp.result_type(images), jnp.floating) and not 0.0 <= low <= high <= 1.0:
+        raise InvalidInputError(
+            f"{where}: float images are read as [0, 1] but these span [{low:g}, {high:g}]; "
+            "pass uint8 pixels, divide 0-255 values by 255, or undo the normalisation"
+        )
+    if jnp.issubdtype(jnp.result_type(images), jnp.integer) and not 0 <= low <= high <= 255:
+        raise InvalidInputError(
+            f"{where}: integer images are read as pixels 0..255 but these span "
+            f"{int(low)}..{int(high)}"
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _state_shapes(attack: Attack, image_shape: tuple[int, int, int]) -> dict[str, tuple]:
+    """``{path: shape}`` of ``attack.init_state`` for images of ``image_shape`` (traced with
+    :func:`jax.eval_shape`; ``init_state`` reads only the spec's image shape)."""
+    channels = image_shape[-1]
+    spec = DatasetSpec(
+        name="images", num_classes=1, image_shape=image_shape, mean=(0.0,) * channels,
+        std=(1.0,) * channels, flip=False, crop_padding=0, tfds_name=None,
+    )  # fmt: skip
+    shapes = jax.eval_shape(lambda k: attack.init_state(k, spec), jax.random.key(0))
+    flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
 
 
 _TRIGGER_CACHE: dict[Attack, Callable] = {}

@@ -45,6 +45,7 @@ from fippure.attacks.base import Attack, AttackContext, Images, State
 from fippure.attacks.poisoning import PoisonPlan
 from fippure.attacks.warping import grid_sample, identity_grid, upsample_bicubic
 from fippure.config_checks import NON_NEGATIVE, POSITIVE, at_least
+from fippure.errors import InvalidInputError
 
 
 def _grid_dtype(images: Images) -> jnp.dtype:
@@ -82,6 +83,11 @@ class WaNet(Attack):
 
     def init_state(self, key, spec) -> State:
         h, w, _ = spec.image_shape
+        if self.k > min(h, w):  # a finer field than the image would be sampled away
+            raise InvalidInputError(
+                f"wanet k={self.k} exceeds the {h}x{w} image; the control field must be "
+                "coarser than the image (k <= min(height, width); WaNet uses 4)"
+            )
         field = jax.random.uniform(key, (self.k, self.k, 2), jnp.float32, -1.0, 1.0)
         field = field / jnp.mean(jnp.abs(field))
         return {"noise_grid": upsample_bicubic(field, h, w)}

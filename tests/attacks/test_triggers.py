@@ -155,10 +155,60 @@ def test_states_round_trip_through_checkpoint(tmp_path):
 def test_apply_trigger_refuses_float_pixels_on_the_0_255_scale():
     attack = make_attack("badnets")
     images = np.full((2, 32, 32, 3), 128.0, np.float32)
-    with pytest.raises(InvalidInputError, match=r"read as \[0, 1\] but these reach 128"):
+    with pytest.raises(InvalidInputError, match=r"read as \[0, 1\] but these span \[128, 128\]"):
         apply_trigger(attack, {}, images, jax.random.key(0))
     triggered = apply_trigger(attack, {}, images.astype(np.uint8), jax.random.key(0))
     assert triggered.max() <= 1.0 and np.isclose(triggered[0, 0, 0, 0], 128 / 255)
+
+
+@pytest.mark.parametrize(
+    "images",
+    [
+        np.full((2, 32, 32, 3), 128.0, np.float32),  # 0-255 values as floats
+        np.full((2, 32, 32, 3), -0.4, np.float32),  # normalised images
+        np.full((2, 32, 32, 3), 300, np.int32),  # not pixels
+    ],
+    ids=["float_0_255", "normalised", "int_above_255"],
+)
+def test_an_eager_trigger_refuses_pixels_outside_their_range_as_apply_trigger_does(images):
+    """BadNets on 0-255 floats had returned values up to 255, and WaNet all ones."""
+    for name in ("badnets", "blend", "wanet"):
+        attack = make_attack(name)
+        state = attack.init_state(jax.random.key(0), get_spec("cifar10"))
+        with pytest.raises(InvalidInputError, match=f"{name} trigger: .* images are read as"):
+            attack.trigger(state, images, jax.random.key(0))
+        with pytest.raises(InvalidInputError, match="apply_trigger: .* images are read as"):
+            apply_trigger(attack, state, images, jax.random.key(0))
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+@pytest.mark.parametrize("shape", [(64, 64, 3), (32, 32, 1), (16, 20, 3)], ids=str)
+def test_a_state_made_for_other_images_is_refused_or_fits(name, shape):
+    """A CIFAR-10 state on other images: the trigger keeps the images' shape, or says in one
+    line that the state does not fit (WaNet had returned 32x32 images for 64x64 ones)."""
+    attack = make_attack(name)
+    state = attack.init_state(jax.random.key(0), get_spec("cifar10"))
+    images = _images(shape, n=2)
+    for run in (attack.trigger, jax.jit(attack.trigger)):
+        try:
+            out = run(state, images, jax.random.key(0))
+        except InvalidInputError:  # "does not fit", a patch or window that does not tile...
+            continue
+        else:
+            assert out.shape == images.shape
+
+
+def test_apply_trigger_refuses_a_zero_batch_and_an_untyped_key():
+    attack, images = make_attack("badnets"), np.zeros((2, 32, 32, 3), np.uint8)
+    with pytest.raises(InvalidInputError, match="batch_size must be an integer >= 1, got 0"):
+        apply_trigger(attack, {}, images, jax.random.key(0), batch_size=0)
+    with pytest.raises(InvalidInputError, match=r"typed key \(jax.random.key\(seed\)\), got int"):
+        apply_trigger(attack, {}, images, 0)
+
+
+def test_a_wanet_field_finer_than_the_image_is_refused():
+    with pytest.raises(InvalidInputError, match="wanet k=40 exceeds the 32x32 image"):
+        make_attack("wanet", k=40).init_state(jax.random.key(0), get_spec("cifar10"))
 
 
 @pytest.mark.parametrize("name", [*NAMES, "input_aware", "lira", "issba"])
