@@ -107,7 +107,8 @@ class Attack:
         """Applies the trigger (pure, jit-able) to a ``(b, h, w, c)`` batch.
 
         Float images are taken to be in [0, 1] and keep their dtype (the trigger is computed in
-        at least float32). Integer images (uint8
+        at least float32; float64 NumPy images become float32 unless x64 is enabled, as
+        everywhere in JAX). Integer images (uint8
         pixels, as :func:`fippure.data.load_dataset` returns them) are first scaled to float32
         [0, 1], so the result is always a float image in [0, 1]. Any other dtype, or a batch
         that is not rank 4, is refused, and so is a state made for images of another shape
