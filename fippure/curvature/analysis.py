@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -41,6 +40,7 @@ from fippure.curvature.fisher import empirical_fisher_diagonal
 from fippure.curvature.products import make_hvp_operator
 from fippure.curvature.trace import ggn_trace_samples, hutchinson_samples
 from fippure.errors import InvalidInputError
+from fippure.models.contract import check_logits, check_train_keyword
 
 PyTree = Any
 
@@ -181,18 +181,17 @@ def analyze_curvature(
         ``(report, density)``: a JSON-able dict and the :class:`SpectralDensity`.
 
     Raises:
-        InvalidInputError: a model whose ``__call__`` takes no ``train`` keyword, or
-            variables without ``params``.
+        InvalidInputError: a model whose ``__call__`` takes no ``train`` keyword or that
+            returns more than one logits array, or variables without ``params``.
     """
-    accepted = inspect.signature(type(model).__call__).parameters.values()
-    if not any(p.name == "train" or p.kind is p.VAR_KEYWORD for p in accepted):
-        raise InvalidInputError(
-            f"analyze_curvature applies the model with train=False, but "
-            f"{type(model).__name__}.__call__ takes no train keyword; add one (BatchNorm in "
-            "eval mode when it is False)"
-        )
+    check_train_keyword(model, "analyze_curvature")
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise InvalidInputError("variables must be the model's collections, with 'params'")
+    probe = jax.ShapeDtypeStruct((1, *jnp.shape(inputs)[1:]), jnp.result_type(inputs))
+    check_logits(
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, probe),
+        "analyze_curvature",
+    )
     params = variables["params"]
     others = {k: v for k, v in variables.items() if k != "params"}
     inputs, labels = jnp.asarray(inputs), jnp.asarray(labels)

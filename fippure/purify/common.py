@@ -36,6 +36,7 @@ from fippure.data.pipeline import normalize, to_unit_range
 from fippure.data.sources import ImageDataset
 from fippure.data.splits import check_clean_set
 from fippure.errors import CheckpointError, InvalidInputError, NonFiniteLossError
+from fippure.models.contract import check_hashable, check_logits, check_train_keyword
 from fippure.models.registry import Variables
 from fippure.purify.resume import Checkpointing, ProgressStore
 from fippure.step_inputs import all_finite, folded_keys, private_copy, step_guard
@@ -171,12 +172,16 @@ def validate_clean_set(
     clean_set: ImageDataset, model: nn.Module, variables: Variables, *, train: bool = True
 ) -> None:
     """Clear errors for a clean set a defense cannot use: a missing class, images the model's
-    variables do not fit, or a class count other than the model's outputs; and, with
-    ``train``, for a model that cannot run in train mode as the defenses run it.
+    variables do not fit, or a class count other than the model's outputs; for a model the
+    defenses cannot call (unhashable, no ``train`` keyword, an output other than one logits
+    array, :mod:`fippure.models.contract`); and, with ``train``, for a model that cannot run
+    in train mode as the defenses run it.
 
     The model is applied abstractly (:func:`jax.eval_shape`), so the check computes nothing.
     """
     check_input_types(clean_set, variables)
+    check_hashable(model, "the defense")
+    check_train_keyword(model, "the defense")
     check_clean_set(clean_set.labels, clean_set.num_classes)
     shape = clean_set.spec.image_shape
     probe = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
@@ -188,6 +193,7 @@ def validate_clean_set(
             f"the model's variables do not fit the clean set's {clean_set.spec.name} images of "
             f"shape {shape}: {reason}"
         ) from None
+    check_logits(logits, "the defense")
     if logits.shape[-1] != clean_set.num_classes:
         raise InvalidInputError(
             f"the model has {logits.shape[-1]} outputs but the clean set has "
@@ -205,6 +211,12 @@ def validate_clean_set(
             "the model cannot run in train mode as the defenses run it, "
             f"model.apply(variables, x, train=True, mutable=['batch_stats']) without rngs "
             f"(Dropout needs a 'dropout' stream): {reason}"
+        ) from None
+    except NameError as error:  # a BatchNorm that averages over a pmap/shard_map axis
+        raise InvalidInputError(
+            f"the model cannot run in train mode outside a mapped axis ({error}); a BatchNorm "
+            "with axis_name needs model.clone(...) without it, e.g. the model built with "
+            "axis_name=None"
         ) from None
 
 

@@ -69,9 +69,9 @@ from fippure.purify.common import (
     apply_model,
     as_variables,
     batchnorm_modules,
-    check_input_types,
     defense_arguments,
     device_variables,
+    validate_clean_set,
 )
 from fippure.purify.fip import FIPConfig, fisher_guided_purify
 from fippure.purify.resume import Checkpointing
@@ -117,7 +117,9 @@ def purify(
     """
     started = time.perf_counter()
     key = defense_arguments("fast_fip", config, FastFIPConfig, key)
-    check_input_types(clean_set, variables)
+    # before the model is traced for its layers' input axes (one line for a model or clean
+    # set the defense cannot use; fisher_guided_purify checks the rest)
+    validate_clean_set(clean_set, model, variables)
     variables = device_variables(variables)
     params = variables["params"]
     with variables_must_fit(model):  # each DenseGeneral's input axes, read from the model

@@ -1,0 +1,127 @@
+"""A researcher's own Flax classifier: what the defenses cannot call is refused in one line
+(fippure.models.contract), before any work, instead of a JAX or Flax traceback."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fippure.curvature.analysis import AnalysisConfig, analyze_curvature
+from fippure.data.catalog import get_spec
+from fippure.data.sources import ImageDataset
+from fippure.errors import InvalidInputError
+from fippure.purify import get_defense, make_config
+
+DEFENSES = ["fip", "fast_fip", "nft", "ngf", "ft", "ft_sam"]
+
+
+@pytest.fixture(scope="module")
+def clean_set():
+    spec = get_spec("digits")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, *spec.image_shape), dtype=np.uint8)
+    return ImageDataset(images, np.arange(40, dtype=np.int32) % 10, spec, "clean")
+
+
+def _trunk(x, bn):
+    return nn.relu(bn(nn.Conv(4, (3, 3))(x))).mean((1, 2))
+
+
+class Widths(nn.Module):
+    """A list field, a common way to write a model: not hashable."""
+
+    widths: Sequence[int]
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for width in self.widths:
+            x = nn.relu(nn.Conv(width, (3, 3))(x))
+        return nn.Dense(10, name="head")(x.mean((1, 2)))
+
+
+class LogitsAndFeatures(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        features = _trunk(x, nn.BatchNorm(use_running_average=not train))
+        return nn.Dense(10, name="head")(features), features
+
+
+class Deterministic(nn.Module):
+    """Another name for the mode switch (``deterministic``, not ``train``)."""
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        return nn.Dense(10, name="head")(_trunk(x, nn.BatchNorm(use_running_average=deterministic)))
+
+
+class SyncedBatchNorm(nn.Module):
+    """Its BatchNorm averages over a pmap axis in train mode."""
+
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        bn = nn.BatchNorm(use_running_average=not train, axis_name=self.axis_name)
+        return nn.Dense(10, name="head")(_trunk(x, bn))
+
+
+def _purify(defense, model, variables, clean_set):
+    overrides = {"steps": "2", "batch_size": "8"}
+    if defense == "nft":  # these models have one unnamed BatchNorm
+        overrides["mask_pattern"] = "BatchNorm_0"
+    return get_defense(defense).purify(
+        model, variables, clean_set, make_config(defense, overrides), jax.random.key(0),
+        progress=False,
+    )  # fmt: skip
+
+
+def _variables(model, clean_set):
+    return model.init(jax.random.key(0), jnp.zeros((1, *clean_set.spec.image_shape)))
+
+
+CASES = {
+    "unhashable": (Widths(widths=[4, 4]), "cannot be hashed .*give it tuples"),
+    "tuple_output": (LogitsAndFeatures(), r"returns a tuple of 2 arrays"),
+    "no_train_keyword": (Deterministic(), "Deterministic.__call__ takes no train keyword"),
+}
+
+
+@pytest.mark.parametrize("defense", DEFENSES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_model_the_defenses_cannot_call_is_refused_in_one_line(clean_set, defense, case):
+    """A list field had raised JAX's non-hashable static argument error (NGF only after all
+    its steps), a (logits, features) output an AttributeError, and Fast FIP a TypeError for a
+    model without ``train``."""
+    model, message = CASES[case]
+    variables = (
+        _variables(Widths(widths=(4, 4)), clean_set)
+        if case == "unhashable"
+        else _variables(model, clean_set)
+    )
+    with pytest.raises(InvalidInputError, match=message):
+        _purify(defense, model, variables, clean_set)
+
+
+@pytest.mark.parametrize("case", ["tuple_output", "no_train_keyword"])
+def test_analyze_curvature_refuses_the_same_models(clean_set, case):
+    model, message = CASES[case]
+    inputs = jnp.zeros((4, *clean_set.spec.image_shape))
+    with pytest.raises(InvalidInputError, match=message):
+        analyze_curvature(
+            model, _variables(model, clean_set), inputs, jnp.zeros(4, jnp.int32),
+            jax.random.key(0), AnalysisConfig(power_iters=2, lanczos_iters=2, top_k=1),
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("defense", ["ft", "nft", "fast_fip"])
+def test_a_batchnorm_synced_over_a_mapped_axis_is_refused_with_the_way_out(clean_set, defense):
+    """Flax raised NameError: unbound axis name, outside pmap."""
+    variables = _variables(SyncedBatchNorm(), clean_set)
+    with pytest.raises(InvalidInputError, match="axis_name=None"):
+        _purify(defense, SyncedBatchNorm(axis_name="batch"), variables, clean_set)
+    _purify(defense, SyncedBatchNorm(), variables, clean_set)  # the clone without it runs
