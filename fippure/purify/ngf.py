@@ -47,6 +47,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 from jax.tree_util import Partial
@@ -59,6 +60,7 @@ from fippure.curvature.products import make_ggn_operator
 from fippure.data.pipeline import normalize, to_unit_range
 from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError
+from fippure.inference import predict_logits
 from fippure.losses import cross_entropy
 from fippure.models.registry import Variables, penultimate_features
 from fippure.optim.anchor import anchor_penalty, fisher_anchor
@@ -164,6 +166,31 @@ def _set(params, path, value):
     params = dict(params)
     params[path[0]] = _set(params[path[0]], path[1:], value)
     return params
+
+
+def _check_head_gives_the_logits(model, variables, head, features, images, spec) -> None:
+    """The dense solver trains ``head`` on the sown features as if its outputs were the
+    model's logits. One line where they are not (a layer after the head, a temperature, a
+    normalisation between the sown features and the head): NGF would silently minimise
+    another network's loss."""
+    if jnp.ndim(features) != 2 or jnp.shape(features)[1] != jnp.shape(head["kernel"])[0]:
+        raise InvalidInputError(
+            f"NGF's dense solver needs the sown features to be the head's (n, "
+            f"{jnp.shape(head['kernel'])[0]}) inputs, got {jnp.shape(features)}; use solver=cg"
+        )
+    logits = predict_logits(model, variables, images, spec)
+    from_head = np.asarray(_head_logits(head, None, features), np.float32)
+    # the model may compute in bfloat16: its own rounding, not another network
+    compute = getattr(model, "dtype", None) or jnp.result_type(features)
+    tolerance = max(1e-3, 8 * float(jnp.finfo(compute).eps))
+    if from_head.shape != logits.shape or not np.allclose(
+        from_head, logits, rtol=tolerance, atol=tolerance * max(1.0, np.abs(logits).max())
+    ):
+        raise InvalidInputError(
+            "NGF's dense solver trains 'head' on the sown features as the model's last layer, "
+            "but the head's outputs are not the model's logits (a layer after it, a "
+            "temperature, a normalisation before it?); use solver=cg"
+        )
 
 
 def _head_logits(layer, frozen, h):
@@ -286,10 +313,15 @@ def purify(
     params = flax.core.unfreeze(variables["params"])
     path = _layer_path(params, config.layer)
     layer0 = _get(params, path)
-    is_head = path == ("head",) and set(layer0) <= {"kernel", "bias"}
+    is_head = (
+        path == ("head",) and set(layer0) <= {"kernel", "bias"} and jnp.ndim(layer0["kernel"]) == 2
+    )
     solver = config.solver if config.solver != "auto" else ("dense" if is_head else "cg")
     if solver == "dense" and not is_head:
-        raise InvalidInputError("the dense (Cholesky) solver needs layer='head'; use solver=cg")
+        raise InvalidInputError(
+            "the dense (Cholesky) solver needs layer='head', a dense layer with a 2-D kernel; "
+            "use solver=cg"
+        )
     batch_size = clean_batch_size(config.batch_size, clean_set)
     images, labels = device_clean_set(clean_set)
     spec = clean_set.spec
@@ -305,6 +337,7 @@ def purify(
             raise InvalidInputError(
                 f"NGF's dense solver reads the head's inputs: {error} (or set solver=cg)"
             ) from None
+        _check_head_gives_the_logits(model, variables, layer0, features, images, spec)
         frozen = None
         logits_fn = _head_logits
         fisher_inputs, data = features, features

@@ -15,6 +15,7 @@ from fippure.curvature.analysis import AnalysisConfig, analyze_curvature
 from fippure.data.catalog import get_spec
 from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError
+from fippure.models import FEATURES
 from fippure.purify import get_defense, make_config
 
 DEFENSES = ["fip", "fast_fip", "nft", "ngf", "ft", "ft_sam"]
@@ -125,3 +126,45 @@ def test_a_batchnorm_synced_over_a_mapped_axis_is_refused_with_the_way_out(clean
     with pytest.raises(InvalidInputError, match="axis_name=None"):
         _purify(defense, SyncedBatchNorm(axis_name="batch"), variables, clean_set)
     _purify(defense, SyncedBatchNorm(), variables, clean_set)  # the clone without it runs
+
+
+class TemperedHead(nn.Module):
+    """Sows its head's inputs as fippure's models do, but divides the head's output by a
+    temperature: the head's outputs are not the logits."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        features = _trunk(x, nn.BatchNorm(use_running_average=not train))
+        self.sow("intermediates", FEATURES, features)
+        return nn.Dense(10, name="head")(features) / 4.0
+
+
+class FeatureAxesHead(nn.Module):
+    """A DenseGeneral head over two feature axes (a 3-D kernel)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x)))
+        x = x.mean(1)  # (n, w, 4)
+        self.sow("intermediates", FEATURES, x)
+        return nn.DenseGeneral(10, axis=(-2, -1), name="head")(x)
+
+
+def test_ngf_refuses_a_dense_solve_whose_head_is_not_the_last_layer(clean_set):
+    """The dense solver had silently minimised the cross-entropy of head/4's inputs' map as
+    if it were the model's (its loss fell while the model's hardly moved)."""
+    variables = _variables(TemperedHead(), clean_set)
+    with pytest.raises(InvalidInputError, match="head's outputs are not the model's logits"):
+        _purify("ngf", TemperedHead(), variables, clean_set)
+    config = make_config("ngf", {"steps": "2", "batch_size": "8", "solver": "cg"})
+    get_defense("ngf").purify(
+        TemperedHead(), variables, clean_set, config, jax.random.key(0), progress=False
+    )
+
+
+def test_ngf_trains_a_head_with_a_3d_kernel_by_conjugate_gradient(clean_set):
+    """The automatic solver chose the dense one by the name alone and failed in a matmul."""
+    variables = _variables(FeatureAxesHead(), clean_set)
+    purified, report = _purify("ngf", FeatureAxesHead(), variables, clean_set)
+    assert report.extra["solver"] == "cg"
+    assert purified["params"]["head"]["kernel"].shape == (8, 4, 10)
