@@ -162,9 +162,15 @@ def check_input_types(clean_set: Any, variables: Any) -> None:
             f"as model.init returns them, got {keys}"
         )
     if extra := sorted(set(variables) - {"params", "batch_stats"}):
+        hint = (
+            " (intermediates are outputs that model.init recorded: drop them, "
+            "{k: v for k, v in variables.items() if k != 'intermediates'})"
+            if "intermediates" in extra
+            else ""
+        )
         raise InvalidInputError(
             f"the variables hold collections the defenses do not carry: {', '.join(extra)}; "
-            "fippure trains models whose state is params and batch_stats"
+            f"fippure trains models whose state is params and batch_stats{hint}"
         )
 
 

@@ -246,7 +246,21 @@ def _batchnorm_masks(variables: Variables, pattern: str) -> dict:
             "nft masks BatchNorm channels, but the model has no BatchNorm layer (its variables "
             "hold no batch_stats); use a defense that tunes weights, such as fip or ft"
         )
-    masks = init_masks(variables["params"], pattern)
+    try:
+        masks = init_masks(variables["params"], pattern)
+    except InvalidInputError:
+        flat = traverse_util.flatten_dict(variables["params"])
+        unmaskable = sorted(
+            "/".join(m) for m in modules if m + ("scale",) not in flat or m + ("bias",) not in flat
+        )
+        if not unmaskable:
+            raise
+        # init_masks lists the modules with a scale and a bias, so it named none of these
+        raise InvalidInputError(
+            f"nft masks BatchNorms with a scale and a bias, but {', '.join(unmaskable)} keep "
+            "batch_stats without both (use_scale=False or use_bias=False); build them with "
+            "both, or use a defense that tunes weights, such as fip or ft"
+        ) from None
     others = sorted("/".join(m) for m in traverse_util.flatten_dict(masks) if m not in modules)
     if others:
         raise InvalidInputError(

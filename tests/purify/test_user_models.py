@@ -21,12 +21,16 @@ from fippure.purify import get_defense, make_config
 DEFENSES = ["fip", "fast_fip", "nft", "ngf", "ft", "ft_sam"]
 
 
-@pytest.fixture(scope="module")
-def clean_set():
+def _digits_clean_set():
     spec = get_spec("digits")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (40, *spec.image_shape), dtype=np.uint8)
     return ImageDataset(images, np.arange(40, dtype=np.int32) % 10, spec, "clean")
+
+
+@pytest.fixture(scope="module")
+def clean_set():
+    return _digits_clean_set()
 
 
 def _trunk(x, bn):
@@ -82,7 +86,8 @@ def _purify(defense, model, variables, clean_set):
 
 
 def _variables(model, clean_set):
-    return model.init(jax.random.key(0), jnp.zeros((1, *clean_set.spec.image_shape)))
+    variables = model.init(jax.random.key(0), jnp.zeros((1, *clean_set.spec.image_shape)))
+    return {k: v for k, v in variables.items() if k != "intermediates"}
 
 
 CASES = {
@@ -168,3 +173,28 @@ def test_ngf_trains_a_head_with_a_3d_kernel_by_conjugate_gradient(clean_set):
     purified, report = _purify("ngf", FeatureAxesHead(), variables, clean_set)
     assert report.extra["solver"] == "cg"
     assert purified["params"]["head"]["kernel"].shape == (8, 4, 10)
+
+
+class ScalelessBatchNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        bn = nn.BatchNorm(use_running_average=not train, use_scale=False, name="bn")
+        return nn.Dense(10, name="head")(_trunk(x, bn))
+
+
+def test_nft_names_batchnorms_it_cannot_mask():
+    """Its message had said the model had no BatchNorm ("none")."""
+    clean = _digits_clean_set()
+    variables = _variables(ScalelessBatchNorm(), clean)
+    with pytest.raises(InvalidInputError, match=r"bn keep batch_stats without both \(use_scale"):
+        _purify("nft", ScalelessBatchNorm(), variables, clean)
+
+
+def test_variables_with_recorded_intermediates_say_how_to_drop_them():
+    """model.init(..., mutable=True) of a model that sows returns its intermediates too."""
+    clean = _digits_clean_set()
+    probe = jnp.zeros((1, *clean.spec.image_shape))
+    variables = TemperedHead().init(jax.random.key(0), probe, mutable=True)
+    assert "intermediates" in variables
+    with pytest.raises(InvalidInputError, match="intermediates are outputs that model.init"):
+        _purify("ft", TemperedHead(), variables, clean)
