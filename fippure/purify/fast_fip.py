@@ -48,7 +48,9 @@ import dataclasses
 import time
 from typing import Any, Literal
 
+import flax
 import flax.linen as nn
+import jax.numpy as jnp
 from flax import traverse_util
 from jaxtyping import PRNGKeyArray
 
@@ -83,7 +85,9 @@ class FastFIPConfig(FIPConfig):
 
     Attributes:
         kernel_pattern: regular expression over parameter paths choosing the kernels to
-            reparameterise (default: every conv and dense kernel).
+            reparameterise (default: every conv and dense kernel, i.e. every parameter named
+            ``kernel``). The report lists the parameters of two or more axes it left out in
+            ``extra["kernels_left_out"]``.
         kernel_form: how a reparameterised layer runs inside the steps: ``factored``
             (a convolution with the frozen ``U``, a channel scale ``relu(s + d)`` and a matmul
             with the frozen ``V^T``; **choice**, about twice as fast) or ``rebuilt``
@@ -152,6 +156,13 @@ def purify(
         started=started,
     )
     report.artifacts["spectral_shifts"] = to_params.shifts(shifts)
+    # weights of two or more axes that kernel_pattern left out (a hand-made self.param("w")),
+    # so that a model whose matrices are not all named "kernel" is not purified in part unseen
+    report.extra["kernels_left_out"] = [
+        "/".join(path)
+        for path, leaf in traverse_util.flatten_dict(flax.core.unfreeze(params)).items()
+        if jnp.ndim(leaf) >= 2 and path not in traverse_util.flatten_dict(factors)
+    ]
     if config.tune_bn_affine:
         report.artifacts["batchnorm_affine"] = shifts["bn_affine"]
     return as_variables(to_params(shifts, frozen), stats), report

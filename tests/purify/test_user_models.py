@@ -198,3 +198,24 @@ def test_variables_with_recorded_intermediates_say_how_to_drop_them():
     assert "intermediates" in variables
     with pytest.raises(InvalidInputError, match="intermediates are outputs that model.init"):
         _purify("ft", TemperedHead(), variables, clean)
+
+
+class HandMadeWeights(nn.Module):
+    """A weight matrix made with self.param, not named kernel."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        features = _trunk(x, nn.BatchNorm(use_running_average=not train))
+        w = self.param("w", nn.initializers.lecun_normal(), (4, 10))
+        return features @ w + nn.Dense(10, name="head")(features)
+
+
+def test_fast_fip_reports_the_weights_its_pattern_left_out(clean_set):
+    """Fast FIP shifts the singular values of kernels only; 'w' had been left out unseen."""
+    variables = _variables(HandMadeWeights(), clean_set)
+    _, report = _purify("fast_fip", HandMadeWeights(), variables, clean_set)
+    assert report.extra["kernels_left_out"] == ["w"]
+    _, report = _purify(
+        "fast_fip", TemperedHead(), _variables(TemperedHead(), clean_set), clean_set
+    )
+    assert report.extra["kernels_left_out"] == []
