@@ -29,7 +29,10 @@ block's query, key and value, ``(in, heads, head_dim)``) maps ``in`` to ``heads 
 and the shape alone cannot tell that layout from the output projection's. :func:`layer_input_axes`
 reads each ``DenseGeneral``'s contracted axes from the model; given to :func:`decompose`, they
 make every kernel's matrix the layer's map, so the singular values are the layer's (Fast FIP
-does this). Without them, all but a kernel's last axis are taken as its inputs.
+does this). Without them, all but a kernel's last axis are taken as its inputs. A grouped or
+depthwise convolution (``feature_group_count > 1``) is the exception: its ``(kh * kw * in /
+groups, out)`` matrix stacks the groups' maps side by side, not the layer's block-diagonal
+map, so its singular values are that matrix's (zero shifts still give back the layer exactly).
 
 Shifts and factors are nested dicts containing only the decomposed kernels, keyed like the
 params (e.g. ``shifts['stage1_block1']['conv1']['kernel']``), so they save with orbax and feed
