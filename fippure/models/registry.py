@@ -276,6 +276,35 @@ def penultimate_features(
     return recorded[0]
 
 
+def module_call_order(
+    model: nn.Module, variables: Variables, image_shape: tuple[int, int, int]
+) -> list[tuple[str, ...]]:
+    """The paths of ``model``'s submodules in the order their first call begins, in eval mode
+    (traced with :func:`jax.eval_shape`, no compute): the network order of its layers, which
+    the order in which they are named or defined need not be.
+
+    Args:
+        model: the classifier.
+        variables: its collections.
+        image_shape: ``(h, w, c)`` of one input.
+
+    Returns:
+        Module paths as key tuples, e.g. ``("stage1_block1", "bn1")``; the root is left out.
+    """
+    order: list[tuple[str, ...]] = []
+
+    def record(next_fun, args, kwargs, context):
+        path = tuple(context.module.path)
+        if context.method_name == "__call__" and path and path not in order:
+            order.append(path)
+        return next_fun(*args, **kwargs)
+
+    probe = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    with nn.intercept_methods(record), variables_must_fit(model):
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, probe)
+    return order
+
+
 def activations(
     model: nn.Module,
     variables: Variables,

@@ -13,15 +13,19 @@ expression on the '/'-joined module path (:data:`RESIDUAL_BN_PATTERN` by default
 and the final ``bn_final`` before the head are not masked). Pass another pattern for other
 models (e.g. ``r"^bn\\d+$"`` for the VGGs).
 
-Network order is the natural sort of the module paths (digits compared as numbers), which is
-the order in which fippure's models define their blocks; it does not depend on dict order, so it
-survives a checkpoint round trip.
+Network order is the order in which the model calls its modules
+(:func:`fippure.models.module_call_order`, which NFT passes as ``order``). Without it, the
+functions here fall back on the natural sort of the module paths (digits compared as numbers):
+the order of fippure's models' residual blocks, but not of every model (PreAct-ResNet's
+``bn_final`` sorts first). Neither depends on dict order, so both survive a checkpoint round
+trip.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import flax
@@ -45,7 +49,7 @@ def _natural_key(path: str) -> list[Any]:
 
 def masked_modules(params: PyTree, pattern: str = RESIDUAL_BN_PATTERN) -> list[tuple[str, ...]]:
     """Paths of the BatchNorm modules (dicts with ``scale`` and ``bias``) matching ``pattern``,
-    in network order.
+    naturally sorted.
 
     Args:
         params: the model's Flax params (nested dicts).
@@ -62,7 +66,7 @@ def masked_modules(params: PyTree, pattern: str = RESIDUAL_BN_PATTERN) -> list[t
 
 
 def batch_norm_modules(params: PyTree) -> list[tuple[str, ...]]:
-    """Paths of every module with a ``scale`` and a ``bias``, in network order: the BatchNorms,
+    """Paths of every module with a ``scale`` and a ``bias``, naturally sorted: the BatchNorms,
     but also any LayerNorm or GroupNorm, which ``params`` alone cannot tell apart (NFT keeps the
     modules that also hold ``batch_stats``)."""
     flat = traverse_util.flatten_dict(flax.core.unfreeze(params))
@@ -125,16 +129,28 @@ def apply_masks(params: PyTree, masks: PyTree) -> dict[str, Any]:
     return traverse_util.unflatten_dict(flat)
 
 
-def mask_layer_indices(masks: PyTree) -> dict[str, Any]:
+def mask_layer_indices(
+    masks: PyTree, order: Sequence[tuple[str, ...]] | None = None
+) -> dict[str, Any]:
     """The network-order index ``l = 1, 2, ...`` of every mask, nested like ``masks``.
 
     Args:
         masks: nested dicts of masks (:func:`init_masks`).
+        order: the module paths in the order the network calls them
+            (:func:`fippure.models.module_call_order`). Without it, network order is the
+            natural sort of the paths (digits compared as numbers), which is the order in
+            which fippure's models define their blocks, but not every model's.
 
     Returns:
         The same nesting with an int per mask.
     """
-    modules = sorted(traverse_util.flatten_dict(masks), key=lambda p: _natural_key("/".join(p)))
+    position = {tuple(path): i for i, path in enumerate(order or ())}
+
+    def rank(path: tuple[str, ...]) -> tuple[int, list[Any]]:
+        # modules the order does not name come last, naturally sorted
+        return position.get(path, len(position)), _natural_key("/".join(path))
+
+    modules = sorted(traverse_util.flatten_dict(masks), key=rank)
     return traverse_util.unflatten_dict({m: i for i, m in enumerate(modules, start=1)})
 
 
@@ -171,7 +187,11 @@ def mask_floor(
 
 
 def layer_floors(
-    masks: PyTree, schedule: Schedule = "exponential", a: float = 0.8, b: float = 0.5
+    masks: PyTree,
+    schedule: Schedule = "exponential",
+    a: float = 0.8,
+    b: float = 0.5,
+    order: Sequence[tuple[str, ...]] | None = None,
 ) -> dict[str, Any]:
     """``mu(l)`` as a float per mask, nested like ``masks``: the ``lower`` bound to give
     :func:`fippure.optim.project_box`.
@@ -181,6 +201,7 @@ def layer_floors(
         schedule: ``exponential``, ``linear`` or ``constant`` (see :func:`mask_floor`).
         a: :func:`mask_floor`'s ``a``.
         b: :func:`mask_floor`'s ``b``.
+        order: the modules' call order (see :func:`mask_layer_indices`).
 
     Returns:
         The same nesting as ``masks`` with ``mu(l)`` per mask.
@@ -188,7 +209,7 @@ def layer_floors(
     Raises:
         InvalidInputError: an unknown schedule.
     """
-    indices = traverse_util.flatten_dict(mask_layer_indices(masks))
+    indices = traverse_util.flatten_dict(mask_layer_indices(masks, order))
     return traverse_util.unflatten_dict(
         {path: mask_floor(index, schedule, a, b) for path, index in indices.items()}
     )

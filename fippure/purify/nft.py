@@ -48,7 +48,7 @@ from fippure.config_checks import (
 from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError
 from fippure.losses import soft_cross_entropy
-from fippure.models.registry import Variables
+from fippure.models.registry import Variables, module_call_order
 from fippure.optim.masks import RESIDUAL_BN_PATTERN, apply_masks, init_masks, layer_floors
 from fippure.optim.projection import clip_to_box, project_box
 from fippure.purify.batch_stats import (
@@ -289,7 +289,9 @@ def purify(
     key = defense_arguments("nft", config, NFTConfig, key)
     params, stats0 = variables["params"], variables.get("batch_stats", {})
     masks = _batchnorm_masks(variables, config.mask_pattern)
-    floors = layer_floors(masks, config.floor_schedule, config.floor_a, config.floor_b)
+    # l counts the masked layers in the order the network calls them (SPEC section 4)
+    order = module_call_order(model, variables, clean_set.spec.image_shape)
+    floors = layer_floors(masks, config.floor_schedule, config.floor_a, config.floor_b, order)
     # on the device once, in the masks' dtype: the steps take them as an argument
     floors = jax.tree_util.tree_map(lambda f, m: jnp.asarray(f, m.dtype), floors, masks)
     per_class = len(clean_set) / clean_set.num_classes  # N_c

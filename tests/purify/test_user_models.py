@@ -219,3 +219,39 @@ def test_fast_fip_reports_the_weights_its_pattern_left_out(clean_set):
         "fast_fip", TemperedHead(), _variables(TemperedHead(), clean_set), clean_set
     )
     assert report.extra["kernels_left_out"] == []
+
+
+class BlocksNamedOutOfOrder(nn.Module):
+    """Three BatchNorm blocks called z_first, m_second, a_third: their names sort backwards."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for name in ("z_first", "m_second", "a_third"):
+            x = nn.Conv(4, (3, 3), name=f"{name}_conv")(x)
+            x = nn.relu(nn.BatchNorm(use_running_average=not train, name=name)(x))
+        return nn.Dense(10, name="head")(x.mean((1, 2)))
+
+
+def test_nft_counts_its_layers_in_the_order_the_network_calls_them(clean_set):
+    """SPEC section 4's mu(l) decays with depth; the natural sort of the names had given the
+    first block the last floor. A large step drives masks onto their floors."""
+    from fippure.models import module_call_order
+    from fippure.optim.masks import mask_floor
+
+    model = BlocksNamedOutOfOrder()
+    variables = _variables(model, clean_set)
+    order = module_call_order(model, variables, clean_set.spec.image_shape)
+    assert [p for p in order if p[0] in ("z_first", "m_second", "a_third")] == [
+        ("z_first",),
+        ("m_second",),
+        ("a_third",),
+    ]
+    overrides = {"steps": "3", "batch_size": "8", "mask_pattern": "first|second|third$",
+                 "learning_rate": "1000"}  # fmt: skip
+    config = make_config("nft", overrides)
+    _, report = get_defense("nft").purify(
+        model, variables, clean_set, config, jax.random.key(0), progress=False
+    )
+    masks = report.artifacts["masks"]
+    for depth, name in enumerate(("z_first", "m_second", "a_third"), start=1):
+        assert float(masks[name].min()) == pytest.approx(mask_floor(depth), rel=1e-6), name
