@@ -158,10 +158,11 @@ def purify(
     report.artifacts["spectral_shifts"] = to_params.shifts(shifts)
     # weights of two or more axes that kernel_pattern left out (a hand-made self.param("w")),
     # so that a model whose matrices are not all named "kernel" is not purified in part unseen
+    decomposed = traverse_util.flatten_dict(factors)
     report.extra["kernels_left_out"] = [
         "/".join(path)
         for path, leaf in traverse_util.flatten_dict(flax.core.unfreeze(params)).items()
-        if jnp.ndim(leaf) >= 2 and path not in traverse_util.flatten_dict(factors)
+        if jnp.ndim(leaf) >= 2 and path not in decomposed
     ]
     if config.tune_bn_affine:
         report.artifacts["batchnorm_affine"] = shifts["bn_affine"]
