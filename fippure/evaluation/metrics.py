@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import numpy as np
@@ -202,7 +203,13 @@ class BackdoorMetrics:
 
 
 def evaluate_backdoor(
-    model: nn.Module, variables: Variables, test: ImageDataset, triggered: TriggeredSet
+    model: nn.Module,
+    variables: Variables,
+    test: ImageDataset,
+    triggered: TriggeredSet,
+    *,
+    test_images: Any = None,
+    triggered_images: Any = None,
 ) -> BackdoorMetrics:
     """ACC on ``test`` and ASR/RA on ``triggered`` (eval-mode predictions).
 
@@ -211,6 +218,9 @@ def evaluate_backdoor(
         variables: its variables (``params`` and, for BatchNorm models, ``batch_stats``).
         test: the clean test split.
         triggered: the attack's :class:`TriggeredSet` made from ``test``.
+        test_images: ``test.images`` already on the device, for a caller that evaluates many
+            times (by default each call uploads the NumPy images).
+        triggered_images: ``triggered.images`` already on the device, likewise.
 
     Returns:
         :class:`BackdoorMetrics` with ``acc``, ``asr`` and ``ra`` as fractions (NaN for an
@@ -226,8 +236,12 @@ def evaluate_backdoor(
             "no triggered test set: the model carries no attack (a clean checkpoint); use "
             "fippure.inference.accuracy for its ACC"
         )
-    clean_pred = predict(model, variables, test.images, test.spec)
-    bad_pred = predict(model, variables, triggered.images, test.spec)
+    if test_images is None:
+        test_images = test.images
+    if triggered_images is None:
+        triggered_images = triggered.images
+    clean_pred = predict(model, variables, test_images, test.spec)
+    bad_pred = predict(model, variables, triggered_images, test.spec)
     return BackdoorMetrics(
         acc=accuracy(clean_pred, test.labels),
         asr=attack_success_rate(bad_pred, triggered.true_labels, triggered.target_labels),

@@ -28,11 +28,9 @@ from fippure.checkpoints import (
 from fippure.config_checks import check_count, check_seed
 from fippure.errors import CheckpointError, InvalidInputError
 from fippure.evaluation.metrics import (
-    BackdoorMetrics,
     accuracy,
-    attack_success_rate,
     defense_effectiveness_rating,
-    robust_accuracy,
+    evaluate_backdoor,
 )
 from fippure.inference import predict
 from fippure.provenance import provenance
@@ -81,23 +79,17 @@ def evaluate(
     Returns:
         ``{"acc", "asr", "ra"}`` as fractions; ASR and RA are ``None`` for a clean model.
     """
-    if images is None:
-        images = EvaluationImages(
-            backdoored.test.images,
-            None if backdoored.triggered is None else backdoored.triggered.images,
-        )
-    acc = accuracy(
-        predict(backdoored.model, variables, images.test, backdoored.spec),
-        backdoored.test.labels,
-    )
-    triggered = backdoored.triggered
-    if triggered is None:
-        return {"acc": acc, "asr": None, "ra": None}
-    hit = predict(backdoored.model, variables, images.triggered, backdoored.spec)
-    return BackdoorMetrics(
-        acc=acc,
-        asr=attack_success_rate(hit, triggered.true_labels, triggered.target_labels),
-        ra=robust_accuracy(hit, triggered.true_labels, triggered.target_labels),
+    if backdoored.triggered is None:
+        test_images = backdoored.test.images if images is None else images.test
+        predictions = predict(backdoored.model, variables, test_images, backdoored.spec)
+        return {"acc": accuracy(predictions, backdoored.test.labels), "asr": None, "ra": None}
+    return evaluate_backdoor(
+        backdoored.model,
+        variables,
+        backdoored.test,
+        backdoored.triggered,
+        test_images=None if images is None else images.test,
+        triggered_images=None if images is None else images.triggered,
     ).as_dict()
 
 
