@@ -106,7 +106,7 @@ def check_images(
         else:
             images = np.concatenate([images, np.repeat(images[-1:], rows - n, axis=0)])
     images = jnp.asarray(images)
-    low, top, finite = (float(v) for v in jax.device_get(_value_range(images)))
+    low, top, finite = (float(v) for v in jax.device_get(value_range(images)))
     if jnp.issubdtype(images.dtype, jnp.floating):
         if not finite:
             raise InvalidInputError("the images hold NaN or infinite values")
@@ -133,7 +133,7 @@ def _repeat_last_row(images: jax.Array, rows: int) -> jax.Array:
 
 
 @jax.jit
-def _value_range(images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def value_range(images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(min, max, all finite)`` of an image array in one pass and one transfer."""
     values = images.astype(jnp.float32)
     return jnp.min(values), jnp.max(values), jnp.isfinite(values).all()
