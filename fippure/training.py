@@ -48,6 +48,7 @@ from fippure.data.pipeline import (
 from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.losses import cross_entropy
+from fippure.models.contract import dropout_rngs
 from fippure.models.registry import Variables, output_shape
 from fippure.progress_records import (
     checkpoint_manager,
@@ -264,14 +265,19 @@ def make_train_step(
             x = augment(augment_key, x, spec.crop_padding, spec.flip)
         x = normalize(x, spec)
 
+        rngs = dropout_rngs(key)  # the model's Dropout, if any
+
         def loss_fn(params):
             variables = {"params": params}
             if state.batch_stats:
                 variables["batch_stats"] = state.batch_stats
-                logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+                logits, updates = model.apply(
+                    variables, x, train=True, mutable=["batch_stats"], rngs=rngs
+                )
                 new_stats = updates["batch_stats"]
             else:
-                logits, new_stats = model.apply(variables, x, train=True), state.batch_stats
+                logits = model.apply(variables, x, train=True, rngs=rngs)
+                new_stats = state.batch_stats
             return cross_entropy(logits, y, config.label_smoothing), (logits, new_stats)
 
         (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -253,6 +253,7 @@ class InputAware(Attack):
                     normalize(inputs, spec),
                     y,
                     config.label_smoothing,
+                    key=key,
                 )
                 div = diversity_loss(
                     clean_inputs,

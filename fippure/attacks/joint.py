@@ -35,6 +35,7 @@ from fippure.data.pipeline import batch_from_permutation, epoch_permutation, to_
 from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.losses import cross_entropy
+from fippure.models.contract import dropout_rngs
 from fippure.progress_records import (
     checkpoint_manager,
     empty_progress,
@@ -303,22 +304,26 @@ def classifier_loss(
     labels: Int[Array, " b"],
     label_smoothing: float = 0.0,
     weights: Float[Array, " b"] | None = None,
+    key: Array | None = None,
 ) -> tuple[Array, tuple[Array, Any]]:
     """Train-mode cross-entropy of normalised ``inputs``: ``(loss, (logits, new_batch_stats))``.
 
     The loss is the batch mean, or ``sum(weights * per-example loss)`` when ``weights`` is
-    given.
+    given. The model's Dropout, if any, draws from the stream folded from ``key`` (the step's
+    key, :func:`fippure.models.contract.dropout_rngs`).
     """
+    rngs = {} if key is None else dropout_rngs(key)
     if batch_stats:
         logits, updates = model.apply(
             {"params": params, "batch_stats": batch_stats},
             inputs,
             train=True,
             mutable=["batch_stats"],
+            rngs=rngs,
         )
         batch_stats = updates["batch_stats"]
     else:
-        logits = model.apply({"params": params}, inputs, train=True)
+        logits = model.apply({"params": params}, inputs, train=True, rngs=rngs)
     if weights is None:
         return cross_entropy(logits, labels, label_smoothing), (logits, batch_stats)
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)

@@ -220,6 +220,7 @@ class LIRA(Attack):
                 labels,
                 config.label_smoothing,
                 weights,
+                key,
             )
             carry = {
                 **carry,

@@ -1,7 +1,9 @@
 """What fippure asks of a classifier it did not build: a Flax Linen module called as
 ``model.apply(variables, images, train=...)`` that returns one ``(batch, classes)`` array of
 logits, and (for the defenses, which compile their steps with the model as a static argument)
-hashable fields. These checks give one line where JAX or Flax would raise from deep inside."""
+hashable fields. In train mode fippure gives the model one random stream, ``'dropout'``
+(:func:`dropout_rngs`), so ``nn.Dropout`` layers drop as they would in training. These checks
+give one line where JAX or Flax would raise from deep inside."""
 
 from __future__ import annotations
 
@@ -13,6 +15,18 @@ import jax
 
 from fippure.errors import InvalidInputError
 
+#: What a step's key is folded with to give the model's ``'dropout'`` stream: a fold of its
+#: own, so that the step's other draws (its batch, augmentation, probes) are the same whether
+#: or not the model has Dropout.
+DROPOUT_STREAM = 0x0D20_0F00
+
+
+def dropout_rngs(key: jax.Array) -> dict[str, jax.Array]:
+    """The random streams a model gets in train mode from a step's ``key``: ``{'dropout':
+    fold_in(key, DROPOUT_STREAM)}``. A model without Dropout ignores it (the compiled program
+    is the same), so it costs nothing to pass."""
+    return {"dropout": jax.random.fold_in(key, DROPOUT_STREAM)}
+
 
 def check_train_keyword(model: nn.Module, where: str) -> None:
     """One line for a model whose ``__call__`` takes no ``train`` keyword (the BatchNorm mode
@@ -22,7 +36,7 @@ def check_train_keyword(model: nn.Module, where: str) -> None:
         raise InvalidInputError(
             f"{where} applies the model with train=True/False, but "
             f"{type(model).__name__}.__call__ takes no train keyword; add one (BatchNorm in "
-            "eval mode when it is False)"
+            "eval mode and Dropout off when it is False)"
         )
 
 

@@ -24,6 +24,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from fippure.config_checks import check_type, is_integer
 from fippure.errors import InvalidInputError, UnknownNameError
+from fippure.models.contract import dropout_rngs
 from fippure.models.layers import FEATURES, ComputeDtype
 from fippure.models.preact_resnet import PreActResNet18
 from fippure.models.small_cnn import SmallCNN
@@ -218,18 +219,24 @@ def output_shape(
 
 
 def forward(
-    model: nn.Module, variables: Variables, inputs: Float[Array, "b h w c"], train: bool
+    model: nn.Module,
+    variables: Variables,
+    inputs: Float[Array, "b h w c"],
+    train: bool,
+    key: PRNGKeyArray | None = None,
 ) -> tuple[Float[Array, "b k"], Variables]:
     """Logits and the updated variables.
 
     In train mode BatchNorm normalises with batch statistics and the returned variables carry
-    the updated running averages; in eval mode they are returned unchanged.
+    the updated running averages, and Dropout drops on the stream folded from ``key``
+    (:func:`fippure.models.contract.dropout_rngs`); in eval mode they are returned unchanged.
 
     Args:
         model: the classifier.
         variables: its collections (``params`` and, for BatchNorm models, ``batch_stats``).
         inputs: a normalised ``(b, h, w, c)`` batch.
         train: train mode (True) or eval mode (False).
+        key: the randomness of the model's Dropout in train mode (needed only if it has any).
 
     Returns:
         ``(logits, variables)``: ``(b, K)`` logits and the variables, with the updated
@@ -238,11 +245,14 @@ def forward(
     Raises:
         InvalidInputError: ``variables`` that do not fit ``model``.
     """
+    rngs = dropout_rngs(key) if train and key is not None else {}
     with variables_must_fit(model):
         if train and "batch_stats" in variables:
-            logits, updates = model.apply(variables, inputs, train=True, mutable=["batch_stats"])
+            logits, updates = model.apply(
+                variables, inputs, train=True, mutable=["batch_stats"], rngs=rngs
+            )
             return logits, {**variables, **updates}
-        return model.apply(variables, inputs, train=train), variables
+        return model.apply(variables, inputs, train=train, rngs=rngs), variables
 
 
 def penultimate_features(

@@ -55,7 +55,8 @@ def recompute_batch_stats(
     """``variables`` with ``batch_stats`` replaced by the mean batch statistics on the clean set.
 
     Args:
-        model: the Flax module (applied as ``model.apply(variables, x, train=True)``).
+        model: the Flax module (applied as ``model.apply(variables, x, train=True)``, its
+            Dropout, if any, drawing from ``key``, as in training).
         variables: its variables; ``params`` are used as they are.
         clean_set: the defender's clean set.
         key: draws the batches and their augmentation.
@@ -92,8 +93,10 @@ def _mean_batch_statistics(
     The weights, statistics and clean set are arguments, so one compiled function serves every
     call with the same shapes (a transfer's two estimates, repeated defenses)."""
 
-    def updated(params, running, x):
-        return apply_model(model, params, running, x, train=True)[1]
+    # each batch's Dropout, if the model has any, draws from that batch's key: the three
+    # updates of the first batch see one mask, so they measure one batch statistic
+    def updated(params, running, x, k):
+        return apply_model(model, params, running, x, True, k)[1]
 
     @jax.jit
     def estimate(params, stats0, images, labels, key):
@@ -101,14 +104,14 @@ def _mean_batch_statistics(
         zeros = jax.tree_util.tree_map(jnp.zeros_like, stats0)
         ones = jax.tree_util.tree_map(jnp.ones_like, stats0)
         x0, _ = sample_clean_batch(keys[0], images, labels, size, spec, augment)
-        scaled0 = updated(params, zeros, x0)
+        scaled0 = updated(params, zeros, x0, keys[0])
         retain = _retained_fraction(
-            scaled0, updated(params, scaled0, x0), updated(params, ones, x0)
+            scaled0, updated(params, scaled0, x0, keys[0]), updated(params, ones, x0, keys[0])
         )
 
         def add_batch(total, k):
             x, _ = sample_clean_batch(k, images, labels, size, spec, augment)
-            return jax.tree_util.tree_map(jnp.add, total, updated(params, zeros, x)), None
+            return jax.tree_util.tree_map(jnp.add, total, updated(params, zeros, x, k)), None
 
         total, _ = jax.lax.scan(add_batch, scaled0, keys[1:])
         return jax.tree_util.tree_map(

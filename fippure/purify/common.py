@@ -36,7 +36,12 @@ from fippure.data.pipeline import normalize, to_unit_range
 from fippure.data.sources import ImageDataset
 from fippure.data.splits import check_clean_set
 from fippure.errors import CheckpointError, InvalidInputError, NonFiniteLossError
-from fippure.models.contract import check_hashable, check_logits, check_train_keyword
+from fippure.models.contract import (
+    check_hashable,
+    check_logits,
+    check_train_keyword,
+    dropout_rngs,
+)
 from fippure.models.registry import Variables
 from fippure.purify.resume import Checkpointing, ProgressStore
 from fippure.step_inputs import all_finite, folded_keys, private_copy, step_guard
@@ -207,16 +212,20 @@ def validate_clean_set(
         )
     if not train:
         return
-    try:  # the defenses that train run it with no random streams
+    try:  # the defenses that train give it one random stream, 'dropout'
         jax.eval_shape(
-            lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, probe
+            lambda v, x: model.apply(
+                v, x, train=True, mutable=["batch_stats"], rngs=dropout_rngs(jax.random.key(0))
+            ),
+            variables,
+            probe,
         )
     except flax.errors.FlaxError as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise InvalidInputError(
-            "the model cannot run in train mode as the defenses run it, "
-            f"model.apply(variables, x, train=True, mutable=['batch_stats']) without rngs "
-            f"(Dropout needs a 'dropout' stream): {reason}"
+            "the model cannot run in train mode as the defenses run it, model.apply(variables, "
+            "x, train=True, mutable=['batch_stats'], rngs={'dropout': key}) (a 'dropout' "
+            f"stream is the only one they give): {reason}"
         ) from None
     except NameError as error:  # a BatchNorm that averages over a pmap/shard_map axis
         raise InvalidInputError(
@@ -549,18 +558,32 @@ def as_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
 
 
 def apply_model(
-    model: nn.Module, params: Any, batch_stats: Any, inputs: Array, train: bool
+    model: nn.Module,
+    params: Any,
+    batch_stats: Any,
+    inputs: Array,
+    train: bool,
+    key: PRNGKeyArray | None = None,
 ) -> tuple[Array, Any]:
-    """Logits and (in train mode) the re-estimated batch statistics."""
-    if train and batch_stats:
+    """Logits and (in train mode) the re-estimated batch statistics.
+
+    Train mode is the model's own: BatchNorm normalises with batch statistics and Dropout
+    drops, on the ``'dropout'`` stream folded from ``key`` (the step's key,
+    :func:`fippure.models.contract.dropout_rngs`). Eval mode reads no key.
+    """
+    if not train:
+        return model.apply(as_variables(params, batch_stats), inputs, train=False), batch_stats
+    rngs = {} if key is None else dropout_rngs(key)
+    if batch_stats:
         logits, updates = model.apply(
             {"params": params, "batch_stats": batch_stats},
             inputs,
             train=True,
             mutable=["batch_stats"],
+            rngs=rngs,
         )
         return logits, updates["batch_stats"]
-    return model.apply(as_variables(params, batch_stats), inputs, train=False), batch_stats
+    return model.apply({"params": params}, inputs, train=True, rngs=rngs), batch_stats
 
 
 def zeros_like_tree(tree: Any) -> Any:

@@ -198,9 +198,9 @@ class FactoredApply:
     model: nn.Module
     to_params: ShiftedParams
 
-    def __call__(self, t, frozen, stats, x, train):
+    def __call__(self, t, frozen, stats, x, train, key=None):
         with factored(frozen["factors"], self.to_params.shifts(t)):
-            return apply_model(self.model, self.to_params(t, frozen), stats, x, train)
+            return apply_model(self.model, self.to_params(t, frozen), stats, x, train, key)
 
 
 def batchnorm_affine(variables: Variables) -> dict:

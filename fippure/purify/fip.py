@@ -153,7 +153,9 @@ class FIPConfig:
             defaults; the trace is a per-example mean, so this adds variance, not bias).
         fisher_chunk: examples per vmapped chunk when computing Fbar.
         augment: random crop + flip of clean batches.
-        bn_train: BatchNorm in train mode for the CE term.
+        bn_train: the model in train mode for the CE term (BatchNorm on batch statistics;
+            Dropout, if any, drops on the step's ``'dropout'`` stream, with one mask shared
+            with a train-mode trace term).
         final_batch_stats: the BatchNorm running statistics returned: ``running`` (those the
             train-mode steps left, the paper's), ``recompute`` (re-estimated on D_v) or
             ``transfer`` (the original ones moved by the change measured on D_v; a fippure
@@ -266,38 +268,42 @@ class ParamsApply:
     model: nn.Module
     to_params: Callable[[Any, Any], Any]
 
-    def __call__(self, t, frozen, stats, x, train):
-        return apply_model(self.model, self.to_params(t, frozen), stats, x, train)
+    def __call__(self, t, frozen, stats, x, train, key=None):
+        return apply_model(self.model, self.to_params(t, frozen), stats, x, train, key)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Logits:
-    """``(frozen, stats, t, x) -> logits`` with BatchNorm in train mode or not."""
+    """``(frozen, stats, t, x, key) -> logits`` in train mode or not (``key``: the step's, for
+    the model's Dropout in train mode)."""
 
     apply_tunable: Callable[..., tuple[jax.Array, Any]]
     train: bool
 
-    def __call__(self, frozen, stats, t, x):
-        return self.apply_tunable(t, frozen, stats, x, self.train)[0]
+    def __call__(self, frozen, stats, t, x, key=None):
+        return self.apply_tunable(t, frozen, stats, x, self.train, key)[0]
 
 
 @dataclasses.dataclass(frozen=True)
 class _PerExampleLoss:
-    """``(frozen, stats, t, (x, y)) -> (n,)`` cross-entropies, for Fbar."""
+    """``(frozen, stats, t, (x, y)) -> (n,)`` cross-entropies, for Fbar (eval mode)."""
 
     logits: _Logits
 
-    def __call__(self, frozen, stats, t, batch):
+    def __call__(self, frozen, stats, t, batch, key=None):
         x, y = batch
-        return optax.softmax_cross_entropy_with_integer_labels(self.logits(frozen, stats, t, x), y)
+        logits = self.logits(frozen, stats, t, x, key)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
 
-def _trace_functions(logits: _Logits, frozen: Any, stats: Any) -> tuple[Callable, Callable]:
+def _trace_functions(
+    logits: _Logits, frozen: Any, stats: Any, key: Any = None
+) -> tuple[Callable, Callable]:
     """``(per_example_loss(t, (x, y)), logits_fn(t, x))`` for :func:`trace_term`, with the
-    frozen arrays and the batch statistics bound."""
+    frozen arrays, the batch statistics and the key of the model's Dropout bound."""
     return (
-        lambda t, batch: _PerExampleLoss(logits)(frozen, stats, t, batch),
-        lambda t, x: logits(frozen, stats, t, x),
+        lambda t, batch: _PerExampleLoss(logits)(frozen, stats, t, batch, key),
+        lambda t, x: logits(frozen, stats, t, x, key),
     )
 
 
@@ -355,15 +361,17 @@ def _fip_step(
     )
     logits_trace = _Logits(apply_tunable, config.trace_bn_train)
 
+    # in train mode the model's Dropout, if any, draws from the step's key: one mask for the
+    # cross-entropy and the trace term, the network whose Fisher the penalty measures
     def objective(t):
-        logits, new_stats = apply_tunable(t, frozen, stats, x, config.bn_train)
+        logits, new_stats = apply_tunable(t, frozen, stats, x, config.bn_train, key)
         ce = cross_entropy(logits, y)
         terms = {"ce": ce}
         loss = ce
         if program.with_trace:
             trace = trace_term(
                 config.trace_variant,
-                *_trace_functions(logits_trace, frozen, stats),
+                *_trace_functions(logits_trace, frozen, stats, key),
                 t,
                 (x, y),
                 trace_key,
@@ -414,9 +422,11 @@ def fisher_guided_purify(
     ``frozen`` is a pytree of arrays the parameters are built from but that are not trained
     (Fast FIP's singular vectors and original weights; ``None`` for FIP). It reaches the jitted
     functions as an argument, never as a compiled-in constant.
-    ``apply_tunable(tunable, frozen, batch_stats, inputs, train) -> (logits, batch_stats)``
-    evaluates the network inside the jitted steps and for Fbar and TrF0 (default:
-    ``model.apply`` with ``to_params(tunable, frozen)``); Fast FIP passes its factored form.
+    ``apply_tunable(tunable, frozen, batch_stats, inputs, train, key) -> (logits,
+    batch_stats)`` evaluates the network inside the jitted steps and for Fbar and TrF0
+    (default: :func:`fippure.purify.common.apply_model` with ``to_params(tunable, frozen)``,
+    which in train mode gives the model's Dropout the stream folded from ``key``; eval mode
+    passes ``key=None``); Fast FIP passes its factored form.
     ``to_params`` alone builds the returned, observed and checkpointed variables.
 
     The steps, the TrF0 estimate and the Fbar pass are compiled once per configuration and
@@ -601,7 +611,7 @@ def _trace_estimate(bound, t, batch, k, *, logits_fn, variant, num_probes, estim
     """One batch's trace term at ``t`` for TrF0 (``logits_fn(*bound, t, x)``, ``bound`` the
     frozen arrays and the batch statistics)."""
     return trace_term(
-        variant, *_trace_functions(logits_fn, *bound), t, batch, k, num_probes, estimator
+        variant, *_trace_functions(logits_fn, *bound, k), t, batch, k, num_probes, estimator
     )
 
 

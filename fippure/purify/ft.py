@@ -71,7 +71,8 @@ class FTConfig:
         weight_decay: coupled L2 weight decay.
         label_smoothing: of the cross-entropy (FT-SAM uses 0.1).
         augment: random crop + flip of clean batches.
-        bn_train: BatchNorm in train mode (statistics re-estimated on D_v).
+        bn_train: the model in train mode: BatchNorm re-estimates its statistics on D_v,
+            and Dropout, if any, drops (on the step's ``'dropout'`` stream).
         final_batch_stats: the BatchNorm running statistics returned: ``running`` (those the
             train-mode steps left), ``recompute`` (re-estimated on D_v) or ``transfer`` (the
             original ones moved by the change measured on D_v,
@@ -136,7 +137,7 @@ def _ft_step(carry, key, images, labels, scalars, *, model, config, batch_size, 
     x, y = sample_clean_batch(key, images, labels, batch_size, spec, config.augment)
 
     def loss_fn(p):
-        logits, new_stats = apply_model(model, p, stats, x, config.bn_train)
+        logits, new_stats = apply_model(model, p, stats, x, config.bn_train, key)
         return cross_entropy(logits, y, config.label_smoothing), new_stats
 
     if isinstance(config, FTSAMConfig):

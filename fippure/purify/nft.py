@@ -114,7 +114,8 @@ class NFTConfig:
         mixup_alpha: MixUp's Beta(alpha, alpha) parameter.
         mask_pattern: regular expression choosing the masked BatchNorms by module path.
         augment: random crop + flip before MixUp.
-        bn_train: BatchNorm in train mode (statistics re-estimated on D_v).
+        bn_train: the model in train mode: BatchNorm re-estimates its statistics on D_v,
+            and Dropout, if any, drops (on the step's ``'dropout'`` stream).
         final_batch_stats: the BatchNorm running statistics returned: ``running`` (an average
             over the last MixUp batches, the seed code's; **choice**), ``recompute`` (the mean
             statistics of ``stats_batches`` augmented clean batches without MixUp) or
@@ -193,11 +194,15 @@ def nft_objective(
     targets: jax.Array,
     l1_strength: jax.Array | float,
     bn_train: bool,
+    key: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[Any, jax.Array, jax.Array]]:
     """NFT's loss in the masks (SPEC section 4): the soft cross-entropy of the masked network
     on the MixUp batch plus ``l1_strength * sum |1 - m|`` (``l1_strength`` = eta / N_c);
-    returns ``(loss, (new batch_stats, cross-entropy, L1 norm))``."""
-    logits, new_stats = apply_model(model, apply_masks(params, masks), stats, x_mix, bn_train)
+    returns ``(loss, (new batch_stats, cross-entropy, L1 norm))``. In train mode the model's
+    Dropout, if any, draws from ``key`` (:func:`fippure.purify.common.apply_model`)."""
+    logits, new_stats = apply_model(
+        model, apply_masks(params, masks), stats, x_mix, bn_train, key
+    )
     mixup = soft_cross_entropy(logits, targets)
     l1 = sum(jnp.sum(jnp.abs(1.0 - leaf)) for leaf in jax.tree_util.tree_leaves(masks))
     return mixup + l1_strength * l1, (new_stats, mixup, l1)
@@ -230,7 +235,7 @@ def _nft_step(
     partner = jax.random.permutation(partner_key, x.shape[0])
     x_mix, targets = mixup_batch(x, y, lam, partner, num_classes)
     (loss, (new_stats, mixup, l1)), grads = jax.value_and_grad(nft_objective, has_aux=True)(
-        masks, model, params, stats, x_mix, targets, l1_strength, config.bn_train
+        masks, model, params, stats, x_mix, targets, l1_strength, config.bn_train, key
     )
     updates, opt_state = _optimizer(config, floors).update(grads, opt_state, masks)
     masks = optax.apply_updates(masks, updates)

@@ -255,3 +255,81 @@ def test_nft_counts_its_layers_in_the_order_the_network_calls_them(clean_set):
     masks = report.artifacts["masks"]
     for depth, name in enumerate(("z_first", "m_second", "a_third"), start=1):
         assert float(masks[name].min()) == pytest.approx(mask_floor(depth), rel=1e-6), name
+
+
+class WithDropout(nn.Module):
+    """Dropout before a BatchNorm and before the head, as in a VGG's classifier (BackdoorBench's
+    VGG-19-BN has two); ``rate=0`` is the same network without it."""
+
+    rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dropout(self.rate, deterministic=not train)(nn.Conv(4, (3, 3))(x))
+        features = nn.relu(nn.BatchNorm(use_running_average=not train)(x)).mean((1, 2))
+        self.sow("intermediates", FEATURES, features)
+        return nn.Dense(10, name="head")(nn.Dropout(self.rate, deterministic=not train)(features))
+
+
+def _leaves(variables):
+    return jax.tree_util.tree_leaves(variables)
+
+
+@pytest.mark.parametrize("defense", DEFENSES)
+def test_a_model_with_dropout_is_purified_with_dropout_on_in_train_mode(clean_set, defense):
+    """Every defense had refused a model with Dropout (no 'dropout' stream). The train-mode
+    steps now drop, on a stream folded from the step's key: the run differs from the same
+    network without Dropout and repeats under the same key. NGF runs the model in eval mode,
+    where Dropout is the identity."""
+    variables = _variables(WithDropout(), clean_set)
+    dropped, _ = _purify(defense, WithDropout(), variables, clean_set)
+    again, _ = _purify(defense, WithDropout(), variables, clean_set)
+    without, _ = _purify(defense, WithDropout(rate=0.0), variables, clean_set)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in _leaves(dropped))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, dropped, again)
+    same = all(np.array_equal(a, b) for a, b in zip(_leaves(dropped), _leaves(without)))
+    assert same == (defense == "ngf")
+
+
+@pytest.mark.parametrize("defense", ["ft", "nft"])
+def test_dropout_is_off_when_the_defense_runs_the_model_in_eval_mode(clean_set, defense):
+    variables = _variables(WithDropout(), clean_set)
+    config = make_config(
+        defense,
+        {"steps": "2", "batch_size": "8", "bn_train": "false"}
+        | ({"mask_pattern": "BatchNorm_0"} if defense == "nft" else {}),
+    )
+    runs = [
+        get_defense(defense).purify(
+            model, variables, clean_set, config, jax.random.key(0), progress=False
+        )[0]
+        for model in (WithDropout(), WithDropout(rate=0.0))
+    ]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, *runs)
+
+
+def test_recomputed_batch_statistics_see_the_dropout_of_training(clean_set):
+    from fippure.purify import recompute_batch_stats
+
+    variables = _variables(WithDropout(), clean_set)
+    key = jax.random.key(1)
+    dropped = recompute_batch_stats(WithDropout(), variables, clean_set, key, batches=3)
+    without = recompute_batch_stats(WithDropout(rate=0.0), variables, clean_set, key, batches=3)
+    var = dropped["batch_stats"]["BatchNorm_0"]["var"]
+    assert bool(jnp.all(jnp.isfinite(var)))
+    # inverted dropout at rate 1/2 scales kept activations by 2: the variance grows
+    assert float(var.mean()) > 1.5 * float(without["batch_stats"]["BatchNorm_0"]["var"].mean())
+
+
+def test_training_a_model_with_dropout_drops(clean_set):
+    from fippure.training import TrainConfig, train
+
+    variables = _variables(WithDropout(), clean_set)
+    config = TrainConfig(epochs=1, batch_size=8, learning_rate=0.1, augment=False)
+    dropped, _ = train(WithDropout(), clean_set, config, variables=variables, progress=False)
+    without, _ = train(WithDropout(0.0), clean_set, config, variables=variables, progress=False)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in _leaves(dropped))
+    assert not np.array_equal(
+        dropped["params"]["head"]["kernel"], without["params"]["head"]["kernel"]
+    )
+
