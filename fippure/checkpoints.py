@@ -305,6 +305,7 @@ class ProgressDirectory:
             elif isinstance(leaf, np.ndarray):
                 value = np.array(value)
             values.append(value)
+        values = placed_like(leaves, values)
         return int(step), jax.tree_util.tree_unflatten(treedef, values), list(restored.log)
 
     def due(self, done: int, stop: int) -> bool:
@@ -333,6 +334,26 @@ def _leaf_name(index: int) -> str:
 
 def _host_or_device(leaf: Any) -> Any:
     return leaf if isinstance(leaf, np.ndarray) else jnp.asarray(leaf)
+
+
+def placed_like(template: Any, restored: Any) -> Any:
+    """``restored`` (a tree orbax restored on ``template``) with each JAX array placed as its
+    template leaf was.
+
+    Orbax commits every array it restores to its template leaf's device. A carry mixes
+    committed arrays (weights a user put on device 2, or replicated) with uncommitted ones
+    (optax's counts, a fresh step counter: made on the default device, free to follow the
+    arrays they meet); restored all committed, the two placements could not enter one jitted
+    step. The leaves whose template was uncommitted come back uncommitted (through the host,
+    once per resume).
+    """
+
+    def place(leaf, value):
+        if isinstance(leaf, jax.Array) and not leaf.committed and isinstance(value, jax.Array):
+            return jnp.asarray(np.asarray(value))
+        return value
+
+    return jax.tree_util.tree_map(place, template, restored)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jaxtyping import Array
 
-from fippure.checkpoints import write_json_atomically
+from fippure.checkpoints import placed_like, write_json_atomically
 
 #: Saves whose records the file keeps, and checkpoints the manager keeps: the latest, and the
 #: finished one before it.
@@ -105,11 +105,12 @@ def checkpoint_manager(workdir: str | pathlib.Path) -> ocp.CheckpointManager:
 
 
 def restore_latest(manager: ocp.CheckpointManager, tree: Any) -> tuple[Any, int]:
-    """``(tree restored from the last finished checkpoint, its step)``, or ``(tree, 0)``."""
+    """``(tree restored from the last finished checkpoint, its step)``, or ``(tree, 0)``; each
+    array placed as its leaf in ``tree`` is (:func:`fippure.checkpoints.placed_like`)."""
     step = manager.latest_step()
     if step is None:
         return tree, 0
-    return manager.restore(step, args=ocp.args.StandardRestore(tree)), int(step)
+    return placed_like(tree, manager.restore(step, args=ocp.args.StandardRestore(tree))), int(step)
 
 
 def save_progress(

@@ -1,0 +1,112 @@
+"""Arrays a user placed on a device other than the default one (or replicated over several):
+resumed runs put their state back where it was. The multi-device cases run in a subprocess with
+two CPU devices (``--xla_force_host_platform_device_count``), which must be set before JAX
+starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fippure.checkpoints import placed_like
+
+
+def test_restored_leaves_come_back_committed_only_where_their_template_was():
+    device = jax.devices()[0]
+    template = {"weights": jax.device_put(jnp.ones(3), device), "count": jnp.zeros((), jnp.int32)}
+    restored = jax.device_put({"weights": jnp.full(3, 2.0), "count": jnp.int32(7)}, device)
+    assert restored["count"].committed  # as orbax gives them back
+    placed = placed_like(template, restored)
+    assert placed["weights"].committed and not placed["count"].committed
+    np.testing.assert_array_equal(placed["weights"], restored["weights"])
+    assert int(placed["count"]) == 7
+
+
+_RESUME_ON_ANOTHER_DEVICE = """
+import shutil, sys
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from fippure.data.catalog import get_spec
+from fippure.data.sources import ImageDataset
+from fippure.models import create_model, init_variables
+from fippure.purify import Checkpointing, get_defense, make_config
+from fippure.training import TrainConfig, train
+
+assert len(jax.devices()) == 2
+out = sys.argv[1]
+rng = np.random.default_rng(0)
+clean = ImageDataset(
+    rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8), np.arange(40, dtype=np.int32) % 10,
+    get_spec("digits"), "clean",
+)
+model = create_model("small_cnn", 10, width=4)
+host = jax.tree_util.tree_map(np.asarray, init_variables(model, jax.random.key(1), (8, 8, 1)))
+mesh = Mesh(np.array(jax.devices()), ("batch",))
+placements = {"device 1": jax.devices()[1], "replicated": NamedSharding(mesh, PartitionSpec())}
+
+def where(tree):
+    return {tuple(sorted(d.id for d in x.devices())) for x in jax.tree_util.tree_leaves(tree)}
+
+class Killed(Exception):
+    pass
+
+def kill_after_three(done, _):
+    if done == 3:
+        raise Killed
+
+for name, placement in placements.items():
+    variables = jax.device_put(host, placement)
+    expected = where(variables)
+    for defense in ("ft",):
+        config = make_config(defense, {"steps": 4, "batch_size": 16, "log_every": 1}
+                             | ({"mask_pattern": "^bn\\\\d+$"} if defense == "nft" else {}))
+        whole, _ = get_defense(defense).purify(model, variables, clean, config, 0, progress=False)
+        progress = f"{out}/{defense}_{name}"
+        try:
+            get_defense(defense).purify(
+                model, variables, clean, config, 0, progress=False, observer=kill_after_three,
+                observe_every=1, checkpointing=Checkpointing(progress, every=2),
+            )
+        except Killed:
+            pass
+        resumed, report = get_defense(defense).purify(
+            model, variables, clean, config, 0, progress=False,
+            checkpointing=Checkpointing(progress, every=2),
+        )
+        assert report.resumed_from_step == 2, report.resumed_from_step
+        assert where(resumed) == expected, (defense, name, where(resumed))
+        jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, whole)
+    config = TrainConfig(epochs=1, batch_size=8, checkpoint_every=2, eval_every=1)
+    whole, _ = train(model, clean, config, variables=variables, progress=False)
+    workdir = f"{out}/train_{name}"
+    train(model, clean, config, variables=variables, workdir=workdir, progress=False,
+          stop_after_steps=2)
+    resumed, report = train(model, clean, config, variables=variables, workdir=workdir,
+                            progress=False)
+    assert report.resumed_from_step == 2 and where(resumed) == expected, name
+    jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, whole)
+print("ok")
+"""
+
+
+def test_a_run_on_another_device_or_replicated_resumes_there(tmp_path):
+    """Orbax had restored optax's counts and the step counter committed to the default device
+    next to weights on device 1: every resumed defense and training run failed with
+    'incompatible devices for jitted computation'."""
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+    script = textwrap.dedent(_RESUME_ON_ANOTHER_DEVICE)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")
