@@ -108,11 +108,11 @@ class BPP(Attack):
             draw_key, pick_key = jax.random.split(key)
             squeezed = self.trigger(state, images)
             poisoned = is_poisoned[rows]
-            negative = ~poisoned & jax.random.bernoulli(draw_key, probability, poisoned.shape)
+            negative = ~poisoned & jax.random.bernoulli(draw_key, jnp.float32(probability), poisoned.shape)
             if images.shape[0] == 1:  # no other image to lend a residual: a roll would return
                 negative = jnp.zeros_like(negative)  # its own, a poisoned image labelled clean
             # another image of the batch lends its residual (a random non-zero shift)
-            shift = jax.random.randint(pick_key, (), 1, max(2, images.shape[0]))
+            shift = jax.random.randint(pick_key, (), 1, max(2, images.shape[0]), jnp.int32)
             residual = jnp.roll(squeezed - images, shift, axis=0)
             negatives = jnp.clip(images + residual, 0.0, 1.0)
             out = jnp.where(negative[:, None, None, None], negatives, images)

@@ -97,7 +97,7 @@ class ISSBA(Attack):
         bits = jnp.zeros((1, self.num_bits), jnp.float32)
         encoder = self._encoder(spec.image_shape[-1])
         return {
-            "code": jax.random.bernoulli(code_key, 0.5, (self.num_bits,)).astype(jnp.float32),
+            "code": jax.random.bernoulli(code_key, jnp.float32(0.5), (self.num_bits,)).astype(jnp.float32),
             "encoder": encoder.init(encoder_key, images, bits)["params"],
             "decoder": StegaDecoder(self.num_bits).init(decoder_key, images)["params"],
         }
@@ -174,9 +174,9 @@ class ISSBA(Attack):
             ramp = jnp.clip(
                 i.astype(jnp.float32) / (self.ramp_fraction * self.fit_steps + 1.0), 0.0, 1.0
             )
-            rows = jax.random.randint(rows_key, (batch_size,), 0, n)
+            rows = jax.random.randint(rows_key, (batch_size,), 0, n, jnp.int32)
             x = to_unit_range(images[rows])
-            bits = jax.random.bernoulli(bits_key, 0.5, (batch_size, self.num_bits))
+            bits = jax.random.bernoulli(bits_key, jnp.float32(0.5), (batch_size, self.num_bits))
             noise = jax.random.normal(noise_key, x.shape, x.dtype)
             grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
             (loss, (bit_loss, accuracy)), grads = grad_fn(

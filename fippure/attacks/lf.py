@@ -178,7 +178,7 @@ class LF(Attack):
         @jax.jit
         def step(coarse, opt_state, variables, key, i, images, targets):
             rows = jax.random.randint(
-                jax.random.fold_in(key, i), (self.batch_size,), 0, images.shape[0]
+                jax.random.fold_in(key, i), (self.batch_size,), 0, images.shape[0], jnp.int32
             )
             grads, hit = jax.grad(loss_fn, has_aux=True)(
                 coarse, variables, images[rows], targets[rows]

@@ -48,7 +48,7 @@ class Trojan(Attack):
                 f"a {self.size}x{self.size} trojan patch with margin {self.margin} does not fit "
                 f"{h}x{w} images"
             )
-        pattern = jax.random.bernoulli(key, 0.5, (self.size, self.size, c))
+        pattern = jax.random.bernoulli(key, jnp.float32(0.5), (self.size, self.size, c))
         return {"pattern": pattern.astype(jnp.float32)}
 
     def region(self, height: int, width: int) -> tuple[slice, slice]:

@@ -51,7 +51,7 @@ from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from fippure.curvature.probes import rademacher_like, tree_dot, tree_norm
+from fippure.curvature.probes import rademacher, rademacher_like, tree_dot, tree_norm
 from fippure.curvature.products import Operator
 from fippure.errors import InvalidInputError, is_concrete, require
 from fippure.step_inputs import device_indices, step_guard
@@ -120,7 +120,7 @@ def _lanczos_step(matvec, unravel, key, state: _LanczosState, i, vector_dtype) -
     broken = beta <= tol
 
     def restart():
-        fresh = jax.random.rademacher(jax.random.fold_in(key, i), w.shape, dtype=w.dtype)
+        fresh = rademacher(jax.random.fold_in(key, i), w.shape, w.dtype)
         fresh = _orthogonalise(basis, fresh)
         return fresh / jnp.linalg.norm(fresh)
 
@@ -196,7 +196,7 @@ def lanczos(
     # at least float32: bfloat16 Gram-Schmidt is meaningless and eigh has no bfloat16 kernel
     dtype = jnp.promote_types(flat_like.dtype, jnp.float32)
     start_key, restart_key = jax.random.split(key)
-    start = jax.random.rademacher(start_key, (dim,), dtype=dtype) / jnp.sqrt(dim).astype(dtype)
+    start = rademacher(start_key, (dim,), dtype) / jnp.sqrt(dim).astype(dtype)
     state = _LanczosState(
         basis=jnp.zeros((num_iters, dim), dtype).at[0].set(start),
         alphas=jnp.zeros((num_iters,), dtype),

@@ -40,11 +40,16 @@ def rademacher_like(key: PRNGKeyArray, tree: PyTree) -> PyTree:
                 f"has dtype {leaf.dtype}: keep integer state (step counters) out of the params"
             )
     keys = jax.random.split(key, max(len(leaves), 1))
-    probes = [
-        jax.random.rademacher(k, leaf.shape, dtype=leaf.dtype)
-        for k, leaf in zip(keys, leaves, strict=False)
-    ]
+    probes = [rademacher(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves, strict=False)]
     return jax.tree_util.tree_unflatten(treedef, probes)
+
+
+def rademacher(key: PRNGKeyArray, shape: tuple[int, ...], dtype: Any) -> Array:
+    """Independent +-1 entries of ``dtype``: :func:`jax.random.rademacher`'s draws, with its
+    coin pinned to float32, so that a key gives the same probe whether or not
+    ``jax_enable_x64`` is on (jax's own flips a default-dtype coin, float64 under x64)."""
+    heads = jax.random.bernoulli(key, jnp.float32(0.5), shape).astype(dtype)
+    return (2 * heads - 1).astype(dtype)
 
 
 def tree_dot(a: PyTree, b: PyTree) -> Float[Array, ""]:

@@ -44,10 +44,11 @@ def random_crop(
         return images
     b, h, w, c = images.shape
     padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    offsets = jax.random.randint(key, (b, 2), 0, 2 * padding + 1)
+    # int32 offsets whether or not jax_enable_x64 is on (an int64 draw takes other bits)
+    offsets = jax.random.randint(key, (b, 2), 0, 2 * padding + 1, jnp.int32)
 
     def crop(image, offset):
-        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1], jnp.int32(0)), (h, w, c))
 
     return jax.vmap(crop)(padded, offsets)
 
@@ -66,7 +67,7 @@ def random_flip(key: PRNGKeyArray, images: Float[Array, "b h w c"]) -> Float[Arr
         InvalidInputError: input that is not a rank-4 batch.
     """
     _check_batch(images, "random_flip")
-    flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
+    flip = jax.random.bernoulli(key, jnp.float32(0.5), (images.shape[0], 1, 1, 1))
     return jnp.where(flip, images[:, :, ::-1, :], images)
 
 
