@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.tree_util import Partial
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from fippure.curvature.probes import map_probes, rademacher_like
+from fippure.curvature.probes import map_probes, rademacher_like, widened
 from fippure.curvature.products import LogitsFn, PerExampleLossFn, check_per_example_losses
 from fippure.errors import InvalidInputError
 
@@ -72,7 +72,7 @@ def empirical_fisher_trace(
     check_per_example_losses(losses, "empirical_fisher_trace")
 
     def one(probe_key):
-        return jnp.mean(jvp_fn(rademacher_like(probe_key, params)) ** 2)
+        return jnp.mean(widened(jvp_fn(rademacher_like(probe_key, params))) ** 2)
 
     return jnp.mean(map_probes(one, key, num_probes, vmap_probes))
 
@@ -117,9 +117,8 @@ def per_example_fisher_trace(
     )
 
     grads = _per_example_gradients(per_example_loss_fn, params, batch)
-    squares = sum(
-        jnp.sum((g * g).reshape(g.shape[0], -1), axis=1) for g in jax.tree_util.tree_leaves(grads)
-    )
+    wide = [widened(g) for g in jax.tree_util.tree_leaves(grads)]
+    squares = sum(jnp.sum((g * g).reshape(g.shape[0], -1), axis=1) for g in wide)
     return jnp.mean(squares)
 
 
@@ -158,13 +157,16 @@ def true_fisher_trace(
         The scalar estimate.
     """
     logits, jvp_fn = jax.linearize(lambda p: logits_fn(p, batch), params)
+    # in at least float32: bfloat16 Gumbel noise undersamples the unlikely labels (a trace
+    # 12% low), and float16 squares overflow
+    logits = widened(logits)
     probs = jax.nn.softmax(logits, axis=-1)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     frozen = jax.lax.stop_gradient(logits)
 
     def one(probe_key):
         direction_key, label_key = jax.random.split(probe_key)
-        tangents = jvp_fn(rademacher_like(direction_key, params))
+        tangents = widened(jvp_fn(rademacher_like(direction_key, params)))
         labels = jax.random.categorical(label_key, frozen)
         picked = jnp.take_along_axis(tangents, labels[..., None], axis=-1)[..., 0]
         squares = (picked - jnp.sum(probs * tangents, axis=-1)) ** 2

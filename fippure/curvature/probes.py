@@ -52,6 +52,12 @@ def rademacher(key: PRNGKeyArray, shape: tuple[int, ...], dtype: Any) -> Array:
     return (2 * heads - 1).astype(dtype)
 
 
+def widened(x: Array) -> Array:
+    """``x`` in at least float32: squares and sums of bfloat16 or float16 products (a float16
+    square overflows past 256) are taken there, as :func:`tree_dot` takes its sums."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def tree_dot(a: PyTree, b: PyTree) -> Float[Array, ""]:
     """``<a, b>``: the sum over all leaves of the elementwise products; floating leaves are
     accumulated and returned in at least float32 (a bfloat16 sum of 1e5 ones read 99840).

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from fippure.curvature.probes import map_probes, rademacher_like, tree_dot
+from fippure.curvature.probes import map_probes, rademacher_like, tree_dot, widened
 from fippure.curvature.products import LogitsFn, Operator
 from fippure.tree_checks import check_operator
 
@@ -150,10 +150,10 @@ def ggn_trace_samples(
         ``(num_probes,)`` array.
     """
     logits, jvp_fn = jax.linearize(lambda p: logits_fn(p, batch), params)
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jax.nn.softmax(widened(logits), axis=-1)
 
     def one(probe_key):
-        u = jvp_fn(rademacher_like(probe_key, params))
+        u = widened(jvp_fn(rademacher_like(probe_key, params)))
         # the variance of u under p, centred before squaring: E[u^2] - E[u]^2 cancels
         # catastrophically at confident predictions (0 in float32 once 1 - max p < 1e-8)
         centred = u - jnp.sum(probs * u, axis=-1, keepdims=True)
