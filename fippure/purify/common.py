@@ -569,7 +569,9 @@ def apply_model(
 
     Train mode is the model's own: BatchNorm normalises with batch statistics and Dropout
     drops, on the ``'dropout'`` stream folded from ``key`` (the step's key,
-    :func:`fippure.models.contract.dropout_rngs`). Eval mode reads no key.
+    :func:`fippure.models.contract.dropout_rngs`). Eval mode reads no key. The statistics
+    keep their dtypes (Flax blends a float32 batch mean into bfloat16 running statistics and
+    returns float32).
     """
     if not train:
         return model.apply(as_variables(params, batch_stats), inputs, train=False), batch_stats
@@ -582,7 +584,9 @@ def apply_model(
             mutable=["batch_stats"],
             rngs=rngs,
         )
-        return logits, updates["batch_stats"]
+        new, treedef = jax.tree_util.tree_flatten(updates["batch_stats"])
+        dtypes = [old.dtype for old in jax.tree_util.tree_leaves(batch_stats)]
+        return logits, treedef.unflatten([x.astype(d) for x, d in zip(new, dtypes, strict=True)])
     return model.apply({"params": params}, inputs, train=True, rngs=rngs), batch_stats
 
 

@@ -193,3 +193,21 @@ def test_compile_key_drops_only_the_hoisted_fields():
     assert compile_key(FTConfig(steps=11), "learning_rate") != a  # other fields still count
     with pytest.raises(InvalidInputError, match="no field learning_rte"):
         compile_key(FTConfig(), "learning_rte")
+
+
+@pytest.mark.parametrize("name", ["ft", "nft", "fip"])
+def test_bfloat16_variables_keep_their_dtypes_and_the_step_compiles_once(model_and_data, name):
+    """Flax blends a float32 batch mean into bfloat16 running statistics: they had come back
+    float32, and the carry's changed dtype compiled the step a second time after step 1."""
+    from fippure.purify import fip, ft, nft
+
+    model, variables, clean = model_and_data
+    low = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), variables)
+    step = {"ft": ft._ft_step, "nft": nft._nft_step, "fip": fip._fip_step}[name]
+    before = step._cache_size()
+    config = registry.make_config(name, {"steps": 3, "batch_size": 16, **SETTINGS[name]})
+    purified, _ = registry.get_defense(name).purify(
+        model, low, clean, config, jax.random.key(0), progress=False
+    )
+    assert {x.dtype for x in jax.tree_util.tree_leaves(purified)} == {jnp.dtype(jnp.bfloat16)}
+    assert step._cache_size() == before + 1
