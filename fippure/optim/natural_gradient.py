@@ -225,13 +225,22 @@ def natural_gradient(
             check_fits(diagonal, updates, "diagonal", "natural_gradient")
         check_operator(fvp_fn, updates, "natural_gradient (fvp_fn)")
 
+        # solved in at least float32, as the dense factor is kept: fvp_fn sees vectors in the
+        # parameters' dtype, and a float32 diagonal may steer bfloat16 parameters
+        def wide(tree):
+            return jax.tree_util.tree_map(
+                lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree
+            )
+
         def damped(v):
-            fv = fvp_fn(v)
+            fv = wide(fvp_fn(jax.tree_util.tree_map(lambda x, u: x.astype(u.dtype), v, updates)))
             if diagonal is not None:
-                fv = jax.tree_util.tree_map(lambda a, d, b: a + d * b, fv, diagonal, v)
+                fv = jax.tree_util.tree_map(
+                    lambda a, d, b: a + d.astype(a.dtype) * b, fv, diagonal, v
+                )
             return jax.tree_util.tree_map(lambda a, b: a + damping * b, fv, v)
 
-        solution, _ = jsp.sparse.linalg.cg(damped, updates, tol=cg_tol, maxiter=cg_maxiter)
+        solution, _ = jsp.sparse.linalg.cg(damped, wide(updates), tol=cg_tol, maxiter=cg_maxiter)
         solution = jax.tree_util.tree_map(lambda s, u: s.astype(u.dtype), solution, updates)
         return solution, state._replace(count=optax.safe_increment(state.count))
 

@@ -235,6 +235,33 @@ def test_cg_mode_adds_the_diagonal_to_the_damped_fisher():
     )
 
 
+def test_cg_mode_solves_a_bfloat16_head_with_a_float32_diagonal_in_float32():
+    """The docstring's own use, a float32 ``eta_r * Fbar`` steering bfloat16 parameters, had
+    failed inside CG's while_loop (a bfloat16 carry came back float32)."""
+    params = {"kernel": jnp.ones((4, 3), jnp.bfloat16), "bias": jnp.zeros((3,), jnp.bfloat16)}
+    diagonal = jax.tree_util.tree_map(lambda p: jnp.full(p.shape, 0.5, jnp.float32), params)
+    grads = jax.tree_util.tree_map(lambda p: jnp.linspace(-1, 1, p.size).reshape(p.shape), params)
+    tx = natural_gradient(0.1, "cg", diagonal=diagonal, cg_tol=1e-6)
+    seen = []
+
+    def fvp_fn(v):  # F = 2 I
+        seen.append({x.dtype for x in jax.tree_util.tree_leaves(v)})
+        return jax.tree_util.tree_map(lambda x: 2 * x, v)
+
+    low = jax.tree_util.tree_map(lambda g: g.astype(jnp.bfloat16), grads)
+    step, _ = tx.update(low, tx.init(params), params, fvp_fn=fvp_fn)
+    assert seen[0] == {jnp.dtype(jnp.bfloat16)}  # fvp_fn sees the parameters' dtype
+    assert {x.dtype for x in jax.tree_util.tree_leaves(step)} == {jnp.dtype(jnp.bfloat16)}
+    expected = jax.tree_util.tree_map(lambda g: g.astype(jnp.bfloat16) / 2.6, grads)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-2
+        ),
+        step,
+        expected,
+    )
+
+
 def test_a_negative_or_misshaped_diagonal_is_refused():
     params, features, labels = problem(7)
     grads = jax.grad(loss_fn)(params, features, labels)
