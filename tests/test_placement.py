@@ -1,7 +1,7 @@
 """Arrays a user placed on a device other than the default one, replicated over several, or
-split over them: resumed runs put their state back where it was, and estimates do not change. The multi-device cases run in a subprocess with
-two CPU devices (``--xla_force_host_platform_device_count``), which must be set before JAX
-starts."""
+split over them: resumed runs put their state back where it was, and estimates do not change.
+The multi-device cases run in a subprocess with two CPU devices
+(``--xla_force_host_platform_device_count``), which must be set before JAX starts."""
 
 from __future__ import annotations
 

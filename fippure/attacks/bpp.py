@@ -108,7 +108,9 @@ class BPP(Attack):
             draw_key, pick_key = jax.random.split(key)
             squeezed = self.trigger(state, images)
             poisoned = is_poisoned[rows]
-            negative = ~poisoned & jax.random.bernoulli(draw_key, jnp.float32(probability), poisoned.shape)
+            negative = ~poisoned & jax.random.bernoulli(
+                draw_key, jnp.float32(probability), poisoned.shape
+            )
             if images.shape[0] == 1:  # no other image to lend a residual: a roll would return
                 negative = jnp.zeros_like(negative)  # its own, a poisoned image labelled clean
             # another image of the batch lends its residual (a random non-zero shift)

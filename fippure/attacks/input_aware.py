@@ -228,7 +228,9 @@ class InputAware(Attack):
             cross_key, augment_key = jax.random.split(key)
             x, y, rows = batch(images, labels, permutation, index)
             poisoned = is_poisoned[rows]
-            cross = ~poisoned & jax.random.bernoulli(cross_key, jnp.float32(self.p_cross), poisoned.shape)
+            cross = ~poisoned & jax.random.bernoulli(
+                cross_key, jnp.float32(self.p_cross), poisoned.shape
+            )
             y = jnp.where(poisoned, poison_label[rows], y)
             masks = jax.lax.stop_gradient(self.masks({"mask": carry["mask"]}, x))
             clean_inputs = normalize(x, spec)

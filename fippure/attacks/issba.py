@@ -97,7 +97,9 @@ class ISSBA(Attack):
         bits = jnp.zeros((1, self.num_bits), jnp.float32)
         encoder = self._encoder(spec.image_shape[-1])
         return {
-            "code": jax.random.bernoulli(code_key, jnp.float32(0.5), (self.num_bits,)).astype(jnp.float32),
+            "code": jax.random.bernoulli(code_key, jnp.float32(0.5), (self.num_bits,)).astype(
+                jnp.float32
+            ),
             "encoder": encoder.init(encoder_key, images, bits)["params"],
             "decoder": StegaDecoder(self.num_bits).init(decoder_key, images)["params"],
         }

@@ -131,7 +131,9 @@ class WaNet(Attack):
         def transform(key, images, labels, rows):
             draw_key, noise_key = jax.random.split(key)
             poisoned = is_poisoned[rows]
-            crossed = ~poisoned & jax.random.bernoulli(draw_key, jnp.float32(probability), poisoned.shape)
+            crossed = ~poisoned & jax.random.bernoulli(
+                draw_key, jnp.float32(probability), poisoned.shape
+            )
             out = jnp.where(
                 crossed[:, None, None, None], self.cross(state, images, noise_key), images
             )

@@ -200,9 +200,7 @@ def nft_objective(
     on the MixUp batch plus ``l1_strength * sum |1 - m|`` (``l1_strength`` = eta / N_c);
     returns ``(loss, (new batch_stats, cross-entropy, L1 norm))``. In train mode the model's
     Dropout, if any, draws from ``key`` (:func:`fippure.purify.common.apply_model`)."""
-    logits, new_stats = apply_model(
-        model, apply_masks(params, masks), stats, x_mix, bn_train, key
-    )
+    logits, new_stats = apply_model(model, apply_masks(params, masks), stats, x_mix, bn_train, key)
     mixup = soft_cross_entropy(logits, targets)
     l1 = sum(jnp.sum(jnp.abs(1.0 - leaf)) for leaf in jax.tree_util.tree_leaves(masks))
     return mixup + l1_strength * l1, (new_stats, mixup, l1)

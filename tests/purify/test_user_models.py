@@ -287,7 +287,9 @@ def test_a_model_with_dropout_is_purified_with_dropout_on_in_train_mode(clean_se
     without, _ = _purify(defense, WithDropout(rate=0.0), variables, clean_set)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in _leaves(dropped))
     jax.tree_util.tree_map(np.testing.assert_array_equal, dropped, again)
-    same = all(np.array_equal(a, b) for a, b in zip(_leaves(dropped), _leaves(without)))
+    same = all(
+        np.array_equal(a, b) for a, b in zip(_leaves(dropped), _leaves(without), strict=True)
+    )
     assert same == (defense == "ngf")
 
 
@@ -332,4 +334,3 @@ def test_training_a_model_with_dropout_drops(clean_set):
     assert not np.array_equal(
         dropped["params"]["head"]["kernel"], without["params"]["head"]["kernel"]
     )
-
