@@ -274,16 +274,27 @@ def penultimate_features(
         InvalidInputError: a model that does not record them, or ``variables`` that do not fit
             ``model``.
     """
+    return features_and_logits(model, variables, inputs, train)[0]
+
+
+def features_and_logits(
+    model: nn.Module, variables: Variables, inputs: Float[Array, "b h w c"], train: bool = False
+) -> tuple[Float[Array, "b d"], Any]:
+    """:func:`penultimate_features` and the model's output, from one forward pass.
+
+    Raises:
+        InvalidInputError: as :func:`penultimate_features`.
+    """
     mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
     with variables_must_fit(model):
-        _, state = model.apply(variables, inputs, train=train, mutable=mutable)
+        output, state = model.apply(variables, inputs, train=train, mutable=mutable)
     recorded = state.get("intermediates", {}).get(FEATURES)
     if recorded is None:
         raise InvalidInputError(
             f"{type(model).__name__} does not record its head's inputs; sow them before the "
             f"head with self.sow('intermediates', {FEATURES!r}, h), as fippure's models do"
         )
-    return recorded[0]
+    return recorded[0], output
 
 
 def module_call_order(

@@ -60,9 +60,8 @@ from fippure.curvature.products import make_ggn_operator
 from fippure.data.pipeline import normalize, to_unit_range
 from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError
-from fippure.inference import predict_logits
 from fippure.losses import cross_entropy
-from fippure.models.registry import Variables, penultimate_features
+from fippure.models.registry import Variables, features_and_logits
 from fippure.optim.anchor import anchor_penalty, fisher_anchor
 from fippure.optim.natural_gradient import natural_gradient
 from fippure.purify.common import (
@@ -168,21 +167,26 @@ def _set(params, path, value):
     return params
 
 
-def _check_head_gives_the_logits(model, variables, head, features, images, spec) -> None:
+def _check_head_gives_the_logits(model, variables, head, features, logits) -> None:
     """The dense solver trains ``head`` on the sown features as if its outputs were the
     model's logits. One line where they are not (a layer after the head, a temperature, a
     normalisation between the sown features and the head): NGF would silently minimise
-    another network's loss."""
+    another network's loss. ``features`` and ``logits`` come from one forward pass, so only
+    the head's own rounding separates them, in the least precise of the model's compute
+    dtype, the features, the head and the BatchNorm statistics."""
     if jnp.ndim(features) != 2 or jnp.shape(features)[1] != jnp.shape(head["kernel"])[0]:
         raise InvalidInputError(
             f"NGF's dense solver needs the sown features to be the head's (n, "
             f"{jnp.shape(head['kernel'])[0]}) inputs, got {jnp.shape(features)}; use solver=cg"
         )
-    logits = predict_logits(model, variables, images, spec)
+    logits = np.asarray(logits, np.float32)
     from_head = np.asarray(_head_logits(head, None, features), np.float32)
-    # the model may compute in bfloat16: its own rounding, not another network
-    compute = getattr(model, "dtype", None) or jnp.result_type(features)
-    tolerance = max(1e-3, 8 * float(jnp.finfo(compute).eps))
+    dtypes = {jnp.result_type(features), jnp.result_type(head["kernel"])}
+    dtypes |= {jnp.result_type(x) for x in jax.tree_util.tree_leaves(variables.get("batch_stats"))}
+    if getattr(model, "dtype", None) is not None:
+        dtypes.add(jnp.dtype(model.dtype))
+    eps = max(float(jnp.finfo(d).eps) for d in dtypes if jnp.issubdtype(d, jnp.floating))
+    tolerance = max(1e-3, 8 * eps)
     if from_head.shape != logits.shape or not np.allclose(
         from_head, logits, rtol=tolerance, atol=tolerance * max(1.0, np.abs(logits).max())
     ):
@@ -332,12 +336,12 @@ def purify(
     # shares it.
     if solver == "dense":
         try:
-            features = penultimate_features(model, variables, inputs)
+            features, logits = features_and_logits(model, variables, inputs)
         except InvalidInputError as error:
             raise InvalidInputError(
                 f"NGF's dense solver reads the head's inputs: {error} (or set solver=cg)"
             ) from None
-        _check_head_gives_the_logits(model, variables, layer0, features, images, spec)
+        _check_head_gives_the_logits(model, variables, layer0, features, logits)
         frozen = None
         logits_fn = _head_logits
         fisher_inputs, data = features, features

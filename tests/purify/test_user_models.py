@@ -334,3 +334,15 @@ def test_training_a_model_with_dropout_drops(clean_set):
     assert not np.array_equal(
         dropped["params"]["head"]["kernel"], without["params"]["head"]["kernel"]
     )
+
+
+def test_ngf_dense_solver_takes_a_bfloat16_model(digits_badnets):
+    """The head check compared an eager pass with a jitted one at float32's tolerance and
+    refused the trained model's bfloat16 variables, whose head is the last layer, as 'not the
+    model's logits'. It now reads the features and the logits from one pass, at the
+    variables' precision."""
+    b = digits_badnets
+    low = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16), b.variables)
+    purified, report = _purify("ngf", b.model, low, b.clean)
+    assert report.extra["solver"] == "dense"
+    assert {x.dtype for x in _leaves(purified)} == {jnp.dtype(jnp.bfloat16)}
