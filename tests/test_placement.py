@@ -128,6 +128,43 @@ print("ok")
 """
 
 
+_DEFENSES_ON_ANOTHER_DEVICE = """
+import jax, numpy as np
+from fippure.data.catalog import get_spec
+from fippure.data.sources import ImageDataset
+from fippure.models import create_model, init_variables
+from fippure.purify import get_defense, make_config
+from fippure.step_inputs import guard_step_transfers
+
+rng = np.random.default_rng(0)
+clean = ImageDataset(
+    rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8), np.arange(40, dtype=np.int32) % 10,
+    get_spec("digits"), "clean",
+)
+model = create_model("small_cnn", 10, width=4)
+variables = jax.device_put(
+    init_variables(model, jax.random.key(1), (8, 8, 1)), jax.devices()[1]
+)
+extra = {"fip": {"final_batch_stats": "recompute"}}
+for defense in ("ft", "fip", "ngf"):
+    config = make_config(defense, {"steps": 2, "batch_size": 16, **extra.get(defense, {})})
+    with guard_step_transfers("disallow"):
+        purified, _ = get_defense(defense).purify(
+            model, variables, clean, config, 0, progress=False
+        )
+    placed = {d.id for x in jax.tree_util.tree_leaves(purified) for d in x.devices()}
+    assert placed == {1}, (defense, placed)
+print("ok")
+"""
+
+
+def test_a_defense_on_another_device_makes_its_inputs_there():
+    """The clean set, keys, step scalars and optimiser counts had been made on device 0 and
+    copied to the variables' device 1 at the first step: a second copy of the clean set, and
+    a transfer that guard_step_transfers('disallow') refused for every defense."""
+    _run_on_two_devices(_DEFENSES_ON_ANOTHER_DEVICE)
+
+
 def _run_on_two_devices(script: str, *args: str) -> None:
     env = {
         **os.environ,

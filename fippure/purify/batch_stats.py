@@ -38,10 +38,12 @@ from fippure.purify.common import (
     apply_model,
     clean_batch_size,
     device_clean_set,
+    on_the_variables_device,
     sample_clean_batch,
 )
 
 
+@on_the_variables_device
 def recompute_batch_stats(
     model: nn.Module,
     variables: Variables,

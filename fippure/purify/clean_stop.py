@@ -62,6 +62,7 @@ from fippure.purify.common import (
     StopEarly,
     clean_accuracy,
     defense_arguments,
+    on_the_variables_device,
     validate_clean_set,
 )
 from fippure.purify.registry import Defense, get_defense
@@ -199,6 +200,7 @@ def last_eligible(checks: list[dict[str, Any]], min_accuracy: float = 0.0) -> in
     return int(eligible[-1]["step"])
 
 
+@on_the_variables_device
 def purify_with_clean_stop(
     defense: str | Defense,
     model: nn.Module,

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import inspect
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -527,6 +529,40 @@ def step_scalars(**values: float) -> dict[str, Array]:
     once, not at every step), weakly typed like the Python floats they replace, so they take
     the dtype of the arrays they meet (a bfloat16 update stays bfloat16)."""
     return jax.device_put({name: float(value) for name, value in values.items()})
+
+
+def committed_device(tree: Any) -> jax.Device | None:
+    """The one device that ``tree``'s committed arrays sit on (a user's
+    ``jax.device_put(variables, jax.devices()[2])``); ``None`` when none are committed or they
+    span several devices."""
+    devices = {
+        device
+        for leaf in jax.tree_util.tree_leaves(tree)
+        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and leaf.committed
+        for device in leaf.devices()
+    }
+    return devices.pop() if len(devices) == 1 else None
+
+
+def on_the_variables_device(function: Callable) -> Callable:
+    """Runs ``function`` (a defense taking ``variables``) with JAX's default device set to the
+    one its variables are committed to, so that the clean set, keys, step scalars and
+    optimiser counts it makes are made there: made on the default device, they were copied at
+    the first step, a second copy of the clean set on another device and a transfer that
+    :func:`fippure.step_inputs.guard_step_transfers` refuses. Variables on the default device,
+    uncommitted, or replicated over several devices run as they are."""
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def on_device(*args, **kwargs):
+        variables = signature.bind_partial(*args, **kwargs).arguments.get("variables")
+        device = committed_device(variables)
+        if device is None:
+            return function(*args, **kwargs)
+        with jax.default_device(device):
+            return function(*args, **kwargs)
+
+    return on_device
 
 
 def device_variables(variables: Variables) -> Variables:

@@ -73,6 +73,7 @@ from fippure.purify.common import (
     batchnorm_modules,
     defense_arguments,
     device_variables,
+    on_the_variables_device,
     validate_clean_set,
 )
 from fippure.purify.fip import FIPConfig, fisher_guided_purify
@@ -102,6 +103,7 @@ class FastFIPConfig(FIPConfig):
     tune_bn_affine: bool = False
 
 
+@on_the_variables_device
 def purify(
     model: nn.Module,
     variables: Variables,

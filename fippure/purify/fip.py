@@ -76,6 +76,7 @@ from fippure.purify.common import (
     defense_arguments,
     device_clean_set,
     device_variables,
+    on_the_variables_device,
     run_steps,
     sample_clean_batch,
     scheduled_sgd,
@@ -620,6 +621,7 @@ def _weights_are_params(tunable: Any, frozen: Any) -> Any:
     return tunable
 
 
+@on_the_variables_device
 def purify(
     model: nn.Module,
     variables: Variables,

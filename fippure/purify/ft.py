@@ -44,6 +44,7 @@ from fippure.purify.common import (
     defense_arguments,
     device_clean_set,
     device_variables,
+    on_the_variables_device,
     run_steps,
     sample_clean_batch,
     scheduled_sgd,
@@ -153,6 +154,7 @@ def _ft_step(carry, key, images, labels, scalars, *, model, config, batch_size, 
     return (optax.apply_updates(params, updates), new_stats, opt_state), {"loss": loss}
 
 
+@on_the_variables_device
 def purify(
     model: nn.Module,
     variables: Variables,

@@ -69,6 +69,7 @@ from fippure.purify.common import (
     defense_arguments,
     device_clean_set,
     device_variables,
+    on_the_variables_device,
     run_steps,
     sample_clean_batch,
     steps_taken,
@@ -273,6 +274,7 @@ def _batchnorm_masks(variables: Variables, pattern: str) -> dict:
     return masks
 
 
+@on_the_variables_device
 def purify(
     model: nn.Module,
     variables: Variables,

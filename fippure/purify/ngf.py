@@ -75,6 +75,7 @@ from fippure.purify.common import (
     defense_arguments,
     device_clean_set,
     device_variables,
+    on_the_variables_device,
     run_steps,
     sample_clean_batch,
     tree_size,
@@ -297,6 +298,7 @@ def _ngf_step(
     return (optax.apply_updates(layer, updates), opt_state), metrics
 
 
+@on_the_variables_device
 def purify(
     model: nn.Module,
     variables: Variables,
