@@ -103,8 +103,13 @@ def _mean_batch_statistics(
     @jax.jit
     def estimate(params, stats0, images, labels, key):
         keys = jax.random.split(key, batches)
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, stats0)
-        ones = jax.tree_util.tree_map(jnp.ones_like, stats0)
+        # the updates and their sum in at least float32 (apply_model keeps the dtype of the
+        # statistics it is given): a bfloat16 (1 + m) s puts 0.004 on m, and 1 / (1 - m)
+        # makes that a 5% error in the estimate
+        zeros = jax.tree_util.tree_map(
+            lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), stats0
+        )
+        ones = jax.tree_util.tree_map(jnp.ones_like, zeros)
         x0, _ = sample_clean_batch(keys[0], images, labels, size, spec, augment)
         scaled0 = updated(params, zeros, x0, keys[0])
         retain = _retained_fraction(
@@ -119,7 +124,7 @@ def _mean_batch_statistics(
         return jax.tree_util.tree_map(
             lambda t, m, old: jnp.where(
                 jnp.abs(1.0 - m) > 1e-6, t / (batches * jnp.maximum(1.0 - m, 1e-6)), old
-            ),
+            ).astype(old.dtype),
             total,
             retain,
             stats0,
