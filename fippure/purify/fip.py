@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -274,6 +275,29 @@ class ParamsApply:
 
 
 @dataclasses.dataclass(frozen=True)
+class _WithoutKey:
+    """An ``apply_tunable`` of the five-argument form ``(t, frozen, stats, x, train)``, which
+    takes no key (written before Dropout was supported): called without it."""
+
+    apply_tunable: Callable[..., tuple[jax.Array, Any]]
+
+    def __call__(self, t, frozen, stats, x, train, key=None):
+        return self.apply_tunable(t, frozen, stats, x, train)
+
+
+def _accepting_a_key(apply_tunable: Callable) -> Callable:
+    """``apply_tunable`` as the steps call it, with a sixth argument, the key."""
+    try:
+        parameters = inspect.signature(apply_tunable).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: assume the current form
+        return apply_tunable
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return apply_tunable
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return apply_tunable if len(positional) >= 6 else _WithoutKey(apply_tunable)
+
+
+@dataclasses.dataclass(frozen=True)
 class _Logits:
     """``(frozen, stats, t, x, key) -> logits`` in train mode or not (``key``: the step's, for
     the model's Dropout in train mode)."""
@@ -426,8 +450,9 @@ def fisher_guided_purify(
     ``apply_tunable(tunable, frozen, batch_stats, inputs, train, key) -> (logits,
     batch_stats)`` evaluates the network inside the jitted steps and for Fbar and TrF0
     (default: :func:`fippure.purify.common.apply_model` with ``to_params(tunable, frozen)``,
-    which in train mode gives the model's Dropout the stream folded from ``key``; eval mode
-    passes ``key=None``); Fast FIP passes its factored form.
+    which in train mode gives the model's Dropout the stream folded from ``key``, the step's
+    or TrF0's batch's; ``None`` for Fbar); Fast FIP passes its factored form. A five-argument
+    ``apply_tunable`` (no ``key``, as before Dropout was supported) is called without it.
     ``to_params`` alone builds the returned, observed and checkpointed variables.
 
     The steps, the TrF0 estimate and the Fbar pass are compiled once per configuration and
@@ -450,6 +475,7 @@ def fisher_guided_purify(
     stats0 = variables.get("batch_stats", {})
     if apply_tunable is None:
         apply_tunable = ParamsApply(model, to_params)
+    apply_tunable = _accepting_a_key(apply_tunable)
 
     # Fbar and TrF0: the original model on the un-augmented clean set, BN in eval mode (TrF0
     # in the penalty's BN mode with trace_calibration="penalty").

@@ -346,3 +346,27 @@ def test_ngf_dense_solver_takes_a_bfloat16_model(digits_badnets):
     purified, report = _purify("ngf", b.model, low, b.clean)
     assert report.extra["solver"] == "dense"
     assert {x.dtype for x in _leaves(purified)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_a_five_argument_apply_tunable_still_works(clean_set):
+    """fisher_guided_purify's apply_tunable took (t, frozen, stats, x, train) before the key
+    for Dropout was added; such a callable had failed with a TypeError. It is called without
+    the key and gives the default's result."""
+    from fippure.purify.common import apply_model
+    from fippure.purify.fip import FIPConfig, fisher_guided_purify
+
+    model = WithDropout(rate=0.0)
+    variables = _variables(model, clean_set)
+
+    def five_arguments(t, frozen, stats, x, train):
+        return apply_model(model, t, stats, x, train)
+
+    runs = [
+        fisher_guided_purify(
+            model, variables, clean_set, FIPConfig(steps=2, batch_size=8), jax.random.key(0),
+            tunable=variables["params"], to_params=lambda t, f: t, apply_tunable=apply,
+            method="fip", progress=False,
+        )[0]  # fmt: skip
+        for apply in (five_arguments, None)
+    ]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, *runs)
