@@ -49,7 +49,7 @@ from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.losses import cross_entropy
 from fippure.models.contract import dropout_rngs
-from fippure.models.registry import Variables, output_shape
+from fippure.models.registry import Variables, in_dtypes_of, output_shape
 from fippure.progress_records import (
     checkpoint_manager,
     empty_progress,
@@ -274,7 +274,7 @@ def make_train_step(
                 logits, updates = model.apply(
                     variables, x, train=True, mutable=["batch_stats"], rngs=rngs
                 )
-                new_stats = updates["batch_stats"]
+                new_stats = in_dtypes_of(updates["batch_stats"], state.batch_stats)
             else:
                 logits = model.apply(variables, x, train=True, rngs=rngs)
                 new_stats = state.batch_stats

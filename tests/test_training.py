@@ -428,3 +428,14 @@ def test_the_poisoning_transform_sees_the_batch_before_augmentation(digits, smal
         batch_transform=spy, stop_after_steps=3, progress=False,
     )  # fmt: skip
     assert seen == [True, True, True]
+
+
+def test_bfloat16_variables_train_with_bfloat16_statistics(digits, small_cnn):
+    """Flax blends a float32 batch mean into bfloat16 running statistics: they had come back
+    float32, changing the step's carry after its first call."""
+    (train_set, _), (model, variables) = digits, small_cnn
+    low = jax.tree_util.tree_map(lambda v: v.astype(jnp.bfloat16), variables)
+    final, _ = train(
+        model, train_set.subset(np.arange(128)), _config(epochs=1), variables=low, progress=False
+    )
+    assert {x.dtype for x in jax.tree_util.tree_leaves(final)} == {jnp.dtype(jnp.bfloat16)}

@@ -36,6 +36,7 @@ from fippure.data.sources import ImageDataset
 from fippure.errors import InvalidInputError, NonFiniteLossError
 from fippure.losses import cross_entropy
 from fippure.models.contract import dropout_rngs
+from fippure.models.registry import in_dtypes_of
 from fippure.progress_records import (
     checkpoint_manager,
     empty_progress,
@@ -321,7 +322,7 @@ def classifier_loss(
             mutable=["batch_stats"],
             rngs=rngs,
         )
-        batch_stats = updates["batch_stats"]
+        batch_stats = in_dtypes_of(updates["batch_stats"], batch_stats)
     else:
         logits = model.apply({"params": params}, inputs, train=True, rngs=rngs)
     if weights is None:

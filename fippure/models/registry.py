@@ -218,6 +218,15 @@ def output_shape(
     return tuple(out.shape[1:])
 
 
+def in_dtypes_of(new: Any, old: Any) -> Any:
+    """``new`` (a tree of ``old``'s structure, a dict or a FrozenDict) with each leaf cast to
+    the dtype of ``old``'s: Flax blends a float32 batch mean into bfloat16 running statistics
+    and returns float32 ones, which would change a step's carry after its first call."""
+    leaves, treedef = jax.tree_util.tree_flatten(new)
+    dtypes = [leaf.dtype for leaf in jax.tree_util.tree_leaves(old)]
+    return treedef.unflatten([x.astype(d) for x, d in zip(leaves, dtypes, strict=True)])
+
+
 def forward(
     model: nn.Module,
     variables: Variables,
@@ -251,7 +260,8 @@ def forward(
             logits, updates = model.apply(
                 variables, inputs, train=True, mutable=["batch_stats"], rngs=rngs
             )
-            return logits, {**variables, **updates}
+            stats = in_dtypes_of(updates["batch_stats"], variables["batch_stats"])
+            return logits, {**variables, "batch_stats": stats}
         return model.apply(variables, inputs, train=train, rngs=rngs), variables
 
 

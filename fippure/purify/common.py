@@ -44,7 +44,7 @@ from fippure.models.contract import (
     check_train_keyword,
     dropout_rngs,
 )
-from fippure.models.registry import Variables
+from fippure.models.registry import Variables, in_dtypes_of
 from fippure.purify.resume import Checkpointing, ProgressStore
 from fippure.step_inputs import all_finite, folded_keys, private_copy, step_guard
 
@@ -620,9 +620,7 @@ def apply_model(
             mutable=["batch_stats"],
             rngs=rngs,
         )
-        new, treedef = jax.tree_util.tree_flatten(updates["batch_stats"])
-        dtypes = [old.dtype for old in jax.tree_util.tree_leaves(batch_stats)]
-        return logits, treedef.unflatten([x.astype(d) for x, d in zip(new, dtypes, strict=True)])
+        return logits, in_dtypes_of(updates["batch_stats"], batch_stats)
     return model.apply({"params": params}, inputs, train=True, rngs=rngs), batch_stats
 
 

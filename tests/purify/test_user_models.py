@@ -363,9 +363,16 @@ def test_a_five_argument_apply_tunable_still_works(clean_set):
 
     runs = [
         fisher_guided_purify(
-            model, variables, clean_set, FIPConfig(steps=2, batch_size=8), jax.random.key(0),
-            tunable=variables["params"], to_params=lambda t, f: t, apply_tunable=apply,
-            method="fip", progress=False,
+            model,
+            variables,
+            clean_set,
+            FIPConfig(steps=2, batch_size=8),
+            jax.random.key(0),
+            tunable=variables["params"],
+            to_params=lambda t, f: t,
+            apply_tunable=apply,
+            method="fip",
+            progress=False,
         )[0]  # fmt: skip
         for apply in (five_arguments, None)
     ]
