@@ -266,7 +266,11 @@ def forward(
 
 
 def penultimate_features(
-    model: nn.Module, variables: Variables, inputs: Float[Array, "b h w c"], train: bool = False
+    model: nn.Module,
+    variables: Variables,
+    inputs: Float[Array, "b h w c"],
+    train: bool = False,
+    key: PRNGKeyArray | None = None,
 ) -> Float[Array, "b d"]:
     """The inputs of the ``head`` layer (eval mode by default), which the model records with
     ``self.sow("intermediates", FEATURES, h)`` (fippure's models do).
@@ -276,6 +280,7 @@ def penultimate_features(
         variables: its collections.
         inputs: a normalised ``(b, h, w, c)`` batch.
         train: apply in train mode (BatchNorm on batch statistics, which are then discarded).
+        key: the randomness of the model's Dropout in train mode (as :func:`forward`).
 
     Returns:
         The ``(b, d)`` features the model sowed (the first, if it sowed more than once).
@@ -284,11 +289,15 @@ def penultimate_features(
         InvalidInputError: a model that does not record them, or ``variables`` that do not fit
             ``model``.
     """
-    return features_and_logits(model, variables, inputs, train)[0]
+    return features_and_logits(model, variables, inputs, train, key)[0]
 
 
 def features_and_logits(
-    model: nn.Module, variables: Variables, inputs: Float[Array, "b h w c"], train: bool = False
+    model: nn.Module,
+    variables: Variables,
+    inputs: Float[Array, "b h w c"],
+    train: bool = False,
+    key: PRNGKeyArray | None = None,
 ) -> tuple[Float[Array, "b d"], Any]:
     """:func:`penultimate_features` and the model's output, from one forward pass.
 
@@ -296,8 +305,9 @@ def features_and_logits(
         InvalidInputError: as :func:`penultimate_features`.
     """
     mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
+    rngs = dropout_rngs(key) if train and key is not None else {}
     with variables_must_fit(model):
-        output, state = model.apply(variables, inputs, train=train, mutable=mutable)
+        output, state = model.apply(variables, inputs, train=train, mutable=mutable, rngs=rngs)
     recorded = state.get("intermediates", {}).get(FEATURES)
     if recorded is None:
         raise InvalidInputError(
@@ -343,6 +353,7 @@ def activations(
     *,
     train: bool = False,
     select: Callable[[nn.Module, str], bool] | None = None,
+    key: PRNGKeyArray | None = None,
 ) -> tuple[Float[Array, "b k"], dict[str, Array]]:
     """Logits and every submodule's output, keyed by its '/'-joined module path.
 
@@ -356,6 +367,7 @@ def activations(
         train: apply in train mode (updated BatchNorm statistics are discarded).
         select: ``(module, method_name) -> bool``, which calls to capture. ``None``: the
             convolutions', BatchNorms' and dense layers' ``__call__``.
+        key: the randomness of the model's Dropout in train mode (as :func:`forward`).
 
     Returns:
         ``(logits, outputs)``: the model's output, and each captured output keyed by its
@@ -378,7 +390,12 @@ def activations(
     mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
     with variables_must_fit(model):
         logits, state = model.apply(
-            variables, inputs, train=train, capture_intermediates=select, mutable=mutable
+            variables,
+            inputs,
+            train=train,
+            capture_intermediates=select,
+            mutable=mutable,
+            rngs=dropout_rngs(key) if train and key is not None else {},
         )
     return logits, _captured_outputs(state["intermediates"])
 

@@ -377,3 +377,22 @@ def test_a_five_argument_apply_tunable_still_works(clean_set):
         for apply in (five_arguments, None)
     ]
     jax.tree_util.tree_map(np.testing.assert_array_equal, *runs)
+
+
+def test_train_mode_introspection_takes_the_dropout_key(clean_set):
+    """forward, penultimate_features, features_and_logits and activations in train mode had
+    no way to give a Dropout model its stream (InvalidRngError)."""
+    from fippure.models import activations, forward, penultimate_features
+    from fippure.models.registry import features_and_logits
+
+    model = WithDropout()
+    variables = _variables(model, clean_set)
+    x = jnp.ones((4, *clean_set.spec.image_shape))
+    key = jax.random.key(0)
+    logits, _ = forward(model, variables, x, True, key)
+    features, output = features_and_logits(model, variables, x, True, key)
+    np.testing.assert_array_equal(output, logits)
+    np.testing.assert_array_equal(penultimate_features(model, variables, x, True, key), features)
+    np.testing.assert_array_equal(activations(model, variables, x, train=True, key=key)[0], logits)
+    other, _ = forward(model, variables, x, True, jax.random.key(1))
+    assert not np.array_equal(other, logits)  # the key draws the masks
