@@ -64,8 +64,7 @@ for name, placement in placements.items():
     variables = jax.device_put(host, placement)
     expected = where(variables)
     for defense in ("ft",):
-        config = make_config(defense, {"steps": 4, "batch_size": 16, "log_every": 1}
-                             | ({"mask_pattern": "^bn\\\\d+$"} if defense == "nft" else {}))
+        config = make_config(defense, {"steps": 4, "batch_size": 16, "log_every": 1})
         whole, _ = get_defense(defense).purify(model, variables, clean, config, 0, progress=False)
         progress = f"{out}/{defense}_{name}"
         try:
