@@ -47,11 +47,13 @@ print(json.dumps(out))
 
 
 def _draws_in_both_modes() -> tuple[dict, dict]:
-    """The draws without and with x64, from two subprocesses run side by side."""
+    """The draws without and with x64, from two subprocesses run side by side (with the
+    suite's environment, less its compilation cache)."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     runs = [
         subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(_DRAWS)],
-            env={**os.environ, "JAX_ENABLE_X64": flag, "JAX_PLATFORMS": "cpu"},
+            env={**env, "JAX_ENABLE_X64": flag, "JAX_PLATFORMS": "cpu"},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
