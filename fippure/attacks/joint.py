@@ -313,7 +313,7 @@ def classifier_loss(
     given. The model's Dropout, if any, draws from the stream folded from ``key`` (the step's
     key, :func:`fippure.models.contract.dropout_rngs`).
     """
-    rngs = {} if key is None else dropout_rngs(key)
+    rngs = dropout_rngs(key)
     if batch_stats:
         logits, updates = model.apply(
             {"params": params, "batch_stats": batch_stats},

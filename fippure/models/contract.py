@@ -21,11 +21,11 @@ from fippure.errors import InvalidInputError
 DROPOUT_STREAM = 0x0D20_0F00
 
 
-def dropout_rngs(key: jax.Array) -> dict[str, jax.Array]:
+def dropout_rngs(key: jax.Array | None) -> dict[str, jax.Array]:
     """The random streams a model gets in train mode from a step's ``key``: ``{'dropout':
-    fold_in(key, DROPOUT_STREAM)}``. A model without Dropout ignores it (the compiled program
-    is the same), so it costs nothing to pass."""
-    return {"dropout": jax.random.fold_in(key, DROPOUT_STREAM)}
+    fold_in(key, DROPOUT_STREAM)}``, or none for ``key=None``. A model without Dropout, or in
+    eval mode, ignores it (the compiled program is the same), so it costs nothing to pass."""
+    return {} if key is None else {"dropout": jax.random.fold_in(key, DROPOUT_STREAM)}
 
 
 def check_train_keyword(model: nn.Module, where: str) -> None:

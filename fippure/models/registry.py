@@ -254,7 +254,7 @@ def forward(
     Raises:
         InvalidInputError: ``variables`` that do not fit ``model``.
     """
-    rngs = dropout_rngs(key) if train and key is not None else {}
+    rngs = dropout_rngs(key)
     with variables_must_fit(model):
         if train and "batch_stats" in variables:
             logits, updates = model.apply(
@@ -305,7 +305,7 @@ def features_and_logits(
         InvalidInputError: as :func:`penultimate_features`.
     """
     mutable = ["intermediates", "batch_stats"] if train else ["intermediates"]
-    rngs = dropout_rngs(key) if train and key is not None else {}
+    rngs = dropout_rngs(key)
     with variables_must_fit(model):
         output, state = model.apply(variables, inputs, train=train, mutable=mutable, rngs=rngs)
     recorded = state.get("intermediates", {}).get(FEATURES)
@@ -395,7 +395,7 @@ def activations(
             train=train,
             capture_intermediates=select,
             mutable=mutable,
-            rngs=dropout_rngs(key) if train and key is not None else {},
+            rngs=dropout_rngs(key),
         )
     return logits, _captured_outputs(state["intermediates"])
 

@@ -611,7 +611,7 @@ def apply_model(
     """
     if not train:
         return model.apply(as_variables(params, batch_stats), inputs, train=False), batch_stats
-    rngs = {} if key is None else dropout_rngs(key)
+    rngs = dropout_rngs(key)
     if batch_stats:
         logits, updates = model.apply(
             {"params": params, "batch_stats": batch_stats},
