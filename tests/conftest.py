@@ -230,3 +230,65 @@ def pytest_sessionstart(session):
         "jax_persistent_cache_min_compile_time_secs",
         float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
     )
+    jax.monitoring.register_event_duration_secs_listener(_count_programs)
+
+
+# Linux caps the memory mappings of a process (vm.max_map_count, 65,530 by default), and XLA's
+# CPU backend maps about six for each compiled program, which JAX's caches keep alive. A worker
+# builds thousands of programs over the suite (the eager Python-loop Lanczos tests alone add
+# about 29,000 mappings): in two CI runs (2026-12-07 and 2026-12-08) a worker passed the cap
+# late in the run and XLA segfaulted while it serialised a program for the compilation
+# cache. A worker past half the cap clears JAX's caches between tests; later tests load their
+# programs from the persistent cache or compile them again.
+_PROGRAMS_BETWEEN_MAPPING_CHECKS = 100
+_programs_since_check = [0]
+
+
+def _count_programs(event, duration, **kwargs):
+    if event in _PROGRAM_EVENTS:
+        _programs_since_check[0] += 1
+
+
+def _memory_mappings() -> int | None:
+    """This process's memory mappings, or None where /proc does not say (not Linux)."""
+    try:
+        with open(f"/proc/{os.getpid()}/maps", "rb") as handle:
+            return handle.read().count(b"\n")
+    except OSError:
+        return None
+
+
+def _mapping_cap() -> int | None:
+    try:
+        return int(pathlib.Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def release_compiled_programs_near_the_mapping_cap(cap: int | None = None) -> bool:
+    """Clears JAX's caches when this process holds more than half the kernel's cap on memory
+    mappings; says whether it did."""
+    _programs_since_check[0] = 0
+    cap = _mapping_cap() if cap is None else cap
+    mappings = _memory_mappings()
+    if cap is None or mappings is None or mappings <= cap // 2:
+        return False
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+    return True
+
+
+@pytest.fixture(scope="session")
+def release_compiled_programs():
+    """:func:`release_compiled_programs_near_the_mapping_cap`, for the test of this setup."""
+    return release_compiled_programs_near_the_mapping_cap
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    if _programs_since_check[0] >= _PROGRAMS_BETWEEN_MAPPING_CHECKS:
+        release_compiled_programs_near_the_mapping_cap()
