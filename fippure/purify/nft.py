@@ -149,6 +149,18 @@ class NFTConfig:
         check_config(self, NFT_RULES)
 
 
+def _blocks(config: NFTConfig) -> tuple[float, dict[int, float]]:
+    """The ``blocks`` schedule's first rate and ``{first step of a block: its rate over the
+    previous block's}``: constant blocks along a cosine, floored at ``lr_floor``."""
+    block = max(1, math.ceil(config.steps / config.lr_blocks))
+    floor = min(config.lr_floor, config.learning_rate)  # never above the rate asked for
+    values = [
+        max(floor, config.learning_rate * 0.5 * (1 + math.cos(math.pi * b / config.lr_blocks)))
+        for b in range(config.lr_blocks)
+    ]
+    return values[0], {b * block: values[b] / values[b - 1] for b in range(1, config.lr_blocks)}
+
+
 def learning_rate_schedule(config: NFTConfig) -> optax.Schedule:
     """The masks' learning rate: NFT's constant blocks along a floored cosine, or others."""
     if config.schedule == "constant":
@@ -157,21 +169,54 @@ def learning_rate_schedule(config: NFTConfig) -> optax.Schedule:
         return optax.cosine_decay_schedule(config.learning_rate, config.steps)
     if config.schedule != "blocks":
         raise InvalidInputError(f"unknown NFT schedule {config.schedule!r}")
-    block = max(1, math.ceil(config.steps / config.lr_blocks))
-    floor = min(config.lr_floor, config.learning_rate)  # never above the rate asked for
-    values = [
-        max(floor, config.learning_rate * 0.5 * (1 + math.cos(math.pi * b / config.lr_blocks)))
-        for b in range(config.lr_blocks)
-    ]
-    return optax.piecewise_constant_schedule(
-        values[0], {b * block: values[b] / values[b - 1] for b in range(1, config.lr_blocks)}
+    return optax.piecewise_constant_schedule(*_blocks(config))
+
+
+def learning_rates(config: NFTConfig) -> jax.Array:
+    """The learning rate of each of the ``config.steps`` steps (:func:`learning_rate_schedule`,
+    to the last bit), as one device vector that the compiled step indexes: a sweep over the
+    rate, its floor or its blocks reuses the step and this function's own program."""
+    if config.schedule == "cosine":
+        return _scheduled_rates(config.learning_rate, (), cosine=True, steps=config.steps)
+    if config.schedule == "constant":
+        first, scales = config.learning_rate, {}
+    elif config.schedule == "blocks":
+        first, scales = _blocks(config)
+    else:
+        raise InvalidInputError(f"unknown NFT schedule {config.schedule!r}")
+    return _scheduled_rates(
+        first,
+        tuple(scales.values()),
+        cosine=False,
+        steps=config.steps,
+        boundaries=tuple(scales),
     )
 
 
-def _optimizer(config: NFTConfig, floors: Any) -> optax.GradientTransformation:
-    """SGD on the masks, then the projection onto ``[mu(l), 1]`` (SPEC section 4)."""
+@functools.partial(jax.jit, static_argnames=("cosine", "steps", "boundaries"))
+def _scheduled_rates(first, scales, *, cosine, steps, boundaries=()):
+    """optax's cosine decay from ``first`` over ``steps``, or its piecewise-constant schedule
+    from ``first`` scaled by ``scales`` at ``boundaries``, at steps ``0 .. steps - 1``. The
+    values are traced Python floats, weakly typed like the constants optax compiles in, and
+    the arithmetic is optax's."""
+    count = jnp.arange(steps, dtype=jnp.int32)
+    # a vector of the default float dtype, not weakly typed, for every schedule (the step's
+    # arguments keep one signature); multiplying by ones is exact
+    ones = jnp.ones((steps,), jnp.result_type(float))
+    if cosine:
+        return optax.cosine_decay_schedule(first, steps)(count) * ones
+    rates = first * ones
+    for threshold, scale in zip(boundaries, scales, strict=True):
+        indicator = jnp.maximum(0.0, jnp.sign(threshold - count))
+        rates = rates * indicator + (1 - indicator) * scale * rates
+    return rates
+
+
+def _optimizer(floors: Any, rates: jax.Array, momentum: float) -> optax.GradientTransformation:
+    """SGD on the masks at the step's rate ``rates[count]``, then the projection onto
+    ``[mu(l), 1]`` (SPEC section 4)."""
     return optax.chain(
-        optax.sgd(learning_rate_schedule(config), momentum=config.momentum or None),
+        optax.sgd(lambda count: rates[count], momentum=momentum or None),
         project_box(floors, 1.0),
     )
 
@@ -207,12 +252,13 @@ def nft_objective(
     return mixup + l1_strength * l1, (new_stats, mixup, l1)
 
 
-#: The fields the step never reads (it takes the L1 strength, the floors and the batch size as
-#: arguments of their own): left out of its compilation key (:func:`compile_key`), so runs
-#: that differ only in them share the compiled step.
+#: The fields the step never reads (it takes the L1 strength, the floors, the learning rates
+#: and the batch size as arguments of their own): left out of its compilation key
+#: (:func:`compile_key`), so runs that differ only in them share the compiled step.
 _HOISTED = (
     "eta", "floor_schedule", "floor_a", "floor_b", "mask_pattern", "batch_size",
-    "final_batch_stats", "stats_batches", "log_every",
+    "learning_rate", "schedule", "lr_floor", "lr_blocks", "final_batch_stats",
+    "stats_batches", "log_every",
 )  # fmt: skip
 
 
@@ -222,8 +268,8 @@ _HOISTED = (
     donate_argnums=0,
 )
 def _nft_step(
-    carry, key, images, labels, params, floors, l1_strength, *, model, config, batch_size,
-    spec, num_classes,
+    carry, key, images, labels, params, floors, l1_strength, rates, *, model, config,
+    batch_size, spec, num_classes,
 ):  # fmt: skip
     """One NFT step: MixUp cross-entropy of the masked network plus the L1 pull of the masks
     to 1, then the projection; the carry is donated (run_steps hands the step a copy)."""
@@ -236,7 +282,7 @@ def _nft_step(
     (loss, (new_stats, mixup, l1)), grads = jax.value_and_grad(nft_objective, has_aux=True)(
         masks, model, params, stats, x_mix, targets, l1_strength, config.bn_train, key
     )
-    updates, opt_state = _optimizer(config, floors).update(grads, opt_state, masks)
+    updates, opt_state = _optimizer(floors, rates, config.momentum).update(grads, opt_state, masks)
     masks = optax.apply_updates(masks, updates)
     return (masks, new_stats, opt_state), {"loss": loss, "mixup_ce": mixup, "l1": l1}
 
@@ -303,10 +349,11 @@ def purify(
     l1_strength = config.eta / per_class
     batch_size = clean_batch_size(config.batch_size, clean_set)
     images, labels = device_clean_set(clean_set)
-    # The frozen weights, the clean set, the floors and the L1 strength are arguments, not
-    # constants baked into the program, so every run of a configuration on an architecture
-    # shares one compiled step.
-    arguments = (params, floors, jnp.float32(l1_strength))
+    # The frozen weights, the clean set, the floors, the L1 strength and the learning rates
+    # are arguments, not constants baked into the program, so every run of a configuration on
+    # an architecture shares one compiled step.
+    rates = learning_rates(config)
+    arguments = (params, floors, jnp.float32(l1_strength), rates)
     step = functools.partial(
         _nft_step,
         model=model,
@@ -319,7 +366,7 @@ def purify(
     def to_variables(carry):
         return as_variables(apply_masks(params, carry[0]), carry[1])
 
-    carry = (masks, stats0, _optimizer(config, floors).init(masks))
+    carry = (masks, stats0, _optimizer(floors, rates, config.momentum).init(masks))
     carry, curve, step_time, observe_time, resumed, done = run_steps(
         lambda c, k: step(c, k, images, labels, *arguments),
         carry,

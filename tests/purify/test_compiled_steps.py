@@ -145,7 +145,13 @@ def test_a_second_run_of_a_configuration_compiles_nothing_and_matches_a_fresh_co
 SWEEPS = {
     "fip": {"learning_rate": "0.003", "eta_F": "0.5", "log_every": "4", "stats_batches": "2"},
     "fast_fip": {"learning_rate": "0.003", "eta_F": "0.5", "calibration_probes": "4"},
-    "nft": {"eta": "0.5", "floor_a": "0.5", "log_every": "4"},
+    "nft": {
+        "eta": "0.5",
+        "floor_a": "0.5",
+        "log_every": "4",
+        "learning_rate": "0.03",
+        "schedule": "cosine",
+    },
     "ngf": {"log_every": "4"},
     "ngf_cg": {"log_every": "4"},
     "ft": {"learning_rate": "0.003", "log_every": "4", "stats_batches": "2"},

@@ -621,6 +621,31 @@ def test_nft_learning_rate_follows_five_floored_cosine_blocks():
     )
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"schedule": "cosine"}, {"schedule": "constant"}, {"lr_blocks": 3, "lr_floor": 0.0},
+     {"learning_rate": 0.07, "steps": 37}],
+)  # fmt: skip
+def test_nft_steps_read_the_rate_its_schedule_gives_to_the_last_bit(changes):
+    """The compiled step indexes a vector of per-step rates (so that a sweep over the rate or
+    its schedule reuses it); each rate is the one the schedule gives at that step in a
+    compiled program, bit for bit, as the step computed it before."""
+    config = nft.NFTConfig(**{"steps": 25, **changes})
+    schedule = jax.jit(nft.learning_rate_schedule(config))
+    expected = [np.float32(schedule(jnp.int32(step))) for step in range(config.steps)]
+    rates = nft.learning_rates(config)
+    assert rates.shape == (config.steps,)
+    np.testing.assert_array_equal(np.asarray(rates, np.float32), expected)
+
+
+def test_nft_learning_rates_compile_once_for_a_sweep_over_the_rate_and_its_floor():
+    nft.learning_rates(nft.NFTConfig(steps=25))
+    before = nft._scheduled_rates._cache_size()
+    for rate, floor in ((0.1, 0.02), (0.03, 0.01), (0.5, 0.1)):
+        nft.learning_rates(nft.NFTConfig(steps=25, learning_rate=rate, lr_floor=floor))
+    assert nft._scheduled_rates._cache_size() == before
+
+
 def _ngf_newton_config(clean, **changes) -> ngf.NGFConfig:
     """NGF as a damped Newton step on the head: one step on the whole clean set, the Fisher
     refreshed every step, no anchor and no trust region, unless ``changes`` say otherwise."""
