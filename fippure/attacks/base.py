@@ -350,10 +350,9 @@ def _state_shapes(attack: Attack, image_shape: tuple[int, int, int]) -> dict[str
     return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
 
 
-_TRIGGER_CACHE: dict[Attack, Callable] = {}
-
-
+@functools.lru_cache(maxsize=32)
 def _jitted_trigger(attack: Attack) -> Callable:
-    if attack not in _TRIGGER_CACHE:
-        _TRIGGER_CACHE[attack] = jax.jit(attack.trigger)
-    return _TRIGGER_CACHE[attack]
+    """``attack.trigger`` jitted, one per attack configuration, for the last 32 configurations
+    used: a sweep over a trigger's settings (a blend ratio, say) does not keep every one's
+    compiled programs for the life of the process."""
+    return jax.jit(attack.trigger)

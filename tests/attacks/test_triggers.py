@@ -224,3 +224,20 @@ def test_low_precision_images_keep_their_dtype_and_their_trigger(name):
     # a bfloat16 sampling grid once moved WaNet's pixels (s = 0) by up to 38 grey levels;
     # BPP's levels and FTrojan's DCT, computed in bfloat16, were off too
     assert float(jnp.abs(low.astype(jnp.float32) - full).max()) < 1.5 / 255
+
+
+def test_a_sweep_over_a_triggers_setting_keeps_only_recent_compiled_triggers():
+    """apply_trigger jits each attack configuration's trigger once; a process sweeping a
+    blend ratio over 40 values once kept all 40, and their compiled programs, until exit."""
+    from fippure.attacks.base import _jitted_trigger
+
+    spec = get_spec("cifar10")
+    images = np.zeros((1, *spec.image_shape), np.uint8)
+    seen = []
+    for alpha in np.linspace(0.05, 0.95, 40):
+        attack = make_attack("blend", alpha=float(alpha))
+        state = attack.init_state(jax.random.key(0), spec)
+        triggered = apply_trigger(attack, state, images, jax.random.key(0))
+        seen.append(float(triggered.max()))
+    assert len(set(seen)) == 40  # every ratio was applied
+    assert _jitted_trigger.cache_info().currsize <= 32
